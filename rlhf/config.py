@@ -1,0 +1,440 @@
+"""Typed configs: one dataclass tree per stage, YAML files, dotted command-line overrides.
+
+A config is built once, validated once and never mutated (the dataclasses are frozen). Every
+mistake is a `UserError` that names the key and where it came from (`file.yaml:12` or the
+command-line override), and suggests the closest valid key for a typo.
+
+This module imports no torch so that `rlhf --help` and config errors stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlhf.errors import UserError
+from rlhf.toy.model import ToyModelConfig
+from rlhf.toy.task import ToyTaskConfig
+
+# ----------------------------------------------------------------------------------------------
+# Sections shared by the stages. Each field's docstring is its documentation (`rlhf config KEY`).
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] | None = None
+    """Module names to adapt; null adapts every linear layer except the output head."""
+    save: Literal["merged", "adapter"] = "merged"
+    """Store the final model with adapters merged into the weights, or as a peft adapter folder."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "toy"
+    """'toy' (the embedded default), a registry reference (`sft:latest`), a local folder or a hub name."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub; off unless you trust the repository."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    attn_implementation: str | None = None
+    """transformers attention kernel ('sdpa', 'eager', 'flash_attention_2'); null = transformers' choice."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    toy: ToyModelConfig = field(default_factory=ToyModelConfig)
+    """Size of the embedded default model (used when name_or_path is 'toy')."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    """Adam epsilon."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup; cosine and linear anneal to min_lr_ratio * lr at the last step."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear warmup from zero."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer, 2 + gradients, 3 + parameters partitioned."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; bf16 on Ampere or newer GPUs, fp32 on the CPU."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO 1-3)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO 3 only)."""
+    micro_batch_size: int = 32
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch_size * grad_accum * ranks."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 500
+    """Optimizer steps; the data is reshuffled each time it runs out."""
+    seed: int = 42
+    log_every: int = 10
+    """Steps between metric rows."""
+    eval_every: int = 250
+    """Steps between held-out evaluations (0: only before and after training)."""
+    save_every: int = 100
+    """Steps between resumable DeepSpeed checkpoints (0: never)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept on disk; older ones are deleted once a newer one is complete."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 64
+    """Sequences per rank per evaluation forward or generation call."""
+    max_rows: int = 200
+    """Held-out rows evaluated (the first N); 0 = all."""
+    max_new_tokens: int = 8
+    """Generation length for the oracle's score on the embedded default."""
+    temperature: float = 1.0
+    """Sampling temperature of the oracle evaluation (greedy is reported too)."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    wandb: bool = False
+    """Also log to Weights & Biases (metrics.jsonl is always written)."""
+    wandb_project: str = "rlhf"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline writes the run folder locally (sync later with `wandb sync`); never blocks on a network."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    registry: str | None = None
+    """Registry root folder; null = $RLHF_HOME or ./rlhf_runs."""
+    tags: list[str] = field(default_factory=list)
+    """Tags stored in the registry entry; usable as references."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage configs
+
+
+@dataclass(frozen=True)
+class SFTDataConfig:
+    train: str = "toy"
+    """'toy', a .jsonl/.json/.parquet file, or a hub dataset 'name[:split]' with prompt/response or messages."""
+    eval: str | None = "toy"
+    """Held-out set in the same forms; null = no held-out evaluation."""
+    max_length: int = 32
+    """Tokens per sequence (prompt + response); longer responses are cut and counted."""
+    long_prompts: Literal["error", "skip"] = "error"
+    """What to do with a prompt that leaves no room for a response: stop with an error, or drop it (counted)."""
+    toy: ToyTaskConfig = field(default_factory=ToyTaskConfig)
+    """The synthetic task of the embedded default."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning: causal LM loss on response tokens only."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        _check_common(self.engine, self.optim, self.train, self.model)
+        if self.data.max_length < 2:
+            raise UserError("data.max_length must be at least 2 (one prompt and one response token)")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+
+
+def _check_common(engine: EngineConfig, optim: OptimConfig, train: TrainConfig, model: ModelConfig) -> None:
+    positive = {
+        "engine.micro_batch_size": engine.micro_batch_size,
+        "engine.grad_accum": engine.grad_accum,
+        "train.max_steps": train.max_steps,
+        "train.log_every": train.log_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"{key} must be at least 1, got {value}")
+    if optim.lr <= 0:
+        raise UserError(f"optim.lr must be positive, got {optim.lr}")
+    if engine.offload_params and engine.zero_stage != 3:
+        raise UserError("engine.offload_params needs engine.zero_stage=3 (parameters are only partitioned there)")
+    if engine.offload_optimizer and engine.zero_stage == 0:
+        raise UserError("engine.offload_optimizer needs engine.zero_stage of 1, 2 or 3")
+    if model.lora.enabled and model.lora.r < 1:
+        raise UserError(f"model.lora.r must be at least 1, got {model.lora.r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Build a `cls` config from defaults, then the YAML file at `path`, then `key=value` overrides."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        data, lines = _read_yaml(Path(path))
+    for override in overrides:
+        key, raw = _split_override(override)
+        _set_dotted(data, key, _OverrideValue(raw, override))
+    cfg = _build(cls, data, prefix="", source=source, lines=lines)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Dotted key -> the docstring under that field (for `rlhf config`)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+
+    def walk(klass: type, prefix: str) -> None:
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            tree = None
+        body = tree.body[0].body if tree else []
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[prefix + node.target.id] = " ".join(nxt.value.value.split())
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+
+    walk(cls, "")
+    return docs
+
+
+def leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config class."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += leaf_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+@dataclass(frozen=True)
+class _OverrideValue:
+    """A value typed on the command line: kept as text, converted by the field's type."""
+
+    raw: str
+    origin: str
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{text}' is not key=value (for example optim.lr=1e-4)")
+    return key.strip(), raw
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse a YAML mapping, remembering the line of every dotted key for error messages."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{where}: {problem}; fix the YAML syntax") from None
+    if root is None:
+        return {}, {}
+    lines: dict[str, int] = {}
+
+    def convert(node: yaml.Node, prefix: str) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                lines[prefix + key] = key_node.start_mark.line + 1
+                out[key] = convert(value_node, f"{prefix}{key}.")
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [convert(item, prefix) for item in node.value]
+        return yaml.safe_load(yaml.serialize(node))
+
+    if not isinstance(root, yaml.MappingNode):
+        raise UserError(f"{path}:1: a config file must be a mapping of keys (model:, data:, ...)")
+    return convert(root, ""), lines
+
+
+def _build(cls: type, data: dict[str, Any], *, prefix: str, source: str, lines: dict[str, int]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = prefix + key
+        where = _where(dotted, value, source, lines)
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(names)}"
+            raise UserError(f"{where}: unknown config key '{dotted}'; {hint}")
+        target = hints[key]
+        if dataclasses.is_dataclass(target):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: '{dotted}' is a section; give its keys ({dotted}.KEY=...)")
+            kwargs[key] = _build(target, value, prefix=dotted + ".", source=source, lines=lines)
+        else:
+            kwargs[key] = _coerce(value, target, dotted, where)
+    return cls(**kwargs)
+
+
+def _where(dotted: str, value: Any, source: str, lines: dict[str, int]) -> str:
+    if isinstance(value, _OverrideValue):
+        return f"override '{value.origin}'"
+    line = lines.get(dotted)
+    return f"{source}:{line}" if line else source
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Convert `value` (parsed YAML, or raw override text) to type `tp`, or say what is wrong."""
+    from_cli = isinstance(value, _OverrideValue)
+    raw = value.raw if from_cli else value
+
+    def fail() -> UserError:
+        return UserError(f"{where}: '{key}' expects {_type_name(tp)}, got {raw!r}")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if from_cli and raw.strip().lower() in ("null", "none", "~", ""):
+            return None
+        if raw is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where) if len(inner) == 1 else raw
+    if origin is Literal:
+        for choice in args:
+            try:
+                converted = _coerce(value, type(choice), key, where)
+            except UserError:
+                continue
+            if converted == choice:
+                return choice
+        raise UserError(f"{where}: '{key}' must be one of {_type_name(tp)}, got {raw!r}")
+    if origin is list:
+        items = raw
+        if from_cli:
+            parsed = yaml.safe_load(raw) if raw.strip() else []
+            items = parsed if isinstance(parsed, list) else [s.strip() for s in raw.split(",") if s.strip()]
+        if not isinstance(items, list):
+            raise fail()
+        return [_coerce(item, args[0], key, where) for item in items]
+    if tp is bool:
+        if from_cli:
+            lowered = raw.strip().lower()
+            if lowered in ("true", "yes", "on", "1"):
+                return True
+            if lowered in ("false", "no", "off", "0"):
+                return False
+            raise fail()
+        if isinstance(raw, bool):
+            return raw
+        raise fail()
+    if tp is int:
+        if isinstance(raw, bool):
+            raise fail()
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is float:
+        if isinstance(raw, bool):
+            raise fail()
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                return float(raw.strip())
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if from_cli:
+            return raw
+        if isinstance(raw, str):
+            return raw
+        raise fail()
+    raise TypeError(f"config field {key} has unsupported type {tp}")

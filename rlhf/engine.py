@@ -1,0 +1,242 @@
+"""DeepSpeed: distributed set-up, the one engine factory, resumable checkpoints, final weights.
+
+Every stage builds its engines here so ZeRO stage, offload, precision, accumulation, clipping and
+the learning-rate schedule mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import EngineConfig, OptimConfig
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Start the process group (gloo on the CPU, nccl on GPUs) and return this rank's place in it.
+
+    Works the same under the deepspeed launcher, torchrun, srun (via torchrun) and plain python
+    (one rank: a local rendezvous is made up).
+    """
+    if not torch.cuda.is_available():
+        # DeepSpeed must pick its CPU accelerator before it is first imported.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return Dist(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def deepspeed_config(engine: EngineConfig, optim: OptimConfig) -> dict[str, Any]:
+    """Translate our engine section into DeepSpeed's JSON config."""
+    zero: dict[str, Any] = {"stage": engine.zero_stage}
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if engine.zero_stage == 3:
+        # Gather 16-bit weights when saving so the final folder holds whole tensors.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": engine.micro_batch_size,
+        "gradient_accumulation_steps": engine.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if engine.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif engine.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if engine.offload_optimizer:
+        # Offloaded states need DeepSpeed's CPU Adam (a compiled op); a torch optimizer would be slow.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": [optim.beta1, optim.beta2],
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+            },
+        }
+    return config
+
+
+def lr_multiplier(step: int, *, optim: OptimConfig, total_steps: int) -> float:
+    """Learning-rate factor at optimizer step `step`: linear warmup, then decay to min_lr_ratio."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    if optim.schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+
+
+def build_engine(
+    model: torch.nn.Module, *, engine: EngineConfig, optim: OptimConfig, total_steps: int
+) -> Any:
+    """Wrap a model in a DeepSpeed engine with its optimizer and warmup/decay schedule."""
+    import deepspeed
+
+    config = deepspeed_config(engine, optim)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in config:
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            fused=torch.cuda.is_available(),
+        )
+    ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, config=config
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        ds_optimizer, lambda step: lr_multiplier(step, optim=optim, total_steps=total_steps)
+    )
+    # Handing the scheduler to the engine makes it step once per optimizer step and live in checkpoints.
+    ds_engine.lr_scheduler = scheduler
+    return ds_engine
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable checkpoints. DeepSpeed writes the tag folder; our own `resume.json` is written after
+# every rank has finished, so a kill mid-save leaves the previous complete checkpoint in force.
+
+RESUME_FILE = "resume.json"
+
+
+def save_checkpoint(
+    engine: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int, dist: Dist
+) -> None:
+    tag = f"step-{step:07d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    # Each rank's RNG, so sampling and dropout continue exactly after a resume.
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank}.pt")
+    torch.distributed.barrier()
+    if dist.is_main:
+        _atomic_write_json(ckpt_dir / RESUME_FILE, {"tag": tag, "step": step})
+        kept = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+        for old in kept[: max(0, len(kept) - keep)]:
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path, *, dist: Dist) -> dict[str, Any] | None:
+    """Restore the last complete checkpoint; returns its client state, or None if there is none."""
+    pointer = ckpt_dir / RESUME_FILE
+    if not pointer.is_file():
+        return None
+    tag = json.loads(pointer.read_text())["tag"]
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    rng_file = ckpt_dir / tag / f"rng_rank{dist.rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Final weights
+
+
+def full_state_dict(engine: Any, *, dist: Dist) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (None elsewhere), gathering ZeRO-3 shards one at a time."""
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        if not dist.is_main:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    # Gathering one parameter at a time keeps peak memory at one layer, not the whole model.
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if dist.is_main:
+                state[name] = param.detach().cpu().clone()
+    if dist.is_main:
+        for name, buf in module.named_buffers():
+            state[name] = buf.detach().cpu().clone()
+    return state if dist.is_main else None

@@ -1,0 +1,92 @@
+"""Held-out evaluation shared by the stages: LM loss, and the oracle's score on the embedded default."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, TypeVar
+
+import torch
+
+from rlhf.algos.lm import masked_lm_loss
+from rlhf.data.collate import collate_sft
+from rlhf.data.tokenize import SFTExample
+from rlhf.engine import Dist
+from rlhf.rollout import generate
+from rlhf.toy import oracle_score
+
+T = TypeVar("T")
+
+
+def even_shard(items: list[T], *, dist: Dist) -> tuple[list[T], list[bool]]:
+    """This rank's share of `items`, padded so every rank gets the same count.
+
+    Under ZeRO-3 every forward pass is a collective, so all ranks must run the same number of
+    batches; the padding rows repeat the first item and are flagged False (not counted).
+    """
+    share = items[dist.rank :: dist.world_size]
+    per_rank = math.ceil(len(items) / dist.world_size)
+    real = [True] * len(share) + [False] * (per_rank - len(share))
+    return share + [items[0]] * (per_rank - len(share)), real
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def heldout_loss(engine: Any, examples: list[SFTExample], *, batch_size: int, pad_id: int, dist: Dist) -> float:
+    """Mean next-token loss over every counted response token of `examples` (all ranks)."""
+    share, real = even_shard(examples, dist=dist)
+    was_training = engine.training
+    engine.eval()
+    nll_sum, tokens = 0.0, 0.0
+    for start in range(0, len(share), batch_size):
+        batch = collate_sft(share[start : start + batch_size], pad_id=pad_id)
+        keep = torch.tensor(real[start : start + batch_size]).unsqueeze(1)
+        mask = batch["response_mask"] & keep
+        logits = engine(input_ids=batch["input_ids"].to(dist.device), attention_mask=batch["attention_mask"].to(dist.device)).logits
+        mask = mask.to(dist.device)
+        nll_sum += masked_lm_loss(logits=logits, input_ids=batch["input_ids"].to(dist.device), response_mask=mask, num_tokens=1.0).item()
+        tokens += mask[:, 1:].sum().item()
+    engine.train(was_training)
+    nll_sum, tokens = _all_sum([nll_sum, tokens], dist.device)
+    return nll_sum / max(tokens, 1.0)
+
+
+@torch.no_grad()
+def oracle_eval(
+    module: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    zero3: bool,
+    dist: Dist,
+) -> dict[str, float]:
+    """The oracle's mean score (0-100) of sampled and of greedy responses to `prompts`."""
+    share, real = even_shard(prompts, dist=dist)
+    was_training = module.training
+    module.eval()
+    results: dict[str, float] = {}
+    for name, temp in (("oracle_score", temperature), ("oracle_greedy", 0.0)):
+        total, count = 0.0, 0.0
+        for start in range(0, len(share), batch_size):
+            texts = share[start : start + batch_size]
+            ids = [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
+            responses = generate(
+                module, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                max_new_tokens=max_new_tokens, temperature=temp, zero3=zero3, device=dist.device,
+            )
+            for text, response, counted in zip(texts, responses, real[start : start + batch_size]):
+                if counted:
+                    total += oracle_score(text, tokenizer.decode(response, skip_special_tokens=True))
+                    count += 1
+        total, count = _all_sum([total, count], dist.device)
+        results[name] = 100.0 * total / max(count, 1.0)
+    module.train(was_training)
+    return results

@@ -1,0 +1,156 @@
+"""Console, progress and metrics: rich on the terminal, JSONL always, wandb when enabled.
+
+Only rank 0 writes; other ranks get a tracker that does nothing, so stage code never asks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rlhf.config import TrackingConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+class Tracker:
+    """Logs metric rows for one run: `metrics.jsonl` in the run folder, wandb, a progress bar."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        active: bool,
+        tracking: TrackingConfig,
+        config: dict[str, Any],
+        run_id: str,
+        total_steps: int,
+        start_step: int,
+        description: str,
+    ) -> None:
+        self.active = active
+        self.total_steps = total_steps
+        self._wandb = None
+        self._progress: Progress | None = None
+        self._last_line = 0.0
+        if not active:
+            return
+        self.path = run_dir / METRICS_FILE
+        _truncate_after(self.path, start_step)
+        self._file = open(self.path, "a", buffering=1)
+        if tracking.wandb:
+            self._wandb = _start_wandb(run_dir, tracking, config, run_id, resume=start_step > 0)
+        if console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[summary]}"),
+                console=console,
+            )
+            self._task = self._progress.add_task(description, total=total_steps, completed=start_step, summary="")
+            self._progress.start()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        summary = "  ".join(f"{k}={_short(v)}" for k, v in metrics.items() if k in _SUMMARY_KEYS)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, summary=summary)
+        else:
+            # No terminal (a log file, a SLURM job): a plain line now and then instead of a bar.
+            now = time.monotonic()
+            if now - self._last_line > 5 or step >= self.total_steps:
+                print(f"step {step}/{self.total_steps}  {summary}", flush=True)
+                self._last_line = now
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def print(self, message: str) -> None:
+        if self.active:
+            (self._progress.console if self._progress else console).print(message)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+_SUMMARY_KEYS = ("loss", "eval/loss", "eval/oracle_score", "lr", "tokens_per_s")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """After a resume, drop rows a killed run wrote past its last checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _start_wandb(run_dir: Path, tracking: TrackingConfig, config: dict[str, Any], run_id: str, *, resume: bool) -> Any:
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE", tracking.wandb_mode)
+    return wandb.init(
+        project=tracking.wandb_project,
+        name=run_id,
+        id=run_id,
+        dir=str(run_dir),
+        config=config,
+        mode=mode,
+        resume="allow" if resume else None,
+        settings=wandb.Settings(silent=True, init_timeout=60),
+    )
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _short(value: Any) -> str:
+    value = _plain(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, the way every user mistake is reported."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)

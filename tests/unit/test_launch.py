@@ -1,0 +1,46 @@
+"""The launcher command the CLI builds (the real launcher runs in tests/integration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlhf.errors import UserError
+from rlhf.launch import LaunchSpec, build_command, launch_env, stage_program
+
+
+def test_deepspeed_command():
+    program = stage_program("sft")
+    cmd = build_command(LaunchSpec(program, ("--run-dir", "/r"), num_procs=2, master_port=1234), python="py")
+    assert cmd == ["py", "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "1234",
+                   "--no_local_rank", str(program), "--run-dir", "/r"]
+
+
+def test_hostfile_is_passed_and_checked(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\n")
+    cmd = build_command(LaunchSpec(Path("p.py"), (), num_procs=8, hostfile=hostfile, master_port=1), python="py")
+    assert cmd[cmd.index("--hostfile") + 1] == str(hostfile)
+    with pytest.raises(UserError, match="hostfile not found"):
+        build_command(LaunchSpec(Path("p.py"), (), hostfile=tmp_path / "missing"))
+
+
+def test_torchrun_and_python_commands():
+    cmd = build_command(LaunchSpec(Path("p.py"), ("a",), num_procs=3, launcher="torchrun", master_port=99), python="py")
+    assert cmd[:3] == ["py", "-m", "torch.distributed.run"] and "--nproc-per-node=3" in cmd and cmd[-2:] == ["p.py", "a"]
+    assert build_command(LaunchSpec(Path("p.py"), ("a",), launcher="python"), python="py") == ["py", "p.py", "a"]
+    with pytest.raises(UserError, match="one rank"):
+        build_command(LaunchSpec(Path("p.py"), (), num_procs=2, launcher="python"))
+
+
+def test_env_splits_cores_between_ranks_unless_user_set_it(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert launch_env(4, base={})["OMP_NUM_THREADS"] == "2"
+    assert launch_env(16, base={})["OMP_NUM_THREADS"] == "1"
+    assert launch_env(4, base={"OMP_NUM_THREADS": "5"})["OMP_NUM_THREADS"] == "5"
+
+
+def test_unknown_stage_program():
+    with pytest.raises(UserError, match="no stage program"):
+        stage_program("nope")
