@@ -150,15 +150,29 @@ def _launch_stage(
 
 
 def _check_inputs(stage: str, cfg) -> None:
-    """Catch missing inputs before any rank starts: data files, model folders, registry references."""
-    from rlhf.data.sources import FILE_SUFFIXES
-    from rlhf.models import resolve_model
-    from rlhf.registry import Registry
+    """Catch bad inputs before any rank starts (and before a cluster allocates GPUs for them).
 
-    resolve_model(cfg.model.name_or_path, Registry(cfg.run.registry))
-    for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if source and source.endswith(FILE_SUFFIXES) and not Path(source).expanduser().is_file():
-            raise UserError(f"data file not found: {source} ({key}); check the path")
+    Model references resolve, and local data (files and the embedded default) goes through the
+    very loading and tokenization the stage will run, so a malformed row, an empty file or a
+    prompt longer than the context stops here with one line. Hub datasets are checked by the
+    stage itself, where they are downloaded once.
+    """
+    from rlhf.data.load import sft_examples
+    from rlhf.data.sources import FILE_SUFFIXES
+    from rlhf.models import load_tokenizer, resolve_model
+    from rlhf.registry import Registry
+    from rlhf.toy import TOY
+
+    source = resolve_model(cfg.model.name_or_path, Registry(cfg.run.registry))
+    local = [
+        (key, split, data)
+        for key, split, data in (("data.train", "train", cfg.data.train), ("data.eval", "eval", cfg.data.eval))
+        if data and (data == TOY or data.endswith(FILE_SUFFIXES) or Path(data).expanduser().exists())
+    ]
+    if local:
+        tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+        for key, split, data in local:
+            sft_examples(data, split=split, tokenizer=tokenizer, data=cfg.data, key=key)
 
 
 def _guard(action) -> None:

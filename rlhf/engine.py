@@ -146,14 +146,16 @@ def build_engine(
             weight_decay=optim.weight_decay,
             fused=torch.cuda.is_available(),
         )
-    ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, config=config
+    # A factory, not a scheduler: DeepSpeed hands it the inner torch optimizer (a ZeRO wrapper is
+    # not a torch Optimizer), steps it once per optimizer step and keeps it in checkpoints.
+    def schedule(inner: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            inner, lambda step: lr_multiplier(step, optim=optim, total_steps=total_steps)
+        )
+
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=schedule, config=config
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        ds_optimizer, lambda step: lr_multiplier(step, optim=optim, total_steps=total_steps)
-    )
-    # Handing the scheduler to the engine makes it step once per optimizer step and live in checkpoints.
-    ds_engine.lr_scheduler = scheduler
     return ds_engine
 
 

@@ -34,6 +34,7 @@ from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, ToyTask
 from rlhf.tracking import Tracker
 
+RANK_SEED_STRIDE = 1_000_003  # a large prime keeps per-rank seeds of nearby runs apart
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -41,9 +42,10 @@ def main(run: Run) -> None:
     cfg: SFTConfig = run.config
     started = time.time()
 
-    # 1. Ranks and seeds. The model is initialised from the same seed on every rank.
+    # 1. Ranks and seeds: each rank samples from its own stream (the toy model's initial weights
+    #    come from their own seed, and DeepSpeed broadcasts rank 0's weights anyway).
     dist = init_distributed()
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed + dist.rank * RANK_SEED_STRIDE)
 
     # 2. Tokenizer and data: prompt tokens masked out of the loss, truncation counted.
     source = resolve_model(cfg.model.name_or_path, run.registry)

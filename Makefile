@@ -1,0 +1,34 @@
+# One command each on a fresh clone: `make pipeline`, `make test`. Both install first (.venv).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel on this kind of machine; on a GPU node use e.g. `make install TORCH=torch==2.13.0`
+# with your CUDA index configured (a plain `torch` here would pull the multi-GB CUDA build).
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-quick pipeline sft clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Everything, slow tests included (real multi-rank DeepSpeed runs on the CPU).
+test: install
+	$(PY) -m pytest -q
+
+# Unit tests only: seconds, no stage launched.
+test-quick: install
+	$(PY) -m pytest -q -m "not slow"
+
+# The whole pipeline on the embedded default. Only the sft stage exists so far.
+pipeline: install
+	$(VENV)/bin/rlhf sft
+
+clean:
+	rm -rf $(VENV) rlhf_runs .pytest_cache

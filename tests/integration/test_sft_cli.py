@@ -1,0 +1,159 @@
+"""`rlhf sft` end to end through the CLI and the real DeepSpeed launcher, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.conftest import QUICK, RLHF, assert_ok, cli_env, entries, metric_rows, rlhf
+
+pytestmark = pytest.mark.slow
+
+
+def logged_losses(entry: dict) -> list[float]:
+    return [row["loss"] for row in metric_rows(entry) if "loss" in row]
+
+
+def assert_learned(entry: dict) -> None:
+    losses = logged_losses(entry)
+    assert losses[-1] < 0.8 * losses[0], losses
+    metrics = entry["metrics"]
+    # The untrained model almost never writes a sum; the trained one gets many digits right.
+    assert metrics["oracle_score"] > metrics["initial_oracle_score"] + 10, metrics
+    assert metrics["loss"] < metrics["initial_loss"] - 1.0, metrics
+
+
+def assert_loads_with_transformers(entry: dict) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(entry["path"])
+    tokenizer = AutoTokenizer.from_pretrained(entry["path"])
+    ids = tokenizer("12+34=", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_help_lists_the_stage_commands(home):
+    result = rlhf("--help", home=home)
+    assert_ok(result)
+    for command in ("sft", "registry", "config"):
+        assert command in result.stdout
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> tuple[Path, dict]:
+    """A 1-rank run of the quick config: 32 sequences per step, like the 2-rank runs' 2 x 16."""
+    home = tmp_path_factory.mktemp("one_rank")
+    result = rlhf("sft", "-c", QUICK, "train.max_steps=80", "tracking.wandb=true", "run.tags=first", home=home)
+    assert_ok(result)
+    [entry] = entries(home)
+    return home, entry
+
+
+def test_one_rank_learns_and_registers_with_wandb_offline(one_rank):
+    home, entry = one_rank
+    assert entry["stage"] == "sft" and entry["status"] == "completed" and entry["tags"] == ["first"]
+    assert entry["parents"] == [] and entry["base_model"].startswith("toy-llama")
+    assert_learned(entry)
+    assert_loads_with_transformers(entry)
+    run_dir = Path(entry["run_dir"])
+    assert (run_dir / "config.yaml").is_file()
+    # wandb ran offline (no network here) and wrote its run folder inside the run.
+    assert list((run_dir / "wandb").glob("offline-run-*")), list(run_dir.rglob("*"))[:20]
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_learn_under_zero(home, one_rank, zero_stage):
+    result = rlhf("sft", "-n", "2", "-c", QUICK, f"engine.zero_stage={zero_stage}", "engine.micro_batch_size=16",
+                  "train.max_steps=80", home=home)
+    assert_ok(result)
+    [entry] = entries(home)
+    assert entry["config"]["engine"]["zero_stage"] == zero_stage
+    assert_learned(entry)
+    assert_loads_with_transformers(entry)
+    # The loss is a mean over the global batch's tokens, so splitting the same 32 sequences over
+    # two ranks (and partitioning the optimizer) must not change the training curve.
+    baseline = logged_losses(one_rank[1])
+    assert logged_losses(entry) == pytest.approx(baseline, rel=2e-3)
+    if zero_stage == 3:
+        # A second run starts from the first by reference: the registry records the lineage.
+        follow = rlhf("sft", "-n", "2", "-c", QUICK, "engine.zero_stage=3", "engine.micro_batch_size=16",
+                      "model.name_or_path=sft:latest", "train.max_steps=10", "data.eval=null", home=home)
+        assert_ok(follow)
+        first, second = entries(home)
+        assert second["parents"] == [first["id"]]
+        assert second["base_model"] == first["base_model"]
+        shown = rlhf("registry", "show", "sft:latest", home=home)
+        assert_ok(shown)
+        assert first["id"] in shown.stdout and second["id"] in shown.stdout
+
+
+def test_lora_run_saves_a_merged_model(home):
+    result = rlhf("sft", "-c", QUICK, "model.lora.enabled=true", "model.lora.r=8", "optim.lr=1e-2",
+                  "train.max_steps=30", "data.eval=null", home=home)
+    assert_ok(result)
+    [entry] = entries(home)
+    assert entry["adapter"] == "merged"
+    assert_loads_with_transformers(entry)
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.toy import ToyModelConfig, build_model, build_tokenizer
+
+    # Merging folded trained deltas into the weights: they differ from the untouched initial model.
+    merged = AutoModelForCausalLM.from_pretrained(entry["path"]).state_dict()
+    initial = build_model(ToyModelConfig(), build_tokenizer(), seed=42).state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[name], initial[name])
+    assert torch.equal(merged["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+
+
+def test_killed_run_resumes_from_its_checkpoint(home):
+    proc = subprocess.Popen(
+        [RLHF, "sft", "-c", QUICK, "train.max_steps=200", "train.save_every=20", "data.eval=null"],
+        env=cli_env(home), cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        pointer = None
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            found = list(home.glob("runs/sft-*/checkpoints/resume.json"))
+            if found and json.loads(found[0].read_text())["step"] >= 40:
+                pointer = found[0]
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        assert pointer is not None, "no checkpoint written in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher tree, like a lost node
+        proc.wait()
+    killed_at = json.loads(pointer.read_text())["step"]
+    assert killed_at < 200
+    run_dir = pointer.parent.parent
+    assert entries(home) == []  # nothing published for a run that did not finish
+    assert not (run_dir / "final").exists()
+
+    listed = rlhf("registry", "ls", home=home)
+    assert run_dir.name in listed.stdout  # shown as resumable
+
+    result = rlhf("sft", "--resume", home=home)
+    assert_ok(result)
+    assert f"resumed {run_dir.name} at step " in result.stdout
+    resumed_at = int(result.stdout.split(f"resumed {run_dir.name} at step ")[1].split()[0])
+    assert resumed_at >= killed_at
+    [entry] = entries(home)
+    assert entry["id"] == run_dir.name and entry["metrics"]["steps"] == 200
+    steps = [row["step"] for row in metric_rows(entry) if "loss" in row]
+    # Rows past the checkpoint that the killed run wrote were dropped, so each step appears once.
+    assert steps == sorted(set(steps)) and steps[-1] == 200
+    assert_loads_with_transformers(entry)
+    # The resumed run is the same run: a second resume has nothing to continue.
+    again = rlhf("sft", "--resume", home=home)
+    assert again.code == 2 and "no unfinished sft run" in again.stderr
