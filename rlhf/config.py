@@ -172,9 +172,18 @@ class SFTConfig:
         _check_common(self.engine, self.optim, self.train, self.model)
         if self.data.max_length < 2:
             raise UserError("data.max_length must be at least 2 (one prompt and one response token)")
+        _check_toy(self.model.toy, "model.toy")
+        _check_toy(self.data.toy, "data.toy")
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+
+
+def _check_toy(section: ToyModelConfig | ToyTaskConfig, key: str) -> None:
+    try:
+        section.validate()
+    except ValueError as exc:
+        raise UserError(f"{key}: {exc}") from None
 
 
 def _check_common(engine: EngineConfig, optim: OptimConfig, train: TrainConfig, model: ModelConfig) -> None:

@@ -164,13 +164,15 @@ def build_engine(
 # every rank has finished, so a kill mid-save leaves the previous complete checkpoint in force.
 
 RESUME_FILE = "resume.json"
+CLIENT_KEY = "rlhf"
 
 
 def save_checkpoint(
     engine: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int, dist: Dist
 ) -> None:
     tag = f"step-{step:07d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    # Under one key of our own: DeepSpeed adds reserved keys to the state it hands back on load.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
     # Each rank's RNG, so sampling and dropout continue exactly after a resume.
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank}.pt")
     torch.distributed.barrier()
@@ -193,7 +195,7 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, *, dist: Dist) -> dict[str, Any
     rng_file = ckpt_dir / tag / f"rng_rank{dist.rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state
+    return client_state[CLIENT_KEY]
 
 
 def _rng_state() -> dict[str, Any]:

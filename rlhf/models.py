@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -91,8 +92,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def load_causal_lm(source: ModelSource, cfg: ModelConfig, tokenizer: Any, *, seed: int, dtype: torch.dtype) -> Any:
-    """A causal LM ready for training: dropout off, optional gradient checkpointing and LoRA."""
+def load_causal_lm(
+    source: ModelSource,
+    cfg: ModelConfig,
+    tokenizer: Any,
+    *,
+    seed: int,
+    dtype: torch.dtype,
+    zero3_config: dict[str, Any] | None = None,
+) -> Any:
+    """A causal LM ready for training: dropout off, optional gradient checkpointing and LoRA.
+
+    With `zero3_config` (the DeepSpeed config of a ZeRO-3 engine) a pretrained model is loaded
+    straight into partitions, so no rank ever holds all of a large model's weights.
+    """
     if source.kind == "toy":
         from rlhf.toy import build_model
 
@@ -104,7 +117,8 @@ def load_causal_lm(source: ModelSource, cfg: ModelConfig, tokenizer: Any, *, see
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+            with _partitioned_loading(zero3_config):
+                model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
         except (OSError, ValueError) as exc:
             raise UserError(
                 f"cannot load '{source.location}' as a causal LM: {_first_line(exc)} "
@@ -121,6 +135,25 @@ def load_causal_lm(source: ModelSource, cfg: ModelConfig, tokenizer: Any, *, see
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     return model
+
+
+@contextlib.contextmanager
+def _partitioned_loading(zero3_config: dict[str, Any] | None) -> Iterator[None]:
+    """While alive, an HfDeepSpeedConfig makes from_pretrained build the model under zero.Init.
+
+    It is dropped right after loading: left alive it would also partition models we build later
+    on purpose whole (the CPU copy used to merge LoRA weights at save time).
+    """
+    if zero3_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    marker = HfDeepSpeedConfig(zero3_config)
+    try:
+        yield
+    finally:
+        del marker
 
 
 def apply_lora(model: Any, lora: LoraConfig) -> Any:

@@ -20,6 +20,7 @@ from rlhf.data.load import sft_examples
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import (
     build_engine,
+    deepspeed_config,
     full_state_dict,
     init_distributed,
     load_checkpoint,
@@ -69,9 +70,12 @@ def main(run: Run) -> None:
         oracle_prompts = oracle_prompts[: cfg.eval.max_rows]
 
     # 3. Model and engine.
-    model = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.train.seed, dtype=DTYPES[cfg.engine.precision])
-    engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
     zero3 = cfg.engine.zero_stage == 3
+    model = load_causal_lm(
+        source, cfg.model, tokenizer, seed=cfg.train.seed, dtype=DTYPES[cfg.engine.precision],
+        zero3_config=deepspeed_config(cfg.engine, cfg.optim) if zero3 else None,
+    )
+    engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
 
     def evaluate() -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -4,10 +4,20 @@ ground truth."""
 
 from rlhf.toy.model import ToyModelConfig, build_model, model_identity
 from rlhf.toy.task import ToyTask, ToyTaskConfig, oracle_score
-from rlhf.toy.tokenizer import build_tokenizer
 
 TOY = "toy"
 """The sentinel users put in config (`model.name_or_path: toy`, `data.train: toy`)."""
+
+
+
+def __getattr__(name: str):
+    # The tokenizer needs transformers; loading it on first use keeps `import rlhf.toy` light.
+    if name == "build_tokenizer":
+        from rlhf.toy.tokenizer import build_tokenizer
+
+        return build_tokenizer
+    raise AttributeError(f"module 'rlhf.toy' has no attribute {name!r}")
+
 
 __all__ = [
     "TOY",

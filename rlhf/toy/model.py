@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # torch and transformers load only when a model is built: configs import fast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 # Bump when the architecture built from a ToyModelConfig changes, so old checkpoints stop matching.
 _ARCH_VERSION = 1
@@ -47,6 +48,8 @@ class ToyModelConfig:
 
 def llama_config(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     """The LlamaConfig the toy model is built from; vocab and special ids come from the tokenizer."""
+    from transformers import LlamaConfig
+
     cfg.validate()
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -77,6 +80,9 @@ def build_model(
     The global torch RNG is forked, so building a model neither depends on nor disturbs the
     caller's random state; the same seed gives bitwise identical weights.
     """
+    import torch
+    from transformers import LlamaForCausalLM
+
     config = llama_config(cfg, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -97,7 +97,9 @@ def test_two_ranks_learn_under_zero(home, one_rank, zero_stage):
 
 
 def test_lora_run_saves_a_merged_model(home):
+    # With gradient checkpointing too: frozen embeddings must still let gradients reach the adapters.
     result = rlhf("sft", "-c", QUICK, "model.lora.enabled=true", "model.lora.r=8", "optim.lr=1e-2",
+                  "model.gradient_checkpointing=true",
                   "train.max_steps=30", "data.eval=null", home=home)
     assert_ok(result)
     [entry] = entries(home)
