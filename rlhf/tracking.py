@@ -43,6 +43,7 @@ class Tracker:
         self._wandb = None
         self._progress: Progress | None = None
         self._last_line = 0.0
+        self._summary: dict[str, Any] = {}  # latest value of each headline metric, train and eval alike
         if not active:
             return
         self.path = run_dir / METRICS_FILE
@@ -70,7 +71,8 @@ class Tracker:
         self._file.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
-        summary = "  ".join(f"{k}={_short(v)}" for k, v in metrics.items() if k in _SUMMARY_KEYS)
+        self._summary.update((k, v) for k, v in metrics.items() if k in _SUMMARY_KEYS)
+        summary = "  ".join(f"{k}={_short(self._summary[k])}" for k in _SUMMARY_KEYS if k in self._summary)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, summary=summary)
         else:

@@ -132,8 +132,8 @@ def main(run: Run) -> None:
         torch.distributed.all_reduce(step_loss)
         if not math.isfinite(step_loss.item()):
             raise UserError(
-                f"the training loss became {step_loss.item()} at step {step}; lower optim.lr or use "
-                f"engine.precision=fp32/bf16, then resume from the last checkpoint in {run.checkpoint_dir}"
+                f"the training loss became {step_loss.item()} at step {step}; the run stopped. Lower optim.lr, "
+                "or use engine.precision=bf16/fp32 instead of fp16, and start a new run"
             )
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             elapsed = max(time.time() - window_start, 1e-9)

@@ -117,6 +117,17 @@ def test_lora_run_saves_a_merged_model(home):
     assert torch.equal(merged["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
 
 
+def test_zero3_with_optimizer_and_parameter_offload(home):
+    result = rlhf("sft", "-n", "2", "-c", QUICK, "engine.zero_stage=3", "engine.offload_optimizer=true",
+                  "engine.offload_params=true", "engine.micro_batch_size=16", "train.max_steps=40", "data.eval=null",
+                  home=home)
+    assert_ok(result)
+    [entry] = entries(home)
+    losses = logged_losses(entry)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert_loads_with_transformers(entry)
+
+
 def test_killed_run_resumes_from_its_checkpoint(home):
     proc = subprocess.Popen(
         [RLHF, "sft", "-c", QUICK, "train.max_steps=200", "train.save_every=20", "data.eval=null"],

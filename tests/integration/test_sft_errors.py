@@ -75,6 +75,28 @@ def test_missing_config_file(home):
     assert_user_error(rlhf("sft", "-c", str(home / "nope.yaml"), home=home), "nope.yaml")
 
 
+def test_unreachable_hub_model(home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub; fail fast instead of retrying
+    assert_user_error(rlhf("sft", "model.name_or_path=someorg/missing-model", home=home), "someorg/missing-model")
+
+
+def test_dry_run_prints_the_command_and_creates_nothing(home):
+    result = rlhf("sft", "-n", "2", "--dry-run", "engine.zero_stage=3", home=home)
+    assert result.code == 0, result.output
+    assert "zero_stage: 3" in result.stdout
+    assert "deepspeed.launcher.runner --num_gpus 2" in result.stdout and "stages/sft.py --run-dir" in result.stdout
+    assert not (home / "runs").exists()
+
+
+@pytest.mark.slow
+def test_diverging_loss_stops_with_one_line(home):
+    result = rlhf("sft", "-c", str(REPO / "configs" / "sft-toy-quick.yaml"), "optim.lr=1e4", "optim.grad_clip=0",
+                  "optim.warmup_steps=0", "data.eval=null", home=home)
+    assert result.code == 2 and "Traceback" not in result.output
+    assert "error: the training loss became nan at step" in result.stderr
+    assert not list(home.glob("entries/*.json"))
+
+
 def test_resume_with_nothing_to_resume(home):
     assert_user_error(rlhf("sft", "--resume", home=home), "no unfinished sft run")
 
