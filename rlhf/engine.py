@@ -18,6 +18,10 @@ from typing import Any
 import torch
 
 from rlhf.config import EngineConfig, OptimConfig
+from rlhf.launch import free_port
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ def init_distributed() -> Dist:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -60,14 +64,6 @@ def init_distributed() -> Dist:
         local_rank=local_rank,
         device=device,
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

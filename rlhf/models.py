@@ -31,13 +31,6 @@ class ModelSource:
     def parents(self) -> tuple[str, ...]:
         return (self.entry.id,) if self.entry else ()
 
-    @property
-    def identity(self) -> str:
-        """The base model this lineage started from (kept across stages)."""
-        if self.entry is not None:
-            return self.entry.base_model
-        return self.location
-
 
 def resolve_model(name_or_path: str, registry: Registry, *, key: str = "model.name_or_path") -> ModelSource:
     if name_or_path == TOY:
@@ -53,6 +46,15 @@ def resolve_model(name_or_path: str, registry: Registry, *, key: str = "model.na
     if name_or_path.startswith((".", "/", "~")):
         raise UserError(f"{key}={name_or_path}: no such folder; check the path")
     return ModelSource("hub", name_or_path)
+
+
+def base_model_identity(source: ModelSource, cfg: ModelConfig) -> str:
+    """The base model a lineage started from, carried unchanged through every later stage."""
+    if source.kind == "toy":
+        from rlhf.toy import model_identity
+
+        return model_identity(cfg.toy)
+    return source.entry.base_model if source.entry else source.location
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool) -> Any:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from rlhf.algos.lm import masked_lm_loss
-from rlhf.config import SFTConfig
+from rlhf.config import SFTConfig, to_dict
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import sft_examples
 from rlhf.data.sampler import ShuffledBatches
@@ -23,20 +23,27 @@ from rlhf.engine import (
     deepspeed_config,
     full_state_dict,
     init_distributed,
+    PRECISION_DTYPES,
     load_checkpoint,
     save_checkpoint,
     seed_everything,
 )
 from rlhf.errors import UserError
 from rlhf.evaluation import heldout_loss, oracle_eval
-from rlhf.models import load_causal_lm, load_tokenizer, resolve_model, save_final, tokenizer_fingerprint
+from rlhf.models import (
+    base_model_identity,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+    save_final,
+    tokenizer_fingerprint,
+)
 from rlhf.registry import Entry, now_iso
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, ToyTask
 from rlhf.tracking import Tracker
 
 RANK_SEED_STRIDE = 1_000_003  # a large prime keeps per-rank seeds of nearby runs apart
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(run: Run) -> None:
@@ -72,7 +79,7 @@ def main(run: Run) -> None:
     # 3. Model and engine.
     zero3 = cfg.engine.zero_stage == 3
     model = load_causal_lm(
-        source, cfg.model, tokenizer, seed=cfg.train.seed, dtype=DTYPES[cfg.engine.precision],
+        source, cfg.model, tokenizer, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.engine.precision],
         zero3_config=deepspeed_config(cfg.engine, cfg.optim) if zero3 else None,
     )
     engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
@@ -93,7 +100,7 @@ def main(run: Run) -> None:
     state = load_checkpoint(engine, run.checkpoint_dir, dist=dist) or {"step": 0}
     step = state["step"]
     tracker = Tracker(
-        run.run_dir, active=dist.is_main, tracking=cfg.tracking, config=_plain_config(cfg), run_id=run.run_id,
+        run.run_dir, active=dist.is_main, tracking=cfg.tracking, config=to_dict(cfg), run_id=run.run_id,
         total_steps=cfg.train.max_steps, start_step=step, description=f"sft {run.run_id}",
     )
     if step:
@@ -172,26 +179,14 @@ def main(run: Run) -> None:
         }
         entry = run.registry.publish(Entry(
             id=run.run_id, stage="sft", status="completed", created=now_iso(), path=str(run.final_dir),
-            run_dir=str(run.run_dir), config=_plain_config(cfg), parents=source.parents,
-            base_model=source.identity if source.kind != "toy" else _toy_identity(cfg),
+            run_dir=str(run.run_dir), config=to_dict(cfg), parents=source.parents,
+            base_model=base_model_identity(source, cfg.model),
             tokenizer=tokenizer_fingerprint(tokenizer), metrics=metrics, adapter=adapter, tags=tuple(cfg.run.tags),
         ))
         tracker.print(f"[green]sft finished[/]: {entry.id} -> {entry.path}")
         tracker.print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     tracker.close()
     torch.distributed.barrier()
-
-
-def _plain_config(cfg: SFTConfig) -> dict:
-    from rlhf.config import to_dict
-
-    return to_dict(cfg)
-
-
-def _toy_identity(cfg: SFTConfig) -> str:
-    from rlhf.toy import model_identity
-
-    return model_identity(cfg.model.toy)
 
 
 if __name__ == "__main__":
