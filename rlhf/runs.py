@@ -19,6 +19,7 @@ from typing import Any, Callable
 from rlhf.config import STAGE_CONFIGS, load_config, save_config
 from rlhf.errors import EXIT_USER_ERROR, UserError
 from rlhf.registry import Registry, default_root
+from rlhf.toy import TOY
 from rlhf.tracking import print_error
 
 CONFIG_FILE = "config.yaml"
@@ -45,7 +46,24 @@ def resolve_config(stage: str, config_file: str | Path | None, overrides: list[s
     """Load and validate a stage config, with the registry root made absolute."""
     cfg = load_config(STAGE_CONFIGS[stage], config_file, overrides)
     root = Path(cfg.run.registry or default_root()).expanduser().resolve()
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, registry=str(root)))
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, registry=str(root)),
+        # The saved config must mean the same from any directory (a resume, a batch job).
+        model=_absolute_paths(cfg.model),
+        data=_absolute_paths(cfg.data),
+    )
+
+
+def _absolute_paths(section: Any) -> Any:
+    """`section` with every string field that names an existing local file or folder made absolute."""
+    changes = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        # 'toy' is the embedded default even if a folder of that name happens to be here.
+        if isinstance(value, str) and value not in ("", TOY) and Path(value).expanduser().exists():
+            changes[f.name] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(section, **changes)
 
 
 def create_run(stage: str, cfg: Any) -> Run:

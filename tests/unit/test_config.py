@@ -133,3 +133,16 @@ def test_every_field_is_documented():
     # weight_decay/beta1/beta2/seed and friends explain themselves; everything else needs a line.
     allowed = {"optim.weight_decay", "optim.beta1", "optim.beta2", "optim.min_lr_ratio", "train.seed", "tracking.wandb_project"}
     assert sorted(set(undocumented) - allowed) == []
+
+
+def test_resolved_config_stores_local_paths_absolute(tmp_path, monkeypatch):
+    from rlhf.runs import resolve_config
+
+    (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "response": "2"}\n')
+    (tmp_path / "toy").mkdir()  # a folder named like the sentinel must not hijack it
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config("sft", None, ["data.train=train.jsonl", "data.eval=toy", "run.registry=reg"])
+    assert cfg.data.train == str(tmp_path / "train.jsonl")
+    assert cfg.data.eval == "toy"  # not a path: left as written
+    assert cfg.model.name_or_path == "toy"
+    assert cfg.run.registry == str(tmp_path / "reg")
