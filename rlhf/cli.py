@@ -115,8 +115,6 @@ def _launch_stage(
     from rlhf.runs import create_run, find_resumable, resolve_config
     from rlhf.tracking import console
 
-    if launcher not in ("deepspeed", "torchrun", "python"):
-        raise UserError(f"--launcher must be deepspeed, torchrun or python, not '{launcher}'")
     if resume:
         if overrides or config:
             raise UserError("--resume continues a run with its saved config; drop --config and the overrides")

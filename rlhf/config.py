@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from rlhf.errors import UserError
+from rlhf.fileio import atomic_write_text
 from rlhf.toy.model import ToyModelConfig
 from rlhf.toy.task import ToyTaskConfig
 
@@ -232,9 +232,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rlhf.config import EngineConfig, OptimConfig
+from rlhf.fileio import atomic_write_text
 from rlhf.launch import free_port
 
 
@@ -173,7 +174,7 @@ def save_checkpoint(
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank}.pt")
     torch.distributed.barrier()
     if dist.is_main:
-        _atomic_write_json(ckpt_dir / RESUME_FILE, {"tag": tag, "step": step})
+        atomic_write_text(ckpt_dir / RESUME_FILE, json.dumps({"tag": tag, "step": step}))
         kept = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
         for old in kept[: max(0, len(kept) - keep)]:
             if old.name != tag:
@@ -208,15 +209,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Final weights
 
@@ -230,13 +222,15 @@ def full_state_dict(engine: Any, *, dist: Dist) -> dict[str, torch.Tensor] | Non
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     import deepspeed
 
+    # The keys a plain state_dict() would hold: persistent buffers only (not e.g. rotary inv_freq).
+    keys = set(module.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
-    # Gathering one parameter at a time keeps peak memory at one layer, not the whole model.
+    # One parameter gathered at a time bounds device memory by the largest tensor; rank 0 still
+    # collects the whole model in CPU memory, as the save_pretrained folder needs.
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             if dist.is_main:
                 state[name] = param.detach().cpu().clone()
     if dist.is_main:
-        for name, buf in module.named_buffers():
-            state[name] = buf.detach().cpu().clone()
+        state.update((name, buf.detach().cpu().clone()) for name, buf in module.named_buffers() if name in keys)
     return state if dist.is_main else None

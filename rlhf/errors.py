@@ -10,3 +10,9 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, for quoting a library's error in ours."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

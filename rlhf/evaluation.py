@@ -44,12 +44,12 @@ def heldout_loss(engine: Any, examples: list[SFTExample], *, batch_size: int, pa
     engine.eval()
     nll_sum, tokens = 0.0, 0.0
     for start in range(0, len(share), batch_size):
-        batch = collate_sft(share[start : start + batch_size], pad_id=pad_id)
-        keep = torch.tensor(real[start : start + batch_size]).unsqueeze(1)
+        batch = {k: v.to(dist.device) for k, v in collate_sft(share[start : start + batch_size], pad_id=pad_id).items()}
+        # Padding rows (added only to keep ranks in step) count for nothing.
+        keep = torch.tensor(real[start : start + batch_size], device=dist.device).unsqueeze(1)  # (B, 1)
         mask = batch["response_mask"] & keep
-        logits = engine(input_ids=batch["input_ids"].to(dist.device), attention_mask=batch["attention_mask"].to(dist.device)).logits
-        mask = mask.to(dist.device)
-        nll_sum += masked_lm_loss(logits=logits, input_ids=batch["input_ids"].to(dist.device), response_mask=mask, num_tokens=1.0).item()
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll_sum += masked_lm_loss(logits=logits, input_ids=batch["input_ids"], response_mask=mask, num_tokens=1.0).item()
         tokens += mask[:, 1:].sum().item()
     engine.train(was_training)
     nll_sum, tokens = _all_sum([nll_sum, tokens], dist.device)

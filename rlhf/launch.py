@@ -12,6 +12,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -19,6 +20,7 @@ from typing import Callable, Literal
 from rlhf.errors import UserError
 
 Launcher = Literal["deepspeed", "torchrun", "python"]
+LAUNCHERS: tuple[str, ...] = typing.get_args(Launcher)
 STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
 
 
@@ -41,6 +43,8 @@ class LaunchSpec:
 
 def build_command(spec: LaunchSpec, *, python: str = sys.executable) -> list[str]:
     """The argv that starts `spec.program` on `spec.num_procs` ranks per node."""
+    if spec.launcher not in LAUNCHERS:
+        raise UserError(f"--launcher must be one of {', '.join(LAUNCHERS)}, not '{spec.launcher}'")
     if spec.num_procs < 1:
         raise UserError(f"--num-gpus must be at least 1, got {spec.num_procs}")
     port = spec.master_port or free_port()

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from rlhf.config import LoraConfig, ModelConfig
-from rlhf.errors import UserError
+from rlhf.errors import UserError, first_line
 from rlhf.registry import Entry, Registry, is_reference
 from rlhf.toy import TOY
 
@@ -68,7 +68,7 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise UserError(f"cannot load the tokenizer of '{source.location}': {_first_line(exc)}") from None
+        raise UserError(f"cannot load the tokenizer of '{source.location}': {first_line(exc)}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of '{source.location}' has no EOS token; set one in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
@@ -123,7 +123,7 @@ def load_causal_lm(
                 model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
         except (OSError, ValueError) as exc:
             raise UserError(
-                f"cannot load '{source.location}' as a causal LM: {_first_line(exc)} "
+                f"cannot load '{source.location}' as a causal LM: {first_line(exc)} "
                 "(it must be a local save_pretrained folder, a registry reference, or a reachable hub model)"
             ) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -232,8 +232,3 @@ def _lora_from_peft(peft_model: Any) -> LoraConfig:
         dropout=0.0,
         target_modules=sorted(pc.target_modules) if not isinstance(pc.target_modules, str) else None,
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rlhf.config import TrackingConfig
+from rlhf.fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -103,21 +104,12 @@ class Tracker:
 _SUMMARY_KEYS = ("loss", "eval/loss", "eval/oracle_score", "lr", "tokens_per_s")
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _truncate_after(path: Path, step: int) -> None:
     """After a resume, drop rows a killed run wrote past its last checkpoint (they will be redone)."""
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _start_wandb(run_dir: Path, tracking: TrackingConfig, config: dict[str, Any], run_id: str, *, resume: bool) -> Any:

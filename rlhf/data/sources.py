@@ -16,7 +16,7 @@ from typing import Any
 
 import datasets
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, first_line
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -166,7 +166,7 @@ def _load_parquet(path: Path, source: str, key: str | None) -> Records:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several unrelated types for damaged files
-        raise _error(f"{source}: not a readable Parquet file ({_first_line(e)}); rewrite or replace it", key)
+        raise _error(f"{source}: not a readable Parquet file ({first_line(e)}); rewrite or replace it", key)
     return Records(rows=datasets.Dataset(table), source=source, line_numbers=None, key=key)
 
 
@@ -177,16 +177,11 @@ def _load_hub(source: str, split: str, key: str | None) -> Records:
         rows = datasets.load_dataset(name, split=split)
     except Exception as e:  # network, missing repo, bad split, offline mode: all the user's to fix
         raise _error(
-            f"{source}: neither a local file nor a loadable hub dataset ({type(e).__name__}: {_first_line(e)}); "
+            f"{source}: neither a local file nor a loadable hub dataset ({type(e).__name__}: {first_line(e)}); "
             "check the path, or the dataset name and split (hub access may be unavailable here)",
             key,
         )
     return Records(rows=rows, source=source, line_numbers=None, hub_split=split, key=key)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 def _to_dataset(rows: list[dict], source: str, key: str | None, lines: list[int] | None) -> datasets.Dataset:
@@ -207,7 +202,7 @@ def _to_dataset(rows: list[dict], source: str, key: str | None, lines: list[int]
         col, i = _first_mismatch(data)
         where = (f"{source}:{lines[i]}" if lines else f"{source} row {i + 1}") if i is not None else source
         what = f"column {col!r} changes type here" if col is not None else "columns have mixed types"
-        raise _error(f"{where}: {what} ({_first_line(e)}); give every row the same types", key)
+        raise _error(f"{where}: {what} ({first_line(e)}); give every row the same types", key)
 
 
 def _first_mismatch(data: dict[str, list]) -> tuple[str | None, int | None]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, first_line
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -75,7 +75,7 @@ def render_chat(tokenizer: Any, messages: list[dict], *, add_generation_prompt: 
         )
     except TemplateError as e:
         raise UserError(
-            f"{where}: the chat template rejected this conversation ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+            f"{where}: the chat template rejected this conversation ({first_line(e)}); "
             "fix the messages or use a tokenizer whose template accepts them"
         )
     if not isinstance(text, str):  # some versions return a list for batched input

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+from rlhf.fileio import atomic_write_text
+
 Split = Literal["train", "eval"]
 SPLITS: tuple[str, ...] = ("train", "eval")
 
@@ -260,11 +262,6 @@ class ToyTask:
             for split in SPLITS:
                 name = f"{kind}_{split}"
                 path = out_dir / f"{name}.jsonl"
-                # Write then rename, so a reader never sees a half-written file.
-                tmp = path.with_suffix(".jsonl.tmp")
-                with tmp.open("w", encoding="utf-8") as f:
-                    for row in build(split):
-                        f.write(json.dumps(row) + "\n")
-                tmp.replace(path)
+                atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in build(split)))
                 paths[name] = path
         return paths

@@ -83,6 +83,14 @@ def test_two_ranks_learn_under_zero(home, one_rank, zero_stage):
     # two ranks (and partitioning the optimizer) must not change the training curve.
     baseline = logged_losses(one_rank[1])
     assert logged_losses(entry) == pytest.approx(baseline, rel=2e-3)
+    # Gathered ZeRO shards are saved under exactly the keys an unpartitioned save writes.
+    from safetensors import safe_open
+
+    def saved_keys(e: dict) -> set[str]:
+        with safe_open(str(Path(e["path"]) / "model.safetensors"), "pt") as f:
+            return set(f.keys())
+
+    assert saved_keys(entry) == saved_keys(one_rank[1])
     if zero_stage == 3:
         # A second run starts from the first by reference: the registry records the lineage.
         follow = rlhf("sft", "-n", "2", "-c", QUICK, "engine.zero_stage=3", "engine.micro_batch_size=16",
@@ -96,25 +104,37 @@ def test_two_ranks_learn_under_zero(home, one_rank, zero_stage):
         assert first["id"] in shown.stdout and second["id"] in shown.stdout
 
 
-def test_lora_run_saves_a_merged_model(home):
+@pytest.mark.parametrize("save", ["merged", "adapter"])
+def test_lora_run_saves_merged_or_adapter(home, save):
     # With gradient checkpointing too: frozen embeddings must still let gradients reach the adapters.
-    result = rlhf("sft", "-c", QUICK, "model.lora.enabled=true", "model.lora.r=8", "optim.lr=1e-2",
-                  "model.gradient_checkpointing=true",
-                  "train.max_steps=30", "data.eval=null", home=home)
+    result = rlhf("sft", "-c", QUICK, "model.lora.enabled=true", "model.lora.r=8", f"model.lora.save={save}",
+                  "optim.lr=1e-2", "model.gradient_checkpointing=true", "train.max_steps=30", "data.eval=null",
+                  home=home)
     assert_ok(result)
     [entry] = entries(home)
-    assert entry["adapter"] == "merged"
-    assert_loads_with_transformers(entry)
+    assert entry["adapter"] == save
     from transformers import AutoModelForCausalLM
 
     from rlhf.toy import ToyModelConfig, build_model, build_tokenizer
 
-    # Merging folded trained deltas into the weights: they differ from the untouched initial model.
-    merged = AutoModelForCausalLM.from_pretrained(entry["path"]).state_dict()
-    initial = build_model(ToyModelConfig(), build_tokenizer(), seed=42).state_dict()
+    tokenizer = build_tokenizer()
+    initial = build_model(ToyModelConfig(), tokenizer, seed=42)
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.allclose(merged[name], initial[name])
-    assert torch.equal(merged["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+    if save == "merged":
+        assert_loads_with_transformers(entry)
+        # Merging folded trained deltas into the weights: they differ from the initial model
+        # where adapters were trained, and equal it where none were.
+        merged = AutoModelForCausalLM.from_pretrained(entry["path"]).state_dict()
+        assert not torch.allclose(merged[name], initial.state_dict()[name])
+        assert torch.equal(merged["model.embed_tokens.weight"], initial.state_dict()["model.embed_tokens.weight"])
+    else:
+        from peft import PeftModel
+
+        # The adapter applies to the same base (the toy model's seed-42 init) and changes its outputs.
+        ids = tokenizer("12+34=", return_tensors="pt").input_ids
+        before = initial(ids).logits
+        adapted = PeftModel.from_pretrained(initial, entry["path"])
+        assert (adapted(ids).logits - before).abs().max() > 1e-3
 
 
 def test_zero3_with_optimizer_and_parameter_offload(home):

@@ -154,7 +154,7 @@ def test_malformed_json_array(tmp_path):
 def test_non_object_row(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"prompt": "a"}\n[1, 2]\n')
-    with pytest.raises(UserError, match=rf"x.jsonl:2: expected a JSON object, got an array"):
+    with pytest.raises(UserError, match=r"x.jsonl:2: expected a JSON object, got an array"):
         load_records(str(p))
 
 

@@ -44,3 +44,8 @@ def test_env_splits_cores_between_ranks_unless_user_set_it(monkeypatch):
 def test_unknown_stage_program():
     with pytest.raises(UserError, match="no stage program"):
         stage_program("nope")
+
+
+def test_unknown_launcher():
+    with pytest.raises(UserError, match="--launcher must be one of deepspeed, torchrun, python"):
+        build_command(LaunchSpec(Path("p.py"), (), launcher="mpirun"))  # type: ignore[arg-type]
