@@ -48,6 +48,8 @@ class LoraConfig:
 class ModelConfig:
     name_or_path: str = "toy"
     """'toy' (the embedded default), a registry reference (`sft:latest`), a local folder or a hub name."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub name; null = the model's own. It must match the tokenizer the parent entry was trained with."""
     trust_remote_code: bool = False
     """Allow model code from the hub; off unless you trust the repository."""
     gradient_checkpointing: bool = False
@@ -61,7 +63,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -88,14 +90,14 @@ class EngineConfig:
     offload_params: bool = False
     """Keep parameters in CPU memory (ZeRO 3 only)."""
     micro_batch_size: int = 32
-    """Sequences per rank per forward pass."""
+    """Examples per rank per forward pass: sequences (sft), prompts with all their compared responses (rm)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; global batch = micro_batch_size * grad_accum * ranks."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 500
+    max_steps: int = 1000
     """Optimizer steps; the data is reshuffled each time it runs out."""
     seed: int = 42
     log_every: int = 10
@@ -176,7 +178,61 @@ class SFTConfig:
         _check_toy(self.data.toy, "data.toy")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+@dataclass(frozen=True)
+class RMDataConfig:
+    train: str = "toy"
+    """'toy', a .jsonl/.json/.parquet file, or a hub dataset 'name[:split]': prompt/chosen/rejected (+margin),
+    chosen/rejected whole conversations (hh-rlhf), chosen/rejected message lists, or prompt/responses ranked best first."""
+    eval: str | None = "toy"
+    """Held-out comparisons in the same forms (on 'toy': held-out pairs); null = no held-out evaluation."""
+    max_length: int = 32
+    """Tokens per scored sequence (prompt + response + EOS); longer responses are cut and counted."""
+    long_prompts: Literal["error", "skip"] = "error"
+    """What to do with a prompt that leaves no room for a response: stop with an error, or drop it (counted)."""
+    use_margin: bool = True
+    """Where the data has a 'margin' column, train on -log sigmoid(r_chosen - r_rejected - margin) (Llama 2)."""
+    toy_format: Literal["ranked", "pairs"] = "ranked"
+    """Training data on 'toy': ranked lists of toy.ranked_k responses (InstructGPT's K-way), or single pairs."""
+    toy: ToyTaskConfig = field(default_factory=ToyTaskConfig)
+    """The synthetic task of the embedded default."""
+
+
+@dataclass(frozen=True)
+class RMEvalConfig:
+    batch_size: int = 64
+    """Prompts (with all their compared responses) per rank per evaluation forward pass."""
+    max_rows: int = 200
+    """Held-out rows evaluated (the first N); 0 = all."""
+    reward_stats_rows: int = 2000
+    """Training rows whose responses are scored after training for the reward mean/std PPO normalizes with; 0 = all."""
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """Reward model: a causal LM backbone + scalar head, Bradley-Terry loss on comparisons."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="sft:latest"))
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    # Measured on the embedded default: at lr 1e-3 the RM stalls near 85% agreement with the
+    # oracle; at 3e-4 on ranked lists of 64 prompts per step it passes 90% within ~600 steps.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(micro_batch_size=64))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=800, eval_every=200))
+    eval: RMEvalConfig = field(default_factory=RMEvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        _check_common(self.engine, self.optim, self.train, self.model)
+        if self.data.max_length < 2:
+            raise UserError("data.max_length must be at least 2 (one prompt and one response token)")
+        if self.eval.batch_size < 1:
+            raise UserError(f"eval.batch_size must be at least 1, got {self.eval.batch_size}")
+        _check_toy(self.model.toy, "model.toy")
+        _check_toy(self.data.toy, "data.toy")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}
 
 
 def _check_toy(section: ToyModelConfig | ToyTaskConfig, key: str) -> None:
@@ -221,7 +277,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     for override in overrides:
         key, raw = _split_override(override)
         _set_dotted(data, key, _OverrideValue(raw, override))
-    cfg = _build(cls, data, prefix="", source=source, lines=lines)
+    cfg = _build(cls(), data, prefix="", source=source, lines=lines)
     cfg.validate()
     return cfg
 
@@ -337,7 +393,14 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     return convert(root, ""), lines
 
 
-def _build(cls: type, data: dict[str, Any], *, prefix: str, source: str, lines: dict[str, int]) -> Any:
+def _build(base: Any, data: dict[str, Any], *, prefix: str, source: str, lines: dict[str, int]) -> Any:
+    """`base` (a config dataclass instance) with the values in `data` set on it.
+
+    Sections start from the parent's default for them, not from their class defaults, so a stage
+    that changes a shared section's default (rm's model.name_or_path) keeps it when a file or an
+    override sets another key of that section.
+    """
+    cls = type(base)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -352,10 +415,10 @@ def _build(cls: type, data: dict[str, Any], *, prefix: str, source: str, lines: 
         if dataclasses.is_dataclass(target):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: '{dotted}' is a section; give its keys ({dotted}.KEY=...)")
-            kwargs[key] = _build(target, value, prefix=dotted + ".", source=source, lines=lines)
+            kwargs[key] = _build(getattr(base, key), value, prefix=dotted + ".", source=source, lines=lines)
         else:
             kwargs[key] = _coerce(value, target, dotted, where)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _where(dotted: str, value: Any, source: str, lines: dict[str, int]) -> str:

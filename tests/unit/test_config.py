@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import SFTConfig, field_docs, leaf_keys, load_config, save_config
+from rlhf.config import STAGE_CONFIGS, SFTConfig, field_docs, leaf_keys, load_config, save_config
 from rlhf.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,21 +118,34 @@ def test_every_shipped_config_loads(path):
     load_config(STAGE_CONFIGS[stage], path)
 
 
-def test_every_config_field_is_read_somewhere():
+@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+def test_every_config_field_is_read_somewhere(stage):
     """A key nobody reads is a lie in the docs: each leaf must be accessed as `.name` in the code."""
     sources = "\n".join(
         p.read_text() for d in ("rlhf", "stages") for p in (REPO / d).rglob("*.py") if p.name != "config.py"
     )
-    unread = [key for key in leaf_keys(SFTConfig) if not re.search(rf"\.{key.split('.')[-1]}\b", sources)]
+    unread = [key for key in leaf_keys(STAGE_CONFIGS[stage]) if not re.search(rf"\.{key.split('.')[-1]}\b", sources)]
     assert unread == []
 
 
-def test_every_field_is_documented():
-    docs = field_docs(SFTConfig)
-    undocumented = [k for k in leaf_keys(SFTConfig) if not docs.get(k)]
+@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+def test_every_field_is_documented(stage):
+    docs = field_docs(STAGE_CONFIGS[stage])
+    undocumented = [k for k in leaf_keys(STAGE_CONFIGS[stage]) if not docs.get(k)]
     # weight_decay/beta1/beta2/seed and friends explain themselves; everything else needs a line.
     allowed = {"optim.weight_decay", "optim.beta1", "optim.beta2", "optim.min_lr_ratio", "train.seed", "tracking.wandb_project"}
     assert sorted(set(undocumented) - allowed) == []
+
+
+def test_a_stage_default_survives_overrides_of_other_keys_in_its_section(tmp_path):
+    from rlhf.config import RMConfig
+
+    assert load_config(RMConfig).model.name_or_path == "sft:latest"
+    cfg = load_config(RMConfig, None, ["model.tokenizer=/some/tokenizer", "optim.warmup_steps=3"])
+    assert cfg.model.name_or_path == "sft:latest" and cfg.model.tokenizer == "/some/tokenizer"
+    assert cfg.optim.warmup_steps == 3 and cfg.optim.lr == RMConfig().optim.lr
+    (tmp_path / "rm.yaml").write_text("model:\n  gradient_checkpointing: true\n")
+    assert load_config(RMConfig, tmp_path / "rm.yaml").model.name_or_path == "sft:latest"
 
 
 def test_resolved_config_stores_local_paths_absolute(tmp_path, monkeypatch):
