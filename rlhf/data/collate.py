@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.data.tokenize import SFTExample
+from rlhf.data.tokenize import RMExample, SFTExample
 
 
 def pad_right(seqs: list[list[int]], *, pad_value: int) -> torch.Tensor:
@@ -18,6 +18,15 @@ def pad_right(seqs: list[list[int]], *, pad_value: int) -> torch.Tensor:
     return out
 
 
+def _right_padded(seqs: list[list[int]], *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T) long; the mask comes from the lengths, not from
+    input_ids != pad_id, because the pad id may equal EOS, which is a real token."""
+    input_ids = pad_right(seqs, pad_value=pad_id)
+    positions = torch.arange(input_ids.shape[1])  # (T,)
+    attention_mask = (positions[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+    return input_ids, attention_mask
+
+
 def collate_sft(batch: list[SFTExample], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch of SFT examples.
 
@@ -25,13 +34,41 @@ def collate_sft(batch: list[SFTExample], *, pad_id: int) -> dict[str, torch.Tens
     response_mask (B, T) bool, True = counts in the loss (response tokens and EOS), False on
     prompt tokens and on padding.
     """
-    lengths = [len(ex.input_ids) for ex in batch]
-    input_ids = pad_right([ex.input_ids for ex in batch], pad_value=pad_id)
-    # From the lengths, not from input_ids != pad_id: the pad id may equal EOS, which is real.
-    positions = torch.arange(input_ids.shape[1])  # (T,)
-    attention_mask = (positions[None, :] < torch.tensor(lengths)[:, None]).long()  # (B, T)
+    input_ids, attention_mask = _right_padded([ex.input_ids for ex in batch], pad_id=pad_id)
     response_mask = pad_right([[int(m) for m in ex.response_mask] for ex in batch], pad_value=0).bool()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def collate_rm(batch: list[RMExample], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Every sequence of a batch of preference groups, right-padded, with the pairs as flat indices.
+
+    Returns input_ids, attention_mask (N, T) long, N = all sequences of all groups; better, worse
+    (P,) long row indices; margins (P,) float; weights (P,) float = 1 / (pairs of the pair's
+    group * groups in the batch), so the weighted sum is InstructGPT's mean over prompts of the
+    mean over each prompt's pairs (a prompt with K responses weighs as much as one with 2).
+    """
+    seqs: list[list[int]] = []
+    better: list[int] = []
+    worse: list[int] = []
+    margins: list[float] = []
+    weights: list[float] = []
+    for group in batch:
+        offset = len(seqs)
+        seqs.extend(group.sequences)
+        for (i, j), margin in zip(group.pairs, group.margins):
+            better.append(offset + i)
+            worse.append(offset + j)
+            margins.append(margin)
+            weights.append(1.0 / (len(group.pairs) * len(batch)))
+    input_ids, attention_mask = _right_padded(seqs, pad_id=pad_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "better": torch.tensor(better, dtype=torch.long),
+        "worse": torch.tensor(worse, dtype=torch.long),
+        "margins": torch.tensor(margins, dtype=torch.float32),
+        "weights": torch.tensor(weights, dtype=torch.float32),
+    }
 
 
 def left_pad_prompts(prompts: list[list[int]], *, pad_id: int) -> dict[str, torch.Tensor]:

@@ -67,6 +67,8 @@ def _missing(records: Records, accepted: str) -> UserError:
 
 
 def _text(value: Any, column: str, where: str) -> str:
+    if value is None:  # a key absent from this row (other rows have it) reads as None
+        raise UserError(f"{where}: {column!r} is missing; add it to the row or remove the row")
     if not isinstance(value, str):
         raise UserError(f"{where}: {column!r} must be a string, got {type(value).__name__}; fix the row or remove it")
     if not value.strip():

@@ -10,9 +10,9 @@ from typing import Any
 
 import datasets
 
-from rlhf.data.formats import to_prompt_responses
+from rlhf.data.formats import to_comparisons, to_prompt_responses, to_ranked
 from rlhf.data.sources import Records, load_records
-from rlhf.data.tokenize import SFTExample, TruncationStats, tokenize_sft
+from rlhf.data.tokenize import RMExample, SFTExample, TruncationStats, tokenize_preferences, tokenize_sft
 from rlhf.toy import TOY, ToyTask, ToyTaskConfig
 
 
@@ -34,3 +34,29 @@ def sft_examples(source: str, *, split: str, tokenizer: Any, data: Any, key: str
     return tokenize_sft(
         to_prompt_responses(rows, tokenizer), tokenizer, max_length=data.max_length, long_prompts=data.long_prompts
     )
+
+
+TOY_RM_KINDS = {"ranked": "ranked", "pairs": "comparisons"}
+
+
+def rm_examples(
+    source: str, *, split: str, tokenizer: Any, data: Any, key: str, toy_kind: str | None = None
+) -> tuple[list[RMExample], TruncationStats]:
+    """Tokenized preference groups: comparisons (one pair each) or ranked lists (all their pairs).
+
+    A source with a 'responses' column is read as ranked lists, any other as comparisons. On
+    'toy', training uses data.toy_format and held-out evaluation pairs, unless `toy_kind` names
+    another of the task's row builders.
+    """
+    toy_kind = toy_kind or (TOY_RM_KINDS[data.toy_format] if split == "train" else "comparisons")
+    rows = records(source, split=split, toy=data.toy, toy_kind=toy_kind, key=key)
+    convert = to_ranked if "responses" in rows.rows.column_names else to_comparisons
+    return tokenize_preferences(
+        convert(rows, tokenizer), tokenizer, max_length=data.max_length, long_prompts=data.long_prompts,
+        use_margin=data.use_margin,
+    )
+
+
+STAGE_EXAMPLES = {"sft": sft_examples, "rm": rm_examples}
+"""Each stage's one way from a configured data source to its examples (used by the stage and by
+the CLI's pre-launch check alike)."""

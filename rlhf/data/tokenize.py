@@ -1,4 +1,4 @@
-"""Tokenization and loss masking for SFT, and prompt tokenization for PPO.
+"""Tokenization and loss masking for SFT, preference groups for the RM, and prompts for PPO.
 
 Prompt and response are tokenized separately and concatenated (prompt ids, then response ids +
 EOS), rather than tokenizing prompt+response as one string: PPO generates from exactly the prompt
@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf.data.formats import Prompt, PromptResponse
+from rlhf.algos.reward import ranked_pairs
+from rlhf.data.formats import Comparison, Prompt, PromptResponse, Ranked
 from rlhf.errors import UserError
 
 BATCH = 1024  # rows per fast-tokenizer call: amortizes the Rust call without holding 100k encodings
@@ -39,6 +40,19 @@ class TruncationStats:
     truncated_responses: int = 0
     skipped_long_prompts: int = 0
     kept: int = 0
+    identical_pairs: int = 0
+    """RM pairs dropped because both sides were the same tokens (after truncation, or as given)."""
+
+
+@dataclass
+class RMExample:
+    """One prompt's compared responses. `sequences[i]` = prompt ids + response i ids + EOS (cut to
+    the length limit); `pairs` holds (better, worse) indices into `sequences`, with `margins[p]`
+    the pair's required reward gap (0 when the data gives none)."""
+
+    sequences: list[list[int]]
+    pairs: list[tuple[int, int]]
+    margins: list[float]
 
 
 def _long_prompts_key(key: str) -> str:
@@ -111,6 +125,63 @@ def tokenize_sft(
             stats.truncated_responses += 1
         out.append(SFTExample(input_ids=p + r, response_mask=[False] * len(p) + [True] * len(r)))
     _check_any_left(out, stats, key)
+    return out, stats
+
+
+def tokenize_preferences(
+    groups: list[Comparison] | list[Ranked],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    long_prompts: str = "error",
+    use_margin: bool = True,
+    key: str = "data.max_length",
+) -> tuple[list[RMExample], TruncationStats]:
+    """Tokenize comparisons (one pair each) or ranked lists (all K(K-1)/2 pairs) into `RMExample`s.
+
+    Each response is tokenized like an SFT response (prompt ids + response ids + EOS, cut to
+    max_length, cuts counted), so the RM scores exactly the token sequences the policy writes.
+    A pair whose two sequences are identical carries no preference: it is dropped and counted,
+    and a group left with no pair is dropped. Long prompts are handled as in `tokenize_sft`.
+    """
+    _check_options(max_length, long_prompts, key, minimum=2)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no eos token, which ends every scored response; set tokenizer.eos_token")
+    stats = TruncationStats(rows=len(groups))
+    responses = [(g.chosen, g.rejected) if isinstance(g, Comparison) else g.responses for g in groups]
+    prompt_ids = _ids(tokenizer, [g.prompt for g in groups], add_special_tokens=True)
+    flat_ids = iter(_ids(tokenizer, [r for rs in responses for r in rs], add_special_tokens=False))
+    out: list[RMExample] = []
+    for group, texts, p in zip(groups, responses, prompt_ids):
+        ids = [next(flat_ids) for _ in texts]  # consumed even when the group is skipped
+        if len(p) > max_length - 1:
+            if long_prompts == "error":
+                raise _too_long(group.where, len(p), max_length, key)
+            stats.skipped_long_prompts += 1
+            continue
+        room = max_length - len(p)
+        sequences = []
+        for r in ids:
+            r = r + [eos]
+            if len(r) > room:
+                r = r[:room]
+                stats.truncated_responses += 1
+            sequences.append(p + r)
+        if isinstance(group, Comparison):
+            candidates = [(0, 1, group.margin if use_margin and group.margin is not None else 0.0)]
+        else:
+            candidates = [(i, j, 0.0) for i, j in ranked_pairs(len(sequences))]
+        kept = [(i, j, m) for i, j, m in candidates if sequences[i] != sequences[j]]
+        stats.identical_pairs += len(candidates) - len(kept)
+        if kept:
+            out.append(RMExample(sequences, [(i, j) for i, j, _ in kept], [m for _, _, m in kept]))
+    stats.kept = len(out)
+    if stats.rows and not out:
+        raise UserError(
+            f"no usable comparison is left of {stats.rows} rows ({stats.skipped_long_prompts} long prompts skipped, "
+            f"{stats.identical_pairs} pairs identical after truncation); raise {key} or check the data"
+        )
     return out, stats
 
 
