@@ -1,10 +1,11 @@
-"""Loading policy models and tokenizers, LoRA, and the final `save_pretrained` folder."""
+"""Loading policy and reward models and tokenizers, LoRA, and the final `save_pretrained` folder."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -57,20 +58,43 @@ def base_model_identity(source: ModelSource, cfg: ModelConfig) -> str:
     return source.entry.base_model if source.entry else source.location
 
 
-def load_tokenizer(source: ModelSource, *, trust_remote_code: bool) -> Any:
-    """The tokenizer of a model, with a pad token that is not EOS where one can be found."""
-    if source.kind == "toy":
+def load_tokenizer(
+    source: ModelSource, *, trust_remote_code: bool, name_or_path: str | None = None, key: str = "model.tokenizer"
+) -> Any:
+    """The tokenizer of a model (or `name_or_path` instead), with a pad token that is not EOS where
+    one can be found. When the model comes from a registry entry, the tokenizer must be the one
+    that entry was trained with: token ids mean nothing to a model trained on other ids."""
+    if source.kind == "toy" and name_or_path is None:
         from rlhf.toy import build_tokenizer
 
-        return build_tokenizer()
+        tokenizer = build_tokenizer()
+    else:
+        tokenizer = _pretrained_tokenizer(name_or_path or source.location, trust_remote_code=trust_remote_code)
+    if source.entry is not None and source.entry.tokenizer:
+        _check_same_tokenizer(tokenizer, source.entry, where=f"{key}={name_or_path}" if name_or_path else source.location)
+    return tokenizer
+
+
+def _check_same_tokenizer(tokenizer: Any, entry: Entry, *, where: str) -> None:
+    mine, theirs = tokenizer_fingerprint(tokenizer), entry.tokenizer
+    differs = [k for k in ("vocab_size", "fingerprint", "eos_token_id", "pad_token_id") if k in theirs and mine[k] != theirs[k]]
+    if differs:
+        detail = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in differs)
+        raise UserError(
+            f"the tokenizer of {where} differs from the one {entry.stage} entry {entry.id} was trained with "
+            f"({detail}); use that entry's own tokenizer (drop model.tokenizer)"
+        )
+
+
+def _pretrained_tokenizer(location: str, *, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise UserError(f"cannot load the tokenizer of '{source.location}': {first_line(exc)}") from None
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the tokenizer of '{location}': {first_line(exc)}") from None
     if tokenizer.eos_token_id is None:
-        raise UserError(f"the tokenizer of '{source.location}' has no EOS token; set one in its tokenizer_config.json")
+        raise UserError(f"the tokenizer of '{location}' has no EOS token; set one in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
         # A distinct pad keeps EOS learnable: padding is masked, EOS is a real target.
         candidate = tokenizer.unk_token or None
@@ -92,6 +116,43 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+
+
+REWARD_STATS_FILE = "reward_stats.json"
+"""In a reward model's folder: the mean and std of its rewards on training responses (PPO's normalization)."""
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+SCALAR_SUFFIX = "ForSequenceClassification"
+
+
+def architectures(source: ModelSource) -> list[str]:
+    """The model classes a local folder's config.json names (empty for the toy model and hub names,
+    whose config is only read when the model loads)."""
+    if source.kind not in ("registry", "path"):
+        return []
+    config = Path(source.location) / "config.json"
+    if not config.is_file():
+        return []
+    try:
+        return list(json.loads(config.read_text()).get("architectures") or [])
+    except (OSError, ValueError):
+        return []
+
+
+def check_causal_lm(source: ModelSource, *, key: str = "model.name_or_path") -> None:
+    """Stop with one line when `source` is not a causal LM (e.g. a reward model, or a LoRA adapter
+    folder with no weights of its own), before any weight is loaded the wrong way."""
+    what = f"{source.entry.stage} entry {source.entry.id}" if source.entry else f"'{source.location}'"
+    if source.entry is not None and source.entry.adapter == "adapter":
+        raise UserError(
+            f"{key}: {what} stores only a LoRA adapter, not a whole causal LM; rerun that stage with "
+            "model.lora.save=merged and use the new entry"
+        )
+    archs = architectures(source)
+    if archs and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in archs):
+        raise UserError(
+            f"{key}: {what} is a {archs[0]}, not a causal LM; use an sft entry (sft:latest), "
+            "a base model folder or a hub model name"
+        )
 
 
 def load_causal_lm(
@@ -158,7 +219,124 @@ def _partitioned_loading(zero3_config: dict[str, Any] | None) -> Iterator[None]:
         del marker
 
 
-def apply_lora(model: Any, lora: LoraConfig) -> Any:
+class ScalarModel(torch.nn.Module):
+    """A transformer backbone with a scalar head, scoring every token: a reward model or a critic.
+
+    Wraps a transformers `*ForSequenceClassification` model with one label (or its peft version)
+    so its saved folder loads with transformers alone, but reads the head at every position:
+    forward(input_ids, attention_mask) -> (B, T) float32 scores. The reward of a sequence is the
+    score at its last real token (`rlhf.algos.reward.sequence_rewards`); a critic uses them all.
+    Position ids come from the attention mask, so left and right padding give the same scores.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def hf_model(self) -> Any:
+        """The transformers model (inside peft's wrapper when LoRA is on)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hf = self.hf_model
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        hidden = hf.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, H)
+        return hf.score(hidden).squeeze(-1).float()  # (B, T)
+
+
+def load_scalar_model(
+    source: ModelSource,
+    cfg: ModelConfig,
+    tokenizer: Any,
+    *,
+    seed: int,
+    dtype: torch.dtype,
+    zero3_config: dict[str, Any] | None = None,
+) -> ScalarModel:
+    """A `ScalarModel` from a causal LM (new head) or from a reward model (its trained head).
+
+    A new head is initialized N(0, 1/sqrt(hidden + 1)), as in Stiennon et al. 2020: the initial
+    rewards have unit-scale spread whatever the width. The head has no bias: Bradley-Terry is blind
+    to a constant shift, and PPO normalizes scores with the stored mean and std.
+    """
+    if source.kind == "toy":
+        from rlhf.toy import build_model
+
+        model = build_model(cfg.toy, tokenizer, seed=seed, head="scalar").to(dtype)
+        new_head = True
+    else:
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype, "num_labels": 1}
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the missing-head report is expected; we check it below
+        hf_logging.disable_progress_bar()
+        try:
+            with _partitioned_loading(zero3_config):
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    source.location, output_loading_info=True, **kwargs
+                )
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(
+                f"cannot load '{source.location}' as a backbone with a scalar head: {first_line(exc)} "
+                "(it must be a causal LM or reward model: a save_pretrained folder, a registry reference or a hub model)"
+            ) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
+        if missing:
+            raise UserError(
+                f"'{source.location}' lacks backbone weights ({', '.join(missing[:3])}...); "
+                "point model.name_or_path at a complete save_pretrained folder"
+            )
+        new_head = any(k.startswith("score.") for k in info["missing_keys"])
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but '{source.location}' embeds only "
+            f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
+        )
+    # transformers' own pooling (a user scoring with the saved folder alone) finds the last real
+    # token through the pad id, so the saved config must carry ours.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if new_head:
+        _init_scalar_head(model.score.weight, seed=seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+    return ScalarModel(model)
+
+
+def _init_scalar_head(weight: torch.nn.Parameter, *, seed: int) -> None:
+    """N(0, 1/sqrt(hidden + 1)), seeded; under ZeRO-3 rank 0 draws it and every rank gets its part."""
+    hidden = weight.ds_shape[-1] if hasattr(weight, "ds_shape") else weight.shape[-1]
+    generator = torch.Generator().manual_seed(seed)
+    with _gathered_for_init(weight):
+        values = torch.randn(tuple(weight.shape), generator=generator) / math.sqrt(hidden + 1)
+        with torch.no_grad():
+            weight.copy_(values.to(weight.dtype))
+
+
+@contextlib.contextmanager
+def _gathered_for_init(param: torch.nn.Parameter) -> Iterator[None]:
+    if not hasattr(param, "ds_id"):  # not partitioned by ZeRO-3
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+        yield
+
+
+def apply_lora(model: Any, lora: LoraConfig, *, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap `model` with peft adapters. task_type SEQ_CLS also trains (and saves) the scalar head."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -167,7 +345,7 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules or "all-linear",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     if getattr(model, "is_gradient_checkpointing", False):
         # Frozen embeddings give inputs without grad; checkpointed blocks need one to backprop into adapters.
@@ -176,12 +354,19 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
 
 
 def save_final(
-    model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir: Path, *, lora: LoraConfig
+    model: Any,
+    state: dict[str, torch.Tensor],
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    lora: LoraConfig,
+    extra_files: dict[str, str] | None = None,
 ) -> str:
     """Write a `save_pretrained` folder atomically (temp folder, then rename); returns the adapter mode.
 
-    `model` is the (possibly partitioned) training module, used only for its config and structure;
-    `state` holds the full weights gathered on this rank.
+    `model` is the (possibly partitioned) transformers or peft model, used only for its config and
+    structure; `state` holds its full weights gathered on this rank. `extra_files` (name -> text)
+    are written into the folder before it appears.
     """
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -195,6 +380,8 @@ def save_final(
     else:
         model.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -208,23 +395,21 @@ def _adapter_state(peft_model: Any, state: dict[str, torch.Tensor]) -> dict[str,
 
 
 def _merged_copy(peft_model: Any, state: dict[str, torch.Tensor]) -> Any:
-    """A plain CPU model with the LoRA deltas folded into its weights."""
+    """A plain CPU model of the same class with the LoRA deltas folded into its weights."""
     import copy
 
-    from transformers import AutoModelForCausalLM
-
-    base_config = copy.deepcopy(peft_model.get_base_model().config)
+    base = peft_model.get_base_model()
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(base_config)
-    fresh = apply_lora(skeleton, _lora_from_peft(peft_model))
+        skeleton = type(base)(copy.deepcopy(base.config))
+    pc = peft_model.peft_config["default"]
+    fresh = apply_lora(skeleton, _lora_from_peft(pc), task_type=getattr(pc.task_type, "value", pc.task_type))
     fresh.load_state_dict(state, strict=False, assign=True)
     merged = fresh.merge_and_unload()
     merged.tie_weights()
     return merged
 
 
-def _lora_from_peft(peft_model: Any) -> LoraConfig:
-    pc = peft_model.peft_config["default"]
+def _lora_from_peft(pc: Any) -> LoraConfig:
     return LoraConfig(
         enabled=True,
         r=pc.r,

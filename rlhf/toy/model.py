@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch and transformers load only when a model is built: configs import fast
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+    from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 # Bump when the architecture built from a ToyModelConfig changes, so old checkpoints stop matching.
 _ARCH_VERSION = 1
@@ -73,20 +73,24 @@ def llama_config(cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerBase) -> Lla
 
 
 def build_model(
-    cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerBase, *, seed: int
-) -> LlamaForCausalLM:
-    """Build the toy causal LM with random weights that depend only on (cfg, tokenizer, seed).
+    cfg: ToyModelConfig, tokenizer: PreTrainedTokenizerBase, *, seed: int, head: str = "lm"
+) -> PreTrainedModel:
+    """Build the toy model with random weights that depend only on (cfg, tokenizer, seed, head).
 
-    The global torch RNG is forked, so building a model neither depends on nor disturbs the
-    caller's random state; the same seed gives bitwise identical weights.
+    head="lm" gives a LlamaForCausalLM; head="scalar" a LlamaForSequenceClassification with one
+    label (a reward model or critic). The global torch RNG is forked, so building a model neither
+    depends on nor disturbs the caller's random state; the same seed gives bitwise identical weights.
     """
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     config = llama_config(cfg, tokenizer)
+    if head == "scalar":
+        config.num_labels = 1
+    model_class = {"lm": LlamaForCausalLM, "scalar": LlamaForSequenceClassification}[head]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     return model.eval()
 
 

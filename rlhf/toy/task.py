@@ -205,7 +205,14 @@ class ToyTask:
 
     def comparisons(self, split: str) -> list[dict]:
         """Reward-model pairs {"prompt", "chosen", "rejected"}; chosen scores strictly higher."""
-        rng = self._rng("pairs", split)
+        return self._pairs(self._rng("pairs", split), split)
+
+    def fresh_comparisons(self, split: str) -> list[dict]:
+        """Pairs like `comparisons` drawn from a separate random stream: on "eval", pairs no
+        training or held-out file contains, for measuring a reward model's agreement with the oracle."""
+        return self._pairs(self._rng("fresh-pairs", split), split)
+
+    def _pairs(self, rng: random.Random, split: str) -> list[dict]:
         rows = []
         for prompt, answer in self._problems(rng, split):
             while True:
