@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-quick pipeline sft clean
+.PHONY: install test test-quick pipeline clean
 
 install: $(STAMP)
 
@@ -26,9 +26,11 @@ test: install
 test-quick: install
 	$(PY) -m pytest -q -m "not slow"
 
-# The whole pipeline on the embedded default. Only the sft stage exists so far.
+# The whole pipeline on the embedded default: SFT, then the reward model from it (sft:latest).
+# PPO joins when its stage lands.
 pipeline: install
 	$(VENV)/bin/rlhf sft
+	$(VENV)/bin/rlhf rm
 
 clean:
 	rm -rf $(VENV) rlhf_runs .pytest_cache

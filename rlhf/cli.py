@@ -51,9 +51,25 @@ def sft(
     _guard(lambda: _launch_stage("sft", overrides or [], config, num_gpus, hostfile, launcher, resume, run, registry, dry_run))
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def rm(
+    overrides: OverridesArg = None,
+    config: ConfigOpt = None,
+    num_gpus: NumGpusOpt = 1,
+    hostfile: HostfileOpt = None,
+    launcher: LauncherOpt = "deepspeed",
+    resume: ResumeOpt = False,
+    run: RunOpt = None,
+    registry: RegistryOpt = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Reward model on comparisons (Bradley-Terry; ranked lists give all their pairs), from sft:latest by default."""
+    _guard(lambda: _launch_stage("rm", overrides or [], config, num_gpus, hostfile, launcher, resume, run, registry, dry_run))
+
+
 @app.command("config")
 def show_config(
-    stage: Annotated[str, typer.Argument(help="Stage whose config to show: sft.")],
+    stage: Annotated[str, typer.Argument(help="Stage whose config to show: sft, rm.")],
     overrides: OverridesArg = None,
     config: ConfigOpt = None,
     docs: Annotated[bool, typer.Option("--docs", help="List every key with its documentation instead.")] = False,
@@ -150,27 +166,28 @@ def _launch_stage(
 def _check_inputs(stage: str, cfg) -> None:
     """Catch bad inputs before any rank starts (and before a cluster allocates GPUs for them).
 
-    Model references resolve, and local data (files and the embedded default) goes through the
-    very loading and tokenization the stage will run, so a malformed row, an empty file or a
-    prompt longer than the context stops here with one line. Hub datasets are checked by the
-    stage itself, where they are downloaded once.
+    Model references resolve to a causal LM, the tokenizer is the parent entry's, and local data
+    (files and the embedded default) goes through the very loading and tokenization the stage
+    will run, so a malformed row, an empty file or a prompt longer than the context stops here
+    with one line. Hub datasets are checked by the stage itself, where they are downloaded once.
     """
-    from rlhf.data.load import sft_examples
+    from rlhf.data.load import STAGE_EXAMPLES
     from rlhf.data.sources import FILE_SUFFIXES
-    from rlhf.models import load_tokenizer, resolve_model
+    from rlhf.models import check_causal_lm, load_tokenizer, resolve_model
     from rlhf.registry import Registry
     from rlhf.toy import TOY
 
     source = resolve_model(cfg.model.name_or_path, Registry(cfg.run.registry))
+    check_causal_lm(source)
     local = [
         (key, split, data)
         for key, split, data in (("data.train", "train", cfg.data.train), ("data.eval", "eval", cfg.data.eval))
         if data and (data == TOY or data.endswith(FILE_SUFFIXES) or Path(data).expanduser().exists())
     ]
-    if local:
-        tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    if local or source.entry is not None:
+        tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, name_or_path=cfg.model.tokenizer)
         for key, split, data in local:
-            sft_examples(data, split=split, tokenizer=tokenizer, data=cfg.data, key=key)
+            STAGE_EXAMPLES[stage](data, split=split, tokenizer=tokenizer, data=cfg.data, key=key)
 
 
 def _guard(action) -> None:

@@ -67,7 +67,12 @@ def init_distributed() -> Dist:
     )
 
 
-def seed_everything(seed: int) -> None:
+RANK_SEED_STRIDE = 1_000_003  # a large prime keeps per-rank seeds of nearby runs apart
+
+
+def seed_everything(seed: int, *, rank: int = 0) -> None:
+    """Seed Python and torch; each rank draws from its own stream (seed + rank * a large prime)."""
+    seed = seed + rank * RANK_SEED_STRIDE
     random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():

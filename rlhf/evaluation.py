@@ -1,4 +1,5 @@
-"""Held-out evaluation shared by the stages: LM loss, and the oracle's score on the embedded default."""
+"""Held-out evaluation shared by the stages: LM loss, preference accuracy, and the oracle's score
+on the embedded default."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import math
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from rlhf.algos.lm import masked_lm_loss
-from rlhf.data.collate import collate_sft
-from rlhf.data.tokenize import SFTExample
+from rlhf.algos.reward import sequence_rewards
+from rlhf.data.collate import collate_rm, collate_sft
+from rlhf.data.tokenize import RMExample, SFTExample
 from rlhf.engine import Dist
 from rlhf.rollout import generate
 from rlhf.toy import oracle_score
@@ -54,6 +57,44 @@ def heldout_loss(engine: Any, examples: list[SFTExample], *, batch_size: int, pa
     engine.train(was_training)
     nll_sum, tokens = _all_sum([nll_sum, tokens], dist.device)
     return nll_sum / max(tokens, 1.0)
+
+
+@torch.no_grad()
+def preference_eval(engine: Any, examples: list[RMExample], *, batch_size: int, pad_id: int, dist: Dist) -> dict[str, float]:
+    """A reward model on preference groups (all ranks): pair accuracy (a tie counts as wrong),
+    mean margin r_better - r_worse, mean pair loss -log sigmoid(margin - data margin), and the
+    mean and std of the rewards of every scored sequence."""
+    share, real = even_shard(examples, dist=dist)
+    was_training = engine.training
+    engine.eval()
+    # correct, pairs, gap sum, loss sum, reward sum, reward^2 sum, sequences
+    sums = [0.0] * 7
+    for start in range(0, len(share), batch_size):
+        groups = share[start : start + batch_size]
+        batch = {k: v.to(dist.device) for k, v in collate_rm(groups, pad_id=pad_id).items()}
+        rewards = sequence_rewards(engine(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]).double()
+        # Rows of groups added only to keep ranks in step count for nothing.
+        seq_real = torch.tensor([r for g, r in zip(groups, real[start:]) for _ in g.sequences], device=dist.device)
+        pair_real = torch.tensor([r for g, r in zip(groups, real[start:]) for _ in g.pairs], device=dist.device)
+        gap = rewards[batch["better"]] - rewards[batch["worse"]]
+        loss = -F.logsigmoid(gap - batch["margins"].double())
+        sums[0] += ((gap > 0) & pair_real).sum().item()
+        sums[1] += pair_real.sum().item()
+        sums[2] += gap[pair_real].sum().item()
+        sums[3] += loss[pair_real].sum().item()
+        sums[4] += rewards[seq_real].sum().item()
+        sums[5] += rewards[seq_real].pow(2).sum().item()
+        sums[6] += seq_real.sum().item()
+    engine.train(was_training)
+    correct, pairs, gap_sum, loss_sum, r_sum, r2_sum, seqs = _all_sum(sums, dist.device)
+    mean = r_sum / max(seqs, 1.0)
+    return {
+        "accuracy": correct / max(pairs, 1.0),
+        "margin": gap_sum / max(pairs, 1.0),
+        "loss": loss_sum / max(pairs, 1.0),
+        "reward_mean": mean,
+        "reward_std": math.sqrt(max(r2_sum / max(seqs, 1.0) - mean * mean, 0.0)),
+    }
 
 
 @torch.no_grad()

@@ -38,8 +38,10 @@ class Tracker:
         total_steps: int,
         start_step: int,
         description: str,
+        headline: tuple[str, ...] = ("loss", "eval/loss", "eval/oracle_score", "lr", "tokens_per_s"),
     ) -> None:
         self.active = active
+        self.headline = headline  # the metrics shown on the progress line, in this order
         self.total_steps = total_steps
         self._wandb = None
         self._progress: Progress | None = None
@@ -72,8 +74,8 @@ class Tracker:
         self._file.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
-        self._summary.update((k, v) for k, v in metrics.items() if k in _SUMMARY_KEYS)
-        summary = "  ".join(f"{k}={_short(self._summary[k])}" for k in _SUMMARY_KEYS if k in self._summary)
+        self._summary.update((k, v) for k, v in metrics.items() if k in self.headline)
+        summary = "  ".join(f"{k}={_short(self._summary[k])}" for k in self.headline if k in self._summary)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, summary=summary)
         else:
@@ -99,9 +101,6 @@ class Tracker:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-_SUMMARY_KEYS = ("loss", "eval/loss", "eval/oracle_score", "lr", "tokens_per_s")
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -32,6 +32,7 @@ from rlhf.errors import UserError
 from rlhf.evaluation import heldout_loss, oracle_eval
 from rlhf.models import (
     base_model_identity,
+    check_causal_lm,
     load_causal_lm,
     load_tokenizer,
     resolve_model,
@@ -43,9 +44,6 @@ from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, ToyTask
 from rlhf.tracking import Tracker
 
-RANK_SEED_STRIDE = 1_000_003  # a large prime keeps per-rank seeds of nearby runs apart
-
-
 def main(run: Run) -> None:
     cfg: SFTConfig = run.config
     started = time.time()
@@ -53,11 +51,12 @@ def main(run: Run) -> None:
     # 1. Ranks and seeds: each rank samples from its own stream (the toy model's initial weights
     #    come from their own seed, and DeepSpeed broadcasts rank 0's weights anyway).
     dist = init_distributed()
-    seed_everything(cfg.train.seed + dist.rank * RANK_SEED_STRIDE)
+    seed_everything(cfg.train.seed, rank=dist.rank)
 
     # 2. Tokenizer and data: prompt tokens masked out of the loss, truncation counted.
     source = resolve_model(cfg.model.name_or_path, run.registry)
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    check_causal_lm(source)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, name_or_path=cfg.model.tokenizer)
     train_set, train_stats = sft_examples(cfg.data.train, split="train", tokenizer=tokenizer, data=cfg.data, key="data.train")
     eval_set, eval_stats = [], None
     if cfg.data.eval:
