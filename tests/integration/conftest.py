@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 QUICK = str(REPO / "configs" / "sft-toy-quick.yaml")
+RM_QUICK = str(REPO / "configs" / "rm-toy-quick.yaml")
 
 
 @dataclass
@@ -55,6 +58,51 @@ def metric_rows(entry: dict) -> list[dict]:
 
 def assert_ok(result: Result) -> None:
     assert result.code == 0, f"exit {result.code}\n{result.output[-4000:]}"
+
+
+def kill_after_checkpoint(stage: str, args: list[str], *, home: Path, min_step: int) -> Path:
+    """Start `rlhf <stage> args`, SIGKILL its whole process tree (like a lost node) once a checkpoint
+    of at least `min_step` is complete, and return that run's folder."""
+    proc = subprocess.Popen(
+        [RLHF, stage, *args], env=cli_env(home), cwd=home,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            found = list(home.glob(f"runs/{stage}-*/checkpoints/resume.json"))
+            if found and json.loads(found[0].read_text())["step"] >= min_step:
+                return found[0].parent.parent
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        raise AssertionError("no checkpoint written in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def resume_and_check(stage: str, run_dir: Path, *, home: Path, max_steps: int) -> dict:
+    """Resume the killed run; check it continued from its checkpoint and finished; return its entry."""
+    killed_at = json.loads((run_dir / "checkpoints" / "resume.json").read_text())["step"]
+    assert killed_at < max_steps
+    assert entries(home) == [] or run_dir.name not in [e["id"] for e in entries(home)]
+    assert not (run_dir / "final").exists()  # nothing saved or published for an unfinished run
+    assert run_dir.name in rlhf("registry", "ls", home=home).stdout  # listed as resumable
+
+    result = rlhf(stage, "--resume", home=home)
+    assert_ok(result)
+    assert f"resumed {run_dir.name} at step " in result.stdout
+    resumed_at = int(result.stdout.split(f"resumed {run_dir.name} at step ")[1].split()[0])
+    assert resumed_at >= killed_at
+    [entry] = [e for e in entries(home) if e["id"] == run_dir.name]
+    assert entry["metrics"]["steps"] == max_steps
+    steps = [row["step"] for row in metric_rows(entry) if "loss" in row]
+    # Rows past the checkpoint that the killed run wrote were dropped, so each step appears once.
+    assert steps == sorted(set(steps)) and steps[-1] == max_steps
+    # The resumed run is the same run: a second resume has nothing to continue.
+    again = rlhf(stage, "--resume", home=home)
+    assert again.code == 2 and f"no unfinished {stage} run" in again.stderr
+    return entry
 
 
 @pytest.fixture

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.conftest import QUICK, RLHF, assert_ok, cli_env, entries, metric_rows, rlhf
+from tests.integration.conftest import (
+    QUICK,
+    assert_ok,
+    entries,
+    kill_after_checkpoint,
+    metric_rows,
+    resume_and_check,
+    rlhf,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -149,44 +152,8 @@ def test_zero3_with_optimizer_and_parameter_offload(home):
 
 
 def test_killed_run_resumes_from_its_checkpoint(home):
-    proc = subprocess.Popen(
-        [RLHF, "sft", "-c", QUICK, "train.max_steps=200", "train.save_every=20", "data.eval=null"],
-        env=cli_env(home), cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    run_dir = kill_after_checkpoint(
+        "sft", ["-c", QUICK, "train.max_steps=200", "train.save_every=20", "data.eval=null"], home=home, min_step=40
     )
-    try:
-        pointer = None
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            found = list(home.glob("runs/sft-*/checkpoints/resume.json"))
-            if found and json.loads(found[0].read_text())["step"] >= 40:
-                pointer = found[0]
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-        assert pointer is not None, "no checkpoint written in time"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher tree, like a lost node
-        proc.wait()
-    killed_at = json.loads(pointer.read_text())["step"]
-    assert killed_at < 200
-    run_dir = pointer.parent.parent
-    assert entries(home) == []  # nothing published for a run that did not finish
-    assert not (run_dir / "final").exists()
-
-    listed = rlhf("registry", "ls", home=home)
-    assert run_dir.name in listed.stdout  # shown as resumable
-
-    result = rlhf("sft", "--resume", home=home)
-    assert_ok(result)
-    assert f"resumed {run_dir.name} at step " in result.stdout
-    resumed_at = int(result.stdout.split(f"resumed {run_dir.name} at step ")[1].split()[0])
-    assert resumed_at >= killed_at
-    [entry] = entries(home)
-    assert entry["id"] == run_dir.name and entry["metrics"]["steps"] == 200
-    steps = [row["step"] for row in metric_rows(entry) if "loss" in row]
-    # Rows past the checkpoint that the killed run wrote were dropped, so each step appears once.
-    assert steps == sorted(set(steps)) and steps[-1] == 200
+    entry = resume_and_check("sft", run_dir, home=home, max_steps=200)
     assert_loads_with_transformers(entry)
-    # The resumed run is the same run: a second resume has nothing to continue.
-    again = rlhf("sft", "--resume", home=home)
-    assert again.code == 2 and "no unfinished sft run" in again.stderr

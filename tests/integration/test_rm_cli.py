@@ -1,0 +1,123 @@
+"""`rlhf rm` end to end through the CLI and the real DeepSpeed launcher, on the CPU, from an SFT
+registry entry made here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.registry import Registry
+from tests.integration.conftest import (
+    RM_QUICK,
+    assert_ok,
+    entries,
+    kill_after_checkpoint,
+    metric_rows,
+    resume_and_check,
+    rlhf,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sft_home(tmp_path_factory) -> Path:
+    """A registry holding one SFT entry of the embedded default (as `make pipeline` makes it):
+    the reward models' parent."""
+    home = tmp_path_factory.mktemp("sft_home")
+    assert_ok(rlhf("sft", home=home))
+    return home
+
+
+def fresh_home(sft_home: Path, tmp_path: Path) -> Path:
+    """A registry of its own that holds the shared SFT entry, so each test sees only its own RM."""
+    home = tmp_path / "home"
+    (home / "entries").mkdir(parents=True)
+    for entry in (sft_home / "entries").glob("*.json"):
+        (home / "entries" / entry.name).write_text(entry.read_text())
+    return home
+
+
+def scored_with_transformers_alone(path: str) -> float:
+    """Pair accuracy on the toy's held-out pairs using nothing but transformers: the saved folder's
+    tokenizer, right padding and AutoModelForSequenceClassification's own last-token pooling."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.toy import ToyTask, ToyTaskConfig
+
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = ToyTask(ToyTaskConfig()).comparisons("eval")[:100]
+    correct = 0
+    for row in rows:
+        texts = [row["prompt"] + row[side] + tokenizer.eos_token for side in ("chosen", "rejected")]
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            chosen, rejected = model(**batch).logits[:, 0].tolist()
+        correct += chosen > rejected
+    return correct / len(rows)
+
+
+def test_embedded_default_agrees_with_the_oracle(sft_home, tmp_path):
+    """`rlhf rm` with every default, as `make pipeline` runs it after `rlhf sft`."""
+    home = fresh_home(sft_home, tmp_path)
+    assert_ok(rlhf("rm", home=home))
+    [rm] = [e for e in entries(home) if e["stage"] == "rm"]
+    metrics = rm["metrics"]
+    # Agreement on 1000 fresh held-out pairs, and accuracy on the held-out pairs file.
+    assert metrics["oracle_agreement"] >= 0.9, metrics
+    assert metrics["accuracy"] >= 0.9, metrics
+    assert metrics["initial_oracle_agreement"] < 0.65, metrics  # a new head ranks at about chance
+
+
+def test_two_ranks_zero3_from_an_sft_entry(sft_home, tmp_path):
+    home = fresh_home(sft_home, tmp_path)
+    result = rlhf("rm", "-n", "2", "-c", RM_QUICK, "engine.zero_stage=3", "engine.micro_batch_size=16", home=home)
+    assert_ok(result)
+    [sft] = [e for e in entries(home) if e["stage"] == "sft"]
+    [rm] = [e for e in entries(home) if e["stage"] == "rm"]
+    assert rm["status"] == "completed" and rm["config"]["engine"]["zero_stage"] == 3
+
+    # Lineage sft -> rm, the base model and tokenizer carried over.
+    assert rm["parents"] == [sft["id"]]
+    assert [e.id for e in Registry(home).lineage(rm["id"])] == [rm["id"], sft["id"]]
+    assert rm["base_model"] == sft["base_model"]
+    assert {k: v for k, v in rm["tokenizer"].items() if k != "name"} == {k: v for k, v in sft["tokenizer"].items() if k != "name"}
+
+    # Held-out accuracy rises well above chance, from near chance before training.
+    metrics = rm["metrics"]
+    assert metrics["accuracy"] >= 0.75 and metrics["accuracy"] > metrics["initial_accuracy"] + 0.15, metrics
+    assert metrics["oracle_agreement"] >= 0.75, metrics
+    losses = [row["loss"] for row in metric_rows(rm) if "loss" in row and "accuracy" in row]
+    assert losses[-1] < losses[0], losses
+
+    # The folder loads with transformers alone and ranks the held-out pairs as the stage measured.
+    assert scored_with_transformers_alone(rm["path"]) >= 0.75
+    stats = json.loads((Path(rm["path"]) / "reward_stats.json").read_text())
+    assert stats["mean"] == pytest.approx(metrics["reward_mean"]) and stats["std"] == pytest.approx(metrics["reward_std"])
+    assert stats["std"] > 0
+
+
+def test_lora_reward_model_saves_merged_with_its_head(sft_home, tmp_path):
+    home = fresh_home(sft_home, tmp_path)
+    result = rlhf("rm", "-c", RM_QUICK, "model.lora.enabled=true", "optim.lr=3e-3", "train.max_steps=60",
+                  "data.toy_format=pairs", home=home)
+    assert_ok(result)
+    [rm] = [e for e in entries(home) if e["stage"] == "rm"]
+    assert rm["adapter"] == "merged"
+    assert rm["metrics"]["accuracy"] > rm["metrics"]["initial_accuracy"] + 0.1, rm["metrics"]
+    # The trained head went into the merged folder: transformers alone reproduces the ranking.
+    assert scored_with_transformers_alone(rm["path"]) >= rm["metrics"]["accuracy"] - 0.1
+
+
+def test_killed_rm_run_resumes(sft_home, tmp_path):
+    home = fresh_home(sft_home, tmp_path)
+    run_dir = kill_after_checkpoint(
+        "rm", ["-c", RM_QUICK, "engine.zero_stage=2", "train.max_steps=120", "train.save_every=20", "data.eval=null"],
+        home=home, min_step=40,
+    )
+    entry = resume_and_check("rm", run_dir, home=home, max_steps=120)
+    assert entry["parents"] == [e["id"] for e in entries(sft_home)]
