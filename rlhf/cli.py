@@ -35,36 +35,28 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved c
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as dotted key=value, e.g. optim.lr=1e-4 engine.zero_stage=3.", show_default=False)]
 
 
-@app.command(context_settings={"allow_extra_args": False})
-def sft(
-    overrides: OverridesArg = None,
-    config: ConfigOpt = None,
-    num_gpus: NumGpusOpt = 1,
-    hostfile: HostfileOpt = None,
-    launcher: LauncherOpt = "deepspeed",
-    resume: ResumeOpt = False,
-    run: RunOpt = None,
-    registry: RegistryOpt = None,
-    dry_run: DryRunOpt = False,
-) -> None:
-    """Supervised fine-tuning on demonstrations (loss on response tokens only)."""
-    _guard(lambda: _launch_stage("sft", overrides or [], config, num_gpus, hostfile, launcher, resume, run, registry, dry_run))
+def _stage_command(stage: str, summary: str) -> None:
+    """Register `rlhf <stage>`: every stage command takes the same options and launches its program."""
+
+    def command(
+        overrides: OverridesArg = None,
+        config: ConfigOpt = None,
+        num_gpus: NumGpusOpt = 1,
+        hostfile: HostfileOpt = None,
+        launcher: LauncherOpt = "deepspeed",
+        resume: ResumeOpt = False,
+        run: RunOpt = None,
+        registry: RegistryOpt = None,
+        dry_run: DryRunOpt = False,
+    ) -> None:
+        _guard(lambda: _launch_stage(stage, overrides or [], config, num_gpus, hostfile, launcher, resume, run, registry, dry_run))
+
+    command.__doc__ = summary
+    app.command(stage, context_settings={"allow_extra_args": False})(command)
 
 
-@app.command(context_settings={"allow_extra_args": False})
-def rm(
-    overrides: OverridesArg = None,
-    config: ConfigOpt = None,
-    num_gpus: NumGpusOpt = 1,
-    hostfile: HostfileOpt = None,
-    launcher: LauncherOpt = "deepspeed",
-    resume: ResumeOpt = False,
-    run: RunOpt = None,
-    registry: RegistryOpt = None,
-    dry_run: DryRunOpt = False,
-) -> None:
-    """Reward model on comparisons (Bradley-Terry; ranked lists give all their pairs), from sft:latest by default."""
-    _guard(lambda: _launch_stage("rm", overrides or [], config, num_gpus, hostfile, launcher, resume, run, registry, dry_run))
+_stage_command("sft", "Supervised fine-tuning on demonstrations (loss on response tokens only).")
+_stage_command("rm", "Reward model on comparisons (Bradley-Terry; ranked lists give all their pairs), from sft:latest by default.")
 
 
 @app.command("config")

@@ -171,11 +171,7 @@ class SFTConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
-        _check_common(self.engine, self.optim, self.train, self.model)
-        if self.data.max_length < 2:
-            raise UserError("data.max_length must be at least 2 (one prompt and one response token)")
-        _check_toy(self.model.toy, "model.toy")
-        _check_toy(self.data.toy, "data.toy")
+        _check_common(self)
 
 
 @dataclass(frozen=True)
@@ -223,13 +219,7 @@ class RMConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
-        _check_common(self.engine, self.optim, self.train, self.model)
-        if self.data.max_length < 2:
-            raise UserError("data.max_length must be at least 2 (one prompt and one response token)")
-        if self.eval.batch_size < 1:
-            raise UserError(f"eval.batch_size must be at least 1, got {self.eval.batch_size}")
-        _check_toy(self.model.toy, "model.toy")
-        _check_toy(self.data.toy, "data.toy")
+        _check_common(self)
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}
@@ -242,12 +232,19 @@ def _check_toy(section: ToyModelConfig | ToyTaskConfig, key: str) -> None:
         raise UserError(f"{key}: {exc}") from None
 
 
-def _check_common(engine: EngineConfig, optim: OptimConfig, train: TrainConfig, model: ModelConfig) -> None:
+def _check_common(cfg: Any) -> None:
+    """Checks every training stage needs: its engine, optim, train, eval, model and data sections."""
+    engine, optim, train, model = cfg.engine, cfg.optim, cfg.train, cfg.model
+    if cfg.data.max_length < 2:
+        raise UserError("data.max_length must be at least 2 (one prompt and one response token)")
+    _check_toy(model.toy, "model.toy")
+    _check_toy(cfg.data.toy, "data.toy")
     positive = {
         "engine.micro_batch_size": engine.micro_batch_size,
         "engine.grad_accum": engine.grad_accum,
         "train.max_steps": train.max_steps,
         "train.log_every": train.log_every,
+        "eval.batch_size": cfg.eval.batch_size,
     }
     for key, value in positive.items():
         if value < 1:

@@ -158,7 +158,28 @@ def build_engine(
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=schedule, config=config
     )
+    if ds_engine.zero_optimization_stage() == 0 and engine.precision == "fp32":
+        _keep_clipped_norm(ds_engine)
     return ds_engine
+
+
+def _keep_clipped_norm(ds_engine: Any) -> None:
+    """Without ZeRO, DeepSpeed clips fp32 gradients but throws their norm away (the ZeRO optimizers
+    keep it); keep it, so `get_global_grad_norm()` reports it at every stage."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep() -> None:
+        norm = clip_grad_norm_(parameters=ds_engine.module.parameters(), max_norm=ds_engine.gradient_clipping(), mpu=ds_engine.mpu)
+        ds_engine._global_grad_norm = float(norm)
+
+    ds_engine.clip_fp32_gradients = clip_and_keep
+
+
+def global_grad_norm(engine: Any) -> float | None:
+    """The gradient norm of the last optimizer step (before clipping), or None where DeepSpeed
+    measured none (gradient clipping off without ZeRO)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,6 +75,14 @@ def load_tokenizer(
     return tokenizer
 
 
+def causal_lm_and_tokenizer(cfg: ModelConfig, registry: Registry) -> tuple[ModelSource, Any]:
+    """Resolve `cfg.name_or_path` to a causal LM and load its tokenizer (or cfg.tokenizer, which
+    must then match a registry parent's)."""
+    source = resolve_model(cfg.name_or_path, registry)
+    check_causal_lm(source)
+    return source, load_tokenizer(source, trust_remote_code=cfg.trust_remote_code, name_or_path=cfg.tokenizer)
+
+
 def _check_same_tokenizer(tokenizer: Any, entry: Entry, *, where: str) -> None:
     mine, theirs = tokenizer_fingerprint(tokenizer), entry.tokenizer
     differs = [k for k in ("vocab_size", "fingerprint", "eos_token_id", "pad_token_id") if k in theirs and mine[k] != theirs[k]]
@@ -176,28 +184,36 @@ def load_causal_lm(
     else:
         from transformers import AutoModelForCausalLM
 
-        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype}
-        if cfg.attn_implementation:
-            kwargs["attn_implementation"] = cfg.attn_implementation
         try:
             with _partitioned_loading(zero3_config):
-                model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(source.location, **_load_kwargs(cfg, dtype))
         except (OSError, ValueError) as exc:
             raise UserError(
                 f"cannot load '{source.location}' as a causal LM: {first_line(exc)} "
                 "(it must be a local save_pretrained folder, a registry reference, or a reachable hub model)"
             ) from None
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise UserError(
-            f"the tokenizer has {len(tokenizer)} tokens but '{source.location}' embeds only "
-            f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
-        )
+    _check_vocab(model, tokenizer, source)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     return model
+
+
+def _load_kwargs(cfg: ModelConfig, dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype, **extra}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return kwargs
+
+
+def _check_vocab(model: Any, tokenizer: Any, source: ModelSource) -> None:
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but '{source.location}' embeds only "
+            f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
+        )
 
 
 @contextlib.contextmanager
@@ -271,16 +287,13 @@ def load_scalar_model(
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
-        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype, "num_labels": 1}
-        if cfg.attn_implementation:
-            kwargs["attn_implementation"] = cfg.attn_implementation
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the missing-head report is expected; we check it below
         hf_logging.disable_progress_bar()
         try:
             with _partitioned_loading(zero3_config):
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    source.location, output_loading_info=True, **kwargs
+                    source.location, output_loading_info=True, **_load_kwargs(cfg, dtype, num_labels=1)
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(
@@ -297,11 +310,7 @@ def load_scalar_model(
                 "point model.name_or_path at a complete save_pretrained folder"
             )
         new_head = any(k.startswith("score.") for k in info["missing_keys"])
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise UserError(
-            f"the tokenizer has {len(tokenizer)} tokens but '{source.location}' embeds only "
-            f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
-        )
+    _check_vocab(model, tokenizer, source)
     # transformers' own pooling (a user scoring with the saved folder alone) finds the last real
     # token through the pad id, so the saved config must carry ours.
     model.config.pad_token_id = tokenizer.pad_token_id

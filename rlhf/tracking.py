@@ -70,6 +70,7 @@ class Tracker:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
             return
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # a metric not measured is left out, not faked
         row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         if self._wandb is not None:

@@ -13,75 +13,54 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 
 import torch
 
 from rlhf.algos.reward import bradley_terry_loss, sequence_rewards
-from rlhf.config import RMConfig, to_dict
+from rlhf.config import RMConfig
 from rlhf.data.collate import collate_rm
-from rlhf.data.load import rm_examples
+from rlhf.data.load import rm_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import (
     PRECISION_DTYPES,
     build_engine,
     deepspeed_config,
     full_state_dict,
+    global_grad_norm,
     init_distributed,
-    load_checkpoint,
-    save_checkpoint,
     seed_everything,
 )
-from rlhf.errors import UserError
 from rlhf.evaluation import preference_eval
 from rlhf.models import (
     REWARD_STATS_FILE,
-    base_model_identity,
-    check_causal_lm,
+    causal_lm_and_tokenizer,
     load_scalar_model,
-    load_tokenizer,
-    resolve_model,
     save_final,
-    tokenizer_fingerprint,
 )
-from rlhf.registry import Entry, now_iso
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
-from rlhf.tracking import Tracker
+from rlhf.training import StageLoop
 
 ORACLE_PAIRS = 1000  # fresh held-out pairs for the oracle agreement: +-1% standard error at 90%
 
+
 def main(run: Run) -> None:
     cfg: RMConfig = run.config
-    started = time.time()
 
     # 1. Ranks and seeds.
     dist = init_distributed()
     seed_everything(cfg.train.seed, rank=dist.rank)
 
     # 2. Backbone, tokenizer (the parent's own) and preference data.
-    source = resolve_model(cfg.model.name_or_path, run.registry)
-    check_causal_lm(source)
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, name_or_path=cfg.model.tokenizer)
-    train_set, train_stats = rm_examples(cfg.data.train, split="train", tokenizer=tokenizer, data=cfg.data, key="data.train")
-    eval_set, eval_stats = [], None
-    if cfg.data.eval:
-        eval_set, eval_stats = rm_examples(cfg.data.eval, split="eval", tokenizer=tokenizer, data=cfg.data, key="data.eval")
-        if cfg.eval.max_rows:
-            eval_set = eval_set[: cfg.eval.max_rows]
+    source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
+    train_set, train_stats, eval_set, eval_stats = stage_datasets("rm", cfg, tokenizer, world_size=dist.world_size)
     # On the embedded default, pairs of held-out prompts drawn apart from every data file: the
     # oracle's verdict on them is the ground truth the RM is measured against.
     oracle_set = []
     if cfg.data.train == TOY:
         fresh = dataclasses.replace(cfg.data, toy=dataclasses.replace(cfg.data.toy, eval_size=ORACLE_PAIRS))
         oracle_set, _ = rm_examples(TOY, split="eval", tokenizer=tokenizer, data=fresh, key="data.toy", toy_kind="fresh_comparisons")
-    global_batch = cfg.engine.micro_batch_size * dist.world_size
-    if len(train_set) < global_batch:
-        raise UserError(
-            f"data.train has {len(train_set)} usable rows, fewer than one global batch of {global_batch} "
-            "(engine.micro_batch_size x ranks); add data or lower engine.micro_batch_size"
-        )
     batches = ShuffledBatches(len(train_set), batch_size=cfg.engine.micro_batch_size, world_size=dist.world_size, seed=cfg.train.seed)
 
     # 3. Model (backbone + new scalar head) and engine.
@@ -103,20 +82,10 @@ def main(run: Run) -> None:
             metrics["eval/oracle_agreement"] = scores["accuracy"]
         return metrics
 
-    # 4. Resume from the last complete checkpoint of this run, if any.
-    state = load_checkpoint(engine, run.checkpoint_dir, dist=dist) or {"step": 0}
-    step = state["step"]
-    tracker = Tracker(
-        run.run_dir, active=dist.is_main, tracking=cfg.tracking, config=to_dict(cfg), run_id=run.run_id,
-        total_steps=cfg.train.max_steps, start_step=step, description=f"rm {run.run_id}",
-        headline=("loss", "accuracy", "eval/accuracy", "eval/oracle_agreement", "lr"),
-    )
-    if step:
-        tracker.print(f"resumed {run.run_id} at step {step}")
-    else:
-        state["initial_eval"] = evaluate()
-        tracker.log(0, state["initial_eval"])
-    tracker.print(
+    # 4. Resume from the last complete checkpoint of this run, or measure the untrained baseline.
+    loop = StageLoop(run, engine, dist, evaluate=evaluate, headline=("loss", "accuracy", "eval/accuracy", "eval/oracle_agreement", "lr"))
+    step = loop.step
+    loop.tracker.print(
         f"rm: {len(train_set)} training prompts, {sum(len(g.pairs) for g in train_set)} pairs "
         f"({train_stats.identical_pairs} identical pairs dropped, {train_stats.truncated_responses} responses truncated, "
         f"{train_stats.skipped_long_prompts} long prompts skipped), {dist.world_size} rank(s), ZeRO-{cfg.engine.zero_stage}"
@@ -143,29 +112,18 @@ def main(run: Run) -> None:
         step += 1
         torch.distributed.all_reduce(totals)
         step_loss, correct, pairs, gap_sum = totals.tolist()
-        if not math.isfinite(step_loss):
-            raise UserError(
-                f"the training loss became {step_loss} at step {step}; the run stopped. Lower optim.lr, "
-                "or use engine.precision=bf16/fp32 instead of fp16, and start a new run"
-            )
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            elapsed = max(time.time() - window_start, 1e-9)
-            tracker.log(step, {
+        metrics = None
+        if loop.should_log(step):
+            metrics = {
                 "loss": step_loss,
                 "accuracy": correct / pairs,
                 "margin": gap_sum / pairs,
                 "lr": engine.get_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "sequences_per_s": window_seqs / elapsed,
-            })
+                "grad_norm": global_grad_norm(engine),
+                "sequences_per_s": window_seqs / max(time.time() - window_start, 1e-9),
+            }
             window_seqs, window_start = 0, time.time()
-        else:
-            tracker.advance(step)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            tracker.log(step, evaluate())
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-            state["step"] = step
-            save_checkpoint(engine, run.checkpoint_dir, step=step, client_state=state, keep=cfg.train.keep_checkpoints, dist=dist)
+        loop.end_step(step, step_loss, metrics)
 
     # 6. Final evaluation; the reward statistics on training responses (PPO's normalization);
     #    the save_pretrained folder; the registry entry (in that order).
@@ -178,40 +136,29 @@ def main(run: Run) -> None:
         "measured_on": f"the responses of {len(stats_rows)} training rows",
         "reward_at": "the head's output at each sequence's last non-padding token",
     }
-    tracker.log(step, {**final_eval, "train/reward_mean": reward_stats["mean"], "train/reward_std": reward_stats["std"], "train/accuracy": on_train["accuracy"]})
+    loop.tracker.log(step, {**final_eval, "train/reward_mean": reward_stats["mean"], "train/reward_std": reward_stats["std"], "train/accuracy": on_train["accuracy"]})
     weights = full_state_dict(engine, dist=dist)
+    adapter = "none"
     if dist.is_main:
         hf_weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
         adapter = save_final(
             engine.module.model, hf_weights, tokenizer, run.final_dir, lora=cfg.model.lora,
             extra_files={REWARD_STATS_FILE: json.dumps(reward_stats, indent=2) + "\n"},
         )
-        metrics = {
-            "train_loss": step_loss,
-            **{k.removeprefix("eval/"): v for k, v in final_eval.items()},
-            **{f"initial_{k.removeprefix('eval/')}": v for k, v in state.get("initial_eval", {}).items()},
-            "train_accuracy": on_train["accuracy"],
-            "reward_mean": reward_stats["mean"],
-            "reward_std": reward_stats["std"],
-            "steps": step,
-            "train_rows": len(train_set),
-            "train_pairs": sum(len(g.pairs) for g in train_set),
-            "identical_pairs": train_stats.identical_pairs,
-            "truncated_responses": train_stats.truncated_responses,
-            "skipped_long_prompts": train_stats.skipped_long_prompts,
-            "eval_identical_pairs": eval_stats.identical_pairs if eval_stats else 0,
-            "wall_time_s": round(time.time() - started, 1),
-        }
-        entry = run.registry.publish(Entry(
-            id=run.run_id, stage="rm", status="completed", created=now_iso(), path=str(run.final_dir),
-            run_dir=str(run.run_dir), config=to_dict(cfg), parents=source.parents,
-            base_model=base_model_identity(source, cfg.model),
-            tokenizer=tokenizer_fingerprint(tokenizer), metrics=metrics, adapter=adapter, tags=tuple(cfg.run.tags),
-        ))
-        tracker.print(f"[green]rm finished[/]: {entry.id} -> {entry.path}")
-        tracker.print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-    tracker.close()
-    torch.distributed.barrier()
+    loop.publish(source=source, tokenizer=tokenizer, adapter=adapter, metrics={
+        "train_loss": step_loss,
+        **loop.summary(final_eval),
+        "train_accuracy": on_train["accuracy"],
+        "reward_mean": reward_stats["mean"],
+        "reward_std": reward_stats["std"],
+        "steps": step,
+        "train_rows": len(train_set),
+        "train_pairs": sum(len(g.pairs) for g in train_set),
+        "identical_pairs": train_stats.identical_pairs,
+        "truncated_responses": train_stats.truncated_responses,
+        "skipped_long_prompts": train_stats.skipped_long_prompts,
+        "eval_identical_pairs": eval_stats.identical_pairs if eval_stats else 0,
+    })
 
 
 if __name__ == "__main__":

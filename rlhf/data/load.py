@@ -13,6 +13,7 @@ import datasets
 from rlhf.data.formats import to_comparisons, to_prompt_responses, to_ranked
 from rlhf.data.sources import Records, load_records
 from rlhf.data.tokenize import RMExample, SFTExample, TruncationStats, tokenize_preferences, tokenize_sft
+from rlhf.errors import UserError
 from rlhf.toy import TOY, ToyTask, ToyTaskConfig
 
 
@@ -60,3 +61,22 @@ def rm_examples(
 STAGE_EXAMPLES = {"sft": sft_examples, "rm": rm_examples}
 """Each stage's one way from a configured data source to its examples (used by the stage and by
 the CLI's pre-launch check alike)."""
+
+
+def stage_datasets(stage: str, cfg: Any, tokenizer: Any, *, world_size: int) -> tuple[list, TruncationStats, list, TruncationStats | None]:
+    """A training stage's (train examples, their stats, held-out examples capped at eval.max_rows,
+    their stats); stops when the training set cannot fill one global batch."""
+    examples = STAGE_EXAMPLES[stage]
+    train_set, train_stats = examples(cfg.data.train, split="train", tokenizer=tokenizer, data=cfg.data, key="data.train")
+    eval_set, eval_stats = [], None
+    if cfg.data.eval:
+        eval_set, eval_stats = examples(cfg.data.eval, split="eval", tokenizer=tokenizer, data=cfg.data, key="data.eval")
+        if cfg.eval.max_rows:
+            eval_set = eval_set[: cfg.eval.max_rows]
+    global_batch = cfg.engine.micro_batch_size * world_size
+    if len(train_set) < global_batch:
+        raise UserError(
+            f"data.train has {len(train_set)} usable rows, fewer than one global batch of {global_batch} "
+            "(engine.micro_batch_size x ranks); add data or lower engine.micro_batch_size"
+        )
+    return train_set, train_stats, eval_set, eval_stats
