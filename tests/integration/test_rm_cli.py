@@ -101,10 +101,10 @@ def test_two_ranks_zero3_from_an_sft_entry(sft_home, tmp_path):
     assert stats["std"] > 0
 
 
-def test_lora_reward_model_saves_merged_with_its_head(sft_home, tmp_path):
+def test_lora_reward_model_with_offload_saves_merged_with_its_head(sft_home, tmp_path):
     home = fresh_home(sft_home, tmp_path)
     result = rlhf("rm", "-c", RM_QUICK, "model.lora.enabled=true", "optim.lr=3e-3", "train.max_steps=60",
-                  "data.toy_format=pairs", home=home)
+                  "data.toy_format=pairs", "engine.zero_stage=2", "engine.offload_optimizer=true", home=home)
     assert_ok(result)
     [rm] = [e for e in entries(home) if e["stage"] == "rm"]
     assert rm["adapter"] == "merged"
@@ -116,8 +116,8 @@ def test_lora_reward_model_saves_merged_with_its_head(sft_home, tmp_path):
 def test_killed_rm_run_resumes(sft_home, tmp_path):
     home = fresh_home(sft_home, tmp_path)
     run_dir = kill_after_checkpoint(
-        "rm", ["-c", RM_QUICK, "engine.zero_stage=2", "train.max_steps=120", "train.save_every=20", "data.eval=null"],
-        home=home, min_step=40,
+        "rm", ["-c", RM_QUICK, "engine.zero_stage=2", "train.max_steps=80", "train.save_every=20", "data.eval=null"],
+        home=home, min_step=20,
     )
-    entry = resume_and_check("rm", run_dir, home=home, max_steps=120)
+    entry = resume_and_check("rm", run_dir, home=home, max_steps=80)
     assert entry["parents"] == [e["id"] for e in entries(sft_home)]
