@@ -15,7 +15,7 @@ from rlhf.data.collate import collate_rm
 from rlhf.data.formats import to_comparisons, to_ranked
 from rlhf.data.sources import Records
 from rlhf.data.tokenize import RMExample, tokenize_preferences
-from rlhf.models import ModelSource, load_scalar_model
+from rlhf.models import ModelSource, ScalarModel, load_scalar_model
 from rlhf.toy import build_tokenizer
 
 
@@ -149,10 +149,24 @@ def test_no_usable_pair_is_a_clear_error():
         tokenize_preferences(to_comparisons(records(rows), tok), tok, max_length=16)
 
 
-def test_toy_scalar_model_scores_left_and_right_padding_alike():
-    """Through the real model: padding side and pad ids change no reward."""
+def tiny_gpt2(tok) -> ScalarModel:
+    """GPT-2 has absolute position embeddings: left padding is only harmless with position ids from the mask."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=2, num_labels=1,
+                        pad_token_id=tok.pad_token_id)
+    return ScalarModel(GPT2ForSequenceClassification(config))
+
+
+@pytest.mark.parametrize("arch", ["toy-llama", "gpt2"])
+def test_scalar_model_scores_left_and_right_padding_alike(arch):
+    """Through real models: padding side and pad ids change no reward."""
     tok = build_tokenizer()
-    model = load_scalar_model(ModelSource("toy", "toy"), ModelConfig(), tok, seed=3, dtype=torch.float32).eval()
+    if arch == "gpt2":
+        model = tiny_gpt2(tok).eval()
+    else:
+        model = load_scalar_model(ModelSource("toy", "toy"), ModelConfig(), tok, seed=3, dtype=torch.float32).eval()
     seqs = [tok(text).input_ids for text in ("12+34=46", "1+1=2", "99+99=198", "5+5=")]
     width = max(map(len, seqs)) + 2
     right = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -182,3 +196,39 @@ def test_new_scalar_head_has_the_reward_model_init():
     assert weight.shape == (1, hidden) and model.hf_model.score.bias is None
     # N(0, 1/sqrt(hidden + 1)): the sample std of 128 draws lies well within 30% of it.
     assert abs(weight.std().item() * math.sqrt(hidden + 1) - 1.0) < 0.3
+
+
+def test_preference_eval_matches_a_direct_computation():
+    """Held-out metrics through the real toy reward model, against a per-sequence float64 recount;
+    uneven batch sizes and a ranked group check that batching and pair expansion change nothing."""
+    from rlhf.engine import Dist
+    from rlhf.evaluation import preference_eval
+
+    tok = build_tokenizer()
+    model = load_scalar_model(ModelSource("toy", "toy"), ModelConfig(), tok, seed=5, dtype=torch.float32)
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1), "margin": 0.5} for a, b in [(1, 2), (13, 40), (7, 7), (50, 49)]]
+    examples, _ = tokenize_preferences(to_comparisons(records(rows), tok), tok, max_length=16)
+    ranked, _ = tokenize_preferences(to_ranked(records([{"prompt": "2+2=", "responses": ["4", "5", "x"]}]), tok), tok, max_length=16)
+    examples += ranked
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    got = preference_eval(model, examples, batch_size=2, pad_id=tok.pad_token_id, dist=dist)
+
+    def reward(seq: list[int]) -> float:
+        with torch.no_grad():
+            return float(model(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))[0, -1])
+
+    rewards, gaps, losses = [], [], []
+    for ex in examples:
+        r = [reward(s) for s in ex.sequences]
+        rewards += r
+        for (i, j), m in zip(ex.pairs, ex.margins):
+            gaps.append(r[i] - r[j])
+            losses.append(math.log1p(math.exp(-(r[i] - r[j] - m))))
+    mean = sum(rewards) / len(rewards)
+    assert len(gaps) == 4 + 3
+    assert got["accuracy"] == pytest.approx(sum(g > 0 for g in gaps) / len(gaps))
+    assert got["margin"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-5)
+    assert got["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert got["reward_mean"] == pytest.approx(mean, abs=1e-5)
+    assert got["reward_std"] == pytest.approx(math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)), abs=1e-5)
