@@ -209,8 +209,8 @@ class RMConfig:
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="sft:latest"))
     data: RMDataConfig = field(default_factory=RMDataConfig)
-    # Measured on the embedded default: at lr 1e-3 the RM stalls near 85% agreement with the
-    # oracle; at 3e-4 on ranked lists of 64 prompts per step it passes 90% within ~600 steps.
+    # Measured on the embedded default from the default SFT entry, 800 steps of ranked lists of
+    # 64 prompts: oracle agreement 92% at lr 3e-4, 89% at 1e-3 (`rlhf rm optim.lr=1e-3`).
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(micro_batch_size=64))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=800, eval_every=200))
