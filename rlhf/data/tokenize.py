@@ -88,6 +88,33 @@ def _too_long(where: str, n: int, max_length: int, key: str) -> UserError:
     )
 
 
+def _eos_id(tokenizer: Any) -> int:
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no eos token, which ends every response; set tokenizer.eos_token")
+    return tokenizer.eos_token_id
+
+
+def _leaves_room(prompt: list[int], where: str, *, max_length: int, long_prompts: str, key: str, stats: TruncationStats) -> bool:
+    """Whether a prompt leaves room for one response token; a longer one is an error, or with
+    long_prompts="skip" is counted and passed over."""
+    if len(prompt) <= max_length - 1:
+        return True
+    if long_prompts == "error":
+        raise _too_long(where, len(prompt), max_length, key)
+    stats.skipped_long_prompts += 1
+    return False
+
+
+def _fitted_response(response: list[int], *, eos: int, room: int, stats: TruncationStats) -> list[int]:
+    """response + EOS, cut to `room` tokens (counted); a cut drops the EOS, so no response is
+    ever taught, or scored, as ending where it was cut."""
+    response = response + [eos]
+    if len(response) > room:
+        stats.truncated_responses += 1
+        return response[:room]
+    return response
+
+
 def tokenize_sft(
     examples: list[PromptResponse],
     tokenizer: Any,
@@ -105,24 +132,15 @@ def tokenize_sft(
     in the middle of a response.
     """
     _check_options(max_length, long_prompts, key, minimum=2)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no eos token, which ends every SFT response; set tokenizer.eos_token")
+    eos = _eos_id(tokenizer)
     stats = TruncationStats(rows=len(examples))
     prompt_ids = _ids(tokenizer, [e.prompt for e in examples], add_special_tokens=True)
     response_ids = _ids(tokenizer, [e.response for e in examples], add_special_tokens=False)
     out: list[SFTExample] = []
     for ex, p, r in zip(examples, prompt_ids, response_ids):
-        if len(p) > max_length - 1:
-            if long_prompts == "error":
-                raise _too_long(ex.where, len(p), max_length, key)
-            stats.skipped_long_prompts += 1
+        if not _leaves_room(p, ex.where, max_length=max_length, long_prompts=long_prompts, key=key, stats=stats):
             continue
-        r = r + [eos]
-        room = max_length - len(p)
-        if len(r) > room:
-            r = r[:room]
-            stats.truncated_responses += 1
+        r = _fitted_response(r, eos=eos, room=max_length - len(p), stats=stats)
         out.append(SFTExample(input_ids=p + r, response_mask=[False] * len(p) + [True] * len(r)))
     _check_any_left(out, stats, key)
     return out, stats
@@ -145,9 +163,7 @@ def tokenize_preferences(
     and a group left with no pair is dropped. Long prompts are handled as in `tokenize_sft`.
     """
     _check_options(max_length, long_prompts, key, minimum=2)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no eos token, which ends every scored response; set tokenizer.eos_token")
+    eos = _eos_id(tokenizer)
     stats = TruncationStats(rows=len(groups))
     responses = [(g.chosen, g.rejected) if isinstance(g, Comparison) else g.responses for g in groups]
     prompt_ids = _ids(tokenizer, [g.prompt for g in groups], add_special_tokens=True)
@@ -155,19 +171,9 @@ def tokenize_preferences(
     out: list[RMExample] = []
     for group, texts, p in zip(groups, responses, prompt_ids):
         ids = [next(flat_ids) for _ in texts]  # consumed even when the group is skipped
-        if len(p) > max_length - 1:
-            if long_prompts == "error":
-                raise _too_long(group.where, len(p), max_length, key)
-            stats.skipped_long_prompts += 1
+        if not _leaves_room(p, group.where, max_length=max_length, long_prompts=long_prompts, key=key, stats=stats):
             continue
-        room = max_length - len(p)
-        sequences = []
-        for r in ids:
-            r = r + [eos]
-            if len(r) > room:
-                r = r[:room]
-                stats.truncated_responses += 1
-            sequences.append(p + r)
+        sequences = [p + _fitted_response(r, eos=eos, room=max_length - len(p), stats=stats) for r in ids]
         if isinstance(group, Comparison):
             candidates = [(0, 1, group.margin if use_margin and group.margin is not None else 0.0)]
         else:
