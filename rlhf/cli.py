@@ -57,11 +57,12 @@ def _stage_command(stage: str, summary: str) -> None:
 
 _stage_command("sft", "Supervised fine-tuning on demonstrations (loss on response tokens only).")
 _stage_command("rm", "Reward model on comparisons (Bradley-Terry; ranked lists give all their pairs), from sft:latest by default.")
+_stage_command("ppo", "PPO against the reward model with a KL penalty to the SFT policy (actor sft:latest, critic and reward rm:latest).")
 
 
 @app.command("config")
 def show_config(
-    stage: Annotated[str, typer.Argument(help="Stage whose config to show: sft, rm.")],
+    stage: Annotated[str, typer.Argument(help="Stage whose config to show: sft, rm, ppo.")],
     overrides: OverridesArg = None,
     config: ConfigOpt = None,
     docs: Annotated[bool, typer.Option("--docs", help="List every key with its documentation instead.")] = False,
@@ -165,19 +166,23 @@ def _check_inputs(stage: str, cfg) -> None:
     """
     from rlhf.data.load import STAGE_EXAMPLES
     from rlhf.data.sources import FILE_SUFFIXES
-    from rlhf.models import check_causal_lm, load_tokenizer, resolve_model
+    from rlhf.models import check_causal_lm, load_tokenizer, ppo_sources, resolve_model
     from rlhf.registry import Registry
     from rlhf.toy import TOY
 
-    source = resolve_model(cfg.model.name_or_path, Registry(cfg.run.registry))
+    registry = Registry(cfg.run.registry)
+    source = resolve_model(cfg.model.name_or_path, registry)
     check_causal_lm(source)
     local = [
         (key, split, data)
         for key, split, data in (("data.train", "train", cfg.data.train), ("data.eval", "eval", cfg.data.eval))
         if data and (data == TOY or data.endswith(FILE_SUFFIXES) or Path(data).expanduser().exists())
     ]
-    if local or source.entry is not None:
+    if local or source.entry is not None or stage == "ppo":
         tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, name_or_path=cfg.model.tokenizer)
+        if stage == "ppo":
+            # The critic and reward are reward models that read the actor's token ids.
+            ppo_sources(cfg, registry, source, tokenizer)
         for key, split, data in local:
             STAGE_EXAMPLES[stage](data, split=split, tokenizer=tokenizer, data=cfg.data, key=key)
 

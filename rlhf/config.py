@@ -172,6 +172,7 @@ class SFTConfig:
 
     def validate(self) -> None:
         _check_common(self)
+        _check_max_length(self.data.max_length)
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,165 @@ class RMConfig:
 
     def validate(self) -> None:
         _check_common(self)
+        _check_max_length(self.data.max_length)
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}
+@dataclass(frozen=True)
+class PPODataConfig:
+    train: str = "toy"
+    """Prompts: 'toy', a .jsonl/.json/.parquet file, or a hub dataset 'name[:split]' with a prompt column or messages."""
+    eval: str | None = "toy"
+    """Held-out prompts in the same forms; null = no held-out evaluation."""
+    max_prompt_length: int = 16
+    """Tokens per prompt; prompts are never cut (a cut prompt asks another question)."""
+    long_prompts: Literal["error", "skip"] = "skip"
+    """What to do with a prompt longer than max_prompt_length: stop with an error, or drop it (counted)."""
+    ptx: str | None = None
+    """Pretraining or SFT data for the PPO-ptx term (used when ppo.ptx_coef > 0), in the forms `rlhf sft` reads."""
+    ptx_max_length: int = 32
+    """Tokens per ptx sequence; longer ones are cut."""
+    toy: ToyTaskConfig = field(default_factory=ToyTaskConfig)
+    """The synthetic task of the embedded default."""
+
+
+@dataclass(frozen=True)
+class FrozenModelConfig:
+    name_or_path: str | None = None
+    """Registry reference, folder or hub name; null = the actor's starting model (the reference policy)."""
+    offload: bool = False
+    """Partition it with ZeRO-3 and keep its parameters in CPU memory (inference only), whatever engine.zero_stage is."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    batch_size: int = 64
+    """Prompts per rank per PPO step (each gets one sampled response)."""
+    max_new_tokens: int = 8
+    """Longest response; a response cut here has no EOS (see ppo.no_eos_score)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are taken from the same temperature-scaled logits."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens; 0 = no limit (what PPO's log-probs assume)."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 = off (what PPO's log-probs assume)."""
+    gather_params: bool = True
+    """Under ZeRO-3, gather the actor's weights once per generation call (fast; needs the whole actor in memory) instead of per layer per token."""
+
+
+@dataclass(frozen=True)
+class PPOAlgoConfig:
+    epochs: int = 4
+    """Passes over each rollout batch, in shuffled minibatches of engine.micro_batch_size."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """Policy ratio clip epsilon."""
+    value_clip_range: float | None = 0.2
+    """Value clip around the rollout's values; null = unclipped value loss."""
+    beta: float = 0.05
+    """KL penalty coefficient (the starting value when kl_target is set)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimate in the penalty: k1 = log ratio (InstructGPT), k2 = half squared, k3 = unbiased low-variance."""
+    kl_target: float | None = None
+    """Adapt beta toward this mean KL per response (Ziegler et al. 2019); null = fixed beta."""
+    kl_horizon: int = 10000
+    """Responses over which the adaptive controller corrects a KL error."""
+    max_kl: float | None = 2.0
+    """Held-out mean KL per response (nats) beyond which the run warns that the policy drifted far from the reference; null = no check."""
+    value_head: Literal["zero", "reward"] = "zero"
+    """The critic's head at the start: zero (values start at 0, the scale of normalized scores; the backbone is the RM's), or the reward model's trained head."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the valid tokens of the whole rollout batch (all ranks)."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards to unit variance before GAE."""
+    normalize_score: bool = True
+    """(score - mean) / std with the reward model's stored statistics (reward_stats.json)."""
+    score_clip: float | None = 5.0
+    """Clip the (normalized) score to +-this; null = no clipping."""
+    no_eos_score: float | None = -1.0
+    """Score given instead of the reward model's to a response cut by max_new_tokens (no EOS); null = keep the RM's."""
+    ptx_coef: float = 0.0
+    """gamma_ptx: weight of the LM loss on data.ptx added to the actor's loss (PPO-ptx); 0 = off."""
+
+
+@dataclass(frozen=True)
+class PPOEvalConfig:
+    batch_size: int = 64
+    """Prompts per rank per evaluation generation call."""
+    max_rows: int = 200
+    """Held-out prompts evaluated (the first N); 0 = all."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO against the reward model with a KL penalty to the SFT policy (InstructGPT, PPO-ptx)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="sft:latest"))
+    """The actor (policy), trained."""
+    critic: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="rm:latest"))
+    """The critic (value model), trained; starts from a reward model's weights and head."""
+    reference: FrozenModelConfig = field(default_factory=FrozenModelConfig)
+    """The frozen reference policy of the KL penalty (with LoRA on the actor: the actor without its adapters)."""
+    reward: FrozenModelConfig = field(default_factory=lambda: FrozenModelConfig(name_or_path="rm:latest"))
+    """The frozen reward model."""
+    data: PPODataConfig = field(default_factory=PPODataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
+    """The actor's optimizer and schedule (annealed over every PPO optimizer step)."""
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
+    """The critic's optimizer and schedule."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Actor and critic engines; micro_batch_size = rollouts per rank per PPO minibatch."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, log_every=1, eval_every=25, save_every=25))
+    """max_steps = PPO steps (one rollout batch, then ppo.epochs passes over it)."""
+    eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        _check_common(self)
+        ppo, rollout, engine = self.ppo, self.rollout, self.engine
+        if self.data.max_prompt_length < 1:
+            raise UserError(f"data.max_prompt_length must be at least 1, got {self.data.max_prompt_length}")
+        _check_max_length(self.data.ptx_max_length, key="data.ptx_max_length")
+        for key, value in {"rollout.batch_size": rollout.batch_size, "rollout.max_new_tokens": rollout.max_new_tokens,
+                           "ppo.epochs": ppo.epochs, "ppo.kl_horizon": ppo.kl_horizon}.items():
+            if value < 1:
+                raise UserError(f"{key} must be at least 1, got {value}")
+        minibatch = engine.micro_batch_size * engine.grad_accum
+        if rollout.batch_size % minibatch:
+            raise UserError(
+                f"rollout.batch_size ({rollout.batch_size}) must be a multiple of engine.micro_batch_size x engine.grad_accum "
+                f"({minibatch}): each PPO epoch splits the rollout batch into whole optimizer steps"
+            )
+        if rollout.temperature <= 0:
+            raise UserError(f"rollout.temperature must be positive (PPO samples), got {rollout.temperature}")
+        if not 0 < rollout.top_p <= 1 or rollout.top_k < 0:
+            raise UserError("rollout.top_p must be in (0, 1] and rollout.top_k at least 0")
+        if not 0 <= ppo.gamma <= 1 or not 0 <= ppo.lam <= 1:
+            raise UserError(f"ppo.gamma and ppo.lam must be in [0, 1], got {ppo.gamma} and {ppo.lam}")
+        if ppo.clip_range <= 0 or (ppo.value_clip_range is not None and ppo.value_clip_range <= 0):
+            raise UserError("ppo.clip_range and ppo.value_clip_range must be positive (null turns value clipping off)")
+        if ppo.beta < 0 or (ppo.kl_target is not None and ppo.kl_target <= 0):
+            raise UserError("ppo.beta must be at least 0 and ppo.kl_target positive (or null for a fixed beta)")
+        if ppo.kl_target is not None and ppo.beta == 0:
+            raise UserError("ppo.kl_target adapts beta multiplicatively, so ppo.beta must start above 0")
+        if ppo.ptx_coef < 0:
+            raise UserError(f"ppo.ptx_coef must be at least 0, got {ppo.ptx_coef}")
+        if ppo.ptx_coef > 0 and not self.data.ptx:
+            raise UserError("ppo.ptx_coef > 0 needs data.ptx (pretraining or SFT data, e.g. data.ptx=toy)")
+        if self.critic_optim.lr <= 0:
+            raise UserError(f"critic_optim.lr must be positive, got {self.critic_optim.lr}")
+        if self.reward.name_or_path is None:
+            raise UserError("reward.name_or_path is required (a reward model: rm:latest, an rm entry or folder)")
+        if self.critic.lora.enabled and self.critic.lora.r < 1:
+            raise UserError(f"critic.lora.r must be at least 1, got {self.critic.lora.r}")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
 
 
 def _check_toy(section: ToyModelConfig | ToyTaskConfig, key: str) -> None:
@@ -235,8 +392,6 @@ def _check_toy(section: ToyModelConfig | ToyTaskConfig, key: str) -> None:
 def _check_common(cfg: Any) -> None:
     """Checks every training stage needs: its engine, optim, train, eval, model and data sections."""
     engine, optim, train, model = cfg.engine, cfg.optim, cfg.train, cfg.model
-    if cfg.data.max_length < 2:
-        raise UserError("data.max_length must be at least 2 (one prompt and one response token)")
     _check_toy(model.toy, "model.toy")
     _check_toy(cfg.data.toy, "data.toy")
     positive = {
@@ -257,6 +412,11 @@ def _check_common(cfg: Any) -> None:
         raise UserError("engine.offload_optimizer needs engine.zero_stage of 1, 2 or 3")
     if model.lora.enabled and model.lora.r < 1:
         raise UserError(f"model.lora.r must be at least 1, got {model.lora.r}")
+
+
+def _check_max_length(value: int, *, key: str = "data.max_length") -> None:
+    if value < 2:
+        raise UserError(f"{key} must be at least 2 (one prompt and one response token)")
 
 
 # ----------------------------------------------------------------------------------------------

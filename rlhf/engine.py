@@ -163,6 +163,40 @@ def build_engine(
     return ds_engine
 
 
+def build_frozen(model: torch.nn.Module, *, engine: EngineConfig, offload: bool, dist: Dist) -> Any:
+    """An inference-only model (PPO's reference and reward): no optimizer, no gradients, eval mode.
+
+    Under ZeRO-3 (or with `offload`) it is a DeepSpeed engine whose parameters stay partitioned
+    across ranks (in CPU memory with `offload`); otherwise each rank holds a plain copy on its device.
+    Callers run it as `model(...)` either way; under ZeRO-3 every rank must join each forward.
+    """
+    model.requires_grad_(False)
+    model.eval()
+    if engine.zero_stage != 3 and not offload:
+        return model.to(dist.device)
+    import deepspeed
+
+    zero: dict[str, Any] = {"stage": 3}
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {"train_micro_batch_size_per_gpu": engine.micro_batch_size, "zero_optimization": zero,
+                              "steps_per_print": 10**9}
+    if engine.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif engine.precision == "fp16":
+        config["fp16"] = {"enabled": True}
+    frozen, _, _, _ = deepspeed.initialize(model=model, config=config)
+    frozen.eval()
+    return frozen
+
+
+def frozen_zero3_config(engine: EngineConfig, offload: bool) -> dict[str, Any] | None:
+    """The DeepSpeed config to load a frozen model straight into ZeRO-3 partitions, or None when it is replicated."""
+    if engine.zero_stage != 3 and not offload:
+        return None
+    return {"train_micro_batch_size_per_gpu": engine.micro_batch_size, "zero_optimization": {"stage": 3}}
+
+
 def _keep_clipped_norm(ds_engine: Any) -> None:
     """Without ZeRO, DeepSpeed clips fp32 gradients but throws their norm away (the ZeRO optimizers
     keep it); keep it, so `get_global_grad_norm()` reports it at every stage."""
@@ -191,11 +225,13 @@ CLIENT_KEY = "rlhf"
 
 
 def save_checkpoint(
-    engine: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int, dist: Dist
+    engines: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int, dist: Dist
 ) -> None:
+    """Save one engine, or a {name: engine} dict (PPO's actor and critic), as the checkpoint of `step`."""
     tag = f"step-{step:07d}"
-    # Under one key of our own: DeepSpeed adds reserved keys to the state it hands back on load.
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
+    for name, engine in _named(engines).items():
+        # Under one key of our own: DeepSpeed adds reserved keys to the state it hands back on load.
+        engine.save_checkpoint(str(ckpt_dir / tag), tag=name, client_state={CLIENT_KEY: client_state}, save_latest=False)
     # Each rank's RNG, so sampling and dropout continue exactly after a resume.
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank}.pt")
     torch.distributed.barrier()
@@ -208,17 +244,23 @@ def save_checkpoint(
     torch.distributed.barrier()
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path, *, dist: Dist) -> dict[str, Any] | None:
+def load_checkpoint(engines: Any, ckpt_dir: Path, *, dist: Dist) -> dict[str, Any] | None:
     """Restore the last complete checkpoint; returns its client state, or None if there is none."""
     pointer = ckpt_dir / RESUME_FILE
     if not pointer.is_file():
         return None
     tag = json.loads(pointer.read_text())["tag"]
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    client_state: dict[str, Any] = {}
+    for name, engine in _named(engines).items():
+        _, client_state = engine.load_checkpoint(str(ckpt_dir / tag), tag=name)
     rng_file = ckpt_dir / tag / f"rng_rank{dist.rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state[CLIENT_KEY]
+
+
+def _named(engines: Any) -> dict[str, Any]:
+    return engines if isinstance(engines, dict) else {"model": engines}
 
 
 def _rng_state() -> dict[str, Any]:

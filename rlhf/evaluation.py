@@ -32,7 +32,8 @@ def even_shard(items: list[T], *, dist: Dist) -> tuple[list[T], list[bool]]:
     return share + [items[0]] * (per_rank - len(share)), real
 
 
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over every rank (float64)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
@@ -55,7 +56,7 @@ def heldout_loss(engine: Any, examples: list[SFTExample], *, batch_size: int, pa
         nll_sum += masked_lm_loss(logits=logits, input_ids=batch["input_ids"], response_mask=mask, num_tokens=1.0).item()
         tokens += mask[:, 1:].sum().item()
     engine.train(was_training)
-    nll_sum, tokens = _all_sum([nll_sum, tokens], dist.device)
+    nll_sum, tokens = all_sum([nll_sum, tokens], dist.device)
     return nll_sum / max(tokens, 1.0)
 
 
@@ -86,7 +87,7 @@ def preference_eval(engine: Any, examples: list[RMExample], *, batch_size: int, 
         sums[5] += rewards[seq_real].pow(2).sum().item()
         sums[6] += seq_real.sum().item()
     engine.train(was_training)
-    correct, pairs, gap_sum, loss_sum, r_sum, r2_sum, seqs = _all_sum(sums, dist.device)
+    correct, pairs, gap_sum, loss_sum, r_sum, r2_sum, seqs = all_sum(sums, dist.device)
     mean = r_sum / max(seqs, 1.0)
     return {
         "accuracy": correct / max(pairs, 1.0),
@@ -127,7 +128,7 @@ def oracle_eval(
                 if counted:
                     total += oracle_score(text, tokenizer.decode(response, skip_special_tokens=True))
                     count += 1
-        total, count = _all_sum([total, count], dist.device)
+        total, count = all_sum([total, count], dist.device)
         results[name] = 100.0 * total / max(count, 1.0)
     module.train(was_training)
     return results

@@ -163,6 +163,51 @@ def check_causal_lm(source: ModelSource, *, key: str = "model.name_or_path") -> 
         )
 
 
+def check_scalar_model(source: ModelSource, *, key: str) -> None:
+    """Stop with one line when `source` is not a reward model (a `*ForSequenceClassification` with a
+    trained head): PPO's reward and critic start from one. Hub names are checked when they load."""
+    what = f"{source.entry.stage} entry {source.entry.id}" if source.entry else f"'{source.location}'"
+    if source.kind == "toy":
+        raise UserError(f"{key}: 'toy' is a language model with no trained score head, not a reward model; use rm:latest")
+    if source.entry is not None and source.entry.adapter == "adapter":
+        raise UserError(
+            f"{key}: {what} stores only a LoRA adapter, not a whole reward model; rerun that stage with "
+            "model.lora.save=merged and use the new entry"
+        )
+    archs = architectures(source)
+    if archs and not any(a.endswith(SCALAR_SUFFIX) for a in archs):
+        raise UserError(f"{key}: {what} is a {archs[0]}, not a reward model; use an rm entry (rm:latest) or a reward model folder")
+
+
+def check_same_tokenizer(tokenizer: Any, source: ModelSource, *, key: str, trust_remote_code: bool = False) -> None:
+    """Stop when the model at `source` was trained with another tokenizer than `tokenizer`: PPO feeds
+    the actor's token ids to the reference, critic and reward model alike."""
+    if source.entry is not None and source.entry.tokenizer:
+        theirs = source.entry.tokenizer
+    else:
+        theirs = tokenizer_fingerprint(load_tokenizer(source, trust_remote_code=trust_remote_code))
+    mine = tokenizer_fingerprint(tokenizer)
+    differs = [k for k in ("vocab_size", "fingerprint", "eos_token_id", "pad_token_id") if k in theirs and mine[k] != theirs[k]]
+    if differs:
+        detail = ", ".join(f"{k} {theirs[k]} vs {mine[k]}" for k in differs)
+        raise UserError(
+            f"{key}: {source.entry.id if source.entry else source.location} uses another tokenizer than the actor "
+            f"({detail}); it would read the actor's token ids as other words, so use a model of the same lineage"
+        )
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout probability: PPO's ratios compare log-probs of the same weights, which
+    must not change between two forward passes."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        # Attention kernels take their dropout as a float attribute (Llama, Qwen, Mistral, ...).
+        for name in ("attention_dropout", "attn_dropout_p", "dropout_p"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def load_causal_lm(
     source: ModelSource,
     cfg: ModelConfig,
@@ -271,8 +316,12 @@ def load_scalar_model(
     seed: int,
     dtype: torch.dtype,
     zero3_config: dict[str, Any] | None = None,
+    trained_head: bool = False,
+    key: str = "model.name_or_path",
 ) -> ScalarModel:
     """A `ScalarModel` from a causal LM (new head) or from a reward model (its trained head).
+
+    With `trained_head` (PPO's reward and critic) a source without a trained score head is an error.
 
     A new head is initialized N(0, 1/sqrt(hidden + 1)), as in Stiennon et al. 2020: the initial
     rewards have unit-scale spread whatever the width. The head has no bias: Bradley-Terry is blind
@@ -289,7 +338,6 @@ def load_scalar_model(
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the missing-head report is expected; we check it below
-        hf_logging.disable_progress_bar()
         try:
             with _partitioned_loading(zero3_config):
                 model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -302,7 +350,6 @@ def load_scalar_model(
             ) from None
         finally:
             hf_logging.set_verbosity(verbosity)
-            hf_logging.enable_progress_bar()
         missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
         if missing:
             raise UserError(
@@ -310,6 +357,8 @@ def load_scalar_model(
                 "point model.name_or_path at a complete save_pretrained folder"
             )
         new_head = any(k.startswith("score.") for k in info["missing_keys"])
+    if trained_head and new_head:
+        raise UserError(f"{key}: '{source.location}' has no trained score head, so it is not a reward model; use an rm entry (rm:latest)")
     _check_vocab(model, tokenizer, source)
     # transformers' own pooling (a user scoring with the saved folder alone) finds the last real
     # token through the pad id, so the saved config must carry ours.
@@ -321,6 +370,14 @@ def load_scalar_model(
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     return ScalarModel(model)
+
+
+def zero_scalar_head(model: ScalarModel) -> None:
+    """Set the head's weights to zero: a critic that starts predicting 0, the scale of normalized
+    scores, rather than the reward model's raw scores (the backbone keeps the RM's features)."""
+    weight = model.hf_model.score.weight
+    with _gathered_for_init(weight), torch.no_grad():
+        weight.zero_()
 
 
 def _init_scalar_head(weight: torch.nn.Parameter, *, seed: int) -> None:
@@ -426,3 +483,56 @@ def _lora_from_peft(pc: Any) -> LoraConfig:
         dropout=0.0,
         target_modules=sorted(pc.target_modules) if not isinstance(pc.target_modules, str) else None,
     )
+
+
+@dataclass(frozen=True)
+class PPOSources:
+    """Where PPO's other three models come from; reference None = the actor with its adapters off."""
+
+    reference: ModelSource | None
+    critic: ModelSource
+    reward: ModelSource
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        ids = [s.entry.id for s in (self.reward, self.critic, self.reference) if s is not None and s.entry is not None]
+        return tuple(dict.fromkeys(ids))
+
+
+def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any) -> PPOSources:
+    """Resolve and check PPO's reference, critic and reward models against the actor and its tokenizer.
+
+    The critic and the reward model must be reward models; every model must share the actor's
+    tokenizer, since all four read the same token ids.
+    """
+    scalar: dict[str, ModelSource] = {}
+    for name in ("critic", "reward"):
+        key = f"{name}.name_or_path"
+        source = resolve_model(getattr(cfg, name).name_or_path, registry, key=key)
+        check_scalar_model(source, key=key)
+        check_same_tokenizer(tokenizer, source, key=key, trust_remote_code=cfg.model.trust_remote_code)
+        scalar[name] = source
+    reference = None
+    if cfg.reference.name_or_path is not None or not cfg.model.lora.enabled:
+        key = "reference.name_or_path"
+        reference = actor if cfg.reference.name_or_path is None else resolve_model(cfg.reference.name_or_path, registry, key=key)
+        check_causal_lm(reference, key=key)
+        if reference is not actor:
+            check_same_tokenizer(tokenizer, reference, key=key, trust_remote_code=cfg.model.trust_remote_code)
+    return PPOSources(reference=reference, critic=scalar["critic"], reward=scalar["reward"])
+
+
+def reward_stats(source: ModelSource, *, key: str = "reward.name_or_path") -> dict[str, float]:
+    """The mean and std of a reward model's scores on its training responses (saved by `rlhf rm`)."""
+    path = Path(source.location) / REWARD_STATS_FILE
+    fix = "use an rm entry, which stores them, or set ppo.normalize_score=false"
+    if not path.is_file():
+        raise UserError(f"{key}: '{source.location}' has no {REWARD_STATS_FILE} to normalize scores with; {fix}")
+    try:
+        stats = json.loads(path.read_text())
+        mean, std = float(stats["mean"]), float(stats["std"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: unreadable reward statistics ({first_line(exc)}); {fix}") from None
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise UserError(f"{path}: reward statistics mean={mean}, std={std} cannot normalize scores (std must be positive); {fix}")
+    return {"mean": mean, "std": std}

@@ -46,13 +46,13 @@ def resolve_config(stage: str, config_file: str | Path | None, overrides: list[s
     """Load and validate a stage config, with the registry root made absolute."""
     cfg = load_config(STAGE_CONFIGS[stage], config_file, overrides)
     root = Path(cfg.run.registry or default_root()).expanduser().resolve()
-    return dataclasses.replace(
-        cfg,
-        run=dataclasses.replace(cfg.run, registry=str(root)),
-        # The saved config must mean the same from any directory (a resume, a batch job).
-        model=_absolute_paths(cfg.model),
-        data=_absolute_paths(cfg.data),
-    )
+    # The saved config must mean the same from any directory (a resume, a batch job).
+    located = {name: _absolute_paths(getattr(cfg, name)) for name in MODEL_AND_DATA_SECTIONS if hasattr(cfg, name)}
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, registry=str(root)), **located)
+
+
+MODEL_AND_DATA_SECTIONS = ("model", "data", "critic", "reference", "reward")
+"""Config sections whose strings may name local files or folders."""
 
 
 def _absolute_paths(section: Any) -> Any:
@@ -118,6 +118,10 @@ def stage_entrypoint(stage: str, main: Callable[[Run], None]) -> None:
     parser.add_argument("--config", help="config YAML when started without `rlhf`")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (with --config)")
     args = parser.parse_args()
+    # Our own progress bar reports the run; transformers' per-load bars would interleave with it.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         if args.run_dir:
             if args.config or args.overrides:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -26,17 +27,18 @@ class StageLoop:
     def __init__(
         self,
         run: Run,
-        engine: Any,
+        engines: Any,
         dist: Dist,
         *,
         evaluate: Callable[[], dict[str, float]],
         headline: tuple[str, ...] | None = None,
     ) -> None:
-        self.run, self.engine, self.dist, self.evaluate = run, engine, dist, evaluate
+        # One engine, or a {name: engine} dict (PPO's actor and critic) checkpointed together.
+        self.run, self.engines, self.dist, self.evaluate = run, engines, dist, evaluate
         self.cfg = run.config
         self.started = time.time()
         # Resume from the last complete checkpoint of this run, if any.
-        self.state: dict[str, Any] = load_checkpoint(engine, run.checkpoint_dir, dist=dist) or {"step": 0}
+        self.state: dict[str, Any] = load_checkpoint(engines, run.checkpoint_dir, dist=dist) or {"step": 0}
         extra = {"headline": headline} if headline else {}
         self.tracker = Tracker(
             run.run_dir, active=dist.is_main, tracking=self.cfg.tracking, config=to_dict(self.cfg), run_id=run.run_id,
@@ -74,9 +76,24 @@ class StageLoop:
             if train.eval_every and step % train.eval_every == 0:
                 self.tracker.log(step, self.evaluate())
             if train.save_every and step % train.save_every == 0:
-                self.state["step"] = step
-                save_checkpoint(self.engine, self.run.checkpoint_dir, step=step, client_state=self.state,
-                                keep=train.keep_checkpoints, dist=self.dist)
+                self.save(step)
+
+    def save(self, step: int) -> None:
+        """A resumable checkpoint of every engine and of `state`, as of `step` finished steps."""
+        self.state["step"] = step
+        save_checkpoint(self.engines, self.run.checkpoint_dir, step=step, client_state=self.state,
+                        keep=self.cfg.train.keep_checkpoints, dist=self.dist)
+
+    def stop_nonfinite(self, step: int, what: str) -> None:
+        """Stop the run because `what` is NaN or inf during step `step` + 1 (every rank must call
+        this together), after saving the last state for inspection."""
+        self.save(step)
+        self.tracker.close()
+        raise UserError(
+            f"{what} became NaN or inf in step {step + 1}; the run stopped and saved its state in "
+            f"{self.run.checkpoint_dir}. Lower optim.lr (or critic_optim.lr), use engine.precision=bf16/fp32 "
+            "instead of fp16, and start a new run"
+        )
 
     def summary(self, final_eval: dict[str, float]) -> dict[str, float]:
         """The final and the initial held-out figures, named for the registry (`initial_` prefixed)."""
@@ -85,15 +102,27 @@ class StageLoop:
             **{f"initial_{k.removeprefix('eval/')}": v for k, v in self.state.get("initial_eval", {}).items()},
         }
 
-    def publish(self, *, source: ModelSource, tokenizer: Any, metrics: dict[str, Any], adapter: str) -> None:
+    def publish_companion(self, *, stage: str, path: Path, parents: tuple[str, ...], base_model: str, tokenizer: Any,
+                          metrics: dict[str, Any], adapter: str) -> None:
+        """Publish a second model of this run (PPO's critic) as entry `<run id>-<stage>` (main rank)."""
+        if self.dist.is_main:
+            entry = self.run.registry.publish(Entry(
+                id=f"{self.run.run_id}-{stage}", stage=stage, status="completed", created=now_iso(), path=str(path),
+                run_dir=str(self.run.run_dir), config=to_dict(self.cfg), parents=parents, base_model=base_model,
+                tokenizer=tokenizer_fingerprint(tokenizer), metrics=metrics, adapter=adapter, tags=tuple(self.cfg.run.tags),
+            ))
+            self.tracker.print(f"[green]{stage} saved[/]: {entry.id} -> {entry.path}")
+
+    def publish(self, *, source: ModelSource, tokenizer: Any, metrics: dict[str, Any], adapter: str,
+                parents: tuple[str, ...] = ()) -> None:
         """Publish the registry entry (call on the main rank once `run.final_dir` is complete), then
-        close the tracker and wait for every rank."""
+        close the tracker and wait for every rank. `parents` defaults to the source's entry."""
         if self.dist.is_main:
             metrics = {**metrics, "wall_time_s": round(time.time() - self.started, 1)}
             entry = self.run.registry.publish(Entry(
                 id=self.run.run_id, stage=self.run.stage, status="completed", created=now_iso(),
                 path=str(self.run.final_dir), run_dir=str(self.run.run_dir), config=to_dict(self.cfg),
-                parents=source.parents, base_model=base_model_identity(source, self.cfg.model),
+                parents=parents or source.parents, base_model=base_model_identity(source, self.cfg.model),
                 tokenizer=tokenizer_fingerprint(tokenizer), metrics=metrics, adapter=adapter, tags=tuple(self.cfg.run.tags),
             ))
             self.tracker.print(f"[green]{self.run.stage} finished[/]: {entry.id} -> {entry.path}")

@@ -10,9 +10,16 @@ from typing import Any
 
 import datasets
 
-from rlhf.data.formats import to_comparisons, to_prompt_responses, to_ranked
+from rlhf.data.formats import to_comparisons, to_prompt_responses, to_prompts, to_ranked
 from rlhf.data.sources import Records, load_records
-from rlhf.data.tokenize import RMExample, SFTExample, TruncationStats, tokenize_preferences, tokenize_sft
+from rlhf.data.tokenize import (
+    RMExample,
+    SFTExample,
+    TruncationStats,
+    tokenize_preferences,
+    tokenize_prompts,
+    tokenize_sft,
+)
 from rlhf.errors import UserError
 from rlhf.toy import TOY, ToyTask, ToyTaskConfig
 
@@ -58,7 +65,15 @@ def rm_examples(
     )
 
 
-STAGE_EXAMPLES = {"sft": sft_examples, "rm": rm_examples}
+def ppo_examples(source: str, *, split: str, tokenizer: Any, data: Any, key: str) -> tuple[list[list[int]], TruncationStats]:
+    """Tokenized PPO prompts (a prompt column or messages), none longer than data.max_prompt_length."""
+    rows = records(source, split=split, toy=data.toy, toy_kind="prompts", key=key)
+    return tokenize_prompts(
+        to_prompts(rows, tokenizer), tokenizer, max_length=data.max_prompt_length, long_prompts=data.long_prompts
+    )
+
+
+STAGE_EXAMPLES = {"sft": sft_examples, "rm": rm_examples, "ppo": ppo_examples}
 """Each stage's one way from a configured data source to its examples (used by the stage and by
 the CLI's pre-launch check alike)."""
 
@@ -73,10 +88,12 @@ def stage_datasets(stage: str, cfg: Any, tokenizer: Any, *, world_size: int) -> 
         eval_set, eval_stats = examples(cfg.data.eval, split="eval", tokenizer=tokenizer, data=cfg.data, key="data.eval")
         if cfg.eval.max_rows:
             eval_set = eval_set[: cfg.eval.max_rows]
-    global_batch = cfg.engine.micro_batch_size * world_size
+    # PPO draws a rollout batch of prompts per step; the other stages a micro-batch of examples.
+    batch_key = "rollout.batch_size" if stage == "ppo" else "engine.micro_batch_size"
+    global_batch = (cfg.rollout.batch_size if stage == "ppo" else cfg.engine.micro_batch_size) * world_size
     if len(train_set) < global_batch:
         raise UserError(
             f"data.train has {len(train_set)} usable rows, fewer than one global batch of {global_batch} "
-            "(engine.micro_batch_size x ranks); add data or lower engine.micro_batch_size"
+            f"({batch_key} x ranks); add data or lower {batch_key}"
         )
     return train_set, train_stats, eval_set, eval_stats
