@@ -26,11 +26,12 @@ test: install
 test-quick: install
 	$(PY) -m pytest -q -m "not slow"
 
-# The whole pipeline on the embedded default: SFT, then the reward model from it (sft:latest).
-# PPO joins when its stage lands.
+# The whole pipeline on the embedded default: SFT, the reward model from it (sft:latest), then
+# PPO from both (sft:latest, rm:latest).
 pipeline: install
 	$(VENV)/bin/rlhf sft
 	$(VENV)/bin/rlhf rm
+	$(VENV)/bin/rlhf ppo
 
 clean:
 	rm -rf $(VENV) rlhf_runs .pytest_cache

@@ -166,7 +166,7 @@ def _check_inputs(stage: str, cfg) -> None:
     """
     from rlhf.data.load import STAGE_EXAMPLES
     from rlhf.data.sources import FILE_SUFFIXES
-    from rlhf.models import check_causal_lm, load_tokenizer, ppo_sources, resolve_model
+    from rlhf.models import check_causal_lm, load_tokenizer, ppo_sources, resolve_model, reward_stats
     from rlhf.registry import Registry
     from rlhf.toy import TOY
 
@@ -182,7 +182,9 @@ def _check_inputs(stage: str, cfg) -> None:
         tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, name_or_path=cfg.model.tokenizer)
         if stage == "ppo":
             # The critic and reward are reward models that read the actor's token ids.
-            ppo_sources(cfg, registry, source, tokenizer)
+            reward = ppo_sources(cfg, registry, source, tokenizer).reward
+            if cfg.ppo.normalize_score and reward.kind in ("registry", "path"):
+                reward_stats(reward)
         for key, split, data in local:
             STAGE_EXAMPLES[stage](data, split=split, tokenizer=tokenizer, data=cfg.data, key=key)
 

@@ -238,7 +238,9 @@ class PPODataConfig:
     """Pretraining or SFT data for the PPO-ptx term (used when ppo.ptx_coef > 0), in the forms `rlhf sft` reads."""
     ptx_max_length: int = 32
     """Tokens per ptx sequence; longer ones are cut."""
-    toy: ToyTaskConfig = field(default_factory=ToyTaskConfig)
+    # 800 held-out prompts (of the 810 the toy holds out) put the oracle's mean score within about
+    # +-1.5 points (one standard error): PPO's gain is read against that.
+    toy: ToyTaskConfig = field(default_factory=lambda: ToyTaskConfig(eval_size=800))
     """The synthetic task of the embedded default."""
 
 
@@ -308,7 +310,7 @@ class PPOAlgoConfig:
 class PPOEvalConfig:
     batch_size: int = 64
     """Prompts per rank per evaluation generation call."""
-    max_rows: int = 200
+    max_rows: int = 800
     """Held-out prompts evaluated (the first N); 0 = all."""
 
 
@@ -333,7 +335,9 @@ class PPOConfig:
     """The critic's optimizer and schedule."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Actor and critic engines; micro_batch_size = rollouts per rank per PPO minibatch."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, log_every=1, eval_every=25, save_every=25))
+    # Measured on the embedded default (1 rank, held-out oracle score of sampled answers, 0-100):
+    # 60 -> 77 after 150 steps at lr 1e-4; 60 -> 74.5 at lr 5e-5; 60 -> 71 after 100 steps.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=150, log_every=1, eval_every=50, save_every=50))
     """max_steps = PPO steps (one rollout batch, then ppo.epochs passes over it)."""
     eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

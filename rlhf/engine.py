@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rlhf.config import EngineConfig, OptimConfig
+from rlhf.errors import UserError
 from rlhf.fileio import atomic_write_text
 from rlhf.launch import free_port
 
@@ -236,7 +237,7 @@ def save_checkpoint(
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank}.pt")
     torch.distributed.barrier()
     if dist.is_main:
-        atomic_write_text(ckpt_dir / RESUME_FILE, json.dumps({"tag": tag, "step": step}))
+        atomic_write_text(ckpt_dir / RESUME_FILE, json.dumps({"tag": tag, "step": step, "world_size": dist.world_size}))
         kept = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
         for old in kept[: max(0, len(kept) - keep)]:
             if old.name != tag:
@@ -249,7 +250,11 @@ def load_checkpoint(engines: Any, ckpt_dir: Path, *, dist: Dist) -> dict[str, An
     pointer = ckpt_dir / RESUME_FILE
     if not pointer.is_file():
         return None
-    tag = json.loads(pointer.read_text())["tag"]
+    saved = json.loads(pointer.read_text())
+    tag, ranks = saved["tag"], saved.get("world_size", dist.world_size)
+    if ranks != dist.world_size:
+        # ZeRO's optimizer (and under ZeRO-3 parameter) partitions belong to the ranks that saved them.
+        raise UserError(f"this run was checkpointed on {ranks} rank(s), not {dist.world_size}; resume it with -n {ranks}")
     client_state: dict[str, Any] = {}
     for name, engine in _named(engines).items():
         _, client_state = engine.load_checkpoint(str(ckpt_dir / tag), tag=name)

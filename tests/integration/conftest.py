@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 QUICK = str(REPO / "configs" / "sft-toy-quick.yaml")
 RM_QUICK = str(REPO / "configs" / "rm-toy-quick.yaml")
+PPO_QUICK = str(REPO / "configs" / "ppo-toy-quick.yaml")
 
 
 @dataclass
@@ -81,7 +82,9 @@ def kill_after_checkpoint(stage: str, args: list[str], *, home: Path, min_step: 
         proc.wait()
 
 
-def resume_and_check(stage: str, run_dir: Path, *, home: Path, max_steps: int) -> dict:
+def resume_and_check(
+    stage: str, run_dir: Path, *, home: Path, max_steps: int, loss_key: str = "loss", launch: tuple[str, ...] = ()
+) -> dict:
     """Resume the killed run; check it continued from its checkpoint and finished; return its entry."""
     killed_at = json.loads((run_dir / "checkpoints" / "resume.json").read_text())["step"]
     assert killed_at < max_steps
@@ -89,14 +92,14 @@ def resume_and_check(stage: str, run_dir: Path, *, home: Path, max_steps: int) -
     assert not (run_dir / "final").exists()  # nothing saved or published for an unfinished run
     assert run_dir.name in rlhf("registry", "ls", home=home).stdout  # listed as resumable
 
-    result = rlhf(stage, "--resume", home=home)
+    result = rlhf(stage, "--resume", *launch, home=home)
     assert_ok(result)
     assert f"resumed {run_dir.name} at step " in result.stdout
     resumed_at = int(result.stdout.split(f"resumed {run_dir.name} at step ")[1].split()[0])
     assert resumed_at >= killed_at
     [entry] = [e for e in entries(home) if e["id"] == run_dir.name]
     assert entry["metrics"]["steps"] == max_steps
-    steps = [row["step"] for row in metric_rows(entry) if "loss" in row]
+    steps = [row["step"] for row in metric_rows(entry) if loss_key in row]
     # Rows past the checkpoint that the killed run wrote were dropped, so each step appears once.
     assert steps == sorted(set(steps)) and steps[-1] == max_steps
     # The resumed run is the same run: a second resume has nothing to continue.
@@ -108,3 +111,28 @@ def resume_and_check(stage: str, run_dir: Path, *, home: Path, max_steps: int) -
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def home_with_entries_of(source: Path, home: Path) -> Path:
+    """A registry of its own holding copies of `source`'s entries (their folders stay shared), so
+    a test sees `latest` as the shared parents and only its own runs besides."""
+    (home / "entries").mkdir(parents=True)
+    for entry in (source / "entries").glob("*.json"):
+        (home / "entries" / entry.name).write_text(entry.read_text())
+    return home
+
+
+@pytest.fixture(scope="session")
+def default_sft_home(tmp_path_factory) -> Path:
+    """A registry holding the SFT entry of the embedded default, made as `make pipeline` makes it."""
+    home = tmp_path_factory.mktemp("default_sft")
+    assert_ok(rlhf("sft", home=home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def default_rm_home(default_sft_home, tmp_path_factory) -> Path:
+    """The default SFT entry and the default reward model trained from it (`make pipeline`)."""
+    home = home_with_entries_of(default_sft_home, tmp_path_factory.mktemp("default_rm"))
+    assert_ok(rlhf("rm", home=home))
+    return home

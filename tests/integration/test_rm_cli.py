@@ -14,6 +14,7 @@ from tests.integration.conftest import (
     RM_QUICK,
     assert_ok,
     entries,
+    home_with_entries_of,
     kill_after_checkpoint,
     metric_rows,
     resume_and_check,
@@ -23,22 +24,14 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sft_home(tmp_path_factory) -> Path:
-    """A registry holding one SFT entry of the embedded default (as `make pipeline` makes it):
-    the reward models' parent."""
-    home = tmp_path_factory.mktemp("sft_home")
-    assert_ok(rlhf("sft", home=home))
-    return home
+@pytest.fixture
+def sft_home(default_sft_home) -> Path:
+    return default_sft_home
 
 
 def fresh_home(sft_home: Path, tmp_path: Path) -> Path:
     """A registry of its own that holds the shared SFT entry, so each test sees only its own RM."""
-    home = tmp_path / "home"
-    (home / "entries").mkdir(parents=True)
-    for entry in (sft_home / "entries").glob("*.json"):
-        (home / "entries" / entry.name).write_text(entry.read_text())
-    return home
+    return home_with_entries_of(sft_home, tmp_path / "home")
 
 
 def scored_with_transformers_alone(path: str) -> float:
@@ -61,11 +54,10 @@ def scored_with_transformers_alone(path: str) -> float:
     return correct / len(rows)
 
 
-def test_embedded_default_agrees_with_the_oracle(sft_home, tmp_path):
-    """`rlhf rm` with every default, as `make pipeline` runs it after `rlhf sft`."""
-    home = fresh_home(sft_home, tmp_path)
-    assert_ok(rlhf("rm", home=home))
-    [rm] = [e for e in entries(home) if e["stage"] == "rm"]
+def test_embedded_default_agrees_with_the_oracle(default_rm_home):
+    """`rlhf rm` with every default, as `make pipeline` runs it after `rlhf sft` (the session's
+    shared run, which PPO's tests start from too)."""
+    [rm] = [e for e in entries(default_rm_home) if e["stage"] == "rm"]
     metrics = rm["metrics"]
     # Agreement on 1000 fresh held-out pairs, and accuracy on the held-out pairs file.
     assert metrics["oracle_agreement"] >= 0.9, metrics

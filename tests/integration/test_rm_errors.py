@@ -15,8 +15,9 @@ from tests.integration.test_sft_errors import assert_user_error, write_jsonl
 PAIR = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
 
 
-def publish(home: Path, stage: str, head: str, *, tokenizer=None) -> Entry:
-    """A registry entry over a real toy model folder (built, not trained: these tests need none)."""
+def publish(home: Path, stage: str, head: str, *, tokenizer=None, recorded_tokenizer=None) -> Entry:
+    """A registry entry over a real toy model folder (built, not trained: these tests need none).
+    `tokenizer` goes into the folder; the entry records `recorded_tokenizer` (default: the toy's)."""
     tokenizer = tokenizer or build_tokenizer()
     registry = Registry(home)
     run_id = registry.new_run_id(stage)
@@ -26,14 +27,17 @@ def publish(home: Path, stage: str, head: str, *, tokenizer=None) -> Entry:
     return registry.publish(Entry(
         id=run_id, stage=stage, status="completed", created=now_iso(), path=str(folder),
         run_dir=str(folder.parent), config={}, parents=(), base_model=model_identity(ToyModelConfig()),
-        tokenizer=tokenizer_fingerprint(build_tokenizer()), metrics={}, adapter="none", tags=(),
+        tokenizer=tokenizer_fingerprint(recorded_tokenizer or build_tokenizer()), metrics={}, adapter="none", tags=(),
     ))
 
 
-def other_tokenizer(folder: Path) -> Path:
-    """The toy tokenizer with one token more: same eos and pad, different vocabulary."""
+def other_tokenizer(folder: Path | None = None):
+    """The toy tokenizer with one token more: same eos and pad, different vocabulary. Saved to
+    `folder` (returned) when given, else returned itself."""
     tokenizer = build_tokenizer()
     tokenizer.add_tokens(["<extra>"])
+    if folder is None:
+        return tokenizer
     tokenizer.save_pretrained(folder)
     return folder
 

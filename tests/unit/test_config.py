@@ -160,3 +160,17 @@ def test_resolved_config_stores_local_paths_absolute(tmp_path, monkeypatch):
     assert cfg.data.eval == "toy"  # not a path: left as written
     assert cfg.model.name_or_path == "toy"
     assert cfg.run.registry == str(tmp_path / "reg")
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["ppo.ptx_coef=0.1"], ["ppo.ptx_coef", "data.ptx"]),
+    (["rollout.batch_size=48", "engine.micro_batch_size=32"], ["rollout.batch_size (48)", "engine.micro_batch_size"]),
+    (["ppo.kl_target=6", "ppo.beta=0"], ["ppo.kl_target", "ppo.beta"]),
+    (["rollout.temperature=0"], ["rollout.temperature"]),
+])
+def test_ppo_settings_that_cannot_work(overrides, fragments):
+    from rlhf.config import PPOConfig
+
+    with pytest.raises(UserError) as err:
+        load_config(PPOConfig, None, overrides)
+    assert all(f in str(err.value) for f in fragments), str(err.value)
