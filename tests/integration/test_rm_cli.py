@@ -15,9 +15,7 @@ from tests.integration.conftest import (
     assert_ok,
     entries,
     home_with_entries_of,
-    kill_after_checkpoint,
     metric_rows,
-    resume_and_check,
     rlhf,
 )
 
@@ -103,13 +101,3 @@ def test_lora_reward_model_with_offload_saves_merged_with_its_head(sft_home, tmp
     assert rm["metrics"]["accuracy"] > rm["metrics"]["initial_accuracy"] + 0.1, rm["metrics"]
     # The trained head went into the merged folder: transformers alone reproduces the ranking.
     assert scored_with_transformers_alone(rm["path"]) >= rm["metrics"]["accuracy"] - 0.1
-
-
-def test_killed_rm_run_resumes(sft_home, tmp_path):
-    home = fresh_home(sft_home, tmp_path)
-    run_dir = kill_after_checkpoint(
-        "rm", ["-c", RM_QUICK, "engine.zero_stage=2", "train.max_steps=80", "train.save_every=20", "data.eval=null"],
-        home=home, min_step=20,
-    )
-    entry = resume_and_check("rm", run_dir, home=home, max_steps=80)
-    assert entry["parents"] == [e["id"] for e in entries(sft_home)]
