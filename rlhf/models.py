@@ -83,11 +83,15 @@ def causal_lm_and_tokenizer(cfg: ModelConfig, registry: Registry) -> tuple[Model
     return source, load_tokenizer(source, trust_remote_code=cfg.trust_remote_code, name_or_path=cfg.tokenizer)
 
 
+def _tokenizer_differences(first: dict[str, Any], second: dict[str, Any]) -> str:
+    """What differs between two tokenizer fingerprints ("vocab_size 101 vs 100, ..."); "" if nothing."""
+    keys = [k for k in ("vocab_size", "fingerprint", "eos_token_id", "pad_token_id") if k in first and k in second and first[k] != second[k]]
+    return ", ".join(f"{k} {first[k]} vs {second[k]}" for k in keys)
+
+
 def _check_same_tokenizer(tokenizer: Any, entry: Entry, *, where: str) -> None:
-    mine, theirs = tokenizer_fingerprint(tokenizer), entry.tokenizer
-    differs = [k for k in ("vocab_size", "fingerprint", "eos_token_id", "pad_token_id") if k in theirs and mine[k] != theirs[k]]
-    if differs:
-        detail = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in differs)
+    detail = _tokenizer_differences(tokenizer_fingerprint(tokenizer), entry.tokenizer)
+    if detail:
         raise UserError(
             f"the tokenizer of {where} differs from the one {entry.stage} entry {entry.id} was trained with "
             f"({detail}); use that entry's own tokenizer (drop model.tokenizer)"
@@ -186,10 +190,8 @@ def check_same_tokenizer(tokenizer: Any, source: ModelSource, *, key: str, trust
         theirs = source.entry.tokenizer
     else:
         theirs = tokenizer_fingerprint(load_tokenizer(source, trust_remote_code=trust_remote_code))
-    mine = tokenizer_fingerprint(tokenizer)
-    differs = [k for k in ("vocab_size", "fingerprint", "eos_token_id", "pad_token_id") if k in theirs and mine[k] != theirs[k]]
-    if differs:
-        detail = ", ".join(f"{k} {theirs[k]} vs {mine[k]}" for k in differs)
+    detail = _tokenizer_differences(theirs, tokenizer_fingerprint(tokenizer))
+    if detail:
         raise UserError(
             f"{key}: {source.entry.id if source.entry else source.location} uses another tokenizer than the actor "
             f"({detail}); it would read the actor's token ids as other words, so use a model of the same lineage"
