@@ -52,6 +52,8 @@ def init_distributed() -> Dist:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
+    if not torch.cuda.is_available():
+        _skip_shared_memory_allreduce()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -66,6 +68,23 @@ def init_distributed() -> Dist:
         local_rank=local_rank,
         device=device,
     )
+
+
+SHARED_MEMORY_ALLREDUCE_OP = "deepspeed_shm_comm"
+
+
+def _skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend on plain gloo.
+
+    Its shared-memory all-reduce op serves only tensor-parallel inference, which no stage uses, yet
+    it is compiled at start-up (minutes on a fresh machine) and leaves a 69 MB buffer per rank in
+    /dev/shm that is never unlinked: a few hundred runs fill the machine's memory.
+    """
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible[SHARED_MEMORY_ALLREDUCE_OP] = False
 
 
 RANK_SEED_STRIDE = 1_000_003  # a large prime keeps per-rank seeds of nearby runs apart
