@@ -87,6 +87,28 @@ def show_config(
     _guard(show)
 
 
+@app.command("report")
+def show_report(
+    ref: Annotated[str, typer.Argument(help="Registry entry: an id, a tag, or a reference such as ppo:latest.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.md and the PNG plots (default: the entry's run folder/report).")] = None,
+    registry: Annotated[Optional[Path], typer.Option("--registry", help="Registry root (default: $RLHF_HOME or ./rlhf_runs).")] = None,
+) -> None:
+    """Write a run's report (markdown and training-curve PNGs for it and its whole lineage) and print its summary."""
+
+    def write() -> None:
+        from rlhf.registry import Registry, default_root
+        from rlhf.report import summary_table, write_report
+        from rlhf.tracking import console
+
+        reg = Registry(registry or default_root())
+        entry = reg.resolve(ref)
+        path = write_report(reg, entry, out)
+        console.print(summary_table(reg, entry))
+        typer.echo(f"report: {path}")
+
+    _guard(write)
+
+
 @app.command("toy-data")
 def toy_data(
     out: Annotated[Path, typer.Option("--out", help="Folder for the JSONL files.")] = Path("toy_data"),
