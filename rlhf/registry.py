@@ -2,13 +2,23 @@
 
 Layout under the root (``$RLHF_HOME`` or ``./rlhf_runs``)::
 
-    entries/<id>.json   one file per published entry, never rewritten
-    runs/<id>/...       a run's artifacts (config, metrics, DeepSpeed checkpoints, HF folder)
+    entries/<id>.json          one file per published entry, never rewritten
+    tags/<stage>/<tag>.json    the latest `tag`/`untag` of a tag (replaced whole by rename)
+    removed/<id>.json          entries taken out by `Registry.remove` (moved here in one rename)
+    runs/<id>/...              a run's artifacts (config, metrics, DeepSpeed checkpoints, HF folder)
 
 There is no shared index and no locking (SQLite and fcntl locks are unsafe on NFS/Lustre): an
 entry appears whole through a hard link (or a rename) of a fully written, fsynced temp file, and
 ids carry a UTC time plus random hex so concurrent writers never collide. Readers list the
 directory and skip dot-files and ``*.tmp``.
+
+Tags are mutable, entries are not. A tag names at most one entry per stage (``sft:best`` and
+``rm:best`` are different tags), like a W&B alias: each assignment has a time, and the newest wins.
+The assignments are the tags an entry was published with (at its ``created`` time) and the tag
+files that `tag`, `untag` and `remove` write (an untag names no entry). So a run published with
+``run.tags=best`` takes ``best`` over from an earlier holder, `tag` moves it back, and a reader sees
+the old or the new owner, never a half state. A tag whose newest assignment names an entry that no
+longer exists names nothing.
 
 This module is pure I/O on the standard library so that every stage and the CLI import it fast.
 """
@@ -20,9 +30,13 @@ import json
 import os
 import re
 import secrets
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import quote
 
 from rlhf.errors import UserError
 
@@ -34,6 +48,10 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REFERENCE_RE = re.compile(r"([a-z][a-z0-9_-]*):([^/]+)")
 # The time part of an id made by `new_run_id`, used to order run folders.
 _ID_TIME_RE = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]+$")
+# Tags given to `tag`: usable in `stage:tag` and as a file name.
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# The time-and-hex core of a generated id (`new_run_id`, and companions such as `<id>-critic`).
+_GENERATED_ID_CORE_RE = re.compile(r"(^|-)\d{8}-\d{6}-[0-9a-f]{8}(-|$)")
 _LS_HINT = "run `rlhf registry ls` to see entries"
 
 
@@ -81,7 +99,8 @@ class Entry:
     adapter: str = "none"
     """How LoRA weights are stored: "none", "merged" into the weights, or a peft "adapter"."""
     tags: tuple[str, ...] = ()
-    """Free-form labels; a tag is also a reference (``best`` or ``sft:best``)."""
+    """Labels that are also references (``best`` or ``sft:best``). The file keeps the tags given at
+    publish; `Registry` readers return the tags the entry holds now (see the module docstring)."""
 
     def to_json(self) -> dict:
         """A JSON-ready dict (tuples become lists)."""
@@ -104,6 +123,58 @@ class Entry:
         kwargs["parents"] = tuple(d.get("parents", ()))
         kwargs["tags"] = tuple(d.get("tags", ()))
         return cls(**kwargs)
+
+
+class TagChange(NamedTuple):
+    """What `Registry.tag` did to one tag."""
+
+    tag: str
+    entry: str
+    """The id of the entry it names now."""
+    previous: str | None
+    """The entry it named before (`entry` itself when nothing changed), or None."""
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What `Registry.remove` takes away, checked by `Registry.plan_removal` before anything changes."""
+
+    entry: Entry
+    children: tuple[str, ...]
+    """Ids of entries that name it as a parent; they keep naming it (shown as removed) when forced."""
+    purge_dir: Path | None
+    """The run folder that is deleted after the entry is gone; None unless purging."""
+
+
+@dataclass(frozen=True)
+class LineageNode:
+    """One id in a lineage tree; `branches` are its parents (ancestry) or its children (descendants)."""
+
+    id: str
+    entry: Entry | None
+    """None when no entry has this id (`state` says why)."""
+    state: str = "ok"
+    """"ok"; "missing": no entry has the id; "removed": taken out by `Registry.remove`; "cycle": it is
+    already on the path above (a hand-edited parent list); "repeat": its branches appear earlier in
+    the tree and are not drawn again."""
+    branches: tuple[LineageNode, ...] = ()
+
+
+@dataclass(frozen=True)
+class FamilyTree:
+    """An entry's ancestry (all parents, transitively) and descendants (entries that name it)."""
+
+    entry: Entry
+    ancestry: LineageNode
+    descendants: LineageNode
+
+
+class _Assignment(NamedTuple):
+    when: str
+    by_file: bool
+    """A tag file (`tag`, `untag`, `remove`) beats a publish-time tag of the same instant."""
+    entry_id: str
+    """"" when the tag was taken off."""
 
 
 class Registry:
@@ -153,14 +224,8 @@ class Registry:
         # Serialize before touching the disk so an unserializable config leaves nothing behind.
         data = (json.dumps(entry.to_json(), indent=2) + "\n").encode()
 
-        self._entries_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._entries_dir / f".{entry.id}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        tmp = _durable_temp(self._entries_dir, entry.id, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             _link_or_rename(tmp, final, entry.id)
         finally:
             tmp.unlink(missing_ok=True)
@@ -168,19 +233,9 @@ class Registry:
         return entry
 
     def entries(self, stage: str | None = None) -> list[Entry]:
-        """Published entries (of one stage if given), oldest first by ``created``."""
-        try:
-            names = os.listdir(self._entries_dir)
-        except FileNotFoundError:
-            return []
-        found = []
-        for name in names:
-            if name.startswith(".") or not name.endswith(".json"):
-                continue  # temp files of a publish in progress, or stray files
-            entry = self._read(self._entries_dir / name)
-            if entry is not None and (stage is None or entry.stage == stage):
-                found.append(entry)
-        return sorted(found, key=lambda e: (e.created, e.id))
+        """Published entries (of one stage if given), oldest first by ``created``, with their tags now."""
+        stored = self._stored_entries()
+        return [e for e in self._with_current_tags(stored) if stage is None or e.stage == stage]
 
     def get(self, entry_id: str) -> Entry:
         """The entry with exactly this id."""
@@ -189,15 +244,17 @@ class Registry:
             entry = self._read(self._entries_dir / f"{entry_id}.json")
         if entry is None:
             raise UserError(f"no registry entry {entry_id!r} in {self.root} ({_LS_HINT})")
-        return entry
+        owners = self._tag_owners(self._stored_entries())
+        return _holding(entry, owners)
 
     def resolve(self, ref: str) -> Entry:
         """The entry a reference names.
 
         ``stage:latest`` is the newest completed entry of the stage; ``stage:<sel>`` is the entry
-        whose id is ``sel`` or ``stage-sel``, else the newest of the stage tagged ``sel``, else the
+        whose id is ``sel`` or ``stage-sel``, else the one of the stage tagged ``sel``, else the
         one entry whose id starts with ``sel`` or ``stage-sel`` (an exact tag beats a fuzzy
-        prefix). A bare id or tag works without the stage. Paths are the caller's to check.
+        prefix). A bare id or tag works without the stage, a tag only while one stage has it.
+        Paths are the caller's to check.
         """
         if is_reference(ref):
             stage, sel = ref.split(":", 1)
@@ -214,9 +271,9 @@ class Registry:
             exact = [e for e in candidates if e.id in ids]
             if exact:
                 return exact[0]
-            tagged = [e for e in candidates if sel in e.tags]
+            tagged = [e for e in candidates if sel in e.tags]  # a tag names one entry per stage
             if tagged:
-                return tagged[-1]
+                return tagged[0]
             prefixed = [e for e in candidates if e.id.startswith(ids)]
             if len(prefixed) == 1:
                 return prefixed[0]
@@ -233,12 +290,126 @@ class Registry:
             if exact:
                 return exact[0]
             tagged = [e for e in candidates if ref in e.tags]
+            if len(tagged) == 1:
+                return tagged[0]
             if tagged:
-                return tagged[-1]
+                shown = ", ".join(f"{e.stage}:{ref} = {e.id}" for e in tagged)
+                raise UserError(
+                    f"ambiguous registry reference {ref!r} in {self.root}: entries of {len(tagged)} "
+                    f"stages carry that tag ({shown}); name the stage, e.g. {tagged[-1].stage}:{ref}"
+                )
             what = "no entry"
         raise UserError(
             f"unknown registry reference {ref!r} in {self.root}: {what} with that id or tag ({_LS_HINT})"
         )
+
+    # --- tags ---------------------------------------------------------------------------------
+
+    def tag(self, ref: str, tags: Sequence[str]) -> list[TagChange]:
+        """Point each tag (within the entry's stage) at the entry `ref` names, moving it from the
+        entry that held it. Every name is checked before any tag is written; each write is atomic."""
+        entry = self.resolve(ref)
+        stored = self._stored_entries()
+        ids = {e.id for e in stored}
+        for tag in tags:
+            _check_tag_name(tag, entry.stage, ids)
+        newest = self._newest_assignments(stored)
+        changes = []
+        for tag in dict.fromkeys(tags):
+            before = newest.get((entry.stage, tag))
+            holder = before.entry_id if before and before.entry_id in ids else None
+            if holder != entry.id:
+                self._write_tag(entry.stage, tag, entry.id, not_before=before.when if before else "")
+            changes.append(TagChange(tag, entry.id, holder))
+        return changes
+
+    def untag(self, ref: str, tags: Sequence[str]) -> Entry:
+        """Take tags off the entry `ref` names (all or none: each must be on it); return the entry."""
+        entry = self.resolve(ref)
+        newest = self._newest_assignments(self._stored_entries())
+        for tag in tags:
+            if tag not in entry.tags:
+                held = ", ".join(entry.tags) or "none"
+                raise UserError(
+                    f"{entry.id} has no tag {tag!r} (its tags: {held}); `rlhf registry ls` shows "
+                    f"which entry holds a tag"
+                )
+        for tag in dict.fromkeys(tags):
+            self._write_tag(entry.stage, tag, "", not_before=newest[(entry.stage, tag)].when)
+        return entry
+
+    # --- removal ------------------------------------------------------------------------------
+
+    def plan_removal(self, ref: str, *, force: bool = False, purge: bool = False) -> Removal:
+        """What removing `ref` would do; refuses (UserError) an entry that others name as parent
+        unless `force`, and a purge of a run folder outside ``runs/`` or shared with another entry."""
+        entry = self.resolve(ref)
+        others = [e for e in self.entries() if e.id != entry.id]
+        children = tuple(e.id for e in others if entry.id in e.parents)
+        if children and not force:
+            raise UserError(
+                f"cannot remove {entry.id}: {_count(children, 'entry names', 'entries name')} it as "
+                f"parent ({', '.join(children)}); remove {'it' if len(children) == 1 else 'them'} "
+                f"first, or pass --force to leave {'it' if len(children) == 1 else 'them'} with a "
+                f"removed parent"
+            )
+        purge_dir = None
+        if purge:
+            purge_dir = Path(entry.run_dir).resolve()
+            runs = (self.root / "runs").resolve()
+            if purge_dir == runs or not purge_dir.is_relative_to(runs):
+                raise UserError(
+                    f"cannot purge {entry.id}: its run folder {purge_dir} is not inside {runs}; "
+                    f"remove it without --purge and delete the folder yourself"
+                )
+            # PPO's critic entry lives in the PPO run's folder: deleting it would orphan the other.
+            sharing = [e.id for e in others if _inside(e.run_dir, purge_dir) or _inside(e.path, purge_dir)]
+            if sharing:
+                raise UserError(
+                    f"cannot purge {entry.id}: its run folder {purge_dir} also holds "
+                    f"{', '.join(sharing)}; remove {'that' if len(sharing) == 1 else 'those'} first "
+                    f"(`rlhf registry rm ID`), or drop --purge"
+                )
+        return Removal(entry, children, purge_dir)
+
+    def remove(self, ref: str, *, force: bool = False, purge: bool = False) -> Removal:
+        """Take the entry out of the registry in one rename (into ``removed/``, where moving the file
+        back restores it), dropping its tags; with `purge`, delete its run folder afterwards.
+
+        Checks as `plan_removal`. Give an id rather than ``stage:latest`` when confirming a plan
+        first: another run may publish in between.
+        """
+        plan = self.plan_removal(ref, force=force, purge=purge)
+        entry = plan.entry
+        # Drop its tags before the file goes: once it is gone, its publish-time tags would no
+        # longer count and an older entry published with the same tag would take them over.
+        newest = self._newest_assignments(self._stored_entries())
+        for tag in entry.tags:
+            self._write_tag(entry.stage, tag, "", not_before=newest[(entry.stage, tag)].when)
+        removed_dir = self.root / "removed"
+        removed_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            # One rename: readers see the entry or its absence, and `stage:latest` falls back.
+            os.replace(self._entries_dir / f"{entry.id}.json", removed_dir / f"{entry.id}.json")
+        except FileNotFoundError:
+            raise UserError(f"registry entry {entry.id} was removed by someone else meanwhile") from None
+        _fsync_dir(self._entries_dir)
+        _fsync_dir(removed_dir)
+        if plan.purge_dir is not None and plan.purge_dir.exists():
+            try:
+                shutil.rmtree(plan.purge_dir)
+            except OSError as e:
+                raise UserError(
+                    f"removed {entry.id}, but could not delete its run folder {plan.purge_dir}: {e}; "
+                    f"delete it by hand"
+                ) from None
+        return plan
+
+    def removed_ids(self) -> set[str]:
+        """Ids of entries taken out by `remove`."""
+        return {name[: -len(".json")] for name in _list_json(self.root / "removed")}
+
+    # --- lineage ------------------------------------------------------------------------------
 
     def lineage(self, ref: str) -> list[Entry]:
         """The entry, then its first parent, grandparent, ...; stops at a missing parent or a cycle."""
@@ -253,18 +424,52 @@ class Registry:
             seen.add(parent.id)
         return chain
 
+    def family_tree(self, ref: str) -> FamilyTree:
+        """The entry's ancestors through all parents and its descendants (entries naming it as a
+        parent, transitively), as trees; missing and removed ids and cycles become marked leaves."""
+        entry = self.resolve(ref)
+        entries = self.entries()
+        by_id = {e.id: e for e in entries}
+        children: dict[str, list[str]] = {}
+        for e in entries:  # oldest first, so children are listed in the order they were made
+            for parent in dict.fromkeys(e.parents):
+                children.setdefault(parent, []).append(e.id)
+        removed = self.removed_ids()
+
+        def tree(branch_ids: Callable[[Entry], Iterable[str]]) -> LineageNode:
+            expanded: set[str] = set()
+
+            def grow(node_id: str, path: frozenset[str]) -> LineageNode:
+                node = by_id.get(node_id)
+                if node is None:
+                    return LineageNode(node_id, None, "removed" if node_id in removed else "missing")
+                if node_id in path:
+                    return LineageNode(node_id, node, "cycle")
+                branches = list(dict.fromkeys(branch_ids(node)))
+                # A DAG (ppo <- rm <- sft and ppo <- sft) reaches a node twice: draw its subtree once.
+                if node_id in expanded and branches:
+                    return LineageNode(node_id, node, "repeat")
+                expanded.add(node_id)
+                return LineageNode(node_id, node, "ok", tuple(grow(b, path | {node_id}) for b in branches))
+
+            return grow(entry.id, frozenset())
+
+        return FamilyTree(entry, tree(lambda e: e.parents), tree(lambda e: children.get(e.id, ())))
+
     def incomplete_runs(self, stage: str | None = None) -> list[Path]:
-        """Run folders with no published entry (killed runs that can resume), newest first."""
+        """Run folders with no published entry (killed runs that can resume), newest first.
+
+        Folders of removed entries are finished runs, not resumable ones, and are left out."""
         try:
             names = os.listdir(self.root / "runs")
         except FileNotFoundError:
             return []
-        published = {e.id for e in self.entries()}
+        finished = {e.id for e in self._stored_entries()} | self.removed_ids()
         runs = [
             self.run_dir(name)
             for name in names
             if not name.startswith(".")
-            and name not in published
+            and name not in finished
             and (stage is None or name.startswith(f"{stage}-"))
             and self.run_dir(name).is_dir()
         ]
@@ -276,18 +481,141 @@ class Registry:
 
         return sorted(runs, key=newest_key, reverse=True)
 
+    # --- storage ------------------------------------------------------------------------------
+
+    def _stored_entries(self) -> list[Entry]:
+        """Entries as their files hold them (publish-time tags), oldest first."""
+        found = [self._read(self._entries_dir / name) for name in _list_json(self._entries_dir)]
+        return sorted((e for e in found if e is not None), key=lambda e: (e.created, e.id))
+
     def _read(self, file: Path) -> Entry | None:
         """The entry in `file`, None if it does not exist; a corrupt file is the user's to fix."""
         try:
             text = file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return None
+            return None  # removed between listing and reading
         try:
             return Entry.from_json(json.loads(text))
         except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise UserError(
                 f"corrupt registry entry {file}: {e}; fix the JSON or remove the file"
             ) from None
+
+    def _newest_assignments(self, stored: list[Entry]) -> dict[tuple[str, str], _Assignment]:
+        """The newest assignment of each (stage, tag): publish-time tags and tag files."""
+        newest: dict[tuple[str, str], _Assignment] = {}
+
+        def offer(key: tuple[str, str], assignment: _Assignment) -> None:
+            if key not in newest or assignment > newest[key]:
+                newest[key] = assignment
+
+        for e in stored:
+            for tag in e.tags:
+                offer((e.stage, tag), _Assignment(e.created, False, e.id))
+        for stage_dir in _list_dirs(self.root / "tags"):
+            for name in _list_json(stage_dir):
+                file = stage_dir / name
+                try:
+                    text = file.read_text(encoding="utf-8")
+                except FileNotFoundError:
+                    continue
+                try:
+                    d = json.loads(text)
+                    key, assignment = (d["stage"], d["tag"]), _Assignment(d["tagged"], True, d["entry"] or "")
+                except (ValueError, TypeError, KeyError) as e:
+                    raise UserError(
+                        f"corrupt registry tag file {file}: {e!r}; remove the file and tag again"
+                    ) from None
+                offer(key, assignment)
+        return newest
+
+    def _tag_owners(self, stored: list[Entry]) -> dict[tuple[str, str], str]:
+        """(stage, tag) -> the id of the entry it names now."""
+        ids = {e.id for e in stored}
+        return {key: a.entry_id for key, a in self._newest_assignments(stored).items() if a.entry_id in ids}
+
+    def _with_current_tags(self, stored: list[Entry]) -> list[Entry]:
+        owners = self._tag_owners(stored)
+        return [_holding(e, owners) for e in stored]
+
+    def _write_tag(self, stage: str, tag: str, entry_id: str, *, not_before: str) -> None:
+        """Replace the tag's file in one rename; `entry_id` "" takes the tag off.
+
+        Its time is at least `not_before`, the newest assignment it overrides, so a host whose
+        clock is behind the one that published still moves the tag.
+        """
+        folder = self.root / "tags" / stage
+        name = quote(tag, safe="")
+        name = "%2E" + name[1:] if name.startswith(".") else name  # never a dot-file readers skip
+        record = {"stage": stage, "tag": tag, "entry": entry_id or None, "tagged": max(now_iso(), not_before)}
+        tmp = _durable_temp(folder, name, (json.dumps(record, indent=2) + "\n").encode())
+        try:
+            os.replace(tmp, folder / f"{name}.json")  # atomic, also over an existing file
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(folder)
+
+
+def _holding(entry: Entry, owners: dict[tuple[str, str], str]) -> Entry:
+    """`entry` with the tags it holds now: its publish-time ones still held, then the others by name."""
+    held = [t for t in entry.tags if owners.get((entry.stage, t)) == entry.id]
+    later = sorted(t for (stage, t), owner in owners.items() if owner == entry.id and stage == entry.stage)
+    return replace(entry, tags=tuple(dict.fromkeys(held + later)))
+
+
+def _check_tag_name(tag: str, stage: str, ids: set[str]) -> None:
+    if not _TAG_RE.fullmatch(tag):
+        raise UserError(
+            f"invalid tag {tag!r}: use up to 100 letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit"
+        )
+    if tag == "latest":
+        raise UserError("invalid tag 'latest': `stage:latest` always means the newest entry; choose another name")
+    # References try ids before tags, so such a tag would be shadowed now or by a later run.
+    if tag in ids or f"{stage}-{tag}" in ids or _GENERATED_ID_CORE_RE.search(tag):
+        raise UserError(f"invalid tag {tag!r}: it looks like an entry id; choose another name")
+
+
+def _count(items: Sequence[str], one: str, many: str) -> str:
+    return f"1 {one}" if len(items) == 1 else f"{len(items)} {many}"
+
+
+def _inside(path: str, folder: Path) -> bool:
+    resolved = Path(path).resolve()
+    return resolved == folder or resolved.is_relative_to(folder)
+
+
+def _list_json(directory: Path) -> list[str]:
+    """Names of the ``*.json`` files in `directory`, skipping dot-files (temp files of a write in
+    progress); none if it does not exist."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [n for n in names if not n.startswith(".") and n.endswith(".json")]
+
+
+def _list_dirs(directory: Path) -> list[Path]:
+    try:
+        return [directory / n for n in os.listdir(directory) if not n.startswith(".") and (directory / n).is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def _durable_temp(folder: Path, stem: str, data: bytes) -> Path:
+    """`data` in a new, fsynced dot-file of `folder` (readers skip it), to be linked or renamed in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _duplicate(entry_id: str, final: Path) -> UserError:

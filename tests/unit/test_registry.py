@@ -1,4 +1,4 @@
-"""The checkpoint registry: publishing, references, lineage, concurrency, and `rlhf registry`."""
+"""The checkpoint registry: publishing, references, lineage, tags, removal, concurrency, and `rlhf registry`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from rlhf.cli_registry import app
 from rlhf.errors import UserError
-from rlhf.registry import Entry, Registry, default_root, is_reference, now_iso
+from rlhf.registry import Entry, LineageNode, Registry, TagChange, default_root, is_reference, now_iso
 
 
 def hf_folder(path: Path, marker: str = "config.json") -> Path:
@@ -24,8 +24,9 @@ def hf_folder(path: Path, marker: str = "config.json") -> Path:
 
 def make_entry(reg: Registry, entry_id: str, *, created: str | None = None, **kw) -> Entry:
     stage = kw.pop("stage", entry_id.split("-")[0])
-    run = reg.run_dir(entry_id)
-    kw.setdefault("path", str(hf_folder(run / "hf")))
+    run = Path(kw.pop("run_dir", reg.run_dir(entry_id)))
+    if "path" not in kw:
+        kw["path"] = str(hf_folder(run / "hf"))
     return Entry(
         id=entry_id,
         stage=stage,
@@ -221,6 +222,276 @@ def test_lineage_stops_at_missing_parent_and_cycle(reg: Registry) -> None:
     assert [e.id for e in reg.lineage(SFT2)] == [SFT2, SFT1]
 
 
+def shape(node: LineageNode) -> tuple:
+    """A lineage tree as nested (id, state, [branches]) for comparing with a hand-drawn tree."""
+    return (node.id, node.state, [shape(b) for b in node.branches])
+
+
+def test_family_tree_follows_every_parent_and_child(reg: Registry) -> None:
+    # sft1 <- sft2 <- rm1 <- ppo1, and ppo1 also names sft2: a DAG, not a chain.
+    publish(reg, SFT1, t(1))
+    publish(reg, SFT2, t(2), parents=(SFT1,))
+    publish(reg, RM1, t(3), parents=(SFT2,))
+    publish(reg, PPO1, t(4), parents=(RM1, SFT2))
+    family = reg.family_tree("ppo:latest")
+    assert family.entry.id == PPO1
+    assert shape(family.ancestry) == (PPO1, "ok", [
+        (RM1, "ok", [(SFT2, "ok", [(SFT1, "ok", [])])]),
+        (SFT2, "repeat", []),  # its parents were drawn under rm1
+    ])
+    assert shape(family.descendants) == (PPO1, "ok", [])
+    assert shape(reg.family_tree(SFT1).descendants) == (SFT1, "ok", [
+        (SFT2, "ok", [(RM1, "ok", [(PPO1, "ok", [])]), (PPO1, "ok", [])]),  # a leaf is drawn again
+    ])
+    assert shape(reg.family_tree(SFT1).ancestry) == (SFT1, "ok", [])
+
+
+def test_family_tree_marks_missing_and_removed_parents(reg: Registry) -> None:
+    publish(reg, SFT1, t(1))
+    publish(reg, RM1, t(3), parents=("sft-gone", SFT1))
+    reg.remove(SFT1, force=True)
+    assert shape(reg.family_tree(RM1).ancestry) == (RM1, "ok", [("sft-gone", "missing", []), (SFT1, "removed", [])])
+    assert reg.family_tree(RM1).ancestry.branches[0].entry is None
+
+
+def test_family_tree_stops_at_cycles(reg: Registry) -> None:
+    # Only hand-edited files make cycles; they must print, not recurse forever.
+    publish(reg, SFT1, t(1), parents=(SFT2,))
+    publish(reg, SFT2, t(2), parents=(SFT1,))
+    publish(reg, RM1, t(3), parents=(RM1,))
+    family = reg.family_tree(SFT1)
+    assert shape(family.ancestry) == (SFT1, "ok", [(SFT2, "ok", [(SFT1, "cycle", [])])])
+    assert shape(family.descendants) == (SFT1, "ok", [(SFT2, "ok", [(SFT1, "cycle", [])])])
+    assert shape(reg.family_tree(RM1).ancestry) == (RM1, "ok", [(RM1, "cycle", [])])
+
+
+# --- tags ---------------------------------------------------------------------------------------
+
+
+def tag_files(reg: Registry) -> list[str]:
+    root = reg.root / "tags"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_tag_names_the_entry_through_every_reference_form(pipeline: Registry) -> None:
+    [change] = pipeline.tag(f"rm:{RM1}", ["chosen"])
+    assert change == TagChange("chosen", RM1, None)
+    assert pipeline.resolve("rm:chosen").id == RM1
+    assert pipeline.resolve("chosen").id == RM1
+    assert pipeline.get(RM1).tags == ("chosen",)
+    assert [e.tags for e in pipeline.entries("rm")] == [("chosen",)]
+    assert tag_files(pipeline) == ["rm/chosen.json"]
+    record = json.loads((pipeline.root / "tags" / "rm" / "chosen.json").read_text())
+    assert record["entry"] == RM1 and record["tag"] == "chosen"
+    # The entry file is never rewritten: it keeps the tags it was published with.
+    assert json.loads((pipeline.root / "entries" / f"{RM1}.json").read_text())["tags"] == []
+
+
+def test_retag_moves_the_tag_within_its_stage(pipeline: Registry) -> None:
+    # sft2 holds "best" from publish time (sft1 was published with it earlier).
+    assert pipeline.resolve("sft:best").id == SFT2
+    [change] = pipeline.tag(SFT1, ["best"])
+    assert change == TagChange("best", SFT1, SFT2)
+    assert pipeline.resolve("sft:best").id == SFT1
+    assert pipeline.get(SFT2).tags == ()
+    assert pipeline.get(SFT1).tags == ("best", "baseline")
+    assert pipeline.tag(SFT1, ["best"]) == [TagChange("best", SFT1, SFT1)]  # already there: a no-op
+    [change] = pipeline.tag(SFT2, ["best"])
+    assert change.previous == SFT1 and pipeline.resolve("best").id == SFT2
+    assert tag_files(pipeline) == ["sft/best.json"]  # one file per tag, replaced
+
+
+def test_publish_time_tags_keep_moving_tags(pipeline: Registry) -> None:
+    pipeline.tag(SFT1, ["best"])
+    newer = "sft-20260101-000009-eeee0009"
+    pipeline.publish(make_entry(pipeline, newer, tags=("best",)))  # created now: after the tag
+    assert pipeline.resolve("sft:best").id == newer
+    assert pipeline.get(SFT1).tags == ("baseline",)
+
+
+def test_tag_made_on_a_clock_behind_the_publisher_still_moves(reg: Registry) -> None:
+    ahead = "2999-01-01T00:00:00.000000+00:00"  # published on a host whose clock is far ahead
+    publish(reg, SFT1, ahead, tags=("best",))
+    publish(reg, SFT2, t(2))
+    reg.tag(SFT2, ["best"])
+    assert reg.resolve("sft:best").id == SFT2
+
+
+def test_tags_are_per_stage_and_a_bare_tag_must_be_unambiguous(pipeline: Registry) -> None:
+    pipeline.tag(RM1, ["best"])
+    assert pipeline.resolve("sft:best").id == SFT2
+    assert pipeline.resolve("rm:best").id == RM1
+    with pytest.raises(UserError) as err:
+        pipeline.resolve("best")
+    msg = str(err.value)
+    assert msg.startswith("ambiguous registry reference 'best'")
+    assert f"sft:best = {SFT2}" in msg and f"rm:best = {RM1}" in msg and "\n" not in msg
+
+
+def test_untag_takes_tags_off_all_or_none(pipeline: Registry) -> None:
+    with pytest.raises(UserError, match=f"{SFT2} has no tag 'nope' \\(its tags: best\\)"):
+        pipeline.untag(SFT2, ["best", "nope"])
+    assert pipeline.resolve("sft:best").id == SFT2 and tag_files(pipeline) == []
+    with pytest.raises(UserError, match="has no tag 'best'"):
+        pipeline.untag(SFT1, ["best"])  # published with it, but sft2 holds it now
+
+    assert pipeline.untag("sft:best", ["best"]).id == SFT2
+    # Gone, and not handed back to sft1, which was published with it earlier.
+    with pytest.raises(UserError, match="unknown registry reference 'sft:best'"):
+        pipeline.resolve("sft:best")
+    assert pipeline.get(SFT1).tags == ("baseline",) and pipeline.get(SFT2).tags == ()
+    pipeline.tag(SFT1, ["best"])
+    assert pipeline.resolve("best").id == SFT1
+
+
+@pytest.mark.parametrize(
+    ("tag", "says"),
+    [
+        ("latest", "always means the newest entry"),
+        ("a/b", "use up to 100 letters"),
+        ("x:y", "use up to 100 letters"),
+        (".hidden", "use up to 100 letters"),
+        ("", "use up to 100 letters"),
+        ("a" * 101, "use up to 100 letters"),
+        (RM1, "looks like an entry id"),  # another entry's id
+        ("20260101-000001-aaaa0001", "looks like an entry id"),  # `sft:` + this is sft1's id
+        ("sft-20991231-235959-0123abcd", "looks like an entry id"),  # a future run's id
+        ("ppo-20991231-235959-0123abcd-critic", "looks like an entry id"),
+    ],
+)
+def test_invalid_tag_names_are_refused_before_any_write(pipeline: Registry, tag: str, says: str) -> None:
+    with pytest.raises(UserError) as err:
+        pipeline.tag(SFT1, ["fine", tag])
+    msg = str(err.value)
+    assert says in msg and "\n" not in msg
+    assert tag_files(pipeline) == []
+
+
+def test_tag_names_with_dots_and_dashes_work(pipeline: Registry) -> None:
+    pipeline.tag(SFT1, ["v1.2_rc-3", "2026"])
+    assert pipeline.resolve("sft:v1.2_rc-3").id == SFT1 and pipeline.resolve("v1.2_rc-3").id == SFT1
+
+
+def test_tag_readers_skip_temp_files_and_name_a_corrupt_one(pipeline: Registry) -> None:
+    pipeline.tag(RM1, ["best"])
+    folder = pipeline.root / "tags" / "rm"
+    (folder / ".best.123.ab.tmp").write_text("{half")
+    assert pipeline.resolve("rm:best").id == RM1
+    bad = folder / "other.json"
+    bad.write_text("{")
+    with pytest.raises(UserError) as err:
+        pipeline.entries()
+    assert str(bad) in str(err.value) and "remove the file" in str(err.value)
+
+
+# --- removal ------------------------------------------------------------------------------------
+
+
+def test_remove_takes_the_entry_out_and_latest_falls_back(pipeline: Registry) -> None:
+    removal = pipeline.remove("ppo:latest")
+    assert removal.entry.id == PPO1 and removal.children == () and removal.purge_dir is None
+    assert [e.id for e in pipeline.entries()] == [SFT1, SFT2, RM1]
+    assert os.listdir(pipeline.root / "removed") == [f"{PPO1}.json"]
+    assert pipeline.removed_ids() == {PPO1}
+    with pytest.raises(UserError, match="no completed ppo entry"):
+        pipeline.resolve("ppo:latest")
+    # Its run folder stays without --purge, and is a finished run, not a resumable one.
+    assert pipeline.run_dir(PPO1).is_dir() and pipeline.incomplete_runs() == []
+    # Now rm1 has no children and can go: rm:latest falls back to nothing, sft:latest stays.
+    pipeline.remove(RM1)
+    assert pipeline.resolve("sft:latest").id == SFT2
+    with pytest.raises(UserError, match="unknown registry reference"):
+        pipeline.resolve(RM1)
+
+
+def test_remove_refuses_a_parent_of_other_entries(pipeline: Registry) -> None:
+    with pytest.raises(UserError) as err:
+        pipeline.remove("sft:best")
+    msg = str(err.value)
+    assert msg == (
+        f"cannot remove {SFT2}: 2 entries name it as parent ({RM1}, {PPO1}); remove them first, "
+        f"or pass --force to leave them with a removed parent"
+    )
+    with pytest.raises(UserError, match=f"1 entry names it as parent \\({PPO1}\\); remove it first"):
+        pipeline.plan_removal(RM1, purge=True)
+    assert [e.id for e in pipeline.entries()] == [SFT1, SFT2, RM1, PPO1]
+    assert not (pipeline.root / "removed").exists()
+
+
+def test_forced_removal_leaves_children_naming_a_removed_parent(pipeline: Registry) -> None:
+    removal = pipeline.remove(SFT2, force=True)
+    assert removal.children == (RM1, PPO1)
+    assert pipeline.get(RM1).parents == (SFT2,)
+    assert shape(pipeline.family_tree(RM1).ancestry) == (RM1, "ok", [(SFT2, "removed", [])])
+    assert [e.id for e in pipeline.lineage(PPO1)] == [PPO1, RM1]
+
+
+def test_remove_drops_the_entry_tags(reg: Registry) -> None:
+    publish(reg, SFT1, t(1), tags=("best",))
+    publish(reg, SFT2, t(2), tags=("best",))
+    reg.tag(SFT2, ["good"])
+    removal = reg.remove(SFT2)
+    assert removal.entry.tags == ("best", "good")
+    # Dropped, not handed back to sft1 (published with "best" before sft2 took it).
+    for ref in ("sft:best", "best", "sft:good"):
+        with pytest.raises(UserError, match="unknown registry reference"):
+            reg.resolve(ref)
+    assert reg.get(SFT1).tags == ()
+
+
+def test_tag_file_naming_a_removed_entry_names_nothing(reg: Registry) -> None:
+    publish(reg, SFT1, t(1), tags=("best",))
+    publish(reg, SFT2, t(2))
+    reg.tag(SFT2, ["best"])
+    # As a reader between another host's rename and its tag write would see it.
+    os.rename(reg.root / "entries" / f"{SFT2}.json", reg.root / f"{SFT2}.json")
+    with pytest.raises(UserError, match="unknown registry reference 'sft:best'"):
+        reg.resolve("sft:best")
+    assert reg.get(SFT1).tags == ()
+
+
+def test_purge_deletes_the_run_folder_after_the_entry(pipeline: Registry) -> None:
+    removal = pipeline.remove(PPO1, purge=True)
+    assert removal.purge_dir == pipeline.run_dir(PPO1).resolve()
+    assert not pipeline.run_dir(PPO1).exists()
+    assert all(pipeline.run_dir(i).is_dir() for i in (SFT1, SFT2, RM1))
+    assert [e.id for e in pipeline.entries()] == [SFT1, SFT2, RM1]
+
+
+def test_purge_refuses_a_run_folder_another_entry_lives_in(reg: Registry) -> None:
+    # PPO publishes its critic as a second entry inside the same run folder.
+    publish(reg, PPO1, t(4))
+    critic = f"{PPO1}-critic"
+    publish(reg, critic, t(5), stage="critic", run_dir=str(reg.run_dir(PPO1)),
+            path=str(hf_folder(reg.run_dir(PPO1) / "critic")))
+    with pytest.raises(UserError) as err:
+        reg.remove(PPO1, purge=True)
+    assert str(err.value) == (
+        f"cannot purge {PPO1}: its run folder {reg.run_dir(PPO1).resolve()} also holds {critic}; remove "
+        f"that first (`rlhf registry rm ID`), or drop --purge"
+    )
+    assert len(reg.entries()) == 2 and (reg.run_dir(PPO1) / "critic" / "config.json").is_file()
+    reg.remove(critic)
+    reg.remove(PPO1, purge=True)
+    assert reg.entries() == [] and not reg.run_dir(PPO1).exists()
+
+
+def test_purge_refuses_a_run_folder_outside_the_registry(reg: Registry, tmp_path: Path) -> None:
+    outside = hf_folder(tmp_path / "my-models" / "hf")
+    publish(reg, SFT1, t(1), run_dir=str(outside.parent), path=str(outside))
+    with pytest.raises(UserError, match=f"its run folder {outside.parent} is not inside {reg.root / 'runs'}"):
+        reg.remove(SFT1, purge=True)
+    assert reg.get(SFT1) and outside.is_dir()
+    reg.remove(SFT1)  # without --purge it is only the entry
+    assert outside.is_dir()
+
+
+def test_removing_twice_is_a_user_error(pipeline: Registry) -> None:
+    pipeline.remove(PPO1)
+    with pytest.raises(UserError, match=f"unknown registry reference '{PPO1}'"):
+        pipeline.remove(PPO1)
+
+
 # --- refusals and robustness --------------------------------------------------------------------
 
 
@@ -337,6 +608,32 @@ def test_two_processes_publishing_at_once(tmp_path: Path) -> None:
     assert len(final) == 50 and len({e.id for e in final}) == 50
     assert len({e.config["pid"] for e in final}) == 2
     assert sorted(os.listdir(root / "entries")) == sorted(f"{e.id}.json" for e in final)  # no temp left
+
+
+def _move_tag_back_and_forth(root: str, ids: tuple[str, str], n: int, barrier) -> None:
+    """Child process: move the tag "best" between two entries `n` times."""
+    reg = Registry(root)
+    barrier.wait()
+    for i in range(n):
+        reg.tag(ids[i % 2], ["best"])
+
+
+def test_readers_always_see_one_owner_while_a_tag_moves(pipeline: Registry) -> None:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    mover = ctx.Process(target=_move_tag_back_and_forth, args=(str(pipeline.root), (SFT1, SFT2), 150, barrier))
+    mover.start()
+    barrier.wait(timeout=60)
+    owners, errors = set(), []
+    while mover.is_alive():
+        try:
+            owners.add(pipeline.resolve("sft:best").id)
+        except Exception as e:  # a missing or half-written tag file is the bug under test
+            errors.append(repr(e))
+    mover.join()
+    assert mover.exitcode == 0 and errors == []
+    assert owners == {SFT1, SFT2}
+    assert tag_files(pipeline) == ["sft/best.json"]  # no temp file left
 
 
 # --- CLI ----------------------------------------------------------------------------------------
