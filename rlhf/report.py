@@ -81,14 +81,14 @@ class OracleRow:
 
 def write_report(registry: Registry, entry: Entry, out_dir: Path | str | None = None) -> Path:
     """Write ``report.md`` and its PNG plots for `entry` and every ancestor into `out_dir`
-    (default: ``<run_dir>/report``); return the path of ``report.md``.
+    (default: `default_report_dir`); return the path of ``report.md``.
 
     An ancestor whose run folder lost its metrics.jsonl is reported without curves; the entry's
     own missing metrics.jsonl is an error, since there would be nothing to plot.
     """
     chain, missing = lineage(registry, entry)
     runs = {e.id: read_metrics(Path(e.run_dir), required=e.id == entry.id) for e in chain}
-    out = Path(out_dir) if out_dir is not None else Path(entry.run_dir) / "report"
+    out = Path(out_dir) if out_dir is not None else default_report_dir(entry)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -109,6 +109,13 @@ def write_report(registry: Registry, entry: Entry, out_dir: Path | str | None = 
     path = out / REPORT_FILE
     path.write_text(_markdown(entry, chain, missing, runs, images), encoding="utf-8")
     return path
+
+
+def default_report_dir(entry: Entry) -> Path:
+    """``<run_dir>/report``; ``<run_dir>/report-<stage>`` for a second entry of the same run (ppo's
+    critic), so its report does not overwrite the run's own."""
+    run_dir = Path(entry.run_dir)
+    return run_dir / ("report" if run_dir.name == entry.id else f"report-{entry.stage}")
 
 
 def summary_table(registry: Registry, entry: Entry) -> Table:

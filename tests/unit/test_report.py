@@ -181,6 +181,16 @@ def test_sft_report_shows_only_sft(reg, tmp_path):
     assert "PPO" not in text
 
 
+def test_critic_report_does_not_overwrite_its_ppo_run_report(reg):
+    ppo_report = write_report(reg, reg.get(PPO))
+    critic_report = write_report(reg, reg.get(f"{PPO}-critic"))
+    assert critic_report.parent == Path(reg.get(PPO).run_dir) / "report-critic"
+    assert f"rlhf report: {PPO}\n" in ppo_report.read_text()  # still the ppo report
+    text = critic_report.read_text()
+    assert f"rlhf report: {PPO}-critic\n" in text and "| value_loss | 0.35 |" in text
+    assert [e.id for e in lineage(reg, reg.get(f"{PPO}-critic"))[0]] == [SFT, RM, f"{PPO}-critic"]
+
+
 def test_summary_table_names_ids_paths_metrics_and_oracle_scores(reg):
     console = Console(record=True, width=300)
     console.print(summary_table(reg, reg.get(PPO)))
