@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlhf.errors import UserError
-from rlhf.registry import Entry, Registry
+from rlhf.registry import Entry, LineageNode, Registry
 from rlhf.toy import TOY
 from rlhf.tracking import METRICS_FILE
 
@@ -131,8 +131,8 @@ def summary_table(registry: Registry, entry: Entry) -> Table:
         metrics = "\n".join(f"{label} {_fmt(value)}" for label, value in key_metrics(e))
         where = f"model {e.path}\nrun {e.run_dir}"
         table.add_row(escape(e.stage), escape(e.id), escape(metrics) or "-", escape(where))
-    for parent in missing:
-        table.add_row("?", escape(parent), "no registry entry (deleted?)", "-")
+    for parent, why in missing.items():
+        table.add_row("?", escape(parent), f"no registry entry ({why})", "-")
     oracle = oracle_rows(chain)
     if oracle:
         table.add_section()
@@ -142,28 +142,27 @@ def summary_table(registry: Registry, entry: Entry) -> Table:
     return table
 
 
-def lineage(registry: Registry, entry: Entry) -> tuple[list[Entry], list[str]]:
-    """`entry` and all its ancestors, oldest first, and the ids of parents with no entry.
+def lineage(registry: Registry, entry: Entry) -> tuple[list[Entry], dict[str, str]]:
+    """`entry` and all its ancestors, oldest first, and the ancestor ids with no entry, each with
+    why ("missing", or "removed" by `rlhf registry rm`).
 
     Every parent is followed, not only the first: a ppo entry's parents are its sft (actor) and
     its rm (critic, reward), and the report of one ppo run should show the whole pipeline.
     """
-    by_id = {e.id: e for e in registry.entries()}
-    found: dict[str, Entry] = {entry.id: entry}
-    missing: list[str] = []
-    pending = list(entry.parents)
-    while pending:
-        parent_id = pending.pop(0)
-        if parent_id in found or parent_id in missing:
-            continue
-        parent = by_id.get(parent_id)
-        if parent is None:
-            missing.append(parent_id)
-            continue
-        found[parent_id] = parent
-        pending.extend(parent.parents)
+    found: dict[str, Entry] = {}
+    absent: dict[str, str] = {}
+
+    def walk(node: LineageNode) -> None:
+        if node.entry is None:
+            absent[node.id] = node.state
+            return
+        found[node.id] = node.entry
+        for parent in node.branches:
+            walk(parent)
+
+    walk(registry.family_tree(entry.id).ancestry)
     # A parent is always published before its children, so creation time is pipeline order.
-    return sorted(found.values(), key=lambda e: (e.created, e.id)), missing
+    return sorted(found.values(), key=lambda e: (e.created, e.id)), absent
 
 
 def read_metrics(run_dir: Path, *, required: bool = True) -> list[dict[str, Any]] | None:
@@ -271,7 +270,7 @@ def _oracle_row(model: str, entry: Entry, *, initial: bool) -> list[OracleRow]:
     return [OracleRow(model, float(sampled), float(greedy) if isinstance(greedy, (int, float)) else None, f"{entry.id} {when}")]
 
 
-def _markdown(entry: Entry, chain: list[Entry], missing: list[str], runs: dict[str, list | None],
+def _markdown(entry: Entry, chain: list[Entry], missing: dict[str, str], runs: dict[str, list | None],
               images: dict[str, list[tuple[str, str]]]) -> str:
     lines = [
         f"# rlhf report: {entry.id}",
@@ -287,7 +286,7 @@ def _markdown(entry: Entry, chain: list[Entry], missing: list[str], runs: dict[s
         parents = ", ".join(f"`{p}`" for p in e.parents) or "-"
         lines.append(f"| {e.stage} | `{e.id}` | {parents} | `{e.path}` | `{e.run_dir}` |")
     if missing:
-        lines += ["", "Parents with no registry entry (deleted?), not shown: " + ", ".join(f"`{p}`" for p in missing) + "."]
+        lines += ["", "Ancestors with no registry entry, not shown: " + ", ".join(f"`{p}` ({why})" for p, why in missing.items()) + "."]
 
     oracle = oracle_rows(chain)
     if oracle:

@@ -110,7 +110,7 @@ def lines_of(rows: list[dict], stage: str, name: str) -> dict[str, tuple[list, l
 def test_ppo_lineage_is_the_whole_pipeline_in_order(reg):
     chain, missing = lineage(reg, reg.get(PPO))
     assert [e.id for e in chain] == [SFT, RM, PPO]  # both parents followed, sft once
-    assert missing == []
+    assert missing == {}
     assert [e.id for e in lineage(reg, reg.get(SFT))[0]] == [SFT]
 
 
@@ -227,9 +227,20 @@ def test_ancestor_without_metrics_or_entry_is_noted_not_fatal(reg, tmp_path):
                      parents=("sft-20250101-000000-gone0000", RM))
     text = write_report(reg, orphan, tmp_path / "out").read_text()
     assert f"No metrics.jsonl in `{reg.get(SFT).run_dir}`: no curves." in text
-    assert "`sft-20250101-000000-gone0000`" in text and "deleted?" in text
+    assert "Ancestors with no registry entry, not shown: `sft-20250101-000000-gone0000` (missing)." in text
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
         "ppo-kl.png", "ppo-oracle.png", "ppo-score.png", "rm-accuracy.png"]
+
+
+def test_removed_parent_is_said_removed(reg, tmp_path):
+    reg.remove(RM, force=True)  # ppo still names it
+    chain, missing = lineage(reg, reg.get(PPO))
+    assert [e.id for e in chain] == [SFT, PPO] and missing == {RM: "removed"}
+    text = write_report(reg, reg.get(PPO), tmp_path / "out").read_text()
+    assert f"`{RM}` (removed)" in text
+    console = Console(record=True, width=300)
+    console.print(summary_table(reg, reg.get(PPO)))
+    assert re.search(rf"{RM}\s+│ no registry entry \(removed\)", console.export_text())
 
 
 def test_malformed_metrics_row_names_file_and_line(tmp_path):
