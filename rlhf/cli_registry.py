@@ -1,4 +1,4 @@
-"""`rlhf registry`: list and inspect checkpoint-registry entries (read-only; imports no torch)."""
+"""`rlhf registry`: list, inspect, tag and remove checkpoint-registry entries (imports no torch)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,20 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
 
 from rlhf.errors import EXIT_USER_ERROR, UserError
-from rlhf.registry import Entry, Registry, default_root
+from rlhf.registry import Entry, LineageNode, Registry, default_root
 
-app = typer.Typer(help="Inspect the checkpoint registry.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, tag and remove checkpoint-registry entries.", no_args_is_help=True)
 
 RootOpt = Annotated[
     Optional[Path],
     typer.Option("--root", help="Registry root [default: $RLHF_HOME, else ./rlhf_runs]."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
+RefArg = Annotated[str, typer.Argument(help="Entry id or reference: sft:latest, rm:<id>, a tag.")]
 
 # Metrics shown per row in `ls`; the rest stay in `show`.
 _LS_METRICS = 3
@@ -59,7 +62,11 @@ def _lineage_text(reg: Registry, entry: Entry) -> str:
     text = " <- ".join(e.id for e in chain)
     if chain[-1].parents:  # lineage stopped early: say why rather than hide the parent
         parent = chain[-1].parents[0]
-        text += f" <- {parent} " + ("(cycle)" if any(e.id == parent for e in chain) else "(missing)")
+        if any(e.id == parent for e in chain):
+            why = "cycle"
+        else:
+            why = "removed" if parent in reg.removed_ids() else "missing"
+        text += f" <- {parent} ({why})"
     return text
 
 
@@ -104,7 +111,7 @@ def ls(
 
 @app.command("show")
 def show(
-    ref: Annotated[str, typer.Argument(help="Entry id or reference: sft:latest, rm:<id>, a tag.")],
+    ref: RefArg,
     root: RootOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -116,6 +123,7 @@ def show(
             typer.echo(json.dumps(entry.to_json(), indent=2))
             return
         lineage = _lineage_text(reg, entry)
+        children = [e.id for e in reg.entries() if entry.id in e.parents]
 
     table = Table(title=entry.id, show_header=False)
     table.add_column("field", style="bold")
@@ -123,6 +131,7 @@ def show(
     for name in ("id", "stage", "status", "created", "path", "run_dir", "base_model", "adapter"):
         table.add_row(name, str(getattr(entry, name)))
     table.add_row("parents", ", ".join(entry.parents) or "-")
+    table.add_row("children", ", ".join(children) or "-")
     table.add_row("tags", ", ".join(entry.tags) or "-")
     table.add_row("tokenizer", ", ".join(f"{k}={v}" for k, v in entry.tokenizer.items()) or "-")
     table.add_row("metrics", "\n".join(f"{k}={_fmt(v)}" for k, v in entry.metrics.items()) or "-")
@@ -134,3 +143,147 @@ def show(
     console = Console(markup=False)  # ids, paths and config values are data, not markup
     console.print(table)
     console.print(f"lineage: {lineage}")
+
+
+_STATE_NOTE = {
+    "missing": "missing: no entry has this id",
+    "removed": "removed with `rlhf registry rm`",
+    "cycle": "cycle: already on the path above",
+}
+
+
+def _node_label(node: LineageNode, *, repeat_note: str) -> Text:
+    label = Text(node.id, style="bold")
+    if node.entry is not None:
+        label.append(f"  {node.entry.stage}  {node.entry.created[:19].replace('T', ' ')}", style="dim")
+        if node.entry.tags:
+            label.append(f"  [{', '.join(node.entry.tags)}]", style="cyan")
+    note = repeat_note if node.state == "repeat" else _STATE_NOTE.get(node.state)
+    if note:
+        label.append(f"  ({note})", style="yellow")
+    return label
+
+
+def _draw(node: LineageNode, tree: Tree, *, repeat_note: str) -> None:
+    for branch in node.branches:
+        _draw(branch, tree.add(_node_label(branch, repeat_note=repeat_note)), repeat_note=repeat_note)
+
+
+def _flat(root: LineageNode) -> list[dict]:
+    """Every id reachable from `root` once, nearest first (depth: fewest steps), with its parents:
+    the graph for scripts. The tree draws a shared subtree once, so walk ids, not drawn nodes."""
+    nodes: dict[str, LineageNode] = {}
+
+    def collect(node: LineageNode) -> None:
+        if node.state not in ("repeat", "cycle"):  # each id has one such node: the one with branches
+            nodes.setdefault(node.id, node)
+        for branch in node.branches:
+            collect(branch)
+
+    collect(root)
+    out: list[dict] = []
+    seen: set[str] = set()
+    level, depth = [b.id for b in root.branches], 1
+    while level:
+        following = []
+        for node_id in level:
+            if node_id in seen:
+                continue
+            seen.add(node_id)
+            node = nodes[node_id]
+            e = node.entry
+            out.append({
+                "id": node_id, "depth": depth, "state": node.state, "stage": e.stage if e else None,
+                "created": e.created if e else None, "parents": list(e.parents) if e else [],
+                "tags": list(e.tags) if e else [],
+            })
+            following.extend(b.id for b in node.branches)
+        level, depth = following, depth + 1
+    return out
+
+
+@app.command("lineage")
+def lineage(ref: RefArg, root: RootOpt = None, as_json: JsonOpt = False) -> None:
+    """Show an entry's ancestry (all its parents, transitively) and its descendants."""
+    reg = Registry(root or default_root())
+    with _user_errors():
+        family = reg.family_tree(ref)
+    if as_json:
+        typer.echo(json.dumps({
+            "id": family.entry.id,
+            "ancestors": _flat(family.ancestry),
+            "descendants": _flat(family.descendants),
+        }, indent=2))
+        return
+    console = Console()  # labels are rich Text objects: ids are never parsed as markup
+    for title, node, note in (
+        ("Ancestry (parents, transitively)", family.ancestry, "its parents are drawn above"),
+        ("Descendants (entries that name it as parent, transitively)", family.descendants, "its children are drawn above"),
+    ):
+        tree = Tree(_node_label(node, repeat_note=note))
+        _draw(node, tree, repeat_note=note)
+        console.print(Text(title, style="underline"))
+        console.print(tree)
+        if not node.branches:
+            console.print("  (none)")
+
+
+@app.command("tag")
+def tag(
+    ref: RefArg,
+    tags: Annotated[list[str], typer.Argument(help="Tags to put on the entry; one held by another entry of its stage moves.")],
+    root: RootOpt = None,
+) -> None:
+    """Tag an entry, e.g. `rlhf registry tag rm:latest best`; then `rm:best` names it."""
+    reg = Registry(root or default_root())
+    with _user_errors():
+        changes = reg.tag(ref, tags)
+    for change in changes:
+        if change.previous == change.entry:
+            typer.echo(f"{change.entry} already has tag {change.tag}")
+        elif change.previous:
+            typer.echo(f"tagged {change.entry} {change.tag} (moved from {change.previous})")
+        else:
+            typer.echo(f"tagged {change.entry} {change.tag}")
+
+
+@app.command("untag")
+def untag(
+    ref: RefArg,
+    tags: Annotated[list[str], typer.Argument(help="Tags to take off the entry.")],
+    root: RootOpt = None,
+) -> None:
+    """Take tags off an entry (each must be on it)."""
+    reg = Registry(root or default_root())
+    with _user_errors():
+        entry = reg.untag(ref, tags)
+    typer.echo(f"untagged {entry.id}: {', '.join(dict.fromkeys(tags))}")
+
+
+@app.command("rm")
+def rm(
+    ref: RefArg,
+    force: Annotated[bool, typer.Option("--force", help="Remove it even if other entries name it as parent.")] = False,
+    purge: Annotated[bool, typer.Option("--purge", help="Also delete its run folder (checkpoints and model).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Purge without asking.")] = False,
+    root: RootOpt = None,
+) -> None:
+    """Remove an entry (its file moves to removed/; --purge also deletes the run folder)."""
+    reg = Registry(root or default_root())
+    with _user_errors():
+        plan = reg.plan_removal(ref, force=force, purge=purge)
+    if plan.purge_dir is not None and not yes:
+        typer.confirm(f"Remove {plan.entry.id} and delete {plan.purge_dir}?", abort=True)
+    with _user_errors():
+        # By id: `stage:latest` could name a newer entry by now.
+        done = reg.remove(plan.entry.id, force=force, purge=purge)
+    entry = done.entry
+    typer.echo(f"removed {entry.id}" + (f" and its tags {', '.join(entry.tags)}" if entry.tags else ""))
+    if done.children:
+        typer.echo(f"  {', '.join(done.children)} now name{'s' if len(done.children) == 1 else ''} a removed parent")
+    if done.purge_dir is not None:
+        typer.echo(f"  deleted {done.purge_dir}")
+        if not Path(entry.path).resolve().is_relative_to(done.purge_dir):
+            typer.echo(f"  kept {entry.path} (outside the run folder)")
+    else:
+        typer.echo(f"  restore: mv {reg.root / 'removed' / (entry.id + '.json')} {reg.root / 'entries'}/")
