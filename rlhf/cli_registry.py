@@ -274,6 +274,7 @@ def rm(
         plan = reg.plan_removal(ref, force=force, purge=purge)
     if plan.purge_dir is not None and not yes:
         typer.confirm(f"Remove {plan.entry.id} and delete {plan.purge_dir}?", abort=True)
+    folder_existed = plan.purge_dir is not None and plan.purge_dir.exists()
     with _user_errors():
         # By id: `stage:latest` could name a newer entry by now.
         done = reg.remove(plan.entry.id, force=force, purge=purge)
@@ -282,7 +283,7 @@ def rm(
     if done.children:
         typer.echo(f"  {', '.join(done.children)} now name{'s' if len(done.children) == 1 else ''} a removed parent")
     if done.purge_dir is not None:
-        typer.echo(f"  deleted {done.purge_dir}")
+        typer.echo(f"  deleted {done.purge_dir}" if folder_existed else f"  {done.purge_dir} was already gone")
         if not Path(entry.path).resolve().is_relative_to(done.purge_dir):
             typer.echo(f"  kept {entry.path} (outside the run folder)")
     else:
