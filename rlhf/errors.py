@@ -12,6 +12,15 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
+class StoppedBySignal(Exception):
+    """The run was asked to stop (SIGTERM: preemption, `scontrol requeue`, a time limit near) and
+    saved a resumable checkpoint first."""
+
+
+# 128 + SIGTERM, the status a shell gives a process that SIGTERM ended: not a success, not a bug.
+EXIT_STOPPED = 143
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, for quoting a library's error in ours."""
     lines = str(exc).strip().splitlines()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf.config import STAGE_CONFIGS, load_config, save_config
-from rlhf.errors import EXIT_USER_ERROR, UserError
+from rlhf.errors import EXIT_STOPPED, EXIT_USER_ERROR, StoppedBySignal, UserError
 from rlhf.registry import Registry, default_root
 from rlhf.toy import TOY
 from rlhf.tracking import print_error
@@ -66,11 +66,18 @@ def _absolute_paths(section: Any) -> Any:
     return dataclasses.replace(section, **changes)
 
 
-def create_run(stage: str, cfg: Any) -> Run:
+def create_run(stage: str, cfg: Any, run_id: str | None = None) -> Run:
+    """A new run folder holding the resolved config; `run_id` is given when `rlhf submit` chose it
+    at submission, so the batch job's log already sits in the folder."""
     registry = Registry(cfg.run.registry)
-    run_id = registry.new_run_id(stage)
+    if run_id is None:
+        run_id = registry.new_run_id(stage)
+    elif Path(run_id).name != run_id or run_id.startswith("."):
+        raise UserError(f"--run {run_id!r} is not a run id (a plain name such as {stage}-20261123-120000-1a2b3c4d)")
     run_dir = registry.run_dir(run_id)
-    run_dir.mkdir(parents=True, exist_ok=False)
+    if (run_dir / CONFIG_FILE).exists():
+        raise UserError(f"run {run_id} has already started in {run_dir}; continue it with `rlhf {stage} --resume --run {run_id}`")
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG_FILE)
     return Run(stage, run_id, run_dir, cfg, registry)
 
@@ -136,3 +143,5 @@ def stage_entrypoint(stage: str, main: Callable[[Run], None]) -> None:
         if is_rank_zero():
             print_error(str(exc))
         sys.exit(EXIT_USER_ERROR)
+    except StoppedBySignal:
+        sys.exit(EXIT_STOPPED)

@@ -1,13 +1,15 @@
 """The plumbing every training stage shares, so a stage file keeps only its algorithm.
 
 `StageLoop` resumes a run (or measures the untrained baseline), keeps the metrics and progress,
-runs the periodic evaluations and checkpoints, stops on a non-finite loss, and at the end
-publishes the registry entry after the final folder is complete.
+runs the periodic evaluations and checkpoints, stops on a non-finite loss, stops with a checkpoint
+when asked to (SIGTERM or SIGUSR1: a preempted or requeued SLURM job), and at the end publishes
+the registry entry after the final folder is complete.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,11 +18,15 @@ import torch
 
 from rlhf.config import to_dict
 from rlhf.engine import Dist, load_checkpoint, save_checkpoint
-from rlhf.errors import UserError
+from rlhf.errors import StoppedBySignal, UserError
 from rlhf.models import ModelSource, base_model_identity, tokenizer_fingerprint
 from rlhf.registry import Entry, now_iso
 from rlhf.runs import Run
 from rlhf.tracking import Tracker
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Signals that mean "save and stop": SLURM sends SIGTERM before it preempts or requeues a job."""
 
 
 class StageLoop:
@@ -37,6 +43,9 @@ class StageLoop:
         self.run, self.engines, self.dist, self.evaluate = run, engines, dist, evaluate
         self.cfg = run.config
         self.started = time.time()
+        self._stop_signal = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request_stop)
         # Resume from the last complete checkpoint of this run, if any.
         self.state: dict[str, Any] = load_checkpoint(engines, run.checkpoint_dir, dist=dist) or {"step": 0}
         extra = {"headline": headline} if headline else {}
@@ -77,6 +86,32 @@ class StageLoop:
                 self.tracker.log(step, self.evaluate())
             if train.save_every and step % train.save_every == 0:
                 self.save(step)
+            if self._stop_requested_on_any_rank():
+                self._stop(step, saved=bool(train.save_every) and step % train.save_every == 0)
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        # Only a flag: the step in flight finishes, then every rank saves at the same step.
+        self._stop_signal = signum
+
+    def _stop_requested_on_any_rank(self) -> bool:
+        """True on every rank once any rank got a stop signal (ranks may see it a step apart)."""
+        if self.dist.world_size == 1:
+            return self._stop_signal != 0
+        flag = torch.tensor([self._stop_signal], dtype=torch.int32, device=self.dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self._stop_signal = int(flag.item())
+        return self._stop_signal != 0
+
+    def _stop(self, step: int, *, saved: bool) -> None:
+        if not saved:
+            self.save(step)
+        name = signal.Signals(self._stop_signal).name
+        self.tracker.print(
+            f"[yellow]{name}: stopped after step {step} with a checkpoint[/]; `rlhf {self.run.stage} --resume "
+            f"--run {self.run.run_id}` continues it (a requeued SLURM job does so itself)"
+        )
+        self.tracker.close()
+        raise StoppedBySignal(name)
 
     def save(self, step: int) -> None:
         """A resumable checkpoint of every engine and of `state`, as of `step` finished steps."""

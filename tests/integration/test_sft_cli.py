@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +14,9 @@ import torch
 
 from tests.integration.conftest import (
     QUICK,
+    RLHF,
     assert_ok,
+    cli_env,
     entries,
     kill_after_checkpoint,
     metric_rows,
@@ -169,3 +176,32 @@ def test_killed_run_resumes_from_its_checkpoint(home):
     )
     entry = resume_and_check("sft", run_dir, home=home, max_steps=200)
     assert_loads_with_transformers(entry)
+
+
+def test_sigterm_saves_where_the_run_is_and_resume_continues_there(home):
+    """What a cluster sends on preemption, to every process of the job: the ranks finish the step in
+    flight, checkpoint it (no periodic checkpoint is due), and exit 143; `--resume` continues there."""
+    proc = subprocess.Popen(
+        [RLHF, "sft", "-c", QUICK, "train.max_steps=400", "train.save_every=0", "train.eval_every=0",
+         "train.log_every=1", "data.eval=null"],
+        env=cli_env(home), cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not [row for row in _rows(home) if row.get("step", 0) >= 20]:
+            assert time.time() < deadline and proc.poll() is None, "the run ended before it could be stopped"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    [run_dir] = list((home / "runs").iterdir())
+    stopped_at = json.loads((run_dir / "checkpoints" / "resume.json").read_text())["step"]
+    assert 20 <= stopped_at < 400
+    resume_and_check("sft", run_dir, home=home, max_steps=400)
+
+
+def _rows(home: Path) -> list[dict]:
+    return [json.loads(line) for path in home.glob("runs/*/metrics.jsonl")
+            for line in path.read_text().splitlines() if line.endswith("}")]
