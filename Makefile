@@ -26,12 +26,10 @@ test: install
 test-quick: install
 	$(PY) -m pytest -q -m "not slow"
 
-# The whole pipeline on the embedded default: SFT, the reward model from it (sft:latest), then
-# PPO from both (sft:latest, rm:latest).
+# The whole pipeline on the embedded default: SFT, the reward model from that run, PPO from both,
+# then a summary table and a report folder (markdown and plots) in the PPO run.
 pipeline: install
-	$(VENV)/bin/rlhf sft
-	$(VENV)/bin/rlhf rm
-	$(VENV)/bin/rlhf ppo
+	$(VENV)/bin/rlhf pipeline
 
 clean:
 	rm -rf $(VENV) rlhf_runs .pytest_cache

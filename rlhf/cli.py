@@ -27,9 +27,9 @@ app.add_typer(registry_app, name="registry")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; default: the embedded default (tiny local model, synthetic task).")]
 NumGpusOpt = Annotated[int, typer.Option("--num-gpus", "-n", help="Ranks per node (GPUs; on a CPU-only machine, processes).")]
 HostfileOpt = Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile for several nodes.")]
-LauncherOpt = Annotated[str, typer.Option("--launcher", help="deepspeed | torchrun | python (one rank).")]
+LauncherOpt = Annotated[str, typer.Option("--launcher", help="deepspeed | torchrun | python (one rank) | srun (inside a SLURM job; what `rlhf submit` uses).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run of this stage (or --run) from its last checkpoint.")]
-RunOpt = Annotated[Optional[str], typer.Option("--run", help="With --resume: the run id to continue.")]
+RunOpt = Annotated[Optional[str], typer.Option("--run", help="With --resume: the run id to continue; without: the id of the new run (rlhf submit picks ids at submission).")]
 RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", help="Registry root for --resume (default: $RLHF_HOME or ./rlhf_runs).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the launch command; run nothing.")]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as dotted key=value, e.g. optim.lr=1e-4 engine.zero_stage=3.", show_default=False)]
@@ -127,6 +127,168 @@ def toy_data(
     _guard(write)
 
 
+SftConfigOpt = Annotated[Optional[Path], typer.Option("--sft-config", help="YAML config of the sft stage (default: the embedded default).")]
+RmConfigOpt = Annotated[Optional[Path], typer.Option("--rm-config", help="YAML config of the rm stage (default: the embedded default).")]
+PpoConfigOpt = Annotated[Optional[Path], typer.Option("--ppo-config", help="YAML config of the ppo stage (default: the embedded default).")]
+PipelineOverridesArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Config overrides: key=value for every stage, or stage:key=value for one (e.g. rm:train.max_steps=100).",
+    show_default=False,
+)]
+
+
+def _split_stage_overrides(overrides: list[str], stages: tuple[str, ...]) -> dict[str, list[str]]:
+    """`stage:key=value` goes to that stage, a plain `key=value` to every stage."""
+    per_stage: dict[str, list[str]] = {stage: [] for stage in stages}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if ":" in key:
+            stage, rest = item.split(":", 1)
+            if stage not in per_stage:
+                raise UserError(f"override {item!r} names stage '{stage}'; the stages here are {', '.join(stages)}")
+            per_stage[stage].append(rest)
+        else:
+            for stage in stages:
+                per_stage[stage].append(item)
+    return per_stage
+
+
+@app.command("pipeline")
+def pipeline(
+    overrides: PipelineOverridesArg = None,
+    sft_config: SftConfigOpt = None,
+    rm_config: RmConfigOpt = None,
+    ppo_config: PpoConfigOpt = None,
+    num_gpus: NumGpusOpt = 1,
+    launcher: LauncherOpt = "deepspeed",
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write the report folder (markdown and plots) at the end.")] = True,
+) -> None:
+    """sft -> rm -> ppo, each stage its own program; each later stage starts from the runs before it
+    (by registry reference), then a summary table and a report of the three runs."""
+
+    def run_all() -> None:
+        from rlhf.slurm import PARENT_KEYS, PIPELINE
+
+        configs = {"sft": sft_config, "rm": rm_config, "ppo": ppo_config}
+        per_stage = _split_stage_overrides(overrides or [], PIPELINE)
+        run_ids: dict[str, str] = {}
+        for stage in PIPELINE:
+            args = per_stage[stage]
+            given = {a.split("=", 1)[0] for a in args}
+            # The runs this pipeline just made, not whatever is `latest` by the time a stage starts.
+            args += [f"{key}={parent}:{run_ids[parent]}" for key, parent in PARENT_KEYS.get(stage, {}).items()
+                     if key not in given]
+            run_dir = _launch_stage(stage, args, configs[stage], num_gpus, None, launcher, False, None, None, False)
+            run_ids[stage] = run_dir.name
+        if report:
+            _pipeline_summary(run_dir.parent.parent, run_ids["ppo"])
+
+    _guard(run_all)
+
+
+def _pipeline_summary(registry_root: Path, ppo_id: str) -> None:
+    from rlhf.registry import Registry
+    from rlhf.report import summary_table, write_report
+    from rlhf.tracking import console
+
+    registry = Registry(registry_root)
+    entry = registry.get(ppo_id)
+    console.print(summary_table(registry, entry))
+    folder = write_report(registry, entry, Path(entry.run_dir) / "report")
+    console.print(f"report: {folder}")
+
+
+@app.command("submit")
+def submit(
+    target: Annotated[str, typer.Argument(help="sft, rm, ppo, or pipeline (three jobs chained with afterok).")],
+    overrides: PipelineOverridesArg = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config of the stage (not with pipeline: use --<stage>-config).")] = None,
+    sft_config: SftConfigOpt = None,
+    rm_config: RmConfigOpt = None,
+    ppo_config: PpoConfigOpt = None,
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes per job.")] = 1,
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node (0: CPU nodes).")] = 0,
+    ranks_per_node: Annotated[Optional[int], typer.Option("--ranks-per-node", help="Ranks per node [default: one per GPU, or 1 on CPU nodes].")] = None,
+    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", help="CPUs for each node's launcher and its ranks.")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", "-p", help="SLURM partition.")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time", "-t", help="Time limit per job, e.g. 04:00:00.")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", "-A", help="SLURM account to charge.")] = None,
+    requeue: Annotated[bool, typer.Option("--requeue", help="On preemption or near the time limit: checkpoint, requeue, resume.")] = False,
+    sbatch_arg: Annotated[Optional[list[str]], typer.Option("--sbatch-arg", help="Extra sbatch option, repeatable, e.g. --sbatch-arg=--qos=high.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the sbatch scripts; submit nothing.")] = False,
+) -> None:
+    """Submit a stage, or the whole pipeline, to SLURM as batch jobs (sbatch)."""
+
+    def run() -> None:
+        _submit(target, overrides or [], config, {"sft": sft_config, "rm": rm_config, "ppo": ppo_config}, dry_run,
+                nodes=nodes, gpus_per_node=gpus_per_node, ranks_per_node=ranks_per_node, cpus_per_task=cpus_per_task,
+                partition=partition, time=time_limit, account=account, requeue=requeue, sbatch_args=tuple(sbatch_arg or ()))
+
+    _guard(run)
+
+
+def _submit(target: str, overrides: list[str], config: Path | None, stage_configs: dict[str, Path | None],
+            dry_run: bool, **resources) -> None:
+    import shlex
+    import shutil
+
+    from rlhf.registry import Registry
+    from rlhf.runs import resolve_config
+    from rlhf.slurm import PIPELINE, Resources, render_script, sbatch_path, stage_jobs, submit_script
+    from rlhf.tracking import console
+
+    if target not in (*PIPELINE, "pipeline"):
+        raise UserError(f"rlhf submit takes sft, rm, ppo or pipeline, not '{target}'")
+    stages = PIPELINE if target == "pipeline" else (target,)
+    if target == "pipeline" and config:
+        raise UserError("--config names one stage's file; with pipeline use --sft-config, --rm-config, --ppo-config")
+    if target != "pipeline":
+        other = [f"--{s}-config" for s, path in stage_configs.items() if path]
+        if other:
+            raise UserError(f"{', '.join(other)} is for `rlhf submit pipeline`; give one stage's file with --config")
+        stage_configs = {target: config}
+    res = Resources(**resources)
+    res.check()
+    sbatch = None if dry_run else sbatch_path()
+    per_stage = _split_stage_overrides(overrides, stages)
+    files = {stage: str(Path(path).resolve()) for stage, path in stage_configs.items() if path}
+    stage_args = {stage: ([ "-c", files[stage]] if stage in files else []) + per_stage[stage] for stage in stages}
+    # Config mistakes (unknown keys, bad values) surface now; references resolve when each job starts.
+    roots = {Path(resolve_config(stage, files.get(stage), per_stage[stage]).run.registry) for stage in stages}
+    if len(roots) > 1:
+        raise UserError(f"the stages would use different registries ({', '.join(map(str, sorted(roots)))}); set run.registry for all")
+    registry = Registry(roots.pop())
+    jobs = stage_jobs(stages, registry_root=registry.root, new_run_id=registry.new_run_id, stage_args=stage_args)
+    rlhf_exe = shutil.which("rlhf") or str(Path(sys.executable).with_name("rlhf"))
+    command_line = shlex.join(["rlhf", "submit", *sys.argv[2:]]) if len(sys.argv) > 1 else "rlhf submit"
+    scripts = {job.run_id: render_script(job, res, registry_root=registry.root, workdir=Path.cwd(), rlhf_exe=rlhf_exe,
+                                         command_line=command_line) for job in jobs}
+    if dry_run:
+        for job in jobs:
+            typer.echo(f"# ---- {job.script_path} ----")
+            typer.echo(scripts[job.run_id])
+        return
+
+    submitted: list[tuple[str, object]] = []
+    try:
+        for job in jobs:
+            job.run_dir.mkdir(parents=True, exist_ok=False)
+            job.script_path.write_text(scripts[job.run_id])
+            after = submitted[-1][0] if submitted else None
+            submitted.append((submit_script(job.script_path, sbatch=sbatch, after=after), job))
+    except UserError:
+        # Nothing half-submitted: cancel the jobs already queued and drop the folders made for them.
+        if submitted:
+            import subprocess
+
+            subprocess.run(["scancel", *[job_id for job_id, _ in submitted]], capture_output=True)
+        for job in jobs:
+            if job.run_dir.is_dir() and not (job.run_dir / "config.yaml").exists():
+                shutil.rmtree(job.run_dir, ignore_errors=True)
+        raise
+    for job_id, job in submitted:
+        console.print(f"submitted {job.stage}: job {job_id}, run {job.run_id}, log {str(job.log_pattern).replace('%j', job_id)}")
+
+
 def _launch_stage(
     stage: str,
     overrides: list[str],
@@ -138,7 +300,8 @@ def _launch_stage(
     run_id: str | None,
     registry: Path | None,
     dry_run: bool,
-) -> None:
+) -> Path | None:
+    """Launch one stage run (or resume one); the run folder once it finished, None for --dry-run."""
     import yaml
 
     from rlhf.config import to_dict
@@ -151,15 +314,13 @@ def _launch_stage(
             raise UserError("--resume continues a run with its saved config; drop --config and the overrides")
         run_dir = find_resumable(stage, registry, run_id)
     else:
-        if run_id:
-            raise UserError("--run names the run to continue and needs --resume")
         cfg = resolve_config(stage, config, overrides)
         _check_inputs(stage, cfg)
         if dry_run:
             typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
-            run_dir = Path(cfg.run.registry) / "runs" / f"{stage}-<new id>"
+            run_dir = Path(cfg.run.registry) / "runs" / (run_id or f"{stage}-<new id>")
         else:
-            run_dir = create_run(stage, cfg).run_dir
+            run_dir = create_run(stage, cfg, run_id).run_dir
     spec = LaunchSpec(
         program=stage_program(stage),
         program_args=("--run-dir", str(run_dir)),
@@ -171,11 +332,12 @@ def _launch_stage(
     cmd = build_command(spec)
     if dry_run:
         typer.echo(format_command(cmd, env))
-        return
+        return None
     console.print(f"[dim]{'resuming' if resume else 'run'} {run_dir.name}: {format_command(cmd, env)}[/]")
     code = run_command(cmd, env)
     if code != 0:
         raise typer.Exit(code)
+    return run_dir
 
 
 def _check_inputs(stage: str, cfg) -> None:

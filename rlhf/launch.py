@@ -2,7 +2,8 @@
 
 The CLI only turns a stage into an argv list and runs it: no shell, nothing hidden, and
 `--dry-run` prints exactly what would run. The same stage program runs under the deepspeed
-launcher, torchrun, or plain python (one rank).
+launcher, torchrun, plain python (one rank), or srun inside a SLURM allocation (one torchrun per
+node, meeting at the rendezvous the batch script set up in MASTER_ADDR / MASTER_PORT).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable, Literal
 
 from rlhf.errors import UserError
 
-Launcher = Literal["deepspeed", "torchrun", "python"]
+Launcher = Literal["deepspeed", "torchrun", "python", "srun"]
 LAUNCHERS: tuple[str, ...] = typing.get_args(Launcher)
 STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
 
@@ -47,6 +48,8 @@ def build_command(spec: LaunchSpec, *, python: str = sys.executable) -> list[str
         raise UserError(f"--launcher must be one of {', '.join(LAUNCHERS)}, not '{spec.launcher}'")
     if spec.num_procs < 1:
         raise UserError(f"--num-gpus must be at least 1, got {spec.num_procs}")
+    if spec.launcher == "srun":
+        return srun_command(spec, python=python)
     port = spec.master_port or free_port()
     if spec.launcher == "python":
         if spec.num_procs != 1 or spec.hostfile:
@@ -68,6 +71,32 @@ def build_command(spec: LaunchSpec, *, python: str = sys.executable) -> list[str
     # --no_local_rank: ranks read LOCAL_RANK from the environment like under torchrun.
     cmd += ["--num_gpus", str(spec.num_procs), "--master_port", str(port), "--no_local_rank"]
     return cmd + [str(spec.program), *spec.program_args]
+
+
+def srun_command(spec: LaunchSpec, *, python: str = sys.executable, env: dict[str, str] | None = None) -> list[str]:
+    """Inside a SLURM allocation: one srun task per node, each a torchrun starting that node's ranks.
+
+    The ranks meet at a c10d rendezvous on MASTER_ADDR:MASTER_PORT (the first node of the
+    allocation, set by the batch script `rlhf submit` renders), so no node needs to know its rank.
+    """
+    env = os.environ if env is None else env
+    missing = [name for name in ("SLURM_JOB_ID", "SLURM_NNODES", "MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise UserError(
+            f"--launcher srun runs inside a SLURM batch job ({', '.join(missing)} not set); "
+            "submit the stage with `rlhf submit` instead"
+        )
+    if spec.hostfile:
+        raise UserError("--hostfile is for the deepspeed launcher; under srun the nodes are the allocation's")
+    nodes = env["SLURM_NNODES"]
+    return [
+        "srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        python, "-m", "torch.distributed.run",
+        f"--nnodes={nodes}", f"--nproc-per-node={spec.num_procs}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+        f"--rdzv-id={env['SLURM_JOB_ID']}",
+        str(spec.program), *spec.program_args,
+    ]
 
 
 def launch_env(num_procs: int, base: dict[str, str] | None = None) -> dict[str, str]:

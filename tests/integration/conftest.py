@@ -39,9 +39,11 @@ def cli_env(home: Path) -> dict[str, str]:
     return env
 
 
-def rlhf(*args: str, home: Path, timeout: int = 600, cwd: Path | None = None) -> Result:
+def rlhf(*args: str, home: Path, timeout: int = 600, cwd: Path | None = None, env: dict[str, str] | None = None) -> Result:
+    home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [RLHF, *args], env=cli_env(home), cwd=cwd or home, capture_output=True, text=True, timeout=timeout
+        [RLHF, *args], env={**cli_env(home), **(env or {})}, cwd=cwd or home, capture_output=True, text=True,
+        timeout=timeout,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
@@ -113,26 +115,39 @@ def home(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def home_with_entries_of(source: Path, home: Path) -> Path:
-    """A registry of its own holding copies of `source`'s entries (their folders stay shared), so
-    a test sees `latest` as the shared parents and only its own runs besides."""
+def home_with_entries_of(source: Path, home: Path, stages: tuple[str, ...] | None = None) -> Path:
+    """A registry of its own holding copies of `source`'s entries (of `stages`, or all; their
+    folders stay shared), so a test sees `latest` as the shared parents and only its own runs besides."""
     (home / "entries").mkdir(parents=True)
     for entry in (source / "entries").glob("*.json"):
-        (home / "entries" / entry.name).write_text(entry.read_text())
+        if stages is None or json.loads(entry.read_text())["stage"] in stages:
+            (home / "entries" / entry.name).write_text(entry.read_text())
     return home
+
+
+@dataclass
+class Pipeline:
+    home: Path
+    result: Result
 
 
 @pytest.fixture(scope="session")
-def default_sft_home(tmp_path_factory) -> Path:
-    """A registry holding the SFT entry of the embedded default, made as `make pipeline` makes it."""
-    home = tmp_path_factory.mktemp("default_sft")
-    assert_ok(rlhf("sft", home=home))
-    return home
+def default_pipeline(tmp_path_factory) -> Pipeline:
+    """`rlhf pipeline` with every default, as `make pipeline` runs it: sft -> rm -> ppo on the
+    embedded default, made once per session. The rm and ppo tests read its runs and start from them."""
+    home = tmp_path_factory.mktemp("default_pipeline")
+    result = rlhf("pipeline", home=home, timeout=1500)
+    assert_ok(result)
+    return Pipeline(home, result)
 
 
 @pytest.fixture(scope="session")
-def default_rm_home(default_sft_home, tmp_path_factory) -> Path:
-    """The default SFT entry and the default reward model trained from it (`make pipeline`)."""
-    home = home_with_entries_of(default_sft_home, tmp_path_factory.mktemp("default_rm"))
-    assert_ok(rlhf("rm", home=home))
-    return home
+def default_sft_home(default_pipeline, tmp_path_factory) -> Path:
+    """A registry holding the embedded default's SFT entry."""
+    return home_with_entries_of(default_pipeline.home, tmp_path_factory.mktemp("default_sft"), ("sft",))
+
+
+@pytest.fixture(scope="session")
+def default_rm_home(default_pipeline, tmp_path_factory) -> Path:
+    """The embedded default's SFT entry and the reward model trained from it."""
+    return home_with_entries_of(default_pipeline.home, tmp_path_factory.mktemp("default_rm"), ("sft", "rm"))

@@ -1,5 +1,5 @@
 """`rlhf ppo` end to end through the CLI and the real DeepSpeed launcher, on the CPU, from the SFT
-and RM entries of the embedded default (made once per test session, as `make pipeline` makes them)."""
+and RM entries of the embedded default (made once per test session by `rlhf pipeline`)."""
 
 from __future__ import annotations
 
@@ -51,11 +51,10 @@ def check_lineage(home: Path) -> dict[str, dict]:
     return e
 
 
-def test_embedded_default_raises_the_oracle_score_at_bounded_kl(home):
-    """`rlhf ppo` with every default, as `make pipeline` runs it: the oracle grades held-out answers
-    of the SFT policy (step 0) and of the PPO policy."""
-    result = rlhf("ppo", home=home)
-    assert_ok(result)
+def test_embedded_default_raises_the_oracle_score_at_bounded_kl(default_pipeline):
+    """`rlhf ppo` with every default, as `make pipeline` runs it (the session's `rlhf pipeline`): the
+    oracle grades held-out answers of the SFT policy (step 0) and of the PPO policy."""
+    home = default_pipeline.home
     metrics = check_lineage(home)["ppo"]["metrics"]
     assert metrics["oracle_score"] >= metrics["initial_oracle_score"] + 10, metrics
     assert metrics["initial_kl"] == 0.0  # the actor starts as the reference
