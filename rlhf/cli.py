@@ -207,7 +207,7 @@ def submit(
     ppo_config: PpoConfigOpt = None,
     nodes: Annotated[int, typer.Option("--nodes", help="Nodes per job.")] = 1,
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node (0: CPU nodes).")] = 0,
-    ranks_per_node: Annotated[Optional[int], typer.Option("--ranks-per-node", help="Ranks per node [default: one per GPU, or 1 on CPU nodes].")] = None,
+    ranks_per_node: Annotated[Optional[int], typer.Option("--ranks-per-node", help="Ranks per node (default: one per GPU, or 1 on CPU nodes).")] = None,
     cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", help="CPUs for each node's launcher and its ranks.")] = None,
     partition: Annotated[Optional[str], typer.Option("--partition", "-p", help="SLURM partition.")] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time", "-t", help="Time limit per job, e.g. 04:00:00.")] = None,

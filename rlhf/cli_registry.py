@@ -21,7 +21,7 @@ app = typer.Typer(help="Inspect, tag and remove checkpoint-registry entries.", n
 
 RootOpt = Annotated[
     Optional[Path],
-    typer.Option("--root", help="Registry root [default: $RLHF_HOME, else ./rlhf_runs]."),
+    typer.Option("--root", help="Registry root (default: $RLHF_HOME, else ./rlhf_runs)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 RefArg = Annotated[str, typer.Argument(help="Entry id or reference: sft:latest, rm:<id>, a tag.")]
