@@ -101,6 +101,8 @@ def find_resumable(stage: str, registry_root: str | Path | None, run_id: str | N
             raise UserError(f"no run '{run_id}' in {registry.root}/runs (rlhf registry ls lists runs)")
         if any(e.id == run_id for e in registry.entries()):
             raise UserError(f"run '{run_id}' already finished and is in the registry; nothing to resume")
+        if run_id in registry.removed_ids():
+            raise UserError(f"run '{run_id}' finished and was removed with `rlhf registry rm`; nothing to resume")
         return run_dir
     candidates = [p for p in registry.incomplete_runs(stage) if (p / CONFIG_FILE).is_file()]
     if not candidates:

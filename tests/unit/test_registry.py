@@ -700,3 +700,20 @@ def test_cli_corrupt_entry_is_a_user_error(pipeline: Registry) -> None:
     (pipeline.root / "entries" / "bad.json").write_text("{")
     result = runner.invoke(app, ["ls", "--root", str(pipeline.root)])
     assert result.exit_code == 2 and result.stderr.startswith("error: corrupt registry entry")
+
+
+def test_a_finished_or_removed_run_is_not_resumable(reg: Registry) -> None:
+    from rlhf.runs import CONFIG_FILE, find_resumable
+
+    for run_id in ("sft-done", "sft-gone", "sft-open"):
+        reg.run_dir(run_id).mkdir(parents=True)
+        (reg.run_dir(run_id) / CONFIG_FILE).write_text("{}\n")
+    publish(reg, "sft-done", t(1))
+    publish(reg, "sft-gone", t(2))
+    reg.remove("sft-gone")
+    with pytest.raises(UserError, match="already finished"):
+        find_resumable("sft", reg.root, "sft-done")
+    with pytest.raises(UserError, match="was removed with `rlhf registry rm`"):
+        find_resumable("sft", reg.root, "sft-gone")
+    assert find_resumable("sft", reg.root, "sft-open") == reg.run_dir("sft-open").resolve()
+    assert find_resumable("sft", reg.root, None) == reg.run_dir("sft-open")
