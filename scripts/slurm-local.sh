@@ -47,12 +47,17 @@ start_munge() {
     fi
 }
 
+MARKER="# Written by rlhf scripts/slurm-local.sh"
+
 write_conf() {
+    if [ -f "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
+        cannot "$CONF is another cluster's configuration; not replacing it (run the tests where SLURM is ours to set up)"
+    fi
     mkdir -p "$STATE_DIR/state" "$STATE_DIR/spool" /etc/slurm
     local memory_mb
     memory_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     cat >"$CONF" <<EOF
-# Written by rlhf scripts/slurm-local.sh: one node, loopback only, no accounting.
+$MARKER: one node, loopback only, no accounting.
 ClusterName=rlhf-local
 SlurmctldHost=$NODE
 AuthType=auth/munge
@@ -105,6 +110,11 @@ stop() {
     scontrol shutdown >/dev/null 2>&1 || true
     pkill -x slurmd 2>/dev/null || true
     pkill -x slurmctld 2>/dev/null || true
+    # A daemon still shutting down would be taken for a running one by the next start.
+    for _ in $(seq 100); do
+        pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || return 0
+        sleep 0.1
+    done
 }
 
 case "${1:-start}" in
