@@ -304,6 +304,8 @@ class PPOAlgoConfig:
     """Score given instead of the reward model's to a response cut by max_new_tokens (no EOS); null = keep the RM's."""
     ptx_coef: float = 0.0
     """gamma_ptx: weight of the LM loss on data.ptx added to the actor's loss (PPO-ptx); 0 = off."""
+    length_grouped_minibatches: bool = False
+    """Put rollouts of similar response length in the same minibatch, each padded only to its own longest response: faster when lengths vary a lot, at the cost of less random minibatches."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -228,6 +229,7 @@ def load_causal_lm(
         from rlhf.toy import build_model
 
         model = build_model(cfg.toy, tokenizer, seed=seed).to(dtype)
+        _set_toy_attention(model, cfg)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -246,6 +248,12 @@ def load_causal_lm(
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     return model
+
+
+def _set_toy_attention(model: Any, cfg: ModelConfig) -> None:
+    """The embedded default honours model.attn_implementation too (a loaded model gets it from from_pretrained)."""
+    if cfg.attn_implementation:
+        model.set_attn_implementation(cfg.attn_implementation)
 
 
 def _load_kwargs(cfg: ModelConfig, dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
@@ -333,6 +341,7 @@ def load_scalar_model(
         from rlhf.toy import build_model
 
         model = build_model(cfg.toy, tokenizer, seed=seed, head="scalar").to(dtype)
+        _set_toy_attention(model, cfg)
         new_head = True
     else:
         from transformers import AutoModelForSequenceClassification
@@ -522,6 +531,58 @@ def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any
         if reference is not actor:
             check_same_tokenizer(tokenizer, reference, key=key, trust_remote_code=cfg.model.trust_remote_code)
     return PPOSources(reference=reference, critic=scalar["critic"], reward=scalar["reward"])
+
+
+@dataclass(frozen=True)
+class PPOModels:
+    """PPO's four models: the actor and critic as DeepSpeed engines with their optimizers; the
+    reference and reward frozen (ZeRO-3 partitions under ZeRO-3 or offload, else plain modules).
+    reference None = the actor with its LoRA adapters switched off."""
+
+    actor: Any
+    critic: Any
+    reference: Any | None
+    reward: Any
+
+
+def build_ppo_models(
+    cfg: Any, sources: PPOSources, actor_source: ModelSource, tokenizer: Any, *, dist: Any, total_updates: int
+) -> PPOModels:
+    """Load and wrap PPO's four models from their resolved sources, dropout off in all four.
+
+    Under ZeRO-3 each model loads straight into partitions. The critic keeps the reward model's
+    backbone; its head is zeroed with ppo.value_head=zero. `total_updates` (optimizer steps of the
+    whole run) sets both learning-rate schedules.
+    """
+    from rlhf.engine import PRECISION_DTYPES, build_engine, build_frozen, deepspeed_config, frozen_zero3_config
+
+    engine = cfg.engine
+    zero3 = engine.zero_stage == 3
+    dtype = PRECISION_DTYPES[engine.precision]
+    seed = cfg.train.seed
+    actor = load_causal_lm(actor_source, cfg.model, tokenizer, seed=seed, dtype=dtype,
+                           zero3_config=deepspeed_config(engine, cfg.optim) if zero3 else None)
+    critic = load_scalar_model(sources.critic, cfg.critic, tokenizer, seed=seed, dtype=dtype, trained_head=True,
+                               key="critic.name_or_path", zero3_config=deepspeed_config(engine, cfg.critic_optim) if zero3 else None)
+    if cfg.ppo.value_head == "zero":
+        zero_scalar_head(critic)
+    # The frozen two need neither adapters nor recomputed activations: they never backpropagate.
+    frozen = dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False)
+    reference = None
+    if sources.reference is not None:
+        reference = load_causal_lm(sources.reference, frozen, tokenizer, seed=seed, dtype=dtype,
+                                   zero3_config=frozen_zero3_config(engine, cfg.reference.offload))
+        disable_dropout(reference)
+        reference = build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
+    reward = load_scalar_model(sources.reward, dataclasses.replace(frozen, trust_remote_code=cfg.model.trust_remote_code),
+                               tokenizer, seed=seed, dtype=dtype, trained_head=True, key="reward.name_or_path",
+                               zero3_config=frozen_zero3_config(engine, cfg.reward.offload))
+    for model in (actor, critic, reward):
+        disable_dropout(model)
+    reward = build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
+    actor = build_engine(actor, engine=engine, optim=cfg.optim, total_steps=total_updates)
+    critic = build_engine(critic, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)
+    return PPOModels(actor=actor, critic=critic, reference=reference, reward=reward)
 
 
 def reward_stats(source: ModelSource, *, key: str = "reward.name_or_path") -> dict[str, float]:

@@ -9,6 +9,8 @@ Position ids come from the attention mask, as in generation, so padding never sh
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -36,30 +38,94 @@ def generate(
 ) -> list[list[int]]:
     """Sample (or, at temperature 0, greedily decode) a continuation of each prompt.
 
+    Returns each response's token ids up to and including its first EOS (responses cut by
+    max_new_tokens have no EOS). See `_generate_tokens` for padding and ZeRO-3.
+    """
+    _, new_tokens = _generate_tokens(model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, zero3=zero3, gather=gather, device=device)
+    responses = []
+    for row in new_tokens.tolist():
+        cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+        responses.append(row[:cut])
+    return responses
+
+
+@torch.no_grad()
+def sample_rollout(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    zero3: bool = False,
+    gather: bool = True,
+    device: torch.device | None = None,
+) -> Sequences:
+    """Sample a response to each prompt and lay the batch out for scoring: what `build_sequences`
+    gives for `generate`'s responses, built from generation's own tensors on the device instead
+    of through Python lists (one sync, for the width)."""
+    prompt_batch, new_tokens = _generate_tokens(model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
+                                                temperature=temperature, top_k=top_k, top_p=top_p, zero3=zero3, gather=gather,
+                                                device=device)
+    is_eos = new_tokens == eos_id  # (B, N)
+    has_eos = is_eos.any(dim=1)
+    # A response runs up to and including its first EOS. Later tokens are padding, which may be
+    # the EOS id itself, so lengths come from the first EOS, never from a count of non-pad ids.
+    lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, new_tokens.shape[1])  # (B,)
+    width = int(lengths.max())
+    response_mask = torch.arange(width, device=new_tokens.device)[None, :] < lengths[:, None]  # (B, R)
+    response_ids = new_tokens[:, :width].masked_fill(~response_mask, pad_id)
+    attention_mask = torch.cat([prompt_batch["attention_mask"], response_mask.long()], dim=1)
+    return Sequences(
+        input_ids=torch.cat([prompt_batch["input_ids"], response_ids], dim=1), attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0), response_mask=response_mask, has_eos=has_eos,
+        prompt_width=prompt_batch["input_ids"].shape[1],
+    )
+
+
+def _generate_tokens(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    zero3: bool,
+    gather: bool,
+    device: torch.device | None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(the left-padded prompt batch on `device`, the generated ids (B, N)); rows that finished
+    early are filled with `pad_id` after their EOS.
+
     Prompts are left-padded so every row's last prompt token sits at the same position and the
-    KV cache grows in step; the attention mask keeps padding out. Returns each response's token
-    ids up to and including its first EOS (responses cut by max_new_tokens have no EOS).
+    KV cache grows in step; the attention mask keeps padding out (transformers derives position
+    ids from it).
 
     Under ZeRO-3 the parameters are gathered once for the whole call rather than once per token
     (unless `gather` is off, for an actor too large to hold whole), and `synced_gpus` keeps every
     rank stepping until all are done, because a partitioned forward is a collective that all ranks
-    must join.
+    must join. The gathered weights are released when the call ends.
     """
     batch = left_pad_prompts(prompts, pad_id=pad_id)
-    input_ids = batch["input_ids"].to(device) if device else batch["input_ids"]
-    attention_mask = batch["attention_mask"].to(device) if device else batch["attention_mask"]
+    prompt_batch = {k: batch[k].to(device) if device else batch[k] for k in ("input_ids", "attention_mask")}
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    gather: contextlib.AbstractContextManager = contextlib.nullcontext()
+    gathered: contextlib.AbstractContextManager = contextlib.nullcontext()
     if zero3 and gather:
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    with gather:
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    with gathered:
         output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            **prompt_batch,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=eos_id,
@@ -67,11 +133,12 @@ def generate(
             use_cache=True,
             **sampling,
         )
-    responses = []
-    for row in output[:, input_ids.shape[1] :].tolist():
-        cut = row.index(eos_id) + 1 if eos_id in row else len(row)
-        responses.append(row[:cut])
-    return responses
+    if zero3 and gather and torch.cuda.is_available():
+        # The whole actor was materialized for this call, beside the KV cache: hand those blocks
+        # back now, or the allocator keeps them cached through scoring and training, whose
+        # tensors have other shapes (fragmentation, out-of-memory on a tight GPU).
+        torch.cuda.empty_cache()
+    return prompt_batch, output[:, prompt_batch["input_ids"].shape[1] :]
 
 
 @dataclass
@@ -97,6 +164,26 @@ class Sequences:
     @property
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def response_width(self) -> int:
+        return self.response_mask.shape[1]
+
+    def trimmed(self) -> Sequences:
+        """The same rollouts without the columns that are padding in every row: left of the longest
+        prompt and right of the longest response. A forward pass over them would be wasted; the
+        kept columns keep their positions (they come from the mask), so every result is the same."""
+        prompt_lengths = self.attention_mask[:, : self.prompt_width].sum(dim=1)
+        longest_prompt, longest_response = torch.stack([prompt_lengths.max(), self.response_lengths.max()]).tolist()
+        lead = min(self.prompt_width - longest_prompt, self.prompt_width - 1)  # keep the column before response token 0
+        if lead == 0 and longest_response == self.response_width:
+            return self
+        end = self.prompt_width + longest_response
+        return Sequences(
+            input_ids=self.input_ids[:, lead:end], attention_mask=self.attention_mask[:, lead:end],
+            position_ids=self.position_ids[:, lead:end], response_mask=self.response_mask[:, :longest_response],
+            has_eos=self.has_eos, prompt_width=self.prompt_width - lead,
+        )
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -132,23 +219,73 @@ def policy_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log-probs of the response tokens under `model` (a causal LM or its engine), from
     logits divided by the sampling temperature, and optionally (B, R) entropies of those
-    distributions. Differentiable; wrap in no_grad for scoring."""
+    distributions; 0 at padding. Differentiable; wrap in no_grad for scoring.
+
+    Runs on the batch without its all-padding columns, and asks the model for the logits of the
+    response positions only where it can (`logits_to_keep`): the LM head over the prompt, and a
+    (B, P, V) float tensor, would be thrown away.
+    """
+    full_width = seqs.response_width
+    seqs = seqs.trimmed()
+    width = seqs.response_width
+    keep = {"logits_to_keep": width + 1} if _accepts_logits_to_keep(model) else {}
     logits = model(
-        input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids, use_cache=False
-    ).logits[:, seqs.prompt_width - 1 : -1]  # (B, R, V): column P - 1 + t predicts response token t
-    logp = logprobs_from_logits(logits, seqs.response_ids, temperature=temperature)
-    entropy = entropy_from_logits(logits.detach(), temperature=temperature) if with_entropy else None
-    return logp, entropy
+        input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids, use_cache=False, **keep
+    ).logits[:, -(width + 1) : -1]  # (B, R, V): column P - 1 + t predicts response token t
+    padding = ~seqs.response_mask
+    logp = logprobs_from_logits(logits, seqs.response_ids, temperature=temperature).masked_fill(padding, 0.0)
+    entropy = entropy_from_logits(logits.detach(), temperature=temperature).masked_fill(padding, 0.0) if with_entropy else None
+    return _pad_columns(logp, full_width), None if entropy is None else _pad_columns(entropy, full_width)
 
 
 def token_values(critic: Any, seqs: Sequences) -> torch.Tensor:
-    """(B, R) the critic's value of the state before each response token. Differentiable."""
-    return critic(seqs.input_ids, seqs.attention_mask)[:, seqs.prompt_width - 1 : -1]
+    """(B, R) the critic's value of the state before each response token (0 at padding). Differentiable."""
+    full_width = seqs.response_width
+    seqs = seqs.trimmed()
+    values = critic(seqs.input_ids, seqs.attention_mask)[:, seqs.prompt_width - 1 : -1]
+    return _pad_columns(values.masked_fill(~seqs.response_mask, 0.0), full_width)
 
 
 def sequence_scores(reward_model: Any, seqs: Sequences) -> torch.Tensor:
     """(B,) the reward model's score of each whole sequence (its head at the last real token)."""
+    seqs = seqs.trimmed()
     return sequence_rewards(reward_model(seqs.input_ids, seqs.attention_mask), seqs.attention_mask)
+
+
+def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, R') -> (B, width), zeros on the right: per-token results of a trimmed batch, back in the rollout's layout."""
+    return x if x.shape[1] == width else torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the transformers model inside `model` (a DeepSpeed engine, a peft model, or itself)
+    can compute only its last logits."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine's model
+    if hasattr(inner, "get_base_model"):  # peft passes the argument through to its base model
+        inner = inner.get_base_model()
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+def minibatch_rows(
+    response_lengths: torch.Tensor, *, micro_batch_size: int, group_by_length: bool = False
+) -> list[torch.Tensor]:
+    """Row indices of one PPO epoch's minibatches: a random partition of the rollout batch.
+
+    With `group_by_length`, rollouts of similar response length share a minibatch (random among
+    equal lengths; minibatches in random order), so each is padded only to its own longest
+    response; the minibatches are then less random mixtures. Indices are on the lengths' device.
+    """
+    order = torch.randperm(response_lengths.shape[0])
+    if group_by_length:
+        order = order[torch.argsort(response_lengths.cpu()[order], stable=True)]
+        chunks = order.split(micro_batch_size)
+        order = torch.cat([chunks[i] for i in torch.randperm(len(chunks)).tolist()])
+    return list(order.to(response_lengths.device).split(micro_batch_size))
 
 
 @dataclass
@@ -184,8 +321,10 @@ def score_rollout(
     reference log-probs come from the actor with its adapters switched off: no second copy.
     """
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref_logprobs": [], "values": [], "scores": []}
+    # Chunks of similar response lengths: each is trimmed to its own longest response.
+    order = torch.argsort(seqs.response_lengths, stable=True)
     for start in range(0, seqs.input_ids.shape[0], chunk):
-        part = seqs.rows(torch.arange(start, min(start + chunk, seqs.input_ids.shape[0]), device=seqs.input_ids.device))
+        part = seqs.rows(order[start : start + chunk])
         logp, entropy = policy_logprobs(actor, part, temperature=temperature, with_entropy=True)
         parts["logprobs"].append(logp)
         parts["entropy"].append(entropy)
@@ -198,5 +337,6 @@ def score_rollout(
         if critic is not None:
             parts["values"].append(token_values(critic, part))
         parts["scores"].append(sequence_scores(reward, part))
-    joined = {k: torch.cat(v) if v else None for k, v in parts.items()}
+    restore = torch.argsort(order)  # rows back in the rollout's order
+    joined = {k: torch.cat(v)[restore] if v else None for k, v in parts.items()}
     return ScoredRollout(seqs=seqs, **joined)

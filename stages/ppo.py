@@ -12,7 +12,6 @@ Run it with `rlhf ppo` (any number of ranks), or alone: `python stages/ppo.py --
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import defaultdict
 
@@ -31,35 +30,14 @@ from rlhf.algos.ppo import (
     shape_scores,
     value_loss,
 )
-from rlhf.config import LoraConfig, PPOConfig, SFTDataConfig
+from rlhf.config import PPOConfig, SFTDataConfig
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
-from rlhf.engine import (
-    PRECISION_DTYPES,
-    Dist,
-    build_engine,
-    build_frozen,
-    deepspeed_config,
-    frozen_zero3_config,
-    full_state_dict,
-    global_grad_norm,
-    init_distributed,
-    seed_everything,
-)
+from rlhf.engine import Dist, full_state_dict, global_grad_norm, init_distributed, seed_everything
 from rlhf.evaluation import all_sum, even_shard, oracle_eval
-from rlhf.models import (
-    base_model_identity,
-    causal_lm_and_tokenizer,
-    disable_dropout,
-    load_causal_lm,
-    load_scalar_model,
-    ppo_sources,
-    reward_stats,
-    save_final,
-    zero_scalar_head,
-)
-from rlhf.rollout import build_sequences, generate, policy_logprobs, score_rollout, token_values
+from rlhf.models import base_model_identity, build_ppo_models, causal_lm_and_tokenizer, ppo_sources, reward_stats, save_final
+from rlhf.rollout import minibatch_rows, policy_logprobs, sample_rollout, score_rollout, token_values
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
 from rlhf.training import StageLoop
@@ -90,41 +68,19 @@ def main(run: Run) -> None:
     # 3. Actor and critic engines (own optimizers, annealed over every PPO update); frozen
     #    reference and reward, partitioned under ZeRO-3. Dropout off in all four.
     zero3 = engine_cfg.zero_stage == 3
-    dtype = PRECISION_DTYPES[engine_cfg.precision]
     minibatches = rollout.batch_size // engine_cfg.micro_batch_size
     total_updates = cfg.train.max_steps * ppo.epochs * minibatches // engine_cfg.grad_accum
-    actor_model = load_causal_lm(actor_source, cfg.model, tokenizer, seed=cfg.train.seed, dtype=dtype,
-                                 zero3_config=deepspeed_config(engine_cfg, cfg.optim) if zero3 else None)
-    critic_model = load_scalar_model(sources.critic, cfg.critic, tokenizer, seed=cfg.train.seed, dtype=dtype, trained_head=True,
-                                     key="critic.name_or_path", zero3_config=deepspeed_config(engine_cfg, cfg.critic_optim) if zero3 else None)
-    if ppo.value_head == "zero":
-        zero_scalar_head(critic_model)
-    frozen = dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False)
-    reference = None
-    if sources.reference is not None:
-        ref_model = load_causal_lm(sources.reference, frozen, tokenizer, seed=cfg.train.seed, dtype=dtype,
-                                   zero3_config=frozen_zero3_config(engine_cfg, cfg.reference.offload))
-        reference = build_frozen(ref_model, engine=engine_cfg, offload=cfg.reference.offload, dist=dist)
-    reward_model = load_scalar_model(sources.reward, dataclasses.replace(frozen, trust_remote_code=cfg.model.trust_remote_code),
-                                     tokenizer, seed=cfg.train.seed, dtype=dtype, trained_head=True, key="reward.name_or_path",
-                                     zero3_config=frozen_zero3_config(engine_cfg, cfg.reward.offload))
-    for model in (actor_model, critic_model, reward_model):
-        disable_dropout(model)
-    if reference is not None:
-        disable_dropout(reference)
-    reward = build_frozen(reward_model, engine=engine_cfg, offload=cfg.reward.offload, dist=dist)
-    actor = build_engine(actor_model, engine=engine_cfg, optim=cfg.optim, total_steps=total_updates)
-    critic = build_engine(critic_model, engine=engine_cfg, optim=cfg.critic_optim, total_steps=total_updates)
+    models = build_ppo_models(cfg, sources, actor_source, tokenizer, dist=dist, total_updates=total_updates)
+    actor, critic, reference, reward = models.actor, models.critic, models.reference, models.reward
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     lora_reference = reference is None
 
     def sample(prompts: list[list[int]], *, temperature: float):
-        responses = generate(
+        return sample_rollout(
             actor.module, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=rollout.max_new_tokens,
             temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p, zero3=zero3,
             gather=rollout.gather_params, device=dist.device,
         )
-        return build_sequences(prompts, responses, pad_id=pad_id, eos_id=eos_id, device=dist.device)
 
     def shaped(scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         return shape_scores(scores, has_eos, mean=stats["mean"], std=stats["std"], normalize=ppo.normalize_score,
@@ -217,9 +173,9 @@ def main(run: Run) -> None:
         totals: dict[str, float] = defaultdict(float)
         updates = 0
         for epoch in range(ppo.epochs):
-            order = torch.randperm(rollout.batch_size).to(dist.device)
-            for m in range(minibatches):
-                rows = order[m * engine_cfg.micro_batch_size : (m + 1) * engine_cfg.micro_batch_size]
+            epoch_rows = minibatch_rows(seqs.response_lengths, micro_batch_size=engine_cfg.micro_batch_size,
+                                        group_by_length=ppo.length_grouped_minibatches)
+            for m, rows in enumerate(epoch_rows):
                 batch, batch_mask = seqs.rows(rows), mask[rows]
                 logp, _ = policy_logprobs(actor, batch, temperature=rollout.temperature)
                 pg_loss, pg_stats = policy_loss(logp, scored.logprobs[rows], advantages[rows], batch_mask, clip=ppo.clip_range)

@@ -9,7 +9,16 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf.models import ScalarModel
-from rlhf.rollout import build_sequences, generate, policy_logprobs, token_values
+from rlhf.rollout import (
+    build_sequences,
+    generate,
+    minibatch_rows,
+    policy_logprobs,
+    sample_rollout,
+    score_rollout,
+    sequence_scores,
+    token_values,
+)
 from rlhf.toy import ToyModelConfig, build_model, build_tokenizer
 
 
@@ -99,3 +108,92 @@ def test_policy_logprobs_and_values_match_each_row_scored_alone(temperature):
                 probs = torch.softmax(logits[position], dim=-1)
                 assert abs(entropy[i, t].item() - (-(probs * probs.log()).sum()).item()) < 1e-4
                 assert abs(values[i, t].item() - scores[position].item()) < 1e-4
+
+
+def _eos_prone(model, tokenizer, bonus: float):
+    """`model` with a bonus on the EOS logit, so sampled responses end at varied lengths."""
+    shift = torch.zeros(len(tokenizer))
+    shift[tokenizer.eos_token_id] = bonus
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + shift)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sample_rollout_lays_out_what_generate_returns(family):
+    """The tensor path PPO samples with gives the batch that build_sequences makes of generate's
+    token lists, from the same random stream: same ids, masks, positions, EOS flags."""
+    tokenizer = build_tokenizer()
+    model = build_model(ToyModelConfig(), tokenizer, seed=3).eval() if family == "llama" else gpt2_like(tokenizer)
+    model = _eos_prone(model, tokenizer, bonus=4.0)
+    prompts = [tokenizer(t).input_ids for t in ("1+2=", "a much longer prompt, 45+67=", "9+9=", "12+34=")] * 4
+    kwargs = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=6, temperature=1.0)
+    torch.manual_seed(11)
+    responses = generate(model, prompts, **kwargs)
+    torch.manual_seed(11)
+    seqs = sample_rollout(model, prompts, **kwargs)
+    lengths = {len(r) for r in responses}
+    assert len(lengths) > 1 and any(r[-1] == tokenizer.eos_token_id for r in responses)  # the case is not trivial
+    expected = build_sequences(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    for name in ("input_ids", "attention_mask", "position_ids", "response_mask", "has_eos"):
+        assert torch.equal(getattr(seqs, name), getattr(expected, name)), name
+    assert seqs.prompt_width == expected.prompt_width
+
+
+def test_scoring_skips_padding_columns_and_prompt_logits():
+    """A minibatch without the longest prompt or response is scored without the columns that are
+    padding in all its rows, and the LM head sees only the response positions; the results are
+    the rows' results in the whole batch, zero past each response."""
+    tokenizer = build_tokenizer()
+    prompts, responses = _rollout_batch(tokenizer)  # prompt 1 is the longest, response 2 the longest
+    seqs = build_sequences(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    actor = build_model(ToyModelConfig(), tokenizer, seed=3).eval()
+    critic = ScalarModel(build_model(ToyModelConfig(), tokenizer, seed=4, head="scalar").eval())
+    head_inputs = []
+    actor.lm_head.register_forward_hook(lambda module, inputs, output: head_inputs.append(inputs[0].shape[1]))
+    rows = torch.tensor([0, 2])
+    with torch.no_grad():
+        whole_logp, _ = policy_logprobs(actor, seqs, temperature=0.7)
+        whole_values = token_values(critic, seqs)
+        whole_scores = sequence_scores(critic, seqs)
+        part = seqs.rows(rows)
+        logp, _ = policy_logprobs(actor, part, temperature=0.7)
+        values = token_values(critic, part)
+        scores = sequence_scores(critic, part)
+    trimmed = part.trimmed()
+    assert trimmed.prompt_width == max(len(prompts[0]), len(prompts[2])) < seqs.prompt_width
+    assert head_inputs == [seqs.response_width + 1, trimmed.response_width + 1]  # no logits over the prompt
+    mask = part.response_mask
+    assert logp.shape == values.shape == mask.shape
+    assert torch.allclose(logp[mask], whole_logp[rows][mask], atol=1e-5)
+    assert torch.allclose(values[mask], whole_values[rows][mask], atol=1e-5)
+    assert torch.allclose(scores, whole_scores[rows], atol=1e-5)
+    assert (logp[~mask] == 0).all() and (values[~mask] == 0).all()
+
+
+def test_score_rollout_in_length_sorted_chunks_keeps_row_order():
+    tokenizer = build_tokenizer()
+    prompts, responses = _rollout_batch(tokenizer)
+    seqs = build_sequences(prompts * 2, responses[::-1] + responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    actor = build_model(ToyModelConfig(), tokenizer, seed=3).eval()
+    reference = build_model(ToyModelConfig(), tokenizer, seed=5).eval()
+    critic = ScalarModel(build_model(ToyModelConfig(), tokenizer, seed=4, head="scalar").eval())
+    kwargs = dict(actor=actor, reference=reference, critic=critic, reward=critic, temperature=1.0)
+    whole = score_rollout(seqs, chunk=len(prompts) * 2, **kwargs)
+    chunked = score_rollout(seqs, chunk=2, **kwargs)
+    mask = seqs.response_mask
+    for name in ("logprobs", "ref_logprobs", "values", "entropy"):
+        assert torch.allclose(getattr(chunked, name)[mask], getattr(whole, name)[mask], atol=1e-5), name
+    assert torch.allclose(chunked.scores, whole.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_minibatch_rows_partition_the_rollouts(group_by_length):
+    lengths = torch.tensor([5, 1, 8, 8, 2, 7, 1, 3, 6, 4, 2, 8])
+    torch.manual_seed(0)
+    batches = minibatch_rows(lengths, micro_batch_size=4, group_by_length=group_by_length)
+    assert [len(b) for b in batches] == [4, 4, 4]
+    assert sorted(torch.cat(batches).tolist()) == list(range(len(lengths)))
+    if group_by_length:
+        # Each minibatch holds a contiguous band of the sorted lengths.
+        bands = sorted((lengths[b].min().item(), lengths[b].max().item()) for b in batches)
+        assert all(high <= next_low for (_, high), (next_low, _) in zip(bands, bands[1:]))
