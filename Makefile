@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-quick pipeline clean
+.PHONY: install test test-quick pipeline bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ test-quick: install
 # then a summary table and a report folder (markdown and plots) in the PPO run.
 pipeline: install
 	$(VENV)/bin/rlhf pipeline
+
+# Throughput, peak memory and the reference ratios of every stage (toy and a 100M model, 1 and 2
+# ranks; a few minutes on 2 CPU cores): a Markdown table, and JSON lines under rlhf_runs/bench/.
+# BENCHMARKS.md explains the figures. Options: `make bench BENCH_ARGS="--models toy --ranks 1"`.
+bench: install
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) rlhf_runs .pytest_cache
