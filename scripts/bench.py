@@ -1,6 +1,6 @@
 """Throughput, peak memory and reference ratios of the three stages: `make bench`.
 
-    python scripts/bench.py [--quick] [--models toy,100m] [--ranks 1,2] [--zero-stage 0] [--scaling] [--out FILE]
+    python scripts/bench.py [--quick] [--models toy,100m] [--ranks 1,2] [--zero-stage 0] [--no-grid] [--out FILE]
 
 For each (model, ranks) case the parent launches one worker under the DeepSpeed launcher
 (rlhf.launch, as `rlhf <stage> -n N` does). Every rank of the worker runs the stage programs'
@@ -74,24 +74,27 @@ class Budget:
     sft_steps: int  # timed steps
     rm_steps: int
     ppo_steps: int
-    reps: int  # timed rounds of each reference measurement
+    reps: int  # timed rounds of the PPO parts
+    generation_reps: int  # timed rounds of (a), alternating rollout and plain generation
 
 
 BUDGETS = {
     # The embedded default at its own batch sizes: sft 32 sequences, rm 64 ranked prompts, ppo 64
     # rollouts of 8 new tokens in minibatches of 32, 4 epochs.
     "toy": Budget(sft_micro=32, rm_micro=64, ppo_batch=64, ppo_micro=32, ppo_epochs=4, max_new_tokens=8,
-                  warmup=3, sft_steps=40, rm_steps=12, ppo_steps=8, reps=8),
+                  warmup=3, sft_steps=40, rm_steps=12, ppo_steps=8, reps=8, generation_reps=20),
     # Sized so that a case takes about a minute and a half on one CPU core per rank.
     "100m": Budget(sft_micro=8, rm_micro=2, ppo_batch=8, ppo_micro=8, ppo_epochs=1, max_new_tokens=8,
-                   warmup=1, sft_steps=3, rm_steps=3, ppo_steps=3, reps=3),
+                   warmup=1, sft_steps=3, rm_steps=3, ppo_steps=3, reps=3, generation_reps=4),
     "tiny": Budget(sft_micro=8, rm_micro=4, ppo_batch=8, ppo_micro=4, ppo_epochs=1, max_new_tokens=4,
-                   warmup=1, sft_steps=2, rm_steps=2, ppo_steps=2, reps=1),
+                   warmup=1, sft_steps=2, rm_steps=2, ppo_steps=2, reps=1, generation_reps=1),
 }
 
-# Cost against response length and batch size (--scaling): PPO stage runs on the toy model.
-SCALING_LENGTHS = (8, 32, 64)
-SCALING_BATCHES = (16, 64)
+# PPO's cost against batch size and response length: (rollouts per rank, max new tokens,
+# minibatch size, length-grouped minibatches), each a run of the PPO stage on the first case.
+# The last pair compares random and length-grouped minibatches where response lengths vary.
+GRID = [(16, 8, 16, False), (16, 32, 16, False), (16, 64, 16, False), (64, 8, 32, False), (64, 32, 32, False),
+        (64, 64, 32, False), (64, 64, 8, False), (64, 64, 8, True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                         help="default: bf16 on a GPU, fp32 on the CPU")
-    parser.add_argument("--scaling", action="store_true", help="also PPO cost against response length and batch size (toy, first rank count)")
+    parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
+                        help="PPO cost against batch size and response length, on the first case (not with --quick)")
     parser.add_argument("--quick", action="store_true", help="one tiny case at one rank, a few steps (for tests)")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines file (appended); default $RLHF_HOME/bench/<time>.jsonl")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -135,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         ToyTask(ToyTaskConfig()).write(data_dir)
         for model in models:
             for n in ranks:
-                print(f"{model} x{n}: sft, rm, ppo and references ... ", end="", flush=True)
+                grid = args.grid and (model, n) == (models[0], ranks[0])
+                print(f"{model} x{n}: sft, rm, ppo, references{', PPO cost grid' if grid and not args.quick else ''} ... ",
+                      end="", flush=True)
                 started = time.time()
                 result = run_case(scratch / f"{model}-x{n}", model=model, ranks=n, args=args, data_dir=data_dir,
-                                  command=command, scaling=args.scaling and (model, n) == (models[0], ranks[0]))
+                                  command=command, grid=grid)
                 if result is None:
                     return 1
                 print(f"{time.time() - started:.0f} s")
@@ -156,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_case(case_dir: Path, *, model: str, ranks: int, args: argparse.Namespace, data_dir: Path, command: str,
-             scaling: bool) -> dict | None:
+             grid: bool) -> dict | None:
     """Launch one worker on `ranks` ranks; its result, or None (with its log shown) if it failed."""
     from rlhf.launch import LaunchSpec, build_command, launch_env
 
     spec = {
         "model": model, "ranks": ranks, "zero_stage": args.zero_stage, "precision": args.precision,
         "data_dir": str(data_dir), "registry": str(case_dir / "registry"), "result": str(case_dir / "result.json"),
-        "scaling": scaling and not args.quick, "command": command,
+        "grid": grid and not args.quick, "command": command,
     }
     case_dir.mkdir(parents=True)
     (case_dir / "spec.json").write_text(json.dumps(spec))
@@ -226,15 +232,16 @@ def format_table(results: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['ranks']} | {pair('a_rollout_vs_plain_generate', 'a_median')} | "
                      f"{pair('b_ppo_step_vs_parts', 'b_median')} | {pair('c_sft_vs_plain_loop', 'c_median')} | {scaling} |")
     for r in results:
-        if r.get("scaling"):
-            lines += ["", f"PPO cost against response length and batch size ({r['model']}, {r['ranks']} rank(s), "
-                      "ms per step; gen / score / train):", "",
-                      "| rollouts | new tokens | mean response | step ms | generate ms | score ms | train ms | response tokens/s |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for row in r["scaling"]:
-                lines.append(f"| {row['batch']} | {row['max_new_tokens']} | {row['response_length']:.1f} | {1000 * row['step_s']:.0f} | "
-                             f"{1000 * row['generate_s']:.0f} | {1000 * row['score_s']:.0f} | {1000 * row['train_s']:.0f} | "
-                             f"{row['response_tokens_per_s']:.0f} |")
+        if r.get("grid"):
+            lines += ["", f"PPO cost against batch size and response length ({r['model']}, {r['ranks']} rank(s), "
+                      f"{r['budget']['ppo_epochs']} PPO epochs; medians of 3 steps):", "",
+                      "| rollouts/rank | max new tokens | minibatches | mean response | step ms | generate ms | score ms | "
+                      "train ms | response tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
+            for row in r["grid"]:
+                kind = "length-grouped" if row["length_grouped"] else "random"
+                lines.append(f"| {row['batch']} | {row['max_new_tokens']} | {row['minibatch']}, {kind} | "
+                             f"{row['response_length']:.1f} | {1000 * row['step_s']:.0f} | {1000 * row['generate_s']:.0f} | "
+                             f"{1000 * row['score_s']:.0f} | {1000 * row['train_s']:.0f} | {row['response_tokens_per_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -285,7 +292,7 @@ def worker(spec: dict[str, Any]) -> None:
                             budget.warmup + budget.ppo_steps)
     ppo = run_stage("ppo", common + ppo_cfg, dist)
     result["ppo"] = stage_throughput(ppo, dist, "policy_loss", warmup=budget.warmup)
-    generation, parts = ppo_references(ppo.cfg, dist, reps=budget.reps)
+    generation, parts = ppo_references(ppo.cfg, dist, budget=budget)
     result["reference"] = {"rollout_generation": generation, "ppo_parts": parts, "plain_sft": plain_sft}
     stage = result["ppo"]
     # Headline ratios from the least disturbed measurements (fastest step or round of each side,
@@ -303,15 +310,15 @@ def worker(spec: dict[str, Any]) -> None:
         "c_median": result["sft"]["tokens_per_s"] / plain_sft["tokens_per_s"] if plain_sft else None,
     }
 
-    # 4. Optional: PPO cost against response length and batch size.
-    if spec["scaling"]:
-        result["scaling"] = []
-        for batch in SCALING_BATCHES:
-            for length in SCALING_LENGTHS:
-                run = run_stage("ppo", common + ppo_overrides(data, batch, min(batch, 32), length, budget.ppo_epochs, 4), dist)
-                t = stage_throughput(run, dist, "policy_loss", warmup=1)
-                result["scaling"].append({"batch": batch, "max_new_tokens": length, **{k: t[k] for k in (
-                    "step_s", "generate_s", "score_s", "train_s", "response_length", "response_tokens_per_s")}})
+    # 4. PPO's cost against batch size and response length (3 timed steps each).
+    if spec["grid"]:
+        result["grid"] = []
+        for batch, length, micro, grouped in GRID:
+            overrides = ppo_overrides(data, batch, micro, length, budget.ppo_epochs, 4)
+            run = run_stage("ppo", common + overrides + [f"ppo.length_grouped_minibatches={grouped}"], dist)
+            t = stage_throughput(run, dist, "policy_loss", warmup=1)
+            result["grid"].append({"batch": batch, "max_new_tokens": length, "minibatch": micro, "length_grouped": grouped, **{k: t[k] for k in (
+                "step_s", "generate_s", "score_s", "train_s", "response_length", "response_tokens_per_s")}})
 
     if dist.is_main:
         Path(spec["result"]).write_text(json.dumps(result))
@@ -556,7 +563,7 @@ def plain_sft_loop(cfg: Any, budget: Budget) -> dict[str, float]:
 # (a) and (b): the PPO stage's models, rebuilt by the library as the stage builds them.
 
 
-def ppo_references(cfg: Any, dist: Any, *, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+def ppo_references(cfg: Any, dist: Any, *, budget: Budget) -> tuple[dict[str, float], dict[str, float]]:
     """(a) and (b) on PPO's four models as the stage builds them (from the same entries)."""
     from rlhf.data.load import stage_datasets
     from rlhf.data.sampler import ShuffledBatches
@@ -568,12 +575,12 @@ def ppo_references(cfg: Any, dist: Any, *, reps: int) -> tuple[dict[str, float],
     sources = ppo_sources(cfg, registry, actor_source, tokenizer)
     minibatches = cfg.rollout.batch_size // cfg.engine.micro_batch_size
     models = build_ppo_models(cfg, sources, actor_source, tokenizer, dist=dist,
-                              total_updates=(1 + reps) * cfg.ppo.epochs * minibatches)
+                              total_updates=(1 + budget.reps) * cfg.ppo.epochs * minibatches)
     prompts_all, _, _, _ = stage_datasets("ppo", cfg, tokenizer, world_size=dist.world_size)
     batches = ShuffledBatches(len(prompts_all), batch_size=cfg.rollout.batch_size, world_size=dist.world_size, seed=cfg.train.seed)
     prompts = [prompts_all[i] for i in batches.global_batch(0)[dist.rank]]
-    generation = rollout_vs_plain_generate(models, cfg, prompts, tokenizer, dist, reps=reps)
-    parts = ppo_parts(models, cfg, prompts, tokenizer, dist, reps=reps)
+    generation = rollout_vs_plain_generate(models, cfg, prompts, tokenizer, dist, reps=budget.generation_reps)
+    parts = ppo_parts(models, cfg, prompts, tokenizer, dist, reps=budget.reps)
     del models
     release_freed_memory()
     return generation, parts
@@ -609,10 +616,13 @@ def plain_generate(module: Any, padded: dict[str, Any], cfg: Any, tokenizer: Any
 
 
 def timed(fn: Callable[[], Any], device: Any) -> tuple[float, Any]:
+    """Seconds `fn` takes, started on every rank at once (as in a stage, where ranks meet at each
+    collective), and its result."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    torch.distributed.barrier()
     started = time.perf_counter()
     out = fn()
     if device.type == "cuda":
