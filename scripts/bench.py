@@ -263,7 +263,7 @@ def worker(spec: dict[str, Any]) -> None:
     # held-out evaluation, which would dwarf these short runs), no checkpoints, a learning rate
     # that keeps the policy near its random init (see the module docstring).
     common = [f"run.registry={spec['registry']}", "data.eval=null", "train.save_every=0", "train.eval_every=0", "train.log_every=1",
-              "optim.lr=1e-5", "optim.warmup_steps=0", f"engine.zero_stage={spec['zero_stage']}", f"engine.precision={precision}"]
+              "optim.lr=1e-8", "optim.warmup_steps=0", f"engine.zero_stage={spec['zero_stage']}", f"engine.precision={precision}"]
     if on_gpu:
         common.append("model.attn_implementation=sdpa")
     shape = [f"model.toy.{k}={v}" for k, v in MODEL_SHAPES[model].items()]
@@ -328,7 +328,7 @@ def worker(spec: dict[str, Any]) -> None:
 def ppo_overrides(data: Path, batch: int, micro: int, max_new_tokens: int, epochs: int, steps: int) -> list[str]:
     return [f"data.train={data / 'prompts_train.jsonl'}", f"rollout.batch_size={batch}", f"engine.micro_batch_size={micro}",
             f"rollout.max_new_tokens={max_new_tokens}", f"ppo.epochs={epochs}", f"train.max_steps={steps}",
-            "critic_optim.lr=1e-5", "critic_optim.warmup_steps=0"]
+            "critic_optim.lr=1e-8", "critic_optim.warmup_steps=0"]
 
 
 def versions() -> dict[str, str]:
