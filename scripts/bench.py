@@ -8,7 +8,8 @@ own `main()` in sequence on a scratch registry: sft, then rm from that SFT entry
 both. Each stage logs every step; a step's time is the gap between its metrics row and the
 previous one (PPO's rows also split it into generation, scoring and training), the first steps
 are warm-up and not timed. Peak memory is the rank's peak RSS on the CPU (VmHWM, reset before
-each stage) and torch.cuda.max_memory_allocated on a GPU. Then, in the same process:
+each stage) and torch.cuda.max_memory_allocated on a GPU. In the same process, half of each
+reference's rounds just before the stage it refers to and half just after:
 
   (a) rollout generation (rlhf.rollout.sample_rollout, what the PPO stage samples with) against
       plain transformers `generate` on the same model, prompts and seed (so the same lengths);
@@ -21,8 +22,8 @@ each stage) and torch.cuda.max_memory_allocated on a GPU. Then, in the same proc
 Throughput figures are medians over the timed steps. The ratios use the fastest step (or round)
 of each side, medians beside them: the machine this runs on is shared, and other processes only
 ever add time. Every stage trains at a tiny learning rate, so the policy stays near its random
-init and responses run to rollout.max_new_tokens: a case's cost is set by its lengths, not by
-what the model happened to learn.
+init and responses mostly run to rollout.max_new_tokens (a random policy picks EOS about once in
+100 tokens): a case's cost is set by its config, not by what the model happened to learn.
 
 Prints one Markdown table and writes one JSON line per case to --out.
 """
@@ -74,8 +75,8 @@ class Budget:
     sft_steps: int  # timed steps
     rm_steps: int
     ppo_steps: int
-    reps: int  # timed rounds of the PPO parts
-    generation_reps: int  # timed rounds of (a), alternating rollout and plain generation
+    reps: int  # timed rounds of the PPO parts (half before the PPO stage, half after)
+    generation_reps: int  # timed rounds of (a), each rollout and plain generation in turn
 
 
 BUDGETS = {
@@ -85,7 +86,7 @@ BUDGETS = {
                   warmup=3, sft_steps=40, rm_steps=12, ppo_steps=8, reps=8, generation_reps=20),
     # Sized so that a case takes about a minute and a half on one CPU core per rank.
     "100m": Budget(sft_micro=8, rm_micro=2, ppo_batch=8, ppo_micro=8, ppo_epochs=1, max_new_tokens=8,
-                   warmup=1, sft_steps=3, rm_steps=3, ppo_steps=3, reps=3, generation_reps=4),
+                   warmup=1, sft_steps=4, rm_steps=3, ppo_steps=3, reps=4, generation_reps=4),
     "tiny": Budget(sft_micro=8, rm_micro=4, ppo_batch=8, ppo_micro=4, ppo_epochs=1, max_new_tokens=4,
                    warmup=1, sft_steps=2, rm_steps=2, ppo_steps=2, reps=1, generation_reps=1),
 }
@@ -253,6 +254,7 @@ def worker(spec: dict[str, Any]) -> None:
     import torch
 
     from rlhf.engine import init_distributed
+    from rlhf.runs import resolve_config
 
     dist = init_distributed()
     model, budget = spec["model"], BUDGETS[spec["model"]]
@@ -273,13 +275,20 @@ def worker(spec: dict[str, Any]) -> None:
         "versions": versions(), "command": spec["command"], "budget": dataclasses.asdict(budget),
     }
 
-    # 1. SFT: the stage, then (one rank) a plain torch loop of the same model over the same batches.
-    sft_cfg = ["model.name_or_path=toy", f"data.train={data / 'sft_train.jsonl'}", f"engine.micro_batch_size={budget.sft_micro}",
-               f"train.max_steps={budget.warmup + budget.sft_steps}"]
-    sft = run_stage("sft", common + shape + sft_cfg, dist)
+    # 1. SFT, bracketed in time by a plain torch loop of the same model over the same batches (one
+    #    rank): half of its steps before the stage, half after, so a busy spell weighs on both sides.
+    sft_cfg = common + shape + ["model.name_or_path=toy", f"data.train={data / 'sft_train.jsonl'}",
+                                f"engine.micro_batch_size={budget.sft_micro}", f"train.max_steps={budget.warmup + budget.sft_steps}"]
+    single = dist.world_size == 1
+    plain_before = plain_sft_loop(resolve_config("sft", None, sft_cfg), budget) if single else None
+    sft = run_stage("sft", sft_cfg, dist)
+    plain_after = plain_sft_loop(sft.cfg, budget) if single else None
     result["parameters"] = sft.parameters
     result["sft"] = stage_throughput(sft, dist, "loss", warmup=budget.warmup)
-    plain_sft = plain_sft_loop(sft.cfg, budget) if dist.world_size == 1 else None
+    plain_sft = None
+    if single:
+        plain = rates(plain_before[0] + plain_after[0], plain_before[1] + plain_after[1])
+        plain_sft = {"step_s": plain["step_s"], "tokens_per_s": plain["per_s"], "tokens_per_s_best": plain["best_per_s"]}
 
     # 2. The reward model from that SFT entry, on ranked lists of 4 responses.
     rm_cfg = ["model.name_or_path=sft:latest", f"data.train={data / 'ranked_train.jsonl'}", f"engine.micro_batch_size={budget.rm_micro}",
@@ -287,12 +296,14 @@ def worker(spec: dict[str, Any]) -> None:
     rm = run_stage("rm", common + rm_cfg, dist)
     result["rm"] = stage_throughput(rm, dist, "loss", warmup=budget.warmup)
 
-    # 3. PPO from both, then the reference measurements (a) and (b) on the same four models.
-    ppo_cfg = ppo_overrides(data, budget.ppo_batch, budget.ppo_micro, budget.max_new_tokens, budget.ppo_epochs,
-                            budget.warmup + budget.ppo_steps)
-    ppo = run_stage("ppo", common + ppo_cfg, dist)
+    # 3. PPO from both, bracketed by the reference measurements (a) and (b) on the same four models.
+    ppo_cfg = common + ppo_overrides(data, budget.ppo_batch, budget.ppo_micro, budget.max_new_tokens, budget.ppo_epochs,
+                                     budget.warmup + budget.ppo_steps)
+    before = ppo_references(resolve_config("ppo", None, ppo_cfg), dist, budget=budget, half=0)
+    ppo = run_stage("ppo", ppo_cfg, dist)
+    after = ppo_references(ppo.cfg, dist, budget=budget, half=1)
     result["ppo"] = stage_throughput(ppo, dist, "policy_loss", warmup=budget.warmup)
-    generation, parts = ppo_references(ppo.cfg, dist, budget=budget)
+    generation, parts = summarize_references([before, after])
     result["reference"] = {"rollout_generation": generation, "ppo_parts": parts, "plain_sft": plain_sft}
     stage = result["ppo"]
     # Headline ratios from the least disturbed measurements (fastest step or round of each side,
@@ -523,7 +534,8 @@ def replay_batches(run: StageRun, dist: Any, steps: list[int]) -> tuple[list[flo
 # (c) A plain single-process torch loop: the same model, optimizer settings and batches as SFT.
 
 
-def plain_sft_loop(cfg: Any, budget: Budget) -> dict[str, float]:
+def plain_sft_loop(cfg: Any, budget: Budget) -> tuple[list[float], list[float]]:
+    """Seconds and real tokens of each timed step (the first `budget.warmup` steps are not timed)."""
     import torch
     import torch.nn.functional as F
 
@@ -555,16 +567,16 @@ def plain_sft_loop(cfg: Any, budget: Budget) -> dict[str, float]:
         if step >= budget.warmup:
             seconds.append(time.perf_counter() - started)
             tokens.append(float(batch["attention_mask"].sum()))
-    figures = rates(seconds, tokens)
-    return {"step_s": figures["step_s"], "tokens_per_s": figures["per_s"], "tokens_per_s_best": figures["best_per_s"]}
+    return seconds, tokens
 
 
 # ----------------------------------------------------------------------------------------------
 # (a) and (b): the PPO stage's models, rebuilt by the library as the stage builds them.
 
 
-def ppo_references(cfg: Any, dist: Any, *, budget: Budget) -> tuple[dict[str, float], dict[str, float]]:
-    """(a) and (b) on PPO's four models as the stage builds them (from the same entries)."""
+def ppo_references(cfg: Any, dist: Any, *, budget: Budget, half: int) -> dict[str, dict[str, list[float]]]:
+    """Half `half` (0 or 1) of the rounds of (a) and (b), on PPO's four models built as the stage
+    builds them (from the same entries): per-round seconds, by measurement."""
     from rlhf.data.load import stage_datasets
     from rlhf.data.sampler import ShuffledBatches
     from rlhf.models import build_ppo_models, causal_lm_and_tokenizer, ppo_sources
@@ -576,14 +588,34 @@ def ppo_references(cfg: Any, dist: Any, *, budget: Budget) -> tuple[dict[str, fl
     minibatches = cfg.rollout.batch_size // cfg.engine.micro_batch_size
     models = build_ppo_models(cfg, sources, actor_source, tokenizer, dist=dist,
                               total_updates=(1 + budget.reps) * cfg.ppo.epochs * minibatches)
+    generation_reps, reps = split_rounds(budget.generation_reps, half), split_rounds(budget.reps, half)
     prompts_all, _, _, _ = stage_datasets("ppo", cfg, tokenizer, world_size=dist.world_size)
     batches = ShuffledBatches(len(prompts_all), batch_size=cfg.rollout.batch_size, world_size=dist.world_size, seed=cfg.train.seed)
     prompts = [prompts_all[i] for i in batches.global_batch(0)[dist.rank]]
-    generation = rollout_vs_plain_generate(models, cfg, prompts, tokenizer, dist, reps=budget.generation_reps)
-    parts = ppo_parts(models, cfg, prompts, tokenizer, dist, reps=budget.reps)
+    generation = rollout_vs_plain_generate(models, cfg, prompts, tokenizer, dist, reps=generation_reps)
+    parts = ppo_parts(models, cfg, prompts, tokenizer, dist, reps=reps)
     del models
     release_freed_memory()
-    return generation, parts
+    return {"generation": generation, "parts": parts}
+
+
+def split_rounds(total: int, half: int) -> int:
+    """Rounds of the first (0) or second (1) half of `total`, at least one each."""
+    return max(1, (total + 1 - half) // 2)
+
+
+def summarize_references(halves: list[dict[str, dict[str, list[float]]]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Medians and bests of (a) and (b) over the rounds of both halves."""
+    generation = {k: [t for h in halves for t in h["generation"][k]] for k in ("rollout", "plain")}
+    times = {k: [t for h in halves for t in h["parts"][k]] for k in halves[0]["parts"]}
+    gen = {"rollout_s": statistics.median(generation["rollout"]), "plain_s": statistics.median(generation["plain"]),
+           "rollout_s_best": min(generation["rollout"]), "plain_s_best": min(generation["plain"]),
+           "rounds": len(generation["rollout"])}
+    parts = {f"{k}_s": statistics.median(v) for k, v in times.items()}
+    parts["forwards_s"] = sum(parts[f"{k}_s"] for k in ("actor", "reference", "critic", "reward"))
+    sums = [sum(values) for values in zip(*times.values())]  # each round's parts added up
+    parts.update(sum_s=statistics.median(sums), sum_s_best=min(sums), rounds=len(sums))
+    return gen, parts
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> dict[str, Any]:
@@ -630,7 +662,7 @@ def timed(fn: Callable[[], Any], device: Any) -> tuple[float, Any]:
     return time.perf_counter() - started, out
 
 
-def rollout_vs_plain_generate(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, dist: Any, *, reps: int) -> dict[str, float]:
+def rollout_vs_plain_generate(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, dist: Any, *, reps: int) -> dict[str, list[float]]:
     """(a) The PPO stage's sampling path against plain `generate`, alternated, each from the same
     seed so both produce the same tokens (the same lengths)."""
     import torch
@@ -663,11 +695,10 @@ def rollout_vs_plain_generate(models: Any, cfg: Any, prompts: list[list[int]], t
                 times[name].append(seconds)
         if widths[0] != widths[1]:
             raise RuntimeError(f"rollout and plain generate produced different lengths ({widths}); the comparison would be unfair")
-    return {"rollout_s": statistics.median(times["rollout"]), "plain_s": statistics.median(times["plain"]),
-            "rollout_s_best": min(times["rollout"]), "plain_s_best": min(times["plain"]), "reps": reps}
+    return times
 
 
-def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, dist: Any, *, reps: int) -> dict[str, float]:
+def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, dist: Any, *, reps: int) -> dict[str, list[float]]:
     """(b) A PPO step's essential parts, each timed alone with plain calls: one generate, one
     forward of each model over the rollout, and the training passes (ppo.epochs over minibatches:
     forward, a loss, backward and optimizer step of actor and critic, through their engines)."""
@@ -728,11 +759,7 @@ def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, d
         if rep:
             for k, v in record.items():
                 times[k].append(v)
-    parts = {f"{k}_s": statistics.median(v) for k, v in times.items()}
-    parts["forwards_s"] = sum(parts[f"{k}_s"] for k in ("actor", "reference", "critic", "reward"))
-    sums = [sum(values) for values in zip(*times.values())]  # each round's parts added up
-    parts.update(sum_s=statistics.median(sums), sum_s_best=min(sums), reps=reps)
-    return parts
+    return times
 
 
 if __name__ == "__main__":
