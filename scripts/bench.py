@@ -9,7 +9,7 @@ both. Each stage logs every step; a step's time is the gap between its metrics r
 previous one (PPO's rows also split it into generation, scoring and training), the first steps
 are warm-up and not timed. Peak memory is the rank's peak RSS on the CPU (VmHWM, reset before
 each stage) and torch.cuda.max_memory_allocated on a GPU. In the same process, half of each
-reference's rounds just before the stage it refers to and half just after:
+reference's rounds just before the stage it refers to and half just after (one rank):
 
   (a) rollout generation (rlhf.rollout.sample_rollout, what the PPO stage samples with) against
       plain transformers `generate` on the same model, prompts and seed (so the same lengths);
@@ -19,9 +19,10 @@ reference's rounds just before the stage it refers to and half just after:
   (c) SFT stage tokens/s against a plain single-process torch loop (the same model, AdamW
       settings and batches), at one rank.
 
-Throughput figures are medians over the timed steps. The ratios use the fastest step (or round)
-of each side, medians beside them: the machine this runs on is shared, and other processes only
-ever add time. Every stage trains at a tiny learning rate, so the policy stays near its random
+Every figure is a median over the timed steps or rounds; both sides of a ratio hold as many, half
+of the reference's taken before the stage and half after, since the machine this runs on may be
+shared and busy. The fastest step of each side is kept beside (other processes only ever add
+time). The references run in the one-rank cases; the two-rank cases give data-parallel scaling. Every stage trains at a tiny learning rate, so the policy stays near its random
 init and responses mostly run to rollout.max_new_tokens (a random policy picks EOS about once in
 100 tokens): a case's cost is set by its config, not by what the model happened to learn.
 
@@ -86,7 +87,7 @@ BUDGETS = {
                   warmup=3, sft_steps=40, rm_steps=12, ppo_steps=8, reps=8, generation_reps=20),
     # Sized so that a case takes about a minute and a half on one CPU core per rank.
     "100m": Budget(sft_micro=8, rm_micro=2, ppo_batch=8, ppo_micro=8, ppo_epochs=1, max_new_tokens=8,
-                   warmup=1, sft_steps=4, rm_steps=3, ppo_steps=3, reps=4, generation_reps=4),
+                   warmup=1, sft_steps=4, rm_steps=3, ppo_steps=4, reps=4, generation_reps=4),
     "tiny": Budget(sft_micro=8, rm_micro=4, ppo_batch=8, ppo_micro=4, ppo_epochs=1, max_new_tokens=4,
                    warmup=1, sft_steps=2, rm_steps=2, ppo_steps=2, reps=1, generation_reps=1),
 }
@@ -218,20 +219,23 @@ def format_table(results: list[dict]) -> str:
                 split = " / ".join(f"{100 * s['split'][k]:.0f}%" for k in ("generate", "score", "train", "other"))
             lines.append(f"| {label} | {r['ranks']} | {stage} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | "
                          f"{s['peak_memory_mb']:.0f} | {s['step_s']:.3f} | {split} |")
-    lines += ["", "Ratios: fastest step or round of each side, (median) beside it.", "",
-              "| model | ranks | (a) rollout generation / plain generate, target >= 0.9 | (b) PPO step / sum of its parts, "
-              "target <= 1.2 | (c) SFT stage / plain torch loop, target >= 0.85 at 1 rank | DP scaling sft / rm / ppo |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Reference ratios at one rank: medians, (fastest step or round of each side).", "",
+              "| model | (a) rollout generation / plain generate, target >= 0.9 | (b) PPO step / sum of its parts, target <= 1.2 "
+              "| (c) SFT stage / plain torch loop, target >= 0.85 |", "|---|---|---|---|"]
     for r in results:
-        ratios = r["ratios"]
-
-        def pair(best: str, median: str) -> str:
-            return "n/a (1 rank only)" if ratios.get(best) is None else f"{ratios[best]:.2f} ({ratios[median]:.2f})"
-
-        eff = r.get("scaling_efficiency")
-        scaling = " / ".join(f"{eff[s]:.2f}" for s in ("sft", "rm", "ppo")) if eff else ""
-        lines.append(f"| {r['model']} | {r['ranks']} | {pair('a_rollout_vs_plain_generate', 'a_median')} | "
-                     f"{pair('b_ppo_step_vs_parts', 'b_median')} | {pair('c_sft_vs_plain_loop', 'c_median')} | {scaling} |")
+        if "ratios" in r:
+            ratios = r["ratios"]
+            a, b, c = (f"{ratios[k]:.2f} ({ratios[f]:.2f})" for k, f in (("a_rollout_vs_plain_generate", "a_fastest"),
+                                                                          ("b_ppo_step_vs_parts", "b_fastest"),
+                                                                          ("c_sft_vs_plain_loop", "c_fastest")))
+            lines.append(f"| {r['model']} | {a} | {b} | {c} |")
+    scaled = [r for r in results if "scaling_efficiency" in r]
+    if scaled:
+        lines += ["", "Data-parallel scaling: tokens/s at N ranks / (N x tokens/s at one rank).", "",
+                  "| model | ranks | sft | rm | ppo |", "|---|---|---|---|---|"]
+        for r in scaled:
+            eff = r["scaling_efficiency"]
+            lines.append(f"| {r['model']} | {r['ranks']} | {eff['sft']:.2f} | {eff['rm']:.2f} | {eff['ppo']:.2f} |")
     for r in results:
         if r.get("grid"):
             lines += ["", f"PPO cost against batch size and response length ({r['model']}, {r['ranks']} rank(s), "
@@ -279,10 +283,10 @@ def worker(spec: dict[str, Any]) -> None:
     #    rank): half of its steps before the stage, half after, so a busy spell weighs on both sides.
     sft_cfg = common + shape + ["model.name_or_path=toy", f"data.train={data / 'sft_train.jsonl'}",
                                 f"engine.micro_batch_size={budget.sft_micro}", f"train.max_steps={budget.warmup + budget.sft_steps}"]
-    single = dist.world_size == 1
-    plain_before = plain_sft_loop(resolve_config("sft", None, sft_cfg), budget) if single else None
+    single = dist.world_size == 1  # the references run at one rank (2-rank cases report DP scaling instead)
+    plain_before = plain_sft_loop(resolve_config("sft", None, sft_cfg), budget, half=0) if single else None
     sft = run_stage("sft", sft_cfg, dist)
-    plain_after = plain_sft_loop(sft.cfg, budget) if single else None
+    plain_after = plain_sft_loop(sft.cfg, budget, half=1) if single else None
     result["parameters"] = sft.parameters
     result["sft"] = stage_throughput(sft, dist, "loss", warmup=budget.warmup)
     plain_sft = None
@@ -299,27 +303,14 @@ def worker(spec: dict[str, Any]) -> None:
     # 3. PPO from both, bracketed by the reference measurements (a) and (b) on the same four models.
     ppo_cfg = common + ppo_overrides(data, budget.ppo_batch, budget.ppo_micro, budget.max_new_tokens, budget.ppo_epochs,
                                      budget.warmup + budget.ppo_steps)
-    before = ppo_references(resolve_config("ppo", None, ppo_cfg), dist, budget=budget, half=0)
+    before = ppo_references(resolve_config("ppo", None, ppo_cfg), dist, budget=budget, half=0) if single else None
     ppo = run_stage("ppo", ppo_cfg, dist)
-    after = ppo_references(ppo.cfg, dist, budget=budget, half=1)
+    after = ppo_references(ppo.cfg, dist, budget=budget, half=1) if single else None
     result["ppo"] = stage_throughput(ppo, dist, "policy_loss", warmup=budget.warmup)
-    generation, parts = summarize_references([before, after])
-    result["reference"] = {"rollout_generation": generation, "ppo_parts": parts, "plain_sft": plain_sft}
-    stage = result["ppo"]
-    # Headline ratios from the least disturbed measurements (fastest step or round of each side,
-    # see `rates`); the same from medians beside them.
-    result["ratios"] = {
-        "a_rollout_vs_plain_generate": generation["plain_s_best"] / generation["rollout_s_best"],
-        "a_median": generation["plain_s"] / generation["rollout_s"],
-        "b_ppo_step_vs_parts": stage["step_s_best"] / parts["sum_s_best"],
-        "b_median": stage["step_s"] / parts["sum_s"],
-        # Phase by phase (medians), to see where a step's overhead sits.
-        "b_generate_vs_part": stage["generate_s"] / parts["generate_s"],
-        "b_score_vs_forwards": stage["score_s"] / parts["forwards_s"],
-        "b_train_vs_passes": stage["train_s"] / parts["train_s"],
-        "c_sft_vs_plain_loop": result["sft"]["tokens_per_s_best"] / plain_sft["tokens_per_s_best"] if plain_sft else None,
-        "c_median": result["sft"]["tokens_per_s"] / plain_sft["tokens_per_s"] if plain_sft else None,
-    }
+    if single:
+        generation, parts = summarize_references([before, after])
+        result["reference"] = {"rollout_generation": generation, "ppo_parts": parts, "plain_sft": plain_sft}
+        result["ratios"] = reference_ratios(result["sft"], result["ppo"], plain_sft, generation, parts)
 
     # 4. PPO's cost against batch size and response length (3 timed steps each).
     if spec["grid"]:
@@ -534,8 +525,9 @@ def replay_batches(run: StageRun, dist: Any, steps: list[int]) -> tuple[list[flo
 # (c) A plain single-process torch loop: the same model, optimizer settings and batches as SFT.
 
 
-def plain_sft_loop(cfg: Any, budget: Budget) -> tuple[list[float], list[float]]:
-    """Seconds and real tokens of each timed step (the first `budget.warmup` steps are not timed)."""
+def plain_sft_loop(cfg: Any, budget: Budget, *, half: int) -> tuple[list[float], list[float]]:
+    """Seconds and real tokens of each timed step of half `half` (0 or 1) of the stage's timed
+    steps, the stage's own batches; the first `budget.warmup` steps are not timed."""
     import torch
     import torch.nn.functional as F
 
@@ -552,7 +544,7 @@ def plain_sft_loop(cfg: Any, budget: Budget) -> tuple[list[float], list[float]]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
                                   weight_decay=optim.weight_decay)
     seconds, tokens = [], []
-    for step in range(budget.warmup + budget.sft_steps):
+    for step in range(budget.warmup + split_rounds(budget.sft_steps, half)):
         started = time.perf_counter()
         batch = collate_sft([train_set[i] for i in batches.global_batch(step)[0]], pad_id=tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -597,6 +589,23 @@ def ppo_references(cfg: Any, dist: Any, *, budget: Budget, half: int) -> dict[st
     del models
     release_freed_memory()
     return {"generation": generation, "parts": parts}
+
+
+def reference_ratios(sft: dict, ppo: dict, plain_sft: dict, generation: dict, parts: dict) -> dict[str, float]:
+    """(a), (b) and (c) from medians (both sides hold as many timed steps or rounds, half taken
+    before the stage and half after), and from the fastest of each side."""
+    return {
+        "a_rollout_vs_plain_generate": generation["plain_s"] / generation["rollout_s"],
+        "a_fastest": generation["plain_s_best"] / generation["rollout_s_best"],
+        "b_ppo_step_vs_parts": ppo["step_s"] / parts["sum_s"],
+        "b_fastest": ppo["step_s_best"] / parts["sum_s_best"],
+        # Phase by phase, to see where a step's overhead sits.
+        "b_generate_vs_part": ppo["generate_s"] / parts["generate_s"],
+        "b_score_vs_forwards": ppo["score_s"] / parts["forwards_s"],
+        "b_train_vs_passes": ppo["train_s"] / parts["train_s"],
+        "c_sft_vs_plain_loop": sft["tokens_per_s"] / plain_sft["tokens_per_s"],
+        "c_fastest": sft["tokens_per_s_best"] / plain_sft["tokens_per_s_best"],
+    }
 
 
 def split_rounds(total: int, half: int) -> int:
