@@ -18,7 +18,6 @@ from tests.integration.conftest import (
     assert_ok,
     cli_env,
     entries,
-    kill_after_checkpoint,
     metric_rows,
     resume_and_check,
     rlhf,
@@ -170,17 +169,10 @@ def test_zero3_with_optimizer_and_parameter_offload(home):
     assert_loads_with_transformers(entry)
 
 
-def test_killed_run_resumes_from_its_checkpoint(home):
-    run_dir = kill_after_checkpoint(
-        "sft", ["-c", QUICK, "train.max_steps=200", "train.save_every=20", "data.eval=null"], home=home, min_step=40
-    )
-    entry = resume_and_check("sft", run_dir, home=home, max_steps=200)
-    assert_loads_with_transformers(entry)
-
-
 def test_sigterm_saves_where_the_run_is_and_resume_continues_there(home):
     """What a cluster sends on preemption, to every process of the job: the ranks finish the step in
-    flight, checkpoint it (no periodic checkpoint is due), and exit 143; `--resume` continues there."""
+    flight, checkpoint it (no periodic checkpoint is due), and exit 143; `--resume` continues there.
+    (A SIGKILLed run resuming from its last periodic checkpoint is tested in the ppo tests.)"""
     proc = subprocess.Popen(
         [RLHF, "sft", "-c", QUICK, "train.max_steps=400", "train.save_every=0", "train.eval_every=0",
          "train.log_every=1", "data.eval=null"],
@@ -199,7 +191,8 @@ def test_sigterm_saves_where_the_run_is_and_resume_continues_there(home):
     [run_dir] = list((home / "runs").iterdir())
     stopped_at = json.loads((run_dir / "checkpoints" / "resume.json").read_text())["step"]
     assert 20 <= stopped_at < 400
-    resume_and_check("sft", run_dir, home=home, max_steps=400)
+    entry = resume_and_check("sft", run_dir, home=home, max_steps=400)
+    assert_loads_with_transformers(entry)
 
 
 def _rows(home: Path) -> list[dict]:
