@@ -32,7 +32,7 @@ pipeline: install
 	$(VENV)/bin/rlhf pipeline
 
 # Throughput, peak memory and the reference ratios of every stage (toy and a 100M model, 1 and 2
-# ranks; a few minutes on 2 CPU cores): a Markdown table, and JSON lines under rlhf_runs/bench/.
+# ranks, and a PPO cost grid; 5 to 7 minutes on 2 CPU cores): Markdown tables, and JSON lines under rlhf_runs/bench/.
 # BENCHMARKS.md explains the figures. Options: `make bench BENCH_ARGS="--models toy --ranks 1"`.
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
