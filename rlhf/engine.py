@@ -178,13 +178,8 @@ def build_engine(
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=schedule, config=config
     )
-    if ds_engine.zero_optimization_stage() == 0:
-        if torch.distributed.get_world_size() == 1:
-            # One rank: DeepSpeed would still flatten, all-reduce with itself and copy back every
-            # gradient after each backward (measured: 1.3 ms of a 33 ms toy SFT step).
-            ds_engine.enable_backward_allreduce = False
-        if engine.precision == "fp32":
-            _keep_clipped_norm(ds_engine)
+    if ds_engine.zero_optimization_stage() == 0 and engine.precision == "fp32":
+        _keep_clipped_norm(ds_engine)
     return ds_engine
 
 
@@ -224,15 +219,11 @@ def frozen_zero3_config(engine: EngineConfig, offload: bool) -> dict[str, Any] |
 
 def _keep_clipped_norm(ds_engine: Any) -> None:
     """Without ZeRO, DeepSpeed clips fp32 gradients but throws their norm away (the ZeRO optimizers
-    keep it); keep it, so `get_global_grad_norm()` reports it at every stage.
-
-    Clipping happens after the data-parallel all-reduce, so every rank holds the same gradients and
-    torch's fused-over-tensors clip gives the global norm (DeepSpeed's own loops over tensors for
-    model parallelism, which no stage uses: 1 ms per toy step)."""
-    params = [p for p in ds_engine.module.parameters() if p.requires_grad]
+    keep it); keep it, so `get_global_grad_norm()` reports it at every stage."""
+    from deepspeed.runtime.utils import clip_grad_norm_
 
     def clip_and_keep() -> None:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=ds_engine.gradient_clipping(), foreach=True)
+        norm = clip_grad_norm_(parameters=ds_engine.module.parameters(), max_norm=ds_engine.gradient_clipping(), mpu=ds_engine.mpu)
         ds_engine._global_grad_norm = float(norm)
 
     ds_engine.clip_fp32_gradients = clip_and_keep
