@@ -36,6 +36,10 @@ def cli_env(home: Path) -> dict[str, str]:
     env["RLHF_HOME"] = str(home)
     env.pop("WANDB_MODE", None)  # our own default (offline) must be what keeps wandb off the network
     env["COLUMNS"] = "200"  # keep rich from wrapping the lines tests read
+    # DeepSpeed compiles its CPU Adam op on first use, under a lock file that a build killed midway
+    # leaves behind, and every later build waits on it forever: keep the tests' builds in their own
+    # environment instead of sharing ~/.cache with whatever ran on this machine before.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     return env
 
 
