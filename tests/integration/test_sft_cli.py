@@ -184,15 +184,28 @@ def test_sigterm_saves_where_the_run_is_and_resume_continues_there(home):
             assert time.time() < deadline and proc.poll() is None, "the run ended before it could be stopped"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
+        # The CLI dies at once; the ranks finish their step and save, so wait for the whole group.
+        deadline = time.time() + 120
+        while proc.poll() is None or _group_alive(proc.pid):  # poll() reaps the CLI, a zombie in the group
+            assert time.time() < deadline, "the ranks did not stop within 120 s of SIGTERM"
+            time.sleep(0.2)
     finally:
-        if proc.poll() is None:
+        if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     [run_dir] = list((home / "runs").iterdir())
     stopped_at = json.loads((run_dir / "checkpoints" / "resume.json").read_text())["step"]
     assert 20 <= stopped_at < 400
     entry = resume_and_check("sft", run_dir, home=home, max_steps=400)
     assert_loads_with_transformers(entry)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _rows(home: Path) -> list[dict]:
