@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 from pathlib import Path
 
@@ -12,11 +13,10 @@ from rlhf.launch import LaunchSpec, build_command, srun_command
 from rlhf.slurm import Resources, StageJob, render_script, stage_jobs
 
 
-def ids(prefix_counter={"n": 0}):
-    def new_run_id(stage: str) -> str:
-        prefix_counter["n"] += 1
-        return f"{stage}-run{prefix_counter['n']}"
-    return new_run_id
+def ids():
+    """A stand-in for Registry.new_run_id: distinct, predictable ids."""
+    counter = itertools.count(1)
+    return lambda stage: f"{stage}-run{next(counter)}"
 
 
 def test_pipeline_jobs_point_each_stage_at_the_runs_before_it(tmp_path):
