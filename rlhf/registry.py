@@ -31,7 +31,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,6 +68,54 @@ def now_iso() -> str:
 def is_reference(text: str) -> bool:
     """True for ``stage:selector`` (e.g. ``sft:latest``); hub names and paths contain "/" and are not."""
     return _REFERENCE_RE.fullmatch(text) is not None
+
+
+def is_entry_id(text: object) -> bool:
+    """True for a usable entry or run id: a plain file name (no separator, no leading dot)."""
+    return isinstance(text, str) and _ID_RE.fullmatch(text) is not None
+
+
+def is_stage_name(text: object) -> bool:
+    """True for a usable stage name: a lowercase word, also a folder name under ``tags/``."""
+    return isinstance(text, str) and _STAGE_RE.fullmatch(text) is not None
+
+
+def check_tags(tags: Iterable[str], stage: str, ids: Collection[str] = ()) -> None:
+    """Refuse (UserError) a tag that `stage:tag` could not name, or that an id would shadow.
+
+    What `Registry.tag` and `Registry.publish` apply; call it on ``run.tags`` before a run starts,
+    since the run publishes (and would only then be refused) at its very end. `ids` are the
+    existing entry ids (`Registry.entry_ids`); a tag shaped like a generated id is refused anyway.
+    """
+    for tag in [tags] if isinstance(tags, str) else tags:
+        problem = _tag_name_problem(tag)
+        # References try ids before tags, so such a tag would be shadowed now or by a later run.
+        if problem is None and (tag in ids or f"{stage}-{tag}" in ids or _GENERATED_ID_CORE_RE.search(tag)):
+            problem = "it looks like an entry id; choose another name"
+        if problem:
+            raise UserError(f"invalid tag {tag!r}: {problem}")
+
+
+def _tag_name_problem(tag: object) -> str | None:
+    """Why `tag` cannot be a tag (None if it can), whoever wrote it: it becomes a file name and a reference."""
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
+        return "use up to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    if tag == "latest":
+        return "`stage:latest` always means the newest entry; choose another name"
+    return None
+
+
+def _check_name(kind: str, value: object) -> None:
+    """ValueError unless `value` is a valid `kind` ("id", "stage", "tag"): names read from files
+    become paths and references, so a hand-edited or planted one is refused, never used."""
+    if kind == "tag":
+        problem = _tag_name_problem(value)
+    else:
+        valid, rule = {"id": (is_entry_id, "letters, digits, '.', '_', '-'; not starting with '.'"),
+                       "stage": (is_stage_name, "a lowercase word, [a-z][a-z0-9_-]*")}[kind]
+        problem = None if valid(value) else f"must be a plain name ({rule})"
+    if problem:
+        raise ValueError(f"invalid {kind} {value!r}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +159,11 @@ class Entry:
 
     @classmethod
     def from_json(cls, d: dict) -> Entry:
-        """The inverse of `to_json`; unknown keys are ignored so newer files stay readable."""
+        """The inverse of `to_json`; unknown keys are ignored so newer files stay readable.
+
+        A file is data, not trusted code: a field of the wrong type, or an id, stage, parent or tag
+        that breaks its naming rule (say a stage of "../x", later a path) is a ValueError.
+        """
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
@@ -120,9 +172,25 @@ class Entry:
         if missing:
             raise ValueError(f"missing field(s) {', '.join(missing)}")
         kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs["parents"] = tuple(d.get("parents", ()))
-        kwargs["tags"] = tuple(d.get("tags", ()))
+        for key, value in kwargs.items():
+            kind = _FIELD_TYPES.get(key)
+            if kind is not None and not isinstance(value, kind):
+                raise ValueError(f"field {key!r} must be a {_JSON_TYPE_NAMES[kind]}, not {type(value).__name__}")
+        _check_name("id", d["id"])
+        _check_name("stage", d["stage"])
+        for kind, key in (("id", "parents"), ("tag", "tags")):
+            for name in kwargs.get(key, ()):
+                _check_name(kind, name)
+            kwargs[key] = tuple(kwargs.get(key, ()))
         return cls(**kwargs)
+
+
+# The JSON type each stored field must have (id and stage are checked by their naming rules).
+_FIELD_TYPES = {
+    "status": str, "created": str, "path": str, "run_dir": str, "config": dict, "parents": list,
+    "base_model": str, "tokenizer": dict, "metrics": dict, "adapter": str, "tags": list,
+}
+_JSON_TYPE_NAMES = {str: "string", dict: "JSON object", list: "JSON list"}
 
 
 class TagChange(NamedTuple):
@@ -195,8 +263,17 @@ class Registry:
         return f"{stage}-{stamp}-{secrets.token_hex(4)}"
 
     def run_dir(self, run_id: str) -> Path:
-        """The folder of a run's artifacts (not created here)."""
+        """The folder of a run's artifacts (not created here); refuses an id that is not a plain name."""
+        if not is_entry_id(run_id):
+            raise UserError(
+                f"run id {run_id!r} is not a plain name: use letters, digits, '.', '_' or '-', not "
+                f"starting with '.' (e.g. sft-20261123-120000-1a2b3c4d)"
+            )
         return self.root / "runs" / run_id
+
+    def entry_ids(self) -> set[str]:
+        """Ids of the published entries, from the file names alone (no file is read)."""
+        return {name[: -len(".json")] for name in _list_json(self._entries_dir)}
 
     def publish(self, entry: Entry) -> Entry:
         """Write `entry` atomically and return it as stored (``path``/``run_dir`` made absolute).
@@ -210,6 +287,11 @@ class Registry:
             raise ValueError(f"stage {entry.stage!r} must be a lowercase word")
         if entry.adapter not in ADAPTER_KINDS:
             raise ValueError(f"adapter {entry.adapter!r} must be one of {ADAPTER_KINDS}")
+        # The rule `rlhf registry tag` applies: a publish-time tag is as much an assignment.
+        try:
+            check_tags(entry.tags, entry.stage, self.entry_ids() | {entry.id})
+        except UserError as e:
+            raise UserError(f"cannot publish {entry.id} with its tags (run.tags): {e}") from None
         entry = replace(entry, path=os.path.abspath(entry.path), run_dir=os.path.abspath(entry.run_dir))
         # A peft adapter folder holds adapter_config.json instead of the model's config.json.
         marker = "adapter_config.json" if entry.adapter == "adapter" else "config.json"
@@ -311,8 +393,7 @@ class Registry:
         entry = self.resolve(ref)
         stored = self._stored_entries()
         ids = {e.id for e in stored}
-        for tag in tags:
-            _check_tag_name(tag, entry.stage, ids)
+        check_tags(tags, entry.stage, ids)
         newest = self._newest_assignments(stored)
         changes = []
         for tag in dict.fromkeys(tags):
@@ -468,7 +549,7 @@ class Registry:
         runs = [
             self.run_dir(name)
             for name in names
-            if not name.startswith(".")
+            if is_entry_id(name)  # also skips dot-folders
             and name not in finished
             and (stage is None or name.startswith(f"{stage}-"))
             and self.run_dir(name).is_dir()
@@ -495,11 +576,14 @@ class Registry:
         except FileNotFoundError:
             return None  # removed between listing and reading
         try:
-            return Entry.from_json(json.loads(text))
+            entry = Entry.from_json(json.loads(text))
+            if entry.id != file.stem:  # `remove` and `get` find an entry by its id's file name
+                raise ValueError(f"its id {entry.id!r} is not its file name")
         except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise UserError(
                 f"corrupt registry entry {file}: {e}; fix the JSON or remove the file"
             ) from None
+        return entry
 
     def _newest_assignments(self, stored: list[Entry]) -> dict[tuple[str, str], _Assignment]:
         """The newest assignment of each (stage, tag): publish-time tags and tag files."""
@@ -514,19 +598,9 @@ class Registry:
                 offer((e.stage, tag), _Assignment(e.created, False, e.id))
         for stage_dir in _list_dirs(self.root / "tags"):
             for name in _list_json(stage_dir):
-                file = stage_dir / name
-                try:
-                    text = file.read_text(encoding="utf-8")
-                except FileNotFoundError:
-                    continue
-                try:
-                    d = json.loads(text)
-                    key, assignment = (d["stage"], d["tag"]), _Assignment(d["tagged"], True, d["entry"] or "")
-                except (ValueError, TypeError, KeyError) as e:
-                    raise UserError(
-                        f"corrupt registry tag file {file}: {e!r}; remove the file and tag again"
-                    ) from None
-                offer(key, assignment)
+                found = _read_tag_file(stage_dir / name)
+                if found is not None:
+                    offer(*found)
         return newest
 
     def _tag_owners(self, stored: list[Entry]) -> dict[tuple[str, str], str]:
@@ -544,6 +618,11 @@ class Registry:
         Its time is at least `not_before`, the newest assignment it overrides, so a host whose
         clock is behind the one that published still moves the tag.
         """
+        # Callers pass names read through the same checks; a bad one here is a bug, not a path.
+        _check_name("stage", stage)
+        _check_name("tag", tag)
+        if entry_id:
+            _check_name("id", entry_id)
         folder = self.root / "tags" / stage
         name = quote(tag, safe="")
         name = "%2E" + name[1:] if name.startswith(".") else name  # never a dot-file readers skip
@@ -556,24 +635,32 @@ class Registry:
         _fsync_dir(folder)
 
 
+def _read_tag_file(file: Path) -> tuple[tuple[str, str], _Assignment] | None:
+    """The (stage, tag) a tag file assigns and the assignment; None if it vanished meanwhile."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        d = json.loads(text)
+        stage, tag, entry_id, when = d["stage"], d["tag"], d["entry"] or "", d["tagged"]
+        _check_name("stage", stage)
+        _check_name("tag", tag)
+        if entry_id:
+            _check_name("id", entry_id)
+        if not isinstance(when, str):
+            raise ValueError(f"field 'tagged' must be a string, not {type(when).__name__}")
+    except (ValueError, TypeError, KeyError) as e:
+        said = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise UserError(f"corrupt registry tag file {file}: {said}; remove the file and tag again") from None
+    return (stage, tag), _Assignment(when, True, entry_id)
+
+
 def _holding(entry: Entry, owners: dict[tuple[str, str], str]) -> Entry:
     """`entry` with the tags it holds now: its publish-time ones still held, then the others by name."""
     held = [t for t in entry.tags if owners.get((entry.stage, t)) == entry.id]
     later = sorted(t for (stage, t), owner in owners.items() if owner == entry.id and stage == entry.stage)
     return replace(entry, tags=tuple(dict.fromkeys(held + later)))
-
-
-def _check_tag_name(tag: str, stage: str, ids: set[str]) -> None:
-    if not _TAG_RE.fullmatch(tag):
-        raise UserError(
-            f"invalid tag {tag!r}: use up to 100 letters, digits, '.', '_' or '-', starting with a "
-            f"letter or digit"
-        )
-    if tag == "latest":
-        raise UserError("invalid tag 'latest': `stage:latest` always means the newest entry; choose another name")
-    # References try ids before tags, so such a tag would be shadowed now or by a later run.
-    if tag in ids or f"{stage}-{tag}" in ids or _GENERATED_ID_CORE_RE.search(tag):
-        raise UserError(f"invalid tag {tag!r}: it looks like an entry id; choose another name")
 
 
 def _count(items: Sequence[str], one: str, many: str) -> str:

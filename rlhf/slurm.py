@@ -7,11 +7,16 @@ at a rendezvous on the allocation's first node). Run ids are chosen at submissio
 job's log is written into its run folder from the first line, and so that a requeued job finds
 its run and resumes it from the last checkpoint.
 
+Every value that goes into a script is data, never code: a control character (a newline could
+end a `#SBATCH` line or a shell line and start a command) is refused before anything is written,
+and each value is quoted, for bash and for sbatch's own reading of the `#SBATCH` lines.
+
 Standard library only: `rlhf submit --dry-run` must answer at once on a login node.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -21,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rlhf.errors import UserError, first_line
+from rlhf.registry import is_entry_id, is_stage_name
 
 PIPELINE = ("sft", "rm", "ppo")
 
@@ -32,6 +38,23 @@ PARENT_KEYS = {
 }
 
 JOB_SCRIPT = "job.sbatch"
+
+# Characters that end a line (or hide the rest of it) in bash or in sbatch's `#SBATCH` reader.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# sbatch takes an `#SBATCH` line holding either word for the start of another job component.
+_HETJOB_RE = re.compile(r"hetjob|packjob", re.IGNORECASE)
+
+
+def check_script_value(what: str, value: str) -> str:
+    """`value` unchanged; a UserError (naming `what`, the option) if it holds a control character,
+    which no quoting keeps from ending a `#SBATCH` line and running the rest as a command."""
+    bad = _CONTROL_RE.search(value)
+    if bad:
+        raise UserError(
+            f"{what} {value!r} contains the control character {bad.group()!r}, which a job script cannot "
+            f"hold safely; remove it (no newlines, tabs or other control characters)"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,18 @@ class Resources:
         return self.ranks_per_node or max(self.gpus_per_node, 1)
 
     def check(self) -> None:
+        self._check_counts()
+        for flag, value in (("--partition", self.partition), ("--time", self.time), ("--account", self.account)):
+            if value is not None:
+                check_script_value(flag, value)
+        for arg in self.sbatch_args:
+            check_script_value("--sbatch-arg", arg)
+            if not arg.startswith("-"):  # a bare word is a separate job component or a script name to sbatch
+                raise UserError(
+                    f"--sbatch-arg {arg!r} is not an sbatch option; give one option each, e.g. --sbatch-arg=--qos=high"
+                )
+
+    def _check_counts(self) -> None:
         if self.nodes < 1:
             raise UserError(f"--nodes must be at least 1, got {self.nodes}")
         if self.gpus_per_node < 0:
@@ -81,6 +116,18 @@ class StageJob:
     def script_path(self) -> Path:
         return self.run_dir / JOB_SCRIPT
 
+    def check(self) -> None:
+        """Refuse a stage or run id that is not a plain name, and control characters in the arguments."""
+        if not is_stage_name(self.stage):
+            raise UserError(f"stage {self.stage!r} is not a stage name (a lowercase word such as sft)")
+        if not is_entry_id(self.run_id):
+            raise UserError(
+                f"run id {self.run_id!r} of the {self.stage} job is not a plain name (letters, digits, '.', '_', '-')"
+            )
+        check_script_value(f"the log file of the {self.stage} job", str(self.log_pattern))
+        for arg in self.stage_args:
+            check_script_value(f"argument of `rlhf {self.stage}`", arg)
+
     @property
     def log_pattern(self) -> Path:
         return self.run_dir / "slurm-%j.out"
@@ -88,8 +135,43 @@ class StageJob:
 
 def render_script(job: StageJob, res: Resources, *, registry_root: Path, workdir: Path,
                   rlhf_exe: str, python: str = sys.executable, command_line: str = "") -> str:
-    """The sbatch script of one stage job (bash)."""
+    """The sbatch script of one stage job (bash); UserError for a value it cannot hold safely."""
+    res.check()
+    job.check()
+    for what, value in (("the working directory", str(workdir)), ("the registry root", str(registry_root)),
+                        ("the rlhf executable", rlhf_exe), ("the python executable", python),
+                        ("the command line", command_line)):
+        check_script_value(what, value)
     q = shlex.quote
+    return "\n".join([
+        "#!/bin/bash",
+        *[_sbatch_line(arg) for arg in _directives(job, res)],
+        # No control character in it (checked above), so the comment cannot end early.
+        f"# Rendered by `{command_line or 'rlhf submit'}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        "# References to other runs resolve when this job starts; a requeued job resumes its run.",
+        "set -uo pipefail",
+        f"cd {q(str(workdir))}",
+        f"export RLHF_HOME={q(str(registry_root))}",
+        f"RUN_ID={q(job.run_id)}",
+        "",
+        "# Rendezvous on the first node of the allocation, on a port free there.",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f"export MASTER_PORT=\"$({q(python)} -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); "
+        "print(s.getsockname()[1])')\"",
+        "# NCCL: a failed rank ends the job instead of leaving the others waiting; set",
+        "# NCCL_SOCKET_IFNAME / NCCL_IB_HCA in the submitting shell if your fabric needs them.",
+        'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"',
+        'export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"',
+        'export COLUMNS="${COLUMNS:-160}"  # rich wraps log lines at 80 columns off a terminal',
+        "",
+        'echo "rlhf: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, run $RUN_ID"',
+        *_run_lines(job, res, rlhf_exe),
+        "",
+    ])
+
+
+def _directives(job: StageJob, res: Resources) -> list[str]:
+    """The sbatch options of the job, one argument each (unquoted)."""
     directives = [
         f"--job-name=rlhf-{job.stage}",
         f"--nodes={res.nodes}",
@@ -109,35 +191,33 @@ def render_script(job: StageJob, res: Resources, *, registry_root: Path, workdir
         directives += ["--requeue", f"--signal=B:USR1@{res.warn_before_s}"]
     else:
         directives.append("--no-requeue")
-    directives += list(res.sbatch_args)
+    return directives + list(res.sbatch_args)
 
-    stage_cmd = " ".join(q(a) for a in job.stage_args)
-    launch = f"--launcher srun -n {res.ranks}"
-    lines = [
-        "#!/bin/bash",
-        *[f"#SBATCH {d}" for d in directives],
-        f"# Rendered by `{command_line or 'rlhf submit'}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
-        "# References to other runs resolve when this job starts; a requeued job resumes its run.",
-        "set -uo pipefail",
-        f"cd {q(str(workdir))}",
-        f"export RLHF_HOME={q(str(registry_root))}",
-        f"RUN_ID={q(job.run_id)}",
-        "",
-        "# Rendezvous on the first node of the allocation, on a port free there.",
-        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-        f"export MASTER_PORT=\"$({q(python)} -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); "
-        "print(s.getsockname()[1])')\"",
-        "# NCCL: a failed rank ends the job instead of leaving the others waiting; set",
-        "# NCCL_SOCKET_IFNAME / NCCL_IB_HCA in the submitting shell if your fabric needs them.",
-        'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"',
-        'export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"',
-        'export COLUMNS="${COLUMNS:-160}"  # rich wraps log lines at 80 columns off a terminal',
-        "",
-        'echo "rlhf: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, run $RUN_ID"',
+
+def _sbatch_line(arg: str) -> str:
+    """`#SBATCH <arg>` that sbatch reads back as exactly `arg`, one argument.
+
+    sbatch's script reader splits at blanks and takes quotes as a shell does, but it also takes a
+    backslash as an escape inside quotes, and an unquoted `#` as the start of a comment: so
+    shlex.quote (which quotes `#` and blanks), then every backslash doubled.
+    """
+    if _HETJOB_RE.search(arg):
+        raise UserError(
+            f"sbatch option {arg!r} contains 'hetjob' or 'packjob', which sbatch reads in a script as the "
+            f"start of another job component; choose another name"
+        )
+    return "#SBATCH " + shlex.quote(arg).replace("\\", "\\\\")
+
+
+def _run_lines(job: StageJob, res: Resources, rlhf_exe: str) -> list[str]:
+    """Start `rlhf <stage>` (or resume its run) in the background and wait for it through signals."""
+    q = shlex.quote
+    start = f"{q(rlhf_exe)} {q(job.stage)} --launcher srun -n {res.ranks}"
+    return [
         'if [ -f "$RLHF_HOME/runs/$RUN_ID/config.yaml" ]; then',
-        f'  set -- {q(rlhf_exe)} {job.stage} {launch} --resume --run "$RUN_ID" --registry "$RLHF_HOME"',
+        f'  set -- {start} --resume --run "$RUN_ID" --registry "$RLHF_HOME"',
         "else",
-        f'  set -- {q(rlhf_exe)} {job.stage} {launch} --run "$RUN_ID" {stage_cmd}'.rstrip(),
+        f'  set -- {start} --run "$RUN_ID" {shlex.join(job.stage_args)}'.rstrip(),
         "fi",
         "trap 'echo \"rlhf: time limit near: requeueing job $SLURM_JOB_ID\"; scontrol requeue \"$SLURM_JOB_ID\"' USR1",
         '"$@" &',
@@ -147,9 +227,7 @@ def render_script(job: StageJob, res: Resources, *, registry_root: Path, workdir
         '  wait "$stage_pid"; status=$?',
         '  kill -0 "$stage_pid" 2>/dev/null || exit "$status"',
         "done",
-        "",
     ]
-    return "\n".join(lines)
 
 
 def stage_jobs(stages: tuple[str, ...], *, registry_root: Path, new_run_id, stage_args: dict[str, list[str]]) -> list[StageJob]:
@@ -178,12 +256,29 @@ def sbatch_path() -> str:
     return found
 
 
-def submit_script(script: Path, *, sbatch: str, after: str | None = None) -> str:
-    """Submit one script and return its job id; `after` chains it with --dependency=afterok."""
+def sbatch_command(script: Path, *, sbatch: str = "sbatch", after: str | None = None) -> list[str]:
+    """The argv that submits `script`; `after` (a job id, or a placeholder in a dry run) chains it
+    with --dependency=afterok. What `submit_script` runs and what `--dry-run` prints, so they agree."""
     cmd = [sbatch, "--parsable"]
     if after:
         cmd.append(f"--dependency=afterok:{after}")
-    proc = subprocess.run([*cmd, str(script)], capture_output=True, text=True)
+    return [*cmd, str(script)]
+
+
+def dry_run_listing(jobs: list[StageJob], scripts: dict[str, str], *, sbatch: str = "sbatch") -> str:
+    """Each job's script, then the sbatch commands that would submit them in order; the id of a job
+    not yet submitted is a placeholder, `<job id of STAGE>`."""
+    parts = [f"# ---- {job.script_path} ----\n{scripts[job.run_id]}" for job in jobs]
+    parts.append("# ---- sbatch commands, in this order (each prints the job id that the next one waits for) ----")
+    before = [None, *jobs[:-1]]
+    parts += [shlex.join(sbatch_command(job.script_path, sbatch=sbatch, after=prev and f"<job id of {prev.stage}>"))
+              for prev, job in zip(before, jobs)]
+    return "\n".join(parts)
+
+
+def submit_script(script: Path, *, sbatch: str, after: str | None = None) -> str:
+    """Submit one script and return its job id; `after` chains it with --dependency=afterok."""
+    proc = subprocess.run(sbatch_command(script, sbatch=sbatch, after=after), capture_output=True, text=True)
     if proc.returncode != 0:
         said = first_line(RuntimeError(proc.stderr or proc.stdout or f"exit status {proc.returncode}"), 300)
         raise UserError(f"sbatch refused {script}: {said}")

@@ -130,6 +130,20 @@ def test_unknown_partition_shows_sbatchs_error(slurm, tmp_path):
     assert not (home / "runs").exists() or not list((home / "runs").iterdir())  # nothing left behind
 
 
+def test_quoted_directive_reaches_slurm_as_one_literal_value(slurm, tmp_path):
+    # What the unit tests model of sbatch's #SBATCH reader (quotes, a backslash inside them, `#`), checked
+    # against the real one: the job is held, its comment read back, then cancelled before it runs.
+    home = tmp_path / "home"
+    comment = "a b 'c' \"d\" #e \\f $(g)"
+    result = rlhf("submit", "sft", *CPU_JOB, "--sbatch-arg=--hold", f"--sbatch-arg=--comment={comment}", home=home)
+    [(job, _)] = submitted(result).values()
+    try:
+        shown = subprocess.run(["squeue", "-h", "-j", job, "-o", "%k"], capture_output=True, text=True, check=True)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    assert shown.stdout.rstrip("\n") == comment
+
+
 def test_submit_without_sbatch_on_path(tmp_path):
     home = tmp_path / "home"
     no_slurm = {"PATH": str(tmp_path / "empty")}

@@ -190,6 +190,48 @@ def test_user_errors_are_one_line_exit_2_and_change_nothing(chain: Registry, arg
     assert sorted(str(p.relative_to(chain.root)) for p in chain.root.rglob("*")) == before
 
 
+PLANTED = "sft-20260101-000009-eeee0009"
+
+
+def plant_entry(reg: Registry, **change) -> Path:
+    """An entry file written by hand (or by someone else), not by `publish`."""
+    record = {**json.loads((reg.root / "entries" / f"{SFT1}.json").read_text()), "id": PLANTED, **change}
+    file = reg.root / "entries" / f"{PLANTED}.json"
+    file.write_text(json.dumps(record))
+    return file
+
+
+def plant_tag_file(reg: Registry, **change) -> Path:
+    folder = reg.root / "tags" / "sft"
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / "planted.json"
+    file.write_text(json.dumps({"stage": "sft", "tag": "planted", "entry": SFT1, "tagged": t(9), **change}))
+    return file
+
+
+@pytest.mark.parametrize("args", [["ls"], ["ls", "--json"], ["tag", PLANTED, "best"], ["tag", SFT1, "best"],
+                                  ["show", PLANTED], ["untag", SFT2, "best"], ["rm", PPO1]])
+@pytest.mark.parametrize(("plant", "says"), [
+    (lambda reg: plant_entry(reg, stage="../../escape"), "invalid stage '../../escape'"),
+    (lambda reg: plant_entry(reg, id="sft/../../escape"), "invalid id 'sft/../../escape'"),
+    (lambda reg: plant_entry(reg, id=".escape"), "invalid id '.escape'"),
+    (lambda reg: plant_entry(reg, tags=["../../escape"]), "invalid tag '../../escape'"),
+    (lambda reg: plant_tag_file(reg, stage="../../escape"), "invalid stage '../../escape'"),
+    (lambda reg: plant_tag_file(reg, tag="../../escape"), "invalid tag '../../escape'"),
+])
+def test_planted_names_are_refused_in_one_line_and_nothing_leaves_the_root(chain: Registry, plant, says: str,
+                                                                           args: list[str]) -> None:
+    bad = plant(chain)
+    outside = chain.root.parent
+    before = sorted(str(p) for p in outside.rglob("*"))
+    result = cli(chain, *args)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and result.stderr.startswith("error: corrupt registry ")
+    assert f"{bad}: {says}" in result.stderr and "remove the file" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert sorted(str(p) for p in outside.rglob("*")) == before  # nothing written, inside the root or out
+
+
 def test_installed_console_script_reaches_the_new_commands(chain: Registry) -> None:
     rlhf = shutil.which("rlhf", path=str(Path(sys.executable).parent))
     assert rlhf, "the rlhf console script is not installed in this venv"

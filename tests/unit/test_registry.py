@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from rlhf.cli_registry import app
 from rlhf.errors import UserError
-from rlhf.registry import Entry, LineageNode, Registry, TagChange, default_root, is_reference, now_iso
+from rlhf.registry import Entry, LineageNode, Registry, TagChange, check_tags, default_root, is_reference, now_iso
 
 
 def hf_folder(path: Path, marker: str = "config.json") -> Path:
@@ -367,6 +367,36 @@ def test_invalid_tag_names_are_refused_before_any_write(pipeline: Registry, tag:
     assert tag_files(pipeline) == []
 
 
+@pytest.mark.parametrize("tags", [("../../evil",), ("fine", "latest"), ("a/b",), (RM1,), ("20260101-000001-aaaa0001",),
+                                  ("sft-20991231-235959-0123abcd",)])
+def test_publish_applies_the_tag_rules_before_writing(pipeline: Registry, tags: tuple[str, ...]) -> None:
+    before = sorted(p.name for p in (pipeline.root / "entries").iterdir())
+    with pytest.raises(UserError) as err:
+        publish(pipeline, "sft-20260101-000009-eeee0009", t(9), tags=tags)
+    msg = str(err.value)
+    assert msg.startswith("cannot publish sft-20260101-000009-eeee0009 with its tags (run.tags): invalid tag")
+    assert "\n" not in msg
+    assert sorted(p.name for p in (pipeline.root / "entries").iterdir()) == before
+    assert tag_files(pipeline) == [] and not (pipeline.root.parent / "evil").exists()
+    with pytest.raises(UserError, match="unknown registry reference 'latest'"):
+        pipeline.resolve("latest")  # a bare `latest` names a tag: nobody took it
+
+
+def test_check_tags_is_the_rule_a_run_can_check_before_it_starts(pipeline: Registry) -> None:
+    check_tags(["best", "v1.2_rc-3", "2026"], "sft")
+    check_tags([], "sft")
+    for tags, says in ((["latest"], "always means the newest entry"), ("latest", "always means the newest entry"),
+                       (["ok", "../x"], "use up to 100 letters"), (["sft-20991231-235959-0123abcd"], "looks like")):
+        with pytest.raises(UserError, match=says):
+            check_tags(tags, "sft")
+    # Given the registry's ids, also a tag that one of them would shadow.
+    assert pipeline.entry_ids() == {SFT1, SFT2, RM1, PPO1}
+    check_tags(["mine"], "sft", pipeline.entry_ids())
+    for tag in ("mine", "sft-mine"):
+        with pytest.raises(UserError, match="looks like an entry id"):
+            check_tags([tag], "sft", pipeline.entry_ids() | {"sft-mine"})
+
+
 def test_tag_names_with_dots_and_dashes_work(pipeline: Registry) -> None:
     pipeline.tag(SFT1, ["v1.2_rc-3", "2026"])
     assert pipeline.resolve("sft:v1.2_rc-3").id == SFT1 and pipeline.resolve("v1.2_rc-3").id == SFT1
@@ -382,6 +412,45 @@ def test_tag_readers_skip_temp_files_and_name_a_corrupt_one(pipeline: Registry) 
     with pytest.raises(UserError) as err:
         pipeline.entries()
     assert str(bad) in str(err.value) and "remove the file" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("record", "says"),
+    [
+        ({"stage": "../../escape"}, "invalid stage '../../escape'"),
+        ({"tag": "../../evil"}, "invalid tag '../../evil'"),
+        ({"tag": "latest"}, "invalid tag 'latest'"),
+        ({"entry": "../x"}, "invalid id '../x'"),
+        ({"tagged": 5}, "field 'tagged' must be a string"),
+        ({"tagged": None}, "field 'tagged' must be a string"),
+    ],
+)
+def test_names_read_from_a_tag_file_are_checked_not_trusted(pipeline: Registry, record: dict, says: str) -> None:
+    folder = pipeline.root / "tags" / "sft"
+    folder.mkdir(parents=True)
+    bad = folder / "best.json"
+    bad.write_text(json.dumps({"stage": "sft", "tag": "best", "entry": SFT1, "tagged": t(9), **record}))
+    for read in (pipeline.entries, lambda: pipeline.resolve("sft:best"), lambda: pipeline.tag(SFT1, ["other"])):
+        with pytest.raises(UserError) as err:
+            read()
+        msg = str(err.value)
+        assert msg.startswith(f"corrupt registry tag file {bad}: {says}") and "remove the file" in msg
+        assert "\n" not in msg
+    assert tag_files(pipeline) == ["sft/best.json"]
+
+
+@pytest.mark.parametrize(("stage", "tag", "entry_id"), [("../x", "best", SFT1), ("sft", "../evil", SFT1),
+                                                        ("sft", ".hidden", SFT1), ("sft", "best", "../x")])
+def test_write_tag_refuses_a_name_it_would_make_a_path_of(reg: Registry, stage: str, tag: str, entry_id: str) -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        reg._write_tag(stage, tag, entry_id, not_before="")
+    assert not reg.root.exists()
+
+
+def test_run_dir_refuses_an_id_that_is_not_a_plain_name(reg: Registry) -> None:
+    for run_id in ("../x", "a/b", ".x", "", "a b"):
+        with pytest.raises(UserError, match="is not a plain name"):
+            reg.run_dir(run_id)
 
 
 # --- removal ------------------------------------------------------------------------------------
@@ -540,6 +609,40 @@ def test_corrupt_entry_names_file_and_fix(pipeline: Registry, content: str) -> N
         pipeline.entries()
     msg = str(err.value)
     assert str(bad) in msg and "remove the file" in msg and "\n" not in msg
+
+
+PLANTED = "sft-20260101-000009-eeee0009"
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"stage": "../../../escape"}, "invalid stage '../../../escape'"),
+        ({"stage": "Sft"}, "invalid stage 'Sft'"),
+        ({"id": "sft/../../x"}, "invalid id 'sft/../../x'"),
+        ({"id": ".hidden"}, "invalid id '.hidden'"),
+        ({"id": SFT1}, f"its id '{SFT1}' is not its file name"),
+        ({"tags": ["a/b"]}, "invalid tag 'a/b'"),
+        ({"tags": ["ok", "../../evil"]}, "invalid tag '../../evil'"),
+        ({"tags": ["latest"]}, "invalid tag 'latest'"),
+        ({"tags": "best"}, "field 'tags' must be a JSON list"),
+        ({"parents": ["../p"]}, "invalid id '../p'"),
+        ({"parents": [SFT1, 3]}, "invalid id 3"),
+        ({"created": 5}, "field 'created' must be a string"),
+        ({"config": []}, "field 'config' must be a JSON object"),
+    ],
+)
+def test_names_read_from_an_entry_file_are_checked_not_trusted(pipeline: Registry, change: dict, says: str) -> None:
+    bad = pipeline.root / "entries" / f"{PLANTED}.json"
+    bad.write_text(json.dumps({**make_entry(pipeline, PLANTED).to_json(), **change}))
+    for read in (pipeline.entries, lambda: pipeline.resolve("sft:latest"), lambda: pipeline.get(SFT1),
+                 lambda: pipeline.tag(SFT1, ["other"])):
+        with pytest.raises(UserError) as err:
+            read()
+        msg = str(err.value)
+        assert msg.startswith(f"corrupt registry entry {bad}: {says}") and "remove the file" in msg
+        assert "\n" not in msg
+    assert tag_files(pipeline) == []
 
 
 def test_incomplete_runs_newest_first(pipeline: Registry) -> None:

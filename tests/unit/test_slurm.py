@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from rlhf.errors import UserError
 from rlhf.launch import LaunchSpec, build_command, srun_command
-from rlhf.slurm import Resources, StageJob, render_script, stage_jobs
+from rlhf.slurm import Resources, StageJob, render_script, sbatch_command, stage_jobs, submit_script
 
 
 def ids():
@@ -89,3 +93,199 @@ def test_srun_outside_a_job_says_to_submit(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(UserError, match="rlhf submit"):
         build_command(LaunchSpec(Path("p.py"), (), launcher="srun"))
+
+
+# --- values in the script are data, never code ---------------------------------------------------
+
+
+def sbatch_reads(line: str) -> list[str]:
+    """The arguments sbatch takes from one `#SBATCH` line: blanks split them, quotes group, a
+    backslash escapes the next character (inside quotes too), an unquoted `#` starts a comment."""
+    words, word, quote, escaped, started = [], "", None, False, False
+    for ch in line.removeprefix("#SBATCH"):
+        if escaped:
+            word, escaped = word + ch, False
+        elif ch == "\\":
+            escaped = started = True
+        elif quote:
+            quote, word = (None, word) if ch == quote else (quote, word + ch)
+        elif ch in "'\"":
+            quote, started = ch, True
+        elif ch == "#":
+            break
+        elif ch.isspace():
+            if started:
+                words.append(word)
+            word, started = "", False
+        else:
+            word, started = word + ch, True
+    assert quote is None and not escaped, line
+    return words + [word] if started else words
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+# Each would create a file named pwned* if a shell or sbatch ran it instead of passing it on.
+HOSTILE = ["$(touch pwned1)", "`touch pwned2`", "x; touch pwned3", "y && touch pwned4 | cat > pwned5",
+           "it's \"quoted\" \\ back\\slash", "#not a comment", "$HOME ${IFS} * ~ ! {a,b} [x]", "-e", ""]
+
+
+def test_hostile_values_arrive_as_single_literal_arguments(tmp_path):
+    work = tmp_path / "work $(touch pwned6) `touch pwned7`"
+    home = tmp_path / "home; touch pwned8 'q' \"dq\""
+    fake_rlhf = executable(tmp_path / "bin $(touch pwned9)" / "rlhf", '#!/bin/bash\nprintf \'%s\\0\' "$@" > "$ARGS_OUT"\n')
+    executable(tmp_path / "fakebin" / "scontrol", "#!/bin/bash\necho node01\n")
+    work.mkdir()
+    stage_args = ("-c", str(tmp_path / "cfg dir" / "a'b $(touch pwned10).yaml"), *HOSTILE,
+                  *[f"run.note={v}" for v in HOSTILE])
+    job = StageJob("sft", "sft-run1", home / "runs" / "sft-run1", stage_args)
+    res = Resources(partition="gpu a'b \"c\"", time="1:00:00 #x", account="$(touch pwned11)", requeue=True,
+                    sbatch_args=("--comment=`touch pwned12` \\ \"q\" 'q' #c",))
+    script = render_script(job, res, registry_root=home, workdir=work, rlhf_exe=str(fake_rlhf),
+                           command_line="rlhf submit sft '$(touch pwned13)'")
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+
+    # sbatch reads every directive back as one argument, exactly as given.
+    directives = [arg for line in script.splitlines() if line.startswith("#SBATCH") for arg in sbatch_reads(line)]
+    assert directives == [
+        "--job-name=rlhf-sft", "--nodes=1", "--ntasks-per-node=1", "--partition=gpu a'b \"c\"", "--time=1:00:00 #x",
+        "--account=$(touch pwned11)", f"--output={home}/runs/sft-run1/slurm-%j.out", "--open-mode=append",
+        "--requeue", "--signal=B:USR1@120", "--comment=`touch pwned12` \\ \"q\" 'q' #c",
+    ]
+
+    # bash hands every value to rlhf as one literal argument, in both branches (new run, resume).
+    env = {"PATH": f"{tmp_path / 'fakebin'}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node01",
+           "ARGS_OUT": str(tmp_path / "args")}
+
+    def run_job() -> list[str]:
+        done = subprocess.run(["bash", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return (tmp_path / "args").read_text().split("\0")[:-1]
+
+    launch = ["sft", "--launcher", "srun", "-n", "1"]
+    assert run_job() == [*launch, "--run", "sft-run1", *stage_args]
+    (home / "runs" / "sft-run1").mkdir(parents=True)
+    (home / "runs" / "sft-run1" / "config.yaml").write_text("{}\n")
+    assert run_job() == [*launch, "--resume", "--run", "sft-run1", "--registry", str(home)]
+    assert not [p for p in tmp_path.rglob("pwned*") if p.name.startswith("pwned")]
+
+
+@pytest.mark.parametrize("run_id, stage", [("../x", "sft"), ("a/b", "sft"), (".hidden", "sft"), ("a b", "sft"),
+                                           ("sft-1", "SFT x"), ("sft-1", "../sft")])
+def test_run_ids_and_stages_must_be_plain_names(run_id, stage):
+    job = StageJob(stage, run_id, Path("/r/runs/x"), ())
+    with pytest.raises(UserError, match="is not a (plain|stage) name"):
+        render_script(job, Resources(), registry_root=Path("/r"), workdir=Path("/w"), rlhf_exe="rlhf")
+
+
+@pytest.mark.parametrize("res, message", [
+    (Resources(sbatch_args=("qos=high",)), "is not an sbatch option"),
+    (Resources(partition="hetjob"), "another job component"),
+    (Resources(sbatch_args=("--comment=PackJob",)), "another job component"),
+])
+def test_sbatch_options_sbatch_would_misread(res, message):
+    job = StageJob("sft", "sft-1", Path("/r/runs/sft-1"), ())
+    with pytest.raises(UserError, match=message):
+        render_script(job, res, registry_root=Path("/r"), workdir=Path("/w"), rlhf_exe="rlhf")
+
+
+runner = CliRunner()
+CONTROL = ["\n", "\r", "\t", "\x00", "\x1b", "\x1f", "\x7f"]
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """An `sbatch` on PATH that records each call's argv (one JSON list a line) and prints a job id."""
+    log = tmp_path / "sbatch.log"
+    executable(tmp_path / "fakebin" / "sbatch", f"""#!{sys.executable}
+import json, sys
+with open({str(log)!r}, "a") as f:
+    f.write(json.dumps(sys.argv) + "\\n")
+print(sum(1 for _ in open({str(log)!r})) + 100, end=";cluster\\n")
+""")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'fakebin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    return log
+
+
+def sbatch_calls(log: Path) -> list[list[str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def control_cases():
+    """(option as the message names it, argv) for each place a value enters a script, each control character."""
+    for i, ch in enumerate(CONTROL):
+        yield "--partition", ["sft", "--partition", f"gpu{ch}touch pwned"]
+        yield "--time", ["sft", "--time", f"1:00:00{ch}"]
+        yield "--account", ["sft", "-A", f"{ch}proj"]
+        yield "--sbatch-arg", ["sft", f"--sbatch-arg=--qos=high{ch}touch pwned"]
+        yield "override", ["sft", f"tracking.wandb_project=x{ch}touch pwned"]
+        yield "override", ["pipeline", f"rm:tracking.wandb_project=x{ch}y"]
+        if ch != "\x00":  # no file name holds a NUL
+            yield "--config", ["sft", "-c", f"cfg{i}{ch}.yaml"]
+            yield "--rm-config", ["pipeline", "--rm-config", f"cfg{i}{ch}.yaml"]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "submit"])
+@pytest.mark.parametrize("option, argv", list(control_cases()))
+def test_control_characters_are_refused_before_anything_is_written(fake_sbatch, tmp_path, option, argv, dry_run):
+    from rlhf.cli import app
+
+    for arg in argv:
+        if arg.startswith("cfg"):  # the file exists: only the name is wrong
+            Path(arg).write_text("train:\n  max_steps: 3\n")
+    result = runner.invoke(app, ["submit", *argv, *(["--dry-run"] if dry_run else [])])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and result.stderr.startswith(f"error: {option} ")
+    assert result.stderr.count("\n") == 1 and "control character" in result.stderr
+    assert not (tmp_path / "home").exists() and sbatch_calls(fake_sbatch) == []
+
+
+# --- the sbatch chain ---------------------------------------------------------------------------
+
+
+def test_submit_script_runs_the_command_sbatch_command_builds(fake_sbatch, tmp_path):
+    script = tmp_path / "a dir" / "job.sbatch"
+    sbatch = str(tmp_path / "fakebin" / "sbatch")
+    assert submit_script(script, sbatch=sbatch) == "101"
+    assert submit_script(script, sbatch=sbatch, after="101") == "102"
+    assert sbatch_calls(fake_sbatch) == [
+        sbatch_command(script, sbatch=sbatch),
+        sbatch_command(script, sbatch=sbatch, after="101"),
+    ]
+    assert sbatch_command(script, sbatch=sbatch, after="101") == [
+        sbatch, "--parsable", "--dependency=afterok:101", str(script)]
+
+
+def test_pipeline_dry_run_prints_the_sbatch_chain_that_submission_runs(fake_sbatch, tmp_path):
+    from rlhf.cli import app
+
+    sbatch = str(tmp_path / "fakebin" / "sbatch")
+    dry = runner.invoke(app, ["submit", "pipeline", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    scripts = [Path(line.split(" ")[2]) for line in dry.stdout.splitlines() if line.startswith("# ---- /")]
+    assert [p.parent.name.split("-")[0] for p in scripts] == ["sft", "rm", "ppo"]
+    assert dry.stdout.rstrip("\n").splitlines()[-3:] == [
+        f"{sbatch} --parsable {scripts[0]}",
+        f"{sbatch} --parsable '--dependency=afterok:<job id of sft>' {scripts[1]}",
+        f"{sbatch} --parsable '--dependency=afterok:<job id of rm>' {scripts[2]}",
+    ]
+    assert sbatch_calls(fake_sbatch) == [] and not (tmp_path / "home").exists()
+
+    # A real submission runs the same commands, each job id filled in.
+    submitted = runner.invoke(app, ["submit", "pipeline"], env={"COLUMNS": "300"})
+    assert submitted.exit_code == 0, submitted.output
+    calls = sbatch_calls(fake_sbatch)
+    scripts = [Path(call[-1]) for call in calls]
+    assert all(script.is_file() for script in scripts)
+    assert calls == [sbatch_command(scripts[0], sbatch=sbatch),
+                     sbatch_command(scripts[1], sbatch=sbatch, after="101"),
+                     sbatch_command(scripts[2], sbatch=sbatch, after="102")]
