@@ -7,6 +7,7 @@ inside the commands that need them.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,9 +26,9 @@ app = typer.Typer(
 app.add_typer(registry_app, name="registry")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; default: the embedded default (tiny local model, synthetic task).")]
-NumGpusOpt = Annotated[int, typer.Option("--num-gpus", "-n", help="Ranks per node (GPUs; on a CPU-only machine, processes).")]
+NumGpusOpt = Annotated[Optional[int], typer.Option("--num-gpus", "-n", help="Ranks per node (GPUs; on a CPU-only machine, processes). Default 1; with --resume, the run's own.", show_default=False)]
 HostfileOpt = Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile for several nodes.")]
-LauncherOpt = Annotated[str, typer.Option("--launcher", help="deepspeed | torchrun | python (one rank) | srun (inside a SLURM job; what `rlhf submit` uses).")]
+LauncherOpt = Annotated[Optional[str], typer.Option("--launcher", help="deepspeed | torchrun | python (one rank) | srun (inside a SLURM job; what `rlhf submit` uses). Default deepspeed; with --resume, the run's own.", show_default=False)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run of this stage (or --run) from its last checkpoint.")]
 RunOpt = Annotated[Optional[str], typer.Option("--run", help="With --resume: the run id to continue; without: the id of the new run (rlhf submit picks ids at submission).")]
 RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", help="Registry root for --resume (default: $RLHF_HOME or ./rlhf_runs).")]
@@ -41,15 +42,20 @@ def _stage_command(stage: str, summary: str) -> None:
     def command(
         overrides: OverridesArg = None,
         config: ConfigOpt = None,
-        num_gpus: NumGpusOpt = 1,
+        num_gpus: NumGpusOpt = None,
         hostfile: HostfileOpt = None,
-        launcher: LauncherOpt = "deepspeed",
+        launcher: LauncherOpt = None,
         resume: ResumeOpt = False,
         run: RunOpt = None,
         registry: RegistryOpt = None,
         dry_run: DryRunOpt = False,
     ) -> None:
-        _guard(lambda: _launch_stage(stage, overrides or [], config, num_gpus, hostfile, launcher, resume, run, registry, dry_run))
+        launch = LaunchChoice(num_gpus, launcher, hostfile)
+        if resume:
+            _guard(lambda: _resume_stage(stage, launch, run_id=run, registry=registry, dry_run=dry_run,
+                                         given=bool(overrides or config)))
+        else:
+            _guard(lambda: _launch_stage(stage, launch, overrides=overrides or [], config=config, run_id=run, dry_run=dry_run))
 
     command.__doc__ = summary
     app.command(stage, context_settings={"allow_extra_args": False})(command)
@@ -158,8 +164,8 @@ def pipeline(
     sft_config: SftConfigOpt = None,
     rm_config: RmConfigOpt = None,
     ppo_config: PpoConfigOpt = None,
-    num_gpus: NumGpusOpt = 1,
-    launcher: LauncherOpt = "deepspeed",
+    num_gpus: NumGpusOpt = None,
+    launcher: LauncherOpt = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write the report folder (markdown and plots) at the end.")] = True,
 ) -> None:
     """sft -> rm -> ppo, each stage its own program; each later stage starts from the runs before it
@@ -177,7 +183,7 @@ def pipeline(
             # The runs this pipeline just made, not whatever is `latest` by the time a stage starts.
             args += [f"{key}={parent}:{run_ids[parent]}" for key, parent in PARENT_KEYS.get(stage, {}).items()
                      if key not in given]
-            run_dir = _launch_stage(stage, args, configs[stage], num_gpus, None, launcher, False, None, None, False)
+            run_dir = _launch_stage(stage, LaunchChoice(num_gpus, launcher, None), overrides=args, config=configs[stage])
             run_ids[stage] = run_dir.name
         if report:
             _pipeline_summary(run_dir.parent.parent, run_ids["ppo"])
@@ -233,11 +239,12 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
 
     from rlhf.registry import Registry
     from rlhf.runs import resolve_config
-    from rlhf.slurm import PIPELINE, Resources, render_script, sbatch_path, stage_jobs, submit_script
+    from rlhf.slurm import (PIPELINE, Resources, check_script_value, dry_run_listing, render_script, sbatch_path,
+                            stage_jobs, submit_script)
     from rlhf.tracking import console
 
     if target not in (*PIPELINE, "pipeline"):
-        raise UserError(f"rlhf submit takes sft, rm, ppo or pipeline, not '{target}'")
+        raise UserError(f"rlhf submit takes sft, rm, ppo or pipeline, not {target!r}")
     stages = PIPELINE if target == "pipeline" else (target,)
     if target == "pipeline" and config:
         raise UserError("--config names one stage's file; with pipeline use --sft-config, --rm-config, --ppo-config")
@@ -248,6 +255,12 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
         stage_configs = {target: config}
     res = Resources(**resources)
     res.check()
+    # Each of these ends up in a job script: refuse what could break out of it before reading anything.
+    for stage, path in stage_configs.items():
+        if path:
+            check_script_value("--config" if target != "pipeline" else f"--{stage}-config", str(path))
+    for item in overrides:
+        check_script_value("override", item)
     sbatch = None if dry_run else sbatch_path()
     per_stage = _split_stage_overrides(overrides, stages)
     files = {stage: str(Path(path).resolve()) for stage, path in stage_configs.items() if path}
@@ -263,9 +276,7 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     scripts = {job.run_id: render_script(job, res, registry_root=registry.root, workdir=Path.cwd(), rlhf_exe=rlhf_exe,
                                          command_line=command_line) for job in jobs}
     if dry_run:
-        for job in jobs:
-            typer.echo(f"# ---- {job.script_path} ----")
-            typer.echo(scripts[job.run_id])
+        typer.echo(dry_run_listing(jobs, scripts, sbatch=shutil.which("sbatch") or "sbatch"))
         return
 
     submitted: list[tuple[str, object]] = []
@@ -289,55 +300,131 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
         console.print(f"submitted {job.stage}: job {job_id}, run {job.run_id}, log {str(job.log_pattern).replace('%j', job_id)}")
 
 
-def _launch_stage(
-    stage: str,
-    overrides: list[str],
-    config: Path | None,
-    num_gpus: int,
-    hostfile: Path | None,
-    launcher: str,
-    resume: bool,
-    run_id: str | None,
-    registry: Path | None,
-    dry_run: bool,
-) -> Path | None:
-    """Launch one stage run (or resume one); the run folder once it finished, None for --dry-run."""
-    import yaml
+@dataclass(frozen=True)
+class LaunchChoice:
+    """What the user said about ranks and launcher; None = the default (or, on resume, the run's own)."""
 
-    from rlhf.config import to_dict
-    from rlhf.launch import LaunchSpec, build_command, format_command, launch_env, run_command, stage_program
-    from rlhf.runs import create_run, find_resumable, resolve_config
-    from rlhf.tracking import console
+    num_gpus: int | None
+    launcher: str | None
+    hostfile: Path | None
 
-    if resume:
-        if overrides or config:
-            raise UserError("--resume continues a run with its saved config; drop --config and the overrides")
-        run_dir = find_resumable(stage, registry, run_id)
-    else:
-        cfg = resolve_config(stage, config, overrides)
-        _check_inputs(stage, cfg)
-        if dry_run:
-            typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
-            run_dir = Path(cfg.run.registry) / "runs" / (run_id or f"{stage}-<new id>")
-        else:
-            run_dir = create_run(stage, cfg, run_id).run_dir
-    spec = LaunchSpec(
-        program=stage_program(stage),
-        program_args=("--run-dir", str(run_dir)),
-        num_procs=num_gpus,
-        launcher=launcher,  # type: ignore[arg-type]
-        hostfile=hostfile,
-    )
-    env = launch_env(num_gpus)
+
+def _launch_stage(stage: str, launch: LaunchChoice, *, overrides: list[str], config: Path | None,
+                  run_id: str | None = None, dry_run: bool = False) -> Path | None:
+    """Check everything, then create the run and launch it; the run folder once it finished, None for --dry-run.
+
+    Every check that can run before a rank starts runs before the run folder exists, so a mistake
+    leaves nothing behind; a start that fails inside the stage (before it loaded its models and
+    data) is cleaned away too, so no run looks resumable that never trained.
+    """
+    from rlhf.launch import LaunchSpec, build_command
+    from rlhf.registry import Registry
+    from rlhf.runs import LaunchRecord, check_run_id, create_run, resolve_config, save_launch
+
+    cfg = resolve_config(stage, config, overrides)
+    _check_inputs(stage, cfg)
+    registry = Registry(cfg.run.registry)
+    if run_id is not None:
+        check_run_id(run_id, stage)
+    run_id = run_id or registry.new_run_id(stage)
+    record = LaunchRecord(num_gpus=1 if launch.num_gpus is None else launch.num_gpus, launcher=launch.launcher or "deepspeed",
+                          hostfile=str(launch.hostfile.resolve()) if launch.hostfile else None)
+    spec = LaunchSpec(program=_program(stage), program_args=("--run-dir", str(registry.run_dir(run_id))),
+                      num_procs=record.num_gpus, launcher=record.launcher, hostfile=launch.hostfile)  # type: ignore[arg-type]
+    cmd = build_command(spec)  # refuses bad ranks, launchers and hostfiles before anything exists
+    if dry_run:
+        import yaml
+
+        from rlhf.config import to_dict
+
+        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
+        _print_command(cmd, record.num_gpus)
+        return None
+    run = create_run(stage, cfg, run_id)
+    save_launch(run.run_dir, record)
+    return _run_locked(stage, run.run_dir, cmd, record, fresh=True)
+
+
+def _resume_stage(stage: str, launch: LaunchChoice, *, run_id: str | None, registry: Path | None,
+                  dry_run: bool, given: bool) -> Path | None:
+    """Continue a run from its last checkpoint, launched as it was unless told otherwise."""
+    from rlhf.launch import LaunchSpec, build_command
+    from rlhf.runs import LaunchRecord, find_resumable, load_launch, open_run
+
+    if given:
+        raise UserError("--resume continues a run with its saved config; drop --config and the overrides")
+    run_dir = find_resumable(stage, registry, run_id)
+    open_run(stage, run_dir)  # a damaged config, or a folder outside its registry, stops here
+    saved = load_launch(run_dir) or LaunchRecord(num_gpus=1, launcher="deepspeed")
+    hostfile = launch.hostfile or (Path(saved.hostfile) if saved.hostfile else None)
+    record = LaunchRecord(num_gpus=saved.num_gpus if launch.num_gpus is None else launch.num_gpus, launcher=launch.launcher or saved.launcher,
+                          hostfile=str(hostfile) if hostfile else None)
+    spec = LaunchSpec(program=_program(stage), program_args=("--run-dir", str(run_dir)), num_procs=record.num_gpus,
+                      launcher=record.launcher, hostfile=hostfile)  # type: ignore[arg-type]
     cmd = build_command(spec)
     if dry_run:
-        typer.echo(format_command(cmd, env))
+        _print_command(cmd, record.num_gpus)
         return None
-    console.print(f"[dim]{'resuming' if resume else 'run'} {run_dir.name}: {format_command(cmd, env)}[/]")
-    code = run_command(cmd, env)
-    if code != 0:
-        raise typer.Exit(code)
-    return run_dir
+    return _run_locked(stage, run_dir, cmd, record, fresh=False)
+
+
+def _program(stage: str) -> Path:
+    from rlhf.launch import stage_program
+
+    return stage_program(stage)
+
+
+def _print_command(cmd: list[str], num_gpus: int) -> None:
+    from rlhf.launch import format_command, launch_env
+
+    typer.echo(format_command(cmd, launch_env(num_gpus)))
+
+
+def _run_locked(stage: str, run_dir: Path, cmd: list[str], record, *, fresh: bool) -> Path:
+    """Launch the ranks while holding the run's lock; report how they ended."""
+    from rlhf.launch import format_command, launch_env, run_supervised
+    from rlhf.runlock import RunLock
+    from rlhf.runs import SUPERVISED_ENV, clear_rank_records, discard_failed_start
+    from rlhf.tracking import console
+
+    env = {**launch_env(record.num_gpus), SUPERVISED_ENV: "1"}
+    try:
+        with RunLock(run_dir):
+            clear_rank_records(run_dir)
+            console.print(f"[dim]{'run' if fresh else 'resuming'} {run_dir.name}: {format_command(cmd, env)}[/]")
+            outcome = run_supervised(cmd, env)
+    except UserError:
+        if fresh:
+            discard_failed_start(run_dir)
+        raise
+    if outcome.code == 0:
+        return run_dir
+    code = _report_failure(stage, run_dir, outcome, fresh=fresh)
+    raise typer.Exit(code)
+
+
+def _report_failure(stage: str, run_dir: Path, outcome, *, fresh: bool) -> int:
+    """One line for what the ranks cannot say themselves; the exit status `rlhf` ends with."""
+    from rlhf.errors import EXIT_STOPPED
+    from rlhf.runs import discard_failed_start, rank_exits
+    from rlhf.tracking import print_error
+
+    exits = rank_exits(run_dir)
+    if outcome.stop_signals:
+        return EXIT_STOPPED  # the ranks saved and said so; a start that was stopped keeps its folder
+    vanished = [e for e in exits if e.code is None]
+    # A start that failed before the stage loaded its models and data trained nothing: keep nothing.
+    discarded = fresh and discard_failed_start(run_dir)
+    if vanished:
+        names = ", ".join(f"rank {e.rank} (pid {e.pid} on {e.host})" for e in vanished)
+        after = "nothing was trained yet, so nothing was kept" if discarded else \
+            f"resume with `rlhf {stage} --resume --run {run_dir.name}`"
+        print_error(f"{names} died without an error (killed, out of memory, or its node lost); the other ranks stopped; {after}")
+    elif not exits:
+        print_error(f"the launcher exited with status {outcome.code} before any rank started; "
+                    "check --launcher, --hostfile and the launcher's output above")
+    codes = [e.code for e in exits if e.code]
+    return codes[0] if codes else (outcome.code if outcome.code > 0 else 1)
 
 
 def _check_inputs(stage: str, cfg) -> None:
@@ -354,12 +441,19 @@ def _check_inputs(stage: str, cfg) -> None:
     from rlhf.registry import Registry
     from rlhf.toy import TOY
 
+    import torch
+
+    from rlhf.config import check_precision
+
+    check_precision(cfg.engine, cuda_available=torch.cuda.is_available())
     registry = Registry(cfg.run.registry)
     source = resolve_model(cfg.model.name_or_path, registry)
     check_causal_lm(source)
+    named = [("data.train", "train", cfg.data.train, stage), ("data.eval", "eval", cfg.data.eval, stage)]
+    if stage == "ppo" and cfg.ppo.ptx_coef > 0:
+        named.append(("data.ptx", "train", cfg.data.ptx, "sft"))  # the ptx term reads SFT-format data
     local = [
-        (key, split, data)
-        for key, split, data in (("data.train", "train", cfg.data.train), ("data.eval", "eval", cfg.data.eval))
+        (key, split, data, reader) for key, split, data, reader in named
         if data and (data == TOY or data.endswith(FILE_SUFFIXES) or Path(data).expanduser().exists())
     ]
     if local or source.entry is not None or stage == "ppo":
@@ -369,8 +463,15 @@ def _check_inputs(stage: str, cfg) -> None:
             reward = ppo_sources(cfg, registry, source, tokenizer).reward
             if cfg.ppo.normalize_score and reward.kind in ("registry", "path"):
                 reward_stats(reward)
-        for key, split, data in local:
-            STAGE_EXAMPLES[stage](data, split=split, tokenizer=tokenizer, data=cfg.data, key=key)
+        for key, split, data, reader in local:
+            STAGE_EXAMPLES[reader](data, split=split, tokenizer=tokenizer, data=_data_section_for(reader, cfg), key=key)
+
+
+def _data_section_for(reader: str, cfg):
+    """The data settings of a reader: PPO's ptx data is read the way the ppo stage reads it."""
+    from rlhf.data.load import ptx_data_config
+
+    return ptx_data_config(cfg.data) if reader == "sft" and not hasattr(cfg.data, "max_length") else cfg.data
 
 
 def _guard(action) -> None:
@@ -385,7 +486,28 @@ def _guard(action) -> None:
 
 
 def main() -> None:
-    app()
+    """The console script: typer's own usage errors (an unknown option, `-n two`) become our one
+    line too, instead of a boxed usage screen. (typer 0.29 carries its own copy of click.)"""
+    from typer import Abort
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        exc.show()  # `rlhf` alone: the help
+        sys.exit(0)
+    except UsageError as exc:
+        from rlhf.tracking import print_error
+
+        command = exc.ctx.command_path if exc.ctx else "rlhf"
+        print_error(f"{exc.format_message()}; see `{command} --help`")
+        sys.exit(EXIT_USER_ERROR)
+    except ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Abort:
+        sys.exit(130)  # Ctrl-C
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

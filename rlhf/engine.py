@@ -6,20 +6,15 @@ the learning-rate schedule mean the same thing everywhere.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf.config import EngineConfig, OptimConfig
-from rlhf.errors import UserError
-from rlhf.fileio import atomic_write_text
 from rlhf.launch import free_port
 
 
@@ -234,71 +229,6 @@ def global_grad_norm(engine: Any) -> float | None:
     measured none (gradient clipping off without ZeRO)."""
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
-
-
-# ----------------------------------------------------------------------------------------------
-# Resumable checkpoints. DeepSpeed writes the tag folder; our own `resume.json` is written after
-# every rank has finished, so a kill mid-save leaves the previous complete checkpoint in force.
-
-RESUME_FILE = "resume.json"
-CLIENT_KEY = "rlhf"
-
-
-def save_checkpoint(
-    engines: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int, dist: Dist
-) -> None:
-    """Save one engine, or a {name: engine} dict (PPO's actor and critic), as the checkpoint of `step`."""
-    tag = f"step-{step:07d}"
-    for name, engine in _named(engines).items():
-        # Under one key of our own: DeepSpeed adds reserved keys to the state it hands back on load.
-        engine.save_checkpoint(str(ckpt_dir / tag), tag=name, client_state={CLIENT_KEY: client_state}, save_latest=False)
-    # Each rank's RNG, so sampling and dropout continue exactly after a resume.
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank}.pt")
-    torch.distributed.barrier()
-    if dist.is_main:
-        atomic_write_text(ckpt_dir / RESUME_FILE, json.dumps({"tag": tag, "step": step, "world_size": dist.world_size}))
-        kept = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
-        for old in kept[: max(0, len(kept) - keep)]:
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
-    torch.distributed.barrier()
-
-
-def load_checkpoint(engines: Any, ckpt_dir: Path, *, dist: Dist) -> dict[str, Any] | None:
-    """Restore the last complete checkpoint; returns its client state, or None if there is none."""
-    pointer = ckpt_dir / RESUME_FILE
-    if not pointer.is_file():
-        return None
-    saved = json.loads(pointer.read_text())
-    tag, ranks = saved["tag"], saved.get("world_size", dist.world_size)
-    if ranks != dist.world_size:
-        # ZeRO's optimizer (and under ZeRO-3 parameter) partitions belong to the ranks that saved them.
-        raise UserError(f"this run was checkpointed on {ranks} rank(s), not {dist.world_size}; resume it with -n {ranks}")
-    client_state: dict[str, Any] = {}
-    for name, engine in _named(engines).items():
-        _, client_state = engine.load_checkpoint(str(ckpt_dir / tag), tag=name)
-    rng_file = ckpt_dir / tag / f"rng_rank{dist.rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state[CLIENT_KEY]
-
-
-def _named(engines: Any) -> dict[str, Any]:
-    return engines if isinstance(engines, dict) else {"model": engines}
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------

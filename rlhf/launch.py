@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from rlhf.errors import UserError
 
@@ -114,9 +116,79 @@ def launch_env(num_procs: int, base: dict[str, str] | None = None) -> dict[str, 
     return env
 
 
-def run_command(cmd: list[str], env: dict[str, str], runner: Callable[..., int] = subprocess.call) -> int:
-    """Run the launcher; `runner` is injectable so tests can see the command without running it."""
-    return runner(cmd, env=env)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class Outcome:
+    code: int
+    """The launcher's exit status (negative: killed by that signal)."""
+    stop_signals: list[int] = field(default_factory=list)
+    """Stop signals `rlhf` received and passed on to the run while it ran."""
+
+
+def run_supervised(cmd: list[str], env: dict[str, str]) -> Outcome:
+    """Run the launcher in a process group of its own and return only once every process of that
+    group has exited: the launcher, its helpers and every rank.
+
+    A stop signal to `rlhf` (SIGTERM, SIGINT, SIGUSR1) goes on to the whole group as SIGTERM, so each
+    rank saves a checkpoint and stops; a second one kills the group. Without this, a SIGTERM to `rlhf`
+    alone left the ranks training and publishing, and a signal to the whole group ended `rlhf` before
+    its ranks had finished their checkpoint.
+    """
+    _adopt_orphans()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    outcome = Outcome(code=0)
+
+    def forward(signum: int, frame: object) -> None:
+        outcome.stop_signals.append(signum)
+        _signal_group(proc.pid, signal.SIGTERM if len(outcome.stop_signals) == 1 else signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        outcome.code = proc.wait()
+        _wait_for_group(proc.pid)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return outcome
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _adopt_orphans() -> None:
+    """Become the parent of the run's processes whose own parent exits first (Linux's child
+    subreaper), so waiting for them reaps them instead of leaving zombies in the group."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _wait_for_group(pgid: int) -> None:
+    """Block until no process of group `pgid` is left (ranks outlive a launcher killed by a signal)."""
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        try:
+            os.waitpid(-1, os.WNOHANG)  # reap adopted orphans that already exited
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
 
 
 def format_command(cmd: list[str], env: dict[str, str]) -> str:

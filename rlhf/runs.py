@@ -2,27 +2,41 @@
 
 The CLI prepares the folder before launching (so config mistakes surface before any rank starts);
 a stage program started directly with `--config` prepares its own. Layout of `<registry>/runs/<id>/`:
-`config.yaml` (resolved), `metrics.jsonl`, `checkpoints/` (resumable), `final/` (save_pretrained),
-`wandb/` when enabled.
+`config.yaml` (resolved), `launch.json` (ranks, launcher, hostfile: what `--resume` reuses),
+`lock.json` (while a process runs it), `ranks/` (each rank's pid and exit status, for naming a rank
+that died), `started.json` (the stage got past loading: from then on the run is resumable, before
+it a failed start is cleaned away), `metrics.jsonl`, `checkpoints/` (resumable), `final/`
+(save_pretrained), `wandb/` when enabled.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import re
+import shutil
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf.config import STAGE_CONFIGS, load_config, save_config
+from rlhf.config import STAGE_CONFIGS, leaf_keys, load_config, save_config
 from rlhf.errors import EXIT_STOPPED, EXIT_USER_ERROR, StoppedBySignal, UserError
 from rlhf.registry import Registry, default_root
 from rlhf.toy import TOY
+from rlhf.fileio import atomic_write_text
 from rlhf.tracking import print_error
 
 CONFIG_FILE = "config.yaml"
+LAUNCH_FILE = "launch.json"
+STARTED_FILE = "started.json"
+RANKS_DIR = "ranks"
+# A run id is a folder name under runs/: no separators, no leading dot, nothing a shell reads twice.
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 @dataclass(frozen=True)
@@ -66,36 +80,84 @@ def _absolute_paths(section: Any) -> Any:
     return dataclasses.replace(section, **changes)
 
 
+def check_run_id(run_id: str, stage: str) -> None:
+    """Refuse an id that is not a plain folder name: `--run ../../x` never leaves `runs/`."""
+    if not _RUN_ID_RE.fullmatch(run_id):
+        raise UserError(f"--run {run_id!r} is not a run id (a plain name such as {stage}-20261123-120000-1a2b3c4d)")
+
+
 def create_run(stage: str, cfg: Any, run_id: str | None = None) -> Run:
     """A new run folder holding the resolved config; `run_id` is given when `rlhf submit` chose it
     at submission, so the batch job's log already sits in the folder."""
     registry = Registry(cfg.run.registry)
     if run_id is None:
         run_id = registry.new_run_id(stage)
-    elif Path(run_id).name != run_id or run_id.startswith("."):
-        raise UserError(f"--run {run_id!r} is not a run id (a plain name such as {stage}-20261123-120000-1a2b3c4d)")
+    check_run_id(run_id, stage)
     run_dir = registry.run_dir(run_id)
     if (run_dir / CONFIG_FILE).exists():
         raise UserError(f"run {run_id} has already started in {run_dir}; continue it with `rlhf {stage} --resume --run {run_id}`")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the run folder {run_dir}: {exc.strerror or exc}; point RLHF_HOME (or run.registry) "
+            "at a folder you can write"
+        ) from None
     save_config(cfg, run_dir / CONFIG_FILE)
     return Run(stage, run_id, run_dir, cfg, registry)
 
 
 def open_run(stage: str, run_dir: str | Path) -> Run:
-    """A run folder made earlier (by the CLI, or a run being resumed)."""
+    """A run folder made earlier (by the CLI, or a run being resumed), its config checked whole."""
     run_dir = Path(run_dir).resolve()
     config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
+    _check_complete(config_file, STAGE_CONFIGS[stage])
     cfg = load_config(STAGE_CONFIGS[stage], config_file)
-    return Run(stage, run_dir.name, run_dir, cfg, Registry(cfg.run.registry or default_root()))
+    registry = Registry(cfg.run.registry or default_root())
+    if registry.run_dir(run_dir.name).resolve() != run_dir:
+        # A copied or planted folder would publish into whatever registry its config names.
+        raise UserError(
+            f"{run_dir} is not inside the registry its {CONFIG_FILE} names ({registry.root}); "
+            "resume runs in place, under <registry>/runs/"
+        )
+    return Run(stage, run_dir.name, run_dir, cfg, registry)
+
+
+def _check_complete(config_file: Path, cls: type) -> None:
+    """A saved config names every key (save_config writes them all): a truncated or emptied file
+    would otherwise resume with defaults for what it lost."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_file} is damaged ({type(exc).__name__}); this run cannot be resumed, start a new one") from None
+    present = set(_dotted_keys(data)) if isinstance(data, dict) else set()
+    missing = [key for key in leaf_keys(cls) if key not in present]
+    if missing:
+        raise UserError(
+            f"{config_file} is incomplete ({len(missing)} key(s) missing, e.g. {missing[0]}); it was truncated "
+            "or edited, so this run cannot be resumed as it ran: start a new run"
+        )
+
+
+def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def find_resumable(stage: str, registry_root: str | Path | None, run_id: str | None) -> Path:
     """The run folder to continue: the one named, or the newest unfinished run of this stage."""
     registry = Registry(Path(registry_root or default_root()).expanduser().resolve())
     if run_id:
+        check_run_id(run_id, stage)
         run_dir = registry.run_dir(run_id)
         if not (run_dir / CONFIG_FILE).is_file():
             raise UserError(f"no run '{run_id}' in {registry.root}/runs (rlhf registry ls lists runs)")
@@ -104,12 +166,95 @@ def find_resumable(stage: str, registry_root: str | Path | None, run_id: str | N
         if run_id in registry.removed_ids():
             raise UserError(f"run '{run_id}' finished and was removed with `rlhf registry rm`; nothing to resume")
         return run_dir
-    candidates = [p for p in registry.incomplete_runs(stage) if (p / CONFIG_FILE).is_file()]
+    candidates = [p for p in registry.incomplete_runs(stage) if (p / CONFIG_FILE).is_file()
+                  and _RUN_ID_RE.fullmatch(p.name)]
     if not candidates:
         raise UserError(
             f"no unfinished {stage} run to resume in {registry.root} (start one with `rlhf {stage}`)"
         )
     return candidates[0]
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    """How a run was launched, so `--resume` starts it the same way (ZeRO partitions and the global
+    batch belong to the rank count)."""
+
+    num_gpus: int
+    launcher: str
+    hostfile: str | None = None
+
+
+def save_launch(run_dir: Path, record: LaunchRecord) -> None:
+    atomic_write_text(run_dir / LAUNCH_FILE, json.dumps(dataclasses.asdict(record)))
+
+
+def load_launch(run_dir: Path) -> LaunchRecord | None:
+    """The recorded launch; None for a run made before launches were recorded (or by a stage program alone)."""
+    try:
+        data = json.loads((run_dir / LAUNCH_FILE).read_text())
+        return LaunchRecord(num_gpus=int(data["num_gpus"]), launcher=str(data["launcher"]), hostfile=data.get("hostfile"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{run_dir / LAUNCH_FILE} is damaged; resume with -n N --launcher L given explicitly") from None
+
+
+def mark_started(run: Run) -> None:
+    """The stage loaded its models and data: from now on a failure leaves a resumable run."""
+    atomic_write_text(run.run_dir / STARTED_FILE, json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+
+def discard_failed_start(run_dir: Path) -> bool:
+    """Remove what a start that failed before training left (a config and nothing else worth
+    resuming); True if removed. Files others put there (a SLURM log, the job script) stay."""
+    if (run_dir / STARTED_FILE).exists():
+        return False
+    ours = (CONFIG_FILE, LAUNCH_FILE, RANKS_DIR, "checkpoints", "metrics.jsonl", "wandb")
+    for name in ours:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()  # only when nothing else is in it
+    except OSError:
+        pass
+    return True
+
+
+@dataclass(frozen=True)
+class RankExit:
+    rank: int
+    pid: int
+    host: str
+    code: int | None
+    """None: the rank never reported an exit (killed by a signal, out of memory, a lost node)."""
+
+
+def record_rank(run_dir: Path, *, code: int | None) -> None:
+    """This rank's pid and host at start (code None), then its exit code: `rlhf` names a rank that vanished."""
+    rank = int(os.environ.get("RANK", "0"))
+    folder = run_dir / RANKS_DIR
+    folder.mkdir(exist_ok=True)
+    record = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "code": code}
+    atomic_write_text(folder / f"rank-{rank}.json", json.dumps(record))
+
+
+def rank_exits(run_dir: Path) -> list[RankExit]:
+    found = []
+    for path in sorted((run_dir / RANKS_DIR).glob("rank-*.json")):
+        try:
+            d = json.loads(path.read_text())
+            found.append(RankExit(int(d["rank"]), int(d["pid"]), str(d["host"]), None if d["code"] is None else int(d["code"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def clear_rank_records(run_dir: Path) -> None:
+    shutil.rmtree(run_dir / RANKS_DIR, ignore_errors=True)
 
 
 def is_rank_zero() -> bool:
@@ -140,10 +285,56 @@ def stage_entrypoint(stage: str, main: Callable[[Run], None]) -> None:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise UserError(f"several ranks need one shared run folder: start them with `rlhf {stage}`")
             run = create_run(stage, resolve_config(stage, args.config, args.overrides))
-        main(run)
     except UserError as exc:
         if is_rank_zero():
             print_error(str(exc))
         sys.exit(EXIT_USER_ERROR)
+    sys.exit(_run_rank(run, main))
+
+
+EXIT_PEER_LOST = 3
+"""A rank whose peer vanished: `rlhf` names the rank that died (see `rank_exits`)."""
+SUPERVISED_ENV = "RLHF_SUPERVISED"
+"""Set by `rlhf` for the ranks it launches: it reports a dead peer itself, in one line."""
+
+
+def _run_rank(run: Run, main: Callable[[Run], None]) -> int:
+    """Run `main` on this rank and record how it ended; returns the exit code."""
+    record_rank(run.run_dir, code=None)
+    code = 1
+    try:
+        main(run)
+        code = 0
+    except UserError as exc:
+        if is_rank_zero():
+            print_error(str(exc))
+        code = EXIT_USER_ERROR
     except StoppedBySignal:
-        sys.exit(EXIT_STOPPED)
+        code = EXIT_STOPPED
+    except Exception as exc:
+        if not _lost_peer(exc):
+            raise  # a bug in rlhf: keep the traceback
+        code = EXIT_PEER_LOST
+        if not os.environ.get(SUPERVISED_ENV):
+            print_error(f"rank {os.environ.get('RANK', '0')} lost contact with another rank ({_first(exc)}); "
+                        f"the run stopped: resume it with `rlhf {run.stage} --resume --run {run.run_id}`")
+    finally:
+        record_rank(run.run_dir, code=code)
+    return code
+
+
+# What gloo and NCCL say when the rank at the other end is gone (its process died, its node is lost).
+_PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    import torch.distributed
+
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or any(m in text for m in _PEER_LOST_MARKERS)
+
+
+def _first(exc: BaseException) -> str:
+    from rlhf.errors import first_line
+
+    return first_line(exc, 120)

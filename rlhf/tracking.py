@@ -148,3 +148,10 @@ def print_error(message: str) -> None:
     from rich.markup import escape
 
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def print_warning(message: str) -> None:
+    """One yellow line on stderr: something the user should know that does not stop the run."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)

@@ -17,12 +17,13 @@ from typing import Any, Callable
 import torch
 
 from rlhf.config import to_dict
-from rlhf.engine import Dist, load_checkpoint, save_checkpoint
+from rlhf.checkpoint import load_checkpoint, save_checkpoint
+from rlhf.engine import Dist
 from rlhf.errors import StoppedBySignal, UserError
 from rlhf.models import ModelSource, base_model_identity, tokenizer_fingerprint
 from rlhf.registry import Entry, now_iso
-from rlhf.runs import Run
-from rlhf.tracking import Tracker
+from rlhf.runs import Run, mark_started
+from rlhf.tracking import Tracker, print_warning
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -47,7 +48,9 @@ class StageLoop:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._request_stop)
         # Resume from the last complete checkpoint of this run, if any.
-        self.state: dict[str, Any] = load_checkpoint(engines, run.checkpoint_dir, dist=dist) or {"step": 0}
+        self.state: dict[str, Any] = load_checkpoint(engines, run.checkpoint_dir, dist=dist, warn=print_warning) or {"step": 0}
+        if dist.is_main:
+            mark_started(run)
         extra = {"headline": headline} if headline else {}
         self.tracker = Tracker(
             run.run_dir, active=dist.is_main, tracking=self.cfg.tracking, config=to_dict(self.cfg), run_id=run.run_id,
