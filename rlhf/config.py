@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,6 +249,9 @@ class PPODataConfig:
 class FrozenModelConfig:
     name_or_path: str | None = None
     """Registry reference, folder or hub name; null = the actor's starting model (the reference policy)."""
+    trust_remote_code: bool = False
+    """Allow this model's own code from its repository (trusting the actor's does not trust this one); off unless you
+    trust the repository. A null reference is the actor's model and loads under model.trust_remote_code."""
     offload: bool = False
     """Partition it with ZeRO-3 and keep its parameters in CPU memory (inference only), whatever engine.zero_stage is."""
 
@@ -347,14 +351,12 @@ class PPOConfig:
 
     def validate(self) -> None:
         _check_common(self)
-        ppo, rollout, engine = self.ppo, self.rollout, self.engine
-        if self.data.max_prompt_length < 1:
-            raise UserError(f"data.max_prompt_length must be at least 1, got {self.data.max_prompt_length}")
-        _check_max_length(self.data.ptx_max_length, key="data.ptx_max_length")
-        for key, value in {"rollout.batch_size": rollout.batch_size, "rollout.max_new_tokens": rollout.max_new_tokens,
-                           "ppo.epochs": ppo.epochs, "ppo.kl_horizon": ppo.kl_horizon}.items():
-            if value < 1:
-                raise UserError(f"{key} must be at least 1, got {value}")
+        data, engine, rollout = self.data, self.engine, self.rollout
+        _at_least(1, {"data.max_prompt_length": data.max_prompt_length, "rollout.batch_size": rollout.batch_size,
+                      "rollout.max_new_tokens": rollout.max_new_tokens})
+        _check_max_length(data.ptx_max_length, key="data.ptx_max_length")
+        if data.ptx is not None:
+            _check_data_source("data.ptx", data.ptx)
         minibatch = engine.micro_batch_size * engine.grad_accum
         if rollout.batch_size % minibatch:
             raise UserError(
@@ -365,27 +367,36 @@ class PPOConfig:
             raise UserError(f"rollout.temperature must be positive (PPO samples), got {rollout.temperature}")
         if not 0 < rollout.top_p <= 1 or rollout.top_k < 0:
             raise UserError("rollout.top_p must be in (0, 1] and rollout.top_k at least 0")
-        if not 0 <= ppo.gamma <= 1 or not 0 <= ppo.lam <= 1:
-            raise UserError(f"ppo.gamma and ppo.lam must be in [0, 1], got {ppo.gamma} and {ppo.lam}")
-        if ppo.clip_range <= 0 or (ppo.value_clip_range is not None and ppo.value_clip_range <= 0):
-            raise UserError("ppo.clip_range and ppo.value_clip_range must be positive (null turns value clipping off)")
-        if ppo.beta < 0 or (ppo.kl_target is not None and ppo.kl_target <= 0):
-            raise UserError("ppo.beta must be at least 0 and ppo.kl_target positive (or null for a fixed beta)")
-        if ppo.kl_target is not None and ppo.beta == 0:
-            raise UserError("ppo.kl_target adapts beta multiplicatively, so ppo.beta must start above 0")
-        if ppo.ptx_coef < 0:
-            raise UserError(f"ppo.ptx_coef must be at least 0, got {ppo.ptx_coef}")
-        if ppo.ptx_coef > 0 and not self.data.ptx:
-            raise UserError("ppo.ptx_coef > 0 needs data.ptx (pretraining or SFT data, e.g. data.ptx=toy)")
-        if self.critic_optim.lr <= 0:
-            raise UserError(f"critic_optim.lr must be positive, got {self.critic_optim.lr}")
+        _check_ppo_algo(self.ppo, ptx=data.ptx)
+        _check_optim(self.critic_optim, "critic_optim")
+        _check_model(self.critic, "critic")
         if self.reward.name_or_path is None:
             raise UserError("reward.name_or_path is required (a reward model: rm:latest, an rm entry or folder)")
-        if self.critic.lora.enabled and self.critic.lora.r < 1:
-            raise UserError(f"critic.lora.r must be at least 1, got {self.critic.lora.r}")
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+
+# The largest seed every consumer takes: ShuffledBatches multiplies it by ~1e6 into torch's int64 seed.
+MAX_SEED = 2**32 - 1
+
+
+def _at_least(minimum: int, values: dict[str, int | float]) -> None:
+    for key, value in values.items():
+        if value < minimum:
+            raise UserError(f"{key} must be at least {minimum}, got {value}")
+
+
+def _positive(values: dict[str, float | None]) -> None:
+    """Each value must be above 0; None (where a field allows it) means off and passes."""
+    for key, value in values.items():
+        if value is not None and value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+
+
+def _within(low: float, high: float, values: dict[str, float], *, open_high: bool = False) -> None:
+    for key, value in values.items():
+        if not (low <= value < high if open_high else low <= value <= high):
+            raise UserError(f"{key} must be in [{low}, {high}{')' if open_high else ']'}, got {value}")
 
 
 def _check_toy(section: ToyModelConfig | ToyTaskConfig, key: str) -> None:
@@ -397,32 +408,98 @@ def _check_toy(section: ToyModelConfig | ToyTaskConfig, key: str) -> None:
 
 def _check_common(cfg: Any) -> None:
     """Checks every training stage needs: its engine, optim, train, eval, model and data sections."""
-    engine, optim, train, model = cfg.engine, cfg.optim, cfg.train, cfg.model
-    _check_toy(model.toy, "model.toy")
+    engine, train, evaluation = cfg.engine, cfg.train, cfg.eval
+    _check_toy(cfg.model.toy, "model.toy")
     _check_toy(cfg.data.toy, "data.toy")
-    positive = {
+    _check_data_source("data.train", cfg.data.train)
+    if cfg.data.eval is not None:
+        _check_data_source("data.eval", cfg.data.eval)
+    _at_least(1, {
         "engine.micro_batch_size": engine.micro_batch_size,
         "engine.grad_accum": engine.grad_accum,
         "train.max_steps": train.max_steps,
         "train.log_every": train.log_every,
-        "eval.batch_size": cfg.eval.batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise UserError(f"{key} must be at least 1, got {value}")
-    if optim.lr <= 0:
-        raise UserError(f"optim.lr must be positive, got {optim.lr}")
+        "train.keep_checkpoints": train.keep_checkpoints,
+        "eval.batch_size": evaluation.batch_size,
+    })
+    # 0 means "off" (or "all rows"); a negative value would silently act like some other setting
+    # (save_every=-1 saved every step, eval.max_rows=-1 dropped the last row).
+    rows = {f"eval.{name}": getattr(evaluation, name) for name in ("max_rows", "reward_stats_rows") if hasattr(evaluation, name)}
+    _at_least(0, {"train.eval_every": train.eval_every, "train.save_every": train.save_every, **rows})
+    _within(0, MAX_SEED, {"train.seed": train.seed})
+    if isinstance(evaluation, EvalConfig):
+        _at_least(1, {"eval.max_new_tokens": evaluation.max_new_tokens})
+        _at_least(0, {"eval.temperature": evaluation.temperature})  # 0 decodes greedily
+    _check_optim(cfg.optim, "optim")
+    _check_model(cfg.model, "model")
+    _check_tags(cfg.run.tags)
     if engine.offload_params and engine.zero_stage != 3:
         raise UserError("engine.offload_params needs engine.zero_stage=3 (parameters are only partitioned there)")
     if engine.offload_optimizer and engine.zero_stage == 0:
         raise UserError("engine.offload_optimizer needs engine.zero_stage of 1, 2 or 3")
-    if model.lora.enabled and model.lora.r < 1:
-        raise UserError(f"model.lora.r must be at least 1, got {model.lora.r}")
+
+
+def _check_optim(optim: OptimConfig, prefix: str) -> None:
+    _positive({f"{prefix}.lr": optim.lr, f"{prefix}.eps": optim.eps})
+    _at_least(0, {f"{prefix}.weight_decay": optim.weight_decay, f"{prefix}.warmup_steps": optim.warmup_steps,
+                  f"{prefix}.grad_clip": optim.grad_clip})
+    _within(0, 1, {f"{prefix}.beta1": optim.beta1, f"{prefix}.beta2": optim.beta2}, open_high=True)
+    _within(0, 1, {f"{prefix}.min_lr_ratio": optim.min_lr_ratio})
+
+
+def _check_model(model: ModelConfig, prefix: str) -> None:
+    if model.lora.enabled:
+        _at_least(1, {f"{prefix}.lora.r": model.lora.r, f"{prefix}.lora.alpha": model.lora.alpha})
+        _within(0, 1, {f"{prefix}.lora.dropout": model.lora.dropout}, open_high=True)
+
+
+def _check_ppo_algo(ppo: PPOAlgoConfig, *, ptx: str | None) -> None:
+    _at_least(1, {"ppo.epochs": ppo.epochs, "ppo.kl_horizon": ppo.kl_horizon})
+    if not 0 <= ppo.gamma <= 1 or not 0 <= ppo.lam <= 1:
+        raise UserError(f"ppo.gamma and ppo.lam must be in [0, 1], got {ppo.gamma} and {ppo.lam}")
+    if ppo.clip_range <= 0 or (ppo.value_clip_range is not None and ppo.value_clip_range <= 0):
+        raise UserError("ppo.clip_range and ppo.value_clip_range must be positive (null turns value clipping off)")
+    if ppo.beta < 0 or (ppo.kl_target is not None and ppo.kl_target <= 0):
+        raise UserError("ppo.beta must be at least 0 and ppo.kl_target positive (or null for a fixed beta)")
+    if ppo.kl_target is not None and ppo.beta == 0:
+        raise UserError("ppo.kl_target adapts beta multiplicatively, so ppo.beta must start above 0")
+    # null turns either off; 0 or less would flag every run (max_kl) or zero every score (score_clip).
+    _positive({"ppo.max_kl": ppo.max_kl, "ppo.score_clip": ppo.score_clip})
+    if ppo.ptx_coef < 0:
+        raise UserError(f"ppo.ptx_coef must be at least 0, got {ppo.ptx_coef}")
+    if ppo.ptx_coef > 0 and not ptx:
+        raise UserError("ppo.ptx_coef > 0 needs data.ptx (pretraining or SFT data, e.g. data.ptx=toy)")
 
 
 def _check_max_length(value: int, *, key: str = "data.max_length") -> None:
     if value < 2:
-        raise UserError(f"{key} must be at least 2 (one prompt and one response token)")
+        raise UserError(f"{key} must be at least 2 (one prompt and one response token), got {value}")
+
+
+def _check_data_source(key: str, value: str) -> None:
+    # An empty source would pass the launcher's checks (nothing to look at) and stop inside the stage.
+    if not value.strip():
+        raise UserError(f"{key} is empty; set it to 'toy', a .jsonl/.json/.parquet file or a hub dataset 'name[:split]'")
+
+
+# The registry's rule for tags (`rlhf registry tag`): a tag is also a reference and a file name.
+def _check_tags(tags: list[str]) -> None:
+    """The registry's own tag rule, before the run starts rather than when it publishes at the end
+    (no entry ids yet: a tag an id would shadow is refused again at publish)."""
+    from rlhf.registry import check_tags
+
+    try:
+        check_tags(tags, stage="")
+    except UserError as exc:
+        raise UserError(f"run.tags: {exc}") from None
+
+
+def check_precision(engine: EngineConfig, *, cuda_available: bool) -> None:
+    """Stop before launch when this machine cannot train at engine.precision (the CLI passes
+    torch.cuda.is_available(); this module imports no torch). fp16 needs a CUDA GPU (its loss
+    scaler and kernels are GPU-only); bf16 and fp32 run on the CPU too."""
+    if engine.precision == "fp16" and not cuda_available:
+        raise UserError("engine.precision=fp16 needs a CUDA GPU and this machine has none; use engine.precision=bf16 or fp32 here")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,34 +603,64 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Parse a YAML mapping, remembering the line of every dotted key for error messages."""
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; give -c a YAML file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    text = _read_text(path)
     try:
-        root = yaml.compose(path.read_text())
+        root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise UserError(f"{where}: {problem}; fix the YAML syntax") from None
+        position = getattr(exc, "position", None)  # a ReaderError (a control character) has no mark
+        raise _yaml_error(path, exc, line=text.count("\n", 0, position) + 1 if position is not None else None) from None
     if root is None:
         return {}, {}
+    if not isinstance(root, yaml.MappingNode):
+        raise UserError(f"{path}:1: a config file must be a mapping of keys (model:, data:, ...)")
     lines: dict[str, int] = {}
 
     def convert(node: yaml.Node, prefix: str) -> Any:
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
+                line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise UserError(f"{path}:{line}: a key must be a plain name, not a list or mapping; fix the YAML")
                 key = str(key_node.value)
-                lines[prefix + key] = key_node.start_mark.line + 1
+                if key in out:  # YAML would silently keep the last one
+                    raise UserError(f"{path}:{line}: '{prefix}{key}' is set twice (first on line {lines[prefix + key]}); keep one")
+                lines[prefix + key] = line
                 out[key] = convert(value_node, f"{prefix}{key}.")
             return out
         if isinstance(node, yaml.SequenceNode):
             return [convert(item, prefix) for item in node.value]
-        return yaml.safe_load(yaml.serialize(node))
+        try:
+            return yaml.safe_load(yaml.serialize(node))
+        except yaml.YAMLError as exc:  # a tag safe_load refuses, e.g. !!python/object
+            raise _yaml_error(path, exc, line=node.start_mark.line + 1) from None
 
-    if not isinstance(root, yaml.MappingNode):
-        raise UserError(f"{path}:1: a config file must be a mapping of keys (model:, data:, ...)")
     return convert(root, ""), lines
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"config file {path}: cannot read it ({exc.strerror}); check its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); re-encode the file as UTF-8") from None
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError, *, line: int | None = None) -> UserError:
+    mark = getattr(exc, "problem_mark", None)
+    if line is None and mark is not None:
+        line = mark.line + 1
+    where = f"{path}:{line}" if line else str(path)
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "invalid YAML"
+    return UserError(f"{where}: {problem}; fix the YAML syntax")
 
 
 def _build(base: Any, data: dict[str, Any], *, prefix: str, source: str, lines: dict[str, int]) -> Any:
@@ -569,12 +676,14 @@ def _build(base: Any, data: dict[str, Any], *, prefix: str, source: str, lines: 
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = prefix + key
-        where = _where(dotted, value, source, lines)
+        where = _where(dotted, _first_leaf(value), source, lines)
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(names)}"
             raise UserError(f"{where}: unknown config key '{dotted}'; {hint}")
         target = hints[key]
+        if isinstance(value, dict) and not dataclasses.is_dataclass(target):
+            raise UserError(f"{where}: '{dotted}' is a single value, not a section; set it as {dotted}=VALUE")
         if dataclasses.is_dataclass(target):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: '{dotted}' is a section; give its keys ({dotted}.KEY=...)")
@@ -582,6 +691,13 @@ def _build(base: Any, data: dict[str, Any], *, prefix: str, source: str, lines: 
         else:
             kwargs[key] = _coerce(value, target, dotted, where)
     return dataclasses.replace(base, **kwargs)
+
+
+def _first_leaf(value: Any) -> Any:
+    """The first non-mapping value inside nested mappings (an override's value carries its origin)."""
+    while isinstance(value, dict) and value:
+        value = next(iter(value.values()))
+    return value
 
 
 def _where(dotted: str, value: Any, source: str, lines: dict[str, int]) -> str:
@@ -626,7 +742,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is list:
         items = raw
         if from_cli:
-            parsed = yaml.safe_load(raw) if raw.strip() else []
+            try:
+                parsed = yaml.safe_load(raw) if raw.strip() else []
+            except yaml.YAMLError as exc:
+                problem = getattr(exc, "problem", None) or "invalid YAML"
+                raise UserError(f"{where}: '{key}' is not a valid list ({problem}); write a,b or '[a, b]'") from None
             items = parsed if isinstance(parsed, list) else [s.strip() for s in raw.split(",") if s.strip()]
         if not isinstance(items, list):
             raise fail()
@@ -654,16 +774,14 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 raise fail() from None
         raise fail()
     if tp is float:
-        if isinstance(raw, bool):
+        number = _to_float(raw)
+        if number is None:
             raise fail()
-        if isinstance(raw, (int, float)):
-            return float(raw)
-        if isinstance(raw, str):  # PyYAML reads 1e-5 (no dot) as a string
-            try:
-                return float(raw.strip())
-            except ValueError:
-                raise fail() from None
-        raise fail()
+        # No field means anything by nan or inf (null turns the optional ones off): nan would pass
+        # every range check, since every comparison with it is false.
+        if not math.isfinite(number):
+            raise UserError(f"{where}: '{key}' must be a finite number, got {raw!r}")
+        return number
     if tp is str:
         if from_cli:
             return raw
@@ -671,3 +789,18 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return raw
         raise fail()
     raise TypeError(f"config field {key} has unsupported type {tp}")
+
+
+def _to_float(raw: Any) -> float | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return float(raw) if abs(raw) < 2**1000 else math.inf  # float() of a bigger int overflows
+    if isinstance(raw, float):
+        return raw
+    if isinstance(raw, str):  # PyYAML reads 1e-5 (no dot) as a string
+        try:
+            return float(raw.strip())
+        except ValueError:
+            return None
+    return None

@@ -35,6 +35,8 @@ class ModelSource:
 
 
 def resolve_model(name_or_path: str, registry: Registry, *, key: str = "model.name_or_path") -> ModelSource:
+    if not name_or_path.strip():
+        raise UserError(f"{key} is empty; set it to 'toy', a registry reference (sft:latest), a save_pretrained folder or a hub name")
     if name_or_path == TOY:
         return ModelSource("toy", TOY)
     path = Path(name_or_path).expanduser()
@@ -44,10 +46,27 @@ def resolve_model(name_or_path: str, registry: Registry, *, key: str = "model.na
         return ModelSource("path", str(path.resolve()))
     if is_reference(name_or_path):
         entry = registry.resolve(name_or_path)
+        _check_entry_folder(entry, f"{key}={name_or_path}")
         return ModelSource("registry", entry.path, entry)
-    if name_or_path.startswith((".", "/", "~")):
-        raise UserError(f"{key}={name_or_path}: no such folder; check the path")
+    if _looks_like_path(name_or_path):
+        raise UserError(f"{key}={name_or_path}: no such folder; check the path (a hub name is 'name' or 'org/name')")
     return ModelSource("hub", name_or_path)
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path rather than a hub name: hub ids are 'name' or 'org/name', never deeper."""
+    return text.startswith((".", "/", "~")) or text.count("/") >= 2 or (os.sep != "/" and os.sep in text)
+
+
+def _check_entry_folder(entry: Entry, where: str) -> None:
+    """An entry outlives its folder when someone deletes the run: say so instead of a hub error."""
+    folder = Path(entry.path)
+    marker = "adapter_config.json" if entry.adapter == "adapter" else "config.json"
+    fix = f"restore it, or take the entry out with `rlhf registry rm {entry.id}` and use another (rlhf registry ls)"
+    if not folder.is_dir():
+        raise UserError(f"{where}: the folder of {entry.stage} entry {entry.id} is gone ({folder}); {fix}")
+    if not (folder / marker).is_file():
+        raise UserError(f"{where}: the folder of {entry.stage} entry {entry.id} ({folder}) has no {marker}; {fix}")
 
 
 def base_model_identity(source: ModelSource, cfg: ModelConfig) -> str:
@@ -70,7 +89,7 @@ def load_tokenizer(
 
         tokenizer = build_tokenizer()
     else:
-        tokenizer = _pretrained_tokenizer(name_or_path or source.location, trust_remote_code=trust_remote_code)
+        tokenizer = _pretrained_tokenizer(name_or_path or source.location, trust_remote_code=trust_remote_code, key=key)
     if source.entry is not None and source.entry.tokenizer:
         _check_same_tokenizer(tokenizer, source.entry, where=f"{key}={name_or_path}" if name_or_path else source.location)
     return tokenizer
@@ -99,13 +118,13 @@ def _check_same_tokenizer(tokenizer: Any, entry: Entry, *, where: str) -> None:
         )
 
 
-def _pretrained_tokenizer(location: str, *, trust_remote_code: bool) -> Any:
+def _pretrained_tokenizer(location: str, *, trust_remote_code: bool, key: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the tokenizer of '{location}': {first_line(exc)}") from None
+        raise UserError(f"cannot load the tokenizer of '{location}': {first_line(exc)}{_remote_code_hint(exc, key)}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of '{location}' has no EOS token; set one in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
@@ -116,6 +135,14 @@ def _pretrained_tokenizer(location: str, *, trust_remote_code: bool) -> Any:
         else:
             tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _remote_code_hint(exc: Exception, key: str) -> str:
+    """transformers refuses a repository's own code unless trusted: name the one flag that trusts
+    this model (`reward.name_or_path` -> `reward.trust_remote_code`), each model having its own."""
+    if "custom code" not in str(exc):
+        return ""
+    return f" (set {key.partition('.')[0]}.trust_remote_code=true only if you trust that code)"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
@@ -190,7 +217,7 @@ def check_same_tokenizer(tokenizer: Any, source: ModelSource, *, key: str, trust
     if source.entry is not None and source.entry.tokenizer:
         theirs = source.entry.tokenizer
     else:
-        theirs = tokenizer_fingerprint(load_tokenizer(source, trust_remote_code=trust_remote_code))
+        theirs = tokenizer_fingerprint(load_tokenizer(source, trust_remote_code=trust_remote_code, key=key))
     detail = _tokenizer_differences(theirs, tokenizer_fingerprint(tokenizer))
     if detail:
         raise UserError(
@@ -201,14 +228,28 @@ def check_same_tokenizer(tokenizer: Any, source: ModelSource, *, key: str, trust
 
 def disable_dropout(model: torch.nn.Module) -> None:
     """Zero every dropout probability: PPO's ratios compare log-probs of the same weights, which
-    must not change between two forward passes."""
+    must not change between two forward passes, in train mode as in eval mode.
+
+    Architectures apply dropout in three ways: `nn.Dropout` modules (GPT-2, GPT-NeoX), a float
+    attribute passed to `nn.functional.dropout` or an attention kernel (OPT's `dropout` and
+    `activation_dropout`, Llama's `attention_dropout`), and layer drop (OPT's `layerdrop`); some
+    read the probability from the config at each forward. All three, and the config, are zeroed.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        # Attention kernels take their dropout as a float attribute (Llama, Qwen, Mistral, ...).
-        for name in ("attention_dropout", "attn_dropout_p", "dropout_p"):
-            if isinstance(getattr(module, name, None), float):
+        for name, value in list(vars(module).items()):
+            if _is_dropout_name(name) and isinstance(value, float):
                 setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for name, value in config.to_dict().items():
+                if _is_dropout_name(name) and isinstance(value, float):
+                    setattr(config, name, 0.0)
+
+
+def _is_dropout_name(name: str) -> bool:
+    return "dropout" in name or name.endswith("pdrop") or name in ("layerdrop", "dropout_p", "attn_dropout_p")
 
 
 def load_causal_lm(
@@ -219,6 +260,7 @@ def load_causal_lm(
     seed: int,
     dtype: torch.dtype,
     zero3_config: dict[str, Any] | None = None,
+    key: str = "model.name_or_path",
 ) -> Any:
     """A causal LM ready for training: dropout off, optional gradient checkpointing and LoRA.
 
@@ -238,7 +280,7 @@ def load_causal_lm(
                 model = AutoModelForCausalLM.from_pretrained(source.location, **_load_kwargs(cfg, dtype))
         except (OSError, ValueError) as exc:
             raise UserError(
-                f"cannot load '{source.location}' as a causal LM: {first_line(exc)} "
+                f"{key}: cannot load '{source.location}' as a causal LM: {first_line(exc)}{_remote_code_hint(exc, key)} "
                 "(it must be a local save_pretrained folder, a registry reference, or a reachable hub model)"
             ) from None
     _check_vocab(model, tokenizer, source)
@@ -356,8 +398,9 @@ def load_scalar_model(
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(
-                f"cannot load '{source.location}' as a backbone with a scalar head: {first_line(exc)} "
-                "(it must be a causal LM or reward model: a save_pretrained folder, a registry reference or a hub model)"
+                f"{key}: cannot load '{source.location}' as a backbone with a scalar head: "
+                f"{first_line(exc)}{_remote_code_hint(exc, key)} (it must be a causal LM or reward model: "
+                "a save_pretrained folder, a registry reference or a hub model)"
             ) from None
         finally:
             hf_logging.set_verbosity(verbosity)
@@ -521,7 +564,7 @@ def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any
         key = f"{name}.name_or_path"
         source = resolve_model(getattr(cfg, name).name_or_path, registry, key=key)
         check_scalar_model(source, key=key)
-        check_same_tokenizer(tokenizer, source, key=key, trust_remote_code=cfg.model.trust_remote_code)
+        check_same_tokenizer(tokenizer, source, key=key, trust_remote_code=getattr(cfg, name).trust_remote_code)
         scalar[name] = source
     reference = None
     if cfg.reference.name_or_path is not None or not cfg.model.lora.enabled:
@@ -529,7 +572,7 @@ def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any
         reference = actor if cfg.reference.name_or_path is None else resolve_model(cfg.reference.name_or_path, registry, key=key)
         check_causal_lm(reference, key=key)
         if reference is not actor:
-            check_same_tokenizer(tokenizer, reference, key=key, trust_remote_code=cfg.model.trust_remote_code)
+            check_same_tokenizer(tokenizer, reference, key=key, trust_remote_code=cfg.reference.trust_remote_code)
     return PPOSources(reference=reference, critic=scalar["critic"], reward=scalar["reward"])
 
 
@@ -543,6 +586,16 @@ class PPOModels:
     critic: Any
     reference: Any | None
     reward: Any
+
+
+def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
+    """How PPO loads its frozen `name` ('reference' or 'reward'): the actor's kernel choice, no
+    adapters or recomputed activations (they never backpropagate), and that model's own
+    trust_remote_code, since trusting the actor's repository says nothing about another's. A null
+    reference is the actor's own model, already loaded under model.trust_remote_code."""
+    own = getattr(cfg, name)
+    trust = cfg.model.trust_remote_code if name == "reference" and own.name_or_path is None else own.trust_remote_code
+    return dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False, trust_remote_code=trust)
 
 
 def build_ppo_models(
@@ -566,17 +619,14 @@ def build_ppo_models(
                                key="critic.name_or_path", zero3_config=deepspeed_config(engine, cfg.critic_optim) if zero3 else None)
     if cfg.ppo.value_head == "zero":
         zero_scalar_head(critic)
-    # The frozen two need neither adapters nor recomputed activations: they never backpropagate.
-    frozen = dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False)
     reference = None
     if sources.reference is not None:
-        reference = load_causal_lm(sources.reference, frozen, tokenizer, seed=seed, dtype=dtype,
-                                   zero3_config=frozen_zero3_config(engine, cfg.reference.offload))
+        reference = load_causal_lm(sources.reference, frozen_model_config(cfg, "reference"), tokenizer, seed=seed, dtype=dtype,
+                                   zero3_config=frozen_zero3_config(engine, cfg.reference.offload), key="reference.name_or_path")
         disable_dropout(reference)
         reference = build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
-    reward = load_scalar_model(sources.reward, dataclasses.replace(frozen, trust_remote_code=cfg.model.trust_remote_code),
-                               tokenizer, seed=seed, dtype=dtype, trained_head=True, key="reward.name_or_path",
-                               zero3_config=frozen_zero3_config(engine, cfg.reward.offload))
+    reward = load_scalar_model(sources.reward, frozen_model_config(cfg, "reward"), tokenizer, seed=seed, dtype=dtype,
+                               trained_head=True, key="reward.name_or_path", zero3_config=frozen_zero3_config(engine, cfg.reward.offload))
     for model in (actor, critic, reward):
         disable_dropout(model)
     reward = build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)

@@ -30,9 +30,9 @@ from rlhf.algos.ppo import (
     shape_scores,
     value_loss,
 )
-from rlhf.config import PPOConfig, SFTDataConfig
+from rlhf.config import PPOConfig
 from rlhf.data.collate import collate_sft
-from rlhf.data.load import sft_examples, stage_datasets
+from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import Dist, full_state_dict, global_grad_norm, init_distributed, seed_everything
 from rlhf.evaluation import all_sum, even_shard, oracle_eval
@@ -61,8 +61,7 @@ def main(run: Run) -> None:
     batches = ShuffledBatches(len(train_prompts), batch_size=rollout.batch_size, world_size=dist.world_size, seed=cfg.train.seed)
     ptx_set, ptx_batches = [], None
     if ppo.ptx_coef > 0:
-        ptx_data = SFTDataConfig(train=cfg.data.ptx, max_length=cfg.data.ptx_max_length, long_prompts="skip", toy=cfg.data.toy)
-        ptx_set, _ = sft_examples(cfg.data.ptx, split="train", tokenizer=tokenizer, data=ptx_data, key="data.ptx")
+        ptx_set, _ = sft_examples(cfg.data.ptx, split="train", tokenizer=tokenizer, data=ptx_data_config(cfg.data), key="data.ptx")
         ptx_batches = ShuffledBatches(len(ptx_set), batch_size=engine_cfg.micro_batch_size, world_size=dist.world_size, seed=cfg.train.seed)
 
     # 3. Actor and critic engines (own optimizers, annealed over every PPO update); frozen
@@ -143,8 +142,10 @@ def main(run: Run) -> None:
             loop.stop_nonfinite(step, what)
 
     while step < cfg.train.max_steps:
-        # 5. Rollout: sample with the KV cache, then score with all four models.
+        # 5. Rollout: sample with the KV cache, then score with all four models (in eval mode: the
+        #    old log-probs and values must be the deterministic ones the updates compare against).
         actor.eval()
+        critic.eval()
         started = time.time()
         prompts = [train_prompts[i] for i in batches.global_batch(step)[dist.rank]]
         seqs = sample(prompts, temperature=rollout.temperature)

@@ -97,3 +97,10 @@ def stage_datasets(stage: str, cfg: Any, tokenizer: Any, *, world_size: int) -> 
             f"({batch_key} x ranks); add data or lower {batch_key}"
         )
     return train_set, train_stats, eval_set, eval_stats
+
+
+def ptx_data_config(data: Any) -> Any:
+    """How PPO reads data.ptx (a PPODataConfig): SFT-format data cut at data.ptx_max_length (a long prompt is dropped)."""
+    from rlhf.config import SFTDataConfig
+
+    return SFTDataConfig(train=data.ptx or "", eval=None, max_length=data.ptx_max_length, long_prompts="skip", toy=data.toy)

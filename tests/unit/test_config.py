@@ -174,3 +174,234 @@ def test_ppo_settings_that_cannot_work(overrides, fragments):
     with pytest.raises(UserError) as err:
         load_config(PPOConfig, None, overrides)
     assert all(f in str(err.value) for f in fragments), str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Each PPO model has its own trust_remote_code: trusting the actor's repository trusts no other.
+
+CUSTOM_CODE = {
+    "configuration_custom.py": "from transformers import LlamaConfig\n\n\n"
+                               "class CustomConfig(LlamaConfig):\n    model_type = 'rlhf_custom_llama'\n",
+    # Built by hand: the stock head gets its backbone from AutoModel, which knows no custom config.
+    "modeling_custom.py": "import torch\nfrom transformers import LlamaForSequenceClassification, LlamaModel, LlamaPreTrainedModel\n\n"
+                          "from .configuration_custom import CustomConfig\n\n\n"
+                          "class CustomForSequenceClassification(LlamaForSequenceClassification):\n"
+                          "    config_class = CustomConfig\n\n"
+                          "    def __init__(self, config):\n"
+                          "        LlamaPreTrainedModel.__init__(self, config)\n"
+                          "        self.num_labels = config.num_labels\n"
+                          "        self.model = LlamaModel(config)\n"
+                          "        self.score = torch.nn.Linear(config.hidden_size, self.num_labels, bias=False)\n"
+                          "        self.post_init()\n",
+    "tokenization_custom.py": "from transformers import PreTrainedTokenizerFast\n\n\n"
+                              "class CustomTokenizerFast(PreTrainedTokenizerFast):\n    pass\n",
+}
+
+
+def custom_code_reward_model(folder: Path) -> Path:
+    """A tiny random reward model whose config and tokenizer name classes in the folder's own code
+    (`auto_map`), as a hub repository with custom code does: transformers runs that code only when
+    trusted. The toy tokenizer's vocabulary, so it matches a toy actor."""
+    import json
+
+    from rlhf.toy import ToyModelConfig, build_model, build_tokenizer
+
+    build_model(ToyModelConfig(), build_tokenizer(), seed=1, head="scalar").save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    for name, code in CUSTOM_CODE.items():
+        (folder / name).write_text(code)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="rlhf_custom_llama", architectures=["CustomForSequenceClassification"], auto_map={
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForSequenceClassification": "modeling_custom.CustomForSequenceClassification",
+    })
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.update(tokenizer_class="CustomTokenizerFast",
+                            auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizerFast"]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder
+
+
+def ppo_with_custom_reward(tmp_path: Path, *flags: str):
+    from rlhf.config import PPOConfig
+
+    folder = custom_code_reward_model(tmp_path / f"custom-rm-{'-'.join(flags) or 'plain'}")
+    cfg = load_config(PPOConfig, None, ["model.name_or_path=toy", "model.trust_remote_code=true",
+                                        f"critic.name_or_path={folder}", f"reward.name_or_path={folder}", *flags])
+    return cfg, folder
+
+
+def test_the_actors_trust_does_not_extend_to_the_reward_models_tokenizer(tmp_path):
+    from rlhf.models import ModelSource, ppo_sources
+    from rlhf.registry import Registry
+    from rlhf.toy import build_tokenizer
+
+    actor, tokenizer = ModelSource("toy", "toy"), build_tokenizer()
+    cfg, folder = ppo_with_custom_reward(tmp_path, "critic.trust_remote_code=true")
+    with pytest.raises(UserError) as err:
+        ppo_sources(cfg, Registry(tmp_path / "reg"), actor, tokenizer)
+    message = str(err.value)
+    assert "custom code" in message and "set reward.trust_remote_code=true" in message, message
+    # Trusting the reward model's own repository is what lets it load.
+    cfg, folder = ppo_with_custom_reward(tmp_path, "critic.trust_remote_code=true", "reward.trust_remote_code=true")
+    assert ppo_sources(cfg, Registry(tmp_path / "reg"), actor, tokenizer).reward.location == str(folder)
+
+
+def test_the_reward_model_loads_under_its_own_flag(tmp_path):
+    import torch
+
+    from rlhf.models import frozen_model_config, load_scalar_model, resolve_model
+    from rlhf.registry import Registry
+    from rlhf.toy import build_tokenizer
+
+    cfg, folder = ppo_with_custom_reward(tmp_path)
+    source = resolve_model(str(folder), Registry(tmp_path / "reg"), key="reward.name_or_path")
+    assert cfg.model.trust_remote_code and not frozen_model_config(cfg, "reward").trust_remote_code
+    with pytest.raises(UserError, match=r"reward.name_or_path: cannot load .*custom code.*set reward.trust_remote_code=true"):
+        load_scalar_model(source, frozen_model_config(cfg, "reward"), build_tokenizer(), seed=0, dtype=torch.float32,
+                          trained_head=True, key="reward.name_or_path")
+    cfg, folder = ppo_with_custom_reward(tmp_path, "reward.trust_remote_code=true")
+    model = load_scalar_model(source, frozen_model_config(cfg, "reward"), build_tokenizer(), seed=0, dtype=torch.float32,
+                              trained_head=True, key="reward.name_or_path")
+    assert type(model.hf_model).__name__ == "CustomForSequenceClassification"  # the folder's own code ran
+
+
+def test_a_null_reference_is_the_actor_and_loads_under_the_actors_flag():
+    from rlhf.config import PPOConfig
+    from rlhf.models import frozen_model_config
+
+    cfg = load_config(PPOConfig, None, ["model.trust_remote_code=true"])
+    assert frozen_model_config(cfg, "reference").trust_remote_code
+    cfg = load_config(PPOConfig, None, ["model.trust_remote_code=true", "reference.name_or_path=/some/model"])
+    assert not frozen_model_config(cfg, "reference").trust_remote_code
+    reference = frozen_model_config(load_config(PPOConfig, None, ["reference.name_or_path=/m", "reference.trust_remote_code=true"]), "reference")
+    assert reference.trust_remote_code and not reference.lora.enabled and not reference.gradient_checkpointing
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input that used to give a traceback or be silently accepted.
+
+
+def test_a_config_file_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"optim:\n  lr: 0.1\n  # caf\xe9\n")
+    with pytest.raises(UserError, match=re.escape(f"{path}:3: not UTF-8 text (byte 0xe9); re-encode the file as UTF-8")):
+        load_config(SFTConfig, path)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", r"cfg.yaml:3: 'optim.lr' is set twice \(first on line 2\)"),
+    ("optim:\n  lr:\n    peak: 1\n", r"cfg.yaml:2: 'optim.lr' is a single value, not a section"),
+    ("optim:\n  lr: !!python/name:os.system x\n", r"cfg.yaml:2: could not determine a constructor"),
+    ("optim:\n  lr: .inf\n", r"cfg.yaml:2: 'optim.lr' must be a finite number"),
+    ("optim:\n  ? [a, b]\n  : 1\n", r"cfg.yaml:2: a key must be a plain name"),
+    ("a\0b: 1\n", r"cfg.yaml:1: .*fix the YAML syntax"),
+])
+def test_config_files_that_cannot_be_read_as_written(tmp_path, text, expected):
+    with pytest.raises(UserError, match=expected):
+        load_config(SFTConfig, write(tmp_path, text))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("run.tags=[a", r"override 'run.tags=\[a': 'run.tags' is not a valid list"),
+    ("optim.lr=nan", r"'optim.lr' must be a finite number, got 'nan'"),
+    ("optim.lr=-inf", r"'optim.lr' must be a finite number"),
+    ("optim.lr=1e999", r"'optim.lr' must be a finite number"),
+    ("optim.lr.peak=1", r"override 'optim.lr.peak=1': 'optim.lr' is a single value"),
+    ("ppo.beta=1", r"override 'ppo.beta=1': unknown config key 'ppo'"),
+])
+def test_overrides_that_cannot_be_read(override, expected):
+    with pytest.raises(UserError, match=expected):
+        load_config(SFTConfig, None, [override])
+
+
+def test_a_huge_integer_for_a_float_is_not_finite(tmp_path):
+    with pytest.raises(UserError, match="must be a finite number"):
+        load_config(SFTConfig, write(tmp_path, f"optim:\n  lr: {10**400}\n"))
+
+
+@pytest.mark.parametrize("stage, override, expected", [
+    ("sft", "train.save_every=-1", "train.save_every must be at least 0, got -1"),
+    ("rm", "train.eval_every=-1", "train.eval_every must be at least 0, got -1"),
+    ("sft", "eval.max_rows=-1", "eval.max_rows must be at least 0, got -1"),
+    ("rm", "eval.reward_stats_rows=-1", "eval.reward_stats_rows must be at least 0, got -1"),
+    ("sft", "train.keep_checkpoints=0", "train.keep_checkpoints must be at least 1, got 0"),
+    ("sft", "train.seed=-1", "train.seed must be in [0, 4294967295], got -1"),
+    ("sft", "train.seed=4294967296", "train.seed must be in [0, 4294967295]"),
+    ("rm", "optim.warmup_steps=-1", "optim.warmup_steps must be at least 0, got -1"),
+    ("sft", "optim.weight_decay=-1", "optim.weight_decay must be at least 0"),
+    ("sft", "optim.grad_clip=-1", "optim.grad_clip must be at least 0"),
+    ("sft", "optim.eps=0", "optim.eps must be positive, got 0.0"),
+    ("sft", "optim.beta2=1", "optim.beta2 must be in [0, 1), got 1.0"),
+    ("sft", "optim.min_lr_ratio=-0.5", "optim.min_lr_ratio must be in [0, 1]"),
+    ("sft", "eval.max_new_tokens=0", "eval.max_new_tokens must be at least 1"),
+    ("sft", "eval.temperature=-1", "eval.temperature must be at least 0, got -1.0"),
+    ("sft", "data.max_length=1", "data.max_length must be at least 2 (one prompt and one response token), got 1"),
+    ("sft", "data.train=", "data.train is empty"),
+    ("sft", "model.lora.enabled=true model.lora.alpha=0", "model.lora.alpha must be at least 1"),
+    ("sft", "model.lora.enabled=true model.lora.dropout=1", "model.lora.dropout must be in [0, 1)"),
+    ("rm", "run.tags=latest", "run.tags: invalid tag 'latest'"),
+    ("rm", "run.tags=a/b", "run.tags: invalid tag 'a/b'"),
+    ("ppo", "eval.max_rows=-1", "eval.max_rows must be at least 0"),
+    ("ppo", "critic_optim.beta1=-0.1", "critic_optim.beta1 must be in [0, 1)"),
+    ("ppo", "critic.lora.enabled=true critic.lora.r=0", "critic.lora.r must be at least 1"),
+    ("ppo", "ppo.max_kl=0", "ppo.max_kl must be positive"),
+    ("ppo", "ppo.score_clip=-1", "ppo.score_clip must be positive"),
+    ("ppo", "data.ptx_max_length=1", "data.ptx_max_length must be at least 2"),
+])
+def test_values_out_of_range(stage, override, expected):
+    with pytest.raises(UserError) as err:
+        load_config(STAGE_CONFIGS[stage], None, override.split(" "))
+    assert expected in str(err.value), str(err.value)
+
+
+def test_zero_means_off_and_null_turns_optional_floats_off():
+    from rlhf.config import PPOConfig
+
+    cfg = load_config(SFTConfig, None, ["train.save_every=0", "train.eval_every=0", "eval.max_rows=0", "optim.grad_clip=0"])
+    assert (cfg.train.save_every, cfg.train.eval_every, cfg.eval.max_rows) == (0, 0, 0)
+    cfg = load_config(PPOConfig, None, ["ppo.max_kl=null", "ppo.score_clip=null", "ppo.no_eos_score=-3"])
+    assert cfg.ppo.max_kl is None and cfg.ppo.score_clip is None and cfg.ppo.no_eos_score == -3
+
+
+def test_fp16_needs_a_cuda_gpu():
+    from rlhf.config import EngineConfig, check_precision
+
+    with pytest.raises(UserError, match="engine.precision=fp16 needs a CUDA GPU"):
+        check_precision(EngineConfig(precision="fp16"), cuda_available=False)
+    check_precision(EngineConfig(precision="fp16"), cuda_available=True)
+    for precision in ("bf16", "fp32"):
+        check_precision(EngineConfig(precision=precision), cuda_available=False)
+
+
+def test_model_references_that_name_nothing(tmp_path):
+    """What a model key resolves to when it names nothing: each says why, not a hub error."""
+    import json
+
+    from rlhf.models import resolve_model
+    from rlhf.registry import Registry
+
+    registry = Registry(tmp_path / "reg")
+    (registry.root / "entries").mkdir(parents=True)
+    gone = tmp_path / "reg" / "runs" / "sft-20260101-000000-0badf01d"
+    (registry.root / "entries" / f"{gone.name}.json").write_text(json.dumps({
+        "id": gone.name, "stage": "sft", "status": "completed", "created": "2026-01-01T00:00:00.000000+00:00",
+        "path": str(gone / "final"), "run_dir": str(gone), "config": {},
+    }))
+    cases = {
+        "": "model.name_or_path is empty; set it to 'toy', a registry reference",
+        "  ": "model.name_or_path is empty",
+        "sft:latest": f"model.name_or_path=sft:latest: the folder of sft entry {gone.name} is gone",
+        "models/opt/final": "model.name_or_path=models/opt/final: no such folder",
+        "~/no-such-model-for-rlhf": "no such folder",
+        "./missing": "no such folder",
+    }
+    for value, expected in cases.items():
+        with pytest.raises(UserError) as err:
+            resolve_model(value, registry)
+        assert expected in str(err.value), (value, str(err.value))
+    (gone / "final").mkdir(parents=True)  # back, but without its weights
+    with pytest.raises(UserError, match=f"the folder of sft entry {gone.name} .* has no config.json"):
+        resolve_model("sft:latest", registry)
+    assert resolve_model("someorg/some-model", registry).kind == "hub"  # one slash: a hub name
