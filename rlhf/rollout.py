@@ -123,7 +123,7 @@ def _generate_tokens(
         import deepspeed
 
         gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    with gathered:
+    with gathered, _only_our_sampling(model):
         output = model.generate(
             **prompt_batch,
             max_new_tokens=max_new_tokens,
@@ -139,6 +139,30 @@ def _generate_tokens(
         # tensors have other shapes (fragmentation, out-of-memory on a tight GPU).
         torch.cuda.empty_cache()
     return prompt_batch, output[:, prompt_batch["input_ids"].shape[1] :]
+
+
+@contextlib.contextmanager
+def _only_our_sampling(model: Any) -> Any:
+    """Generate with no setting from the checkpoint's generation_config.json.
+
+    transformers fills every setting a call leaves unset from the model's generation config, so a
+    chat checkpoint that ships repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+    suppress_tokens or min_p would sample from another distribution than the one PPO scores (and
+    the evaluation would not measure the policy). For the call, each model in the stack (a peft
+    wrapper and the transformers model inside it) gets a config that holds only the special tokens.
+    """
+    from transformers import GenerationConfig
+
+    swapped = [(m, m.generation_config) for m in model.modules() if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
+    for module, original in swapped:
+        module.generation_config = GenerationConfig(
+            bos_token_id=original.bos_token_id, eos_token_id=original.eos_token_id, pad_token_id=original.pad_token_id,
+        )
+    try:
+        yield
+    finally:
+        for module, original in swapped:
+            module.generation_config = original
 
 
 @dataclass

@@ -197,3 +197,24 @@ def test_minibatch_rows_partition_the_rollouts(group_by_length):
         # Each minibatch holds a contiguous band of the sorted lengths.
         bands = sorted((lengths[b].min().item(), lengths[b].max().item()) for b in batches)
         assert all(high <= next_low for (_, high), (next_low, _) in zip(bands, bands[1:]))
+
+
+def test_sampling_ignores_the_checkpoints_generation_config():
+    """PPO scores log-probs of softmax(logits / T): a processor from generation_config.json
+    (repetition penalty, n-gram blocking, a minimum length, suppressed tokens, min_p) must not
+    change what is sampled, or the scored distribution is not the sampled one."""
+    tokenizer = build_tokenizer()
+    model = build_model(ToyModelConfig(), tokenizer, seed=3).eval()
+    prompts = [tokenizer(text).input_ids for text in ("1+2=", "45+67=", "9+9=", "12+3=")]
+    kwargs = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=12, temperature=1.0)
+
+    def sampled(m):
+        torch.manual_seed(11)
+        return generate(m, prompts, **kwargs)
+
+    plain = sampled(model)
+    hostile = copy.deepcopy(model)
+    hostile.generation_config.update(repetition_penalty=1.3, no_repeat_ngram_size=1, min_new_tokens=4,
+                                     suppress_tokens=[tokenizer.convert_tokens_to_ids("1")], min_p=0.2)
+    assert sampled(hostile) == plain
+    assert hostile.generation_config.repetition_penalty == 1.3  # the checkpoint's own settings are kept
