@@ -384,10 +384,10 @@ def _run_locked(stage: str, run_dir: Path, cmd: list[str], record, *, fresh: boo
     """Launch the ranks while holding the run's lock; report how they ended."""
     from rlhf.launch import format_command, launch_env, run_supervised
     from rlhf.runlock import RunLock
-    from rlhf.runs import SUPERVISED_ENV, clear_rank_records, discard_failed_start
+    from rlhf.runs import SUPERVISED_ENV, clear_rank_records, discard_failed_start, supervisor_value
     from rlhf.tracking import console
 
-    env = {**launch_env(record.num_gpus), SUPERVISED_ENV: "1"}
+    env = {**launch_env(record.num_gpus), SUPERVISED_ENV: supervisor_value()}
     try:
         with RunLock(run_dir):
             clear_rank_records(run_dir)

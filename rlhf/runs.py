@@ -295,11 +295,41 @@ def stage_entrypoint(stage: str, main: Callable[[Run], None]) -> None:
 EXIT_PEER_LOST = 3
 """A rank whose peer vanished: `rlhf` names the rank that died (see `rank_exits`)."""
 SUPERVISED_ENV = "RLHF_SUPERVISED"
-"""Set by `rlhf` for the ranks it launches: it reports a dead peer itself, in one line."""
+"""Set by `rlhf` for the ranks it launches, to "<host>:<pid>" of itself: it reports a dead peer in one
+line, and a rank on its host stops when it is gone."""
+
+
+def supervisor_value() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _follow_supervisor() -> None:
+    """Die with the `rlhf` process that launched this rank (the ranks run in a process group of their
+    own, so a SIGKILL to `rlhf` no longer reaches them): a rank that trained on without it would
+    hold no lock and could publish beside a resumed copy of itself. Killed, not stopped: exactly
+    what a lost node leaves, which the checkpoints are made for."""
+    host, _, pid = os.environ.get(SUPERVISED_ENV, "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return  # not launched by `rlhf`, or by one on another node (that node's launcher ends the rank)
+    import signal
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGKILL)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="rlhf-supervisor-watch", daemon=True).start()
 
 
 def _run_rank(run: Run, main: Callable[[Run], None]) -> int:
     """Run `main` on this rank and record how it ended; returns the exit code."""
+    _follow_supervisor()
     record_rank(run.run_dir, code=None)
     code = 1
     try:

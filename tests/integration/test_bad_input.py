@@ -216,7 +216,7 @@ CASES = [
     # ---- command-line options
     case("no-ranks", "sft", "-n", "0", *CHEAP, expect="-n"),
     case("negative-ranks", "rm", "-n", "-1", "model.name_or_path=toy", expect="-n"),
-    case("ranks-not-a-number", "sft", "-n", "two", expect="two"),
+    case("ranks-not-a-number", "sft", "-n", "two", expect="--num-gpus"),
     case("unknown-option", "sft", "--no-such-option", expect="--no-such-option"),
     case("unknown-launcher", "sft", "--launcher", "bogus", expect="--launcher"),
     case("hostfile-missing", "sft", "--hostfile", "{files}/hosts", expect="hostfile"),

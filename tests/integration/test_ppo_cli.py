@@ -57,13 +57,16 @@ def test_embedded_default_raises_the_oracle_score_at_bounded_kl(default_pipeline
     home = default_pipeline.home
     metrics = check_lineage(home)["ppo"]["metrics"]
     assert metrics["oracle_score"] >= metrics["initial_oracle_score"] + 10, metrics
-    assert metrics["initial_kl"] == 0.0  # the actor starts as the reference
+    # The actor starts as the reference. Zero up to float rounding: the actor's weights sit in
+    # DeepSpeed's buffers, the reference's in their own, and on some CPUs (AVX-512 here) the
+    # matmul kernels round differently by alignment (-4e-9 nats seen), so not bitwise.
+    assert abs(metrics["initial_kl"]) < 1e-6
     assert 0 < metrics["kl"] < metrics["max_kl"], metrics
     rows = [r for r in metric_rows(check_lineage(home)["ppo"]) if "policy_loss" in r]
     assert [r["step"] for r in rows] == list(range(1, metrics["steps"] + 1))  # every step logged
     for row in rows:
         assert all(k in row for k in STEP_METRICS), set(STEP_METRICS) - set(row)
-    assert rows[0]["kl"] == 0.0  # no update yet when the first batch is sampled
+    assert abs(rows[0]["kl"]) < 1e-6  # no update yet when the first batch is sampled
 
 
 def saved_models_load_with_transformers_alone(e: dict[str, dict]) -> None:
