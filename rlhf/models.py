@@ -17,6 +17,8 @@ import torch
 
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.errors import UserError, first_line
+from rlhf.gguf import ensure_converted, is_gguf
+from rlhf.gguf import origin as gguf_origin
 from rlhf.registry import Entry, Registry, is_reference
 from rlhf.toy import TOY
 
@@ -39,6 +41,9 @@ def resolve_model(name_or_path: str, registry: Registry, *, key: str = "model.na
         raise UserError(f"{key} is empty; set it to 'toy', a registry reference (sft:latest), a save_pretrained folder or a hub name")
     if name_or_path == TOY:
         return ModelSource("toy", TOY)
+    if is_gguf(name_or_path):
+        # Converted once into a save_pretrained folder under the registry; later runs reuse it.
+        return ModelSource("path", str(ensure_converted(name_or_path, registry.root, key=key)))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -75,7 +80,10 @@ def base_model_identity(source: ModelSource, cfg: ModelConfig) -> str:
         from rlhf.toy import model_identity
 
         return model_identity(cfg.toy)
-    return source.entry.base_model if source.entry else source.location
+    if source.entry:
+        return source.entry.base_model
+    made_from = gguf_origin(Path(source.location)) if source.kind == "path" else None
+    return f"gguf:{made_from['gguf']}@sha256:{made_from['sha256']}" if made_from else source.location
 
 
 def load_tokenizer(
