@@ -201,10 +201,14 @@ def _refused_global(exc: Exception) -> str:
 
 
 def _files_of(folder: Path) -> list[str]:
-    """Files under `folder` (relative, sorted), without the manifest and its partial pieces."""
+    """Files under `folder` (relative, sorted), without the manifest and its pieces.
+
+    A piece may still be in its temp file (`..manifest.json.rank1.<pid>.tmp`) while another rank
+    lists the folder: it is one of ours whatever its dots, and it vanishes at the rename.
+    """
     return sorted(
         str(p.relative_to(folder)) for p in folder.rglob("*")
-        if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(f".{MANIFEST_FILE}")
+        if p.is_file() and not p.name.lstrip(".").startswith(MANIFEST_FILE)
     )
 
 

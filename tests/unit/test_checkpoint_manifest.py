@@ -69,3 +69,10 @@ def test_a_manifest_cannot_point_outside_its_folder(sealed, tmp_path):
     files = json.loads((sealed / MANIFEST_FILE).read_text())["files"]
     files["../outside.pt"] = _digest(tmp_path / "outside.pt")
     assert "outside the checkpoint" in _check_files(sealed, files, rank=0, world_size=1)
+
+
+def test_a_piece_still_in_its_temp_file_is_not_listed(sealed):
+    # Rank 1 may be mid-write of its piece while rank 0 lists the folder to hash its share.
+    (sealed / f"..{MANIFEST_FILE}.rank1.4242.tmp").write_text("{")
+    (sealed / f".{MANIFEST_FILE}.rank1").write_text("{}")
+    assert _files_of(sealed) == ["model/mp_rank_00_model_states.pt", "rng_rank0.pt", "rng_rank1.pt"]
