@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -50,6 +52,36 @@ def rlhf(*args: str, home: Path, timeout: int = 600, cwd: Path | None = None, en
         timeout=timeout,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def rlhf_here(*args: str, home: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> Result:
+    """`rlhf` called in this process: the console script's own `main()` with the same environment,
+    folder and arguments, its exit status and both streams. For checks that stop before any rank
+    starts, where a fresh interpreter would spend ~6 s importing torch, transformers and datasets
+    again per case. Restores the environment, folder and argv it changed."""
+    from rlhf.cli import main
+
+    home.mkdir(parents=True, exist_ok=True)
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    wanted = {**cli_env(home), **(env or {})}
+    try:
+        os.environ.clear()
+        os.environ.update(wanted)
+        os.chdir(cwd or home)
+        sys.argv = ["rlhf", *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def entries(home: Path) -> list[dict]:

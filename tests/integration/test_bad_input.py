@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-from tests.integration.conftest import rlhf
+from tests.integration.conftest import rlhf, rlhf_here
 
 # Each case is a console-script start: about 1 s when the config stops it, 6 s once models and data
 # are checked (importing datasets and torch). The table takes about 4 minutes on 2 CPU cores, more
@@ -238,6 +238,20 @@ def snapshot(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("stage, args, expect, setup, home_env", CASES)
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path, stage, args, expect, setup, home_env):
+    check_case(tmp_path, stage, args, expect, setup, home_env, console_script=False)
+
+
+# One case of each kind (a usage error, a config value, a data file, a model reference) as a user
+# meets them: a separate `rlhf` process.
+BY_CONSOLE_SCRIPT = ("ranks-not-a-number", "file-unknown-key", "data-malformed-row", "unknown-reference")
+
+
+@pytest.mark.parametrize("stage, args, expect, setup, home_env", [c for c in CASES if c.id in BY_CONSOLE_SCRIPT])
+def test_the_console_script_stops_the_same_way(tmp_path, stage, args, expect, setup, home_env):
+    check_case(tmp_path, stage, args, expect, setup, home_env, console_script=True)
+
+
+def check_case(tmp_path, stage, args, expect, setup, home_env, *, console_script: bool) -> None:
     where = Where(home=tmp_path / "home", files=tmp_path / "files")
     where.home.mkdir()
     where.files.mkdir()
@@ -246,8 +260,12 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, stage, args, expect
     home = where.files / home_env if home_env else where.home
     before = snapshot(home)
     fill = {"files": str(where.files), "home": str(where.home)}
-    result = rlhf(stage, *(a.format(**fill) for a in args), home=where.home, cwd=where.files,
-                  env={"RLHF_HOME": str(home), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    # In this process, through the console script's main(): a fresh interpreter per case would
+    # spend most of the table's time importing torch. test_the_console_script_stops_the_same_way
+    # runs a few cases as a separate `rlhf` process.
+    run = rlhf if console_script else rlhf_here
+    result = run(stage, *(a.format(**fill) for a in args), home=where.home, cwd=where.files,
+                 env={"RLHF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
 
     assert "Traceback" not in result.output, result.output[-3000:]
     # The launch command names the stage program: seeing it means a rank started before the check.

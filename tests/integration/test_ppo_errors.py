@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from rlhf.models import REWARD_STATS_FILE
-from tests.integration.conftest import rlhf
+from tests.integration.conftest import rlhf_here
 from tests.integration.test_rm_errors import other_tokenizer, publish
 from tests.integration.test_sft_errors import assert_user_error, write_jsonl
 
@@ -29,7 +29,7 @@ def ppo_runs(home: Path) -> list[Path]:
 
 def test_critic_that_is_not_a_reward_model(home):
     sft, _ = sft_and_rm(home)
-    assert_user_error(rlhf("ppo", "critic.name_or_path=sft:latest", home=home),
+    assert_user_error(rlhf_here("ppo", "critic.name_or_path=sft:latest", home=home),
                       "critic.name_or_path", f"sft entry {sft.id}", "LlamaForCausalLM", "not a reward model")
     assert not ppo_runs(home)
 
@@ -38,7 +38,7 @@ def test_actor_and_reward_model_with_different_tokenizers(home):
     _, critic = sft_and_rm(home)
     other = other_tokenizer()
     reward = publish(home, "rm", head="scalar", tokenizer=other, recorded_tokenizer=other)
-    assert_user_error(rlhf("ppo", f"critic.name_or_path=rm:{critic.id}", f"reward.name_or_path=rm:{reward.id}", home=home),
+    assert_user_error(rlhf_here("ppo", f"critic.name_or_path=rm:{critic.id}", f"reward.name_or_path=rm:{reward.id}", home=home),
                       "reward.name_or_path", reward.id, "another tokenizer than the actor", "vocab_size 101 vs 100")
     assert not ppo_runs(home)
 
@@ -46,10 +46,10 @@ def test_actor_and_reward_model_with_different_tokenizers(home):
 def test_prompt_set_with_no_prompt_that_fits(home):
     sft_and_rm(home)
     prompts = write_jsonl(home / "prompts.jsonl", [{"prompt": "please add these two numbers: 12+34="}] * 3)
-    assert_user_error(rlhf("ppo", f"data.train={prompts}", "data.max_prompt_length=8", home=home),
+    assert_user_error(rlhf_here("ppo", f"data.train={prompts}", "data.max_prompt_length=8", home=home),
                       "all 3 prompts are longer than data.max_prompt_length", "raise data.max_prompt_length")
     # With long_prompts=error the first long prompt is named by file and line.
-    assert_user_error(rlhf("ppo", f"data.train={prompts}", "data.max_prompt_length=8", "data.long_prompts=error", home=home),
+    assert_user_error(rlhf_here("ppo", f"data.train={prompts}", "data.max_prompt_length=8", "data.long_prompts=error", home=home),
                       "prompts.jsonl:1", "longer than data.max_prompt_length=8")
     assert not ppo_runs(home)
 
@@ -57,4 +57,4 @@ def test_prompt_set_with_no_prompt_that_fits(home):
 def test_reward_model_without_statistics_to_normalize_with(home):
     _, rm = sft_and_rm(home)
     (Path(rm.path) / REWARD_STATS_FILE).unlink()
-    assert_user_error(rlhf("ppo", home=home), "reward.name_or_path", REWARD_STATS_FILE, "ppo.normalize_score=false")
+    assert_user_error(rlhf_here("ppo", home=home), "reward.name_or_path", REWARD_STATS_FILE, "ppo.normalize_score=false")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, Result, cli_env, rlhf
+from tests.integration.conftest import REPO, Result, cli_env, rlhf, rlhf_here
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -31,57 +31,58 @@ GOOD = {"prompt": "1+1=", "response": "2"}
 
 def test_malformed_jsonl_row_names_file_and_line(home):
     data = write_jsonl(home / "train.jsonl", [GOOD, GOOD, '{"prompt": "2+2=", "response": ', GOOD])
-    assert_user_error(rlhf("sft", f"data.train={data}", home=home), "train.jsonl:3", "not valid JSON")
+    assert_user_error(rlhf_here("sft", f"data.train={data}", home=home), "train.jsonl:3", "not valid JSON")
     assert not (home / "runs").exists()  # nothing was created for a run that never started
 
 
 def test_empty_dataset(home):
     data = home / "empty.jsonl"
     data.write_text("\n")
-    assert_user_error(rlhf("sft", f"data.train={data}", home=home), "empty.jsonl", "no rows")
+    assert_user_error(rlhf_here("sft", f"data.train={data}", home=home), "empty.jsonl", "no rows")
 
 
 def test_unknown_config_key(home):
-    assert_user_error(rlhf("sft", "optim.warmup_step=3", home=home), "optim.warmup_step", "did you mean 'optim.warmup_steps'")
+    assert_user_error(rlhf_here("sft", "optim.warmup_step=3", home=home), "optim.warmup_step", "did you mean 'optim.warmup_steps'")
 
 
 def test_unknown_key_in_a_config_file_names_its_line(home):
     config = home / "c.yaml"
     config.write_text("train:\n  max_steps: 5\n  max_stpes: 6\n")
-    assert_user_error(rlhf("sft", "-c", str(config), home=home), f"{config}:3", "train.max_stpes")
+    assert_user_error(rlhf_here("sft", "-c", str(config), home=home), f"{config}:3", "train.max_stpes")
 
 
 def test_wrong_type(home):
-    assert_user_error(rlhf("sft", "engine.micro_batch_size=big", home=home), "engine.micro_batch_size", "expects int")
+    assert_user_error(rlhf_here("sft", "engine.micro_batch_size=big", home=home), "engine.micro_batch_size", "expects int")
 
 
 def test_unknown_registry_reference(home):
-    assert_user_error(rlhf("sft", "model.name_or_path=sft:nope", home=home), "sft:nope", "rlhf registry ls")
+    assert_user_error(rlhf_here("sft", "model.name_or_path=sft:nope", home=home), "sft:nope", "rlhf registry ls")
 
 
 def test_prompt_longer_than_max_length(home):
     data = write_jsonl(home / "long.jsonl", [GOOD, {"prompt": "9" * 40 + "+1=", "response": "1"}])
     assert_user_error(
-        rlhf("sft", f"data.train={data}", "data.eval=null", "data.max_length=16", home=home),
+        rlhf_here("sft", f"data.train={data}", "data.eval=null", "data.max_length=16", home=home),
         "long.jsonl:2", "data.max_length=16", "data.long_prompts=skip",
     )
 
 
 def test_missing_data_file(home):
-    assert_user_error(rlhf("sft", f"data.train={home / 'nope.jsonl'}", home=home), "nope.jsonl", "not found")
+    assert_user_error(rlhf_here("sft", f"data.train={home / 'nope.jsonl'}", home=home), "nope.jsonl", "not found")
 
 
 def test_missing_config_file(home):
-    assert_user_error(rlhf("sft", "-c", str(home / "nope.yaml"), home=home), "nope.yaml")
+    assert_user_error(rlhf_here("sft", "-c", str(home / "nope.yaml"), home=home), "nope.yaml")
 
 
 def test_unreachable_hub_model(home, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub; fail fast instead of retrying
+    # A process of its own: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
     assert_user_error(rlhf("sft", "model.name_or_path=someorg/missing-model", home=home), "someorg/missing-model")
 
 
 def test_dry_run_prints_the_command_and_creates_nothing(home):
-    result = rlhf("sft", "-n", "2", "--dry-run", "engine.zero_stage=3", home=home)
+    result = rlhf_here("sft", "-n", "2", "--dry-run", "engine.zero_stage=3", home=home)
     assert result.code == 0, result.output
     assert "zero_stage: 3" in result.stdout
     assert "deepspeed.launcher.runner --num_gpus 2" in result.stdout and "stages/sft.py --run-dir" in result.stdout
@@ -100,7 +101,7 @@ def test_diverging_loss_stops_with_one_line(home):
 
 
 def test_resume_with_nothing_to_resume(home):
-    assert_user_error(rlhf("sft", "--resume", home=home), "no unfinished sft run")
+    assert_user_error(rlhf_here("sft", "--resume", home=home), "no unfinished sft run")
 
 
 @pytest.mark.slow
