@@ -1,0 +1,102 @@
+"""A verifiable chat task for real chat models: arithmetic asked in plain English, answered exactly.
+
+"What is 23 plus 45? Reply with the number only." has one right reply, "68", so how often a model
+answers exactly right is measured without a judge. The task writes the same four kinds of rows as
+the embedded default, in the chat forms users bring (`messages`):
+
+- demonstrations: the question and the exact answer (for `rlhf sft`);
+- comparisons: the exact answer against a wrong number or the right number buried in a sentence
+  (for `rlhf rm`);
+- prompts: the question alone (for `rlhf ppo`);
+- `exact_answer_rate(responses, answers)`: the share of replies that are the answer and nothing else.
+
+Train and held-out questions never share an (operation, a, b) triple.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+PHRASINGS = (
+    "What is {a} {op} {b}? Reply with the number only.",
+    "Compute {a} {op} {b}. Answer with just the number.",
+    "{a} {op} {b} equals what? Give only the number.",
+)
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answer: str
+
+
+def questions(n: int, *, seed: int, exclude: frozenset[tuple[str, int, int]] = frozenset()) -> list[tuple[tuple[str, int, int], Question]]:
+    """`n` distinct questions (with their (op, a, b) key) not in `exclude`; two-digit operands
+    for plus and minus (minus never goes below zero), one digit times two digits for times."""
+    rng = random.Random(seed)
+    seen = set(exclude)
+    out = []
+    while len(out) < n:
+        op = rng.choice(sorted(OPERATIONS))
+        a, b = (rng.randint(2, 9), rng.randint(11, 99)) if op == "times" else (rng.randint(10, 99), rng.randint(10, 99))
+        if op == "minus" and b > a:
+            a, b = b, a
+        key = (op, a, b)
+        if key in seen:
+            continue
+        seen.add(key)
+        text = rng.choice(PHRASINGS).format(a=a, op=op, b=b)
+        out.append((key, Question(text, str(OPERATIONS[op](a, b)))))
+    return out
+
+
+def _user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def _worse_reply(q: Question, rng: random.Random) -> str:
+    """A reply a grader marks wrong: a near-miss number, or the right number inside a sentence."""
+    if rng.random() < 0.5:
+        return f"The answer is {q.answer}."
+    return str(int(q.answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+
+
+def split_rows(qs: list[Question], *, seed: int) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    return {
+        "demonstrations": [{"messages": [_user(q.text), _assistant(q.answer)]} for q in qs],
+        "comparisons": [
+            {"chosen": [_user(q.text), _assistant(q.answer)], "rejected": [_user(q.text), _assistant(_worse_reply(q, rng))]}
+            for q in qs
+        ],
+        "prompts": [{"messages": [_user(q.text)], "answer": q.answer} for q in qs],
+    }
+
+
+def write_task(folder: Path, *, train_size: int = 256, eval_size: int = 32, seed: int = 0) -> dict[str, Path]:
+    """Write `<kind>-<split>.jsonl` for each kind and split into `folder`; returns {name: path}."""
+    train = questions(train_size, seed=seed)
+    held_out = questions(eval_size, seed=seed + 1, exclude=frozenset(k for k, _ in train))
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, qs in (("train", train), ("eval", held_out)):
+        for kind, rows in split_rows([q for _, q in qs], seed=seed).items():
+            path = folder / f"{kind}-{split}.jsonl"
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            written[f"{kind}-{split}"] = path
+    return written
+
+
+def exact_answer_rate(responses: list[str], answers: list[str]) -> float:
+    """Share of replies that are exactly the answer (surrounding whitespace aside)."""
+    if len(responses) != len(answers) or not answers:
+        raise ValueError("need one response per answer, and at least one")
+    return sum(r.strip() == a for r, a in zip(responses, answers)) / len(answers)

@@ -1,0 +1,63 @@
+"""The verifiable chat task: right answers, held-out questions unseen in training, an exact grader."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from rlhf.chat_task import OPERATIONS, exact_answer_rate, write_task
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def solve(question: str) -> str:
+    a, op, b = re.search(r"(\d+) (plus|minus|times) (\d+)", question).groups()
+    return str(OPERATIONS[op](int(a), int(b)))
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("task"), train_size=200, eval_size=40, seed=3)
+
+
+def test_every_demonstration_and_prompt_carries_the_right_answer(task):
+    for split in ("train", "eval"):
+        for row in rows(task[f"demonstrations-{split}"]):
+            user, assistant = row["messages"]
+            assert user["role"] == "user" and assistant["role"] == "assistant"
+            assert assistant["content"] == solve(user["content"]) and int(assistant["content"]) >= 0
+        for row in rows(task[f"prompts-{split}"]):
+            assert [m["role"] for m in row["messages"]] == ["user"] and row["answer"] == solve(row["messages"][0]["content"])
+
+
+def test_comparisons_prefer_the_exact_answer_over_a_wrong_or_wordy_one(task):
+    kinds = set()
+    for row in rows(task["comparisons-train"]):
+        assert row["chosen"][0] == row["rejected"][0]
+        right, other = row["chosen"][1]["content"], row["rejected"][1]["content"]
+        assert right == solve(row["chosen"][0]["content"]) and other != right
+        kinds.add("wordy" if right in other and other != right else "wrong")
+    assert kinds == {"wordy", "wrong"}
+
+
+def test_held_out_questions_never_occur_in_training(task):
+    def keys(path):
+        return {re.search(r"(\d+) (plus|minus|times) (\d+)", r["messages"][0]["content"]).groups() for r in rows(path)}
+
+    train, held_out = keys(task["prompts-train"]), keys(task["prompts-eval"])
+    assert len(train) == 200 and len(held_out) == 40 and not train & held_out
+
+
+def test_the_same_seed_writes_the_same_files(task, tmp_path):
+    again = write_task(tmp_path, train_size=200, eval_size=40, seed=3)
+    assert all(again[name].read_bytes() == path.read_bytes() for name, path in task.items())
+
+
+def test_exact_answer_rate():
+    assert exact_answer_rate(["12", " 7\n", "The answer is 3.", "4"], ["12", "7", "3", "5"]) == 0.5
+    with pytest.raises(ValueError):
+        exact_answer_rate(["1"], ["1", "2"])
