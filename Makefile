@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 # Everything, slow tests included (real multi-rank DeepSpeed runs on the CPU).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # Unit tests only: a few minutes, no stage launched.
 test-quick: install
