@@ -1,8 +1,8 @@
 """A verifiable chat task for real chat models: arithmetic asked in plain English, answered exactly.
 
 "What is 23 plus 45? Reply with the number only." has one right reply, "68", so how often a model
-answers exactly right is measured without a judge. The task writes the same four kinds of rows as
-the embedded default, in the chat forms users bring (`messages`):
+answers exactly right is measured without a judge. The task writes three of the embedded default's
+kinds of rows, in the chat forms users bring (`messages`), and grades replies:
 
 - demonstrations: the question and the exact answer (for `rlhf sft`);
 - comparisons: the exact answer against a wrong number or the right number buried in a sentence
