@@ -107,10 +107,11 @@ def oracle_eval(
     batch_size: int,
     max_new_tokens: int,
     temperature: float,
-    zero3: bool,
+    zero3_engine: Any,
     dist: Dist,
 ) -> dict[str, float]:
-    """The oracle's mean score (0-100) of sampled and of greedy responses to `prompts`."""
+    """The oracle's mean score (0-100) of sampled and of greedy responses to `prompts` (`module`
+    held by `zero3_engine` under ZeRO-3, see `rlhf.rollout.generate`)."""
     share, real = even_shard(prompts, dist=dist)
     was_training = module.training
     module.eval()
@@ -122,7 +123,7 @@ def oracle_eval(
             ids = [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
             responses = generate(
                 module, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                max_new_tokens=max_new_tokens, temperature=temp, zero3=zero3, device=dist.device,
+                max_new_tokens=max_new_tokens, temperature=temp, zero3_engine=zero3_engine, device=dist.device,
             )
             for text, response, counted in zip(texts, responses, real[start : start + batch_size]):
                 if counted:

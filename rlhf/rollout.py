@@ -32,7 +32,7 @@ def generate(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
-    zero3: bool = False,
+    zero3_engine: Any = None,
     gather: bool = True,
     device: torch.device | None = None,
 ) -> list[list[int]]:
@@ -42,7 +42,8 @@ def generate(
     max_new_tokens have no EOS). See `_generate_tokens` for padding and ZeRO-3.
     """
     _, new_tokens = _generate_tokens(model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, zero3=zero3, gather=gather, device=device)
+                                     temperature=temperature, top_k=top_k, top_p=top_p, zero3_engine=zero3_engine, gather=gather,
+                                     device=device)
     responses = []
     for row in new_tokens.tolist():
         cut = row.index(eos_id) + 1 if eos_id in row else len(row)
@@ -61,7 +62,7 @@ def sample_rollout(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
-    zero3: bool = False,
+    zero3_engine: Any = None,
     gather: bool = True,
     device: torch.device | None = None,
 ) -> Sequences:
@@ -69,7 +70,7 @@ def sample_rollout(
     gives for `generate`'s responses, built from generation's own tensors on the device instead
     of through Python lists (one sync, for the width)."""
     prompt_batch, new_tokens = _generate_tokens(model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
-                                                temperature=temperature, top_k=top_k, top_p=top_p, zero3=zero3, gather=gather,
+                                                temperature=temperature, top_k=top_k, top_p=top_p, zero3_engine=zero3_engine, gather=gather,
                                                 device=device)
     is_eos = new_tokens == eos_id  # (B, N)
     has_eos = is_eos.any(dim=1)
@@ -97,7 +98,7 @@ def _generate_tokens(
     temperature: float,
     top_k: int,
     top_p: float,
-    zero3: bool,
+    zero3_engine: Any,
     gather: bool,
     device: torch.device | None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -108,37 +109,44 @@ def _generate_tokens(
     KV cache grows in step; the attention mask keeps padding out (transformers derives position
     ids from it).
 
-    Under ZeRO-3 the parameters are gathered once for the whole call rather than once per token
-    (unless `gather` is off, for an actor too large to hold whole), and `synced_gpus` keeps every
-    rank stepping until all are done, because a partitioned forward is a collective that all ranks
-    must join. The gathered weights are released when the call ends.
+    `model` is the module; `zero3_engine` the DeepSpeed engine holding it under ZeRO-3 (None
+    otherwise). There the parameters are gathered once for the whole call (unless `gather` is off,
+    for an actor too large to hold whole) and `synced_gpus` keeps every rank stepping until all are
+    done, because a partitioned forward is a collective that all ranks must join. The gathered
+    weights are released when the call ends.
     """
     batch = left_pad_prompts(prompts, pad_id=pad_id)
     prompt_batch = {k: batch[k].to(device) if device else batch[k] for k in ("input_ids", "attention_mask")}
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    gathered: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if zero3 and gather:
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    gathered = _whole_for_generation(zero3_engine) if zero3_engine is not None and gather else contextlib.nullcontext()
     with gathered, _only_our_sampling(model):
         output = model.generate(
             **prompt_batch,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=eos_id,
-            synced_gpus=zero3,
+            synced_gpus=zero3_engine is not None,
             use_cache=True,
             **sampling,
         )
-    if zero3 and gather and torch.cuda.is_available():
+    if zero3_engine is not None and gather and torch.cuda.is_available():
         # The whole actor was materialized for this call, beside the KV cache: hand those blocks
         # back now, or the allocator keeps them cached through scoring and training, whose
         # tensors have other shapes (fragmentation, out-of-memory on a tight GPU).
         torch.cuda.empty_cache()
     return prompt_batch, output[:, prompt_batch["input_ids"].shape[1] :]
+
+
+def _whole_for_generation(engine: Any) -> contextlib.AbstractContextManager:
+    """A ZeRO-3 engine's weights gathered whole, with DeepSpeed's per-module fetch and release hooks
+    taken off until the context ends (DeepSpeed's own `unwrap_model_for_generation`). Gathering
+    alone is not enough: each module's forward hook releases the weights again, so every new token
+    all-gathers the whole model (SmolLM2-135M on 2 CPU ranks: 66 s for 12 tokens)."""
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(engine)
 
 
 @contextlib.contextmanager

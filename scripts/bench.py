@@ -690,7 +690,8 @@ def rollout_vs_plain_generate(models: Any, cfg: Any, prompts: list[list[int]], t
     def ours() -> Any:
         return sample_rollout(module, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                               max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_k=rollout.top_k,
-                              top_p=rollout.top_p, zero3=cfg.engine.zero_stage == 3, gather=rollout.gather_params,
+                              top_p=rollout.top_p, zero3_engine=models.actor if cfg.engine.zero_stage == 3 else None,
+                              gather=rollout.gather_params,
                               device=dist.device)
 
     def plain() -> Any:

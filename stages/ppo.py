@@ -77,7 +77,7 @@ def main(run: Run) -> None:
     def sample(prompts: list[list[int]], *, temperature: float):
         return sample_rollout(
             actor.module, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=rollout.max_new_tokens,
-            temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p, zero3=zero3,
+            temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p, zero3_engine=actor if zero3 else None,
             gather=rollout.gather_params, device=dist.device,
         )
 
@@ -113,7 +113,8 @@ def main(run: Run) -> None:
                    "eval/response_length": length / n, "eval/no_eos_fraction": no_eos / n}
         if eval_texts:
             oracle = oracle_eval(actor.module, tokenizer, eval_texts, batch_size=cfg.eval.batch_size,
-                                 max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, zero3=zero3, dist=dist)
+                                 max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                                 zero3_engine=actor if zero3 else None, dist=dist)
             metrics.update({f"eval/{k}": v for k, v in oracle.items()})
         if ppo.max_kl is not None and metrics["eval/kl"] > ppo.max_kl and dist.is_main:
             # Drift far from the reference is how reward hacking starts: say so while it happens.

@@ -68,7 +68,8 @@ def main(run: Run) -> None:
         if oracle_prompts:
             scores = oracle_eval(
                 engine.module, tokenizer, oracle_prompts, batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, zero3=zero3, dist=dist,
+                max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                zero3_engine=engine if zero3 else None, dist=dist,
             )
             metrics.update({f"eval/{k}": v for k, v in scores.items()})
         return metrics
