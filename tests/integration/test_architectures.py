@@ -34,15 +34,17 @@ def tiny_model_folder(arch: str, folder: Path) -> Path:
     return folder
 
 
-# OPT through the CLI (its dropout is the kind the old disable_dropout missed); a stage chain takes
-# about 80 s here, so the other architectures run their invariants in tests/unit only, within the
-# test suite's time budget. Any key of ARCHITECTURES works here.
-@pytest.mark.parametrize("arch", ["opt"])
+# OPT under the DeepSpeed launcher as users run it; the others as one process per stage
+# (`--launcher python`, the same stage program without the launcher's two processes). About 55 s
+# each here, nearly all of it starting nine processes: `make test` runs OPT (the architecture of the
+# presets) and `make test-matrix` all of them, within the test suite's budget.
+@pytest.mark.parametrize("arch", [a if a == "opt" else pytest.param(a, marks=pytest.mark.matrix) for a in ARCHITECTURES])
 def test_sft_rm_ppo(arch, tmp_path):
     home = tmp_path / "home"
     folder = tiny_model_folder(arch, tmp_path / arch)
+    launcher = "deepspeed" if arch == "opt" else "python"
     result = rlhf(
-        "pipeline", "--no-report", "--sft-config", QUICK, "--rm-config", RM_QUICK, "--ppo-config", PPO_QUICK,
+        "pipeline", "--no-report", "--launcher", launcher, "--sft-config", QUICK, "--rm-config", RM_QUICK, "--ppo-config", PPO_QUICK,
         f"sft:model.name_or_path={folder}", "sft:train.max_steps=4", "sft:eval.max_rows=8",
         "rm:train.max_steps=4", "rm:eval.max_rows=8", "rm:eval.reward_stats_rows=16",
         # One minibatch per step, one epoch: the first minibatch is the whole first update.

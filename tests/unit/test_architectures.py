@@ -10,6 +10,7 @@ on, and the scalar model's folder reloads with transformers alone."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -30,6 +31,12 @@ from transformers import (
 from rlhf.models import ScalarModel, disable_dropout
 from rlhf.rollout import build_sequences, generate, policy_logprobs, sequence_scores
 from rlhf.toy import build_tokenizer
+
+# scripts/gpu-check.sh runs this file on a GPU (RLHF_TEST_DEVICE=cuda), in fp32 with TF32 off so
+# that the CPU's tolerances hold there too.
+DEVICE = torch.device(os.environ.get("RLHF_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128)
@@ -66,14 +73,14 @@ def causal_lm(arch: str, tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config_for(arch, tokenizer), attn_implementation="eager")
     disable_dropout(model)
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 def scalar_model(arch: str, tokenizer, seed: int = 1):
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config_for(arch, tokenizer), attn_implementation="eager")
     disable_dropout(model)
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 def batch(tokenizer):
@@ -89,7 +96,8 @@ def test_greedy_generation_of_a_left_padded_batch_equals_each_prompt_alone(arch)
     tokenizer = build_tokenizer()
     model = causal_lm(arch, tokenizer)
     prompts, _ = batch(tokenizer)
-    kwargs = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=6, temperature=0.0)
+    kwargs = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=6, temperature=0.0,
+                  device=DEVICE)
     with torch.no_grad():
         assert generate(model, prompts, **kwargs) == [generate(model, [p], **kwargs)[0] for p in prompts]
 
@@ -99,12 +107,12 @@ def test_rollout_logprobs_equal_a_plain_forward_on_the_unpadded_row(arch):
     tokenizer = build_tokenizer()
     model = causal_lm(arch, tokenizer)
     prompts, responses = batch(tokenizer)
-    seqs = build_sequences(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    seqs = build_sequences(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, device=DEVICE)
     with torch.no_grad():
         logp, _ = policy_logprobs(model, seqs, temperature=0.7)
         plain = copy.deepcopy(model).double()
         for i, (p, r) in enumerate(zip(prompts, responses)):
-            logits = plain(input_ids=torch.tensor([p + r])).logits[0] / 0.7
+            logits = plain(input_ids=torch.tensor([p + r], device=DEVICE)).logits[0] / 0.7
             expected = [torch.log_softmax(logits[len(p) - 1 + t], dim=-1)[token].item() for t, token in enumerate(r)]
             assert logp[i, : len(r)].tolist() == pytest.approx(expected, abs=1e-4)
 
@@ -115,10 +123,10 @@ def test_the_reward_is_transformers_own_sequence_classification_score(arch):
     tokenizer = build_tokenizer()
     model = scalar_model(arch, tokenizer)
     prompts, responses = batch(tokenizer)
-    seqs = build_sequences(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    seqs = build_sequences(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, device=DEVICE)
     with torch.no_grad():
         ours = sequence_scores(ScalarModel(model), seqs)
-        alone = [model(input_ids=torch.tensor([p + r])).logits[0, 0].item() for p, r in zip(prompts, responses)]
+        alone = [model(input_ids=torch.tensor([p + r], device=DEVICE)).logits[0, 0].item() for p, r in zip(prompts, responses)]
     assert ours.tolist() == pytest.approx(alone, abs=1e-4)
 
 
@@ -129,7 +137,7 @@ def test_the_ratio_is_one_before_any_update_in_train_mode(arch):
     tokenizer = build_tokenizer()
     model = causal_lm(arch, tokenizer).train()
     prompts, responses = batch(tokenizer)
-    seqs = build_sequences(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    seqs = build_sequences(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, device=DEVICE)
     first, _ = policy_logprobs(model, seqs, temperature=1.0)
     second, _ = policy_logprobs(model, seqs, temperature=1.0)
     assert torch.equal(first, second)
