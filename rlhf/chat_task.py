@@ -1,13 +1,17 @@
 """A verifiable chat task for real chat models: arithmetic asked in plain English, answered exactly.
 
-"What is 23 plus 45? Reply with the number only." has one right reply, "68", so how often a model
-answers exactly right is measured without a judge. The task writes three of the embedded default's
-kinds of rows, in the chat forms users bring (`messages`), and grades replies:
+"What is 23 plus 5? Reply with the equation, like 2 + 2 = 4." has one right reply, "23 + 5 = 28",
+so how often a model answers exactly right is measured without a judge. The reply restates the
+question before the result because a 135M model computes (and, as a reward model, checks) a result
+far better right after "23 + 5 =" than from the question alone: asked for the bare number,
+SmolLM2-135M's reward model ranked a right result over a near miss no better than chance (0.47 on
+77 held-out pairs). The task writes three of the embedded default's kinds of rows, in the chat
+forms users bring (`messages`), and grades replies:
 
-- demonstrations: the question and the exact answer (for `rlhf sft`);
-- comparisons: the exact answer against a wrong number or the right number buried in a sentence
+- demonstrations: the question and the exact reply (for `rlhf sft`);
+- comparisons: the exact reply against one with a near-miss result or the result in a sentence
   (for `rlhf rm`);
-- prompts: the question alone (for `rlhf ppo`);
+- prompts: the question alone, with the exact reply as `answer` (for `rlhf ppo`);
 - `exact_answer_rate(responses, answers)`: the share of replies that are the answer and nothing else.
 
 Train and held-out questions never share an (operation, a, b) triple.
@@ -21,17 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+SYMBOLS = {"plus": "+", "minus": "-", "times": "*"}
+SENTENCE = "The answer is "
 PHRASINGS = (
-    "What is {a} {op} {b}? Reply with the number only.",
-    "Compute {a} {op} {b}. Answer with just the number.",
-    "{a} {op} {b} equals what? Give only the number.",
+    "What is {a} {op} {b}? Reply with the equation, like 2 + 2 = 4.",
+    "Compute {a} {op} {b}. Answer with just the equation, as in 3 * 5 = 15.",
+    "{a} {op} {b} equals what? Give only the equation, for example 9 - 4 = 5.",
 )
 
 
 @dataclass(frozen=True)
 class Question:
     text: str
-    answer: str
+    answer: str  # the exact reply: "23 + 5 = 28"
+    result: int
 
 
 def questions(n: int, *, seed: int, exclude: frozenset[tuple[str, int, int]] = frozenset()) -> list[tuple[tuple[str, int, int], Question]]:
@@ -50,7 +57,8 @@ def questions(n: int, *, seed: int, exclude: frozenset[tuple[str, int, int]] = f
             continue
         seen.add(key)
         text = rng.choice(PHRASINGS).format(a=a, op=op, b=b)
-        out.append((key, Question(text, str(OPERATIONS[op](a, b)))))
+        result = OPERATIONS[op](a, b)
+        out.append((key, Question(text, f"{a} {SYMBOLS[op]} {b} = {result}", result)))
     return out
 
 
@@ -63,10 +71,17 @@ def _assistant(text: str) -> dict[str, str]:
 
 
 def _worse_reply(q: Question, rng: random.Random) -> str:
-    """A reply a grader marks wrong: a near-miss number, or the right number inside a sentence."""
-    if rng.random() < 0.5:
-        return f"The answer is {q.answer}."
-    return str(int(q.answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    """A reply a grader marks wrong: mostly the equation with a near-miss result (what the reward
+    model must learn to check), else the right result in a sentence."""
+    if rng.random() < 0.25:
+        return f"{SENTENCE}{q.result}."
+    left = q.answer.rsplit("=", 1)[0]
+    return f"{left}= {q.result + rng.choice([-10, -2, -1, 1, 2, 10])}"
+
+
+def rejected_kind(reply: str) -> str:
+    """Which kind of wrong reply a comparison's rejected side is: "sentence" or "near miss"."""
+    return "sentence" if reply.startswith(SENTENCE) else "near miss"
 
 
 def split_rows(qs: list[Question], *, seed: int) -> dict[str, list[dict]]:
@@ -81,7 +96,7 @@ def split_rows(qs: list[Question], *, seed: int) -> dict[str, list[dict]]:
     }
 
 
-def write_task(folder: Path, *, train_size: int = 256, eval_size: int = 128, seed: int = 0) -> dict[str, Path]:
+def write_task(folder: Path, *, train_size: int = 512, eval_size: int = 128, seed: int = 0) -> dict[str, Path]:
     """Write `<kind>-<split>.jsonl` for each kind and split into `folder`; returns {name: path}."""
     train = questions(train_size, seed=seed)
     held_out = questions(eval_size, seed=seed + 1, exclude=frozenset(k for k, _ in train))

@@ -1,13 +1,16 @@
 """The verifiable chat task (`rlhf.chat_task`): write its data, or measure a model's exact-answer rate.
 
-    python scripts/chat_task.py write FOLDER [--train-size 256] [--eval-size 128] [--seed 0]
-    python scripts/chat_task.py score MODEL FOLDER [--max-new-tokens 16]
+    python scripts/chat_task.py write FOLDER [--train-size 512] [--eval-size 128] [--seed 0]
+    python scripts/chat_task.py score MODEL FOLDER [--max-new-tokens 16] [--samples 0]
+    python scripts/chat_task.py rank RM FOLDER
     python scripts/chat_task.py run OUT [-n RANKS] [--precision fp32] [--zero-stage 0] [--ppo-steps 24]
 
 `write` puts demonstrations-, comparisons- and prompts-{train,eval}.jsonl (chat `messages` form)
 into FOLDER for `rlhf sft`, `rlhf rm` and `rlhf ppo`. `score` answers FOLDER's held-out questions
 greedily with MODEL (a save_pretrained folder, e.g. a registry entry's `path`, or a `.gguf` file)
-and prints the share answered exactly. `run` does everything the README's table measures, on
+and prints the share answered exactly (or, with --samples K, the share of K replies per question
+sampled at temperature 1). `rank` prints a reward model's held-out pair accuracy, overall and by
+kind of rejected reply (a sentence, or a near-miss result). `run` does everything the README's table measures, on
 SmolLM2-135M-Instruct (`make install` installs it): writes the task into OUT/task, then runs `rlhf
 sft` (LoRA), `rlhf rm` and `rlhf ppo` (LoRA actor and critic) on a registry in OUT/home, scores the
 model as shipped and after SFT and PPO, and prints and writes OUT/figures.json (each stage's wall
@@ -35,14 +38,16 @@ STAGE_ARGS = {
            "model.lora.enabled=true", "data.max_length=96", "engine.micro_batch_size=8", "optim.lr=1e-3",
            "optim.warmup_steps=2", "train.max_steps={steps}"],
     "ppo": ["data.train={task}/prompts-train.jsonl", "data.eval={task}/prompts-eval.jsonl", "model.lora.enabled=true",
-            "critic.lora.enabled=true", "data.max_prompt_length=96", "rollout.batch_size=16", "rollout.max_new_tokens=6",
+            "critic.lora.enabled=true", "data.max_prompt_length=96", "rollout.batch_size=16", "rollout.max_new_tokens=16",
             "engine.micro_batch_size=16", "ppo.epochs=2", "optim.lr=3e-4", "optim.warmup_steps=2",
             "critic_optim.lr=5e-4", "critic_optim.warmup_steps=2", "train.max_steps={steps}", "train.eval_every=8",
             "eval.max_rows=32", "train.save_every=8"],
 }
 
 
-def score(model_path: str, folder: Path, max_new_tokens: int) -> float:
+def score(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 0, seed: int = 0) -> float:
+    """MODEL's exact-answer rate on FOLDER's held-out questions: greedy, or with `samples` > 0 the
+    mean over that many replies per question sampled at temperature 1 (what PPO optimizes)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,11 +63,44 @@ def score(model_path: str, folder: Path, max_new_tokens: int) -> float:
     rows = [json.loads(line) for line in (folder / "prompts-eval.jsonl").read_text().splitlines()]
     prompts = [list(tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"])
                for r in rows]
+    torch.manual_seed(seed)
     with torch.no_grad():
-        replies = generate(model, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                           max_new_tokens=max_new_tokens, temperature=0.0)
+        replies = generate(model, prompts * max(samples, 1), pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                           max_new_tokens=max_new_tokens, temperature=1.0 if samples else 0.0)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in replies]
-    return exact_answer_rate(texts, [r["answer"] for r in rows])
+    return exact_answer_rate(texts, [r["answer"] for r in rows] * max(samples, 1))
+
+
+SAMPLES = 4  # replies per held-out question for the sampled rate
+
+
+def rank(rm_path: str, folder: Path) -> dict[str, float]:
+    """A reward model's held-out pair accuracy, overall and by kind of rejected reply: a sentence
+    is easy to tell from the equation, a near-miss result must be checked."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.algos.reward import sequence_rewards
+    from rlhf.chat_task import rejected_kind
+    from rlhf.data.collate import collate_rm
+    from rlhf.data.formats import to_comparisons
+    from rlhf.data.sources import load_records
+    from rlhf.data.tokenize import tokenize_preferences
+    from rlhf.models import ScalarModel
+
+    path = folder / "comparisons-eval.jsonl"
+    tokenizer = AutoTokenizer.from_pretrained(rm_path)
+    model = ScalarModel(AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1)).eval()
+    groups, _ = tokenize_preferences(to_comparisons(load_records(str(path), key=str(path)), tokenizer), tokenizer, max_length=96)
+    kinds = [rejected_kind(json.loads(line)["rejected"][-1]["content"]) for line in path.read_text().splitlines()]
+    right: list[bool] = []
+    with torch.no_grad():
+        for start in range(0, len(groups), 16):
+            batch = collate_rm(groups[start : start + 16], pad_id=tokenizer.pad_token_id)
+            rewards = sequence_rewards(model(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+            right += (rewards[batch["better"]] > rewards[batch["worse"]]).tolist()
+    by_kind = {kind: [r for r, k in zip(right, kinds) if k == kind] for kind in sorted(set(kinds))}
+    return {"all": sum(right) / len(right), **{kind: sum(v) / len(v) for kind, v in by_kind.items()}}
 
 
 def run_stage(stage: str, settings: list[str], *, ranks: int, home: Path) -> float:
@@ -92,15 +130,19 @@ def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, i
     write_task(task)
     os.environ["RLHF_HOME"] = str(home)  # where `score` converts the GGUF file, once for the stages too
     figures: dict = {"ranks": ranks, "settings": common, "steps": steps,
-                     "exact_answer_rate": {"shipped": score(str(gguf), task, 16)}}
+                     "exact_answer_rate": {"shipped": score(str(gguf), task, 16)},
+                     "sampled_exact_answer_rate": {"shipped": score(str(gguf), task, 16, samples=SAMPLES)}}
     for stage in ("sft", "rm", "ppo"):
         settings = [a.format(task=task, steps=steps[stage]) for a in STAGE_ARGS[stage]] + common
         if stage == "sft":
             settings.append(f"model.name_or_path={gguf}")
         figures[f"{stage}_seconds"] = round(run_stage(stage, settings, ranks=ranks, home=home), 1)
         figures[stage] = last_eval(home, stage)
-        if stage != "rm":
+        if stage == "rm":
+            figures["rm_accuracy_by_kind"] = rank(figures["rm"]["path"], task)
+        else:
             figures["exact_answer_rate"][stage] = score(figures[stage]["path"], task, 16)
+            figures["sampled_exact_answer_rate"][stage] = score(figures[stage]["path"], task, 16, samples=SAMPLES)
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
     return figures
 
@@ -110,19 +152,23 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     w = commands.add_parser("write")
     w.add_argument("folder", type=Path)
-    w.add_argument("--train-size", type=int, default=256)
+    w.add_argument("--train-size", type=int, default=512)
     w.add_argument("--eval-size", type=int, default=128)
     w.add_argument("--seed", type=int, default=0)
     s = commands.add_parser("score")
     s.add_argument("model")
     s.add_argument("folder", type=Path)
     s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--samples", type=int, default=0, help="replies sampled per question at temperature 1 (0: greedy)")
+    k = commands.add_parser("rank")
+    k.add_argument("rm")
+    k.add_argument("folder", type=Path)
     r = commands.add_parser("run")
     r.add_argument("out", type=Path)
     r.add_argument("-n", "--ranks", type=int, default=1)
     r.add_argument("--precision", default="fp32")
     r.add_argument("--zero-stage", type=int, default=0)
-    for stage, steps in (("sft", 24), ("rm", 24), ("ppo", 24)):
+    for stage, steps in (("sft", 24), ("rm", 48), ("ppo", 24)):
         r.add_argument(f"--{stage}-steps", type=int, default=steps)
     args = parser.parse_args()
     if args.command == "run":
@@ -134,8 +180,11 @@ def main() -> None:
     elif args.command == "write":
         for name, path in write_task(args.folder, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed).items():
             print(f"{name}: {path}")
+    elif args.command == "rank":
+        print(json.dumps({k: round(v, 3) for k, v in rank(args.rm, args.folder).items()}))
     else:
-        print(f"exact-answer rate: {score(args.model, args.folder, args.max_new_tokens):.3f}")
+        rate = score(args.model, args.folder, args.max_new_tokens, samples=args.samples)
+        print(f"exact-answer rate ({f'{args.samples} sampled per question' if args.samples else 'greedy'}): {rate:.3f}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import operator
 import re
 
 import pytest
 
-from rlhf.chat_task import OPERATIONS, exact_answer_rate, write_task
+from rlhf.chat_task import exact_answer_rate, write_task
+
+WORKED = {"plus": ("+", operator.add), "minus": ("-", operator.sub), "times": ("*", operator.mul)}
 
 
 def rows(path):
@@ -15,8 +18,10 @@ def rows(path):
 
 
 def solve(question: str) -> str:
+    """The exact reply to a question, worked out independently of the task's writer."""
     a, op, b = re.search(r"(\d+) (plus|minus|times) (\d+)", question).groups()
-    return str(OPERATIONS[op](int(a), int(b)))
+    symbol, apply = WORKED[op]
+    return f"{a} {symbol} {b} = {apply(int(a), int(b))}"
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +34,25 @@ def test_every_demonstration_and_prompt_carries_the_right_answer(task):
         for row in rows(task[f"demonstrations-{split}"]):
             user, assistant = row["messages"]
             assert user["role"] == "user" and assistant["role"] == "assistant"
-            assert assistant["content"] == solve(user["content"]) and int(assistant["content"]) >= 0
+            assert assistant["content"] == solve(user["content"]) and int(assistant["content"].split("=")[1]) >= 0
         for row in rows(task[f"prompts-{split}"]):
             assert [m["role"] for m in row["messages"]] == ["user"] and row["answer"] == solve(row["messages"][0]["content"])
 
 
-def test_comparisons_prefer_the_exact_answer_over_a_wrong_or_wordy_one(task):
+def test_comparisons_prefer_the_exact_reply_over_a_near_miss_or_a_sentence(task):
     kinds = set()
     for row in rows(task["comparisons-train"]):
         assert row["chosen"][0] == row["rejected"][0]
         right, other = row["chosen"][1]["content"], row["rejected"][1]["content"]
         assert right == solve(row["chosen"][0]["content"]) and other != right
-        kinds.add("wordy" if right in other and other != right else "wrong")
-    assert kinds == {"wordy", "wrong"}
+        equation, result = right.split(" = ")
+        if other.startswith(equation + " = "):
+            kinds.add("near miss")
+            assert 0 < abs(int(other.split(" = ")[1]) - int(result)) <= 10
+        else:
+            kinds.add("sentence")
+            assert other == f"The answer is {result}."
+    assert kinds == {"near miss", "sentence"}
 
 
 def test_held_out_questions_never_occur_in_training(task):
@@ -58,6 +69,7 @@ def test_the_same_seed_writes_the_same_files(task, tmp_path):
 
 
 def test_exact_answer_rate():
-    assert exact_answer_rate(["12", " 7\n", "The answer is 3.", "4"], ["12", "7", "3", "5"]) == 0.5
+    replies = ["2 + 10 = 12", " 3 + 4 = 7\n", "The answer is 3.", "2 * 2 = 5"]
+    assert exact_answer_rate(replies, ["2 + 10 = 12", "3 + 4 = 7", "1 + 2 = 3", "2 * 2 = 4"]) == 0.5
     with pytest.raises(ValueError):
         exact_answer_rate(["1"], ["1", "2"])
