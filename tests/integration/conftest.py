@@ -20,6 +20,10 @@ RLHF = str(Path(sys.executable).with_name("rlhf"))
 QUICK = str(REPO / "configs" / "sft-toy-quick.yaml")
 RM_QUICK = str(REPO / "configs" / "rm-toy-quick.yaml")
 PPO_QUICK = str(REPO / "configs" / "ppo-toy-quick.yaml")
+# One rank started as one process (the same stage program, without DeepSpeed's launcher and its
+# two extra interpreters: about 8 s less a run here), for tests whose subject is not the launching.
+# The pipeline, presets, multi-rank, kill and SIGTERM tests keep the launcher users get by default.
+ONE_PROCESS = ("--launcher", "python")
 
 
 @dataclass

@@ -34,17 +34,16 @@ def tiny_model_folder(arch: str, folder: Path) -> Path:
     return folder
 
 
-# OPT under the DeepSpeed launcher as users run it; the others as one process per stage
-# (`--launcher python`, the same stage program without the launcher's two processes). About 55 s
-# each here, nearly all of it starting nine processes: `make test` runs OPT (the architecture of the
-# presets) and `make test-matrix` all of them, within the test suite's budget.
+# One process per stage (`--launcher python`, the same stage program without the launcher's two
+# extra interpreters; OPT under the DeepSpeed launcher is tests/integration/test_presets.py). About
+# 55 s each here, nearly all of it starting processes: `make test` runs OPT (the architecture of
+# the presets) and `make test-matrix` all nine, within the test suite's budget.
 @pytest.mark.parametrize("arch", [a if a == "opt" else pytest.param(a, marks=pytest.mark.matrix) for a in ARCHITECTURES])
 def test_sft_rm_ppo(arch, tmp_path):
     home = tmp_path / "home"
     folder = tiny_model_folder(arch, tmp_path / arch)
-    launcher = "deepspeed" if arch == "opt" else "python"
     result = rlhf(
-        "pipeline", "--no-report", "--launcher", launcher, "--sft-config", QUICK, "--rm-config", RM_QUICK, "--ppo-config", PPO_QUICK,
+        "pipeline", "--no-report", "--launcher", "python", "--sft-config", QUICK, "--rm-config", RM_QUICK, "--ppo-config", PPO_QUICK,
         f"sft:model.name_or_path={folder}", "sft:train.max_steps=4", "sft:eval.max_rows=8",
         "rm:train.max_steps=4", "rm:eval.max_rows=8", "rm:eval.reward_stats_rows=16",
         # One minibatch per step, one epoch: the first minibatch is the whole first update.

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.integration.conftest import (
+    ONE_PROCESS,
     PPO_QUICK,
     assert_ok,
     entries,
@@ -116,7 +117,7 @@ def test_two_ranks_zero2_killed_run_resumes(home):
 
 
 def test_lora_actor_is_its_own_reference_without_adapters(home):
-    result = rlhf("ppo", "-c", PPO_QUICK, "model.lora.enabled=true", "model.lora.r=8", "optim.lr=3e-3", home=home)
+    result = rlhf("ppo", *ONE_PROCESS, "-c", PPO_QUICK, "model.lora.enabled=true", "model.lora.r=8", "optim.lr=3e-3", home=home)
     assert_ok(result)
     assert "reference = the actor without its LoRA adapters" in result.stdout
     e = check_lineage(home)
@@ -129,7 +130,7 @@ def test_lora_actor_is_its_own_reference_without_adapters(home):
 
 def test_nonfinite_loss_stops_with_a_checkpoint(home):
     # An absurd learning rate blows the weights up after the first update.
-    result = rlhf("ppo", "-c", PPO_QUICK, "optim.lr=1e30", "optim.warmup_steps=0", home=home)
+    result = rlhf("ppo", *ONE_PROCESS, "-c", PPO_QUICK, "optim.lr=1e30", "optim.warmup_steps=0", home=home)
     assert result.code == 2, result.output[-3000:]
     assert "became NaN or inf in step 1" in result.stderr and "Traceback" not in result.output
     [run_dir] = list((home / "runs").glob("ppo-*"))

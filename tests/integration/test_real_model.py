@@ -21,7 +21,7 @@ import torch
 
 from rlhf.chat_task import write_task
 from rlhf.gguf import installed_smollm2
-from tests.integration.conftest import assert_ok, entries, kill_after_checkpoint, metric_rows, resume_and_check, rlhf
+from tests.integration.conftest import ONE_PROCESS, assert_ok, entries, kill_after_checkpoint, metric_rows, resume_and_check, rlhf
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +170,7 @@ def test_the_reward_is_read_at_the_end_of_turn_token(converted, model_and_tokeni
 
 @pytest.fixture(scope="module")
 def chat_sft(converted, home, task):
-    result = rlhf("sft", f"model.name_or_path={smollm2_gguf()}", f"data.train={task['demonstrations-train']}",
+    result = rlhf("sft", *ONE_PROCESS, f"model.name_or_path={smollm2_gguf()}", f"data.train={task['demonstrations-train']}",
                   f"data.eval={task['demonstrations-eval']}", "model.lora.enabled=true", "data.max_length=96",
                   "engine.micro_batch_size=8", "optim.lr=1e-3", "optim.warmup_steps=0", "train.max_steps=6",
                   "train.eval_every=0", "train.save_every=0", "train.log_every=1", home=home, timeout=900)
@@ -191,7 +191,7 @@ def test_lora_sft_on_chat_messages_from_the_gguf_path(chat_sft, converted, home)
 
 @pytest.fixture(scope="module")
 def chat_rm(chat_sft, home, task):
-    result = rlhf("rm", f"data.train={task['comparisons-train']}", f"data.eval={task['comparisons-eval']}",
+    result = rlhf("rm", *ONE_PROCESS, f"data.train={task['comparisons-train']}", f"data.eval={task['comparisons-eval']}",
                   "model.lora.enabled=true", "data.max_length=96", "engine.micro_batch_size=4", "optim.lr=1e-3",
                   "optim.warmup_steps=0", "train.max_steps=4", "train.eval_every=0", "train.save_every=0",
                   home=home, timeout=900)

@@ -11,6 +11,7 @@ import torch
 
 from rlhf.registry import Registry
 from tests.integration.conftest import (
+    ONE_PROCESS,
     RM_QUICK,
     assert_ok,
     entries,
@@ -95,7 +96,7 @@ def test_two_ranks_zero3_from_an_sft_entry(sft_home, tmp_path):
 
 def test_lora_reward_model_with_offload_saves_merged_with_its_head(sft_home, tmp_path):
     home = fresh_home(sft_home, tmp_path)
-    result = rlhf("rm", "-c", RM_QUICK, "model.lora.enabled=true", "optim.lr=3e-3", "train.max_steps=60",
+    result = rlhf("rm", *ONE_PROCESS, "-c", RM_QUICK, "model.lora.enabled=true", "optim.lr=3e-3", "train.max_steps=60",
                   "data.toy_format=pairs", "engine.zero_stage=2", "engine.offload_optimizer=true", home=home)
     assert_ok(result)
     [rm] = [e for e in entries(home) if e["stage"] == "rm"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import QUICK, RLHF, Result, assert_ok, cli_env, entries, rlhf
+from tests.integration.conftest import ONE_PROCESS, QUICK, RLHF, Result, assert_ok, cli_env, entries, rlhf
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def unfinished(tmp_path_factory) -> Path:
     after its last checkpoint. (It ran to the end; its entry and final folder are then taken away,
     which leaves exactly what a kill after step 8 leaves, without racing a kill.)"""
     home = tmp_path_factory.mktemp("unfinished")
-    assert_ok(rlhf("sft", *SHORT, home=home))
+    assert_ok(rlhf("sft", *ONE_PROCESS, *SHORT, home=home))
     [run_dir] = (home / "runs").iterdir()
     shutil.rmtree(run_dir / "final")
     for entry in (home / "entries").iterdir():
@@ -188,7 +188,7 @@ def test_a_run_is_locked_by_the_process_running_it(unfinished, tmp_path):
 def test_a_start_that_fails_inside_the_stage_leaves_nothing_resumable(tmp_path):
     """A hub dataset is only fetched by the stage; offline, the fetch fails after the run was created."""
     home = tmp_path / "home"
-    result = rlhf("sft", *SHORT, "data.train=nobody/no-such-dataset", "data.eval=null", home=home,
+    result = rlhf("sft", *ONE_PROCESS, *SHORT, "data.train=nobody/no-such-dataset", "data.eval=null", home=home,
                   env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert result.code != 0 and "Traceback" not in result.output, result.output[-3000:]
     assert not list((home / "runs").iterdir()) if (home / "runs").exists() else True

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.integration.conftest import (
+    ONE_PROCESS,
     QUICK,
     RLHF,
     assert_ok,
@@ -64,7 +65,7 @@ def test_help_lists_the_stage_commands(home):
 def one_rank(tmp_path_factory) -> tuple[Path, dict]:
     """A 1-rank run of the quick config: 32 sequences per step, like the 2-rank runs' 2 x 16."""
     home = tmp_path_factory.mktemp("one_rank")
-    result = rlhf("sft", "-c", QUICK, "train.max_steps=80", "tracking.wandb=true", "run.tags=first", home=home)
+    result = rlhf("sft", *ONE_PROCESS, "-c", QUICK, "train.max_steps=80", "tracking.wandb=true", "run.tags=first", home=home)
     assert_ok(result)
     [entry] = entries(home)
     return home, entry
@@ -128,7 +129,7 @@ def test_two_ranks_learn_under_zero(home, one_rank, zero_stage):
 @pytest.mark.parametrize("save", ["merged", "adapter"])
 def test_lora_run_saves_merged_or_adapter(home, save):
     # With gradient checkpointing too: frozen embeddings must still let gradients reach the adapters.
-    result = rlhf("sft", "-c", QUICK, "model.lora.enabled=true", "model.lora.r=8", f"model.lora.save={save}",
+    result = rlhf("sft", *ONE_PROCESS, "-c", QUICK, "model.lora.enabled=true", "model.lora.r=8", f"model.lora.save={save}",
                   "optim.lr=1e-2", "model.gradient_checkpointing=true", "train.max_steps=30", "data.eval=null",
                   home=home)
     assert_ok(result)
