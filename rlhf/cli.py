@@ -25,15 +25,22 @@ app = typer.Typer(
 )
 app.add_typer(registry_app, name="registry")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; default: the embedded default (tiny local model, synthetic task).")]
-NumGpusOpt = Annotated[Optional[int], typer.Option("--num-gpus", "-n", help="Ranks per node (GPUs; on a CPU-only machine, processes). Default 1; with --resume, the run's own.", show_default=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c",
+    help="YAML config; default: the embedded default (tiny local model, synthetic task).")]
+NumGpusOpt = Annotated[Optional[int], typer.Option("--num-gpus", "-n",
+    help="Ranks per node (GPUs; on a CPU-only machine, processes). Default 1; with --resume, the run's own.", show_default=False)]
 HostfileOpt = Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile for several nodes.")]
-LauncherOpt = Annotated[Optional[str], typer.Option("--launcher", help="deepspeed | torchrun | python (one rank) | srun (inside a SLURM job; what `rlhf submit` uses). Default deepspeed; with --resume, the run's own.", show_default=False)]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run of this stage (or --run) from its last checkpoint.")]
-RunOpt = Annotated[Optional[str], typer.Option("--run", help="With --resume: the run id to continue; without: the id of the new run (rlhf submit picks ids at submission).")]
+LauncherOpt = Annotated[Optional[str], typer.Option("--launcher",
+    help="deepspeed | torchrun | python (one rank) | srun (inside a SLURM job; what `rlhf submit` uses). Default deepspeed; with "
+    "--resume, the run's own.", show_default=False)]
+ResumeOpt = Annotated[bool, typer.Option("--resume",
+    help="Continue the newest unfinished run of this stage (or --run) from its last checkpoint.")]
+RunOpt = Annotated[Optional[str], typer.Option("--run",
+    help="With --resume: the run id to continue; without: the id of the new run (rlhf submit picks ids at submission).")]
 RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", help="Registry root for --resume (default: $RLHF_HOME or ./rlhf_runs).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the launch command; run nothing.")]
-OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as dotted key=value, e.g. optim.lr=1e-4 engine.zero_stage=3.", show_default=False)]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Config overrides as dotted key=value, e.g. optim.lr=1e-4 engine.zero_stage=3.", show_default=False)]
 
 
 def _stage_command(stage: str, summary: str) -> None:
@@ -96,7 +103,8 @@ def show_config(
 @app.command("report")
 def show_report(
     ref: Annotated[str, typer.Argument(help="Registry entry: an id, a tag, or a reference such as ppo:latest.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.md and the PNG plots (default: the entry's run folder/report).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out",
+        help="Folder for report.md and the PNG plots (default: the entry's run folder/report).")] = None,
     registry: Annotated[Optional[Path], typer.Option("--registry", help="Registry root (default: $RLHF_HOME or ./rlhf_runs).")] = None,
 ) -> None:
     """Write a run's report (markdown and training-curve PNGs for it and its whole lineage) and print its summary."""
@@ -207,19 +215,22 @@ def _pipeline_summary(registry_root: Path, ppo_id: str) -> None:
 def submit(
     target: Annotated[str, typer.Argument(help="sft, rm, ppo, or pipeline (three jobs chained with afterok).")],
     overrides: PipelineOverridesArg = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config of the stage (not with pipeline: use --<stage>-config).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c",
+        help="YAML config of the stage (not with pipeline: use --<stage>-config).")] = None,
     sft_config: SftConfigOpt = None,
     rm_config: RmConfigOpt = None,
     ppo_config: PpoConfigOpt = None,
     nodes: Annotated[int, typer.Option("--nodes", help="Nodes per job.")] = 1,
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node (0: CPU nodes).")] = 0,
-    ranks_per_node: Annotated[Optional[int], typer.Option("--ranks-per-node", help="Ranks per node (default: one per GPU, or 1 on CPU nodes).")] = None,
+    ranks_per_node: Annotated[Optional[int], typer.Option("--ranks-per-node",
+        help="Ranks per node (default: one per GPU, or 1 on CPU nodes).")] = None,
     cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", help="CPUs for each node's launcher and its ranks.")] = None,
     partition: Annotated[Optional[str], typer.Option("--partition", "-p", help="SLURM partition.")] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time", "-t", help="Time limit per job, e.g. 04:00:00.")] = None,
     account: Annotated[Optional[str], typer.Option("--account", "-A", help="SLURM account to charge.")] = None,
     requeue: Annotated[bool, typer.Option("--requeue", help="On preemption or near the time limit: checkpoint, requeue, resume.")] = False,
-    sbatch_arg: Annotated[Optional[list[str]], typer.Option("--sbatch-arg", help="Extra sbatch option, repeatable, e.g. --sbatch-arg=--qos=high.")] = None,
+    sbatch_arg: Annotated[Optional[list[str]], typer.Option("--sbatch-arg",
+        help="Extra sbatch option, repeatable, e.g. --sbatch-arg=--qos=high.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the sbatch scripts; submit nothing.")] = False,
 ) -> None:
     """Submit a stage, or the whole pipeline, to SLURM as batch jobs (sbatch)."""
@@ -239,8 +250,7 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
 
     from rlhf.registry import Registry
     from rlhf.runs import resolve_config
-    from rlhf.slurm import (PIPELINE, Resources, check_script_value, dry_run_listing, render_script, sbatch_path,
-                            stage_jobs, submit_script)
+    from rlhf.slurm import PIPELINE, Resources, check_script_value, dry_run_listing, render_script, sbatch_path, stage_jobs, submit_script
     from rlhf.tracking import console
 
     if target not in (*PIPELINE, "pipeline"):
@@ -357,7 +367,8 @@ def _resume_stage(stage: str, launch: LaunchChoice, *, run_id: str | None, regis
     open_run(stage, run_dir)  # a damaged config, or a folder outside its registry, stops here
     saved = load_launch(run_dir) or LaunchRecord(num_gpus=1, launcher="deepspeed")
     hostfile = launch.hostfile or (Path(saved.hostfile) if saved.hostfile else None)
-    record = LaunchRecord(num_gpus=saved.num_gpus if launch.num_gpus is None else launch.num_gpus, launcher=launch.launcher or saved.launcher,
+    record = LaunchRecord(num_gpus=saved.num_gpus if launch.num_gpus is None else launch.num_gpus,
+                          launcher=launch.launcher or saved.launcher,
                           hostfile=str(hostfile) if hostfile else None)
     spec = LaunchSpec(program=_program(stage), program_args=("--run-dir", str(run_dir)), num_procs=record.num_gpus,
                       launcher=record.launcher, hostfile=hostfile)  # type: ignore[arg-type]
@@ -435,15 +446,14 @@ def _check_inputs(stage: str, cfg) -> None:
     will run, so a malformed row, an empty file or a prompt longer than the context stops here
     with one line. Hub datasets are checked by the stage itself, where they are downloaded once.
     """
+    import torch
+
+    from rlhf.config import check_precision
     from rlhf.data.load import STAGE_EXAMPLES
     from rlhf.data.sources import FILE_SUFFIXES
     from rlhf.models import check_causal_lm, load_tokenizer, ppo_sources, resolve_model, reward_stats
     from rlhf.registry import Registry
     from rlhf.toy import TOY
-
-    import torch
-
-    from rlhf.config import check_precision
 
     check_precision(cfg.engine, cuda_available=torch.cuda.is_available())
     registry = Registry(cfg.run.registry)

@@ -269,7 +269,8 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling; 1.0 = off (what PPO's log-probs assume)."""
     gather_params: bool = True
-    """Under ZeRO-3, gather the actor's weights once per generation call (fast; needs the whole actor in memory) instead of per layer per token."""
+    """Under ZeRO-3, gather the actor's weights once per generation call (fast; needs the whole actor in memory)
+    instead of per layer per token."""
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,8 @@ class PPOAlgoConfig:
     max_kl: float | None = 2.0
     """Held-out mean KL per response (nats) beyond which the run warns that the policy drifted far from the reference; null = no check."""
     value_head: Literal["zero", "reward"] = "zero"
-    """The critic's head at the start: zero (values start at 0, the scale of normalized scores; the backbone is the RM's), or the reward model's trained head."""
+    """The critic's head at the start: zero (values start at 0, the scale of normalized scores; the backbone is the
+    RM's), or the reward model's trained head."""
     whiten_advantages: bool = True
     """Whiten advantages over the valid tokens of the whole rollout batch (all ranks)."""
     whiten_rewards: bool = False
@@ -309,7 +311,8 @@ class PPOAlgoConfig:
     ptx_coef: float = 0.0
     """gamma_ptx: weight of the LM loss on data.ptx added to the actor's loss (PPO-ptx); 0 = off."""
     length_grouped_minibatches: bool = False
-    """Put rollouts of similar response length in the same minibatch, each padded only to its own longest response: faster when lengths vary a lot, at the cost of less random minibatches."""
+    """Put rollouts of similar response length in the same minibatch, each padded only to its own longest response:
+    faster when lengths vary a lot, at the cost of less random minibatches."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import torch
 from rlhf.config import EngineConfig, OptimConfig
 from rlhf.launch import free_port
 
-
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

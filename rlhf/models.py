@@ -113,7 +113,8 @@ def causal_lm_and_tokenizer(cfg: ModelConfig, registry: Registry) -> tuple[Model
 
 def _tokenizer_differences(first: dict[str, Any], second: dict[str, Any]) -> str:
     """What differs between two tokenizer fingerprints ("vocab_size 101 vs 100, ..."); "" if nothing."""
-    keys = [k for k in ("vocab_size", "fingerprint", "eos_token_id", "pad_token_id") if k in first and k in second and first[k] != second[k]]
+    compared = ("vocab_size", "fingerprint", "eos_token_id", "pad_token_id")
+    keys = [k for k in compared if k in first and k in second and first[k] != second[k]]
     return ", ".join(f"{k} {first[k]} vs {second[k]}" for k in keys)
 
 

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 from rlhf.config import STAGE_CONFIGS, leaf_keys, load_config, save_config
 from rlhf.errors import EXIT_STOPPED, EXIT_USER_ERROR, StoppedBySignal, UserError
+from rlhf.fileio import atomic_write_text
 from rlhf.registry import Registry, default_root
 from rlhf.toy import TOY
-from rlhf.fileio import atomic_write_text
 from rlhf.tracking import print_error
 
 CONFIG_FILE = "config.yaml"

@@ -16,15 +16,14 @@ from typing import Any, Callable
 
 import torch
 
-from rlhf.config import to_dict
 from rlhf.checkpoint import load_checkpoint, save_checkpoint
+from rlhf.config import to_dict
 from rlhf.engine import Dist
 from rlhf.errors import StoppedBySignal, UserError
 from rlhf.models import ModelSource, base_model_identity, tokenizer_fingerprint
 from rlhf.registry import Entry, now_iso
 from rlhf.runs import Run, mark_started
 from rlhf.tracking import Tracker, print_warning
-
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Signals that mean "save and stop": SLURM sends SIGTERM before it preempts or requeues a job."""

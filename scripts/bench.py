@@ -22,9 +22,10 @@ reference's rounds just before the stage it refers to and half just after (one r
 Every figure is a median over the timed steps or rounds; both sides of a ratio hold as many, half
 of the reference's taken before the stage and half after, since the machine this runs on may be
 shared and busy. The fastest step of each side is kept beside (other processes only ever add
-time). The references run in the one-rank cases; the two-rank cases give data-parallel scaling. Every stage trains at a tiny learning rate, so the policy stays near its random
-init and responses mostly run to rollout.max_new_tokens (a random policy picks EOS about once in
-100 tokens): a case's cost is set by its config, not by what the model happened to learn.
+time). The references run in the one-rank cases; the two-rank cases give data-parallel scaling.
+Every stage trains at a tiny learning rate, so the policy stays near its random init and responses
+mostly run to rollout.max_new_tokens (a random policy picks EOS about once in 100 tokens): a case's
+cost is set by its config, not by what the model happened to learn.
 
 Prints one Markdown table and writes one JSON line per case to --out.
 """
@@ -275,7 +276,8 @@ def worker(spec: dict[str, Any]) -> None:
     shape = [f"model.toy.{k}={v}" for k, v in MODEL_SHAPES[model].items()]
     result: dict[str, Any] = {
         "model": model, "ranks": dist.world_size, "zero_stage": spec["zero_stage"], "precision": precision,
-        "device": torch.cuda.get_device_name(dist.device) if on_gpu else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name(dist.device) if on_gpu else f"cpu ({platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores)",
         "versions": versions(), "command": spec["command"], "budget": dataclasses.asdict(budget),
     }
 
@@ -319,8 +321,9 @@ def worker(spec: dict[str, Any]) -> None:
             overrides = ppo_overrides(data, batch, micro, length, budget.ppo_epochs, 4)
             run = run_stage("ppo", common + overrides + [f"ppo.length_grouped_minibatches={grouped}"], dist)
             t = stage_throughput(run, dist, "policy_loss", warmup=1)
-            result["grid"].append({"batch": batch, "max_new_tokens": length, "minibatch": micro, "length_grouped": grouped, **{k: t[k] for k in (
-                "step_s", "generate_s", "score_s", "train_s", "response_length", "response_tokens_per_s")}})
+            timings = ("step_s", "generate_s", "score_s", "train_s", "response_length", "response_tokens_per_s")
+            result["grid"].append({"batch": batch, "max_new_tokens": length, "minibatch": micro, "length_grouped": grouped,
+                                   **{k: t[k] for k in timings}})
 
     if dist.is_main:
         Path(spec["result"]).write_text(json.dumps(result))
@@ -675,7 +678,9 @@ def timed(fn: Callable[[], Any], device: Any) -> tuple[float, Any]:
     return time.perf_counter() - started, out
 
 
-def rollout_vs_plain_generate(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, dist: Any, *, reps: int) -> dict[str, list[float]]:
+def rollout_vs_plain_generate(
+    models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, dist: Any, *, reps: int
+) -> dict[str, list[float]]:
     """(a) The PPO stage's sampling path against plain `generate`, alternated, each from the same
     seed so both produce the same tokens (the same lengths)."""
     import torch

@@ -130,10 +130,11 @@ def main(run: Run) -> None:
     loop.state.setdefault("negative_kl_steps", 0)
     step = loop.step
     metrics: dict[str, float] = {}
+    reference_text = "the actor without its LoRA adapters" if lora_reference else sources.reference.location
     loop.tracker.print(
         f"ppo: {len(train_prompts)} prompts ({prompt_stats.skipped_long_prompts} longer than data.max_prompt_length skipped), "
         f"{rollout.batch_size} rollouts x {dist.world_size} rank(s) per step, {ppo.epochs} epochs of {minibatches} minibatches, "
-        f"ZeRO-{engine_cfg.zero_stage}, reference = {'the actor without its LoRA adapters' if lora_reference else sources.reference.location}"
+        f"ZeRO-{engine_cfg.zero_stage}, reference = {reference_text}"
     )
 
     def stop_if_nonfinite(step: int, what: str, *tensors: torch.Tensor) -> None:

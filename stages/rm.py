@@ -107,7 +107,9 @@ def main(run: Run) -> None:
             engine.backward(loss)
             engine.step()
             gap = (rewards[batch["better"]] - rewards[batch["worse"]]).detach().double()
-            totals += torch.stack([loss.detach().double() / (dist.world_size * accum), (gap > 0).sum(), gap.new_tensor(len(gap)), gap.sum()])
+            totals += torch.stack(
+                [loss.detach().double() / (dist.world_size * accum), (gap > 0).sum(), gap.new_tensor(len(gap)), gap.sum()]
+            )
             window_seqs += batch["input_ids"].shape[0] * dist.world_size
         step += 1
         torch.distributed.all_reduce(totals)
@@ -136,7 +138,8 @@ def main(run: Run) -> None:
         "measured_on": f"the responses of {len(stats_rows)} training rows",
         "reward_at": "the head's output at each sequence's last non-padding token",
     }
-    loop.tracker.log(step, {**final_eval, "train/reward_mean": reward_stats["mean"], "train/reward_std": reward_stats["std"], "train/accuracy": on_train["accuracy"]})
+    loop.tracker.log(step, {**final_eval, "train/reward_mean": reward_stats["mean"], "train/reward_std": reward_stats["std"],
+                            "train/accuracy": on_train["accuracy"]})
     weights = full_state_dict(engine, dist=dist)
     adapter = "none"
     if dist.is_main:

@@ -18,12 +18,12 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.load import stage_datasets
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import (
+    PRECISION_DTYPES,
     build_engine,
     deepspeed_config,
     full_state_dict,
     global_grad_norm,
     init_distributed,
-    PRECISION_DTYPES,
     seed_everything,
 )
 from rlhf.evaluation import heldout_loss, oracle_eval
@@ -35,6 +35,7 @@ from rlhf.models import (
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, ToyTask
 from rlhf.training import StageLoop
+
 
 def main(run: Run) -> None:
     cfg: SFTConfig = run.config

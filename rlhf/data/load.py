@@ -23,7 +23,6 @@ from rlhf.data.tokenize import (
 from rlhf.errors import UserError
 from rlhf.toy import TOY, ToyTask, ToyTaskConfig
 
-
 HUB_SPLITS = {"train": "train", "eval": "test"}
 
 

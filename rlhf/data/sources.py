@@ -103,9 +103,9 @@ def _read_text(path: Path, source: str, key: str | None) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise _error(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode the file as UTF-8", key)
+        raise _error(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode the file as UTF-8", key) from None
     except OSError as e:
-        raise _error(f"{source}: cannot read ({e.strerror}); check the file's permissions", key)
+        raise _error(f"{source}: cannot read ({e.strerror}); check the file's permissions", key) from None
 
 
 def _parse_lines(text: str, source: str, key: str | None, first_line: int = 1) -> tuple[list[dict], list[int]]:
@@ -118,7 +118,7 @@ def _parse_lines(text: str, source: str, key: str | None, first_line: int = 1) -
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise _error(f"{source}:{n}: not valid JSON ({e.msg}: column {e.colno}); fix the row or remove it", key)
+            raise _error(f"{source}:{n}: not valid JSON ({e.msg}: column {e.colno}); fix the row or remove it", key) from None
         if not isinstance(obj, dict):
             raise _error(
                 f"{source}:{n}: expected a JSON object, got {_json_type(obj)}; make each line one {{...}} object", key
@@ -146,7 +146,7 @@ def _load_json(path: Path, source: str, key: str | None) -> Records:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise _error(f"{source}:{e.lineno}: not valid JSON ({e.msg}: column {e.colno}); fix the file", key)
+            raise _error(f"{source}:{e.lineno}: not valid JSON ({e.msg}: column {e.colno}); fix the file", key) from None
         for i, obj in enumerate(data):
             if not isinstance(obj, dict):
                 raise _error(
@@ -166,7 +166,7 @@ def _load_parquet(path: Path, source: str, key: str | None) -> Records:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several unrelated types for damaged files
-        raise _error(f"{source}: not a readable Parquet file ({first_line(e)}); rewrite or replace it", key)
+        raise _error(f"{source}: not a readable Parquet file ({first_line(e)}); rewrite or replace it", key) from None
     return Records(rows=datasets.Dataset(table), source=source, line_numbers=None, key=key)
 
 
@@ -180,7 +180,7 @@ def _load_hub(source: str, split: str, key: str | None) -> Records:
             f"{source}: neither a local file nor a loadable hub dataset ({type(e).__name__}: {first_line(e)}); "
             "check the path, or the dataset name and split (hub access may be unavailable here)",
             key,
-        )
+        ) from None
     return Records(rows=rows, source=source, line_numbers=None, hub_split=split, key=key)
 
 
@@ -202,7 +202,7 @@ def _to_dataset(rows: list[dict], source: str, key: str | None, lines: list[int]
         col, i = _first_mismatch(data)
         where = (f"{source}:{lines[i]}" if lines else f"{source} row {i + 1}") if i is not None else source
         what = f"column {col!r} changes type here" if col is not None else "columns have mixed types"
-        raise _error(f"{where}: {what} ({first_line(e)}); give every row the same types", key)
+        raise _error(f"{where}: {what} ({first_line(e)}); give every row the same types", key) from None
 
 
 def _first_mismatch(data: dict[str, list]) -> tuple[str | None, int | None]:

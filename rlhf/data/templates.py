@@ -77,7 +77,7 @@ def render_chat(tokenizer: Any, messages: list[dict], *, add_generation_prompt: 
         raise UserError(
             f"{where}: the chat template rejected this conversation ({first_line(e)}); "
             "fix the messages or use a tokenizer whose template accepts them"
-        )
+        ) from None
     if not isinstance(text, str):  # some versions return a list for batched input
         text = text[0]
     return text

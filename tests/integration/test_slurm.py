@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+
 import pytest
 
 from tests.integration.conftest import PPO_QUICK, QUICK, REPO, RM_QUICK, assert_ok, entries, metric_rows, rlhf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def test_cross_field_validation():
 
 def test_configs_are_frozen():
     cfg = load_config(SFTConfig)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # type: ignore[misc]
 
 
@@ -275,7 +276,8 @@ def test_a_null_reference_is_the_actor_and_loads_under_the_actors_flag():
     assert frozen_model_config(cfg, "reference").trust_remote_code
     cfg = load_config(PPOConfig, None, ["model.trust_remote_code=true", "reference.name_or_path=/some/model"])
     assert not frozen_model_config(cfg, "reference").trust_remote_code
-    reference = frozen_model_config(load_config(PPOConfig, None, ["reference.name_or_path=/m", "reference.trust_remote_code=true"]), "reference")
+    cfg = load_config(PPOConfig, None, ["reference.name_or_path=/m", "reference.trust_remote_code=true"])
+    reference = frozen_model_config(cfg, "reference")
     assert reference.trust_remote_code and not reference.lora.enabled and not reference.gradient_checkpointing
 
 

@@ -181,7 +181,8 @@ def test_scalar_model_scores_left_and_right_padding_alike(arch):
         r_left = sequence_rewards(model(left, left_mask), left_mask)
         junk = torch.where(right_mask.bool(), right, torch.randint(4, 90, right.shape))
         r_junk = sequence_rewards(model(junk, right_mask), right_mask)
-        alone = torch.stack([sequence_rewards(model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs])
+        ones = [torch.ones(1, len(s), dtype=torch.long) for s in seqs]
+        alone = torch.stack([sequence_rewards(model(torch.tensor([s]), mask), mask)[0] for s, mask in zip(seqs, ones)])
     torch.testing.assert_close(r_left, r_right, rtol=0, atol=1e-5)
     torch.testing.assert_close(r_junk, r_right, rtol=0, atol=1e-5)
     torch.testing.assert_close(alone, r_right, rtol=0, atol=1e-5)
@@ -206,7 +207,8 @@ def test_preference_eval_matches_a_direct_computation():
 
     tok = build_tokenizer()
     model = load_scalar_model(ModelSource("toy", "toy"), ModelConfig(), tok, seed=5, dtype=torch.float32)
-    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1), "margin": 0.5} for a, b in [(1, 2), (13, 40), (7, 7), (50, 49)]]
+    operands = [(1, 2), (13, 40), (7, 7), (50, 49)]
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1), "margin": 0.5} for a, b in operands]
     examples, _ = tokenize_preferences(to_comparisons(records(rows), tok), tok, max_length=16)
     ranked, _ = tokenize_preferences(to_ranked(records([{"prompt": "2+2=", "responses": ["4", "5", "x"]}]), tok), tok, max_length=16)
     examples += ranked
