@@ -14,7 +14,7 @@ from rlhf.algos.reward import sequence_rewards
 from rlhf.data.collate import collate_rm, collate_sft
 from rlhf.data.tokenize import RMExample, SFTExample
 from rlhf.engine import Dist
-from rlhf.rollout import generate
+from rlhf.rollout import Sampling, generate
 from rlhf.toy import oracle_score
 
 T = TypeVar("T")
@@ -99,32 +99,19 @@ def preference_eval(engine: Any, examples: list[RMExample], *, batch_size: int, 
 
 
 @torch.no_grad()
-def oracle_eval(
-    module: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    temperature: float,
-    zero3_engine: Any,
-    dist: Dist,
-) -> dict[str, float]:
-    """The oracle's mean score (0-100) of sampled and of greedy responses to `prompts` (`module`
-    held by `zero3_engine` under ZeRO-3, see `rlhf.rollout.generate`)."""
+def oracle_eval(module: Any, tokenizer: Any, prompts: list[str], *, batch_size: int, sampling: Sampling, dist: Dist) -> dict[str, float]:
+    """The oracle's mean score (0-100) of responses to `prompts` drawn with `sampling` and of greedy
+    ones (see `rlhf.rollout.Sampling` for ZeRO-3)."""
     share, real = even_shard(prompts, dist=dist)
     was_training = module.training
     module.eval()
     results: dict[str, float] = {}
-    for name, temp in (("oracle_score", temperature), ("oracle_greedy", 0.0)):
+    for name, how in (("oracle_score", sampling), ("oracle_greedy", sampling.greedy())):
         total, count = 0.0, 0.0
         for start in range(0, len(share), batch_size):
             texts = share[start : start + batch_size]
             ids = [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
-            responses = generate(
-                module, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                max_new_tokens=max_new_tokens, temperature=temp, zero3_engine=zero3_engine, device=dist.device,
-            )
+            responses = generate(module, ids, how)
             for text, response, counted in zip(texts, responses, real[start : start + batch_size]):
                 if counted:
                     total += oracle_score(text, tokenizer.decode(response, skip_special_tokens=True))

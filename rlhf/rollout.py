@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -21,29 +21,38 @@ from rlhf.algos.reward import sequence_rewards
 from rlhf.data.collate import left_pad_prompts, pad_right
 
 
+@dataclass(frozen=True, eq=False)
+class Sampling:
+    """How responses are drawn: one object from the stage's config down to `model.generate`.
+
+    Temperature 0 decodes greedily (top_k and top_p then play no part). `zero3_engine` is the
+    DeepSpeed engine holding the model under ZeRO-3 (None otherwise); with `gather` its weights are
+    gathered once per call rather than per layer per token. Prompts go to `device` (None: stay on
+    the CPU)."""
+
+    pad_id: int
+    eos_id: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    zero3_engine: Any = None
+    gather: bool = True
+    device: torch.device | None = None
+
+    def greedy(self) -> Sampling:
+        return replace(self, temperature=0.0)
+
+
 @torch.no_grad()
-def generate(
-    model: Any,
-    prompts: list[list[int]],
-    *,
-    pad_id: int,
-    eos_id: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    zero3_engine: Any = None,
-    gather: bool = True,
-    device: torch.device | None = None,
-) -> list[list[int]]:
+def generate(model: Any, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
     """Sample (or, at temperature 0, greedily decode) a continuation of each prompt.
 
     Returns each response's token ids up to and including its first EOS (responses cut by
     max_new_tokens have no EOS). See `_generate_tokens` for padding and ZeRO-3.
     """
-    _, new_tokens = _generate_tokens(model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, zero3_engine=zero3_engine, gather=gather,
-                                     device=device)
+    _, new_tokens = _generate_tokens(model, prompts, sampling)
+    eos_id = sampling.eos_id
     responses = []
     for row in new_tokens.tolist():
         cut = row.index(eos_id) + 1 if eos_id in row else len(row)
@@ -52,34 +61,19 @@ def generate(
 
 
 @torch.no_grad()
-def sample_rollout(
-    model: Any,
-    prompts: list[list[int]],
-    *,
-    pad_id: int,
-    eos_id: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    zero3_engine: Any = None,
-    gather: bool = True,
-    device: torch.device | None = None,
-) -> Sequences:
+def sample_rollout(model: Any, prompts: list[list[int]], sampling: Sampling) -> Sequences:
     """Sample a response to each prompt and lay the batch out for scoring: what `build_sequences`
     gives for `generate`'s responses, built from generation's own tensors on the device instead
     of through Python lists (one sync, for the width)."""
-    prompt_batch, new_tokens = _generate_tokens(model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
-                                                temperature=temperature, top_k=top_k, top_p=top_p, zero3_engine=zero3_engine, gather=gather,
-                                                device=device)
-    is_eos = new_tokens == eos_id  # (B, N)
+    prompt_batch, new_tokens = _generate_tokens(model, prompts, sampling)
+    is_eos = new_tokens == sampling.eos_id  # (B, N)
     has_eos = is_eos.any(dim=1)
     # A response runs up to and including its first EOS. Later tokens are padding, which may be
     # the EOS id itself, so lengths come from the first EOS, never from a count of non-pad ids.
     lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, new_tokens.shape[1])  # (B,)
     width = int(lengths.max())
     response_mask = torch.arange(width, device=new_tokens.device)[None, :] < lengths[:, None]  # (B, R)
-    response_ids = new_tokens[:, :width].masked_fill(~response_mask, pad_id)
+    response_ids = new_tokens[:, :width].masked_fill(~response_mask, sampling.pad_id)
     attention_mask = torch.cat([prompt_batch["attention_mask"], response_mask.long()], dim=1)
     return Sequences(
         input_ids=torch.cat([prompt_batch["input_ids"], response_ids], dim=1), attention_mask=attention_mask,
@@ -88,50 +82,37 @@ def sample_rollout(
     )
 
 
-def _generate_tokens(
-    model: Any,
-    prompts: list[list[int]],
-    *,
-    pad_id: int,
-    eos_id: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    zero3_engine: Any,
-    gather: bool,
-    device: torch.device | None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(the left-padded prompt batch on `device`, the generated ids (B, N)); rows that finished
-    early are filled with `pad_id` after their EOS.
+def _generate_tokens(model: Any, prompts: list[list[int]], sampling: Sampling) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(the left-padded prompt batch on the sampling's device, the generated ids (B, N)); rows that
+    finished early are filled with the pad id after their EOS.
 
     Prompts are left-padded so every row's last prompt token sits at the same position and the
     KV cache grows in step; the attention mask keeps padding out (transformers derives position
     ids from it).
 
-    `model` is the module; `zero3_engine` the DeepSpeed engine holding it under ZeRO-3 (None
-    otherwise). There the parameters are gathered once for the whole call (unless `gather` is off,
-    for an actor too large to hold whole) and `synced_gpus` keeps every rank stepping until all are
-    done, because a partitioned forward is a collective that all ranks must join. The gathered
-    weights are released when the call ends.
+    `model` is the module. Under ZeRO-3 (`sampling.zero3_engine`) the parameters are gathered once
+    for the whole call (unless `sampling.gather` is off, for an actor too large to hold whole) and
+    `synced_gpus` keeps every rank stepping until all are done, because a partitioned forward is a
+    collective that all ranks must join. The gathered weights are released when the call ends.
     """
-    batch = left_pad_prompts(prompts, pad_id=pad_id)
+    device, engine = sampling.device, sampling.zero3_engine
+    batch = left_pad_prompts(prompts, pad_id=sampling.pad_id)
     prompt_batch = {k: batch[k].to(device) if device else batch[k] for k in ("input_ids", "attention_mask")}
-    sampling: dict[str, Any] = {"do_sample": False}
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    gathered = _whole_for_generation(zero3_engine) if zero3_engine is not None and gather else contextlib.nullcontext()
-    with gathered, _only_our_sampling(model):
+    how: dict[str, Any] = {"do_sample": False}
+    if sampling.temperature > 0:
+        how = {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    whole = engine is not None and sampling.gather
+    with _whole_for_generation(engine) if whole else contextlib.nullcontext(), _only_our_sampling(model):
         output = model.generate(
             **prompt_batch,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-            synced_gpus=zero3_engine is not None,
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=sampling.pad_id,
+            eos_token_id=sampling.eos_id,
+            synced_gpus=engine is not None,
             use_cache=True,
-            **sampling,
+            **how,
         )
-    if zero3_engine is not None and gather and torch.cuda.is_available():
+    if whole and torch.cuda.is_available():
         # The whole actor was materialized for this call, beside the KV cache: hand those blocks
         # back now, or the allocator keeps them cached through scoring and training, whose
         # tensors have other shapes (fragmentation, out-of-memory on a tight GPU).

@@ -685,19 +685,20 @@ def rollout_vs_plain_generate(
     seed so both produce the same tokens (the same lengths)."""
     import torch
 
-    from rlhf.rollout import sample_rollout
+    from rlhf.rollout import Sampling, sample_rollout
 
     module = models.actor.module
     module.eval()
     rollout = cfg.rollout
     padded = left_padded(prompts, tokenizer.pad_token_id, dist.device)
 
+    sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=rollout.max_new_tokens,
+                        temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
+                        zero3_engine=models.actor if cfg.engine.zero_stage == 3 else None, gather=rollout.gather_params,
+                        device=dist.device)
+
     def ours() -> Any:
-        return sample_rollout(module, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                              max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_k=rollout.top_k,
-                              top_p=rollout.top_p, zero3_engine=models.actor if cfg.engine.zero_stage == 3 else None,
-                              gather=rollout.gather_params,
-                              device=dist.device)
+        return sample_rollout(module, prompts, sampling)
 
     def plain() -> Any:
         return plain_generate(module, padded, cfg, tokenizer)

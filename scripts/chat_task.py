@@ -51,7 +51,7 @@ def score(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.rollout import generate
+    from rlhf.rollout import Sampling, generate
 
     if model_path.endswith(".gguf"):
         from rlhf.gguf import ensure_converted
@@ -65,8 +65,9 @@ def score(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 
                for r in rows]
     torch.manual_seed(seed)
     with torch.no_grad():
-        replies = generate(model, prompts * max(samples, 1), pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                           max_new_tokens=max_new_tokens, temperature=1.0 if samples else 0.0)
+        sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
+                            temperature=1.0 if samples else 0.0)
+        replies = generate(model, prompts * max(samples, 1), sampling)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in replies]
     return exact_answer_rate(texts, [r["answer"] for r in rows] * max(samples, 1))
 

@@ -37,7 +37,7 @@ from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import Dist, full_state_dict, global_grad_norm, init_distributed, seed_everything
 from rlhf.evaluation import all_sum, even_shard, oracle_eval
 from rlhf.models import base_model_identity, build_ppo_models, causal_lm_and_tokenizer, ppo_sources, reward_stats, save_final
-from rlhf.rollout import minibatch_rows, policy_logprobs, sample_rollout, score_rollout, token_values
+from rlhf.rollout import Sampling, minibatch_rows, policy_logprobs, sample_rollout, score_rollout, token_values
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
 from rlhf.training import StageLoop
@@ -74,12 +74,9 @@ def main(run: Run) -> None:
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     lora_reference = reference is None
 
-    def sample(prompts: list[list[int]], *, temperature: float):
-        return sample_rollout(
-            actor.module, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=rollout.max_new_tokens,
-            temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p, zero3_engine=actor if zero3 else None,
-            gather=rollout.gather_params, device=dist.device,
-        )
+    sampling = Sampling(pad_id=pad_id, eos_id=eos_id, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                        top_k=rollout.top_k, top_p=rollout.top_p, zero3_engine=actor if zero3 else None,
+                        gather=rollout.gather_params, device=dist.device)
 
     def shaped(scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         return shape_scores(scores, has_eos, mean=stats["mean"], std=stats["std"], normalize=ppo.normalize_score,
@@ -98,7 +95,7 @@ def main(run: Run) -> None:
         share, real = even_shard(eval_prompts, dist=dist)
         sums = [0.0] * 6  # score, score^2, kl, length, no-EOS, responses
         for start in range(0, len(share), cfg.eval.batch_size):
-            seqs = sample(share[start : start + cfg.eval.batch_size], temperature=rollout.temperature)
+            seqs = sample_rollout(actor.module, share[start : start + cfg.eval.batch_size], sampling)
             scored = score_rollout(seqs, actor=actor, reference=reference, critic=None, reward=reward,
                                    temperature=rollout.temperature, chunk=engine_cfg.micro_batch_size,
                                    reference_is_actor_without_adapters=lora_reference)
@@ -112,9 +109,7 @@ def main(run: Run) -> None:
         metrics = {"eval/score": s / n, "eval/score_std": max(s2 / n - (s / n) ** 2, 0.0) ** 0.5, "eval/kl": kl_sum / n,
                    "eval/response_length": length / n, "eval/no_eos_fraction": no_eos / n}
         if eval_texts:
-            oracle = oracle_eval(actor.module, tokenizer, eval_texts, batch_size=cfg.eval.batch_size,
-                                 max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-                                 zero3_engine=actor if zero3 else None, dist=dist)
+            oracle = oracle_eval(actor.module, tokenizer, eval_texts, batch_size=cfg.eval.batch_size, sampling=sampling, dist=dist)
             metrics.update({f"eval/{k}": v for k, v in oracle.items()})
         if ppo.max_kl is not None and metrics["eval/kl"] > ppo.max_kl and dist.is_main:
             # Drift far from the reference is how reward hacking starts: say so while it happens.
@@ -150,7 +145,7 @@ def main(run: Run) -> None:
         critic.eval()
         started = time.time()
         prompts = [train_prompts[i] for i in batches.global_batch(step)[dist.rank]]
-        seqs = sample(prompts, temperature=rollout.temperature)
+        seqs = sample_rollout(actor.module, prompts, sampling)
         generated = time.time()
         scored = score_rollout(seqs, actor=actor, reference=reference, critic=critic, reward=reward,
                                temperature=rollout.temperature, chunk=engine_cfg.micro_batch_size,

@@ -32,6 +32,7 @@ from rlhf.models import (
     load_causal_lm,
     save_final,
 )
+from rlhf.rollout import Sampling
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, ToyTask
 from rlhf.training import StageLoop
@@ -61,17 +62,15 @@ def main(run: Run) -> None:
         zero3_config=deepspeed_config(cfg.engine, cfg.optim) if zero3 else None,
     )
     engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
+    sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=cfg.eval.max_new_tokens,
+                        temperature=cfg.eval.temperature, zero3_engine=engine if zero3 else None, device=dist.device)
 
     def evaluate() -> dict[str, float]:
         metrics: dict[str, float] = {}
         if eval_set:
             metrics["eval/loss"] = heldout_loss(engine, eval_set, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id, dist=dist)
         if oracle_prompts:
-            scores = oracle_eval(
-                engine.module, tokenizer, oracle_prompts, batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                zero3_engine=engine if zero3 else None, dist=dist,
-            )
+            scores = oracle_eval(engine.module, tokenizer, oracle_prompts, batch_size=cfg.eval.batch_size, sampling=sampling, dist=dist)
             metrics.update({f"eval/{k}": v for k, v in scores.items()})
         return metrics
 

@@ -98,13 +98,13 @@ def greedy_replies(model, tokenizer) -> tuple[list[dict], list[list[int]], list[
     """Chat prompts, their ids as PPO tokenizes them, and the model's greedy replies."""
     from rlhf.data.formats import to_prompts
     from rlhf.data.tokenize import tokenize_prompts
-    from rlhf.rollout import generate
+    from rlhf.rollout import Sampling, generate
 
     rows = [{"messages": [{"role": "user", "content": f"What is the capital of {c}?"}]} for c in COUNTRIES]
     prompts, _ = tokenize_prompts(to_prompts(records(rows), tokenizer), tokenizer, max_length=96)
     with torch.no_grad():
-        replies = generate(model, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                           max_new_tokens=24, temperature=0.0)
+        replies = generate(model, prompts, Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                                                    max_new_tokens=24, temperature=0.0))
     return rows, prompts, replies
 
 

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from rlhf.models import ScalarModel, disable_dropout
-from rlhf.rollout import build_sequences, generate, policy_logprobs, sequence_scores
+from rlhf.rollout import Sampling, build_sequences, generate, policy_logprobs, sequence_scores
 from rlhf.toy import build_tokenizer
 
 # scripts/gpu-check.sh runs this file on a GPU (RLHF_TEST_DEVICE=cuda), in fp32 with TF32 off so
@@ -96,10 +96,9 @@ def test_greedy_generation_of_a_left_padded_batch_equals_each_prompt_alone(arch)
     tokenizer = build_tokenizer()
     model = causal_lm(arch, tokenizer)
     prompts, _ = batch(tokenizer)
-    kwargs = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=6, temperature=0.0,
-                  device=DEVICE)
+    greedy = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=6, temperature=0.0, device=DEVICE)
     with torch.no_grad():
-        assert generate(model, prompts, **kwargs) == [generate(model, [p], **kwargs)[0] for p in prompts]
+        assert generate(model, prompts, greedy) == [generate(model, [p], greedy)[0] for p in prompts]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf.models import ScalarModel
 from rlhf.rollout import (
+    Sampling,
     build_sequences,
     generate,
     minibatch_rows,
@@ -38,9 +39,9 @@ def test_left_padded_batch_matches_each_prompt_alone(family):
     model = build_model(ToyModelConfig(), tokenizer, seed=3).eval() if family == "llama" else gpt2_like(tokenizer)
     # A random model rarely emits EOS early, so every row runs the full length: a strict comparison.
     prompts = [tokenizer(text).input_ids for text in ("1+2=", "a much longer prompt, 45+67=", "9+9=")]
-    kwargs = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=8, temperature=0.0)
-    batched = generate(model, prompts, **kwargs)
-    alone = [generate(model, [p], **kwargs)[0] for p in prompts]
+    greedy = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=8, temperature=0.0)
+    batched = generate(model, prompts, greedy)
+    alone = [generate(model, [p], greedy)[0] for p in prompts]
     assert batched == alone
     assert all(len(r) >= 1 for r in batched)
 
@@ -52,8 +53,8 @@ def test_response_is_cut_after_the_first_eos():
     bonus = torch.zeros(len(tokenizer))
     bonus[tokenizer.eos_token_id] = 1e4
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + bonus)
-    out = generate(model, [tokenizer("1+2=").input_ids], pad_id=tokenizer.pad_token_id,
-                   eos_id=tokenizer.eos_token_id, max_new_tokens=5, temperature=0.0)
+    out = generate(model, [tokenizer("1+2=").input_ids],
+                   Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=5, temperature=0.0))
     assert out == [[tokenizer.eos_token_id]]
 
 
@@ -126,11 +127,11 @@ def test_sample_rollout_lays_out_what_generate_returns(family):
     model = build_model(ToyModelConfig(), tokenizer, seed=3).eval() if family == "llama" else gpt2_like(tokenizer)
     model = _eos_prone(model, tokenizer, bonus=4.0)
     prompts = [tokenizer(t).input_ids for t in ("1+2=", "a much longer prompt, 45+67=", "9+9=", "12+34=")] * 4
-    kwargs = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=6, temperature=1.0)
+    sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=6, temperature=1.0)
     torch.manual_seed(11)
-    responses = generate(model, prompts, **kwargs)
+    responses = generate(model, prompts, sampling)
     torch.manual_seed(11)
-    seqs = sample_rollout(model, prompts, **kwargs)
+    seqs = sample_rollout(model, prompts, sampling)
     lengths = {len(r) for r in responses}
     assert len(lengths) > 1 and any(r[-1] == tokenizer.eos_token_id for r in responses)  # the case is not trivial
     expected = build_sequences(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
@@ -206,11 +207,11 @@ def test_sampling_ignores_the_checkpoints_generation_config():
     tokenizer = build_tokenizer()
     model = build_model(ToyModelConfig(), tokenizer, seed=3).eval()
     prompts = [tokenizer(text).input_ids for text in ("1+2=", "45+67=", "9+9=", "12+3=")]
-    kwargs = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=12, temperature=1.0)
+    sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=12, temperature=1.0)
 
     def sampled(m):
         torch.manual_seed(11)
-        return generate(m, prompts, **kwargs)
+        return generate(m, prompts, sampling)
 
     plain = sampled(model)
     hostile = copy.deepcopy(model)
