@@ -157,7 +157,7 @@ def main(run: Run) -> None:
         mask = seqs.response_mask
         score = shaped(scored.scores, seqs.has_eos)
         rewards, kl = penalized_rewards(scored.logprobs, scored.ref_logprobs, score, mask, beta=loop.state["beta"],
-                                        kl_kind=ppo.kl_estimator)
+                                        kl_estimator=ppo.kl_estimator)
         if ppo.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, **global_moments(rewards, mask, dist))
         advantages, returns = gae(rewards, scored.values, mask, gamma=ppo.gamma, lam=ppo.lam)

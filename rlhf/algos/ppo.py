@@ -9,10 +9,13 @@ or a gradient, and outputs at masked positions are 0.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KLEstimator = Literal["k1", "k2", "k3"]
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 
 
 def _valid(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,20 +119,20 @@ def entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> to
 
 
 def kl_per_token(
-    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *, kind: str = "k1"
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *, estimator: KLEstimator = "k1"
 ) -> torch.Tensor:
     """(B, R) per-token estimates of KL(pi || pi_ref) for tokens sampled from pi; 0 at padding.
 
     logp, ref_logp: (B, R) log-probabilities of the sampled tokens under the policy and the
     reference. With d = logp - ref_logp (Schulman's estimators): k1 = d (unbiased, can be < 0),
-    k2 = d^2 / 2 (>= 0, biased), k3 = exp(-d) - 1 + d (>= 0, unbiased). Unknown kind: ValueError.
+    k2 = d^2 / 2 (>= 0, biased), k3 = exp(-d) - 1 + d (>= 0, unbiased). Unknown estimator: ValueError.
     """
-    if kind not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_ESTIMATORS}")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
     d, mask = _valid(logp - ref_logp, mask)
-    if kind == "k1":
+    if estimator == "k1":
         kl = d
-    elif kind == "k2":
+    elif estimator == "k2":
         kl = 0.5 * d * d
     else:
         kl = torch.expm1(-d) + d  # expm1 keeps small d accurate
@@ -178,7 +181,7 @@ def penalized_rewards(
     mask: torch.Tensor,
     *,
     beta: float,
-    kl_kind: str = "k1",
+    kl_estimator: KLEstimator = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """InstructGPT per-token reward: -beta * KL at every valid token, plus the score at the last.
 
@@ -186,7 +189,7 @@ def penalized_rewards(
     shaped sequence scores; mask: (B, R), each row with >= 1 valid token. Returns
     (rewards (B, R), kl (B, R) from kl_per_token), both 0 at padding.
     """
-    kl = kl_per_token(logp, ref_logp, mask, kind=kl_kind)
+    kl = kl_per_token(logp, ref_logp, mask, estimator=kl_estimator)
     zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
     score_at = torch.where(_last_valid(mask), scores.to(kl.dtype).unsqueeze(1), zero)
     rewards = _valid(score_at - beta * kl, mask)[0]

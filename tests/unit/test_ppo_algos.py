@@ -112,9 +112,9 @@ def ref_log_softmax(logits: list, temperature: float) -> list:
     return [v - lse for v in z]
 
 
-def ref_kl(d: float, kind: str) -> float:
+def ref_kl(d: float, estimator: str) -> float:
     """One of Schulman's estimators of KL for a log-ratio d = logp - ref_logp."""
-    return {"k1": d, "k2": d * d / 2, "k3": math.exp(-d) - 1 + d}[kind]
+    return {"k1": d, "k2": d * d / 2, "k3": math.exp(-d) - 1 + d}[estimator]
 
 
 def ref_shape(scores, has_eos, mean, std, normalize, clip, no_eos_score) -> list:
@@ -131,7 +131,7 @@ def ref_shape(scores, has_eos, mean, std, normalize, clip, no_eos_score) -> list
     return out
 
 
-def ref_penalized(logp, ref_logp, scores, mask, beta, kind) -> tuple[list, list]:
+def ref_penalized(logp, ref_logp, scores, mask, beta, estimator) -> tuple[list, list]:
     """(-beta * kl per valid token + score at the row's last valid token, kl), 0 at padding."""
     rewards, kls = [], []
     for b in range(len(mask)):
@@ -139,7 +139,7 @@ def ref_penalized(logp, ref_logp, scores, mask, beta, kind) -> tuple[list, list]
         rrow, krow = [], []
         for t in range(len(mask[b])):
             if mask[b][t]:
-                kl = ref_kl(logp[b][t] - ref_logp[b][t], kind)
+                kl = ref_kl(logp[b][t] - ref_logp[b][t], estimator)
                 rrow.append(-beta * kl + (scores[b] if t == last else 0.0))
                 krow.append(kl)
             else:
@@ -358,35 +358,35 @@ def test_entropy_of_uniform_and_of_masked_vocabulary():
     close(entropy_from_logits(half), [[math.log(2)]], torch.float32)
 
 
-@pytest.mark.parametrize("kind", KL_ESTIMATORS)
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_kl_estimators_match_formulas(seed, dtype, pattern, kind):
+def test_kl_estimators_match_formulas(seed, dtype, pattern, estimator):
     gen = torch.Generator().manual_seed(seed)
     mask = make_mask(gen, pattern)
     logp, ref_logp = randn(gen, B, R, dtype=dtype) - 2, randn(gen, B, R, dtype=dtype) - 2
-    kl = kl_per_token(logp, ref_logp, mask, kind=kind)
+    kl = kl_per_token(logp, ref_logp, mask, estimator=estimator)
     lp, rp, ms = rows(logp), rows(ref_logp), mask.tolist()
     expected = [
-        [ref_kl(lp[b][t] - rp[b][t], kind) if ms[b][t] else 0.0 for t in range(R)]
+        [ref_kl(lp[b][t] - rp[b][t], estimator) if ms[b][t] else 0.0 for t in range(R)]
         for b in range(B)
     ]
     close(kl, expected, dtype)
-    if kind in ("k2", "k3"):
+    if estimator in ("k2", "k3"):
         assert torch.all(kl >= 0)
     assert torch.all(kl[~mask] == 0)
-    assert torch.all(kl_per_token(logp, logp, mask, kind=kind) == 0)
-    dirty = kl_per_token(garbled(logp, mask, gen), garbled(ref_logp, mask, gen), mask, kind=kind)
+    assert torch.all(kl_per_token(logp, logp, mask, estimator=estimator) == 0)
+    dirty = kl_per_token(garbled(logp, mask, gen), garbled(ref_logp, mask, gen), mask, estimator=estimator)
     assert torch.equal(dirty, kl)
 
 
 def test_k1_can_be_negative_and_unknown_estimators_are_rejected():
     logp, ref_logp = torch.tensor([[-2.0, -1.0]]), torch.tensor([[-1.0, -1.0]])
     mask = torch.tensor([[True, True]])
-    assert kl_per_token(logp, ref_logp, mask, kind="k1").tolist() == [[-1.0, 0.0]]
+    assert kl_per_token(logp, ref_logp, mask, estimator="k1").tolist() == [[-1.0, 0.0]]
     with pytest.raises(ValueError, match="k4"):
-        kl_per_token(logp, ref_logp, mask, kind="k4")
+        kl_per_token(logp, ref_logp, mask, estimator="k4")
 
 
 # ---------------------------------------------------------------- rewards and GAE
@@ -420,25 +420,25 @@ def test_shape_scores_order_is_normalize_clip_then_no_eos():
     assert shaped.tolist() == [1.5, -7.0, -0.625]
 
 
-@pytest.mark.parametrize("kind", KL_ESTIMATORS)
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_penalized_rewards_match_loop(seed, dtype, pattern, kind):
+def test_penalized_rewards_match_loop(seed, dtype, pattern, estimator):
     gen = torch.Generator().manual_seed(seed)
     mask = make_mask(gen, pattern)
     logp, ref_logp = randn(gen, B, R, dtype=dtype) - 1, randn(gen, B, R, dtype=dtype) - 1
     scores = randn(gen, B, dtype=dtype)
-    rewards, kl = penalized_rewards(logp, ref_logp, scores, mask, beta=0.05, kl_kind=kind)
+    rewards, kl = penalized_rewards(logp, ref_logp, scores, mask, beta=0.05, kl_estimator=estimator)
     expected_rewards, expected_kl = ref_penalized(
-        rows(logp), rows(ref_logp), scores.double().tolist(), mask.tolist(), 0.05, kind
+        rows(logp), rows(ref_logp), scores.double().tolist(), mask.tolist(), 0.05, estimator
     )
     close(rewards, expected_rewards, dtype)
     close(kl, expected_kl, dtype)
     assert torch.all(rewards[~mask] == 0)
 
     dirty_logp, dirty_ref = garbled(logp, mask, gen), garbled(ref_logp, mask, gen)
-    dirty = penalized_rewards(dirty_logp, dirty_ref, scores, mask, beta=0.05, kl_kind=kind)
+    dirty = penalized_rewards(dirty_logp, dirty_ref, scores, mask, beta=0.05, kl_estimator=estimator)
     assert torch.equal(dirty[0], rewards) and torch.equal(dirty[1], kl)
 
 
