@@ -13,7 +13,6 @@ Run it with `rlhf ppo` (any number of ranks), or alone: `python stages/ppo.py --
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import torch
 
@@ -35,14 +34,16 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import Dist, full_state_dict, global_grad_norm, init_distributed, seed_everything
-from rlhf.evaluation import all_sum, even_shard, oracle_eval
+from rlhf.evaluation import even_shard, oracle_eval
 from rlhf.models import base_model_identity, build_ppo_models, causal_lm_and_tokenizer, ppo_sources, reward_stats, save_final
+from rlhf.rank_sums import RankSums
 from rlhf.rollout import Sampling, minibatch_rows, policy_logprobs, sample_rollout, score_rollout, token_values
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
 from rlhf.training import StageLoop
 
 NEGATIVE_KL_STEPS = 3  # consecutive steps of negative mean KL before warning of a log-prob mismatch
+UPDATE_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "ratio_mean", "value_clipfrac")  # means over updates
 
 
 def main(run: Run) -> None:
@@ -93,7 +94,7 @@ def main(run: Run) -> None:
             return {}
         actor.eval()
         share, real = even_shard(eval_prompts, dist=dist)
-        sums = [0.0] * 6  # score, score^2, kl, length, no-EOS, responses
+        sums = RankSums(("score", "score_sq", "kl", "length", "no_eos", "responses"), dist.device)
         for start in range(0, len(share), cfg.eval.batch_size):
             seqs = sample_rollout(actor.module, share[start : start + cfg.eval.batch_size], sampling)
             scored = score_rollout(seqs, actor=actor, reference=reference, critic=None, reward=reward,
@@ -102,12 +103,12 @@ def main(run: Run) -> None:
             keep = torch.tensor(real[start : start + cfg.eval.batch_size], device=dist.device)
             score = shaped(scored.scores, seqs.has_eos)[keep].double()
             kl = ((scored.logprobs - scored.ref_logprobs) * seqs.response_mask).sum(dim=1)[keep].double()
-            sums = [a + b for a, b in zip(sums, [score.sum().item(), score.pow(2).sum().item(), kl.sum().item(),
-                                                 seqs.response_lengths[keep].sum().item(), (~seqs.has_eos[keep]).sum().item(),
-                                                 keep.sum().item()])]
-        s, s2, kl_sum, length, no_eos, n = all_sum(sums, dist.device)
-        metrics = {"eval/score": s / n, "eval/score_std": max(s2 / n - (s / n) ** 2, 0.0) ** 0.5, "eval/kl": kl_sum / n,
-                   "eval/response_length": length / n, "eval/no_eos_fraction": no_eos / n}
+            sums.add(score=score, score_sq=score.pow(2), kl=kl, length=seqs.response_lengths[keep], no_eos=~seqs.has_eos[keep],
+                     responses=keep)
+        total = sums.over_ranks()
+        n, mean_score = total["responses"], total["score"] / total["responses"]
+        metrics = {"eval/score": mean_score, "eval/score_std": max(total["score_sq"] / n - mean_score**2, 0.0) ** 0.5,
+                   "eval/kl": total["kl"] / n, "eval/response_length": total["length"] / n, "eval/no_eos_fraction": total["no_eos"] / n}
         if eval_texts:
             oracle = oracle_eval(actor.module, tokenizer, eval_texts, batch_size=cfg.eval.batch_size, sampling=sampling, dist=dist)
             metrics.update({f"eval/{k}": v for k, v in oracle.items()})
@@ -133,6 +134,8 @@ def main(run: Run) -> None:
     )
 
     def stop_if_nonfinite(step: int, what: str, *tensors: torch.Tensor) -> None:
+        # One all-reduce and host sync per call (per minibatch in the update loop): a non-finite
+        # loss must stop every rank before any rank applies it.
         bad = torch.tensor([float(any(not torch.isfinite(t).all() for t in tensors))], device=dist.device)
         torch.distributed.all_reduce(bad)  # every rank stops together (and saves together)
         if bad.item():
@@ -156,7 +159,7 @@ def main(run: Run) -> None:
         #    whitening uses the statistics of the whole rollout batch across ranks.
         mask = seqs.response_mask
         score = shaped(scored.scores, seqs.has_eos)
-        rewards, kl = penalized_rewards(scored.logprobs, scored.ref_logprobs, score, mask, beta=loop.state["beta"],
+        rewards, penalized_kl = penalized_rewards(scored.logprobs, scored.ref_logprobs, score, mask, beta=loop.state["beta"],
                                         kl_estimator=ppo.kl_estimator)
         if ppo.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, **global_moments(rewards, mask, dist))
@@ -168,7 +171,7 @@ def main(run: Run) -> None:
         # 7. PPO epochs over shuffled minibatches: clipped policy loss (+ ptx) and clipped value loss.
         actor.train()
         critic.train()
-        totals: dict[str, float] = defaultdict(float)
+        update_stats = RankSums((*UPDATE_STATS, "ptx_loss"), dist.device)  # summed over this step's updates and the ranks
         updates = 0
         for epoch in range(ppo.epochs):
             epoch_rows = minibatch_rows(seqs.response_lengths, micro_batch_size=engine_cfg.micro_batch_size,
@@ -185,7 +188,7 @@ def main(run: Run) -> None:
                     logits = actor(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"], use_cache=False).logits
                     ptx_loss = masked_lm_loss(logits=logits, input_ids=ptx["input_ids"], response_mask=ptx["response_mask"])
                     actor_loss = pg_loss + ppo.ptx_coef * ptx_loss
-                    totals["ptx_loss"] += ptx_loss.item()
+                    update_stats.add(ptx_loss=ptx_loss)
                 values = token_values(critic, batch)
                 vf_loss, vf_stats = value_loss(values, scored.values[rows], returns[rows], batch_mask, clip=ppo.value_clip_range)
                 stop_if_nonfinite(step, "the policy or value loss", actor_loss.detach(), vf_loss.detach())
@@ -194,43 +197,44 @@ def main(run: Run) -> None:
                 critic.backward(vf_loss)
                 critic.step()
                 updates += 1
-                totals["policy_loss"] += pg_loss.item()
-                totals["value_loss"] += vf_loss.item()
-                totals["policy_clipfrac"] += pg_stats["clipfrac"].item()
-                totals["approx_kl"] += pg_stats["approx_kl"].item()
-                totals["ratio_mean"] += pg_stats["ratio_mean"].item()
-                totals["value_clipfrac"] += vf_stats["clipfrac"].item()
+                update_stats.add(policy_loss=pg_loss, value_loss=vf_loss, policy_clipfrac=pg_stats["clipfrac"],
+                                 approx_kl=pg_stats["approx_kl"], ratio_mean=pg_stats["ratio_mean"], value_clipfrac=vf_stats["clipfrac"])
         step += 1
         trained = time.time()
 
         # 8. Metrics over every rank's rollouts; the adaptive beta moves toward its KL target.
-        kl_per_response = ((scored.logprobs - scored.ref_logprobs) * mask).sum(dim=1).double()
-        totals["explained_variance"] = updates * explained_variance(scored.values, returns, mask).item()  # mean over ranks
-        global_sums = all_sum([
-            kl_per_response.sum().item(), score.double().sum().item(), score.double().pow(2).sum().item(),
-            scored.scores.double().sum().item(), (scored.entropy * mask).sum().item(), mask.sum().item(),
-            seqs.response_lengths.sum().item(), (~seqs.has_eos).sum().item(), float(len(prompts)),
-            *[v / updates for v in totals.values()],
-        ], dist.device)
-        kl_sum, s, s2, raw, entropy, tokens, length, no_eos, n, *means = global_sums
-        mean_kl = kl_sum / n
+        # kl: the k1 estimate of KL(policy || reference) per response, whatever ppo.kl_estimator is;
+        # kl_penalty: the estimator's value, what beta multiplies (and the adaptive controller tracks).
+        rollout_stats = RankSums(("kl", "kl_penalty", "score", "score_sq", "rm_score", "entropy", "tokens", "length", "no_eos",
+                                  "responses", "explained_variance"), dist.device)
+        rollout_stats.add(kl=((scored.logprobs - scored.ref_logprobs) * mask).sum(dim=1).double(),
+                          kl_penalty=penalized_kl.sum(dim=1).double(), score=score.double(), score_sq=score.double().pow(2),
+                          rm_score=scored.scores.double(), entropy=scored.entropy * mask, tokens=mask, length=seqs.response_lengths,
+                          no_eos=~seqs.has_eos, responses=float(len(prompts)),
+                          explained_variance=explained_variance(scored.values, returns, mask))
+        total, per_update = rollout_stats.over_ranks(), update_stats.over_ranks()
+        n, mean_score = total["responses"], total["score"] / total["responses"]
+        mean_kl, mean_penalty = total["kl"] / n, total["kl_penalty"] / n
+        measured = (*UPDATE_STATS, "ptx_loss") if ptx_batches is not None else UPDATE_STATS
         metrics = {
-            "score": s / n, "score_std": max(s2 / n - (s / n) ** 2, 0.0) ** 0.5, "rm_score": raw / n,
-            "kl": mean_kl, "beta": loop.state["beta"], "entropy": entropy / tokens,
-            **{k: v / dist.world_size for k, v in zip(totals, means)},
-            "response_length": length / n, "no_eos_fraction": no_eos / n,
+            "score": mean_score, "score_std": max(total["score_sq"] / n - mean_score**2, 0.0) ** 0.5, "rm_score": total["rm_score"] / n,
+            "kl": mean_kl, "kl_penalty": mean_penalty, "beta": loop.state["beta"], "entropy": total["entropy"] / total["tokens"],
+            **{k: per_update[k] / updates / dist.world_size for k in measured},
+            "explained_variance": total["explained_variance"] / dist.world_size,
+            "response_length": total["length"] / n, "no_eos_fraction": total["no_eos"] / n,
             "lr": actor.get_lr()[0], "critic_lr": critic.get_lr()[0], "grad_norm": global_grad_norm(actor),
             "time_generate_s": generated - started, "time_score_s": scored_at - generated, "time_train_s": trained - scored_at,
         }
         if ppo.kl_target is not None:
-            loop.state["beta"] = adaptive_beta(loop.state["beta"], mean_kl, target=ppo.kl_target, horizon=ppo.kl_horizon, n_steps=int(n))
+            loop.state["beta"] = adaptive_beta(loop.state["beta"], mean_penalty, target=ppo.kl_target, horizon=ppo.kl_horizon,
+                                               n_steps=int(n))
         loop.state["negative_kl_steps"] = loop.state["negative_kl_steps"] + 1 if mean_kl < 0 else 0
         if loop.state["negative_kl_steps"] == NEGATIVE_KL_STEPS:
             loop.tracker.print(
                 f"[yellow]warning[/]: the mean KL to the reference has been negative for {NEGATIVE_KL_STEPS} steps: "
                 "the sampling distribution and the scored log-probs disagree (top_k/top_p, temperature or a generation config)"
             )
-        loop.end_step(step, totals["policy_loss"] / updates, metrics if loop.should_log(step) else None)
+        loop.end_step(step, metrics["policy_loss"], metrics if loop.should_log(step) else None)
 
     # 9. Final evaluation, the actor's and critic's save_pretrained folders, the registry entries.
     final_eval = evaluate()

@@ -15,8 +15,6 @@ import dataclasses
 import json
 import time
 
-import torch
-
 from rlhf.algos.reward import bradley_terry_loss, sequence_rewards
 from rlhf.config import RMConfig
 from rlhf.data.collate import collate_rm
@@ -38,6 +36,7 @@ from rlhf.models import (
     load_scalar_model,
     save_final,
 )
+from rlhf.rank_sums import RankSums
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
 from rlhf.training import StageLoop
@@ -96,9 +95,9 @@ def main(run: Run) -> None:
     engine.train()
     accum = cfg.engine.grad_accum
     window_seqs, window_start = 0, time.time()
+    train_loss = None  # the last step's (none when resumed at the end)
     while step < cfg.train.max_steps:
-        # loss, correct pairs, pairs, sum of reward gaps: summed over micro-batches and ranks
-        totals = torch.zeros(4, dtype=torch.float64, device=dist.device)
+        sums = RankSums(("loss", "correct", "pairs", "gap"), dist.device)  # over micro-batches and ranks
         for m in range(accum):
             rows = batches.global_batch(step * accum + m)[dist.rank]
             batch = {k: v.to(dist.device) for k, v in collate_rm([train_set[i] for i in rows], pad_id=pad_id).items()}
@@ -107,25 +106,23 @@ def main(run: Run) -> None:
             engine.backward(loss)
             engine.step()
             gap = (rewards[batch["better"]] - rewards[batch["worse"]]).detach().double()
-            totals += torch.stack(
-                [loss.detach().double() / (dist.world_size * accum), (gap > 0).sum(), gap.new_tensor(len(gap)), gap.sum()]
-            )
+            sums.add(loss=loss.detach().double() / (dist.world_size * accum), correct=gap > 0, pairs=len(gap), gap=gap)
             window_seqs += batch["input_ids"].shape[0] * dist.world_size
         step += 1
-        torch.distributed.all_reduce(totals)
-        step_loss, correct, pairs, gap_sum = totals.tolist()
+        total = sums.over_ranks()
+        train_loss = total["loss"]
         metrics = None
         if loop.should_log(step):
             metrics = {
-                "loss": step_loss,
-                "accuracy": correct / pairs,
-                "margin": gap_sum / pairs,
+                "loss": total["loss"],
+                "accuracy": total["correct"] / total["pairs"],
+                "margin": total["gap"] / total["pairs"],
                 "lr": engine.get_lr()[0],
                 "grad_norm": global_grad_norm(engine),
                 "sequences_per_s": window_seqs / max(time.time() - window_start, 1e-9),
             }
             window_seqs, window_start = 0, time.time()
-        loop.end_step(step, step_loss, metrics)
+        loop.end_step(step, total["loss"], metrics)
 
     # 6. Final evaluation; the reward statistics on training responses (PPO's normalization);
     #    the save_pretrained folder; the registry entry (in that order).
@@ -149,7 +146,7 @@ def main(run: Run) -> None:
             extra_files={REWARD_STATS_FILE: json.dumps(reward_stats, indent=2) + "\n"},
         )
     loop.publish(source=source, tokenizer=tokenizer, adapter=adapter, metrics={
-        "train_loss": step_loss,
+        "train_loss": train_loss,
         **loop.summary(final_eval),
         "train_accuracy": on_train["accuracy"],
         "reward_mean": reward_stats["mean"],
