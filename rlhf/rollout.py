@@ -18,7 +18,7 @@ import torch
 
 from rlhf.algos.ppo import entropy_from_logits, logprobs_from_logits
 from rlhf.algos.reward import sequence_rewards
-from rlhf.data.collate import left_pad_prompts, pad_right
+from rlhf.data.collate import left_pad_prompts
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,9 +62,10 @@ def generate(model: Any, prompts: list[list[int]], sampling: Sampling) -> list[l
 
 @torch.no_grad()
 def sample_rollout(model: Any, prompts: list[list[int]], sampling: Sampling) -> Sequences:
-    """Sample a response to each prompt and lay the batch out for scoring: what `build_sequences`
-    gives for `generate`'s responses, built from generation's own tensors on the device instead
-    of through Python lists (one sync, for the width)."""
+    """Sample a response to each prompt and lay the batch out for scoring: prompts left-padded,
+    responses right-padded, masks from lengths (a pad may equal EOS). What the tests' plain
+    `build_sequences` (tests/sequences.py) gives for `generate`'s responses, built from
+    generation's own tensors on the device instead of through Python lists (one sync, for the width)."""
     prompt_batch, new_tokens = _generate_tokens(model, prompts, sampling)
     is_eos = new_tokens == sampling.eos_id  # (B, N)
     has_eos = is_eos.any(dim=1)
@@ -201,30 +202,6 @@ class Sequences:
     @property
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(dim=1)
-
-
-def build_sequences(
-    prompts: list[list[int]], responses: list[list[int]], *, pad_id: int, eos_id: int, device: torch.device | None = None
-) -> Sequences:
-    """Lay prompts (left-padded) and responses (right-padded) side by side. Every response holds at
-    least one token. Masks come from lengths, never from token ids (a pad may equal EOS)."""
-    if any(not r for r in responses):
-        raise ValueError("every response must hold at least one token")
-    left = left_pad_prompts(prompts, pad_id=pad_id)
-    right = pad_right(responses, pad_value=pad_id)  # (B, R)
-    lengths = torch.tensor([len(r) for r in responses])
-    response_mask = torch.arange(right.shape[1])[None, :] < lengths[:, None]  # (B, R)
-    attention_mask = torch.cat([left["attention_mask"], response_mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    has_eos = torch.tensor([r[-1] == eos_id for r in responses])
-    seqs = Sequences(
-        input_ids=torch.cat([left["input_ids"], right], dim=1), attention_mask=attention_mask, position_ids=position_ids,
-        response_mask=response_mask, has_eos=has_eos, prompt_width=left["input_ids"].shape[1],
-    )
-    if device is not None:
-        seqs = Sequences(**{f.name: getattr(seqs, f.name).to(device) for f in fields(seqs) if f.name != "prompt_width"},
-                         prompt_width=seqs.prompt_width)
-    return seqs
 
 
 def policy_logprobs(

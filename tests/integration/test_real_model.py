@@ -149,7 +149,8 @@ def test_the_reward_is_read_at_the_end_of_turn_token(converted, model_and_tokeni
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.models import ScalarModel
-    from rlhf.rollout import build_sequences, sequence_scores
+    from rlhf.rollout import sequence_scores
+    from tests.sequences import build_sequences
 
     model, tokenizer = model_and_tokenizer
     _, prompts, replies = greedy_replies(model, tokenizer)

@@ -29,8 +29,9 @@ from transformers import (
 )
 
 from rlhf.models import ScalarModel, disable_dropout
-from rlhf.rollout import Sampling, build_sequences, generate, policy_logprobs, sequence_scores
+from rlhf.rollout import Sampling, generate, policy_logprobs, sequence_scores
 from rlhf.toy import build_tokenizer
+from tests.sequences import build_sequences
 
 # scripts/gpu-check.sh runs this file on a GPU (RLHF_TEST_DEVICE=cuda), in fp32 with TF32 off so
 # that the CPU's tolerances hold there too.

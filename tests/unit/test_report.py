@@ -25,7 +25,7 @@ RM = "rm-20260101-000002-bbbb0002"
 PPO = "ppo-20260101-000003-cccc0003"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# metrics.jsonl rows as StageLoop and the stages log them: the step-0 eval of the starting model,
+# metrics.jsonl rows as RunKeeper and the stages log them: the step-0 eval of the starting model,
 # training rows every log_every steps, the periodic eval, the final eval at the last step.
 SFT_ROWS = [
     {"step": 0, "time": 1.0, "eval/loss": 4.5, "eval/oracle_score": 3.5, "eval/oracle_greedy": 1.25},
@@ -55,7 +55,7 @@ PPO_ROWS = [
     {"step": 3, "time": 4.0, "score": 1.25, "kl": 0.375, "beta": 0.05},
     {"step": 3, "time": 4.5, "eval/score": 1.125, "eval/kl": 0.25, "eval/oracle_score": 72.75, "eval/oracle_greedy": 80.5},
 ]
-# Entry metrics as StageLoop.publish stores them: final eval unprefixed, the step-0 eval as initial_*.
+# Entry metrics as RunKeeper.publish_model stores them: final eval unprefixed, the step-0 eval as initial_*.
 SFT_METRICS = {"train_loss": 1.5, "loss": 1.625, "oracle_score": 61.5, "oracle_greedy": 70.75, "initial_loss": 4.5,
                "initial_oracle_score": 3.5, "initial_oracle_greedy": 1.25, "steps": 30, "wall_time_s": 4.1}
 RM_METRICS = {"train_loss": 0.45, "accuracy": 0.875, "margin": 1.7, "loss": 0.36, "oracle_agreement": 0.8625,

@@ -11,7 +11,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from rlhf.models import ScalarModel
 from rlhf.rollout import (
     Sampling,
-    build_sequences,
     generate,
     minibatch_rows,
     policy_logprobs,
@@ -21,6 +20,7 @@ from rlhf.rollout import (
     token_values,
 )
 from rlhf.toy import ToyModelConfig, build_model, build_tokenizer
+from tests.sequences import build_sequences
 
 
 def gpt2_like(tokenizer):

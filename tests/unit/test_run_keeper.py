@@ -1,0 +1,38 @@
+"""The state a stage carries across a resume: saved as plain values, restored with its type."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rlhf.errors import UserError
+from rlhf.run_keeper import LoopState, _restored
+
+
+@dataclass
+class WithBeta(LoopState):
+    beta: float = 0.0
+    negative_kl_steps: int = 0
+
+
+def test_state_round_trips_through_plain_values():
+    state = WithBeta(step=7, initial_eval={"eval/score": 0.25}, beta=0.031, negative_kl_steps=2)
+    saved = dataclasses.asdict(state)
+    assert all(isinstance(v, (int, float, dict)) for v in saved.values())  # what a weights_only load accepts
+    restored = _restored(WithBeta, saved, Path("ckpt"))
+    assert type(restored) is WithBeta
+    assert restored == state
+
+
+def test_state_a_stage_does_not_know_is_refused(tmp_path):
+    saved = dataclasses.asdict(WithBeta(step=3, beta=0.1))
+    with pytest.raises(UserError, match=r"checkpoints.*\(beta, negative_kl_steps\).*start a new run"):
+        _restored(LoopState, saved, tmp_path / "checkpoints")
+
+
+def test_a_checkpoint_without_a_newer_field_takes_its_default():
+    restored = _restored(WithBeta, {"step": 4, "initial_eval": {}, "beta": 0.2}, Path("ckpt"))
+    assert restored.negative_kl_steps == 0 and restored.step == 4
