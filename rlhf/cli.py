@@ -59,10 +59,11 @@ def _stage_command(stage: str, summary: str) -> None:
     ) -> None:
         launch = LaunchChoice(num_gpus, launcher, hostfile)
         if resume:
-            _guard(lambda: _resume_stage(stage, launch, run_id=run, registry=registry, dry_run=dry_run,
+            _guard(lambda: _resume_stage(stage=stage, launch=launch, run_id=run, registry=registry, dry_run=dry_run,
                                          given=bool(overrides or config)))
         else:
-            _guard(lambda: _launch_stage(stage, launch, overrides=overrides or [], config=config, run_id=run, dry_run=dry_run))
+            _guard(lambda: _launch_stage(stage=stage, launch=launch, overrides=overrides or [], config=config, run_id=run,
+                                         dry_run=dry_run))
 
     command.__doc__ = summary
     app.command(stage, context_settings={"allow_extra_args": False})(command)
@@ -150,22 +151,6 @@ PipelineOverridesArg = Annotated[Optional[list[str]], typer.Argument(
 )]
 
 
-def _split_stage_overrides(overrides: list[str], stages: tuple[str, ...]) -> dict[str, list[str]]:
-    """`stage:key=value` goes to that stage, a plain `key=value` to every stage."""
-    per_stage: dict[str, list[str]] = {stage: [] for stage in stages}
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if ":" in key:
-            stage, rest = item.split(":", 1)
-            if stage not in per_stage:
-                raise UserError(f"override {item!r} names stage '{stage}'; the stages here are {', '.join(stages)}")
-            per_stage[stage].append(rest)
-        else:
-            for stage in stages:
-                per_stage[stage].append(item)
-    return per_stage
-
-
 @app.command("pipeline")
 def pipeline(
     overrides: PipelineOverridesArg = None,
@@ -180,18 +165,14 @@ def pipeline(
     (by registry reference), then a summary table and a report of the three runs."""
 
     def run_all() -> None:
-        from rlhf.slurm import PARENT_KEYS, PIPELINE
+        from rlhf.pipeline import PIPELINE, split_stage_overrides, with_parents
 
         configs = {"sft": sft_config, "rm": rm_config, "ppo": ppo_config}
-        per_stage = _split_stage_overrides(overrides or [], PIPELINE)
+        per_stage = split_stage_overrides(overrides or [], PIPELINE)
         run_ids: dict[str, str] = {}
         for stage in PIPELINE:
-            args = per_stage[stage]
-            given = {a.split("=", 1)[0] for a in args}
-            # The runs this pipeline just made, not whatever is `latest` by the time a stage starts.
-            args += [f"{key}={parent}:{run_ids[parent]}" for key, parent in PARENT_KEYS.get(stage, {}).items()
-                     if key not in given]
-            run_dir = _launch_stage(stage, LaunchChoice(num_gpus, launcher, None), overrides=args, config=configs[stage])
+            run_dir = _launch_stage(stage=stage, launch=LaunchChoice(num_gpus, launcher, None),
+                                    overrides=with_parents(stage, per_stage[stage], run_ids), config=configs[stage])
             run_ids[stage] = run_dir.name
         if report:
             _pipeline_summary(run_dir.parent.parent, run_ids["ppo"])
@@ -248,9 +229,10 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     import shlex
     import shutil
 
+    from rlhf.pipeline import PIPELINE, split_stage_overrides
     from rlhf.registry import Registry
     from rlhf.runs import resolve_config
-    from rlhf.slurm import PIPELINE, Resources, check_script_value, dry_run_listing, render_script, sbatch_path, stage_jobs, submit_script
+    from rlhf.slurm import Resources, check_script_value, dry_run_listing, render_script, sbatch_path, stage_jobs, submit_script
     from rlhf.tracking import console
 
     if target not in (*PIPELINE, "pipeline"):
@@ -272,7 +254,7 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     for item in overrides:
         check_script_value("override", item)
     sbatch = None if dry_run else sbatch_path()
-    per_stage = _split_stage_overrides(overrides, stages)
+    per_stage = split_stage_overrides(overrides, stages)
     files = {stage: str(Path(path).resolve()) for stage, path in stage_configs.items() if path}
     stage_args = {stage: ([ "-c", files[stage]] if stage in files else []) + per_stage[stage] for stage in stages}
     # Config mistakes (unknown keys, bad values) surface now; references resolve when each job starts.
@@ -319,7 +301,7 @@ class LaunchChoice:
     hostfile: Path | None
 
 
-def _launch_stage(stage: str, launch: LaunchChoice, *, overrides: list[str], config: Path | None,
+def _launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], config: Path | None,
                   run_id: str | None = None, dry_run: bool = False) -> Path | None:
     """Check everything, then create the run and launch it; the run folder once it finished, None for --dry-run.
 
@@ -328,11 +310,12 @@ def _launch_stage(stage: str, launch: LaunchChoice, *, overrides: list[str], con
     data) is cleaned away too, so no run looks resumable that never trained.
     """
     from rlhf.launch import LaunchSpec, build_command
+    from rlhf.preflight import check_inputs
     from rlhf.registry import Registry
     from rlhf.runs import LaunchRecord, check_run_id, create_run, resolve_config, save_launch
 
     cfg = resolve_config(stage, config, overrides)
-    _check_inputs(stage, cfg)
+    check_inputs(stage, cfg)
     registry = Registry(cfg.run.registry)
     if run_id is not None:
         check_run_id(run_id, stage)
@@ -355,7 +338,7 @@ def _launch_stage(stage: str, launch: LaunchChoice, *, overrides: list[str], con
     return _run_locked(stage, run.run_dir, cmd, record, fresh=True)
 
 
-def _resume_stage(stage: str, launch: LaunchChoice, *, run_id: str | None, registry: Path | None,
+def _resume_stage(*, stage: str, launch: LaunchChoice, run_id: str | None, registry: Path | None,
                   dry_run: bool, given: bool) -> Path | None:
     """Continue a run from its last checkpoint, launched as it was unless told otherwise."""
     from rlhf.launch import LaunchSpec, build_command
@@ -436,52 +419,6 @@ def _report_failure(stage: str, run_dir: Path, outcome, *, fresh: bool) -> int:
                     "check --launcher, --hostfile and the launcher's output above")
     codes = [e.code for e in exits if e.code]
     return codes[0] if codes else (outcome.code if outcome.code > 0 else 1)
-
-
-def _check_inputs(stage: str, cfg) -> None:
-    """Catch bad inputs before any rank starts (and before a cluster allocates GPUs for them).
-
-    Model references resolve to a causal LM, the tokenizer is the parent entry's, and local data
-    (files and the embedded default) goes through the very loading and tokenization the stage
-    will run, so a malformed row, an empty file or a prompt longer than the context stops here
-    with one line. Hub datasets are checked by the stage itself, where they are downloaded once.
-    """
-    import torch
-
-    from rlhf.config import check_precision
-    from rlhf.data.load import STAGE_EXAMPLES
-    from rlhf.data.sources import FILE_SUFFIXES
-    from rlhf.models import check_causal_lm, load_tokenizer, ppo_sources, resolve_model, reward_stats
-    from rlhf.registry import Registry
-    from rlhf.toy import TOY
-
-    check_precision(cfg.engine, cuda_available=torch.cuda.is_available())
-    registry = Registry(cfg.run.registry)
-    source = resolve_model(cfg.model.name_or_path, registry)
-    check_causal_lm(source)
-    named = [("data.train", "train", cfg.data.train, stage), ("data.eval", "eval", cfg.data.eval, stage)]
-    if stage == "ppo" and cfg.ppo.ptx_coef > 0:
-        named.append(("data.ptx", "train", cfg.data.ptx, "sft"))  # the ptx term reads SFT-format data
-    local = [
-        (key, split, data, reader) for key, split, data, reader in named
-        if data and (data == TOY or data.endswith(FILE_SUFFIXES) or Path(data).expanduser().exists())
-    ]
-    if local or source.entry is not None or stage == "ppo":
-        tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, name_or_path=cfg.model.tokenizer)
-        if stage == "ppo":
-            # The critic and reward are reward models that read the actor's token ids.
-            reward = ppo_sources(cfg, registry, source, tokenizer).reward
-            if cfg.ppo.normalize_score and reward.kind in ("registry", "path"):
-                reward_stats(reward)
-        for key, split, data, reader in local:
-            STAGE_EXAMPLES[reader](data, split=split, tokenizer=tokenizer, data=_data_section_for(reader, cfg), key=key)
-
-
-def _data_section_for(reader: str, cfg):
-    """The data settings of a reader: PPO's ptx data is read the way the ppo stage reads it."""
-    from rlhf.data.load import ptx_data_config
-
-    return ptx_data_config(cfg.data) if reader == "sft" and not hasattr(cfg.data, "max_length") else cfg.data
 
 
 def _guard(action) -> None:

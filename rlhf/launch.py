@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.errors import UserError
+from rlhf.ports import free_port
 
 Launcher = Literal["deepspeed", "torchrun", "python", "srun"]
 LAUNCHERS: tuple[str, ...] = typing.get_args(Launcher)
@@ -194,12 +194,6 @@ def _wait_for_group(pgid: int) -> None:
 def format_command(cmd: list[str], env: dict[str, str]) -> str:
     shown = [f"{k}={env[k]}" for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env]
     return " ".join(shown + [shlex.join(cmd)])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cuda_visible() -> bool:
