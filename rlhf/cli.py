@@ -39,6 +39,8 @@ RunOpt = Annotated[Optional[str], typer.Option("--run",
     help="With --resume: the run id to continue; without: the id of the new run (rlhf submit picks ids at submission).")]
 RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", help="Registry root for --resume (default: $RLHF_HOME or ./rlhf_runs).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the launch command; run nothing.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
+    help="Show the libraries' own logging too (DeepSpeed's launcher and engine, transformers, datasets).")]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(
     help="Config overrides as dotted key=value, e.g. optim.lr=1e-4 engine.zero_stage=3.", show_default=False)]
 
@@ -56,8 +58,9 @@ def _stage_command(stage: str, summary: str) -> None:
         run: RunOpt = None,
         registry: RegistryOpt = None,
         dry_run: DryRunOpt = False,
+        verbose: VerboseOpt = False,
     ) -> None:
-        launch = LaunchChoice(num_gpus, launcher, hostfile)
+        launch = LaunchChoice(num_gpus, launcher, hostfile, verbose)
         if resume:
             _guard(lambda: _resume_stage(stage=stage, launch=launch, run_id=run, registry=registry, dry_run=dry_run,
                                          given=bool(overrides or config)))
@@ -160,6 +163,7 @@ def pipeline(
     num_gpus: NumGpusOpt = None,
     launcher: LauncherOpt = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write the report folder (markdown and plots) at the end.")] = True,
+    verbose: VerboseOpt = False,
 ) -> None:
     """sft -> rm -> ppo, each stage its own program; each later stage starts from the runs before it
     (by registry reference), then a summary table and a report of the three runs."""
@@ -171,7 +175,7 @@ def pipeline(
         per_stage = split_stage_overrides(overrides or [], PIPELINE)
         run_ids: dict[str, str] = {}
         for stage in PIPELINE:
-            run_dir = _launch_stage(stage=stage, launch=LaunchChoice(num_gpus, launcher, None),
+            run_dir = _launch_stage(stage=stage, launch=LaunchChoice(num_gpus, launcher, None, verbose),
                                     overrides=with_parents(stage, per_stage[stage], run_ids), config=configs[stage])
             run_ids[stage] = run_dir.name
         if report:
@@ -294,11 +298,12 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
 
 @dataclass(frozen=True)
 class LaunchChoice:
-    """What the user said about ranks and launcher; None = the default (or, on resume, the run's own)."""
+    """What the user said about ranks, launcher and console; None = the default (or, on resume, the run's own)."""
 
     num_gpus: int | None
     launcher: str | None
     hostfile: Path | None
+    verbose: bool = False
 
 
 def _launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], config: Path | None,
@@ -313,8 +318,10 @@ def _launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], con
     from rlhf.preflight import check_inputs
     from rlhf.registry import Registry
     from rlhf.runs import LaunchRecord, check_run_id, create_run, resolve_config, save_launch
+    from rlhf.tracking import quiet_libraries
 
     cfg = resolve_config(stage, config, overrides)
+    quiet_libraries(verbose=launch.verbose)  # the checks load tokenizers and data
     check_inputs(stage, cfg)
     registry = Registry(cfg.run.registry)
     if run_id is not None:
@@ -323,7 +330,8 @@ def _launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], con
     record = LaunchRecord(num_gpus=1 if launch.num_gpus is None else launch.num_gpus, launcher=launch.launcher or "deepspeed",
                           hostfile=str(launch.hostfile.resolve()) if launch.hostfile else None)
     spec = LaunchSpec(program=_program(stage), program_args=("--run-dir", str(registry.run_dir(run_id))),
-                      num_procs=record.num_gpus, launcher=record.launcher, hostfile=launch.hostfile)  # type: ignore[arg-type]
+                      num_procs=record.num_gpus, launcher=record.launcher, hostfile=launch.hostfile,  # type: ignore[arg-type]
+                      verbose=launch.verbose)
     cmd = build_command(spec)  # refuses bad ranks, launchers and hostfiles before anything exists
     if dry_run:
         import yaml
@@ -331,11 +339,11 @@ def _launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], con
         from rlhf.config import to_dict
 
         typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
-        _print_command(cmd, record.num_gpus)
+        _print_command(cmd, record.num_gpus, verbose=launch.verbose)
         return None
     run = create_run(stage, cfg, run_id)
     save_launch(run.run_dir, record)
-    return _run_locked(stage, run.run_dir, cmd, record, fresh=True)
+    return _run_locked(stage, run.run_dir, cmd, record, fresh=True, verbose=launch.verbose)
 
 
 def _resume_stage(*, stage: str, launch: LaunchChoice, run_id: str | None, registry: Path | None,
@@ -354,12 +362,12 @@ def _resume_stage(*, stage: str, launch: LaunchChoice, run_id: str | None, regis
                           launcher=launch.launcher or saved.launcher,
                           hostfile=str(hostfile) if hostfile else None)
     spec = LaunchSpec(program=_program(stage), program_args=("--run-dir", str(run_dir)), num_procs=record.num_gpus,
-                      launcher=record.launcher, hostfile=hostfile)  # type: ignore[arg-type]
+                      launcher=record.launcher, hostfile=hostfile, verbose=launch.verbose)  # type: ignore[arg-type]
     cmd = build_command(spec)
     if dry_run:
-        _print_command(cmd, record.num_gpus)
+        _print_command(cmd, record.num_gpus, verbose=launch.verbose)
         return None
-    return _run_locked(stage, run_dir, cmd, record, fresh=False)
+    return _run_locked(stage, run_dir, cmd, record, fresh=False, verbose=launch.verbose)
 
 
 def _program(stage: str) -> Path:
@@ -368,20 +376,20 @@ def _program(stage: str) -> Path:
     return stage_program(stage)
 
 
-def _print_command(cmd: list[str], num_gpus: int) -> None:
+def _print_command(cmd: list[str], num_gpus: int, *, verbose: bool) -> None:
     from rlhf.launch import format_command, launch_env
 
-    typer.echo(format_command(cmd, launch_env(num_gpus)))
+    typer.echo(format_command(cmd, launch_env(num_gpus, verbose=verbose)))
 
 
-def _run_locked(stage: str, run_dir: Path, cmd: list[str], record, *, fresh: bool) -> Path:
+def _run_locked(stage: str, run_dir: Path, cmd: list[str], record, *, fresh: bool, verbose: bool) -> Path:
     """Launch the ranks while holding the run's lock; report how they ended."""
     from rlhf.launch import format_command, launch_env, run_supervised
     from rlhf.runlock import RunLock
     from rlhf.runs import SUPERVISED_ENV, clear_rank_records, discard_failed_start, supervisor_value
     from rlhf.tracking import console
 
-    env = {**launch_env(record.num_gpus), SUPERVISED_ENV: supervisor_value()}
+    env = {**launch_env(record.num_gpus, verbose=verbose), SUPERVISED_ENV: supervisor_value()}
     try:
         with RunLock(run_dir):
             clear_rank_records(run_dir)
