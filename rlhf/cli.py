@@ -39,6 +39,8 @@ RunOpt = Annotated[Optional[str], typer.Option("--run",
     help="With --resume: the run id to continue; without: the id of the new run (rlhf submit picks ids at submission).")]
 RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", help="Registry root for --resume (default: $RLHF_HOME or ./rlhf_runs).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and the launch command; run nothing.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
+    help="Show the libraries' own logging too (DeepSpeed's launcher and engine, transformers, datasets).")]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(
     help="Config overrides as dotted key=value, e.g. optim.lr=1e-4 engine.zero_stage=3.", show_default=False)]
 
@@ -56,13 +58,15 @@ def _stage_command(stage: str, summary: str) -> None:
         run: RunOpt = None,
         registry: RegistryOpt = None,
         dry_run: DryRunOpt = False,
+        verbose: VerboseOpt = False,
     ) -> None:
-        launch = LaunchChoice(num_gpus, launcher, hostfile)
+        launch = LaunchChoice(num_gpus, launcher, hostfile, verbose)
         if resume:
-            _guard(lambda: _resume_stage(stage, launch, run_id=run, registry=registry, dry_run=dry_run,
+            _guard(lambda: _resume_stage(stage=stage, launch=launch, run_id=run, registry=registry, dry_run=dry_run,
                                          given=bool(overrides or config)))
         else:
-            _guard(lambda: _launch_stage(stage, launch, overrides=overrides or [], config=config, run_id=run, dry_run=dry_run))
+            _guard(lambda: _launch_stage(stage=stage, launch=launch, overrides=overrides or [], config=config, run_id=run,
+                                         dry_run=dry_run))
 
     command.__doc__ = summary
     app.command(stage, context_settings={"allow_extra_args": False})(command)
@@ -150,22 +154,6 @@ PipelineOverridesArg = Annotated[Optional[list[str]], typer.Argument(
 )]
 
 
-def _split_stage_overrides(overrides: list[str], stages: tuple[str, ...]) -> dict[str, list[str]]:
-    """`stage:key=value` goes to that stage, a plain `key=value` to every stage."""
-    per_stage: dict[str, list[str]] = {stage: [] for stage in stages}
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if ":" in key:
-            stage, rest = item.split(":", 1)
-            if stage not in per_stage:
-                raise UserError(f"override {item!r} names stage '{stage}'; the stages here are {', '.join(stages)}")
-            per_stage[stage].append(rest)
-        else:
-            for stage in stages:
-                per_stage[stage].append(item)
-    return per_stage
-
-
 @app.command("pipeline")
 def pipeline(
     overrides: PipelineOverridesArg = None,
@@ -175,23 +163,20 @@ def pipeline(
     num_gpus: NumGpusOpt = None,
     launcher: LauncherOpt = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write the report folder (markdown and plots) at the end.")] = True,
+    verbose: VerboseOpt = False,
 ) -> None:
     """sft -> rm -> ppo, each stage its own program; each later stage starts from the runs before it
     (by registry reference), then a summary table and a report of the three runs."""
 
     def run_all() -> None:
-        from rlhf.slurm import PARENT_KEYS, PIPELINE
+        from rlhf.pipeline import PIPELINE, split_stage_overrides, with_parents
 
         configs = {"sft": sft_config, "rm": rm_config, "ppo": ppo_config}
-        per_stage = _split_stage_overrides(overrides or [], PIPELINE)
+        per_stage = split_stage_overrides(overrides or [], PIPELINE)
         run_ids: dict[str, str] = {}
         for stage in PIPELINE:
-            args = per_stage[stage]
-            given = {a.split("=", 1)[0] for a in args}
-            # The runs this pipeline just made, not whatever is `latest` by the time a stage starts.
-            args += [f"{key}={parent}:{run_ids[parent]}" for key, parent in PARENT_KEYS.get(stage, {}).items()
-                     if key not in given]
-            run_dir = _launch_stage(stage, LaunchChoice(num_gpus, launcher, None), overrides=args, config=configs[stage])
+            run_dir = _launch_stage(stage=stage, launch=LaunchChoice(num_gpus, launcher, None, verbose),
+                                    overrides=with_parents(stage, per_stage[stage], run_ids), config=configs[stage])
             run_ids[stage] = run_dir.name
         if report:
             _pipeline_summary(run_dir.parent.parent, run_ids["ppo"])
@@ -248,9 +233,10 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     import shlex
     import shutil
 
+    from rlhf.pipeline import PIPELINE, split_stage_overrides
     from rlhf.registry import Registry
     from rlhf.runs import resolve_config
-    from rlhf.slurm import PIPELINE, Resources, check_script_value, dry_run_listing, render_script, sbatch_path, stage_jobs, submit_script
+    from rlhf.slurm import Resources, check_script_value, dry_run_listing, render_script, sbatch_path, stage_jobs, submit_script
     from rlhf.tracking import console
 
     if target not in (*PIPELINE, "pipeline"):
@@ -272,7 +258,7 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     for item in overrides:
         check_script_value("override", item)
     sbatch = None if dry_run else sbatch_path()
-    per_stage = _split_stage_overrides(overrides, stages)
+    per_stage = split_stage_overrides(overrides, stages)
     files = {stage: str(Path(path).resolve()) for stage, path in stage_configs.items() if path}
     stage_args = {stage: ([ "-c", files[stage]] if stage in files else []) + per_stage[stage] for stage in stages}
     # Config mistakes (unknown keys, bad values) surface now; references resolve when each job starts.
@@ -312,14 +298,15 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
 
 @dataclass(frozen=True)
 class LaunchChoice:
-    """What the user said about ranks and launcher; None = the default (or, on resume, the run's own)."""
+    """What the user said about ranks, launcher and console; None = the default (or, on resume, the run's own)."""
 
     num_gpus: int | None
     launcher: str | None
     hostfile: Path | None
+    verbose: bool = False
 
 
-def _launch_stage(stage: str, launch: LaunchChoice, *, overrides: list[str], config: Path | None,
+def _launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], config: Path | None,
                   run_id: str | None = None, dry_run: bool = False) -> Path | None:
     """Check everything, then create the run and launch it; the run folder once it finished, None for --dry-run.
 
@@ -328,11 +315,14 @@ def _launch_stage(stage: str, launch: LaunchChoice, *, overrides: list[str], con
     data) is cleaned away too, so no run looks resumable that never trained.
     """
     from rlhf.launch import LaunchSpec, build_command
+    from rlhf.preflight import check_inputs
     from rlhf.registry import Registry
     from rlhf.runs import LaunchRecord, check_run_id, create_run, resolve_config, save_launch
+    from rlhf.tracking import quiet_libraries
 
     cfg = resolve_config(stage, config, overrides)
-    _check_inputs(stage, cfg)
+    quiet_libraries(verbose=launch.verbose)  # the checks load tokenizers and data
+    check_inputs(stage, cfg)
     registry = Registry(cfg.run.registry)
     if run_id is not None:
         check_run_id(run_id, stage)
@@ -340,7 +330,8 @@ def _launch_stage(stage: str, launch: LaunchChoice, *, overrides: list[str], con
     record = LaunchRecord(num_gpus=1 if launch.num_gpus is None else launch.num_gpus, launcher=launch.launcher or "deepspeed",
                           hostfile=str(launch.hostfile.resolve()) if launch.hostfile else None)
     spec = LaunchSpec(program=_program(stage), program_args=("--run-dir", str(registry.run_dir(run_id))),
-                      num_procs=record.num_gpus, launcher=record.launcher, hostfile=launch.hostfile)  # type: ignore[arg-type]
+                      num_procs=record.num_gpus, launcher=record.launcher, hostfile=launch.hostfile,  # type: ignore[arg-type]
+                      verbose=launch.verbose)
     cmd = build_command(spec)  # refuses bad ranks, launchers and hostfiles before anything exists
     if dry_run:
         import yaml
@@ -348,14 +339,14 @@ def _launch_stage(stage: str, launch: LaunchChoice, *, overrides: list[str], con
         from rlhf.config import to_dict
 
         typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
-        _print_command(cmd, record.num_gpus)
+        _print_command(cmd, record.num_gpus, verbose=launch.verbose)
         return None
     run = create_run(stage, cfg, run_id)
     save_launch(run.run_dir, record)
-    return _run_locked(stage, run.run_dir, cmd, record, fresh=True)
+    return _run_locked(stage, run.run_dir, cmd, record, fresh=True, verbose=launch.verbose)
 
 
-def _resume_stage(stage: str, launch: LaunchChoice, *, run_id: str | None, registry: Path | None,
+def _resume_stage(*, stage: str, launch: LaunchChoice, run_id: str | None, registry: Path | None,
                   dry_run: bool, given: bool) -> Path | None:
     """Continue a run from its last checkpoint, launched as it was unless told otherwise."""
     from rlhf.launch import LaunchSpec, build_command
@@ -371,12 +362,12 @@ def _resume_stage(stage: str, launch: LaunchChoice, *, run_id: str | None, regis
                           launcher=launch.launcher or saved.launcher,
                           hostfile=str(hostfile) if hostfile else None)
     spec = LaunchSpec(program=_program(stage), program_args=("--run-dir", str(run_dir)), num_procs=record.num_gpus,
-                      launcher=record.launcher, hostfile=hostfile)  # type: ignore[arg-type]
+                      launcher=record.launcher, hostfile=hostfile, verbose=launch.verbose)  # type: ignore[arg-type]
     cmd = build_command(spec)
     if dry_run:
-        _print_command(cmd, record.num_gpus)
+        _print_command(cmd, record.num_gpus, verbose=launch.verbose)
         return None
-    return _run_locked(stage, run_dir, cmd, record, fresh=False)
+    return _run_locked(stage, run_dir, cmd, record, fresh=False, verbose=launch.verbose)
 
 
 def _program(stage: str) -> Path:
@@ -385,20 +376,20 @@ def _program(stage: str) -> Path:
     return stage_program(stage)
 
 
-def _print_command(cmd: list[str], num_gpus: int) -> None:
+def _print_command(cmd: list[str], num_gpus: int, *, verbose: bool) -> None:
     from rlhf.launch import format_command, launch_env
 
-    typer.echo(format_command(cmd, launch_env(num_gpus)))
+    typer.echo(format_command(cmd, launch_env(num_gpus, verbose=verbose)))
 
 
-def _run_locked(stage: str, run_dir: Path, cmd: list[str], record, *, fresh: bool) -> Path:
+def _run_locked(stage: str, run_dir: Path, cmd: list[str], record, *, fresh: bool, verbose: bool) -> Path:
     """Launch the ranks while holding the run's lock; report how they ended."""
     from rlhf.launch import format_command, launch_env, run_supervised
     from rlhf.runlock import RunLock
     from rlhf.runs import SUPERVISED_ENV, clear_rank_records, discard_failed_start, supervisor_value
     from rlhf.tracking import console
 
-    env = {**launch_env(record.num_gpus), SUPERVISED_ENV: supervisor_value()}
+    env = {**launch_env(record.num_gpus, verbose=verbose), SUPERVISED_ENV: supervisor_value()}
     try:
         with RunLock(run_dir):
             clear_rank_records(run_dir)
@@ -436,52 +427,6 @@ def _report_failure(stage: str, run_dir: Path, outcome, *, fresh: bool) -> int:
                     "check --launcher, --hostfile and the launcher's output above")
     codes = [e.code for e in exits if e.code]
     return codes[0] if codes else (outcome.code if outcome.code > 0 else 1)
-
-
-def _check_inputs(stage: str, cfg) -> None:
-    """Catch bad inputs before any rank starts (and before a cluster allocates GPUs for them).
-
-    Model references resolve to a causal LM, the tokenizer is the parent entry's, and local data
-    (files and the embedded default) goes through the very loading and tokenization the stage
-    will run, so a malformed row, an empty file or a prompt longer than the context stops here
-    with one line. Hub datasets are checked by the stage itself, where they are downloaded once.
-    """
-    import torch
-
-    from rlhf.config import check_precision
-    from rlhf.data.load import STAGE_EXAMPLES
-    from rlhf.data.sources import FILE_SUFFIXES
-    from rlhf.models import check_causal_lm, load_tokenizer, ppo_sources, resolve_model, reward_stats
-    from rlhf.registry import Registry
-    from rlhf.toy import TOY
-
-    check_precision(cfg.engine, cuda_available=torch.cuda.is_available())
-    registry = Registry(cfg.run.registry)
-    source = resolve_model(cfg.model.name_or_path, registry)
-    check_causal_lm(source)
-    named = [("data.train", "train", cfg.data.train, stage), ("data.eval", "eval", cfg.data.eval, stage)]
-    if stage == "ppo" and cfg.ppo.ptx_coef > 0:
-        named.append(("data.ptx", "train", cfg.data.ptx, "sft"))  # the ptx term reads SFT-format data
-    local = [
-        (key, split, data, reader) for key, split, data, reader in named
-        if data and (data == TOY or data.endswith(FILE_SUFFIXES) or Path(data).expanduser().exists())
-    ]
-    if local or source.entry is not None or stage == "ppo":
-        tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, name_or_path=cfg.model.tokenizer)
-        if stage == "ppo":
-            # The critic and reward are reward models that read the actor's token ids.
-            reward = ppo_sources(cfg, registry, source, tokenizer).reward
-            if cfg.ppo.normalize_score and reward.kind in ("registry", "path"):
-                reward_stats(reward)
-        for key, split, data, reader in local:
-            STAGE_EXAMPLES[reader](data, split=split, tokenizer=tokenizer, data=_data_section_for(reader, cfg), key=key)
-
-
-def _data_section_for(reader: str, cfg):
-    """The data settings of a reader: PPO's ptx data is read the way the ppo stage reads it."""
-    from rlhf.data.load import ptx_data_config
-
-    return ptx_data_config(cfg.data) if reader == "sft" and not hasattr(cfg.data, "max_length") else cfg.data
 
 
 def _guard(action) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from rlhf.config import EngineConfig, OptimConfig
-from rlhf.launch import free_port
+from rlhf.ports import free_port
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.errors import UserError
+from rlhf.ports import free_port
+from rlhf.tracking import VERBOSE_ENV
 
 Launcher = Literal["deepspeed", "torchrun", "python", "srun"]
 LAUNCHERS: tuple[str, ...] = typing.get_args(Launcher)
@@ -42,6 +43,8 @@ class LaunchSpec:
     launcher: Launcher = "deepspeed"
     hostfile: Path | None = None
     master_port: int | None = None
+    verbose: bool = False
+    """Let the launcher and the libraries in the ranks say everything (`rlhf <stage> -v`)."""
 
 
 def build_command(spec: LaunchSpec, *, python: str = sys.executable) -> list[str]:
@@ -72,6 +75,10 @@ def build_command(spec: LaunchSpec, *, python: str = sys.executable) -> list[str
         cmd += ["--hostfile", str(spec.hostfile)]
     # --no_local_rank: ranks read LOCAL_RANK from the environment like under torchrun.
     cmd += ["--num_gpus", str(spec.num_procs), "--master_port", str(port), "--no_local_rank"]
+    if not spec.verbose:
+        # Its INFO and WARNING lines ("Unable to find hostfile", "Setting CUDA_VISIBLE_DEVICES=0" on a
+        # CPU machine, each rank's environment) say nothing a user acts on; errors still show.
+        cmd += ["--log_level", "error"]
     return cmd + [str(spec.program), *spec.program_args]
 
 
@@ -101,9 +108,11 @@ def srun_command(spec: LaunchSpec, *, python: str = sys.executable, env: dict[st
     ]
 
 
-def launch_env(num_procs: int, base: dict[str, str] | None = None) -> dict[str, str]:
+def launch_env(num_procs: int, base: dict[str, str] | None = None, *, verbose: bool = False) -> dict[str, str]:
     """The environment for the launched ranks: the CPU accelerator when no GPU is visible."""
     env = dict(os.environ if base is None else base)
+    if verbose:
+        env[VERBOSE_ENV] = "1"  # the ranks leave the libraries' logging alone (rlhf.tracking.quiet_libraries)
     if "DS_ACCELERATOR" not in env and not _cuda_visible():
         env["DS_ACCELERATOR"] = "cpu"
     if "OMP_NUM_THREADS" not in env:
@@ -192,14 +201,8 @@ def _wait_for_group(pgid: int) -> None:
 
 
 def format_command(cmd: list[str], env: dict[str, str]) -> str:
-    shown = [f"{k}={env[k]}" for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS") if k in env]
+    shown = [f"{k}={env[k]}" for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", VERBOSE_ENV) if k in env]
     return " ".join(shown + [shlex.join(cmd)])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cuda_visible() -> bool:

@@ -275,7 +275,10 @@ def stage_entrypoint(stage: str, main: Callable[[Run], None]) -> None:
     # Our own progress bar reports the run; transformers' per-load bars would interleave with it.
     from transformers.utils import logging as hf_logging
 
+    from rlhf.tracking import VERBOSE_ENV, quiet_libraries
+
     hf_logging.disable_progress_bar()
+    quiet_libraries(verbose=os.environ.get(VERBOSE_ENV) == "1")
     try:
         if args.run_dir:
             if args.config or args.overrides:

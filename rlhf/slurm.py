@@ -26,16 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rlhf.errors import UserError, first_line
+from rlhf.pipeline import with_parents
 from rlhf.registry import is_entry_id, is_stage_name
-
-PIPELINE = ("sft", "rm", "ppo")
-
-# Which config keys of a later stage name an earlier stage's entry, so a submitted pipeline ties
-# each job to the exact runs it chained after (a `latest` could pick up someone else's run).
-PARENT_KEYS = {
-    "rm": {"model.name_or_path": "sft"},
-    "ppo": {"model.name_or_path": "sft", "critic.name_or_path": "rm", "reward.name_or_path": "rm"},
-}
 
 JOB_SCRIPT = "job.sbatch"
 
@@ -236,11 +228,7 @@ def stage_jobs(stages: tuple[str, ...], *, registry_root: Path, new_run_id, stag
     run_ids: dict[str, str] = {}
     for stage in stages:
         run_id = new_run_id(stage)
-        args = list(stage_args.get(stage, []))
-        given = {a.split("=", 1)[0] for a in args if "=" in a and not a.startswith("-")}
-        for key, parent in PARENT_KEYS.get(stage, {}).items():
-            if parent in run_ids and key not in given:
-                args.append(f"{key}={parent}:{run_ids[parent]}")
+        args = with_parents(stage, list(stage_args.get(stage, [])), run_ids)
         run_ids[stage] = run_id
         jobs.append(StageJob(stage, run_id, registry_root / "runs" / run_id, tuple(args)))
     return jobs

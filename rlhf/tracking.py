@@ -19,6 +19,8 @@ from rlhf.config import TrackingConfig
 from rlhf.fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+VERBOSE_ENV = "RLHF_VERBOSE"
+"""Set to 1 by `rlhf <stage> -v` for the ranks: they leave the libraries' logging as it is (quiet_libraries)."""
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -155,3 +157,31 @@ def print_warning(message: str) -> None:
     from rich.markup import escape
 
     err_console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def quiet_libraries(*, verbose: bool) -> None:
+    """Keep the libraries' chatter off the console unless `-v` asked for it: DeepSpeed's INFO and
+    WARNING lines, transformers' and datasets' logging below ERROR, their FutureWarnings and
+    datasets' progress bars. Errors, tracebacks and our own warnings (print_warning) always show.
+
+    Through the libraries' own switches, in this process: the stage programs call it first thing,
+    and the CLI before its input checks (which load tokenizers and data).
+    """
+    import logging
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        return
+    # A filter, not a level: DeepSpeed sets its logger's level when it is first imported, which in
+    # a rank happens later (once the accelerator is chosen); a filter outlives that.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+    hf_logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    # Deprecation notices about the libraries' own internals ("`is_gradient_checkpointing` is
+    # deprecated"): nothing a user of rlhf can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)

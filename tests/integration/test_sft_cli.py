@@ -212,3 +212,20 @@ def _group_alive(pgid: int) -> bool:
 def _rows(home: Path) -> list[dict]:
     return [json.loads(line) for path in home.glob("runs/*/metrics.jsonl")
             for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+# What DeepSpeed's launcher says on every start, none of it actionable on one machine.
+LAUNCHER_CHATTER = ("Unable to find hostfile", "[INFO] [launch.py", "Setting CUDA_VISIBLE_DEVICES")
+
+
+def test_library_chatter_shows_only_with_verbose(home):
+    # The DeepSpeed launcher (its chatter is the subject), one short step, no evaluation.
+    short = ("-c", QUICK, "train.max_steps=1", "train.eval_every=0", "data.eval=null")
+    quiet = rlhf("sft", *short, home=home)
+    assert_ok(quiet)
+    assert "sft finished" in quiet.stdout  # our own lines stay
+    assert not [line for line in quiet.output.splitlines() if any(c in line for c in LAUNCHER_CHATTER)], quiet.output
+    assert "FutureWarning" not in quiet.output
+    loud = rlhf("sft", "-v", *short, home=home)
+    assert_ok(loud)
+    assert all(c in loud.output for c in LAUNCHER_CHATTER), loud.output

@@ -14,7 +14,10 @@ def test_deepspeed_command():
     program = stage_program("sft")
     cmd = build_command(LaunchSpec(program, ("--run-dir", "/r"), num_procs=2, master_port=1234), python="py")
     assert cmd == ["py", "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "1234",
-                   "--no_local_rank", str(program), "--run-dir", "/r"]
+                   "--no_local_rank", "--log_level", "error", str(program), "--run-dir", "/r"]
+    # -v: the launcher's own INFO lines again.
+    verbose = build_command(LaunchSpec(program, ("--run-dir", "/r"), num_procs=2, master_port=1234, verbose=True), python="py")
+    assert "--log_level" not in verbose and verbose[-3:] == [str(program), "--run-dir", "/r"]
 
 
 def test_hostfile_is_passed_and_checked(tmp_path):

@@ -1,0 +1,43 @@
+"""The pipeline's chaining: the stage order and which config keys of a later stage name an earlier run.
+
+One home for what `rlhf pipeline` (runs the stages here, one after another) and `rlhf submit
+pipeline` (three SLURM jobs chained with afterok) share, so both tie each stage to the exact runs
+before it. Standard library only: `rlhf submit --dry-run` must answer at once on a login node.
+"""
+
+from __future__ import annotations
+
+from rlhf.errors import UserError
+
+PIPELINE = ("sft", "rm", "ppo")
+
+# Which config keys of a later stage name an earlier stage's entry: a pipeline points each stage at
+# the runs it just made, since `latest` could pick up someone else's run by the time the stage starts.
+PARENT_KEYS = {
+    "rm": {"model.name_or_path": "sft"},
+    "ppo": {"model.name_or_path": "sft", "critic.name_or_path": "rm", "reward.name_or_path": "rm"},
+}
+
+
+def split_stage_overrides(overrides: list[str], stages: tuple[str, ...]) -> dict[str, list[str]]:
+    """`stage:key=value` goes to that stage, a plain `key=value` to every stage."""
+    per_stage: dict[str, list[str]] = {stage: [] for stage in stages}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if ":" in key:
+            stage, rest = item.split(":", 1)
+            if stage not in per_stage:
+                raise UserError(f"override {item!r} names stage '{stage}'; the stages here are {', '.join(stages)}")
+            per_stage[stage].append(rest)
+        else:
+            for stage in stages:
+                per_stage[stage].append(item)
+    return per_stage
+
+
+def with_parents(stage: str, args: list[str], run_ids: dict[str, str]) -> list[str]:
+    """`stage`'s arguments plus `key=<parent>:<run id>` for each parent run in `run_ids`, unless the
+    user set that key (options such as `-c FILE` are passed through and never count as keys)."""
+    given = {a.split("=", 1)[0] for a in args if "=" in a and not a.startswith("-")}
+    return [*args, *(f"{key}={parent}:{run_ids[parent]}" for key, parent in PARENT_KEYS.get(stage, {}).items()
+                     if parent in run_ids and key not in given)]

@@ -1,0 +1,106 @@
+"""Each stage's input checks, run by the CLI before any rank starts (and before a cluster allocates
+GPUs for them): `check_inputs(stage, cfg)`, one function per stage in `PREFLIGHT`.
+
+Model references resolve to a causal LM, the tokenizer is the parent entry's, and local data
+(files and the embedded default) goes through the very loading and tokenization the stage will
+run, so a malformed row, an empty file or a prompt longer than the context stops here with one
+line. Hub datasets are checked by the stage itself, where they are downloaded once.
+
+Kept apart from `stages/*.py` because the library never imports a stage program, and the CLI
+process should import only what the checks need (torch, transformers, datasets; never deepspeed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+
+class DataCheck(NamedTuple):
+    key: str
+    """The config key, for the error message."""
+    split: str
+    source: str
+    reader: str
+    """The stage whose example format the data has."""
+
+
+def check_inputs(stage: str, cfg: Any) -> None:
+    """Run `stage`'s checks on its resolved config; a UserError names the first bad input."""
+    PREFLIGHT[stage](cfg)
+
+
+def check_sft(cfg: Any) -> None:
+    _check_stage("sft", cfg)
+
+
+def check_rm(cfg: Any) -> None:
+    _check_stage("rm", cfg)
+
+
+def check_ppo(cfg: Any) -> None:
+    from rlhf.models import ppo_sources, reward_stats
+
+    # The ptx term reads SFT-format data.
+    ptx = (DataCheck("data.ptx", "train", cfg.data.ptx, "sft"),) if cfg.ppo.ptx_coef > 0 else ()
+    local = _local_data("ppo", cfg, ptx)
+    source, registry, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=True)
+    # The critic and reward are reward models that read the actor's token ids.
+    reward = ppo_sources(cfg, registry, source, tokenizer).reward
+    if cfg.ppo.normalize_score and reward.kind in ("registry", "path"):
+        reward_stats(reward)
+    _check_data(cfg, local, tokenizer)
+
+
+PREFLIGHT: dict[str, Callable[[Any], None]] = {"sft": check_sft, "rm": check_rm, "ppo": check_ppo}
+
+
+def _check_stage(stage: str, cfg: Any) -> None:
+    local = _local_data(stage, cfg)
+    _, _, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=bool(local))
+    _check_data(cfg, local, tokenizer)
+
+
+def _local_data(stage: str, cfg: Any, extra: tuple[DataCheck, ...] = ()) -> list[DataCheck]:
+    """The stage's data that is here to read (files, the embedded default), not on a hub."""
+    from rlhf.data.sources import FILE_SUFFIXES
+    from rlhf.toy import TOY
+
+    named = [DataCheck("data.train", "train", cfg.data.train, stage), DataCheck("data.eval", "eval", cfg.data.eval, stage), *extra]
+    return [c for c in named
+            if c.source and (c.source == TOY or c.source.endswith(FILE_SUFFIXES) or Path(c.source).expanduser().exists())]
+
+
+def _model_and_tokenizer(cfg: Any, *, need_tokenizer: bool):
+    """Precision and the model reference checked; (model source, registry, tokenizer), the tokenizer
+    loaded when data will be tokenized or the model is a registry entry (its tokenizer is the parent's)."""
+    import torch
+
+    from rlhf.config import check_precision
+    from rlhf.models import check_causal_lm, load_tokenizer, resolve_model
+    from rlhf.registry import Registry
+
+    check_precision(cfg.engine, cuda_available=torch.cuda.is_available())
+    registry = Registry(cfg.run.registry)
+    source = resolve_model(cfg.model.name_or_path, registry)
+    check_causal_lm(source)
+    tokenizer = None
+    if need_tokenizer or source.entry is not None:
+        tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code, name_or_path=cfg.model.tokenizer)
+    return source, registry, tokenizer
+
+
+def _check_data(cfg: Any, local: list[DataCheck], tokenizer: Any) -> None:
+    """Load and tokenize the local data the way the stage will."""
+    from rlhf.data.load import STAGE_EXAMPLES
+
+    for check in local:
+        STAGE_EXAMPLES[check.reader](check.source, split=check.split, tokenizer=tokenizer,
+                                     data=_data_section_for(check.reader, cfg), key=check.key)
+
+
+def _data_section_for(reader: str, cfg: Any) -> Any:
+    """The data settings of a reader: PPO's ptx data is read the way the ppo stage reads it."""
+    from rlhf.data.load import ptx_data_config
+
+    return ptx_data_config(cfg.data) if reader == "sft" and not hasattr(cfg.data, "max_length") else cfg.data
