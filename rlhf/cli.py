@@ -451,8 +451,9 @@ def _check_inputs(stage: str, cfg) -> None:
     from rlhf.config import check_precision
     from rlhf.data.load import STAGE_EXAMPLES
     from rlhf.data.sources import FILE_SUFFIXES
-    from rlhf.models import check_causal_lm, load_tokenizer, ppo_sources, resolve_model, reward_stats
+    from rlhf.model_sources import check_causal_lm, ppo_sources, resolve_model, reward_stats
     from rlhf.registry import Registry
+    from rlhf.tokenizer import load_tokenizer
     from rlhf.toy import TOY
 
     check_precision(cfg.engine, cuda_available=torch.cuda.is_available())

@@ -20,9 +20,10 @@ from rlhf.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.config import to_dict
 from rlhf.engine import Dist
 from rlhf.errors import StoppedBySignal, UserError
-from rlhf.models import ModelSource, base_model_identity, tokenizer_fingerprint
+from rlhf.model_sources import ModelSource, base_model_identity
 from rlhf.registry import Entry, now_iso
 from rlhf.runs import Run, mark_started
+from rlhf.tokenizer import tokenizer_fingerprint
 from rlhf.tracking import Tracker, print_warning
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

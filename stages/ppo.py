@@ -35,7 +35,9 @@ from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import Dist, full_state_dict, global_grad_norm, init_distributed, seed_everything
 from rlhf.evaluation import even_shard, oracle_eval
-from rlhf.models import base_model_identity, build_ppo_models, causal_lm_and_tokenizer, ppo_sources, reward_stats, save_final
+from rlhf.model_saving import save_final
+from rlhf.model_sources import base_model_identity, causal_lm_and_tokenizer, ppo_sources, reward_stats
+from rlhf.ppo_models import build_ppo_models
 from rlhf.rank_sums import RankSums
 from rlhf.rollout import Sampling, minibatch_rows, policy_logprobs, sample_rollout, score_rollout, token_values
 from rlhf.runs import Run, stage_entrypoint

@@ -28,14 +28,12 @@ from rlhf.engine import (
     global_grad_norm,
     init_distributed,
     seed_everything,
+    zero3_partitioning,
 )
 from rlhf.evaluation import preference_eval
-from rlhf.models import (
-    REWARD_STATS_FILE,
-    causal_lm_and_tokenizer,
-    load_scalar_model,
-    save_final,
-)
+from rlhf.model_loading import load_scalar_model
+from rlhf.model_saving import save_final
+from rlhf.model_sources import REWARD_STATS_FILE, causal_lm_and_tokenizer
 from rlhf.rank_sums import RankSums
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
@@ -66,7 +64,7 @@ def main(run: Run) -> None:
     zero3 = cfg.engine.zero_stage == 3
     model = load_scalar_model(
         source, cfg.model, tokenizer, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.engine.precision],
-        zero3_config=deepspeed_config(cfg.engine, cfg.optim) if zero3 else None,
+        partitioning=zero3_partitioning(deepspeed_config(cfg.engine, cfg.optim) if zero3 else None),
     )
     engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
     pad_id = tokenizer.pad_token_id

@@ -25,13 +25,12 @@ from rlhf.engine import (
     global_grad_norm,
     init_distributed,
     seed_everything,
+    zero3_partitioning,
 )
 from rlhf.evaluation import heldout_loss, oracle_eval
-from rlhf.models import (
-    causal_lm_and_tokenizer,
-    load_causal_lm,
-    save_final,
-)
+from rlhf.model_loading import load_causal_lm
+from rlhf.model_saving import save_final
+from rlhf.model_sources import causal_lm_and_tokenizer
 from rlhf.rollout import Sampling
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, ToyTask
@@ -59,7 +58,7 @@ def main(run: Run) -> None:
     zero3 = cfg.engine.zero_stage == 3
     model = load_causal_lm(
         source, cfg.model, tokenizer, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.engine.precision],
-        zero3_config=deepspeed_config(cfg.engine, cfg.optim) if zero3 else None,
+        partitioning=zero3_partitioning(deepspeed_config(cfg.engine, cfg.optim) if zero3 else None),
     )
     engine = build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
     sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=cfg.eval.max_new_tokens,
