@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from rlhf.config import LoraConfig
-from rlhf.model_loading import apply_lora
+from rlhf.model_loading import ScalarModel, apply_lora
 
 
 def save_final(
@@ -25,10 +25,11 @@ def save_final(
 ) -> str:
     """Write a `save_pretrained` folder atomically (temp folder, then rename); returns the adapter mode.
 
-    `model` is the (possibly partitioned) transformers or peft model, used only for its config and
-    structure; `state` holds its full weights gathered on this rank. `extra_files` (name -> text)
-    are written into the folder before it appears.
+    `model` is the (possibly partitioned) transformers or peft model, or a `ScalarModel` around
+    one, used only for its config and structure; `state` holds its full weights gathered on this
+    rank. `extra_files` (name -> text) are written into the folder before it appears.
     """
+    model, state = _unwrapped(model, state)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     adapter = "none"
@@ -47,6 +48,14 @@ def save_final(
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return adapter
+
+
+def _unwrapped(model: Any, state: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A `ScalarModel` saves as the transformers (or peft) model it wraps, so its folder loads with
+    transformers alone: that model, and the weights with the wrapper's `model.` prefix dropped."""
+    if not isinstance(model, ScalarModel):
+        return model, state
+    return model.model, {name.removeprefix("model."): tensor for name, tensor in state.items()}
 
 
 def _adapter_state(peft_model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -247,8 +247,7 @@ def main(run: Run) -> None:
     critic_dir = run.run_dir / "critic"
     if dist.is_main:
         actor_adapter = save_final(actor.module, actor_weights, tokenizer, run.final_dir, lora=cfg.model.lora)
-        critic_weights = {name.removeprefix("model."): tensor for name, tensor in critic_weights.items()}
-        critic_adapter = save_final(critic.module.model, critic_weights, tokenizer, critic_dir, lora=cfg.critic.lora)
+        critic_adapter = save_final(critic.module, critic_weights, tokenizer, critic_dir, lora=cfg.critic.lora)
     summary = loop.summary(final_eval)
     loop.publish_companion(
         stage="critic", path=critic_dir, parents=sources.critic.parents, base_model=base_model_identity(sources.critic, cfg.critic),

@@ -138,9 +138,8 @@ def main(run: Run) -> None:
     weights = full_state_dict(engine, dist=dist)
     adapter = "none"
     if dist.is_main:
-        hf_weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
         adapter = save_final(
-            engine.module.model, hf_weights, tokenizer, run.final_dir, lora=cfg.model.lora,
+            engine.module, weights, tokenizer, run.final_dir, lora=cfg.model.lora,
             extra_files={REWARD_STATS_FILE: json.dumps(reward_stats, indent=2) + "\n"},
         )
     loop.publish(source=source, tokenizer=tokenizer, adapter=adapter, metrics={
