@@ -1,4 +1,5 @@
-"""DeepSpeed: distributed set-up, the one engine factory, resumable checkpoints, final weights.
+"""DeepSpeed: distributed set-up, the one engine factory, resumable checkpoints, final weights,
+and loading a model straight into ZeRO-3 partitions.
 
 Every stage builds its engines here so ZeRO stage, offload, precision, accumulation, clipping and
 the learning-rate schedule mean the same thing everywhere.
@@ -6,11 +7,12 @@ the learning-rate schedule mean the same thing everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -255,3 +257,47 @@ def full_state_dict(engine: Any, *, dist: Dist) -> dict[str, torch.Tensor] | Non
     if dist.is_main:
         state.update((name, buf.detach().cpu().clone()) for name, buf in module.named_buffers() if name in keys)
     return state if dist.is_main else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading straight into ZeRO-3 partitions
+
+
+@dataclass(frozen=True)
+class Zero3Partitioning:
+    """How `rlhf.model_loading` builds a model under ZeRO-3 (its `Partitioning`): each rank
+    constructs only its own slice of the weights, so no rank ever holds a whole large model."""
+
+    ds_config: dict[str, Any]
+    """The DeepSpeed config of the engine the model will go into."""
+
+    @contextlib.contextmanager
+    def constructing(self) -> Iterator[None]:
+        """While alive, an HfDeepSpeedConfig makes from_pretrained build the model under zero.Init.
+
+        It is dropped right after loading: left alive it would also partition models we build later
+        on purpose whole (the CPU copy used to merge LoRA weights at save time).
+        """
+        from transformers.integrations import HfDeepSpeedConfig
+
+        marker = HfDeepSpeedConfig(self.ds_config)
+        try:
+            yield
+        finally:
+            del marker
+
+    @contextlib.contextmanager
+    def gathered(self, param: torch.nn.Parameter) -> Iterator[None]:
+        """`param` whole on every rank inside; what rank 0 writes into it is scattered back to every rank."""
+        if not hasattr(param, "ds_id"):  # not partitioned (the toy model is built whole, then wrapped)
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            yield
+
+
+def zero3_partitioning(ds_config: dict[str, Any] | None) -> Zero3Partitioning | None:
+    """Load into partitions under this DeepSpeed config; None (no ZeRO-3) loads the model whole."""
+    return None if ds_config is None else Zero3Partitioning(ds_config)

@@ -25,3 +25,11 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, for quoting a library's error in ours."""
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def remote_code_hint(exc: Exception, key: str) -> str:
+    """transformers refuses a repository's own code unless trusted: name the one flag that trusts
+    this model (`reward.name_or_path` -> `reward.trust_remote_code`), each model having its own."""
+    if "custom code" not in str(exc):
+        return ""
+    return f" (set {key.partition('.')[0]}.trust_remote_code=true only if you trust that code)"

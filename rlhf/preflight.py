@@ -39,7 +39,7 @@ def check_rm(cfg: Any) -> None:
 
 
 def check_ppo(cfg: Any) -> None:
-    from rlhf.models import ppo_sources, reward_stats
+    from rlhf.model_sources import ppo_sources, reward_stats
 
     # The ptx term reads SFT-format data.
     ptx = (DataCheck("data.ptx", "train", cfg.data.ptx, "sft"),) if cfg.ppo.ptx_coef > 0 else ()
@@ -77,8 +77,9 @@ def _model_and_tokenizer(cfg: Any, *, need_tokenizer: bool):
     import torch
 
     from rlhf.config import check_precision
-    from rlhf.models import check_causal_lm, load_tokenizer, resolve_model
+    from rlhf.model_sources import check_causal_lm, resolve_model
     from rlhf.registry import Registry
+    from rlhf.tokenizer import load_tokenizer
 
     check_precision(cfg.engine, cuda_available=torch.cuda.is_available())
     registry = Registry(cfg.run.registry)

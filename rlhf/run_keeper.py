@@ -35,9 +35,11 @@ from rlhf.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.config import ModelConfig, to_dict
 from rlhf.engine import Dist, full_state_dict
 from rlhf.errors import StoppedBySignal, UserError
-from rlhf.models import ModelSource, base_model_identity, save_final, tokenizer_fingerprint
+from rlhf.model_saving import save_final
+from rlhf.model_sources import ModelSource, base_model_identity
 from rlhf.registry import Entry, now_iso
 from rlhf.runs import Run, mark_started
+from rlhf.tokenizer import tokenizer_fingerprint
 from rlhf.tracking import Tracker, print_warning
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -574,7 +574,8 @@ def ppo_references(cfg: Any, dist: Any, *, budget: Budget, half: int) -> dict[st
     builds them (from the same entries): per-round seconds, by measurement."""
     from rlhf.data.load import stage_datasets
     from rlhf.data.sampler import ShuffledBatches
-    from rlhf.models import build_ppo_models, causal_lm_and_tokenizer, ppo_sources
+    from rlhf.model_sources import causal_lm_and_tokenizer, ppo_sources
+    from rlhf.ppo_models import build_ppo_models
     from rlhf.registry import Registry
 
     registry = Registry(cfg.run.registry)

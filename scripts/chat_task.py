@@ -87,7 +87,7 @@ def rank(rm_path: str, folder: Path) -> dict[str, float]:
     from rlhf.data.formats import to_comparisons
     from rlhf.data.sources import load_records
     from rlhf.data.tokenize import tokenize_preferences
-    from rlhf.models import ScalarModel
+    from rlhf.model_loading import ScalarModel
 
     path = folder / "comparisons-eval.jsonl"
     tokenizer = AutoTokenizer.from_pretrained(rm_path)

@@ -42,7 +42,8 @@ from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import Dist, global_grad_norm, init_distributed, seed_everything
 from rlhf.evaluation import even_shard, oracle_eval
-from rlhf.models import ModelSource, PPOModels, PPOSources, build_ppo_models, causal_lm_and_tokenizer, ppo_sources, reward_stats
+from rlhf.model_sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
+from rlhf.ppo_models import PPOModels, build_ppo_models
 from rlhf.rank_sums import RankSums
 from rlhf.rollout import Sampling, ScoredRollout, Sequences, minibatch_rows, policy_logprobs, sample_rollout, score_rollout, token_values
 from rlhf.run_keeper import LoopState, RunKeeper

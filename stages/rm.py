@@ -26,9 +26,19 @@ from rlhf.config import RMConfig
 from rlhf.data.collate import collate_rm
 from rlhf.data.load import rm_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
-from rlhf.engine import PRECISION_DTYPES, Dist, build_engine, deepspeed_config, global_grad_norm, init_distributed, seed_everything
+from rlhf.engine import (
+    PRECISION_DTYPES,
+    Dist,
+    build_engine,
+    deepspeed_config,
+    global_grad_norm,
+    init_distributed,
+    seed_everything,
+    zero3_partitioning,
+)
 from rlhf.evaluation import preference_eval
-from rlhf.models import REWARD_STATS_FILE, ModelSource, causal_lm_and_tokenizer, load_scalar_model
+from rlhf.model_loading import load_scalar_model
+from rlhf.model_sources import REWARD_STATS_FILE, ModelSource, causal_lm_and_tokenizer
 from rlhf.rank_sums import RankSums
 from rlhf.run_keeper import LoopState, RunKeeper
 from rlhf.runs import Run, stage_entrypoint
@@ -126,7 +136,7 @@ def build_model(cfg: RMConfig, data: Data) -> Any:
     zero3 = cfg.engine.zero_stage == 3
     model = load_scalar_model(
         data.source, cfg.model, data.tokenizer, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.engine.precision],
-        zero3_config=deepspeed_config(cfg.engine, cfg.optim) if zero3 else None,
+        partitioning=zero3_partitioning(deepspeed_config(cfg.engine, cfg.optim) if zero3 else None),
     )
     return build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
 

@@ -22,9 +22,19 @@ from rlhf.config import SFTConfig
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import stage_datasets
 from rlhf.data.sampler import ShuffledBatches
-from rlhf.engine import PRECISION_DTYPES, Dist, build_engine, deepspeed_config, global_grad_norm, init_distributed, seed_everything
+from rlhf.engine import (
+    PRECISION_DTYPES,
+    Dist,
+    build_engine,
+    deepspeed_config,
+    global_grad_norm,
+    init_distributed,
+    seed_everything,
+    zero3_partitioning,
+)
 from rlhf.evaluation import heldout_loss, oracle_eval
-from rlhf.models import ModelSource, causal_lm_and_tokenizer, load_causal_lm
+from rlhf.model_loading import load_causal_lm
+from rlhf.model_sources import ModelSource, causal_lm_and_tokenizer
 from rlhf.rollout import Sampling
 from rlhf.run_keeper import LoopState, RunKeeper
 from rlhf.runs import Run, stage_entrypoint
@@ -105,7 +115,7 @@ def build_model(cfg: SFTConfig, data: Data) -> Any:
     zero3 = cfg.engine.zero_stage == 3
     model = load_causal_lm(
         data.source, cfg.model, data.tokenizer, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.engine.precision],
-        zero3_config=deepspeed_config(cfg.engine, cfg.optim) if zero3 else None,
+        partitioning=zero3_partitioning(deepspeed_config(cfg.engine, cfg.optim) if zero3 else None),
     )
     return build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
 

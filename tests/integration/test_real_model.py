@@ -148,7 +148,7 @@ def test_the_reward_is_read_at_the_end_of_turn_token(converted, model_and_tokeni
     hidden state at each conversation's closing <|im_end|>, computed on the row alone."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.models import ScalarModel
+    from rlhf.model_loading import ScalarModel
     from rlhf.rollout import sequence_scores
     from tests.sequences import build_sequences
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.models import tokenizer_fingerprint
 from rlhf.registry import Entry, Registry, now_iso
+from rlhf.tokenizer import tokenizer_fingerprint
 from rlhf.toy import ToyModelConfig, build_model, build_tokenizer, model_identity
 from tests.integration.conftest import rlhf_here
 from tests.integration.test_sft_errors import assert_user_error, write_jsonl

@@ -28,7 +28,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from rlhf.models import ScalarModel, disable_dropout
+from rlhf.model_loading import ScalarModel, disable_dropout
 from rlhf.rollout import Sampling, generate, policy_logprobs, sequence_scores
 from rlhf.toy import build_tokenizer
 from tests.sequences import build_sequences

@@ -234,7 +234,7 @@ def ppo_with_custom_reward(tmp_path: Path, *flags: str):
 
 
 def test_the_actors_trust_does_not_extend_to_the_reward_models_tokenizer(tmp_path):
-    from rlhf.models import ModelSource, ppo_sources
+    from rlhf.model_sources import ModelSource, ppo_sources
     from rlhf.registry import Registry
     from rlhf.toy import build_tokenizer
 
@@ -252,7 +252,9 @@ def test_the_actors_trust_does_not_extend_to_the_reward_models_tokenizer(tmp_pat
 def test_the_reward_model_loads_under_its_own_flag(tmp_path):
     import torch
 
-    from rlhf.models import frozen_model_config, load_scalar_model, resolve_model
+    from rlhf.model_loading import load_scalar_model
+    from rlhf.model_sources import resolve_model
+    from rlhf.ppo_models import frozen_model_config
     from rlhf.registry import Registry
     from rlhf.toy import build_tokenizer
 
@@ -270,7 +272,7 @@ def test_the_reward_model_loads_under_its_own_flag(tmp_path):
 
 def test_a_null_reference_is_the_actor_and_loads_under_the_actors_flag():
     from rlhf.config import PPOConfig
-    from rlhf.models import frozen_model_config
+    from rlhf.ppo_models import frozen_model_config
 
     cfg = load_config(PPOConfig, None, ["model.trust_remote_code=true"])
     assert frozen_model_config(cfg, "reference").trust_remote_code
@@ -381,7 +383,7 @@ def test_model_references_that_name_nothing(tmp_path):
     """What a model key resolves to when it names nothing: each says why, not a hub error."""
     import json
 
-    from rlhf.models import resolve_model
+    from rlhf.model_sources import resolve_model
     from rlhf.registry import Registry
 
     registry = Registry(tmp_path / "reg")

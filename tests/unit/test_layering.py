@@ -53,3 +53,13 @@ def test_the_probe_does_refuse_the_training_stack():
     # A module that imports datasets must fail under the probe, or the test above proves nothing.
     result = probe("rlhf.data.sources")
     assert result.returncode != 0 and "blocked by the test" in result.stderr
+
+
+def test_model_loading_and_saving_know_neither_the_registry_nor_deepspeed():
+    # Loaders take a resolved source and a Partitioning (rlhf.engine holds DeepSpeed's side), so
+    # importing them must pull in neither the registry, the sources, the engine nor deepspeed.
+    code = ("import sys, rlhf.model_loading, rlhf.model_saving; "
+            "print([m for m in ('rlhf.registry', 'rlhf.model_sources', 'rlhf.engine', 'deepspeed') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -15,7 +15,8 @@ from rlhf.data.collate import collate_rm
 from rlhf.data.formats import to_comparisons, to_ranked
 from rlhf.data.sources import Records
 from rlhf.data.tokenize import RMExample, tokenize_preferences
-from rlhf.models import ModelSource, ScalarModel, load_scalar_model
+from rlhf.model_loading import ScalarModel, load_scalar_model
+from rlhf.model_sources import ModelSource
 from rlhf.toy import build_tokenizer
 
 

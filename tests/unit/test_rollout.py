@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlhf.models import ScalarModel
+from rlhf.model_loading import ScalarModel
 from rlhf.rollout import (
     Sampling,
     generate,

@@ -1,0 +1,73 @@
+"""PPO's four models built from their resolved sources: the actor and critic as DeepSpeed engines
+with their optimizers, the reference and reward frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf.config import LoraConfig, ModelConfig
+from rlhf.engine import PRECISION_DTYPES, build_engine, build_frozen, deepspeed_config, frozen_zero3_config, zero3_partitioning
+from rlhf.model_loading import disable_dropout, load_causal_lm, load_scalar_model, zero_scalar_head
+from rlhf.model_sources import ModelSource, PPOSources
+
+
+@dataclass(frozen=True)
+class PPOModels:
+    """PPO's four models: the actor and critic as DeepSpeed engines with their optimizers; the
+    reference and reward frozen (ZeRO-3 partitions under ZeRO-3 or offload, else plain modules).
+    reference None = the actor with its LoRA adapters switched off."""
+
+    actor: Any
+    critic: Any
+    reference: Any | None
+    reward: Any
+
+
+def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
+    """How PPO loads its frozen `name` ('reference' or 'reward'): the actor's kernel choice, no
+    adapters or recomputed activations (they never backpropagate), and that model's own
+    trust_remote_code, since trusting the actor's repository says nothing about another's. A null
+    reference is the actor's own model, already loaded under model.trust_remote_code."""
+    own = getattr(cfg, name)
+    trust = cfg.model.trust_remote_code if name == "reference" and own.name_or_path is None else own.trust_remote_code
+    return dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False, trust_remote_code=trust)
+
+
+def build_ppo_models(
+    cfg: Any, sources: PPOSources, actor_source: ModelSource, tokenizer: Any, *, dist: Any, total_updates: int
+) -> PPOModels:
+    """Load and wrap PPO's four models from their resolved sources, dropout off in all four.
+
+    Under ZeRO-3 each model loads straight into partitions. The critic keeps the reward model's
+    backbone; its head is zeroed with ppo.value_head=zero. `total_updates` (optimizer steps of the
+    whole run) sets both learning-rate schedules.
+    """
+    engine = cfg.engine
+    zero3 = engine.zero_stage == 3
+    dtype = PRECISION_DTYPES[engine.precision]
+    seed = cfg.train.seed
+    actor = load_causal_lm(actor_source, cfg.model, tokenizer, seed=seed, dtype=dtype,
+                           partitioning=zero3_partitioning(deepspeed_config(engine, cfg.optim) if zero3 else None))
+    critic_partitioning = zero3_partitioning(deepspeed_config(engine, cfg.critic_optim) if zero3 else None)
+    critic = load_scalar_model(sources.critic, cfg.critic, tokenizer, seed=seed, dtype=dtype, trained_head=True,
+                               key="critic.name_or_path", partitioning=critic_partitioning)
+    if cfg.ppo.value_head == "zero":
+        zero_scalar_head(critic, partitioning=critic_partitioning)
+    reference = None
+    if sources.reference is not None:
+        reference = load_causal_lm(sources.reference, frozen_model_config(cfg, "reference"), tokenizer, seed=seed, dtype=dtype,
+                                   partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reference.offload)),
+                                   key="reference.name_or_path")
+        disable_dropout(reference)
+        reference = build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
+    reward = load_scalar_model(sources.reward, frozen_model_config(cfg, "reward"), tokenizer, seed=seed, dtype=dtype,
+                               trained_head=True, key="reward.name_or_path",
+                               partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)))
+    for model in (actor, critic, reward):
+        disable_dropout(model)
+    reward = build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
+    actor = build_engine(actor, engine=engine, optim=cfg.optim, total_steps=total_updates)
+    critic = build_engine(critic, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)
+    return PPOModels(actor=actor, critic=critic, reference=reference, reward=reward)
