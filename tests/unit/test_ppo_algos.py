@@ -25,25 +25,18 @@ from rlhf.algos.ppo import (
     shape_scores,
     value_loss,
 )
+from tests.masks import PATTERNS, random_mask
 
 B, R, V = 5, 7, 6
 SEEDS = range(3)
 DTYPES = [torch.float64, torch.float32]
-PATTERNS = ["prefix", "holes"]
 
 
 # ---------------------------------------------------------------- inputs and tolerances
 
 
 def make_mask(gen: torch.Generator, pattern: str, rows: int = B, cols: int = R) -> torch.Tensor:
-    """(rows, cols) bool mask: random-length prefixes or random holes; no row is all padding."""
-    if pattern == "prefix":
-        lengths = torch.randint(1, cols + 1, (rows,), generator=gen)
-        return torch.arange(cols).unsqueeze(0) < lengths.unsqueeze(1)
-    mask = torch.rand(rows, cols, generator=gen) < 0.6
-    keep = torch.randint(0, cols, (rows,), generator=gen)
-    mask[torch.arange(rows), keep] = True
-    return mask
+    return random_mask(gen, pattern, rows=rows, cols=cols)
 
 
 def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
