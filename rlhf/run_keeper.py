@@ -183,8 +183,8 @@ class RunKeeper:
                       metrics: dict[str, Any], parents: tuple[str, ...] = (), companion: str | None = None,
                       extra_files: dict[str, str] | None = None) -> None:
         """Gather `engine`'s full weights (every rank calls this), save them as a `save_pretrained`
-        folder on the main rank, then publish its registry entry, which so only ever points at a
-        complete folder. The run's own model is entry `<run id>` in `run.final_dir`; a `companion`
+        folder on the main rank, then publish its registry entry (so an entry only ever points at a
+        complete folder). The run's own model is entry `<run id>` in `run.final_dir`; a `companion`
         (PPO's critic) is entry `<run id>-<companion>` in its own folder of the run. `parents`
         defaults to the source's entry."""
         weights = full_state_dict(engine, dist=self.dist)
