@@ -75,11 +75,12 @@ def _stage_command(stage: str, summary: str) -> None:
 _stage_command("sft", "Supervised fine-tuning on demonstrations (loss on response tokens only).")
 _stage_command("rm", "Reward model on comparisons (Bradley-Terry; ranked lists give all their pairs), from sft:latest by default.")
 _stage_command("ppo", "PPO against the reward model with a KL penalty to the SFT policy (actor sft:latest, critic and reward rm:latest).")
+_stage_command("dpo", "Direct preference optimization of sft:latest on comparisons, no reward model (dpo, ipo, kto, simpo, orpo).")
 
 
 @app.command("config")
 def show_config(
-    stage: Annotated[str, typer.Argument(help="Stage whose config to show: sft, rm, ppo.")],
+    stage: Annotated[str, typer.Argument(help="Stage whose config to show: sft, rm, ppo, dpo.")],
     overrides: OverridesArg = None,
     config: ConfigOpt = None,
     docs: Annotated[bool, typer.Option("--docs", help="List every key with its documentation instead.")] = False,
@@ -148,6 +149,10 @@ def toy_data(
 SftConfigOpt = Annotated[Optional[Path], typer.Option("--sft-config", help="YAML config of the sft stage (default: the embedded default).")]
 RmConfigOpt = Annotated[Optional[Path], typer.Option("--rm-config", help="YAML config of the rm stage (default: the embedded default).")]
 PpoConfigOpt = Annotated[Optional[Path], typer.Option("--ppo-config", help="YAML config of the ppo stage (default: the embedded default).")]
+DpoConfigOpt = Annotated[Optional[Path], typer.Option("--dpo-config", help="YAML config of the dpo stage (default: the embedded default).")]
+StagesOpt = Annotated[Optional[str], typer.Option("--stages",
+    help="The stages to chain, comma-separated, e.g. sft,dpo (default: sft,rm,ppo). Each starts from the runs before it.",
+    show_default=False)]
 PipelineOverridesArg = Annotated[Optional[list[str]], typer.Argument(
     help="Config overrides: key=value for every stage, or stage:key=value for one (e.g. rm:train.max_steps=100).",
     show_default=False,
@@ -160,37 +165,50 @@ def pipeline(
     sft_config: SftConfigOpt = None,
     rm_config: RmConfigOpt = None,
     ppo_config: PpoConfigOpt = None,
+    dpo_config: DpoConfigOpt = None,
+    stages: StagesOpt = None,
     num_gpus: NumGpusOpt = None,
     launcher: LauncherOpt = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write the report folder (markdown and plots) at the end.")] = True,
     verbose: VerboseOpt = False,
 ) -> None:
-    """sft -> rm -> ppo, each stage its own program; each later stage starts from the runs before it
-    (by registry reference), then a summary table and a report of the three runs."""
+    """sft -> rm -> ppo (or the --stages given, e.g. sft,dpo), each stage its own program; each later
+    stage starts from the runs before it (by registry reference), then a summary table and a report
+    of the last run and its lineage."""
 
     def run_all() -> None:
-        from rlhf.pipeline import PIPELINE, split_stage_overrides, with_parents
+        from rlhf.pipeline import parse_stages, split_stage_overrides, with_parents
 
-        configs = {"sft": sft_config, "rm": rm_config, "ppo": ppo_config}
-        per_stage = split_stage_overrides(overrides or [], PIPELINE)
+        chain = parse_stages(stages)
+        configs = _stage_configs(chain, {"sft": sft_config, "rm": rm_config, "ppo": ppo_config, "dpo": dpo_config})
+        per_stage = split_stage_overrides(overrides or [], chain)
         run_ids: dict[str, str] = {}
-        for stage in PIPELINE:
+        for stage in chain:
             run_dir = _launch_stage(stage=stage, launch=LaunchChoice(num_gpus, launcher, None, verbose),
-                                    overrides=with_parents(stage, per_stage[stage], run_ids), config=configs[stage])
+                                    overrides=with_parents(stage, per_stage[stage], run_ids), config=configs.get(stage))
             run_ids[stage] = run_dir.name
         if report:
-            _pipeline_summary(run_dir.parent.parent, run_ids["ppo"])
+            _pipeline_summary(run_dir.parent.parent, run_ids[chain[-1]])
 
     _guard(run_all)
 
 
-def _pipeline_summary(registry_root: Path, ppo_id: str) -> None:
+def _stage_configs(chain: tuple[str, ...], given: dict[str, Path | None]) -> dict[str, Path | None]:
+    """The --<stage>-config files of the stages in `chain`; a file for a stage left out is a mistake."""
+    unused = [f"--{stage}-config" for stage, path in given.items() if path and stage not in chain]
+    if unused:
+        raise UserError(f"{', '.join(unused)} names a stage this pipeline does not run ({','.join(chain)}); "
+                        "drop it or add the stage to --stages")
+    return {stage: given.get(stage) for stage in chain}
+
+
+def _pipeline_summary(registry_root: Path, last_id: str) -> None:
     from rlhf.registry import Registry
     from rlhf.report import summary_table, write_report
     from rlhf.tracking import console
 
     registry = Registry(registry_root)
-    entry = registry.get(ppo_id)
+    entry = registry.get(last_id)
     console.print(summary_table(registry, entry))
     folder = write_report(registry, entry, Path(entry.run_dir) / "report")
     console.print(f"report: {folder}")
@@ -198,13 +216,15 @@ def _pipeline_summary(registry_root: Path, ppo_id: str) -> None:
 
 @app.command("submit")
 def submit(
-    target: Annotated[str, typer.Argument(help="sft, rm, ppo, or pipeline (three jobs chained with afterok).")],
+    target: Annotated[str, typer.Argument(help="sft, rm, ppo, dpo, or pipeline (one job per stage, chained with afterok).")],
     overrides: PipelineOverridesArg = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c",
         help="YAML config of the stage (not with pipeline: use --<stage>-config).")] = None,
     sft_config: SftConfigOpt = None,
     rm_config: RmConfigOpt = None,
     ppo_config: PpoConfigOpt = None,
+    dpo_config: DpoConfigOpt = None,
+    stages: StagesOpt = None,
     nodes: Annotated[int, typer.Option("--nodes", help="Nodes per job.")] = 1,
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node (0: CPU nodes).")] = 0,
     ranks_per_node: Annotated[Optional[int], typer.Option("--ranks-per-node",
@@ -221,7 +241,8 @@ def submit(
     """Submit a stage, or the whole pipeline, to SLURM as batch jobs (sbatch)."""
 
     def run() -> None:
-        _submit(target, overrides or [], config, {"sft": sft_config, "rm": rm_config, "ppo": ppo_config}, dry_run,
+        _submit(target, overrides or [], config, {"sft": sft_config, "rm": rm_config, "ppo": ppo_config, "dpo": dpo_config}, dry_run,
+                stages=stages,
                 nodes=nodes, gpus_per_node=gpus_per_node, ranks_per_node=ranks_per_node, cpus_per_task=cpus_per_task,
                 partition=partition, time=time_limit, account=account, requeue=requeue, sbatch_args=tuple(sbatch_arg or ()))
 
@@ -229,22 +250,26 @@ def submit(
 
 
 def _submit(target: str, overrides: list[str], config: Path | None, stage_configs: dict[str, Path | None],
-            dry_run: bool, **resources) -> None:
+            dry_run: bool, *, stages: str | None = None, **resources) -> None:
     import shlex
     import shutil
 
-    from rlhf.pipeline import PIPELINE, split_stage_overrides
+    from rlhf.pipeline import STAGES, parse_stages, split_stage_overrides
     from rlhf.registry import Registry
     from rlhf.runs import resolve_config
     from rlhf.slurm import Resources, check_script_value, dry_run_listing, render_script, sbatch_path, stage_jobs, submit_script
     from rlhf.tracking import console
 
-    if target not in (*PIPELINE, "pipeline"):
-        raise UserError(f"rlhf submit takes sft, rm, ppo or pipeline, not {target!r}")
-    stages = PIPELINE if target == "pipeline" else (target,)
+    if target not in (*STAGES, "pipeline"):
+        raise UserError(f"rlhf submit takes {', '.join(STAGES)} or pipeline, not {target!r}")
+    if target != "pipeline" and stages is not None:
+        raise UserError("--stages chooses the stages of `rlhf submit pipeline`; drop it, or submit pipeline")
+    chain = parse_stages(stages) if target == "pipeline" else (target,)
     if target == "pipeline" and config:
-        raise UserError("--config names one stage's file; with pipeline use --sft-config, --rm-config, --ppo-config")
-    if target != "pipeline":
+        raise UserError("--config names one stage's file; with pipeline use --sft-config, --rm-config, --ppo-config, --dpo-config")
+    if target == "pipeline":
+        stage_configs = _stage_configs(chain, stage_configs)
+    else:
         other = [f"--{s}-config" for s, path in stage_configs.items() if path]
         if other:
             raise UserError(f"{', '.join(other)} is for `rlhf submit pipeline`; give one stage's file with --config")
@@ -258,15 +283,15 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     for item in overrides:
         check_script_value("override", item)
     sbatch = None if dry_run else sbatch_path()
-    per_stage = split_stage_overrides(overrides, stages)
+    per_stage = split_stage_overrides(overrides, chain)
     files = {stage: str(Path(path).resolve()) for stage, path in stage_configs.items() if path}
-    stage_args = {stage: ([ "-c", files[stage]] if stage in files else []) + per_stage[stage] for stage in stages}
+    stage_args = {stage: ([ "-c", files[stage]] if stage in files else []) + per_stage[stage] for stage in chain}
     # Config mistakes (unknown keys, bad values) surface now; references resolve when each job starts.
-    roots = {Path(resolve_config(stage, files.get(stage), per_stage[stage]).run.registry) for stage in stages}
+    roots = {Path(resolve_config(stage, files.get(stage), per_stage[stage]).run.registry) for stage in chain}
     if len(roots) > 1:
         raise UserError(f"the stages would use different registries ({', '.join(map(str, sorted(roots)))}); set run.registry for all")
     registry = Registry(roots.pop())
-    jobs = stage_jobs(stages, registry_root=registry.root, new_run_id=registry.new_run_id, stage_args=stage_args)
+    jobs = stage_jobs(chain, registry_root=registry.root, new_run_id=registry.new_run_id, stage_args=stage_args)
     rlhf_exe = shutil.which("rlhf") or str(Path(sys.executable).with_name("rlhf"))
     command_line = shlex.join(["rlhf", "submit", *sys.argv[2:]]) if len(sys.argv) > 1 else "rlhf submit"
     scripts = {job.run_id: render_script(job, res, registry_root=registry.root, workdir=Path.cwd(), rlhf_exe=rlhf_exe,

@@ -188,11 +188,19 @@ def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any
         check_scalar_model(source, key=key)
         check_same_tokenizer(tokenizer, source, key=key, trust_remote_code=getattr(cfg, name).trust_remote_code)
         scalar[name] = source
-    reference = None
-    if cfg.reference.name_or_path is not None or not cfg.model.lora.enabled:
-        key = "reference.name_or_path"
-        reference = actor if cfg.reference.name_or_path is None else resolve_model(cfg.reference.name_or_path, registry, key=key)
-        check_causal_lm(reference, key=key)
-        if reference is not actor:
-            check_same_tokenizer(tokenizer, reference, key=key, trust_remote_code=cfg.reference.trust_remote_code)
-    return PPOSources(reference=reference, critic=scalar["critic"], reward=scalar["reward"])
+    return PPOSources(reference=reference_source(cfg, registry, actor, tokenizer), critic=scalar["critic"], reward=scalar["reward"])
+
+
+def reference_source(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any) -> ModelSource | None:
+    """Where the frozen reference policy of a config with `model` and `reference` sections comes
+    from: reference.name_or_path, or the actor's own starting model; None = the actor with its LoRA
+    adapters switched off (LoRA on and no reference named), which needs no second copy. A named
+    reference must be a causal LM reading the actor's tokens."""
+    if cfg.reference.name_or_path is None and cfg.model.lora.enabled:
+        return None
+    key = "reference.name_or_path"
+    reference = actor if cfg.reference.name_or_path is None else resolve_model(cfg.reference.name_or_path, registry, key=key)
+    check_causal_lm(reference, key=key)
+    if reference is not actor:
+        check_same_tokenizer(tokenizer, reference, key=key, trust_remote_code=cfg.reference.trust_remote_code)
+    return reference

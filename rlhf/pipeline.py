@@ -10,13 +10,35 @@ from __future__ import annotations
 from rlhf.errors import UserError
 
 PIPELINE = ("sft", "rm", "ppo")
+"""The stages `rlhf pipeline` runs by default (InstructGPT); `--stages sft,dpo` picks others."""
+STAGES = ("sft", "rm", "ppo", "dpo")
 
 # Which config keys of a later stage name an earlier stage's entry: a pipeline points each stage at
 # the runs it just made, since `latest` could pick up someone else's run by the time the stage starts.
 PARENT_KEYS = {
     "rm": {"model.name_or_path": "sft"},
     "ppo": {"model.name_or_path": "sft", "critic.name_or_path": "rm", "reward.name_or_path": "rm"},
+    "dpo": {"model.name_or_path": "sft"},
 }
+
+
+def parse_stages(text: str | None) -> tuple[str, ...]:
+    """`--stages` as a tuple: comma-separated stage names, each once, every stage after the stages
+    it starts from (PARENT_KEYS); None = PIPELINE. A parent left out is found by `latest` as usual."""
+    if text is None:
+        return PIPELINE
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not stages:
+        raise UserError(f"--stages {text!r} names no stage; give e.g. sft,dpo")
+    for i, stage in enumerate(stages):
+        if stage not in STAGES:
+            raise UserError(f"--stages: '{stage}' is not a stage; choose from {', '.join(STAGES)}")
+        if stage in stages[:i]:
+            raise UserError(f"--stages names '{stage}' twice; each stage runs once")
+        late = [p for p in PARENT_KEYS.get(stage, {}).values() if p in stages[i + 1 :]]
+        if late:
+            raise UserError(f"--stages: {stage} starts from {late[0]}, so {late[0]} must come before it (e.g. {late[0]},{stage})")
+    return stages
 
 
 def split_stage_overrides(overrides: list[str], stages: tuple[str, ...]) -> dict[str, list[str]]:

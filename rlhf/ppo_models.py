@@ -1,5 +1,5 @@
 """PPO's four models built from their resolved sources: the actor and critic as DeepSpeed engines
-with their optimizers, the reference and reward frozen."""
+with their optimizers, the reference and reward frozen. `build_reference` is DPO's too."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
     return dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False, trust_remote_code=trust)
 
 
+def build_reference(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any) -> Any:
+    """The frozen reference policy of a config with `model`, `reference` and `engine` sections (PPO's,
+    DPO's): loaded like the actor without adapters, dropout off, ZeRO-3 partitioned under ZeRO-3 or
+    reference.offload, else a plain copy on this rank's device."""
+    engine = cfg.engine
+    reference = load_causal_lm(source, frozen_model_config(cfg, "reference"), tokenizer, seed=cfg.train.seed,
+                               dtype=PRECISION_DTYPES[engine.precision],
+                               partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reference.offload)),
+                               key="reference.name_or_path")
+    disable_dropout(reference)
+    return build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
+
+
 def build_ppo_models(
     cfg: Any, sources: PPOSources, actor_source: ModelSource, tokenizer: Any, *, dist: Any, total_updates: int
 ) -> PPOModels:
@@ -55,13 +68,7 @@ def build_ppo_models(
                                key="critic.name_or_path", partitioning=critic_partitioning)
     if cfg.ppo.value_head == "zero":
         zero_scalar_head(critic, partitioning=critic_partitioning)
-    reference = None
-    if sources.reference is not None:
-        reference = load_causal_lm(sources.reference, frozen_model_config(cfg, "reference"), tokenizer, seed=seed, dtype=dtype,
-                                   partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reference.offload)),
-                                   key="reference.name_or_path")
-        disable_dropout(reference)
-        reference = build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
+    reference = None if sources.reference is None else build_reference(cfg, sources.reference, tokenizer, dist=dist)
     reward = load_scalar_model(sources.reward, frozen_model_config(cfg, "reward"), tokenizer, seed=seed, dtype=dtype,
                                trained_head=True, key="reward.name_or_path",
                                partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)))

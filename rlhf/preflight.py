@@ -52,7 +52,19 @@ def check_ppo(cfg: Any) -> None:
     _check_data(cfg, local, tokenizer)
 
 
-PREFLIGHT: dict[str, Callable[[Any], None]] = {"sft": check_sft, "rm": check_rm, "ppo": check_ppo}
+def check_dpo(cfg: Any) -> None:
+    from rlhf.config import REFERENCE_FREE_LOSSES
+    from rlhf.model_sources import reference_source
+
+    local = _local_data("dpo", cfg)
+    source, registry, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=True)
+    # A named reference must be a causal LM reading the policy's tokens (loaded for the loss or for eval.kl).
+    if cfg.dpo.loss not in REFERENCE_FREE_LOSSES or cfg.eval.kl:
+        reference_source(cfg, registry, source, tokenizer)
+    _check_data(cfg, local, tokenizer)
+
+
+PREFLIGHT: dict[str, Callable[[Any], None]] = {"sft": check_sft, "rm": check_rm, "ppo": check_ppo, "dpo": check_dpo}
 
 
 def _check_stage(stage: str, cfg: Any) -> None:
@@ -101,7 +113,8 @@ def _check_data(cfg: Any, local: list[DataCheck], tokenizer: Any) -> None:
 
 
 def _data_section_for(reader: str, cfg: Any) -> Any:
-    """The data settings of a reader: PPO's ptx data is read the way the ppo stage reads it."""
-    from rlhf.data.load import ptx_data_config
+    """The data settings of a reader: PPO's ptx data is read the way the ppo stage reads it, DPO's
+    data in the layout of its loss."""
+    from rlhf.data.load import ptx_data_config, stage_reading
 
-    return ptx_data_config(cfg.data) if reader == "sft" and not hasattr(cfg.data, "max_length") else cfg.data
+    return ptx_data_config(cfg.data) if reader == "sft" and not hasattr(cfg.data, "max_length") else stage_reading(reader, cfg)

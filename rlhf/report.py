@@ -55,6 +55,14 @@ STAGE_PLOTS: dict[str, tuple[Plot, ...]] = {
         Plot("oracle", "PPO: oracle score of held-out answers", "oracle score (0-100)",
              (("eval/oracle_score", "sampled"), ("eval/oracle_greedy", "greedy"))),
     ),
+    "dpo": (
+        Plot("loss", "DPO-family loss", "loss", (("loss", "train"), ("eval/loss", "held-out"))),
+        Plot("rewards", "DPO: implicit reward margin (chosen - rejected)", "margin",
+             (("margin", "train batches"), ("eval/margin", "held-out"))),
+        Plot("kl", "DPO: KL to the reference of sampled held-out answers, per response", "KL (nats)", (("eval/kl", "held-out"),)),
+        Plot("oracle", "DPO: oracle score of held-out answers", "oracle score (0-100)",
+             (("eval/oracle_score", "sampled"), ("eval/oracle_greedy", "greedy"))),
+    ),
 }
 
 # The registry-entry metrics worth a line per stage, in this order; a stage not named shows all.
@@ -66,6 +74,10 @@ KEY_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "ppo": (("train_score", "train score"), ("train_kl", "train KL"), ("score", "held-out score"), ("kl", "held-out KL"),
             ("oracle_score", "oracle score"), ("oracle_greedy", "oracle score, greedy"), ("beta", "beta"),
             ("steps", "steps"), ("wall_time_s", "wall time (s)")),
+    "dpo": (("objective", "loss"), ("beta", "beta"), ("train_loss", "train loss"), ("loss", "held-out loss"),
+            ("accuracy", "held-out reward accuracy"), ("margin", "held-out reward margin"), ("kl", "held-out KL"),
+            ("oracle_score", "oracle score"), ("oracle_greedy", "oracle score, greedy"), ("steps", "steps"),
+            ("wall_time_s", "wall time (s)")),
 }
 
 
@@ -240,7 +252,7 @@ def key_metrics(entry: Entry) -> list[tuple[str, Any]]:
 
 
 def oracle_rows(chain: list[Entry]) -> list[OracleRow]:
-    """The oracle's scores recorded by the lineage's sft and ppo runs (embedded default only).
+    """The oracle's scores recorded by the lineage's sft, ppo and dpo runs (embedded default only).
 
     Each run measures at step 0, before training, and at the end: the sft run grades the
     untrained model and the SFT model, the ppo run its starting policy and the PPO model. Each run
@@ -248,16 +260,18 @@ def oracle_rows(chain: list[Entry]) -> list[OracleRow]:
     """
     rows: list[OracleRow] = []
     sft = next((e for e in reversed(chain) if e.stage == "sft"), None)
-    ppo = next((e for e in reversed(chain) if e.stage == "ppo"), None)
     if sft is not None:
         from_toy = sft.config.get("model", {}).get("name_or_path") == TOY
         before = "untrained (random init)" if from_toy else f"before SFT ({sft.parents[0] if sft.parents else sft.base_model})"
         rows += _oracle_row(before, sft, initial=True)
         rows += _oracle_row("SFT", sft, initial=False)
-    if ppo is not None:
-        started_from_sft = sft is not None and ppo.parents[:1] == (sft.id,)
-        rows += _oracle_row("SFT, as PPO's start" if started_from_sft else "PPO's starting policy", ppo, initial=True)
-        rows += _oracle_row("PPO", ppo, initial=False)
+    for stage, name in (("ppo", "PPO"), ("dpo", "DPO")):
+        tuned = next((e for e in reversed(chain) if e.stage == stage), None)
+        if tuned is None:
+            continue
+        started_from_sft = sft is not None and tuned.parents[:1] == (sft.id,)
+        rows += _oracle_row(f"SFT, as {name}'s start" if started_from_sft else f"{name}'s starting policy", tuned, initial=True)
+        rows += _oracle_row(name if stage == "ppo" else f"DPO ({tuned.metrics.get('objective', 'dpo')})", tuned, initial=False)
     return rows
 
 

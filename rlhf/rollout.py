@@ -170,6 +170,10 @@ class Sequences:
     has_eos: torch.Tensor
     prompt_width: int
 
+    def to(self, device: torch.device) -> Sequences:
+        return Sequences(**{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "prompt_width"},
+                         prompt_width=self.prompt_width)
+
     def rows(self, index: torch.Tensor) -> Sequences:
         """The rollouts at `index` (a minibatch)."""
         return Sequences(**{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "prompt_width"},
@@ -226,6 +230,43 @@ def policy_logprobs(
     logp = logprobs_from_logits(logits, seqs.response_ids, temperature=temperature).masked_fill(padding, 0.0)
     entropy = entropy_from_logits(logits.detach(), temperature=temperature).masked_fill(padding, 0.0) if with_entropy else None
     return _pad_columns(logp, full_width), None if entropy is None else _pad_columns(entropy, full_width)
+
+
+def reference_logprobs(reference: Any | None, actor: Any, seqs: Sequences, *, temperature: float) -> torch.Tensor:
+    """(B, R) response log-probs under the frozen `reference`, or, when it is None, under `actor`
+    (a peft model, or an engine holding one) with its LoRA adapters switched off for the call: the
+    starting policy without a second copy. Not differentiable."""
+    with torch.no_grad():
+        if reference is not None:
+            return policy_logprobs(reference, seqs, temperature=temperature)[0]
+        peft_model = actor.module if hasattr(actor, "module") else actor
+        with peft_model.disable_adapter():
+            return policy_logprobs(actor, seqs, temperature=temperature)[0]
+
+
+def pack_sequences(
+    prompts: list[list[int]], responses: list[list[int]], *, pad_id: int, eos_id: int, device: torch.device | None = None
+) -> Sequences:
+    """Given prompts and responses laid out as a sampled rollout is (prompts left-padded, responses
+    right-padded), so `policy_logprobs` scores stored responses (DPO's pairs) the way it scores
+    sampled ones. Every response holds at least one token; masks come from lengths, never from
+    token ids (a pad may equal EOS)."""
+    if any(not r for r in responses):
+        raise ValueError("every response must hold at least one token")
+    left = left_pad_prompts(prompts, pad_id=pad_id)
+    lengths = torch.tensor([len(r) for r in responses])
+    width = int(lengths.max())
+    response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(responses):
+        response_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    response_mask = torch.arange(width)[None, :] < lengths[:, None]  # (B, R)
+    attention_mask = torch.cat([left["attention_mask"], response_mask.long()], dim=1)  # (B, P + R)
+    seqs = Sequences(
+        input_ids=torch.cat([left["input_ids"], response_ids], dim=1), attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0), response_mask=response_mask,
+        has_eos=torch.tensor([r[-1] == eos_id for r in responses]), prompt_width=left["input_ids"].shape[1],
+    )
+    return seqs if device is None else seqs.to(device)
 
 
 def token_values(critic: Any, seqs: Sequences) -> torch.Tensor:
@@ -318,12 +359,8 @@ def score_rollout(
         logp, entropy = policy_logprobs(actor, part, temperature=temperature, with_entropy=True)
         parts["logprobs"].append(logp)
         parts["entropy"].append(entropy)
-        if reference_is_actor_without_adapters:
-            peft_model = actor.module if hasattr(actor, "module") else actor
-            with peft_model.disable_adapter():
-                parts["ref_logprobs"].append(policy_logprobs(actor, part, temperature=temperature)[0])
-        else:
-            parts["ref_logprobs"].append(policy_logprobs(reference, part, temperature=temperature)[0])
+        parts["ref_logprobs"].append(reference_logprobs(None if reference_is_actor_without_adapters else reference, actor, part,
+                                                        temperature=temperature))
         if critic is not None:
             parts["values"].append(token_values(critic, part))
         parts["scores"].append(sequence_scores(reward, part))

@@ -6,6 +6,7 @@ Accepted layouts (columns):
   texts (Anthropic hh-rlhf); chosen+rejected as message lists.
 - RM (`to_ranked`): prompt+responses (best first, K >= 2).
 - PPO (`to_prompts`): prompt, or messages.
+- KTO (`to_unpaired`): prompt+completion+label (true = desirable), unpaired.
 Wherever a `prompt` is read it may also be a message list; it is then rendered with the chat
 template and add_generation_prompt=True. Responses are always the raw assistant text: the EOS is
 appended at tokenization, never here.
@@ -44,6 +45,14 @@ class Comparison:
 class Ranked:
     prompt: str
     responses: tuple[str, ...]  # best first, K >= 2
+    where: str
+
+
+@dataclass(frozen=True)
+class Feedback:
+    prompt: str
+    completion: str
+    desirable: bool
     where: str
 
 
@@ -226,4 +235,19 @@ def to_prompts(records: Records, tokenizer: Any) -> list[Prompt]:
             out.append(Prompt(render_chat(tokenizer, msgs, add_generation_prompt=True, where=w), w))
     else:
         raise _missing(records, "prompt, messages (list of {role, content})")
+    return out
+
+
+def to_unpaired(records: Records, tokenizer: Any) -> list[Feedback]:
+    """KTO's unpaired feedback from prompt+completion+label columns; label is true (desirable) or false."""
+    cols = records.rows.column_names
+    if not {"prompt", "completion", "label"} <= set(cols):
+        raise _missing(records, "prompt+completion+label (label true = desirable, false = undesirable)")
+    prompts, completions, labels = _columns(records, ["prompt", "completion", "label"])
+    out: list[Feedback] = []
+    for i, (p, c, label) in enumerate(zip(prompts, completions, labels)):
+        w = records.where(i)
+        if not isinstance(label, bool):
+            raise UserError(f"{w}: 'label' must be true or false, got {label!r}; fix the row")
+        out.append(Feedback(_prompt(p, tokenizer, w), _text(c, "completion", w), label, w))
     return out

@@ -6,19 +6,24 @@ user's file, so what is tested on it is what runs on real data.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
 
-from rlhf.data.formats import to_comparisons, to_prompt_responses, to_prompts, to_ranked
+from rlhf.data.formats import to_comparisons, to_prompt_responses, to_prompts, to_ranked, to_unpaired
 from rlhf.data.sources import Records, load_records
 from rlhf.data.tokenize import (
+    PairExample,
     RMExample,
     SFTExample,
     TruncationStats,
+    UnpairedExample,
+    preference_pairs,
     tokenize_preferences,
     tokenize_prompts,
     tokenize_sft,
+    tokenize_unpaired,
 )
 from rlhf.errors import UserError
 from rlhf.toy import TOY, ToyTask, ToyTaskConfig
@@ -72,19 +77,62 @@ def ppo_examples(source: str, *, split: str, tokenizer: Any, data: Any, key: str
     )
 
 
-STAGE_EXAMPLES = {"sft": sft_examples, "rm": rm_examples, "ppo": ppo_examples}
+TOY_DPO_KINDS = {"pairs": "comparisons", "ranked": "ranked"}
+
+
+@dataclass(frozen=True)
+class DPOReading:
+    """How `dpo_examples` reads a source: the data section's settings, and whether the loss takes
+    unpaired rows (dpo.loss=kto), which lives in another section of the config."""
+
+    max_length: int
+    long_prompts: str
+    toy_format: str
+    toy: ToyTaskConfig
+    unpaired: bool
+
+    @classmethod
+    def of(cls, cfg: Any) -> DPOReading:
+        data = cfg.data
+        return cls(data.max_length, data.long_prompts, data.toy_format, data.toy, unpaired=cfg.dpo.loss == "kto")
+
+
+def dpo_examples(
+    source: str, *, split: str, tokenizer: Any, data: DPOReading, key: str
+) -> tuple[list[PairExample] | list[UnpairedExample], TruncationStats]:
+    """The direct preference losses' rows: (prompt, chosen, rejected) pairs read as `rlhf rm` reads
+    comparisons or ranked lists (each ranked list gives all its pairs; a margin is not used), or for
+    loss='kto' unpaired (prompt, completion, label) rows. On 'toy': comparisons or ranked lists
+    (data.toy_format) for training and comparisons held out; for kto the oracle's feedback."""
+    if data.unpaired:
+        rows = records(source, split=split, toy=data.toy, toy_kind="feedback", key=key)
+        return tokenize_unpaired(to_unpaired(rows, tokenizer), tokenizer, max_length=data.max_length, long_prompts=data.long_prompts)
+    toy_kind = TOY_DPO_KINDS[data.toy_format] if split == "train" else "comparisons"
+    rows = records(source, split=split, toy=data.toy, toy_kind=toy_kind, key=key)
+    convert = to_ranked if "responses" in rows.rows.column_names else to_comparisons
+    groups, stats = tokenize_preferences(convert(rows, tokenizer), tokenizer, max_length=data.max_length,
+                                         long_prompts=data.long_prompts, use_margin=False)
+    return preference_pairs(groups), stats
+
+
+STAGE_EXAMPLES = {"sft": sft_examples, "rm": rm_examples, "ppo": ppo_examples, "dpo": dpo_examples}
 """Each stage's one way from a configured data source to its examples (used by the stage and by
 the CLI's pre-launch check alike)."""
+
+
+def stage_reading(stage: str, cfg: Any) -> Any:
+    """What a stage's reader takes as `data`: its data section (dpo: with the loss's layout)."""
+    return DPOReading.of(cfg) if stage == "dpo" else cfg.data
 
 
 def stage_datasets(stage: str, cfg: Any, tokenizer: Any, *, world_size: int) -> tuple[list, TruncationStats, list, TruncationStats | None]:
     """A training stage's (train examples, their stats, held-out examples capped at eval.max_rows,
     their stats); stops when the training set cannot fill one global batch."""
-    examples = STAGE_EXAMPLES[stage]
-    train_set, train_stats = examples(cfg.data.train, split="train", tokenizer=tokenizer, data=cfg.data, key="data.train")
+    examples, reading = STAGE_EXAMPLES[stage], stage_reading(stage, cfg)
+    train_set, train_stats = examples(cfg.data.train, split="train", tokenizer=tokenizer, data=reading, key="data.train")
     eval_set, eval_stats = [], None
     if cfg.data.eval:
-        eval_set, eval_stats = examples(cfg.data.eval, split="eval", tokenizer=tokenizer, data=cfg.data, key="data.eval")
+        eval_set, eval_stats = examples(cfg.data.eval, split="eval", tokenizer=tokenizer, data=reading, key="data.eval")
         if cfg.eval.max_rows:
             eval_set = eval_set[: cfg.eval.max_rows]
     # PPO draws a rollout batch of prompts per step; the other stages a micro-batch of examples.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf.algos.reward import ranked_pairs
-from rlhf.data.formats import Comparison, Prompt, PromptResponse, Ranked
+from rlhf.data.formats import Comparison, Feedback, Prompt, PromptResponse, Ranked
 from rlhf.errors import UserError
 
 BATCH = 1024  # rows per fast-tokenizer call: amortizes the Rust call without holding 100k encodings
@@ -53,6 +53,27 @@ class RMExample:
     sequences: list[list[int]]
     pairs: list[tuple[int, int]]
     margins: list[float]
+    prompt_length: int | None = None
+    """Tokens of the prompt every sequence starts with (None when built by hand without one)."""
+
+
+@dataclass
+class PairExample:
+    """One (prompt, chosen, rejected) row for the direct preference losses, as token ids: the
+    responses hold their EOS unless cut at the length limit, and at least one token each."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+@dataclass
+class UnpairedExample:
+    """One KTO row: prompt and completion ids (EOS unless cut), and its label (True = desirable)."""
+
+    prompt: list[int]
+    completion: list[int]
+    desirable: bool
 
 
 def _long_prompts_key(key: str) -> str:
@@ -181,13 +202,50 @@ def tokenize_preferences(
         kept = [(i, j, m) for i, j, m in candidates if sequences[i] != sequences[j]]
         stats.identical_pairs += len(candidates) - len(kept)
         if kept:
-            out.append(RMExample(sequences, [(i, j) for i, j, _ in kept], [m for _, _, m in kept]))
+            out.append(RMExample(sequences, [(i, j) for i, j, _ in kept], [m for _, _, m in kept], prompt_length=len(p)))
     stats.kept = len(out)
     if stats.rows and not out:
         raise UserError(
             f"no usable comparison is left of {stats.rows} rows ({stats.skipped_long_prompts} long prompts skipped, "
             f"{stats.identical_pairs} pairs identical after truncation); raise {key} or check the data"
         )
+    return out, stats
+
+
+def preference_pairs(groups: list[RMExample]) -> list[PairExample]:
+    """Every (better, worse) pair of tokenized preference groups as its own (prompt, chosen,
+    rejected) row: a ranked list of K responses gives its K(K-1)/2 pairs."""
+    out = []
+    for group in groups:
+        cut = group.prompt_length
+        if cut is None:
+            raise ValueError("preference_pairs needs groups made by tokenize_preferences (with prompt_length)")
+        for i, j in group.pairs:
+            out.append(PairExample(group.sequences[i][:cut], group.sequences[i][cut:], group.sequences[j][cut:]))
+    return out
+
+
+def tokenize_unpaired(
+    examples: list[Feedback],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    long_prompts: str = "error",
+    key: str = "data.max_length",
+) -> tuple[list[UnpairedExample], TruncationStats]:
+    """Tokenize KTO's unpaired rows like SFT examples (prompt ids + completion ids + EOS, cut to
+    max_length and counted; long prompts as in `tokenize_sft`)."""
+    _check_options(max_length, long_prompts, key, minimum=2)
+    eos = _eos_id(tokenizer)
+    stats = TruncationStats(rows=len(examples))
+    prompt_ids = _ids(tokenizer, [e.prompt for e in examples], add_special_tokens=True)
+    completion_ids = _ids(tokenizer, [e.completion for e in examples], add_special_tokens=False)
+    out: list[UnpairedExample] = []
+    for ex, p, c in zip(examples, prompt_ids, completion_ids):
+        if not _leaves_room(p, ex.where, max_length=max_length, long_prompts=long_prompts, key=key, stats=stats):
+            continue
+        out.append(UnpairedExample(p, _fitted_response(c, eos=eos, room=max_length - len(p), stats=stats), ex.desirable))
+    _check_any_left(out, stats, key)
     return out, stats
 
 

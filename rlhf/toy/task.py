@@ -224,6 +224,23 @@ class ToyTask:
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         return rows
 
+    def feedback(self, split: str) -> list[dict]:
+        """KTO's unpaired rows {"prompt", "completion", "label"}: the oracle's verdict on one response.
+        About half are its exact answer (label true, desirable); the others a candidate it scores
+        below 1 (label false), so desirable and undesirable rows come about 1:1, as KTO's default
+        weights assume."""
+        rng = self._rng("feedback", split)
+        rows = []
+        for prompt, answer in self._problems(rng, split):
+            if rng.random() < 0.5:
+                rows.append({"prompt": prompt, "completion": answer, "label": True})
+                continue
+            completion = _candidate(answer, rng)
+            while _score(completion, answer) == 1.0:
+                completion = _candidate(answer, rng)
+            rows.append({"prompt": prompt, "completion": completion, "label": False})
+        return rows
+
     def ranked(self, split: str) -> list[dict]:
         """Ranked lists {"prompt", "responses": [best, ..., worst]} of ranked_k responses with
         strictly decreasing oracle score."""
@@ -262,6 +279,7 @@ class ToyTask:
             "sft": self.demonstrations,
             "pairs": self.comparisons,
             "ranked": self.ranked,
+            "feedback": self.feedback,
             "prompts": self.prompts,
         }
         paths: dict[str, Path] = {}

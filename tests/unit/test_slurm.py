@@ -289,3 +289,22 @@ def test_pipeline_dry_run_prints_the_sbatch_chain_that_submission_runs(fake_sbat
     assert calls == [sbatch_command(scripts[0], sbatch=sbatch),
                      sbatch_command(scripts[1], sbatch=sbatch, after="101"),
                      sbatch_command(scripts[2], sbatch=sbatch, after="102")]
+
+
+def test_submit_pipeline_with_stages_chains_dpo_after_sft(fake_sbatch, tmp_path):
+    from rlhf.cli import app
+
+    dry = runner.invoke(app, ["submit", "pipeline", "--stages", "sft,dpo", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    scripts = [Path(line.split(" ")[2]) for line in dry.stdout.splitlines() if line.startswith("# ---- /")]
+    assert [p.parent.name.split("-")[0] for p in scripts] == ["sft", "dpo"]
+    sft_id = scripts[0].parent.name
+    # The dpo job starts from the sft job's run, not from whatever sft:latest is when it starts.
+    assert f"model.name_or_path=sft:{sft_id}" in dry.stdout
+    assert "--dependency=afterok:<job id of sft>" in dry.stdout.splitlines()[-1]
+    one = runner.invoke(app, ["submit", "dpo", "--dry-run", "dpo.loss=ipo"])
+    assert one.exit_code == 0, one.output
+    assert "--job-name=rlhf-dpo" in one.stdout and "dpo.loss=ipo" in one.stdout
+    refused = runner.invoke(app, ["submit", "pipeline", "--stages", "sft,dpo", "--rm-config", "x.yaml", "--dry-run"])
+    assert refused.exit_code == 2 and "--rm-config names a stage this pipeline does not run" in refused.output
+    assert sbatch_calls(fake_sbatch) == []

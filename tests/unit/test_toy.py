@@ -161,11 +161,11 @@ def test_ranked_lists_are_strictly_decreasing_and_of_length_k(k: int) -> None:
             assert all(a > b for a, b in zip(scores, scores[1:])), (row, scores)
 
 
-def test_write_produces_the_eight_jsonl_files(tmp_path: Path) -> None:
+def test_write_produces_the_ten_jsonl_files(tmp_path: Path) -> None:
     task = ToyTask(SMALL)
     paths = task.write(tmp_path / "data")
     expected = {
-        f"{kind}_{split}" for kind in ("sft", "pairs", "ranked", "prompts")
+        f"{kind}_{split}" for kind in ("sft", "pairs", "ranked", "prompts", "feedback")
         for split in ("train", "eval")
     }
     assert set(paths) == expected
@@ -317,3 +317,13 @@ def test_model_identity() -> None:
 def test_model_config_is_validated() -> None:
     with pytest.raises(ValueError, match="divisible"):
         build_model(ToyModelConfig(num_heads=3), build_tokenizer(), seed=0)
+
+
+def test_feedback_labels_are_the_oracles_verdict_and_about_balanced() -> None:
+    rows = ToyTask(ToyTaskConfig(train_size=2000)).feedback("train")
+    assert len(rows) == 2000
+    for row in rows:
+        assert isinstance(row["label"], bool)
+        assert row["label"] == (oracle_score(row["prompt"], row["completion"]) == 1.0), row
+    desirable = sum(row["label"] for row in rows)
+    assert 900 <= desirable <= 1100  # a fair coin per row: 1000 +- 2.2 standard deviations

@@ -1,0 +1,227 @@
+"""`rlhf dpo` end to end through the CLI, on the CPU, from the SFT entry of the embedded default
+(made once for this module); its bad input through `rlhf_here`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.registry import Registry
+from tests.integration.conftest import (
+    ONE_PROCESS,
+    QUICK,
+    REPO,
+    assert_ok,
+    entries,
+    home_with_entries_of,
+    kill_after_checkpoint,
+    metric_rows,
+    resume_and_check,
+    rlhf,
+    rlhf_here,
+)
+from tests.integration.test_rm_errors import publish
+from tests.integration.test_sft_errors import assert_user_error, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+DPO_QUICK = str(REPO / "configs" / "dpo-toy-quick.yaml")
+# What every logged step reports, whatever the loss (KTO's chosen/rejected are its desirable and
+# undesirable rows, and it has no per-pair accuracy).
+STEP_METRICS = ("loss", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "lr", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def sft_home(tmp_path_factory) -> Path:
+    """The embedded default's SFT entry, made once for this module by `rlhf sft` with every default
+    (the same model as the session pipeline's, without waiting for its rm and ppo)."""
+    home = tmp_path_factory.mktemp("dpo_sft")
+    assert_ok(rlhf("sft", *ONE_PROCESS, home=home))
+    return home
+
+
+@pytest.fixture
+def home(sft_home, tmp_path) -> Path:
+    """A registry of its own holding the SFT entry: each test sees only its own dpo run."""
+    return home_with_entries_of(sft_home, tmp_path / "home")
+
+
+def dpo_and_sft(home: Path) -> tuple[dict, dict]:
+    by_stage = {e["stage"]: e for e in entries(home)}
+    assert set(by_stage) == {"sft", "dpo"}, by_stage.keys()
+    dpo, sft = by_stage["dpo"], by_stage["sft"]
+    assert dpo["parents"] == [sft["id"]] and dpo["base_model"] == sft["base_model"]
+    return dpo, sft
+
+
+def step_rows(entry: dict) -> list[dict]:
+    return [row for row in metric_rows(entry) if "chosen_logp" in row]
+
+
+def test_dpo_from_the_sft_entry_learns_the_preferences_and_moves_from_the_start(home):
+    result = rlhf("dpo", *ONE_PROCESS, "-c", DPO_QUICK, home=home)
+    assert_ok(result)
+    dpo, sft = dpo_and_sft(home)
+    assert [e.id for e in Registry(home).lineage(dpo["id"])] == [dpo["id"], sft["id"]]
+    metrics = dpo["metrics"]
+    assert metrics["objective"] == "dpo" and metrics["beta"] == 0.1
+    # The policy starts as the reference: every implicit reward is 0, held-out KL 0 up to rounding.
+    assert metrics["initial_margin"] == pytest.approx(0.0, abs=1e-4) and abs(metrics["initial_kl"]) < 1e-4, metrics
+    # It learns the held-out preferences and so moves away from the reference.
+    # (At the start every reward is 0 up to rounding, so the initial accuracy is rounding noise.)
+    assert metrics["accuracy"] > 0.7 and metrics["margin"] > 0.1, metrics
+    assert metrics["kl"] > 0.01, metrics
+    rows = step_rows(dpo)
+    assert all(all(k in row for k in (*STEP_METRICS, "accuracy")) for row in rows), rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"] < 0.7  # -log sigmoid(0) = 0.693 at the start
+    # The oracle grades held-out answers before and after (the figures the README reports).
+    assert {"oracle_score", "oracle_greedy", "initial_oracle_score", "initial_oracle_greedy"} <= set(metrics)
+    report = rlhf("report", "dpo:latest", home=home)
+    assert_ok(report)
+    text = (Path(dpo["run_dir"]) / "report" / "report.md").read_text()
+    assert "SFT, as DPO's start" in text and "DPO (dpo)" in text and (Path(dpo["run_dir"]) / "report" / "dpo-kl.png").is_file()
+
+
+@pytest.mark.parametrize("loss, extra, said", [
+    ("ipo", (), "loss ipo (beta 0.1)"),
+    ("kto", (), "loss kto (beta 0.1)"),
+    ("simpo", (), "(for eval.kl only)"),
+    ("orpo", ("eval.kl=false",), "reference = none"),
+])
+def test_each_loss_trains_from_the_sft_entry(home, loss, extra, said):
+    result = rlhf("dpo", *ONE_PROCESS, "-c", DPO_QUICK, f"dpo.loss={loss}", "train.max_steps=20", "train.eval_every=0",
+                  *extra, home=home)
+    assert_ok(result)
+    dpo, _ = dpo_and_sft(home)
+    assert dpo["metrics"]["objective"] == loss
+    assert said in result.stdout.replace("\n", " "), result.stdout
+    rows = step_rows(dpo)
+    assert rows and all(all(k in row for k in STEP_METRICS) for row in rows), rows[:1]
+    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    if loss == "kto":
+        assert all("kl_reference_point" in row and row["kl_reference_point"] >= 0 for row in rows)
+        assert "unpaired rows (" in result.stdout
+    if loss == "orpo":
+        assert all(row["loss"] == pytest.approx(row["sft_loss"] + 0.1 * row["odds_ratio_loss"], rel=1e-6) for row in rows)
+        assert "kl" not in dpo["metrics"]
+    else:
+        assert "kl" in dpo["metrics"]
+
+
+def test_precomputed_reference_trains_as_the_live_one(home):
+    """The same run with the reference's log-probs taken once before training and with a forward
+    pass per step: the same losses, step for step (up to float rounding)."""
+    common = (*ONE_PROCESS, "-c", DPO_QUICK, "train.max_steps=10", "train.log_every=1", "train.eval_every=0", "eval.kl=false")
+    assert_ok(rlhf("dpo", *common, home=home))
+    live = step_rows(dpo_and_sft(home)[0])
+    other = home_with_entries_of(home, home.parent / "other", ("sft",))
+    result = rlhf("dpo", *common, "dpo.precompute_reference=true", home=other)
+    assert_ok(result)
+    assert "log-probs precomputed" in result.stdout
+    pre = step_rows(dpo_and_sft(other)[0])
+    assert [r["step"] for r in pre] == [r["step"] for r in live] == list(range(1, 11))
+    for a, b in zip(live, pre):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5) and a["margin"] == pytest.approx(b["margin"], abs=1e-4)
+
+
+def test_lora_policy_is_its_own_reference_without_adapters(home):
+    result = rlhf("dpo", *ONE_PROCESS, "-c", DPO_QUICK, "model.lora.enabled=true", "optim.lr=3e-3", "train.max_steps=30",
+                  "engine.zero_stage=2", "engine.offload_optimizer=true", home=home)
+    assert_ok(result)
+    assert "reference = the policy without its LoRA adapters" in result.stdout
+    dpo, _ = dpo_and_sft(home)
+    assert dpo["adapter"] == "merged"
+    # New adapters are a no-op: the policy and the adapter-free reference agree exactly at first.
+    assert dpo["metrics"]["initial_kl"] == 0.0 and dpo["metrics"]["initial_margin"] == 0.0
+    assert dpo["metrics"]["kl"] != 0.0 and dpo["metrics"]["accuracy"] > dpo["metrics"]["initial_accuracy"]
+
+
+def test_two_ranks_zero3_kto_with_a_partitioned_reference(home):
+    """Two ranks, ZeRO-3: the policy and its frozen reference partitioned, KTO's z0 over both ranks' rows."""
+    result = rlhf("dpo", "-n", "2", "-c", DPO_QUICK, "engine.zero_stage=3", "engine.micro_batch_size=16", "dpo.loss=kto",
+                  "train.max_steps=20", "train.eval_every=0", home=home)
+    assert_ok(result)
+    assert "2 rank(s), ZeRO-3" in result.stdout
+    dpo, _ = dpo_and_sft(home)
+    assert dpo["config"]["engine"]["zero_stage"] == 3
+    assert abs(dpo["metrics"]["initial_kl"]) < 1e-4 and dpo["metrics"]["kl"] > 0
+    rows = step_rows(dpo)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(dpo["path"]).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 20, 21]])).logits).all()
+
+
+def test_killed_run_resumes(home):
+    run_dir = kill_after_checkpoint("dpo", ["-c", DPO_QUICK, "train.max_steps=40", "train.save_every=10"], home=home, min_step=10)
+    entry = resume_and_check("dpo", run_dir, home=home, max_steps=40)
+    assert entry["parents"] == [e["id"] for e in entries(home) if e["stage"] == "sft"]
+
+
+def test_pipeline_runs_sft_then_dpo(tmp_path):
+    home = tmp_path / "home"
+    result = rlhf("pipeline", "--stages", "sft,dpo", "--sft-config", QUICK, "--dpo-config", DPO_QUICK, *ONE_PROCESS,
+                  "sft:train.max_steps=40", "dpo:train.max_steps=10", home=home, timeout=1200)
+    assert_ok(result)
+    dpo, sft = dpo_and_sft(home)
+    assert dpo["config"]["model"]["name_or_path"] == f"sft:{sft['id']}"
+    assert (Path(dpo["run_dir"]) / "report" / "report.md").is_file()
+
+
+# ---- bad input: one line, exit 2, nothing left behind ---------------------------------------
+
+
+def runs_started(home: Path) -> list[Path]:
+    return list((home / "runs").glob("dpo-*")) if (home / "runs").exists() else []
+
+
+def test_kto_label_that_is_not_a_bool(tmp_path):
+    home = tmp_path / "home"
+    data = write_jsonl(tmp_path / "feedback.jsonl", [{"prompt": "1+1=", "completion": "2", "label": True},
+                                                      {"prompt": "1+1=", "completion": "3", "label": "bad"}])
+    assert_user_error(rlhf_here("dpo", "model.name_or_path=toy", "dpo.loss=kto", f"data.train={data}", home=home),
+                      "feedback.jsonl:2", "'label' must be true or false")
+    assert not runs_started(home)
+
+
+def test_pairs_given_to_kto_name_the_unpaired_layout(tmp_path):
+    home = tmp_path / "home"
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
+    assert_user_error(rlhf_here("dpo", "model.name_or_path=toy", "dpo.loss=kto", f"data.train={data}", home=home),
+                      "pairs.jsonl", "prompt+completion+label")
+
+
+def test_a_setting_of_another_loss(tmp_path):
+    assert_user_error(rlhf_here("dpo", "model.name_or_path=toy", "dpo.loss=ipo", "dpo.label_smoothing=0.1", home=tmp_path),
+                      "dpo.label_smoothing is read by dpo.loss=dpo only")
+
+
+def test_a_reference_that_is_a_reward_model(tmp_path):
+    home = tmp_path / "home"
+    publish(home, "sft", head="lm")
+    rm = publish(home, "rm", head="scalar")
+    assert_user_error(rlhf_here("dpo", "reference.name_or_path=rm:latest", home=home),
+                      "reference.name_or_path", f"rm entry {rm.id}", "not a causal LM")
+    assert not runs_started(home)
+
+
+def test_no_sft_entry_yet(tmp_path):
+    assert_user_error(rlhf_here("dpo", home=tmp_path), "sft:latest", "rlhf registry ls")
+
+
+def test_pipeline_stages_out_of_order(tmp_path):
+    assert_user_error(rlhf_here("pipeline", "--stages", "dpo,sft", home=tmp_path), "sft must come before it")
+
+
+def test_dry_run_and_docs(tmp_path):
+    result = rlhf_here("dpo", "-n", "2", "--dry-run", "model.name_or_path=toy", "engine.zero_stage=3", "dpo.loss=simpo",
+                       home=tmp_path)
+    assert result.code == 0, result.output
+    assert "loss: simpo" in result.stdout and "stages/dpo.py --run-dir" in result.stdout
+    assert not (tmp_path / "runs").exists()
+    docs = rlhf_here("config", "dpo", "--docs", home=tmp_path)
+    assert docs.code == 0 and "dpo.precompute_reference: Compute the reference's log-probs" in docs.stdout
