@@ -35,12 +35,10 @@ STEP_METRICS = ("loss", "margin", "chosen_reward", "rejected_reward", "chosen_lo
 
 
 @pytest.fixture(scope="module")
-def sft_home(tmp_path_factory) -> Path:
-    """The embedded default's SFT entry, made once for this module by `rlhf sft` with every default
-    (the same model as the session pipeline's, without waiting for its rm and ppo)."""
-    home = tmp_path_factory.mktemp("dpo_sft")
-    assert_ok(rlhf("sft", *ONE_PROCESS, home=home))
-    return home
+def sft_home(default_sft_home) -> Path:
+    """The embedded default's SFT entry: the session pipeline's (conftest.default_sft_home), so the
+    suite trains that model once."""
+    return default_sft_home
 
 
 @pytest.fixture
