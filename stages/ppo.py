@@ -291,6 +291,7 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     # 8. Metrics over every rank's rollouts; the adaptive beta moves toward its KL target.
     metrics = {
         **rollout_metrics(rollout, dist, beta=state.beta),
+        **group_metrics(rollout, cfg, dist),
         **per_update,
         "lr": models.actor.get_lr()[0],
         **({"critic_lr": models.critic.get_lr()[0]} if models.critic is not None else {}),
@@ -433,6 +434,19 @@ def rollout_metrics(rollout: Rollout, dist: Dist, *, beta: float) -> dict[str, f
         **({"explained_variance": total["explained_variance"] / dist.world_size} if scored.values is not None else {}),
         "response_length": total["length"] / n, "no_eos_fraction": total["no_eos"] / n,
     }
+
+
+def group_metrics(rollout: Rollout, cfg: PPOConfig, dist: Dist) -> dict[str, float]:
+    """grpo, rloo: group_score_std, the mean over groups of the spread (population std) of the shaped
+    scores of one prompt's K responses. At 0 every group agrees and a group estimator learns nothing;
+    the batch's score_std says how much of the spread is between prompts instead."""
+    if cfg.ppo.estimator not in GROUP_ESTIMATORS:
+        return {}
+    groups = rollout.score.double().reshape(-1, cfg.rollout.samples_per_prompt)  # (B / K, K)
+    sums = RankSums(("spread", "groups"), dist.device)
+    sums.add(spread=groups.std(dim=1, unbiased=False), groups=float(groups.shape[0]))
+    total = sums.over_ranks()
+    return {"group_score_std": total["spread"] / total["groups"]}
 
 
 def adapt_beta(state: PPOState, metrics: dict[str, float], cfg: PPOConfig, keeper: RunKeeper, *, responses: int) -> None:
