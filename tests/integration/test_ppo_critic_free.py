@@ -106,3 +106,15 @@ def test_bad_estimator_settings_stop_before_any_rank(tmp_path, overrides, fragme
     result = rlhf_here("ppo", *overrides, home=tmp_path)
     assert_user_error(result, *fragments)
     assert not (tmp_path / "runs").exists()
+
+
+def test_preflight_needs_no_critic_source_without_a_critic(tmp_path):
+    """A critic-free run never resolves critic.name_or_path: a missing critic entry stops gae, not grpo."""
+    from tests.integration.test_ppo_errors import sft_and_rm
+
+    sft_and_rm(tmp_path)
+    missing_critic = "critic.name_or_path=rm:nosuchrun"
+    assert_user_error(rlhf_here("ppo", "--dry-run", missing_critic, home=tmp_path), "unknown registry reference 'rm:nosuchrun'")
+    result = rlhf_here("ppo", "--dry-run", missing_critic, "ppo.estimator=grpo", "rollout.samples_per_prompt=4", home=tmp_path)
+    assert result.code == 0, result.output[-3000:]
+    assert not list((tmp_path / "runs").glob("ppo-*"))  # a dry run starts nothing
