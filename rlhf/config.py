@@ -259,7 +259,8 @@ class FrozenModelConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     batch_size: int = 64
-    """Prompts per rank per PPO step (each gets one sampled response)."""
+    """Rollouts (sampled responses) per rank per PPO step: batch_size / samples_per_prompt prompts, each sampled
+    samples_per_prompt times."""
     max_new_tokens: int = 8
     """Longest response; a response cut here has no EOS (see ppo.no_eos_score)."""
     temperature: float = 1.0
@@ -271,6 +272,9 @@ class RolloutConfig:
     gather_params: bool = True
     """Under ZeRO-3, gather the actor's weights once per generation call (fast; needs the whole actor in memory)
     instead of per layer per token."""
+    samples_per_prompt: int = 1
+    """K responses sampled per training prompt, all on one rank (the group of ppo.estimator=grpo or rloo, which need
+    K >= 2); rollout.batch_size must be a multiple of it. Evaluation samples one response per prompt."""
 
 
 @dataclass(frozen=True)
@@ -287,8 +291,9 @@ class PPOAlgoConfig:
     """Value clip around the rollout's values; null = unclipped value loss."""
     beta: float = 0.05
     """KL penalty coefficient (the starting value when kl_target is set)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimate in the penalty: k1 = log ratio (InstructGPT), k2 = half squared, k3 = unbiased low-variance."""
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    """Per-token KL estimate in the penalty: k1 = log ratio (InstructGPT), k2 = half squared, k3 = unbiased low-variance;
+    null = k1 with kl_in=reward, k3 with kl_in=loss (GRPO's)."""
     kl_target: float | None = None
     """Adapt beta toward this mean KL per response (Ziegler et al. 2019); null = fixed beta."""
     kl_horizon: int = 10000
@@ -299,9 +304,10 @@ class PPOAlgoConfig:
     """The critic's head at the start: zero (values start at 0, the scale of normalized scores; the backbone is the
     RM's), or the reward model's trained head."""
     whiten_advantages: bool = True
-    """Whiten advantages over the valid tokens of the whole rollout batch (all ranks)."""
+    """Whiten advantages over the valid tokens of the whole rollout batch (all ranks): estimators gae and reinforce_pp
+    (REINFORCE++'s global normalization); grpo and rloo advantages are already relative to their group and are not."""
     whiten_rewards: bool = False
-    """Scale the per-token rewards to unit variance before GAE."""
+    """Scale the per-token rewards to unit variance before GAE or REINFORCE++'s returns (estimators gae, reinforce_pp)."""
     normalize_score: bool = True
     """(score - mean) / std with the reward model's stored statistics (reward_stats.json)."""
     score_clip: float | None = 5.0
@@ -313,6 +319,21 @@ class PPOAlgoConfig:
     length_grouped_minibatches: bool = False
     """Put rollouts of similar response length in the same minibatch, each padded only to its own longest response:
     faster when lengths vary a lot, at the cost of less random minibatches."""
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """Advantage estimator. gae: a critic (4 models); critic-free (3 models, critic.* and critic_optim.* unused):
+    grpo = each response's reward against its group of rollout.samples_per_prompt (Shao et al. 2024), rloo = against
+    the mean of the group's other responses (Ahmadian et al. 2024), reinforce_pp = per-token returns-to-go whitened over
+    the whole batch (REINFORCE++, Hu 2025)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where beta * KL to the reference goes: reward = a per-token penalty in the reward (InstructGPT; grpo and rloo
+    compare the responses' summed penalized rewards); loss = a term beta * KL per token of the current policy,
+    aggregated like the policy loss and added to it (GRPO's form; needs kl_estimator k2 or k3)."""
+    scale_by_group_std: bool = True
+    """grpo: divide each group's centred rewards by the group's std; false = Dr. GRPO (Liu et al. 2025)."""
+    loss_aggregation: Literal["token_mean", "sequence_mean", "token_sum"] | None = None
+    """How per-token policy (and kl_in=loss) losses become a minibatch's loss: token_mean = over all valid tokens (long
+    responses weigh more), sequence_mean = mean of each response's token mean (GRPO), token_sum = token sum /
+    (responses x rollout.max_new_tokens) (Dr. GRPO); null = sequence_mean for grpo, token_mean otherwise."""
 
 
 @dataclass(frozen=True)
@@ -371,6 +392,7 @@ class PPOConfig:
         if not 0 < rollout.top_p <= 1 or rollout.top_k < 0:
             raise UserError("rollout.top_p must be in (0, 1] and rollout.top_k at least 0")
         _check_ppo_algo(self.ppo, ptx=data.ptx)
+        _check_estimator(self.ppo, rollout)
         _check_optim(self.critic_optim, "critic_optim")
         _check_model(self.critic, "critic")
         if self.reward.name_or_path is None:
@@ -597,6 +619,39 @@ def _check_ppo_algo(ppo: PPOAlgoConfig, *, ptx: str | None) -> None:
         raise UserError(f"ppo.ptx_coef must be at least 0, got {ppo.ptx_coef}")
     if ppo.ptx_coef > 0 and not ptx:
         raise UserError("ppo.ptx_coef > 0 needs data.ptx (pretraining or SFT data, e.g. data.ptx=toy)")
+
+
+CRITIC_FREE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS = ("grpo", "rloo")
+
+
+def kl_estimator_of(ppo: PPOAlgoConfig) -> str:
+    """The KL estimator in use: ppo.kl_estimator, or its default for where the KL goes."""
+    return ppo.kl_estimator or ("k3" if ppo.kl_in == "loss" else "k1")
+
+
+def loss_aggregation_of(ppo: PPOAlgoConfig) -> str:
+    """The loss aggregation in use: ppo.loss_aggregation, or the estimator's paper's."""
+    return ppo.loss_aggregation or ("sequence_mean" if ppo.estimator == "grpo" else "token_mean")
+
+
+def _check_estimator(ppo: PPOAlgoConfig, rollout: RolloutConfig) -> None:
+    """The advantage estimator's settings fit together (one line for the first that does not)."""
+    k = rollout.samples_per_prompt
+    _at_least(1, {"rollout.samples_per_prompt": k})
+    if rollout.batch_size % k:
+        raise UserError(f"rollout.batch_size ({rollout.batch_size}) must be a multiple of rollout.samples_per_prompt ({k}): "
+                        "each rank samples whole groups")
+    if ppo.estimator in GROUP_ESTIMATORS and k < 2:
+        raise UserError(f"ppo.estimator={ppo.estimator} compares the responses to one prompt: set rollout.samples_per_prompt to "
+                        f"at least 2 (e.g. 4), got {k}")
+    if not ppo.scale_by_group_std and ppo.estimator != "grpo":
+        raise UserError(f"ppo.scale_by_group_std=false applies to ppo.estimator=grpo only, not {ppo.estimator}")
+    if ppo.whiten_rewards and ppo.estimator in GROUP_ESTIMATORS:
+        raise UserError(f"ppo.whiten_rewards applies to per-token rewards (estimators gae, reinforce_pp), not {ppo.estimator}: "
+                        "remove it")
+    if ppo.kl_in == "loss" and ppo.kl_estimator == "k1":
+        raise UserError("ppo.kl_in=loss needs ppo.kl_estimator k3 or k2 (k1's gradient is zero on average as a loss term)")
 
 
 def _check_max_length(value: int, *, key: str = "data.max_length") -> None:

@@ -163,10 +163,11 @@ def reward_stats(source: ModelSource, *, key: str = "reward.name_or_path") -> di
 
 @dataclass(frozen=True)
 class PPOSources:
-    """Where PPO's other three models come from; reference None = the actor with its adapters off."""
+    """Where PPO's other three models come from; reference None = the actor with its adapters off,
+    critic None = a critic-free estimator (no critic is loaded)."""
 
     reference: ModelSource | None
-    critic: ModelSource
+    critic: ModelSource | None
     reward: ModelSource
 
     @property
@@ -179,10 +180,11 @@ def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any
     """Resolve and check PPO's reference, critic and reward models against the actor and its tokenizer.
 
     The critic and the reward model must be reward models; every model must share the actor's
-    tokenizer, since all four read the same token ids.
+    tokenizer, since all four read the same token ids. A critic-free estimator (ppo.estimator other
+    than gae) resolves no critic: critic.name_or_path is not needed then.
     """
-    scalar: dict[str, ModelSource] = {}
-    for name in ("critic", "reward"):
+    scalar: dict[str, ModelSource | None] = {"critic": None}
+    for name in ("critic", "reward") if cfg.ppo.estimator == "gae" else ("reward",):
         key = f"{name}.name_or_path"
         source = resolve_model(getattr(cfg, name).name_or_path, registry, key=key)
         check_scalar_model(source, key=key)

@@ -1,5 +1,6 @@
 """PPO's four models built from their resolved sources: the actor and critic as DeepSpeed engines
-with their optimizers, the reference and reward frozen. `build_reference` is DPO's too."""
+with their optimizers, the reference and reward frozen; three without the critic for a critic-free
+advantage estimator. `build_reference` is DPO's too."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from rlhf.model_sources import ModelSource, PPOSources
 class PPOModels:
     """PPO's four models: the actor and critic as DeepSpeed engines with their optimizers; the
     reference and reward frozen (ZeRO-3 partitions under ZeRO-3 or offload, else plain modules).
-    reference None = the actor with its LoRA adapters switched off."""
+    reference None = the actor with its LoRA adapters switched off; critic None = a critic-free
+    estimator (ppo.estimator other than gae)."""
 
     actor: Any
-    critic: Any
+    critic: Any | None
     reference: Any | None
     reward: Any
 
@@ -51,7 +53,8 @@ def build_reference(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any)
 def build_ppo_models(
     cfg: Any, sources: PPOSources, actor_source: ModelSource, tokenizer: Any, *, dist: Any, total_updates: int
 ) -> PPOModels:
-    """Load and wrap PPO's four models from their resolved sources, dropout off in all four.
+    """Load and wrap PPO's four models from their resolved sources, dropout off in all four; no
+    critic when sources.critic is None (a critic-free estimator).
 
     Under ZeRO-3 each model loads straight into partitions. The critic keeps the reward model's
     backbone; its head is zeroed with ppo.value_head=zero. `total_updates` (optimizer steps of the
@@ -63,18 +66,26 @@ def build_ppo_models(
     seed = cfg.train.seed
     actor = load_causal_lm(actor_source, cfg.model, tokenizer, seed=seed, dtype=dtype,
                            partitioning=zero3_partitioning(deepspeed_config(engine, cfg.optim) if zero3 else None))
-    critic_partitioning = zero3_partitioning(deepspeed_config(engine, cfg.critic_optim) if zero3 else None)
-    critic = load_scalar_model(sources.critic, cfg.critic, tokenizer, seed=seed, dtype=dtype, trained_head=True,
-                               key="critic.name_or_path", partitioning=critic_partitioning)
-    if cfg.ppo.value_head == "zero":
-        zero_scalar_head(critic, partitioning=critic_partitioning)
+    critic = None if sources.critic is None else load_critic(cfg, sources.critic, tokenizer, dtype=dtype)
     reference = None if sources.reference is None else build_reference(cfg, sources.reference, tokenizer, dist=dist)
     reward = load_scalar_model(sources.reward, frozen_model_config(cfg, "reward"), tokenizer, seed=seed, dtype=dtype,
                                trained_head=True, key="reward.name_or_path",
                                partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)))
     for model in (actor, critic, reward):
-        disable_dropout(model)
+        if model is not None:
+            disable_dropout(model)
     reward = build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
     actor = build_engine(actor, engine=engine, optim=cfg.optim, total_steps=total_updates)
-    critic = build_engine(critic, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)
+    if critic is not None:
+        critic = build_engine(critic, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)
     return PPOModels(actor=actor, critic=critic, reference=reference, reward=reward)
+
+
+def load_critic(cfg: Any, source: ModelSource, tokenizer: Any, *, dtype: Any) -> Any:
+    """The critic before its engine: the reward model's backbone and head (zeroed with ppo.value_head=zero)."""
+    partitioning = zero3_partitioning(deepspeed_config(cfg.engine, cfg.critic_optim) if cfg.engine.zero_stage == 3 else None)
+    critic = load_scalar_model(source, cfg.critic, tokenizer, seed=cfg.train.seed, dtype=dtype, trained_head=True,
+                               key="critic.name_or_path", partitioning=partitioning)
+    if cfg.ppo.value_head == "zero":
+        zero_scalar_head(critic, partitioning=partitioning)
+    return critic

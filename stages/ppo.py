@@ -2,7 +2,9 @@
 
 Four models. The actor (the policy, from sft:latest) and the critic (from rm:latest, trained head
 included) train; the reference (the actor's starting weights) and the reward model are frozen.
-The objective is in rlhf/algos/ppo.py, once.
+The objective is in rlhf/algos/ppo.py, once. A critic-free estimator (ppo.estimator grpo, rloo,
+reinforce_pp; rlhf/algos/critic_free.py) builds three models: its advantages come from the
+rewards of a group of responses to the same prompt, or of the whole batch, instead of a critic.
 
 1. Ranks and seeds.  2. Where the four models come from, the prompts, the ptx data.  3. The four
 models.  4. Resume, or measure the SFT policy: the baseline PPO must beat.  Then each step:
@@ -23,20 +25,29 @@ from typing import Any
 
 import torch
 
+from rlhf.algos.critic_free import (
+    aggregate_token_losses,
+    group_advantages,
+    leave_one_out_advantages,
+    per_token,
+    returns_to_go,
+    sequence_rewards,
+)
 from rlhf.algos.lm import masked_lm_loss
 from rlhf.algos.ppo import (
     adaptive_beta,
+    clipped_surrogate,
     explained_variance,
     gae,
+    kl_per_token,
     masked_sums,
     masked_whiten,
     moments_from_sums,
     penalized_rewards,
-    policy_loss,
     shape_scores,
     value_loss,
 )
-from rlhf.config import PPOConfig
+from rlhf.config import GROUP_ESTIMATORS, PPOConfig, kl_estimator_of, loss_aggregation_of
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
@@ -52,6 +63,7 @@ from rlhf.toy import TOY
 
 NEGATIVE_KL_STEPS = 3  # consecutive steps of negative mean KL before warning of a log-prob mismatch
 UPDATE_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "ratio_mean", "value_clipfrac")  # means over updates
+VALUE_STATS = ("value_loss", "value_clipfrac")  # absent without a critic
 HEADLINE = ("score", "kl", "beta", "eval/score", "eval/kl", "eval/oracle_score")
 
 
@@ -91,7 +103,8 @@ class Rollout:
     penalized_kl: torch.Tensor
     """Per token, the ppo.kl_estimator value beta multiplies."""
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
+    """The critic's regression targets (None for a critic-free estimator)."""
 
 
 def main(run: Run) -> None:
@@ -113,7 +126,8 @@ def main(run: Run) -> None:
                         gather=cfg.rollout.gather_params, device=dist.device)
 
     # 4. Resume (both engines, beta, RNG) or measure the SFT policy: the baseline PPO must beat.
-    keeper = RunKeeper(run, {"actor": models.actor, "critic": models.critic}, dist, headline=HEADLINE)
+    engines = {"actor": models.actor} if models.critic is None else {"actor": models.actor, "critic": models.critic}
+    keeper = RunKeeper(run, engines, dist, headline=HEADLINE)
     state = keeper.resume(PPOState(beta=cfg.ppo.beta))
     if state.step == 0:
         keeper.record_baseline(state, evaluate(models, data, cfg, sampling, dist))
@@ -125,9 +139,10 @@ def main(run: Run) -> None:
     # 9. Final evaluation, the actor's and critic's save_pretrained folders, the registry entries.
     final_eval = evaluate(models, data, cfg, sampling, dist)
     keeper.log(state.step, final_eval)
-    keeper.publish_model(models.critic, source=data.sources.critic, model_cfg=cfg.critic, tokenizer=data.tokenizer,
-                         companion="critic",
-                         metrics={k: metrics[k] for k in ("value_loss", "explained_variance") if k in metrics})
+    if models.critic is not None:
+        keeper.publish_model(models.critic, source=data.sources.critic, model_cfg=cfg.critic, tokenizer=data.tokenizer,
+                             companion="critic",
+                             metrics={k: metrics[k] for k in ("value_loss", "explained_variance") if k in metrics})
     keeper.publish_model(models.actor, source=data.actor_source, model_cfg=cfg.model, tokenizer=data.tokenizer,
                          parents=tuple(dict.fromkeys(data.actor_source.parents + data.sources.parents)), metrics={
         **keeper.summary(state, final_eval),
@@ -138,7 +153,7 @@ def main(run: Run) -> None:
         "max_kl": cfg.ppo.max_kl,
         "prompts": len(data.train_prompts),
         "skipped_long_prompts": data.prompt_stats.skipped_long_prompts,
-        "critic": f"{run.run_id}-critic",
+        **({"critic": f"{run.run_id}-critic"} if models.critic is not None else {}),
     })
     keeper.close()
 
@@ -148,7 +163,7 @@ def load_data(cfg: PPOConfig, run: Run, dist: Dist) -> Data:
     sources = ppo_sources(cfg, run.registry, actor_source, tokenizer)
     score_stats = reward_stats(sources.reward) if cfg.ppo.normalize_score else {"mean": 0.0, "std": 1.0}
     train_prompts, prompt_stats, eval_prompts, _ = stage_datasets("ppo", cfg, tokenizer, world_size=dist.world_size)
-    batches = ShuffledBatches(len(train_prompts), batch_size=cfg.rollout.batch_size, world_size=dist.world_size, seed=cfg.train.seed)
+    batches = ShuffledBatches(len(train_prompts), batch_size=prompts_per_rank(cfg), world_size=dist.world_size, seed=cfg.train.seed)
     ptx_set, ptx_batches = [], None
     if cfg.ppo.ptx_coef > 0:
         ptx_set, _ = sft_examples(cfg.data.ptx, split="train", tokenizer=tokenizer, data=ptx_data_config(cfg.data), key="data.ptx")
@@ -157,6 +172,11 @@ def load_data(cfg: PPOConfig, run: Run, dist: Dist) -> Data:
     eval_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in eval_prompts] if cfg.data.eval == TOY else []
     return Data(tokenizer, actor_source, sources, score_stats, train_prompts, prompt_stats, eval_prompts, eval_texts, batches,
                 ptx_set, ptx_batches)
+
+
+def prompts_per_rank(cfg: PPOConfig) -> int:
+    """Prompts a rank draws per step: each is sampled rollout.samples_per_prompt times."""
+    return cfg.rollout.batch_size // cfg.rollout.samples_per_prompt
 
 
 def minibatches_per_epoch(cfg: PPOConfig) -> int:
@@ -170,10 +190,15 @@ def total_updates(cfg: PPOConfig) -> int:
 
 def describe(cfg: PPOConfig, data: Data, models: PPOModels, dist: Dist) -> str:
     reference = "the actor without its LoRA adapters" if models.reference is None else data.sources.reference.location
+    ppo, k = cfg.ppo, cfg.rollout.samples_per_prompt
+    estimator = (f"{ppo.estimator}: critic-free, 3 models (actor, reference, reward); critic and critic_optim settings unused"
+                 if models.critic is None else f"{ppo.estimator}: 4 models (actor, critic, reference, reward)")
     return (
         f"ppo: {len(data.train_prompts)} prompts ({data.prompt_stats.skipped_long_prompts} longer than data.max_prompt_length "
         f"skipped), {cfg.rollout.batch_size} rollouts x {dist.world_size} rank(s) per step, {cfg.ppo.epochs} epochs of "
-        f"{minibatches_per_epoch(cfg)} minibatches, ZeRO-{cfg.engine.zero_stage}, reference = {reference}"
+        f"{minibatches_per_epoch(cfg)} minibatches, ZeRO-{cfg.engine.zero_stage}, reference = {reference}\n"
+        f"{estimator}; {k} sample(s) per prompt, KL in the {ppo.kl_in} ({kl_estimator_of(ppo)}), "
+        f"loss aggregation {loss_aggregation_of(ppo)}"
     )
 
 
@@ -242,10 +267,13 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     """Steps 5-8 once: advances `state` (step, beta) and returns the step's metrics."""
     # 5. Rollout: sample with the KV cache, then score with all four models (in eval mode: the
     #    old log-probs and values must be the deterministic ones the updates compare against).
-    models.actor.eval()
-    models.critic.eval()
+    for engine in (models.actor, models.critic):
+        if engine is not None:
+            engine.eval()
     started = time.time()
-    prompts = [data.train_prompts[i] for i in data.batches.global_batch(state.step)[dist.rank]]
+    # Each drawn prompt K = rollout.samples_per_prompt times in a row: rows [g*K, (g+1)*K) are one group, on this rank.
+    k = cfg.rollout.samples_per_prompt
+    prompts = [data.train_prompts[i] for i in data.batches.global_batch(state.step)[dist.rank] for _ in range(k)]
     seqs = sample_rollout(models.actor.module, prompts, sampling)
     generated = time.time()
     scored = score(seqs, models, cfg, critic=models.critic)
@@ -263,8 +291,11 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     # 8. Metrics over every rank's rollouts; the adaptive beta moves toward its KL target.
     metrics = {
         **rollout_metrics(rollout, dist, beta=state.beta),
+        **group_metrics(rollout, cfg, dist),
         **per_update,
-        "lr": models.actor.get_lr()[0], "critic_lr": models.critic.get_lr()[0], "grad_norm": global_grad_norm(models.actor),
+        "lr": models.actor.get_lr()[0],
+        **({"critic_lr": models.critic.get_lr()[0]} if models.critic is not None else {}),
+        "grad_norm": global_grad_norm(models.actor),
         "time_generate_s": generated - started, "time_score_s": scored_at - generated, "time_train_s": trained - scored_at,
     }
     adapt_beta(state, metrics, cfg, keeper, responses=len(prompts) * dist.world_size)
@@ -272,55 +303,105 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
 
 
 def advantages_of(seqs: Sequences, scored: ScoredRollout, cfg: PPOConfig, data: Data, dist: Dist, *, beta: float) -> Rollout:
-    """Per-token KL penalty, the shaped score at the last token, GAE; whitening uses the statistics
-    of the whole rollout batch across ranks."""
+    """Per-token rewards (the shaped score at the last token; -beta * KL at each with ppo.kl_in=reward),
+    then ppo.estimator's advantages: GAE with the critic's values, relative to the response's group
+    (grpo, rloo), or REINFORCE++'s returns-to-go. Whitening uses the whole batch across ranks."""
     ppo, mask = cfg.ppo, seqs.response_mask
     score_now = shaped(scored.scores, seqs.has_eos, cfg, data)
-    rewards, penalized_kl = penalized_rewards(scored.logprobs, scored.ref_logprobs, score_now, mask, beta=beta,
-                                              kl_estimator=ppo.kl_estimator)
+    rewards, penalized_kl = penalized_rewards(scored.logprobs, scored.ref_logprobs, score_now, mask,
+                                              beta=beta if ppo.kl_in == "reward" else 0.0, kl_estimator=kl_estimator_of(ppo))
     if ppo.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False, **global_moments(rewards, mask, dist))
-    advantages, returns = gae(rewards, scored.values, mask, gamma=ppo.gamma, lam=ppo.lam)
+    if ppo.estimator in GROUP_ESTIMATORS:
+        # A group's K responses share a prompt and a rank: each is judged against its siblings only.
+        advantages = per_token(group_relative(sequence_rewards(rewards, mask), cfg), mask)
+        return Rollout(seqs, scored, score_now, penalized_kl, advantages, None)
+    returns = None
+    if ppo.estimator == "gae":
+        advantages, returns = gae(rewards, scored.values, mask, gamma=ppo.gamma, lam=ppo.lam)
+    else:
+        advantages = returns_to_go(rewards, mask, gamma=ppo.gamma)
     if ppo.whiten_advantages:
         advantages = masked_whiten(advantages, mask, **global_moments(advantages, mask, dist))
     return Rollout(seqs, scored, score_now, penalized_kl, advantages, returns)
 
 
+def group_relative(rewards: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+    """(B,) sequence rewards -> (B,) advantages within each group of rollout.samples_per_prompt rows."""
+    k = cfg.rollout.samples_per_prompt
+    if cfg.ppo.estimator == "rloo":
+        return leave_one_out_advantages(rewards, group_size=k)
+    return group_advantages(rewards, group_size=k, scale_by_std=cfg.ppo.scale_by_group_std)
+
+
+def update_stats(cfg: PPOConfig, models: PPOModels, data: Data) -> tuple[str, ...]:
+    """The per-update statistics this run measures: no value statistics without a critic."""
+    stats = tuple(k for k in UPDATE_STATS if models.critic is not None or k not in VALUE_STATS)
+    return stats + (("ptx_loss",) if data.ptx_batches is not None else ()) + (("kl_loss",) if cfg.ppo.kl_in == "loss" else ())
+
+
 def update_on(rollout: Rollout, models: PPOModels, data: Data, cfg: PPOConfig, dist: Dist, keeper: RunKeeper,
               state: PPOState) -> dict[str, float]:
-    """`ppo.epochs` passes of clipped policy (+ ptx) and clipped value updates over shuffled
-    minibatches; the means of UPDATE_STATS (and ptx_loss) over the updates and the ranks."""
+    """`ppo.epochs` passes of clipped policy (+ ptx, + KL with ppo.kl_in=loss) and, with a critic,
+    clipped value updates over shuffled minibatches; the means of update_stats over the updates and the ranks."""
     actor, critic, ppo = models.actor, models.critic, cfg.ppo
-    actor.train()
-    critic.train()
-    stats = RankSums((*UPDATE_STATS, "ptx_loss"), dist.device)  # summed over this step's updates and the ranks
+    for engine in (actor, critic):
+        if engine is not None:
+            engine.train()
+    measured = update_stats(cfg, models, data)
+    stats = RankSums(measured, dist.device)  # summed over this step's updates and the ranks
     updates = 0
     for epoch in range(ppo.epochs):
         epoch_rows = minibatch_rows(rollout.seqs.response_lengths, micro_batch_size=cfg.engine.micro_batch_size,
                                     group_by_length=ppo.length_grouped_minibatches)
         for m, rows in enumerate(epoch_rows):
             batch, mask = rollout.seqs.rows(rows), rollout.seqs.response_mask[rows]
-            logp, _ = policy_logprobs(actor, batch, temperature=cfg.rollout.temperature)
-            pg_loss, pg_stats = policy_loss(logp, rollout.scored.logprobs[rows], rollout.advantages[rows], mask, clip=ppo.clip_range)
-            actor_loss = pg_loss
-            if data.ptx_batches is not None:
-                micro_step = (state.step * ppo.epochs + epoch) * minibatches_per_epoch(cfg) + m
-                ptx = ptx_loss(actor, data, dist, micro_step=micro_step)
-                actor_loss = pg_loss + ppo.ptx_coef * ptx
-                stats.add(ptx_loss=ptx)
-            values = token_values(critic, batch)
-            vf_loss, vf_stats = value_loss(values, rollout.scored.values[rows], rollout.returns[rows], mask, clip=ppo.value_clip_range)
-            stop_if_nonfinite(keeper, state, dist, "the policy or value loss", actor_loss.detach(), vf_loss.detach())
+            micro_step = (state.step * ppo.epochs + epoch) * minibatches_per_epoch(cfg) + m
+            actor_loss, actor_stats = actor_loss_on(rollout, rows, batch, mask, actor, data, cfg, dist, micro_step=micro_step,
+                                                    beta=state.beta)
+            vf_loss = None
+            if critic is not None:
+                values = token_values(critic, batch)
+                vf_loss, vf_stats = value_loss(values, rollout.scored.values[rows], rollout.returns[rows], mask,
+                                               clip=ppo.value_clip_range)
+                actor_stats.update(value_loss=vf_loss, value_clipfrac=vf_stats["clipfrac"])
+            stop_if_nonfinite(keeper, state, dist, "the policy or value loss", actor_loss.detach(),
+                              None if vf_loss is None else vf_loss.detach())
             actor.backward(actor_loss)
             actor.step()
-            critic.backward(vf_loss)
-            critic.step()
+            if critic is not None:
+                critic.backward(vf_loss)
+                critic.step()
             updates += 1
-            stats.add(policy_loss=pg_loss, value_loss=vf_loss, policy_clipfrac=pg_stats["clipfrac"], approx_kl=pg_stats["approx_kl"],
-                      ratio_mean=pg_stats["ratio_mean"], value_clipfrac=vf_stats["clipfrac"])
+            stats.add(**actor_stats)
     total = stats.over_ranks()
-    measured = (*UPDATE_STATS, "ptx_loss") if data.ptx_batches is not None else UPDATE_STATS
     return {k: total[k] / updates / dist.world_size for k in measured}
+
+
+def actor_loss_on(rollout: Rollout, rows: torch.Tensor, batch: Sequences, mask: torch.Tensor, actor: Any, data: Data,
+                  cfg: PPOConfig, dist: Dist, *, micro_step: int, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One minibatch's actor loss: the clipped surrogate aggregated per ppo.loss_aggregation, plus the
+    PPO-ptx LM loss and, with ppo.kl_in=loss, beta * the KL of the current policy to the reference
+    (aggregated alike); and its statistics."""
+    ppo = cfg.ppo
+    aggregation, horizon = loss_aggregation_of(ppo), cfg.rollout.max_new_tokens
+    logp, _ = policy_logprobs(actor, batch, temperature=cfg.rollout.temperature)
+    token_losses, pg_stats = clipped_surrogate(logp, rollout.scored.logprobs[rows], rollout.advantages[rows], mask,
+                                               clip=ppo.clip_range)
+    pg_loss = aggregate_token_losses(token_losses, mask, mode=aggregation, horizon=horizon)
+    stats = {"policy_loss": pg_loss, "policy_clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"],
+             "ratio_mean": pg_stats["ratio_mean"]}
+    loss = pg_loss
+    if ppo.kl_in == "loss":
+        kl = kl_per_token(logp, rollout.scored.ref_logprobs[rows], mask, estimator=kl_estimator_of(ppo))
+        kl_loss = aggregate_token_losses(kl, mask, mode=aggregation, horizon=horizon)
+        loss = loss + beta * kl_loss
+        stats["kl_loss"] = kl_loss
+    if data.ptx_batches is not None:
+        ptx = ptx_loss(actor, data, dist, micro_step=micro_step)
+        loss = loss + ppo.ptx_coef * ptx
+        stats["ptx_loss"] = ptx
+    return loss, stats
 
 
 def ptx_loss(actor: Any, data: Data, dist: Dist, *, micro_step: int) -> torch.Tensor:
@@ -342,16 +423,30 @@ def rollout_metrics(rollout: Rollout, dist: Dist, *, beta: float) -> dict[str, f
     sums.add(kl=((scored.logprobs - scored.ref_logprobs) * mask).sum(dim=1).double(),
              kl_penalty=rollout.penalized_kl.sum(dim=1).double(), score=rollout.score.double(),
              score_sq=rollout.score.double().pow(2), rm_score=scored.scores.double(), entropy=scored.entropy * mask, tokens=mask,
-             length=seqs.response_lengths, no_eos=~seqs.has_eos, responses=float(len(seqs.response_lengths)),
-             explained_variance=explained_variance(scored.values, rollout.returns, mask))
+             length=seqs.response_lengths, no_eos=~seqs.has_eos, responses=float(len(seqs.response_lengths)))
+    if scored.values is not None:
+        sums.add(explained_variance=explained_variance(scored.values, rollout.returns, mask))
     total = sums.over_ranks()
     n, mean_score = total["responses"], total["score"] / total["responses"]
     return {
         "score": mean_score, "score_std": max(total["score_sq"] / n - mean_score**2, 0.0) ** 0.5, "rm_score": total["rm_score"] / n,
         "kl": total["kl"] / n, "kl_penalty": total["kl_penalty"] / n, "beta": beta, "entropy": total["entropy"] / total["tokens"],
-        "explained_variance": total["explained_variance"] / dist.world_size,
+        **({"explained_variance": total["explained_variance"] / dist.world_size} if scored.values is not None else {}),
         "response_length": total["length"] / n, "no_eos_fraction": total["no_eos"] / n,
     }
+
+
+def group_metrics(rollout: Rollout, cfg: PPOConfig, dist: Dist) -> dict[str, float]:
+    """grpo, rloo: group_score_std, the mean over groups of the spread (population std) of the shaped
+    scores of one prompt's K responses. At 0 every group agrees and a group estimator learns nothing;
+    the batch's score_std says how much of the spread is between prompts instead."""
+    if cfg.ppo.estimator not in GROUP_ESTIMATORS:
+        return {}
+    groups = rollout.score.double().reshape(-1, cfg.rollout.samples_per_prompt)  # (B / K, K)
+    sums = RankSums(("spread", "groups"), dist.device)
+    sums.add(spread=groups.std(dim=1, unbiased=False), groups=float(groups.shape[0]))
+    total = sums.over_ranks()
+    return {"group_score_std": total["spread"] / total["groups"]}
 
 
 def adapt_beta(state: PPOState, metrics: dict[str, float], cfg: PPOConfig, keeper: RunKeeper, *, responses: int) -> None:
@@ -367,11 +462,11 @@ def adapt_beta(state: PPOState, metrics: dict[str, float], cfg: PPOConfig, keepe
         )
 
 
-def stop_if_nonfinite(keeper: RunKeeper, state: PPOState, dist: Dist, what: str, *tensors: torch.Tensor) -> None:
+def stop_if_nonfinite(keeper: RunKeeper, state: PPOState, dist: Dist, what: str, *tensors: torch.Tensor | None) -> None:
     """Stop every rank, with a checkpoint, if any rank's `tensors` hold NaN or inf. One all-reduce
     and host sync per call (per minibatch in the update loop): a non-finite loss must stop every
     rank before any rank applies it."""
-    bad = torch.tensor([float(any(not torch.isfinite(t).all() for t in tensors))], device=dist.device)
+    bad = torch.tensor([float(any(not torch.isfinite(t).all() for t in tensors if t is not None))], device=dist.device)
     torch.distributed.all_reduce(bad)  # every rank stops together (and saves together)
     if bad.item():
         keeper.stop_nonfinite(state, what)

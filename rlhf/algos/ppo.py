@@ -230,6 +230,39 @@ def gae(
     return advantages, returns
 
 
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate per token: (B, R) max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)).
+
+    logp: (B, R) current log-probs of the sampled tokens (carries the gradient); old_logp: (B, R)
+    log-probs at rollout time; advantages: (B, R); mask: (B, R); ratio = exp(logp - old_logp).
+    The per-token losses are 0 at padding; how they become one scalar is the caller's choice
+    (policy_loss: the mean over valid tokens). stats (detached scalars, means over valid tokens):
+    clipfrac = fraction where the clipped term is strictly larger; approx_kl = mean of
+    ratio - 1 - log ratio, the k3 estimate of KL(old || new); ratio_mean = mean ratio.
+    """
+    # Zero the log-ratio before exp so masked garbage cannot overflow into inf (and nan gradients).
+    log_ratio, mask = _valid(logp - old_logp, mask)
+    adv = _valid(advantages, mask)[0]
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
+    token_losses = _valid(torch.maximum(unclipped, clipped), mask)[0]
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return token_losses, {k: v.detach() for k, v in stats.items()}
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -238,29 +271,10 @@ def policy_loss(
     *,
     clip: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, averaged over valid tokens.
-
-    logp: (B, R) current log-probs of the sampled tokens (carries the gradient); old_logp: (B, R)
-    log-probs at rollout time; advantages: (B, R); mask: (B, R). With ratio = exp(logp - old_logp):
-    loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip))), a scalar.
-    stats (detached scalars): clipfrac = fraction of valid tokens where the clipped term is strictly
-    larger; approx_kl = masked_mean(ratio - 1 - log ratio), the k3 estimate of KL(old || new);
-    ratio_mean = masked_mean(ratio).
-    """
-    # Zero the log-ratio before exp so masked garbage cannot overflow into inf (and nan gradients).
-    log_ratio, mask = _valid(logp - old_logp, mask)
-    adv = _valid(advantages, mask)[0]
-    ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-    return loss, {k: v.detach() for k, v in stats.items()}
+    """PPO clipped surrogate, averaged over valid tokens: masked_mean of clipped_surrogate's
+    per-token losses (a scalar), and its stats. Shapes and arguments as clipped_surrogate."""
+    token_losses, stats = clipped_surrogate(logp, old_logp, advantages, mask, clip=clip)
+    return masked_mean(token_losses, mask), stats
 
 
 def value_loss(

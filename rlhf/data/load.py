@@ -135,9 +135,10 @@ def stage_datasets(stage: str, cfg: Any, tokenizer: Any, *, world_size: int) -> 
         eval_set, eval_stats = examples(cfg.data.eval, split="eval", tokenizer=tokenizer, data=reading, key="data.eval")
         if cfg.eval.max_rows:
             eval_set = eval_set[: cfg.eval.max_rows]
-    # PPO draws a rollout batch of prompts per step; the other stages a micro-batch of examples.
+    # PPO draws rollout.batch_size / rollout.samples_per_prompt prompts per rank per step; the other stages a micro-batch.
     batch_key = "rollout.batch_size" if stage == "ppo" else "engine.micro_batch_size"
-    global_batch = (cfg.rollout.batch_size if stage == "ppo" else cfg.engine.micro_batch_size) * world_size
+    per_rank = cfg.rollout.batch_size // cfg.rollout.samples_per_prompt if stage == "ppo" else cfg.engine.micro_batch_size
+    global_batch = per_rank * world_size
     if len(train_set) < global_batch:
         raise UserError(
             f"data.train has {len(train_set)} usable rows, fewer than one global batch of {global_batch} "
