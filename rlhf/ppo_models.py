@@ -17,12 +17,13 @@ from rlhf.model_sources import ModelSource, PPOSources
 class PPOModels:
     """PPO's four models: the actor and critic as DeepSpeed engines with their optimizers; the
     reference and reward frozen (ZeRO-3 partitions under ZeRO-3 or offload, else plain modules).
-    reference None = the actor with its LoRA adapters switched off."""
+    reference None = the actor with its LoRA adapters switched off; reward None = no learned component
+    in the reward (functions or the oracle only)."""
 
     actor: Any
     critic: Any
     reference: Any | None
-    reward: Any
+    reward: Any | None
 
 
 def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
@@ -48,6 +49,16 @@ def build_reference(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any)
     return build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
 
 
+def build_reward(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any) -> Any:
+    """The frozen reward model, dropout off: ZeRO-3 partitioned under ZeRO-3 or reward.offload, else a plain copy."""
+    engine = cfg.engine
+    reward = load_scalar_model(source, frozen_model_config(cfg, "reward"), tokenizer, seed=cfg.train.seed,
+                               dtype=PRECISION_DTYPES[engine.precision], trained_head=True, key="reward.name_or_path",
+                               partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)))
+    disable_dropout(reward)
+    return build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
+
+
 def build_ppo_models(
     cfg: Any, sources: PPOSources, actor_source: ModelSource, tokenizer: Any, *, dist: Any, total_updates: int
 ) -> PPOModels:
@@ -69,12 +80,9 @@ def build_ppo_models(
     if cfg.ppo.value_head == "zero":
         zero_scalar_head(critic, partitioning=critic_partitioning)
     reference = None if sources.reference is None else build_reference(cfg, sources.reference, tokenizer, dist=dist)
-    reward = load_scalar_model(sources.reward, frozen_model_config(cfg, "reward"), tokenizer, seed=seed, dtype=dtype,
-                               trained_head=True, key="reward.name_or_path",
-                               partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)))
-    for model in (actor, critic, reward):
+    reward = None if sources.reward is None else build_reward(cfg, sources.reward, tokenizer, dist=dist)
+    for model in (actor, critic):
         disable_dropout(model)
-    reward = build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
     actor = build_engine(actor, engine=engine, optim=cfg.optim, total_steps=total_updates)
     critic = build_engine(critic, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)
     return PPOModels(actor=actor, critic=critic, reference=reference, reward=reward)
