@@ -3,6 +3,8 @@ importable by dotted name with the repository root on PYTHONPATH (as the tests r
 
 from __future__ import annotations
 
+import os
+
 NOT_A_FUNCTION = 3
 
 
@@ -25,3 +27,10 @@ def not_finite(prompts: list[str], responses: list[str]) -> list[float]:
 
 def strings(prompts: list[str], responses: list[str]) -> list[str]:
     return list(responses)
+
+
+def raises_on_rank_1(prompts: list[str], responses: list[str]) -> list[float]:
+    """Fails on the second rank only: every rank must still stop, and rank 0 must say why."""
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("reward server unreachable from rank 1")
+    return [0.0] * len(responses)
