@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
@@ -127,14 +128,14 @@ def checked_scores(source: RewardSource, values: Any, count: int) -> list[float]
         raise UserError(f"{source.text} returned a {type(values).__name__} ({shown}), not a list of {count} floats")
     if len(values) != count:
         raise UserError(f"{source.text} returned {len(values)} score(s) for {count} responses ({shown}); return one float per response")
-    numbers = []
+    floats = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
             raise UserError(f"{source.text} returned a {type(value).__name__} ({value!r}) among its scores; return floats")
         if not math.isfinite(value):
             raise UserError(f"{source.text} returned {value} among its scores; every score must be finite")
-        numbers.append(float(value))
-    return numbers
+        floats.append(float(value))
+    return floats
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 from rlhf.algos.ppo import shape_scores
 from rlhf.config import PPOConfig, load_config
 from rlhf.errors import UserError
-from rlhf.rewards import Reward, RewardSource, describe, learned_source, load_function, parse_sources, rollout_texts
+from rlhf.rewards import Reward, RewardSource, checked_scores, describe, learned_source, load_function, parse_sources, rollout_texts
 from rlhf.toy import build_tokenizer, oracle_score
 from tests.sequences import build_sequences
 
@@ -154,3 +154,16 @@ def test_rollout_texts_are_unpadded_prompts_and_responses_without_eos():
     assert got_prompts == texts and got_responses == answers
     scores = Reward([RewardSource("oracle", "oracle")]).scores(got_prompts, got_responses).total
     assert scores.tolist() == [1.0, 1.0, pytest.approx(1 / 3)]
+
+
+def test_numpy_and_tensor_results_are_accepted_as_floats():
+    import numpy as np
+
+    source = RewardSource(f"{FUNCS}:any", "python")
+    assert checked_scores(source, [np.float32(0.5), np.int64(2)], 2) == [0.5, 2.0]
+    assert checked_scores(source, torch.tensor([0.25, -1.0]), 2) == [0.25, -1.0]
+    assert checked_scores(source, np.array([3.0]), 1) == [3.0]
+    with pytest.raises(UserError, match=r"returned a dict \(\{'a': 1\}\), not a list of 1 floats"):
+        checked_scores(source, {"a": 1}, 1)
+    with pytest.raises(UserError, match="returned a bool"):
+        checked_scores(source, [True], 1)
