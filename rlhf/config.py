@@ -257,6 +257,24 @@ class FrozenModelConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    name_or_path: list[str] = field(default_factory=lambda: ["rm:latest"])
+    """The reward's sources, one or several (summed with `weights`): a reward model (registry reference, folder or hub
+    name; one at most), `python:package.module:function` (imported from the installed environment or PYTHONPATH,
+    called with the prompts and responses as text, returning one float per response), or `oracle` (the embedded
+    default's ground truth, 0 to 1; data.train and data.eval must be toy). On the command line: a,b or '[a, b]'."""
+    weights: list[float] | None = None
+    """One weight per source of name_or_path, in its order; null = 1 each. The reward model's score is normalized
+    (ppo.normalize_score) before weighting, a function's is used as it is; then ppo.score_clip and ppo.no_eos_score."""
+    trust_remote_code: bool = False
+    """Allow the reward model's own code from its repository (trusting the actor's does not trust this one); off unless
+    you trust the repository."""
+    offload: bool = False
+    """Partition the reward model with ZeRO-3 and keep its parameters in CPU memory (inference only), whatever
+    engine.zero_stage is."""
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     batch_size: int = 64
     """Rollouts (sampled responses) per rank per PPO step: batch_size / samples_per_prompt prompts, each sampled
@@ -354,8 +372,8 @@ class PPOConfig:
     """The critic (value model), trained; starts from a reward model's weights and head."""
     reference: FrozenModelConfig = field(default_factory=FrozenModelConfig)
     """The frozen reference policy of the KL penalty (with LoRA on the actor: the actor without its adapters)."""
-    reward: FrozenModelConfig = field(default_factory=lambda: FrozenModelConfig(name_or_path="rm:latest"))
-    """The frozen reward model."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Where the score comes from: the frozen reward model, Python functions, the oracle, or a weighted sum."""
     data: PPODataConfig = field(default_factory=PPODataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
@@ -395,8 +413,18 @@ class PPOConfig:
         _check_estimator(self.ppo, rollout)
         _check_optim(self.critic_optim, "critic_optim")
         _check_model(self.critic, "critic")
-        if self.reward.name_or_path is None:
-            raise UserError("reward.name_or_path is required (a reward model: rm:latest, an rm entry or folder)")
+        _check_reward(self.reward, self.data)
+
+
+def _check_reward(reward: RewardConfig, data: PPODataConfig) -> None:
+    """The sources parse (the functions are imported by the preflight); the oracle grades the toy task only."""
+    from rlhf.rewards import ORACLE, parse_sources
+    from rlhf.toy import TOY
+
+    parse_sources(reward.name_or_path, reward.weights)
+    if ORACLE in reward.name_or_path and (data.train != TOY or data.eval not in (TOY, None)):
+        raise UserError(f"reward.name_or_path={ORACLE} grades the embedded default's task only, but data.train={data.train} "
+                        f"and data.eval={data.eval}; set both to {TOY}, or use a reward model or a python: function")
 
 
 @dataclass(frozen=True)
@@ -931,6 +959,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 problem = getattr(exc, "problem", None) or "invalid YAML"
                 raise UserError(f"{where}: '{key}' is not a valid list ({problem}); write a,b or '[a, b]'") from None
             items = parsed if isinstance(parsed, list) else [s.strip() for s in raw.split(",") if s.strip()]
+        if isinstance(items, str):
+            items = [items]  # one value where a list may hold several (reward.name_or_path: rm:latest)
         if not isinstance(items, list):
             raise fail()
         return [_coerce(item, args[0], key, where) for item in items]

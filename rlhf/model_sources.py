@@ -163,12 +163,13 @@ def reward_stats(source: ModelSource, *, key: str = "reward.name_or_path") -> di
 
 @dataclass(frozen=True)
 class PPOSources:
-    """Where PPO's other three models come from; reference None = the actor with its adapters off,
-    critic None = a critic-free estimator (no critic is loaded)."""
+    """Where PPO's other three models come from; reference None = the actor with its adapters off;
+    critic None = a critic-free estimator (no critic is loaded); reward None = no reward model among
+    the reward's sources (functions or the oracle only)."""
 
     reference: ModelSource | None
     critic: ModelSource | None
-    reward: ModelSource
+    reward: ModelSource | None
 
     @property
     def parents(self) -> tuple[str, ...]:
@@ -177,16 +178,24 @@ class PPOSources:
 
 
 def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any) -> PPOSources:
-    """Resolve and check PPO's reference, critic and reward models against the actor and its tokenizer.
+    """Resolve and check PPO's reference, critic and (when the reward has a learned component) reward
+    models against the actor and its tokenizer.
 
     The critic and the reward model must be reward models; every model must share the actor's
     tokenizer, since all four read the same token ids. A critic-free estimator (ppo.estimator other
     than gae) resolves no critic: critic.name_or_path is not needed then.
     """
-    scalar: dict[str, ModelSource | None] = {"critic": None}
-    for name in ("critic", "reward") if cfg.ppo.estimator == "gae" else ("reward",):
+    from rlhf.rewards import learned_source, parse_sources
+
+    learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))
+    names = {"critic": cfg.critic.name_or_path if cfg.ppo.estimator == "gae" else None,
+             "reward": None if learned is None else learned.text}
+    scalar: dict[str, ModelSource | None] = {"critic": None, "reward": None}
+    for name, name_or_path in names.items():
+        if name_or_path is None:
+            continue
         key = f"{name}.name_or_path"
-        source = resolve_model(getattr(cfg, name).name_or_path, registry, key=key)
+        source = resolve_model(name_or_path, registry, key=key)
         check_scalar_model(source, key=key)
         check_same_tokenizer(tokenizer, source, key=key, trust_remote_code=getattr(cfg, name).trust_remote_code)
         scalar[name] = source

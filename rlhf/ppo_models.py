@@ -19,12 +19,13 @@ class PPOModels:
     """PPO's four models: the actor and critic as DeepSpeed engines with their optimizers; the
     reference and reward frozen (ZeRO-3 partitions under ZeRO-3 or offload, else plain modules).
     reference None = the actor with its LoRA adapters switched off; critic None = a critic-free
-    estimator (ppo.estimator other than gae)."""
+    estimator (ppo.estimator other than gae); reward None = no learned component in the reward
+    (functions or the oracle only)."""
 
     actor: Any
     critic: Any | None
     reference: Any | None
-    reward: Any
+    reward: Any | None
 
 
 def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
@@ -50,6 +51,16 @@ def build_reference(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any)
     return build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
 
 
+def build_reward(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any) -> Any:
+    """The frozen reward model, dropout off: ZeRO-3 partitioned under ZeRO-3 or reward.offload, else a plain copy."""
+    engine = cfg.engine
+    reward = load_scalar_model(source, frozen_model_config(cfg, "reward"), tokenizer, seed=cfg.train.seed,
+                               dtype=PRECISION_DTYPES[engine.precision], trained_head=True, key="reward.name_or_path",
+                               partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)))
+    disable_dropout(reward)
+    return build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
+
+
 def build_ppo_models(
     cfg: Any, sources: PPOSources, actor_source: ModelSource, tokenizer: Any, *, dist: Any, total_updates: int
 ) -> PPOModels:
@@ -68,13 +79,10 @@ def build_ppo_models(
                            partitioning=zero3_partitioning(deepspeed_config(engine, cfg.optim) if zero3 else None))
     critic = None if sources.critic is None else load_critic(cfg, sources.critic, tokenizer, dtype=dtype)
     reference = None if sources.reference is None else build_reference(cfg, sources.reference, tokenizer, dist=dist)
-    reward = load_scalar_model(sources.reward, frozen_model_config(cfg, "reward"), tokenizer, seed=seed, dtype=dtype,
-                               trained_head=True, key="reward.name_or_path",
-                               partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)))
-    for model in (actor, critic, reward):
+    reward = None if sources.reward is None else build_reward(cfg, sources.reward, tokenizer, dist=dist)
+    for model in (actor, critic):
         if model is not None:
             disable_dropout(model)
-    reward = build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
     actor = build_engine(actor, engine=engine, optim=cfg.optim, total_steps=total_updates)
     if critic is not None:
         critic = build_engine(critic, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)

@@ -45,11 +45,21 @@ def check_ppo(cfg: Any) -> None:
     ptx = (DataCheck("data.ptx", "train", cfg.data.ptx, "sft"),) if cfg.ppo.ptx_coef > 0 else ()
     local = _local_data("ppo", cfg, ptx)
     source, registry, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=True)
-    # The critic and reward are reward models that read the actor's token ids.
+    # The critic and a learned reward are reward models that read the actor's token ids.
     reward = ppo_sources(cfg, registry, source, tokenizer).reward
-    if cfg.ppo.normalize_score and reward.kind in ("registry", "path"):
+    if cfg.ppo.normalize_score and reward is not None and reward.kind in ("registry", "path"):
         reward_stats(reward)
+    _check_reward_functions(cfg)
     _check_data(cfg, local, tokenizer)
+
+
+def _check_reward_functions(cfg: Any) -> None:
+    """Each python: reward source imports and is callable here, in the environment the ranks inherit."""
+    from rlhf.rewards import load_function, parse_sources
+
+    for source in parse_sources(cfg.reward.name_or_path, cfg.reward.weights):
+        if source.kind == "python":
+            load_function(source)
 
 
 def check_dpo(cfg: Any) -> None:

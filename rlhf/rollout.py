@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -322,14 +322,17 @@ def minibatch_rows(
 @dataclass
 class ScoredRollout:
     """A rollout batch and what PPO needs from the four models: logprobs, ref_logprobs, values
-    (None without a critic) and entropy (of the sampling distributions) are (B, R); scores (B,)."""
+    (None without a critic) and entropy (of the sampling distributions) are (B, R); scores (B,): the
+    reward model's raw scores (None without one)."""
 
     seqs: Sequences
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor | None
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     entropy: torch.Tensor
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Each reward component's (B,) score as it came (`rlhf.rewards.RewardScores.parts`), once the stage combined them."""
 
 
 @torch.no_grad()
@@ -339,14 +342,14 @@ def score_rollout(
     actor: Any,
     reference: Any,
     critic: Any | None,
-    reward: Any,
+    reward: Any | None,
     temperature: float,
     chunk: int,
     reference_is_actor_without_adapters: bool = False,
 ) -> ScoredRollout:
     """One forward pass of each model over the rollout, `chunk` rows at a time: the actor's
     log-probs (PPO's old policy) and entropies, the reference's log-probs (the KL penalty), the
-    critic's values (when given) and the reward model's scores.
+    critic's values (when given) and the reward model's scores (when given; else scores is None).
 
     With `reference_is_actor_without_adapters` (LoRA on the actor) `reference` is ignored and the
     reference log-probs come from the actor with its adapters switched off: no second copy.
@@ -363,7 +366,8 @@ def score_rollout(
                                                         temperature=temperature))
         if critic is not None:
             parts["values"].append(token_values(critic, part))
-        parts["scores"].append(sequence_scores(reward, part))
+        if reward is not None:
+            parts["scores"].append(sequence_scores(reward, part))
     restore = torch.argsort(order)  # rows back in the rollout's order
     joined = {k: torch.cat(v)[restore] if v else None for k, v in parts.items()}
     return ScoredRollout(seqs=seqs, **joined)

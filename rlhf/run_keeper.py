@@ -140,13 +140,15 @@ class RunKeeper:
     def stop_nonfinite(self, state: LoopState, what: str) -> None:
         """Stop the run because `what` is NaN or inf during step `state.step` + 1 (every rank calls
         this together), after saving the last state for inspection."""
+        self.stop(state, f"{what} became NaN or inf in step {state.step + 1}; the run stopped and saved its state in "
+                         f"{self.run.checkpoint_dir}. Lower optim.lr (or critic_optim.lr), use engine.precision=bf16/fp32 "
+                         "instead of fp16, and start a new run")
+
+    def stop(self, state: LoopState, message: str) -> None:
+        """Save the state of `state.step` finished steps and stop with `message` (every rank calls this together)."""
         self.save(state)
         self.tracker.close()
-        raise UserError(
-            f"{what} became NaN or inf in step {state.step + 1}; the run stopped and saved its state in "
-            f"{self.run.checkpoint_dir}. Lower optim.lr (or critic_optim.lr), use engine.precision=bf16/fp32 "
-            "instead of fp16, and start a new run"
-        )
+        raise UserError(message)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         # Only a flag: the step in flight finishes, then every rank saves at the same step.

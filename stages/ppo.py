@@ -19,6 +19,7 @@ Run it with `rlhf ppo` (any number of ranks), or alone: `python stages/ppo.py --
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -52,10 +53,13 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import Dist, global_grad_norm, init_distributed, seed_everything
+from rlhf.errors import UserError
 from rlhf.evaluation import even_shard, oracle_eval
 from rlhf.model_sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
 from rlhf.ppo_models import PPOModels, build_ppo_models
 from rlhf.rank_sums import RankSums
+from rlhf.rewards import Reward, learned_source, parse_source, parse_sources, rollout_texts
+from rlhf.rewards import describe as describe_reward
 from rlhf.rollout import Sampling, ScoredRollout, Sequences, minibatch_rows, policy_logprobs, sample_rollout, score_rollout, token_values
 from rlhf.run_keeper import LoopState, RunKeeper
 from rlhf.runs import Run, stage_entrypoint
@@ -80,8 +84,8 @@ class Data:
     tokenizer: Any
     actor_source: ModelSource
     sources: PPOSources
-    score_stats: dict[str, float]
-    """The reward model's mean and std on its training responses (or 0 and 1: no normalization)."""
+    reward: Reward
+    """The reward's components (reward.name_or_path), with the reward model's statistics when it normalizes."""
     train_prompts: list
     prompt_stats: Any
     eval_prompts: list
@@ -161,7 +165,7 @@ def main(run: Run) -> None:
 def load_data(cfg: PPOConfig, run: Run, dist: Dist) -> Data:
     actor_source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
     sources = ppo_sources(cfg, run.registry, actor_source, tokenizer)
-    score_stats = reward_stats(sources.reward) if cfg.ppo.normalize_score else {"mean": 0.0, "std": 1.0}
+    reward = ppo_reward(cfg, sources)
     train_prompts, prompt_stats, eval_prompts, _ = stage_datasets("ppo", cfg, tokenizer, world_size=dist.world_size)
     batches = ShuffledBatches(len(train_prompts), batch_size=prompts_per_rank(cfg), world_size=dist.world_size, seed=cfg.train.seed)
     ptx_set, ptx_batches = [], None
@@ -170,13 +174,22 @@ def load_data(cfg: PPOConfig, run: Run, dist: Dist) -> Data:
         ptx_batches = ShuffledBatches(len(ptx_set), batch_size=cfg.engine.micro_batch_size, world_size=dist.world_size,
                                       seed=cfg.train.seed)
     eval_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in eval_prompts] if cfg.data.eval == TOY else []
-    return Data(tokenizer, actor_source, sources, score_stats, train_prompts, prompt_stats, eval_prompts, eval_texts, batches,
+    return Data(tokenizer, actor_source, sources, reward, train_prompts, prompt_stats, eval_prompts, eval_texts, batches,
                 ptx_set, ptx_batches)
 
 
 def prompts_per_rank(cfg: PPOConfig) -> int:
     """Prompts a rank draws per step: each is sampled rollout.samples_per_prompt times."""
     return cfg.rollout.batch_size // cfg.rollout.samples_per_prompt
+
+
+def ppo_reward(cfg: PPOConfig, sources: PPOSources) -> Reward:
+    """The reward's components; only a reward model's scores are normalized (ppo.normalize_score),
+    with the statistics stored beside it. Functions are imported here, on every rank."""
+    components = parse_sources(cfg.reward.name_or_path, cfg.reward.weights)
+    if learned_source(components) is None or not cfg.ppo.normalize_score:
+        return Reward(components)
+    return Reward(components, **reward_stats(sources.reward), normalize=True)
 
 
 def minibatches_per_epoch(cfg: PPOConfig) -> int:
@@ -196,24 +209,51 @@ def describe(cfg: PPOConfig, data: Data, models: PPOModels, dist: Dist) -> str:
     return (
         f"ppo: {len(data.train_prompts)} prompts ({data.prompt_stats.skipped_long_prompts} longer than data.max_prompt_length "
         f"skipped), {cfg.rollout.batch_size} rollouts x {dist.world_size} rank(s) per step, {cfg.ppo.epochs} epochs of "
-        f"{minibatches_per_epoch(cfg)} minibatches, ZeRO-{cfg.engine.zero_stage}, reference = {reference}\n"
+        f"{minibatches_per_epoch(cfg)} minibatches, ZeRO-{cfg.engine.zero_stage}, reference = {reference}, "
+        f"reward = {describe_reward(data.reward.sources)}{'' if models.reward is not None else ' (no reward model loaded)'}\n"
         f"{estimator}; {k} sample(s) per prompt, KL in the {ppo.kl_in} ({kl_estimator_of(ppo)}), "
         f"loss aggregation {loss_aggregation_of(ppo)}"
     )
 
 
 def shaped(scores: torch.Tensor, has_eos: torch.Tensor, cfg: PPOConfig, data: Data) -> torch.Tensor:
-    """The reward model's scores as PPO's reward: normalized, clipped, a fixed score without EOS."""
+    """The combined reward (`score`'s, the reward model's part already normalized) as PPO's: clipped,
+    a fixed score without EOS."""
     ppo = cfg.ppo
-    return shape_scores(scores, has_eos, mean=data.score_stats["mean"], std=data.score_stats["std"], normalize=ppo.normalize_score,
-                        clip=ppo.score_clip, no_eos_score=ppo.no_eos_score)
+    return shape_scores(scores, has_eos, normalize=False, clip=ppo.score_clip, no_eos_score=ppo.no_eos_score)
 
 
-def score(seqs: Sequences, models: PPOModels, cfg: PPOConfig, *, critic: Any) -> ScoredRollout:
-    """Log-probs of actor and reference, values (none without `critic`), reward-model scores."""
-    return score_rollout(seqs, actor=models.actor, reference=models.reference, critic=critic, reward=models.reward,
-                         temperature=cfg.rollout.temperature, chunk=cfg.engine.micro_batch_size,
-                         reference_is_actor_without_adapters=models.reference is None)
+def score(seqs: Sequences, models: PPOModels, cfg: PPOConfig, data: Data, dist: Dist, *, critic: Any) -> ScoredRollout:
+    """Log-probs of actor and reference, values (none without `critic`), and the reward: its
+    components (reward-model scores, functions of the decoded texts) and their weighted sum as
+    `scores`. A reward function that fails on any rank stops every rank with its one line."""
+    scored = score_rollout(seqs, actor=models.actor, reference=models.reference, critic=critic, reward=models.reward,
+                           temperature=cfg.rollout.temperature, chunk=cfg.engine.micro_batch_size,
+                           reference_is_actor_without_adapters=models.reference is None)
+    prompts, responses = rollout_texts(seqs, data.tokenizer) if data.reward.needs_text else ([], [])
+    failure, reward = None, None
+    try:
+        reward = data.reward.scores(prompts, responses, learned=scored.scores, device=seqs.input_ids.device)
+    except UserError as exc:
+        failure = str(exc)
+    if data.reward.needs_text:
+        failure = first_failure(failure, dist)
+    if failure is not None:
+        raise RewardFailed(failure)
+    return dataclasses.replace(scored, scores=reward.total, reward_parts=reward.parts)
+
+
+class RewardFailed(UserError):
+    """A reward function raised or returned something other than one finite float per response (on some rank)."""
+
+
+def first_failure(message: str | None, dist: Dist) -> str | None:
+    """The first rank's failure message, on every rank (None when all succeeded): all stop together."""
+    if dist.world_size == 1:
+        return message
+    messages: list[str | None] = [None] * dist.world_size
+    torch.distributed.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
 
 
 @torch.no_grad()
@@ -228,7 +268,7 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     sums = RankSums(("score", "score_sq", "kl", "length", "no_eos", "responses"), dist.device)
     for start in range(0, len(share), cfg.eval.batch_size):
         seqs = sample_rollout(actor.module, share[start : start + cfg.eval.batch_size], sampling)
-        scored = score(seqs, models, cfg, critic=None)
+        scored = score(seqs, models, cfg, data, dist, critic=None)
         keep = torch.tensor(real[start : start + cfg.eval.batch_size], device=dist.device)
         shaped_score = shaped(scored.scores, seqs.has_eos, cfg, data)[keep].double()
         kl = ((scored.logprobs - scored.ref_logprobs) * seqs.response_mask).sum(dim=1)[keep].double()
@@ -276,7 +316,11 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     prompts = [data.train_prompts[i] for i in data.batches.global_batch(state.step)[dist.rank] for _ in range(k)]
     seqs = sample_rollout(models.actor.module, prompts, sampling)
     generated = time.time()
-    scored = score(seqs, models, cfg, critic=models.critic)
+    try:
+        scored = score(seqs, models, cfg, data, dist, critic=models.critic)
+    except RewardFailed as exc:  # resumable once the function is fixed: the dotted name is imported anew
+        keeper.stop(state, f"{exc}; the run stopped in step {state.step + 1} and saved its state in {keeper.run.checkpoint_dir}: "
+                           f"fix the function and resume (`rlhf ppo --resume --run {keeper.run.run_id}`)")
     stop_if_nonfinite(keeper, state, dist, "a reward-model score or a critic value", scored.scores, scored.values)
 
     # 6. Rewards and advantages.
@@ -416,23 +460,26 @@ def rollout_metrics(rollout: Rollout, dist: Dist, *, beta: float) -> dict[str, f
     """Score, KL, entropy, length and value fit over every rank's rollouts.
 
     kl: the k1 estimate of KL(policy || reference) per response, whatever ppo.kl_estimator is;
-    kl_penalty: the estimator's value, what beta multiplies (and the adaptive controller tracks)."""
+    kl_penalty: the estimator's value, what beta multiplies (and the adaptive controller tracks);
+    rm_score: the reward model's raw score; reward/<source>: each function's (with several sources)."""
     seqs, scored, mask = rollout.seqs, rollout.scored, rollout.seqs.response_mask
-    sums = RankSums(("kl", "kl_penalty", "score", "score_sq", "rm_score", "entropy", "tokens", "length", "no_eos",
-                     "responses", "explained_variance"), dist.device)
+    parts = reward_part_metrics(scored)
+    sums = RankSums(("kl", "kl_penalty", "score", "score_sq", "entropy", "tokens", "length", "no_eos",
+                     "responses", "explained_variance", *parts), dist.device)
     sums.add(kl=((scored.logprobs - scored.ref_logprobs) * mask).sum(dim=1).double(),
              kl_penalty=rollout.penalized_kl.sum(dim=1).double(), score=rollout.score.double(),
-             score_sq=rollout.score.double().pow(2), rm_score=scored.scores.double(), entropy=scored.entropy * mask, tokens=mask,
-             length=seqs.response_lengths, no_eos=~seqs.has_eos, responses=float(len(seqs.response_lengths)))
+             score_sq=rollout.score.double().pow(2), entropy=scored.entropy * mask, tokens=mask,
+             length=seqs.response_lengths, no_eos=~seqs.has_eos, responses=float(len(seqs.response_lengths)), **parts)
     if scored.values is not None:
         sums.add(explained_variance=explained_variance(scored.values, rollout.returns, mask))
     total = sums.over_ranks()
     n, mean_score = total["responses"], total["score"] / total["responses"]
     return {
-        "score": mean_score, "score_std": max(total["score_sq"] / n - mean_score**2, 0.0) ** 0.5, "rm_score": total["rm_score"] / n,
+        "score": mean_score, "score_std": max(total["score_sq"] / n - mean_score**2, 0.0) ** 0.5,
         "kl": total["kl"] / n, "kl_penalty": total["kl_penalty"] / n, "beta": beta, "entropy": total["entropy"] / total["tokens"],
         **({"explained_variance": total["explained_variance"] / dist.world_size} if scored.values is not None else {}),
         "response_length": total["length"] / n, "no_eos_fraction": total["no_eos"] / n,
+        **{name: total[name] / n for name in parts},
     }
 
 
@@ -447,6 +494,13 @@ def group_metrics(rollout: Rollout, cfg: PPOConfig, dist: Dist) -> dict[str, flo
     sums.add(spread=groups.std(dim=1, unbiased=False), groups=float(groups.shape[0]))
     total = sums.over_ranks()
     return {"group_score_std": total["spread"] / total["groups"]}
+
+
+def reward_part_metrics(scored: ScoredRollout) -> dict[str, torch.Tensor]:
+    """The reward's components to average, by metric name: the reward model's raw score as
+    rm_score, a function's (or the oracle's) as reward/<source>."""
+    return {"rm_score" if parse_source(name).kind == "learned" else f"reward/{name}": part.double()
+            for name, part in scored.reward_parts.items()}
 
 
 def adapt_beta(state: PPOState, metrics: dict[str, float], cfg: PPOConfig, keeper: RunKeeper, *, responses: int) -> None:
