@@ -11,8 +11,6 @@ import pytest
 from tests.integration.conftest import (
     ONE_PROCESS,
     PPO_QUICK,
-    QUICK,
-    RM_QUICK,
     assert_ok,
     entries,
     home_with_entries_of,
@@ -30,18 +28,10 @@ VALUE_METRICS = ("value_loss", "value_clipfrac", "explained_variance", "critic_l
 SHORT = ("-c", PPO_QUICK, "train.max_steps=3", "train.eval_every=0", "eval.max_rows=16", "eval.batch_size=16")
 
 
-@pytest.fixture(scope="module")
-def quick_rm_home(tmp_path_factory) -> Path:
-    """An SFT and an RM entry from the quick configs, made once for this module (a couple of minutes)."""
-    home = tmp_path_factory.mktemp("critic_free_rm")
-    assert_ok(rlhf("pipeline", "--stages", "sft,rm", "--no-report", *ONE_PROCESS, "--sft-config", QUICK, "--rm-config", RM_QUICK,
-                   home=home, timeout=900))
-    return home
-
-
 @pytest.fixture
-def home(quick_rm_home, tmp_path) -> Path:
-    return home_with_entries_of(quick_rm_home, tmp_path / "home")
+def home(default_rm_home, tmp_path) -> Path:
+    """The session pipeline's SFT and RM entries (conftest.default_rm_home), in a registry of this test's own."""
+    return home_with_entries_of(default_rm_home, tmp_path / "home")
 
 
 def critic_free_entry(home: Path) -> dict:
