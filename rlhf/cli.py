@@ -76,11 +76,12 @@ _stage_command("sft", "Supervised fine-tuning on demonstrations (loss on respons
 _stage_command("rm", "Reward model on comparisons (Bradley-Terry; ranked lists give all their pairs), from sft:latest by default.")
 _stage_command("ppo", "PPO against the reward model with a KL penalty to the SFT policy (actor sft:latest, critic and reward rm:latest).")
 _stage_command("dpo", "Direct preference optimization of sft:latest on comparisons, no reward model (dpo, ipo, kto, simpo, orpo).")
+_stage_command("bon", "Best-of-N: N samples per prompt from sft:latest, the reward's best kept as an SFT dataset, and the best-of-n curve.")
 
 
 @app.command("config")
 def show_config(
-    stage: Annotated[str, typer.Argument(help="Stage whose config to show: sft, rm, ppo, dpo.")],
+    stage: Annotated[str, typer.Argument(help="Stage whose config to show: sft, rm, ppo, dpo, bon.")],
     overrides: OverridesArg = None,
     config: ConfigOpt = None,
     docs: Annotated[bool, typer.Option("--docs", help="List every key with its documentation instead.")] = False,

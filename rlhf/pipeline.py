@@ -11,7 +11,7 @@ from rlhf.errors import UserError
 
 PIPELINE = ("sft", "rm", "ppo")
 """The stages `rlhf pipeline` runs by default (InstructGPT); `--stages sft,dpo` picks others."""
-STAGES = ("sft", "rm", "ppo", "dpo")
+STAGES = ("sft", "rm", "ppo", "dpo", "bon")
 
 # Which config keys of a later stage name an earlier stage's entry: a pipeline points each stage at
 # the runs it just made, since `latest` could pick up someone else's run by the time the stage starts.
@@ -19,6 +19,7 @@ PARENT_KEYS = {
     "rm": {"model.name_or_path": "sft"},
     "ppo": {"model.name_or_path": "sft", "critic.name_or_path": "rm", "reward.name_or_path": "rm"},
     "dpo": {"model.name_or_path": "sft"},
+    "bon": {"model.name_or_path": "sft", "reward.name_or_path": "rm"},
 }
 
 

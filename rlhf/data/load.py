@@ -11,7 +11,7 @@ from typing import Any
 
 import datasets
 
-from rlhf.data.formats import to_comparisons, to_prompt_responses, to_prompts, to_ranked, to_unpaired
+from rlhf.data.formats import Prompt, to_comparisons, to_prompt_responses, to_prompts, to_ranked, to_unpaired
 from rlhf.data.sources import Records, load_records
 from rlhf.data.tokenize import (
     PairExample,
@@ -21,7 +21,7 @@ from rlhf.data.tokenize import (
     UnpairedExample,
     preference_pairs,
     tokenize_preferences,
-    tokenize_prompts,
+    tokenize_prompt_rows,
     tokenize_sft,
     tokenize_unpaired,
 )
@@ -71,8 +71,14 @@ def rm_examples(
 
 def ppo_examples(source: str, *, split: str, tokenizer: Any, data: Any, key: str) -> tuple[list[list[int]], TruncationStats]:
     """Tokenized PPO prompts (a prompt column or messages), none longer than data.max_prompt_length."""
+    rows, stats = prompt_rows(source, split=split, tokenizer=tokenizer, data=data, key=key)
+    return [ids for _, ids in rows], stats
+
+
+def prompt_rows(source: str, *, split: str, tokenizer: Any, data: Any, key: str) -> tuple[list[tuple[Prompt, list[int]]], TruncationStats]:
+    """`ppo_examples` with each prompt's rendered text beside its ids (what `rlhf sft` tokenizes back to the same ids)."""
     rows = records(source, split=split, toy=data.toy, toy_kind="prompts", key=key)
-    return tokenize_prompts(
+    return tokenize_prompt_rows(
         to_prompts(rows, tokenizer), tokenizer, max_length=data.max_prompt_length, long_prompts=data.long_prompts
     )
 

@@ -262,16 +262,29 @@ def tokenize_prompts(
     Prompts are never cut (a cut prompt asks a different question): a longer one is an error, or
     with long_prompts="skip" is dropped and counted.
     """
+    rows, stats = tokenize_prompt_rows(examples, tokenizer, max_length=max_length, long_prompts=long_prompts, key=key)
+    return [ids for _, ids in rows], stats
+
+
+def tokenize_prompt_rows(
+    examples: list[Prompt],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    long_prompts: str = "error",
+    key: str = "data.max_prompt_length",
+) -> tuple[list[tuple[Prompt, list[int]]], TruncationStats]:
+    """`tokenize_prompts` keeping each kept prompt beside its ids (best-of-N writes the prompt's text back)."""
     _check_options(max_length, long_prompts, key, minimum=1)
     stats = TruncationStats(rows=len(examples))
-    out: list[list[int]] = []
+    out: list[tuple[Prompt, list[int]]] = []
     for ex, p in zip(examples, _ids(tokenizer, [e.prompt for e in examples], add_special_tokens=True)):
         if len(p) > max_length:
             if long_prompts == "error":
                 raise _too_long(ex.where, len(p), max_length, key)
             stats.skipped_long_prompts += 1
             continue
-        out.append(p)
+        out.append((ex, p))
     _check_any_left(out, stats, key)
     return out, stats
 

@@ -1,0 +1,303 @@
+"""Best-of-N (rejection sampling): N sampled responses per prompt, the one the reward scores highest kept.
+
+Two products. The training prompts' best responses, written as an SFT dataset (`prompt`,
+`response` JSON lines: Llama 2's rejection-sampling fine-tuning trains on it with `rlhf sft
+data.train=<entry path>/train.jsonl`). And best-of-N as an evaluation: on held-out prompts, the
+reward and (on the embedded default) the oracle's score of the response kept among the first n
+samples, for n = 1, 2, 4, ..., N, beside the KL of best-of-n to the policy, log n - (n-1)/n.
+
+The reward is any `rlhf.rewards` source: a reward model, Python functions, the oracle, or a
+weighted sum. Nothing trains; under ZeRO-3 the policy and the reward model are partitioned.
+
+1. Ranks.  2. Tokenizer, the reward's sources, prompts.  3. The policy and the reward model.
+4. The training prompts, shard by shard (a shard already written is kept: that is the resume).
+5. The held-out curve.  6. The dataset folder and the registry entry.
+
+Run it with `rlhf bon` (any number of ranks), or alone: `python stages/bon.py --config FILE`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.algos.best_of_n import best_of_first, best_of_n_kl, curve_ns
+from rlhf.config import BestOfNConfig, ModelConfig, to_dict
+from rlhf.data.load import prompt_rows
+from rlhf.engine import PRECISION_DTYPES, Dist, build_frozen, frozen_zero3_config, init_distributed, seed_everything, zero3_partitioning
+from rlhf.errors import StoppedBySignal
+from rlhf.evaluation import even_shard
+from rlhf.fileio import atomic_write_text
+from rlhf.model_loading import disable_dropout, load_causal_lm
+from rlhf.model_sources import ModelSource, base_model_identity, causal_lm_and_tokenizer, resolve_model, reward_stats
+from rlhf.ppo_models import build_reward
+from rlhf.rank_sums import RankSums
+from rlhf.registry import Entry, now_iso
+from rlhf.rewards import Reward, describe, learned_source, parse_sources, rollout_texts
+from rlhf.rollout import Sampling, sample_rollout, sequence_scores
+from rlhf.run_keeper import STOP_SIGNALS
+from rlhf.runs import Run, mark_started, stage_entrypoint
+from rlhf.tokenizer import tokenizer_fingerprint
+from rlhf.toy import TOY, oracle_score
+from rlhf.tracking import Tracker, print_warning
+
+HEADLINE = ("best_reward", "first_reward", "eval/best_oracle_score")
+SHARDS = "shards"
+DATASET = "train.jsonl"
+
+
+@dataclass
+class Models:
+    policy: Any
+    reward_model: Any | None
+    """None when no source of the reward is a reward model."""
+    reward: Reward
+
+
+@dataclass
+class Candidates:
+    """A batch of prompts (this rank's) with their N sampled responses and what the reward said."""
+
+    prompts: list[str]
+    responses: list[list[str]]
+    """[prompt][sample] as text."""
+    rewards: torch.Tensor
+    """(P, N) the reward's score of each response."""
+    has_eos: torch.Tensor
+    """(P, N) whether each response ended by itself."""
+
+
+def main(run: Run) -> None:
+    cfg: BestOfNConfig = run.config
+    started = time.time()
+
+    # 1. Ranks.
+    dist = init_distributed()
+
+    # 2. Tokenizer, the reward's sources (a reward model among them is checked against the policy), prompts.
+    source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
+    reward_source = learned_reward_source(cfg, run)
+    train_rows, eval_rows = load_prompts(cfg, tokenizer)
+
+    # 3. The policy (frozen, dropout off) and, when the reward has a learned part, the reward model.
+    models = build_models(cfg, source, reward_source, tokenizer, dist)
+    sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                        max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                        top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
+                        zero3_engine=models.policy if cfg.engine.zero_stage == 3 else None, device=dist.device)
+    shards = [train_rows[i : i + cfg.sampling.shard_prompts] for i in range(0, len(train_rows), cfg.sampling.shard_prompts)]
+    stopper = Stopper(dist)
+    if dist.is_main:
+        mark_started(run)
+    done = sum(1 for index in range(len(shards)) if shard_path(run, index).exists())  # written in order
+    tracker = Tracker(run.run_dir, active=dist.is_main, tracking=cfg.tracking, config=to_dict(cfg), run_id=run.run_id,
+                      total_steps=max(len(shards), 1), start_step=done, description=f"bon {run.run_id}", headline=HEADLINE)
+    if done:
+        tracker.print(f"resumed {run.run_id} at shard {done} of {len(shards)}")
+    tracker.print(f"bon: best of {cfg.sampling.n} for {len(train_rows)} prompts in {len(shards)} shard(s), "
+                  f"{len(eval_rows)} held-out prompts; reward = {describe(models.reward.sources)}")
+
+    # 4. The training prompts, shard by shard; a shard on disk is done (its samples came from its own seed).
+    kept = write_shards(shards, models, cfg, sampling, tokenizer, dist, run, tracker, stopper)
+
+    # 5. The held-out curve: reward and oracle score of best-of-n against n.
+    curve = evaluate(eval_rows, models, cfg, sampling, tokenizer, dist)
+    tracker.log(len(shards), curve)
+
+    # 6. The dataset folder and the registry entry.
+    if dist.is_main:
+        publish(run, cfg, source, reward_source, tokenizer, shards, tracker,
+                {**kept, **curve, "wall_time_s": round(time.time() - started, 1)})
+    tracker.close()
+    torch.distributed.barrier()
+
+
+def learned_reward_source(cfg: BestOfNConfig, run: Run) -> ModelSource | None:
+    learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))
+    return None if learned is None else resolve_model(learned.text, run.registry, key="reward.name_or_path")
+
+
+def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
+    """(training rows, held-out rows): each a (Prompt, ids) pair, capped at data.max_prompts / eval.max_rows."""
+    data = cfg.data
+    train_rows, eval_rows = [], []
+    if data.train is not None:
+        train_rows, _ = prompt_rows(data.train, split="train", tokenizer=tokenizer, data=data, key="data.train")
+        train_rows = train_rows[: data.max_prompts or None]
+    if data.eval is not None:
+        eval_rows, _ = prompt_rows(data.eval, split="eval", tokenizer=tokenizer, data=data, key="data.eval")
+        eval_rows = eval_rows[: cfg.eval.max_rows or None]
+    return train_rows, eval_rows
+
+
+def build_models(cfg: BestOfNConfig, source: ModelSource, reward_source: ModelSource | None, tokenizer: Any, dist: Dist) -> Models:
+    engine = cfg.engine
+    policy = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.sampling.seed, dtype=PRECISION_DTYPES[engine.precision],
+                            partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
+    disable_dropout(policy)
+    policy = build_frozen(policy, engine=engine, offload=False, dist=dist)
+    reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, dist=dist)
+    return Models(policy, reward_model, combined_reward(cfg, reward_source))
+
+
+def combined_reward(cfg: BestOfNConfig, reward_source: ModelSource | None) -> Reward:
+    """The reward's sources and weights; a reward model's score is normalized with its stored
+    statistics only when other sources are added to it (alone, normalizing would not change the pick)."""
+    sources = parse_sources(cfg.reward.name_or_path, cfg.reward.weights)
+    if reward_source is None or len(sources) == 1:
+        return Reward(sources)
+    stats = reward_stats(reward_source)
+    return Reward(sources, mean=stats["mean"], std=stats["std"], normalize=True)
+
+
+class Stopper:
+    """SIGTERM/SIGUSR1 (SLURM's notice) stop the run after the shard in flight, on every rank together."""
+
+    def __init__(self, dist: Dist) -> None:
+        self.dist, self.signum = dist, 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def requested(self) -> bool:
+        flag = torch.tensor([self.signum], dtype=torch.int32, device=self.dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return self.signum != 0
+
+
+@torch.no_grad()
+def sample_candidates(rows: list, models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any) -> Candidates:
+    """Each row's prompt sampled N times (in one generation call per sampling.batch_size prompts) and scored."""
+    n, prompts, responses, rewards, has_eos = cfg.sampling.n, [], [], [], []
+    for start in range(0, len(rows), cfg.sampling.batch_size):
+        batch = rows[start : start + cfg.sampling.batch_size]
+        seqs = sample_rollout(getattr(models.policy, "module", models.policy), [ids for _, ids in batch for _ in range(n)], sampling)
+        prompt_texts, response_texts = rollout_texts(seqs, tokenizer)
+        learned = None if models.reward_model is None else sequence_scores(models.reward_model, seqs)
+        scores = models.reward.scores(prompt_texts, response_texts, learned=learned, device=sampling.device).total
+        prompts += [prompt.prompt for prompt, _ in batch]
+        responses += [response_texts[i * n : (i + 1) * n] for i in range(len(batch))]
+        rewards.append(scores.float().view(len(batch), n).cpu())
+        has_eos.append(seqs.has_eos.view(len(batch), n).cpu())
+    return Candidates(prompts, responses, torch.cat(rewards), torch.cat(has_eos))
+
+
+def write_shards(shards: list[list], models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any, dist: Dist,
+                 run: Run, tracker: Tracker, stopper: Stopper) -> dict[str, float]:
+    """Each shard's best responses as JSON lines in shards/<index>.jsonl (rank 0 writes it whole, by
+    rename); shards already there are skipped. Returns the kept rows' counts over every shard."""
+    (run.run_dir / SHARDS).mkdir(exist_ok=True)
+    for index, shard in enumerate(shards):
+        path = shard_path(run, index)
+        if path.exists():
+            continue
+        seed_everything(cfg.sampling.seed + index, rank=dist.rank)  # the shard's own stream: resuming redraws the same
+        share, real = even_shard(shard, dist=dist)
+        found = sample_candidates(share, models, cfg, sampling, tokenizer)
+        rows, sums = best_rows(found, real, cfg.sampling.n, dist)
+        gathered: list[list[tuple[int, dict]]] = [[] for _ in range(dist.world_size)]
+        torch.distributed.all_gather_object(gathered, rows)
+        if dist.is_main:  # in the shard's prompt order, whatever the number of ranks
+            ordered = sorted((row for part in gathered for row in part), key=lambda row: row[0])
+            atomic_write_text(path, "".join(json.dumps(row) + "\n" for _, row in ordered))
+        totals = sums.over_ranks()
+        tracker.log(index + 1, {"best_reward": totals["best"] / totals["prompts"], "first_reward": totals["first"] / totals["prompts"],
+                                "best_has_eos": totals["best_eos"] / totals["prompts"]})
+        if stopper.requested():
+            name = signal.Signals(stopper.signum).name
+            tracker.print(f"[yellow]{name}: stopped after shard {index + 1} of {len(shards)}[/]; `rlhf bon --resume "
+                          f"--run {run.run_id}` continues it (a requeued SLURM job does so itself)")
+            tracker.close()
+            raise StoppedBySignal(name)
+    return dataset_counts(run, len(shards)) if dist.is_main else {}
+
+
+def best_rows(found: Candidates, real: list[bool], n: int, dist: Dist) -> tuple[list[tuple[int, dict]], RankSums]:
+    """The kept response of each real prompt (none when all N were cut by the length limit) with the
+    prompt's place in the shard (even_shard deals them round-robin), and sums for the log."""
+    kept = best_of_first(found.rewards, found.has_eos, n).tolist()
+    sums = RankSums(("prompts", "best", "first", "best_eos"), dist.device)
+    rows = []
+    for i, counted in enumerate(real):
+        if not counted:
+            continue
+        k = kept[i]
+        ended = bool(found.has_eos[i, k])
+        sums.add(prompts=1.0, best=float(found.rewards[i, k]), first=float(found.rewards[i, 0]), best_eos=float(ended))
+        if ended:
+            row = {"prompt": found.prompts[i], "response": found.responses[i][k], "reward": float(found.rewards[i, k])}
+            rows.append((dist.rank + i * dist.world_size, row))
+    return rows, sums
+
+
+def shard_path(run: Run, index: int) -> Path:
+    return run.run_dir / SHARDS / f"{index:05d}.jsonl"
+
+
+def dataset_counts(run: Run, shards: int) -> dict[str, float]:
+    written = sum(1 for index in range(shards) for line in shard_path(run, index).read_text().splitlines() if line)
+    return {"dataset_rows": float(written)}
+
+
+@torch.no_grad()
+def evaluate(rows: list, models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any, dist: Dist) -> dict[str, float]:
+    """For n = 1, 2, 4, ..., N: the mean reward of the response kept among the first n samples of
+    each held-out prompt, and on the embedded default the oracle's score (0-100) of that response."""
+    if not rows:
+        return {}
+    seed_everything(cfg.sampling.seed, rank=dist.rank)
+    share, real = even_shard(rows, dist=dist)
+    found = sample_candidates(share, models, cfg, sampling, tokenizer)
+    counted = torch.tensor(real)
+    oracle = cfg.data.eval == TOY
+    ns = curve_ns(cfg.sampling.n)
+    sums = RankSums(("prompts", *(f"reward_{n}" for n in ns), *(f"oracle_{n}" for n in ns)), dist.device)
+    sums.add(prompts=counted.double())
+    for n in ns:
+        kept = best_of_first(found.rewards, found.has_eos, n)
+        sums.add(**{f"reward_{n}": found.rewards.gather(1, kept[:, None]).squeeze(1).double()[counted]})
+        if oracle:
+            scores = [oracle_score(found.prompts[i], found.responses[i][k]) for i, k in enumerate(kept.tolist()) if real[i]]
+            sums.add(**{f"oracle_{n}": float(sum(scores))})
+    total = sums.over_ranks()
+    count = total["prompts"]
+    metrics = {f"eval/best_of_{n}_reward": total[f"reward_{n}"] / count for n in ns}
+    metrics |= {f"eval/best_of_{n}_kl_bound": best_of_n_kl(n) for n in ns}
+    if oracle:
+        metrics |= {f"eval/best_of_{n}_oracle_score": 100.0 * total[f"oracle_{n}"] / count for n in ns}
+        metrics["eval/best_oracle_score"] = metrics[f"eval/best_of_{ns[-1]}_oracle_score"]
+    return metrics
+
+
+def publish(run: Run, cfg: BestOfNConfig, source: ModelSource, reward_source: ModelSource | None, tokenizer: Any,
+            shards: list, tracker: Tracker, metrics: dict[str, float]) -> None:
+    """The shards joined into final/train.jsonl (by rename), then the entry that points at it."""
+    final = run.final_dir
+    final.mkdir(exist_ok=True)
+    text = "".join(shard_path(run, index).read_text() for index in range(len(shards)))
+    atomic_write_text(final / DATASET, text)
+    parents = tuple(dict.fromkeys(source.parents + (reward_source.parents if reward_source else ())))
+    model_cfg: ModelConfig = cfg.model
+    entry = run.registry.publish(Entry(
+        id=run.run_id, stage="bon", status="completed", created=now_iso(), path=str(final), run_dir=str(run.run_dir),
+        config=to_dict(cfg), parents=parents, base_model=base_model_identity(source, model_cfg),
+        tokenizer=tokenizer_fingerprint(tokenizer), metrics={k.removeprefix("eval/"): v for k, v in metrics.items()},
+        tags=tuple(cfg.run.tags),
+    ))
+    if not metrics.get("dataset_rows") and shards:
+        print_warning("no prompt kept a response that ended by itself: raise sampling.max_new_tokens")
+    tracker.print(f"[green]bon finished[/]: {entry.id} -> {final / DATASET} ({int(metrics.get('dataset_rows', 0))} rows); "
+                  f"train on it with `rlhf sft data.train={final / DATASET}`")
+
+
+if __name__ == "__main__":
+    stage_entrypoint("bon", main)
