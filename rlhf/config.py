@@ -416,13 +416,13 @@ class PPOConfig:
         _check_reward(self.reward, self.data)
 
 
-def _check_reward(reward: RewardConfig, data: PPODataConfig) -> None:
+def _check_reward(reward: RewardConfig, data: Any) -> None:
     """The sources parse (the functions are imported by the preflight); the oracle grades the toy task only."""
     from rlhf.rewards import ORACLE, parse_sources
     from rlhf.toy import TOY
 
     parse_sources(reward.name_or_path, reward.weights)
-    if ORACLE in reward.name_or_path and (data.train != TOY or data.eval not in (TOY, None)):
+    if ORACLE in reward.name_or_path and (data.train not in (TOY, None) or data.eval not in (TOY, None)):
         raise UserError(f"reward.name_or_path={ORACLE} grades the embedded default's task only, but data.train={data.train} "
                         f"and data.eval={data.eval}; set both to {TOY}, or use a reward model or a python: function")
 
@@ -587,6 +587,9 @@ class BestOfNSamplingConfig:
     """Prompts per shard of the dataset: the unit of progress and of resuming after a kill."""
     seed: int = 42
     """Each shard samples from its own seed (this, the shard and the rank): a resumed run writes what an uninterrupted one would."""
+    min_reward: float | None = None
+    """Keep a prompt's best response only if its reward is at least this (with a verifiable reward: only correct
+    answers); null = always keep the best (Llama 2's rejection sampling)."""
 
 
 @dataclass(frozen=True)

@@ -185,21 +185,31 @@ def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any
     tokenizer, since all four read the same token ids. A critic-free estimator (ppo.estimator other
     than gae) resolves no critic: critic.name_or_path is not needed then.
     """
+    critic = None if cfg.ppo.estimator != "gae" else scalar_source(
+        cfg.critic.name_or_path, key="critic.name_or_path", registry=registry, tokenizer=tokenizer,
+        trust_remote_code=cfg.critic.trust_remote_code)
+    return PPOSources(reference=reference_source(cfg, registry, actor, tokenizer), critic=critic,
+                      reward=reward_model_source(cfg, registry, tokenizer))
+
+
+def reward_model_source(cfg: Any, registry: Registry, tokenizer: Any) -> ModelSource | None:
+    """The reward model among a config's reward sources (`reward.name_or_path`), checked to be a
+    reward model that reads `tokenizer`'s ids; None when no source is learned."""
     from rlhf.rewards import learned_source, parse_sources
 
     learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))
-    names = {"critic": cfg.critic.name_or_path if cfg.ppo.estimator == "gae" else None,
-             "reward": None if learned is None else learned.text}
-    scalar: dict[str, ModelSource | None] = {"critic": None, "reward": None}
-    for name, name_or_path in names.items():
-        if name_or_path is None:
-            continue
-        key = f"{name}.name_or_path"
-        source = resolve_model(name_or_path, registry, key=key)
-        check_scalar_model(source, key=key)
-        check_same_tokenizer(tokenizer, source, key=key, trust_remote_code=getattr(cfg, name).trust_remote_code)
-        scalar[name] = source
-    return PPOSources(reference=reference_source(cfg, registry, actor, tokenizer), critic=scalar["critic"], reward=scalar["reward"])
+    if learned is None:
+        return None
+    return scalar_source(learned.text, key="reward.name_or_path", registry=registry, tokenizer=tokenizer,
+                         trust_remote_code=cfg.reward.trust_remote_code)
+
+
+def scalar_source(name_or_path: str, *, key: str, registry: Registry, tokenizer: Any, trust_remote_code: bool) -> ModelSource:
+    """`name_or_path` resolved and checked: a reward model (scalar head) reading `tokenizer`'s ids."""
+    source = resolve_model(name_or_path, registry, key=key)
+    check_scalar_model(source, key=key)
+    check_same_tokenizer(tokenizer, source, key=key, trust_remote_code=trust_remote_code)
+    return source
 
 
 def reference_source(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any) -> ModelSource | None:

@@ -51,10 +51,11 @@ def build_reference(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any)
     return build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
 
 
-def build_reward(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any) -> Any:
-    """The frozen reward model, dropout off: ZeRO-3 partitioned under ZeRO-3 or reward.offload, else a plain copy."""
+def build_reward(cfg: Any, source: ModelSource, tokenizer: Any, *, seed: int, dist: Any) -> Any:
+    """The frozen reward model of a config with `model`, `reward` and `engine` sections (PPO's, best-of-N's),
+    dropout off: ZeRO-3 partitioned under ZeRO-3 or reward.offload, else a plain copy."""
     engine = cfg.engine
-    reward = load_scalar_model(source, frozen_model_config(cfg, "reward"), tokenizer, seed=cfg.train.seed,
+    reward = load_scalar_model(source, frozen_model_config(cfg, "reward"), tokenizer, seed=seed,
                                dtype=PRECISION_DTYPES[engine.precision], trained_head=True, key="reward.name_or_path",
                                partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)))
     disable_dropout(reward)
@@ -79,7 +80,7 @@ def build_ppo_models(
                            partitioning=zero3_partitioning(deepspeed_config(engine, cfg.optim) if zero3 else None))
     critic = None if sources.critic is None else load_critic(cfg, sources.critic, tokenizer, dtype=dtype)
     reference = None if sources.reference is None else build_reference(cfg, sources.reference, tokenizer, dist=dist)
-    reward = None if sources.reward is None else build_reward(cfg, sources.reward, tokenizer, dist=dist)
+    reward = None if sources.reward is None else build_reward(cfg, sources.reward, tokenizer, seed=seed, dist=dist)
     for model in (actor, critic):
         if model is not None:
             disable_dropout(model)

@@ -74,7 +74,22 @@ def check_dpo(cfg: Any) -> None:
     _check_data(cfg, local, tokenizer)
 
 
-PREFLIGHT: dict[str, Callable[[Any], None]] = {"sft": check_sft, "rm": check_rm, "ppo": check_ppo, "dpo": check_dpo}
+def check_bon(cfg: Any) -> None:
+    from rlhf.model_sources import reward_model_source, reward_stats
+    from rlhf.rewards import parse_sources
+
+    local = _local_data("ppo", cfg)  # prompts, read as the ppo stage reads them
+    source, registry, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=True)
+    reward = reward_model_source(cfg, registry, tokenizer)
+    # Combined with other sources, the reward model's scores are normalized with its stored statistics.
+    if reward is not None and len(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)) > 1:
+        reward_stats(reward)
+    _check_reward_functions(cfg)
+    _check_data(cfg, local, tokenizer)
+
+
+PREFLIGHT: dict[str, Callable[[Any], None]] = {"sft": check_sft, "rm": check_rm, "ppo": check_ppo, "dpo": check_dpo,
+                                               "bon": check_bon}
 
 
 def _check_stage(stage: str, cfg: Any) -> None:

@@ -41,6 +41,8 @@ from urllib.parse import quote
 from rlhf.errors import UserError
 
 ADAPTER_KINDS = ("none", "merged", "adapter")
+DATASET_FILES = {"bon": "train.jsonl"}
+"""Stages whose entry is a dataset rather than a model: the file their folder holds (best-of-N's SFT rows)."""
 
 _STAGE_RE = re.compile(r"[a-z][a-z0-9_-]*")
 # An entry id becomes a file name: no separators, no leading dot (readers skip dot-files).
@@ -293,8 +295,9 @@ class Registry:
         except UserError as e:
             raise UserError(f"cannot publish {entry.id} with its tags (run.tags): {e}") from None
         entry = replace(entry, path=os.path.abspath(entry.path), run_dir=os.path.abspath(entry.run_dir))
-        # A peft adapter folder holds adapter_config.json instead of the model's config.json.
-        marker = "adapter_config.json" if entry.adapter == "adapter" else "config.json"
+        # A peft adapter folder holds adapter_config.json instead of the model's config.json; a
+        # dataset stage's folder holds its data file.
+        marker = DATASET_FILES.get(entry.stage) or ("adapter_config.json" if entry.adapter == "adapter" else "config.json")
         if not (Path(entry.path) / marker).is_file():
             raise UserError(
                 f"cannot publish {entry.id}: {entry.path} has no {marker} (checkpoint missing or "

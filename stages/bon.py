@@ -10,8 +10,8 @@ The reward is any `rlhf.rewards` source: a reward model, Python functions, the o
 weighted sum. Nothing trains; under ZeRO-3 the policy and the reward model are partitioned.
 
 1. Ranks.  2. Tokenizer, the reward's sources, prompts.  3. The policy and the reward model.
-4. The training prompts, shard by shard (a shard already written is kept: that is the resume).
-5. The held-out curve.  6. The dataset folder and the registry entry.
+4. The held-out curve.  5. The training prompts, shard by shard (what a killed run already wrote,
+the curve and whole shards, is kept: that is the resume).  6. The dataset folder and the registry entry.
 
 Run it with `rlhf bon` (any number of ranks), or alone: `python stages/bon.py --config FILE`.
 """
@@ -28,18 +28,18 @@ from typing import Any
 import torch
 
 from rlhf.algos.best_of_n import best_of_first, best_of_n_kl, curve_ns
-from rlhf.config import BestOfNConfig, ModelConfig, to_dict
+from rlhf.config import BestOfNConfig, BestOfNSamplingConfig, ModelConfig, to_dict
 from rlhf.data.load import prompt_rows
 from rlhf.engine import PRECISION_DTYPES, Dist, build_frozen, frozen_zero3_config, init_distributed, seed_everything, zero3_partitioning
 from rlhf.errors import StoppedBySignal
 from rlhf.evaluation import even_shard
 from rlhf.fileio import atomic_write_text
 from rlhf.model_loading import disable_dropout, load_causal_lm
-from rlhf.model_sources import ModelSource, base_model_identity, causal_lm_and_tokenizer, resolve_model, reward_stats
+from rlhf.model_sources import ModelSource, base_model_identity, causal_lm_and_tokenizer, reward_model_source, reward_stats
 from rlhf.ppo_models import build_reward
 from rlhf.rank_sums import RankSums
-from rlhf.registry import Entry, now_iso
-from rlhf.rewards import Reward, describe, learned_source, parse_sources, rollout_texts
+from rlhf.registry import DATASET_FILES, Entry, now_iso
+from rlhf.rewards import Reward, describe, parse_sources, rollout_texts
 from rlhf.rollout import Sampling, sample_rollout, sequence_scores
 from rlhf.run_keeper import STOP_SIGNALS
 from rlhf.runs import Run, mark_started, stage_entrypoint
@@ -49,7 +49,8 @@ from rlhf.tracking import Tracker, print_warning
 
 HEADLINE = ("best_reward", "first_reward", "eval/best_oracle_score")
 SHARDS = "shards"
-DATASET = "train.jsonl"
+CURVE_FILE = "curve.json"
+DATASET = DATASET_FILES["bon"]
 
 
 @dataclass
@@ -82,7 +83,7 @@ def main(run: Run) -> None:
 
     # 2. Tokenizer, the reward's sources (a reward model among them is checked against the policy), prompts.
     source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
-    reward_source = learned_reward_source(cfg, run)
+    reward_source = reward_model_source(cfg, run.registry, tokenizer)
     train_rows, eval_rows = load_prompts(cfg, tokenizer)
 
     # 3. The policy (frozen, dropout off) and, when the reward has a learned part, the reward model.
@@ -103,12 +104,11 @@ def main(run: Run) -> None:
     tracker.print(f"bon: best of {cfg.sampling.n} for {len(train_rows)} prompts in {len(shards)} shard(s), "
                   f"{len(eval_rows)} held-out prompts; reward = {describe(models.reward.sources)}")
 
-    # 4. The training prompts, shard by shard; a shard on disk is done (its samples came from its own seed).
-    kept = write_shards(shards, models, cfg, sampling, tokenizer, dist, run, tracker, stopper)
+    # 4. The held-out curve: reward and oracle score of best-of-n against n (once: a resumed run reads it back).
+    curve = held_out_curve(eval_rows, models, cfg, sampling, tokenizer, dist, run, tracker)
 
-    # 5. The held-out curve: reward and oracle score of best-of-n against n.
-    curve = evaluate(eval_rows, models, cfg, sampling, tokenizer, dist)
-    tracker.log(len(shards), curve)
+    # 5. The training prompts, shard by shard; a shard on disk is done (its samples came from its own seed).
+    kept = write_shards(shards, models, cfg, sampling, tokenizer, dist, run, tracker, stopper)
 
     # 6. The dataset folder and the registry entry.
     if dist.is_main:
@@ -116,11 +116,6 @@ def main(run: Run) -> None:
                 {**kept, **curve, "wall_time_s": round(time.time() - started, 1)})
     tracker.close()
     torch.distributed.barrier()
-
-
-def learned_reward_source(cfg: BestOfNConfig, run: Run) -> ModelSource | None:
-    learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))
-    return None if learned is None else resolve_model(learned.text, run.registry, key="reward.name_or_path")
 
 
 def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
@@ -142,7 +137,7 @@ def build_models(cfg: BestOfNConfig, source: ModelSource, reward_source: ModelSo
                             partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
     disable_dropout(policy)
     policy = build_frozen(policy, engine=engine, offload=False, dist=dist)
-    reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, dist=dist)
+    reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, seed=cfg.sampling.seed, dist=dist)
     return Models(policy, reward_model, combined_reward(cfg, reward_source))
 
 
@@ -203,7 +198,7 @@ def write_shards(shards: list[list], models: Models, cfg: BestOfNConfig, samplin
         seed_everything(cfg.sampling.seed + index, rank=dist.rank)  # the shard's own stream: resuming redraws the same
         share, real = even_shard(shard, dist=dist)
         found = sample_candidates(share, models, cfg, sampling, tokenizer)
-        rows, sums = best_rows(found, real, cfg.sampling.n, dist)
+        rows, sums = best_rows(found, real, cfg.sampling, dist)
         gathered: list[list[tuple[int, dict]]] = [[] for _ in range(dist.world_size)]
         torch.distributed.all_gather_object(gathered, rows)
         if dist.is_main:  # in the shard's prompt order, whatever the number of ranks
@@ -221,10 +216,11 @@ def write_shards(shards: list[list], models: Models, cfg: BestOfNConfig, samplin
     return dataset_counts(run, len(shards)) if dist.is_main else {}
 
 
-def best_rows(found: Candidates, real: list[bool], n: int, dist: Dist) -> tuple[list[tuple[int, dict]], RankSums]:
-    """The kept response of each real prompt (none when all N were cut by the length limit) with the
-    prompt's place in the shard (even_shard deals them round-robin), and sums for the log."""
-    kept = best_of_first(found.rewards, found.has_eos, n).tolist()
+def best_rows(found: Candidates, real: list[bool], sampling: BestOfNSamplingConfig, dist: Dist) -> tuple[list[tuple[int, dict]], RankSums]:
+    """The kept response of each real prompt with the prompt's place in the shard (even_shard deals
+    them round-robin), and sums for the log. None is kept when all N were cut by the length limit,
+    or when the best reward is below sampling.min_reward."""
+    kept = best_of_first(found.rewards, found.has_eos, sampling.n).tolist()
     sums = RankSums(("prompts", "best", "first", "best_eos"), dist.device)
     rows = []
     for i, counted in enumerate(real):
@@ -233,7 +229,7 @@ def best_rows(found: Candidates, real: list[bool], n: int, dist: Dist) -> tuple[
         k = kept[i]
         ended = bool(found.has_eos[i, k])
         sums.add(prompts=1.0, best=float(found.rewards[i, k]), first=float(found.rewards[i, 0]), best_eos=float(ended))
-        if ended:
+        if ended and (sampling.min_reward is None or float(found.rewards[i, k]) >= sampling.min_reward):
             row = {"prompt": found.prompts[i], "response": found.responses[i][k], "reward": float(found.rewards[i, k])}
             rows.append((dist.rank + i * dist.world_size, row))
     return rows, sums
@@ -246,6 +242,20 @@ def shard_path(run: Run, index: int) -> Path:
 def dataset_counts(run: Run, shards: int) -> dict[str, float]:
     written = sum(1 for index in range(shards) for line in shard_path(run, index).read_text().splitlines() if line)
     return {"dataset_rows": float(written)}
+
+
+def held_out_curve(rows: list, models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any, dist: Dist, run: Run,
+                   tracker: Tracker) -> dict[str, float]:
+    """`evaluate`, logged at step 0 and kept in curve.json (plain JSON) for a resumed run to read back.
+    Every rank looks before any rank can write: writing waits for evaluate's all-reduce."""
+    path = run.run_dir / CURVE_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    curve = evaluate(rows, models, cfg, sampling, tokenizer, dist)
+    if dist.is_main:
+        atomic_write_text(path, json.dumps(curve))
+    tracker.log(0, curve)
+    return curve
 
 
 @torch.no_grad()
@@ -294,7 +304,8 @@ def publish(run: Run, cfg: BestOfNConfig, source: ModelSource, reward_source: Mo
         tags=tuple(cfg.run.tags),
     ))
     if not metrics.get("dataset_rows") and shards:
-        print_warning("no prompt kept a response that ended by itself: raise sampling.max_new_tokens")
+        print_warning("no prompt kept a response: none ended by itself (raise sampling.max_new_tokens) or reached "
+                      "sampling.min_reward")
     tracker.print(f"[green]bon finished[/]: {entry.id} -> {final / DATASET} ({int(metrics.get('dataset_rows', 0))} rows); "
                   f"train on it with `rlhf sft data.train={final / DATASET}`")
 
