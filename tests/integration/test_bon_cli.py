@@ -87,7 +87,8 @@ def wait_for_shard(proc: subprocess.Popen, home: Path) -> Path:
 
 
 def test_two_ranks_zero3_killed_run_resumes_to_the_dataset_an_uninterrupted_run_writes(home, tmp_path):
-    args = ["-n", "2", "engine.zero_stage=3", "sampling.n=2", "data.max_prompts=64", "sampling.shard_prompts=16",
+    # 40 shards of a fraction of a second each: the kill lands long before the last.
+    args = ["-n", "2", "engine.zero_stage=3", "sampling.n=2", "data.max_prompts=640", "sampling.shard_prompts=16",
             "data.eval=null"]
     proc = subprocess.Popen([RLHF, "bon", *args], env=cli_env(home), cwd=home, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
