@@ -308,3 +308,20 @@ def test_submit_pipeline_with_stages_chains_dpo_after_sft(fake_sbatch, tmp_path)
     refused = runner.invoke(app, ["submit", "pipeline", "--stages", "sft,dpo", "--rm-config", "x.yaml", "--dry-run"])
     assert refused.exit_code == 2 and "--rm-config names a stage this pipeline does not run" in refused.output
     assert sbatch_calls(fake_sbatch) == []
+
+
+def test_submit_pipeline_with_bon_points_it_at_the_sft_and_rm_jobs_runs(fake_sbatch, tmp_path):
+    from rlhf.cli import app
+
+    dry = runner.invoke(app, ["submit", "pipeline", "--stages", "sft,rm,bon", "--dry-run", "bon:sampling.n=4"])
+    assert dry.exit_code == 0, dry.output
+    scripts = [Path(line.split(" ")[2]) for line in dry.stdout.splitlines() if line.startswith("# ---- /")]
+    assert [p.parent.name.split("-")[0] for p in scripts] == ["sft", "rm", "bon"]
+    sft_id, rm_id = scripts[0].parent.name, scripts[1].parent.name
+    bon_script = dry.stdout.split(f"# ---- {scripts[2]} ----")[1]
+    assert f"model.name_or_path=sft:{sft_id}" in bon_script and f"reward.name_or_path=rm:{rm_id}" in bon_script
+    assert "sampling.n=4" in bon_script
+    one = runner.invoke(app, ["submit", "bon", "--dry-run", "reward.name_or_path=oracle"])
+    assert one.exit_code == 0, one.output
+    assert "--job-name=rlhf-bon" in one.stdout and "reward.name_or_path=oracle" in one.stdout
+    assert sbatch_calls(fake_sbatch) == []
