@@ -23,11 +23,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Everything but the CLI architecture matrix beyond OPT, slow tests included (real multi-rank
-# DeepSpeed runs on the CPU, the real SmolLM2 chat model). Two workers, one test file each at a time
-# (a file's module fixtures stay in one worker), every process on one OpenMP thread (tests/conftest.py).
-TEST_WORKERS ?= 2
+# DeepSpeed runs on the CPU, the real SmolLM2 chat model): about 45 minutes on 2 cores.
 test: install lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 -m "not matrix"
+	$(PY) -m pytest -q --durations=25 -m "not matrix"
 
 # ruff, configured in pyproject.toml: pyflakes, pycodestyle, import order, bugbear.
 lint: install
