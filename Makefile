@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Everything but the CLI architecture matrix beyond OPT, slow tests included (real multi-rank
-# DeepSpeed runs on the CPU, the real SmolLM2 chat model): about 45 minutes on 2 cores.
+# DeepSpeed runs on the CPU, the real SmolLM2 chat model): about an hour on 2 cores (over our 40-minute aim).
 test: install lint
 	$(PY) -m pytest -q --durations=25 -m "not matrix"
 
