@@ -12,7 +12,9 @@ forms users bring (`messages`), and grades replies:
 - comparisons: the exact reply against one with a near-miss result or the result in a sentence
   (for `rlhf rm`);
 - prompts: the question alone, with the exact reply as `answer` (for `rlhf ppo`);
-- `exact_answer_rate(responses, answers)`: the share of replies that are the answer and nothing else.
+- `exact_answer_rate(responses, answers)`: the share of replies that are the answer and nothing else;
+- `exact_reward(prompts, responses)`: the grader as a PPO reward source
+  (`reward.name_or_path=[python:rlhf.chat_task:exact_reward]`), 1 for the exact reply, else 0.
 
 Train and held-out questions never share an (operation, a, b) triple.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +118,28 @@ def exact_answer_rate(responses: list[str], answers: list[str]) -> float:
     if len(responses) != len(answers) or not answers:
         raise ValueError("need one response per answer, and at least one")
     return sum(r.strip() == a for r, a in zip(responses, answers)) / len(answers)
+
+
+# A question's operands and operation as the phrasings write them ("47 plus 6"); the examples in
+# the phrasings use symbols ("2 + 2 = 4"), so only the question itself matches.
+_QUESTION = re.compile(r"\b(\d+) (plus|minus|times) (\d+)\b")
+
+
+def answer_of(prompt: str) -> str | None:
+    """The exact reply to the last question in `prompt` (rendered chat text, system turn and all),
+    or None where it holds no question of this task."""
+    found = _QUESTION.findall(prompt)
+    if not found:
+        return None
+    a, op, b = found[-1]
+    return f"{a} {SYMBOLS[op]} {b} = {OPERATIONS[op](int(a), int(b))}"
+
+
+def exact_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The grader as a reward: 1.0 where a response is exactly its prompt's answer (surrounding
+    whitespace aside), else 0.0. A prompt with no question of this task is an error, not a zero."""
+    answers = [answer_of(p) for p in prompts]
+    missing = [i for i, a in enumerate(answers) if a is None]
+    if missing:
+        raise ValueError(f"prompt {missing[0]} holds no question of the chat task: {prompts[missing[0]][-80:]!r}")
+    return [float(r.strip() == a) for r, a in zip(responses, answers)]

@@ -4,6 +4,7 @@
     python scripts/chat_task.py score MODEL FOLDER [--max-new-tokens 16] [--samples 0]
     python scripts/chat_task.py rank RM FOLDER
     python scripts/chat_task.py run OUT [-n RANKS] [--precision fp32] [--zero-stage 0] [--ppo-steps 24]
+    python scripts/chat_task.py ppo OUT --reward {rm,grader} [-n RANKS] [--ppo-steps 24]
 
 `write` puts demonstrations-, comparisons- and prompts-{train,eval}.jsonl (chat `messages` form)
 into FOLDER for `rlhf sft`, `rlhf rm` and `rlhf ppo`. `score` answers FOLDER's held-out questions
@@ -15,6 +16,9 @@ SmolLM2-135M-Instruct (`make install` installs it): writes the task into OUT/tas
 sft` (LoRA), `rlhf rm` and `rlhf ppo` (LoRA actor and critic) on a registry in OUT/home, scores the
 model as shipped and after SFT and PPO, and prints and writes OUT/figures.json (each stage's wall
 time, held-out RM accuracy, exact-answer rates). scripts/gpu-check.sh runs it in bf16 under ZeRO-3.
+`ppo` runs PPO again on the registry a `run` left in OUT, from its SFT and RM entries, with the
+learned reward model or with the task's grader as the reward (`rlhf.chat_task:exact_reward`; the
+critic still starts from the RM), scores the result and writes OUT/figures-ppo-REWARD.json.
 """
 
 from __future__ import annotations
@@ -121,6 +125,19 @@ def last_eval(home: Path, stage: str) -> dict:
     return {"path": entry.path, "first_eval": evals[0], "last_eval": evals[-1]}
 
 
+GRADER = "reward.name_or_path=[python:rlhf.chat_task:exact_reward]"
+
+
+def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: int, reward: str = "rm") -> dict:
+    """`rlhf ppo` on `home`'s sft:latest and rm:latest, rewarded by the RM or the grader; the
+    stage's wall time, held-out evaluations and greedy and sampled exact-answer rates."""
+    settings = [a.format(task=task, steps=steps) for a in STAGE_ARGS["ppo"]] + common + ([GRADER] if reward == "grader" else [])
+    seconds = round(run_stage("ppo", settings, ranks=ranks, home=home), 1)
+    figures = last_eval(home, "ppo")
+    return {"seconds": seconds, **figures, "exact_answer_rate": score(figures["path"], task, 16),
+            "sampled_exact_answer_rate": score(figures["path"], task, 16, samples=SAMPLES)}
+
+
 def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, int]) -> dict:
     from rlhf.gguf import installed_smollm2
 
@@ -133,7 +150,7 @@ def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, i
     figures: dict = {"ranks": ranks, "settings": common, "steps": steps,
                      "exact_answer_rate": {"shipped": score(str(gguf), task, 16)},
                      "sampled_exact_answer_rate": {"shipped": score(str(gguf), task, 16, samples=SAMPLES)}}
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm"):
         settings = [a.format(task=task, steps=steps[stage]) for a in STAGE_ARGS[stage]] + common
         if stage == "sft":
             settings.append(f"model.name_or_path={gguf}")
@@ -144,6 +161,11 @@ def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, i
         else:
             figures["exact_answer_rate"][stage] = score(figures[stage]["path"], task, 16)
             figures["sampled_exact_answer_rate"][stage] = score(figures[stage]["path"], task, 16, samples=SAMPLES)
+    ppo = ppo_stage(task, home, ranks=ranks, common=common, steps=steps["ppo"])
+    figures["ppo_seconds"] = ppo.pop("seconds")
+    figures["exact_answer_rate"]["ppo"] = ppo.pop("exact_answer_rate")
+    figures["sampled_exact_answer_rate"]["ppo"] = ppo.pop("sampled_exact_answer_rate")
+    figures["ppo"] = ppo
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
     return figures
 
@@ -171,7 +193,19 @@ def main() -> None:
     r.add_argument("--zero-stage", type=int, default=0)
     for stage, steps in (("sft", 24), ("rm", 48), ("ppo", 24)):
         r.add_argument(f"--{stage}-steps", type=int, default=steps)
+    p = commands.add_parser("ppo")
+    p.add_argument("out", type=Path)
+    p.add_argument("--reward", choices=("rm", "grader"), required=True)
+    p.add_argument("-n", "--ranks", type=int, default=1)
+    p.add_argument("--ppo-steps", type=int, default=24)
     args = parser.parse_args()
+    if args.command == "ppo":
+        os.environ["RLHF_HOME"] = str(args.out / "home")
+        figures = ppo_stage(args.out / "task", args.out / "home", ranks=args.ranks, common=["engine.precision=fp32"],
+                            steps=args.ppo_steps, reward=args.reward)
+        (args.out / f"figures-ppo-{args.reward}.json").write_text(json.dumps(figures, indent=1))
+        print(json.dumps(figures, indent=1))
+        return
     if args.command == "run":
         common = [f"engine.precision={args.precision}", f"engine.zero_stage={args.zero_stage}"]
         steps = {"sft": args.sft_steps, "rm": args.rm_steps, "ppo": args.ppo_steps}

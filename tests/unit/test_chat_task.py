@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from rlhf.chat_task import exact_answer_rate, write_task
+from rlhf.chat_task import exact_answer_rate, exact_reward, write_task
 
 WORKED = {"plus": ("+", operator.add), "minus": ("-", operator.sub), "times": ("*", operator.mul)}
 
@@ -73,3 +73,26 @@ def test_exact_answer_rate():
     assert exact_answer_rate(replies, ["2 + 10 = 12", "3 + 4 = 7", "1 + 2 = 3", "2 * 2 = 4"]) == 0.5
     with pytest.raises(ValueError):
         exact_answer_rate(["1"], ["1", "2"])
+
+
+def rendered(question: str) -> str:
+    """A prompt as PPO hands it to a reward function: SmolLM2's chat template decoded without its
+    special tokens, a system turn first."""
+    return f"system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\nuser\n{question}\nassistant\n"
+
+
+def test_exact_reward_grades_every_held_out_prompt_as_the_grader_does(task):
+    comparisons = rows(task["comparisons-train"])
+    prompts = [rendered(r["chosen"][0]["content"]) for r in comparisons]
+    right = [" " + r["chosen"][1]["content"] + "\n" for r in comparisons]
+    wrong = [r["rejected"][1]["content"] for r in comparisons]
+    assert exact_reward(prompts, right) == [1.0] * len(prompts)
+    assert exact_reward(prompts, wrong) == [0.0] * len(prompts)
+    held_out = rows(task["prompts-eval"])
+    replies = [solve(r["messages"][0]["content"]) for r in held_out]
+    assert exact_reward([rendered(r["messages"][0]["content"]) for r in held_out], replies) == [1.0] * len(held_out)
+
+
+def test_exact_reward_refuses_a_prompt_without_a_question():
+    with pytest.raises(ValueError, match="prompt 1 holds no question"):
+        exact_reward([rendered("What is 12 plus 3? Reply with the equation, like 2 + 2 = 4."), rendered("Hello")], ["", ""])
