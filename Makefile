@@ -23,9 +23,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Everything but the CLI architecture matrix beyond OPT, slow tests included (real multi-rank
-# DeepSpeed runs on the CPU, the real SmolLM2 chat model): about an hour on 2 cores (over our 40-minute aim).
+# DeepSpeed runs on the CPU, the real SmolLM2 chat model). Two workers, one test file each at a time
+# (a file's module fixtures stay in one worker), the slowest files first (tests/conftest.py orders
+# them; --no-loadscope-reorder keeps that order), every process on one OpenMP thread.
+TEST_WORKERS ?= 2
 test: install lint
-	$(PY) -m pytest -q --durations=25 -m "not matrix"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40 -m "not matrix"
 
 # ruff, configured in pyproject.toml: pyflakes, pycodestyle, import order, bugbear.
 lint: install

@@ -108,6 +108,14 @@ def srun_command(spec: LaunchSpec, *, python: str = sys.executable, env: dict[st
     ]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a SLURM cgroup, `taskset`), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity call (macOS)
+        return os.cpu_count() or 1
+
+
 def launch_env(num_procs: int, base: dict[str, str] | None = None, *, verbose: bool = False) -> dict[str, str]:
     """The environment for the launched ranks: the CPU accelerator when no GPU is visible."""
     env = dict(os.environ if base is None else base)
@@ -118,7 +126,7 @@ def launch_env(num_procs: int, base: dict[str, str] | None = None, *, verbose: b
     if "OMP_NUM_THREADS" not in env:
         # Ranks that together ask for more threads than there are cores spin against each other:
         # measured here, a toy step went from 20 ms to 700-2000 ms with 2 ranks x 2 threads on 2 cores.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_procs))
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // num_procs))
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Quiet tokenizers' fork warning; each rank tokenizes on its own anyway.
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import io
 import json
 import os
@@ -174,11 +176,20 @@ class Pipeline:
 @pytest.fixture(scope="session")
 def default_pipeline(tmp_path_factory) -> Pipeline:
     """`rlhf pipeline` with every default, as `make pipeline` runs it: sft -> rm -> ppo on the
-    embedded default, made once per session. The rm and ppo tests read its runs and start from them."""
-    home = tmp_path_factory.mktemp("default_pipeline")
-    result = rlhf("pipeline", home=home, timeout=1500)
-    assert_ok(result)
-    return Pipeline(home, result)
+    embedded default, made once per test run. The rm, ppo, dpo and bon tests read its runs and start
+    from them. The pytest-xdist workers share it: the first to need it builds it under a lock, the
+    others wait for it and read its result back."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' own temp folders sit side by side in the run's one folder
+    home, record = shared / "default_pipeline", shared / "default_pipeline.json"
+    with open(shared / "default_pipeline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            result = rlhf("pipeline", home=home, timeout=1500)
+            assert_ok(result)
+            record.write_text(json.dumps(dataclasses.asdict(result)))
+    return Pipeline(home, Result(**json.loads(record.read_text())))
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def test_torchrun_and_python_commands():
 
 
 def test_env_splits_cores_between_ranks_unless_user_set_it(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     assert launch_env(4, base={})["OMP_NUM_THREADS"] == "2"
     assert launch_env(16, base={})["OMP_NUM_THREADS"] == "1"
     assert launch_env(4, base={"OMP_NUM_THREADS": "5"})["OMP_NUM_THREADS"] == "5"
@@ -52,3 +52,11 @@ def test_unknown_stage_program():
 def test_unknown_launcher():
     with pytest.raises(UserError, match="--launcher must be one of deepspeed, torchrun, python"):
         build_command(LaunchSpec(Path("p.py"), (), launcher="mpirun"))  # type: ignore[arg-type]
+
+
+def test_cores_are_the_ones_this_process_may_use(monkeypatch):
+    from rlhf.launch import usable_cores
+
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3, 5})  # e.g. a SLURM job's cgroup on a big node
+    assert usable_cores() == 2 and launch_env(2, base={})["OMP_NUM_THREADS"] == "1"
