@@ -84,7 +84,9 @@ DependencyParameters=kill_invalid_depend
 # Seconds between SIGTERM and SIGKILL when a job is cancelled, preempted or requeued: time for
 # the ranks to save a checkpoint.
 KillWait=60
-NodeName=$NODE CPUs=$(nproc) RealMemory=$memory_mb State=UNKNOWN
+# CPUs: not `nproc`, which honours OMP_NUM_THREADS (1 under the test workers): a 1-CPU node leaves
+# every 2-rank job pending forever.
+NodeName=$NODE CPUs=$(getconf _NPROCESSORS_ONLN) RealMemory=$memory_mb State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 }
