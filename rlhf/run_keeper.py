@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +38,9 @@ from rlhf.model_saving import save_final
 from rlhf.model_sources import ModelSource, base_model_identity
 from rlhf.registry import Entry, now_iso
 from rlhf.runs import Run, mark_started
+from rlhf.stop_signal import StopSignal
 from rlhf.tokenizer import tokenizer_fingerprint
 from rlhf.tracking import Tracker, print_warning
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-"""Signals that mean "save and stop": SLURM sends SIGTERM before it preempts or requeues a job."""
 
 
 @dataclass
@@ -69,15 +66,14 @@ class RunKeeper:
         self.cfg = run.config
         self.started = time.time()
         self.tracker: Tracker | None = None
-        self._stop_signal = 0
+        self.stop_signal = StopSignal(dist)
 
     def resume(self, fresh: State) -> State:
         """The state of the newest complete checkpoint of this run (engines and RNG restored with
         it), else `fresh`. Marks the run started, opens the metrics, listens for stop signals."""
         saved = load_checkpoint(self.engines, self.run.checkpoint_dir, dist=self.dist, warn=print_warning)
         state = fresh if saved is None else _restored(type(fresh), saved, self.run.checkpoint_dir)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._request_stop)
+        self.stop_signal.listen()
         if self.dist.is_main:
             mark_started(self.run)
         extra = {"headline": self.headline} if self.headline else {}
@@ -129,7 +125,7 @@ class RunKeeper:
         saved = bool(train.save_every) and state.step % train.save_every == 0
         if saved:
             self.save(state)
-        if self._stop_requested_on_any_rank():
+        if self.stop_signal.requested():
             self._stop(state, saved=saved)
 
     def save(self, state: LoopState) -> None:
@@ -150,23 +146,10 @@ class RunKeeper:
         self.tracker.close()
         raise UserError(message)
 
-    def _request_stop(self, signum: int, frame: Any) -> None:
-        # Only a flag: the step in flight finishes, then every rank saves at the same step.
-        self._stop_signal = signum
-
-    def _stop_requested_on_any_rank(self) -> bool:
-        """True on every rank once any rank got a stop signal (ranks may see it a step apart)."""
-        if self.dist.world_size == 1:
-            return self._stop_signal != 0
-        flag = torch.tensor([self._stop_signal], dtype=torch.int32, device=self.dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self._stop_signal = int(flag.item())
-        return self._stop_signal != 0
-
     def _stop(self, state: LoopState, *, saved: bool) -> None:
         if not saved:
             self.save(state)
-        name = signal.Signals(self._stop_signal).name
+        name = self.stop_signal.name
         self.tracker.print(
             f"[yellow]{name}: stopped after step {state.step} with a checkpoint[/]; `rlhf {self.run.stage} --resume "
             f"--run {self.run.run_id}` continues it (a requeued SLURM job does so itself)"

@@ -19,7 +19,6 @@ Run it with `rlhf bon` (any number of ranks), or alone: `python stages/bon.py --
 from __future__ import annotations
 
 import json
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,8 @@ from rlhf.rank_sums import RankSums
 from rlhf.registry import DATASET_FILES, Entry, now_iso
 from rlhf.rewards import Reward, describe, parse_sources, rollout_texts
 from rlhf.rollout import Sampling, sample_rollout, sequence_scores
-from rlhf.run_keeper import STOP_SIGNALS
 from rlhf.runs import Run, mark_started, stage_entrypoint
+from rlhf.stop_signal import StopSignal
 from rlhf.tokenizer import tokenizer_fingerprint
 from rlhf.toy import TOY, oracle_score
 from rlhf.tracking import Tracker, print_warning
@@ -93,7 +92,8 @@ def main(run: Run) -> None:
                         top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
                         zero3_engine=models.policy if cfg.engine.zero_stage == 3 else None, device=dist.device)
     shards = [train_rows[i : i + cfg.sampling.shard_prompts] for i in range(0, len(train_rows), cfg.sampling.shard_prompts)]
-    stopper = Stopper(dist)
+    stopper = StopSignal(dist)
+    stopper.listen()
     if dist.is_main:
         mark_started(run)
     done = sum(1 for index in range(len(shards)) if shard_path(run, index).exists())  # written in order
@@ -151,24 +151,6 @@ def combined_reward(cfg: BestOfNConfig, reward_source: ModelSource | None) -> Re
     return Reward(sources, mean=stats["mean"], std=stats["std"], normalize=True)
 
 
-class Stopper:
-    """SIGTERM/SIGUSR1 (SLURM's notice) stop the run after the shard in flight, on every rank together."""
-
-    def __init__(self, dist: Dist) -> None:
-        self.dist, self.signum = dist, 0
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._request)
-
-    def _request(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def requested(self) -> bool:
-        flag = torch.tensor([self.signum], dtype=torch.int32, device=self.dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.signum = int(flag.item())
-        return self.signum != 0
-
-
 @torch.no_grad()
 def sample_candidates(rows: list, models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any) -> Candidates:
     """Each row's prompt sampled N times (in one generation call per sampling.batch_size prompts) and scored."""
@@ -187,7 +169,7 @@ def sample_candidates(rows: list, models: Models, cfg: BestOfNConfig, sampling: 
 
 
 def write_shards(shards: list[list], models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any, dist: Dist,
-                 run: Run, tracker: Tracker, stopper: Stopper) -> dict[str, float]:
+                 run: Run, tracker: Tracker, stopper: StopSignal) -> dict[str, float]:
     """Each shard's best responses as JSON lines in shards/<index>.jsonl (rank 0 writes it whole, by
     rename); shards already there are skipped. Returns the kept rows' counts over every shard."""
     (run.run_dir / SHARDS).mkdir(exist_ok=True)
@@ -208,7 +190,7 @@ def write_shards(shards: list[list], models: Models, cfg: BestOfNConfig, samplin
         tracker.log(index + 1, {"best_reward": totals["best"] / totals["prompts"], "first_reward": totals["first"] / totals["prompts"],
                                 "best_has_eos": totals["best_eos"] / totals["prompts"]})
         if stopper.requested():
-            name = signal.Signals(stopper.signum).name
+            name = stopper.name
             tracker.print(f"[yellow]{name}: stopped after shard {index + 1} of {len(shards)}[/]; `rlhf bon --resume "
                           f"--run {run.run_id}` continues it (a requeued SLURM job does so itself)")
             tracker.close()
