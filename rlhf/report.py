@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlhf.errors import UserError
-from rlhf.registry import Entry, LineageNode, Registry
+from rlhf.registry import DATASET_FILES, Entry, LineageNode, Registry
 from rlhf.toy import TOY
 from rlhf.tracking import METRICS_FILE
 
@@ -284,16 +284,20 @@ def _oracle_row(model: str, entry: Entry, *, initial: bool) -> list[OracleRow]:
     return [OracleRow(model, float(sampled), float(greedy) if isinstance(greedy, (int, float)) else None, f"{entry.id} {when}")]
 
 
+def _folder_kind(entry: Entry) -> str:
+    return "dataset folder" if entry.stage in DATASET_FILES else "model folder"
+
+
 def _markdown(entry: Entry, chain: list[Entry], missing: dict[str, str], runs: dict[str, list | None],
               images: dict[str, list[tuple[str, str]]]) -> str:
     lines = [
         f"# rlhf report: {entry.id}",
         "",
-        f"{entry.stage} entry `{entry.id}`, created {entry.created}; model folder `{entry.path}`.",
+        f"{entry.stage} entry `{entry.id}`, created {entry.created}; {_folder_kind(entry)} `{entry.path}`.",
         "",
         "## Lineage",
         "",
-        "| stage | id | parents | model folder | run folder |",
+        "| stage | id | parents | model or dataset folder | run folder |",
         "|---|---|---|---|---|",
     ]
     for e in chain:

@@ -18,7 +18,7 @@ from typing import Literal, get_args
 
 import torch
 
-from rlhf.algos.ppo import _valid, gae, masked_mean
+from rlhf.algos.ppo import gae, masked_mean, masked_where
 
 LossAggregation = Literal["token_mean", "sequence_mean", "token_sum"]
 LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
@@ -26,7 +26,7 @@ LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
 
 def sequence_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, R) per-token rewards -> (B,) their sum over each row's valid tokens (the return at gamma 1)."""
-    return _valid(rewards, mask)[0].sum(dim=1)
+    return masked_where(rewards, mask)[0].sum(dim=1)
 
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def leave_one_out_advantages(rewards: torch.Tensor, *, group_size: int) -> torch
 
 def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) sequence advantages -> (B, R): each row's value at its valid tokens, 0 at padding."""
-    return _valid(advantages.unsqueeze(1).expand(mask.shape), mask)[0]
+    return masked_where(advantages.unsqueeze(1).expand(mask.shape), mask)[0]
 
 
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float) -> torch.Tensor:
@@ -92,5 +92,5 @@ def aggregate_token_losses(
     if mode == "sequence_mean":
         return masked_mean(token_losses, mask, dim=1).mean()
     if mode == "token_sum":
-        return _valid(token_losses, mask)[0].sum() / (token_losses.shape[0] * horizon)
+        return masked_where(token_losses, mask)[0].sum() / (token_losses.shape[0] * horizon)
     raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGGREGATIONS}")

@@ -18,7 +18,7 @@ KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 
 
-def _valid(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_where(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x with 0 at masked positions, mask as bool broadcast to x's shape)."""
     mask = mask.bool().expand_as(x)
     # where, not x * mask: garbage never enters the arithmetic, so no inf * 0 and no gradient leak.
@@ -31,7 +31,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     x and mask share a shape (mask may broadcast to x). dim None reduces everything to a scalar;
     an int reduces that dimension only. The count is clamped to >= 1: an all-masked slice gives 0.
     """
-    x, mask = _valid(x, mask)
+    x, mask = masked_where(x, mask)
     if dim is None:
         return x.sum() / mask.sum().clamp(min=1)
     return x.sum(dim) / mask.sum(dim).clamp(min=1)
@@ -67,12 +67,12 @@ def masked_whiten(
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return _valid(out, mask)[0]
+    return masked_where(out, mask)[0]
 
 
 def masked_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(3,) float64 [sum, sum of squares, count] of x over valid entries; add these across ranks."""
-    x, mask = _valid(x.double(), mask)
+    x, mask = masked_where(x.double(), mask)
     return torch.stack([x.sum(), (x * x).sum(), mask.sum().double()])
 
 
@@ -129,14 +129,14 @@ def kl_per_token(
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
-    d, mask = _valid(logp - ref_logp, mask)
+    d, mask = masked_where(logp - ref_logp, mask)
     if estimator == "k1":
         kl = d
     elif estimator == "k2":
         kl = 0.5 * d * d
     else:
         kl = torch.expm1(-d) + d  # expm1 keeps small d accurate
-    return _valid(kl, mask)[0]
+    return masked_where(kl, mask)[0]
 
 
 def shape_scores(
@@ -192,7 +192,7 @@ def penalized_rewards(
     kl = kl_per_token(logp, ref_logp, mask, estimator=kl_estimator)
     zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
     score_at = torch.where(_last_valid(mask), scores.to(kl.dtype).unsqueeze(1), zero)
-    rewards = _valid(score_at - beta * kl, mask)[0]
+    rewards = masked_where(score_at - beta * kl, mask)[0]
     return rewards, kl
 
 
@@ -212,8 +212,8 @@ def gae(
     Returns (advantages (B, R), returns = advantages + values (B, R)), both 0 at padding. Pass
     detached rewards and values: the outputs are regression and policy targets.
     """
-    rewards, mask = _valid(rewards, mask)
-    values = _valid(values, mask)[0]
+    rewards, mask = masked_where(rewards, mask)
+    values = masked_where(values, mask)[0]
     next_value = torch.zeros_like(values[:, 0])
     next_adv = torch.zeros_like(values[:, 0])
     columns = []
@@ -225,8 +225,8 @@ def gae(
         next_value = torch.where(valid, values[:, t], next_value)
         next_adv = torch.where(valid, adv, next_adv)
         columns.append(adv)
-    advantages = _valid(torch.stack(columns[::-1], dim=1), mask)[0]
-    returns = _valid(advantages + values, mask)[0]
+    advantages = masked_where(torch.stack(columns[::-1], dim=1), mask)[0]
+    returns = masked_where(advantages + values, mask)[0]
     return advantages, returns
 
 
@@ -248,12 +248,12 @@ def clipped_surrogate(
     ratio - 1 - log ratio, the k3 estimate of KL(old || new); ratio_mean = mean ratio.
     """
     # Zero the log-ratio before exp so masked garbage cannot overflow into inf (and nan gradients).
-    log_ratio, mask = _valid(logp - old_logp, mask)
-    adv = _valid(advantages, mask)[0]
+    log_ratio, mask = masked_where(logp - old_logp, mask)
+    adv = masked_where(advantages, mask)[0]
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
-    token_losses = _valid(torch.maximum(unclipped, clipped), mask)[0]
+    token_losses = masked_where(torch.maximum(unclipped, clipped), mask)[0]
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
@@ -294,9 +294,9 @@ def value_loss(
     scalars): clipfrac = fraction of valid tokens where the clipped error is strictly larger (0
     without clipping).
     """
-    values, mask = _valid(values, mask)
-    old_values = _valid(old_values, mask)[0]
-    returns = _valid(returns, mask)[0]
+    values, mask = masked_where(values, mask)
+    old_values = masked_where(old_values, mask)[0]
+    returns = masked_where(returns, mask)[0]
     error = (values - returns) ** 2
     if clip is None:
         no_clip = torch.zeros((), dtype=values.dtype, device=values.device)

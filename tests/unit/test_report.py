@@ -178,6 +178,7 @@ def test_sft_report_shows_only_sft(reg, tmp_path):
     text = path.read_text()
     assert RM not in text and PPO not in text
     assert f"| untrained (random init) | 3.5 | 1.25 | {SFT} at step 0 |" in text
+    assert f"; model folder `{reg.get(SFT).path}`." in text
     assert "PPO" not in text
 
 
@@ -286,3 +287,17 @@ def test_cli_errors_are_one_line_with_exit_code_2(reg, tmp_path, ref, damage, me
     assert len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
     assert not (Path(reg.get(PPO).run_dir) / "report").exists()  # nothing written on an error
+
+
+def test_a_best_of_n_entry_names_its_dataset_folder(reg, tmp_path):
+    run_dir = reg.run_dir("bon-20260101-000005-eeee0005")
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "train.jsonl").write_text('{"prompt": "1+2=", "response": "3", "reward": 1.0}\n')
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "kept": 1}\n')
+    bon = reg.publish(Entry(
+        id="bon-20260101-000005-eeee0005", stage="bon", status="completed", created="2026-01-01T00:00:05.000000+00:00",
+        path=str(run_dir / "final"), run_dir=str(run_dir), config={}, parents=(SFT, RM), base_model="toy-llama-h128-l2-357fae49",
+        metrics={"kept": 1},
+    ))
+    text = write_report(reg, bon, tmp_path / "out").read_text()
+    assert f"; dataset folder `{bon.path}`." in text and "model folder" not in text.split("## Lineage")[0]
