@@ -54,7 +54,10 @@ def resolve_model(name_or_path: str, registry: Registry, *, key: str = "model.na
             raise UserError(f"{key}={name_or_path}: the folder has no config.json; point it at a save_pretrained folder")
         return ModelSource("path", str(path.resolve()))
     if is_reference(name_or_path):
-        entry = registry.resolve(name_or_path)
+        try:
+            entry = registry.resolve(name_or_path)
+        except UserError as error:  # say which key holds the reference: a PPO config has three
+            raise UserError(f"{key}={name_or_path}: {error}") from None
         _check_entry_folder(entry, f"{key}={name_or_path}")
         return ModelSource("registry", entry.path, entry)
     if _looks_like_path(name_or_path):

@@ -182,8 +182,9 @@ CASES = [
     # Needs the CLI's preflight to call rlhf.config.check_precision; until then the rank fails inside DeepSpeed.
     case("fp16-without-gpu", "sft", "engine.precision=fp16", *CHEAP, expect="engine.precision=fp16", setup=cuda_machine),
     # ---- model references
-    case("unknown-reference", "sft", "model.name_or_path=sft:nope", expect="unknown registry reference 'sft:nope'"),
-    case("no-parent-entry-yet", "rm", expect="'sft:latest'"),
+    case("unknown-reference", "sft", "model.name_or_path=sft:nope",
+         expect="model.name_or_path=sft:nope: unknown registry reference 'sft:nope'"),
+    case("no-parent-entry-yet", "rm", expect="model.name_or_path=sft:latest: unknown registry reference 'sft:latest'"),
     case("entry-folder-deleted", "sft", "model.name_or_path=sft:latest", expect="model.name_or_path=sft:latest: the folder of sft entry",
          setup=gone("sft")),
     case("parent-folder-deleted", "rm", expect="is gone", setup=gone("sft")),

@@ -104,7 +104,8 @@ def test_preflight_needs_no_critic_source_without_a_critic(tmp_path):
 
     sft_and_rm(tmp_path)
     missing_critic = "critic.name_or_path=rm:nosuchrun"
-    assert_user_error(rlhf_here("ppo", "--dry-run", missing_critic, home=tmp_path), "unknown registry reference 'rm:nosuchrun'")
+    assert_user_error(rlhf_here("ppo", "--dry-run", missing_critic, home=tmp_path),
+                      "critic.name_or_path=rm:nosuchrun: unknown registry reference 'rm:nosuchrun'")
     result = rlhf_here("ppo", "--dry-run", missing_critic, "ppo.estimator=grpo", "rollout.samples_per_prompt=4", home=tmp_path)
     assert result.code == 0, result.output[-3000:]
     assert not list((tmp_path / "runs").glob("ppo-*"))  # a dry run starts nothing

@@ -119,7 +119,8 @@ def test_reference_that_does_not_resolve_when_the_job_starts(slurm, tmp_path):
     state = wait_for([job])[job]
     log = (home / "runs" / run / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "FAILED", log
-    assert "error: unknown registry reference 'sft:nosuchrun'" in log and "Traceback" not in log
+    assert "error: model.name_or_path=sft:nosuchrun: unknown registry reference 'sft:nosuchrun'" in log
+    assert "Traceback" not in log
 
 
 def test_unknown_partition_shows_sbatchs_error(slurm, tmp_path):
