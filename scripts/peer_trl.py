@@ -291,7 +291,10 @@ def pinned(name: str, registry: str) -> str:
     """A registry reference as the entry id it names now (`sft:latest` must not move between runs)."""
     from rlhf.registry import Registry, is_reference
 
-    return Registry(Path(registry)).resolve(name).id if is_reference(name) else name
+    if not is_reference(name):
+        return name
+    entry = Registry(Path(registry)).resolve(name)
+    return f"{entry.stage}:{entry.id}"
 
 
 def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
