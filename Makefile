@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 SMOLLM2_VERSION ?= 0.1.2
 
-.PHONY: install lint test test-quick test-matrix pipeline bench compare gpu-check clean
+.PHONY: install lint test test-quick test-matrix pipeline bench compare peer-bench gpu-check clean
 
 install: $(STAMP)
 
@@ -58,10 +58,28 @@ compare: install
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
+# The peer comparison against TRL's PPOTrainer (scripts/peer_trl.py, BENCHMARKS.md "Against TRL's
+# PPOTrainer"): its own venv, so TRL never enters ours, with our torch and transformers pinned to the
+# versions of .venv. Needs the SFT and RM runs named in PEER_ARGS (see the script's --help); 25-40 min.
+PEER_VENV ?= .venv-peer
+PEER_PY := $(PEER_VENV)/bin/python
+TRL ?= trl==1.12.0
+PEER_STAMP := $(PEER_VENV)/.installed
+
+$(PEER_STAMP): pyproject.toml $(STAMP)
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install --quiet --upgrade pip
+	$(PEER_PY) -m pip install --quiet "$(TORCH)"
+	$(PEER_PY) -m pip install --quiet -e . "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')" "$(TRL)"
+	touch $(PEER_STAMP)
+
+peer-bench: $(PEER_STAMP)
+	$(PEER_PY) scripts/peer_trl.py $(PEER_ARGS)
+
 # On a GPU node, after `make install TORCH=<a CUDA build>`: the architecture matrix on the GPU, the
 # SmolLM2 chat-task pipeline in bf16 under ZeRO-3 on every GPU, and the bench (scripts/gpu-check.sh).
 gpu-check: install
 	scripts/gpu-check.sh $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) rlhf_runs .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) rlhf_runs .pytest_cache
