@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from rlhf.rank_sums import RankSums
+from tests.ranks import on_ranks
 
 
 def test_sums_by_name_each_tensor_in_its_own_dtype_then_in_float64():
@@ -49,10 +48,5 @@ def _rank(rank: int, world: int, port: int, out) -> None:
 
 
 def test_two_ranks_sum_by_name():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank, args=(2, port, out), nprocs=2, join=True)
-        assert out[0] == out[1] == {"a": 3.5, "b": 16.0}
+    out = on_ranks(_rank)
+    assert out[0] == out[1] == {"a": 3.5, "b": 16.0}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
 import torch
-import torch.multiprocessing as mp
 
 from rlhf.engine import Dist
 from rlhf.stop_signal import StopSignal
+from tests.ranks import on_ranks
 
 
 def test_one_rank_sees_its_own_signal():
@@ -41,10 +40,5 @@ def _rank(rank: int, world: int, port: int, out) -> None:
 
 
 def test_a_signal_to_one_rank_stops_every_rank():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank, args=(2, port, out), nprocs=2, join=True)
-        assert out[0] == out[1] == ([False, True], "SIGUSR1")
+    out = on_ranks(_rank)
+    assert out[0] == out[1] == ([False, True], "SIGUSR1")
