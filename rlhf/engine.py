@@ -162,7 +162,9 @@ def build_engine(
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
             weight_decay=optim.weight_decay,
-            fused=torch.cuda.is_available(),
+            # One kernel per step over all parameters, on the CPU too (torch >= 2.4): the per-tensor
+            # foreach loop cost about 3 ms per step of the toy's 0.4M parameters.
+            fused=True,
         )
     # A factory, not a scheduler: DeepSpeed hands it the inner torch optimizer (a ZeRO wrapper is
     # not a torch Optimizer), steps it once per optimizer step and keeps it in checkpoints.

@@ -520,8 +520,9 @@ def stop_if_nonfinite(keeper: RunKeeper, state: PPOState, dist: Dist, what: str,
     """Stop every rank, with a checkpoint, if any rank's `tensors` hold NaN or inf. One all-reduce
     and host sync per call (per minibatch in the update loop): a non-finite loss must stop every
     rank before any rank applies it."""
-    bad = torch.tensor([float(any(not torch.isfinite(t).all() for t in tensors if t is not None))], device=dist.device)
-    torch.distributed.all_reduce(bad)  # every rank stops together (and saves together)
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors if t is not None]).any().float()
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(bad)  # every rank stops together (and saves together)
     if bad.item():
         keeper.stop_nonfinite(state, what)
 
