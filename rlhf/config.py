@@ -293,6 +293,10 @@ class RolloutConfig:
     samples_per_prompt: int = 1
     """K responses sampled per training prompt, all on one rank (the group of ppo.estimator=grpo or rloo, which need
     K >= 2); rollout.batch_size must be a multiple of it. Evaluation samples one response per prompt."""
+    logprobs_from_generation: bool = True
+    """Take PPO's old log-probs and entropies from the logits generation sampled with, instead of one more forward of
+    the actor, where the two agree: fp32 (engine.precision), and the kept logits (rollouts x max_new_tokens x vocabulary
+    floats) under 256 MiB. Elsewhere, or false, the actor's forward."""
 
 
 @dataclass(frozen=True)

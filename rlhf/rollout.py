@@ -51,7 +51,7 @@ def generate(model: Any, prompts: list[list[int]], sampling: Sampling) -> list[l
     Returns each response's token ids up to and including its first EOS (responses cut by
     max_new_tokens have no EOS). See `_generate_tokens` for padding and ZeRO-3.
     """
-    _, new_tokens = _generate_tokens(model, prompts, sampling)
+    _, new_tokens, _ = _generate_tokens(model, prompts, sampling)
     eos_id = sampling.eos_id
     responses = []
     for row in new_tokens.tolist():
@@ -60,13 +60,34 @@ def generate(model: Any, prompts: list[list[int]], sampling: Sampling) -> list[l
     return responses
 
 
+@dataclass(frozen=True)
+class SampledLogprobs:
+    """What generation saw of the policy it sampled from: (B, R) log-probs of the sampled response
+    tokens and (B, R) entropies, from generation's own logits at the sampling temperature, 0 at
+    padding. The same as `policy_logprobs(..., with_entropy=True)` of the rollout up to rounding
+    (the KV cache sums in another order): PPO's old log-probs without another forward."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
 @torch.no_grad()
 def sample_rollout(model: Any, prompts: list[list[int]], sampling: Sampling) -> Sequences:
     """Sample a response to each prompt and lay the batch out for scoring: prompts left-padded,
     responses right-padded, masks from lengths (a pad may equal EOS). What the tests' plain
     `build_sequences` (tests/sequences.py) gives for `generate`'s responses, built from
     generation's own tensors on the device instead of through Python lists (one sync, for the width)."""
-    prompt_batch, new_tokens = _generate_tokens(model, prompts, sampling)
+    return sample_rollout_with_logprobs(model, prompts, sampling, keep_logprobs=False)[0]
+
+
+@torch.no_grad()
+def sample_rollout_with_logprobs(
+    model: Any, prompts: list[list[int]], sampling: Sampling, *, keep_logprobs: bool = True
+) -> tuple[Sequences, SampledLogprobs | None]:
+    """`sample_rollout`, and with `keep_logprobs` (at a temperature above 0) the sampled tokens'
+    log-probs and entropies from generation's logits (None otherwise)."""
+    keep_logprobs = keep_logprobs and sampling.temperature > 0
+    prompt_batch, new_tokens, logits = _generate_tokens(model, prompts, sampling, keep_logits=keep_logprobs)
     is_eos = new_tokens == sampling.eos_id  # (B, N)
     has_eos = is_eos.any(dim=1)
     # A response runs up to and including its first EOS. Later tokens are padding, which may be
@@ -76,16 +97,27 @@ def sample_rollout(model: Any, prompts: list[list[int]], sampling: Sampling) -> 
     response_mask = torch.arange(width, device=new_tokens.device)[None, :] < lengths[:, None]  # (B, R)
     response_ids = new_tokens[:, :width].masked_fill(~response_mask, sampling.pad_id)
     attention_mask = torch.cat([prompt_batch["attention_mask"], response_mask.long()], dim=1)
-    return Sequences(
+    seqs = Sequences(
         input_ids=torch.cat([prompt_batch["input_ids"], response_ids], dim=1), attention_mask=attention_mask,
         position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0), response_mask=response_mask, has_eos=has_eos,
         prompt_width=prompt_batch["input_ids"].shape[1],
     )
+    if logits is None:
+        return seqs, None
+    logits = torch.stack(logits[:width], dim=1)  # (B, R, V): the logits each response token was drawn from
+    padding = ~response_mask
+    return seqs, SampledLogprobs(
+        logprobs=logprobs_from_logits(logits, response_ids, temperature=sampling.temperature).masked_fill(padding, 0.0),
+        entropy=entropy_from_logits(logits, temperature=sampling.temperature).masked_fill(padding, 0.0),
+    )
 
 
-def _generate_tokens(model: Any, prompts: list[list[int]], sampling: Sampling) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(the left-padded prompt batch on the sampling's device, the generated ids (B, N)); rows that
-    finished early are filled with the pad id after their EOS.
+def _generate_tokens(
+    model: Any, prompts: list[list[int]], sampling: Sampling, *, keep_logits: bool = False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """(the left-padded prompt batch on the sampling's device, the generated ids (B, N), and with
+    `keep_logits` the raw logits of each step, N tensors (B, V), else None); rows that finished
+    early are filled with the pad id after their EOS.
 
     Prompts are left-padded so every row's last prompt token sits at the same position and the
     KV cache grows in step; the attention mask keeps padding out (transformers derives position
@@ -111,6 +143,8 @@ def _generate_tokens(model: Any, prompts: list[list[int]], sampling: Sampling) -
             eos_token_id=sampling.eos_id,
             synced_gpus=engine is not None,
             use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=keep_logits,
             **how,
         )
     if whole and torch.cuda.is_available():
@@ -118,7 +152,7 @@ def _generate_tokens(model: Any, prompts: list[list[int]], sampling: Sampling) -
         # back now, or the allocator keeps them cached through scoring and training, whose
         # tensors have other shapes (fragmentation, out-of-memory on a tight GPU).
         torch.cuda.empty_cache()
-    return prompt_batch, output[:, prompt_batch["input_ids"].shape[1] :]
+    return prompt_batch, output.sequences[:, prompt_batch["input_ids"].shape[1] :], output.logits if keep_logits else None
 
 
 def _whole_for_generation(engine: Any) -> contextlib.AbstractContextManager:
@@ -346,20 +380,26 @@ def score_rollout(
     temperature: float,
     chunk: int,
     reference_is_actor_without_adapters: bool = False,
+    sampled: SampledLogprobs | None = None,
 ) -> ScoredRollout:
     """One forward pass of each model over the rollout, `chunk` rows at a time: the actor's
     log-probs (PPO's old policy) and entropies, the reference's log-probs (the KL penalty), the
     critic's values (when given) and the reward model's scores (when given; else scores is None).
 
     With `reference_is_actor_without_adapters` (LoRA on the actor) `reference` is ignored and the
-    reference log-probs come from the actor with its adapters switched off: no second copy.
+    reference log-probs come from the actor with its adapters switched off: no second copy. With
+    `sampled` (generation's own log-probs of this rollout) the actor's forward is skipped.
     """
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref_logprobs": [], "values": [], "scores": []}
     # Chunks of similar response lengths: each is trimmed to its own longest response.
     order = torch.argsort(seqs.response_lengths, stable=True)
     for start in range(0, seqs.input_ids.shape[0], chunk):
-        part = seqs.rows(order[start : start + chunk])
-        logp, entropy = policy_logprobs(actor, part, temperature=temperature, with_entropy=True)
+        rows = order[start : start + chunk]
+        part = seqs.rows(rows)
+        if sampled is None:
+            logp, entropy = policy_logprobs(actor, part, temperature=temperature, with_entropy=True)
+        else:
+            logp, entropy = sampled.logprobs[rows], sampled.entropy[rows]
         parts["logprobs"].append(logp)
         parts["entropy"].append(entropy)
         parts["ref_logprobs"].append(reference_logprobs(None if reference_is_actor_without_adapters else reference, actor, part,

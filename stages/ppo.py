@@ -60,11 +60,23 @@ from rlhf.ppo_models import PPOModels, build_ppo_models
 from rlhf.rank_sums import RankSums
 from rlhf.rewards import Reward, learned_source, parse_source, parse_sources, rollout_texts
 from rlhf.rewards import describe as describe_reward
-from rlhf.rollout import Sampling, ScoredRollout, Sequences, minibatch_rows, policy_logprobs, sample_rollout, score_rollout, token_values
+from rlhf.rollout import (
+    SampledLogprobs,
+    Sampling,
+    ScoredRollout,
+    Sequences,
+    minibatch_rows,
+    policy_logprobs,
+    sample_rollout,
+    sample_rollout_with_logprobs,
+    score_rollout,
+    token_values,
+)
 from rlhf.run_keeper import LoopState, RunKeeper
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
 
+GENERATION_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits generation may keep for the old log-probs
 NEGATIVE_KL_STEPS = 3  # consecutive steps of negative mean KL before warning of a log-prob mismatch
 UPDATE_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "ratio_mean", "value_clipfrac")  # means over updates
 VALUE_STATS = ("value_loss", "value_clipfrac")  # absent without a critic
@@ -223,13 +235,24 @@ def shaped(scores: torch.Tensor, has_eos: torch.Tensor, cfg: PPOConfig, data: Da
     return shape_scores(scores, has_eos, normalize=False, clip=ppo.score_clip, no_eos_score=ppo.no_eos_score)
 
 
-def score(seqs: Sequences, models: PPOModels, cfg: PPOConfig, data: Data, dist: Dist, *, critic: Any) -> ScoredRollout:
-    """Log-probs of actor and reference, values (none without `critic`), and the reward: its
-    components (reward-model scores, functions of the decoded texts) and their weighted sum as
-    `scores`. A reward function that fails on any rank stops every rank with its one line."""
+def logprobs_from_generation(cfg: PPOConfig, vocab_size: int) -> bool:
+    """Whether the old log-probs come from generation's logits (rollout.logprobs_from_generation): in
+    fp32 only, where tests/unit/test_rollout.py shows them equal to the actor's forward (in bf16 the
+    KV cache's rounding is another policy's), and within GENERATION_LOGITS_BUDGET."""
+    r = cfg.rollout
+    kept = r.batch_size * r.max_new_tokens * vocab_size * 4
+    return r.logprobs_from_generation and cfg.engine.precision == "fp32" and kept <= GENERATION_LOGITS_BUDGET
+
+
+def score(seqs: Sequences, models: PPOModels, cfg: PPOConfig, data: Data, dist: Dist, *, critic: Any,
+          sampled: SampledLogprobs | None = None) -> ScoredRollout:
+    """Log-probs of actor (generation's own when `sampled`) and reference, values (none without
+    `critic`), and the reward: its components (reward-model scores, functions of the decoded texts)
+    and their weighted sum as `scores`. A reward function that fails on any rank stops every rank
+    with its one line."""
     scored = score_rollout(seqs, actor=models.actor, reference=models.reference, critic=critic, reward=models.reward,
                            temperature=cfg.rollout.temperature, chunk=cfg.engine.micro_batch_size,
-                           reference_is_actor_without_adapters=models.reference is None)
+                           reference_is_actor_without_adapters=models.reference is None, sampled=sampled)
     prompts, responses = rollout_texts(seqs, data.tokenizer) if data.reward.needs_text else ([], [])
     failure, reward = None, None
     try:
@@ -314,10 +337,11 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     # Each drawn prompt K = rollout.samples_per_prompt times in a row: rows [g*K, (g+1)*K) are one group, on this rank.
     k = cfg.rollout.samples_per_prompt
     prompts = [data.train_prompts[i] for i in data.batches.global_batch(state.step)[dist.rank] for _ in range(k)]
-    seqs = sample_rollout(models.actor.module, prompts, sampling)
+    seqs, sampled = sample_rollout_with_logprobs(models.actor.module, prompts, sampling,
+                                                 keep_logprobs=logprobs_from_generation(cfg, models.actor.module.config.vocab_size))
     generated = time.time()
     try:
-        scored = score(seqs, models, cfg, data, dist, critic=models.critic)
+        scored = score(seqs, models, cfg, data, dist, critic=models.critic, sampled=sampled)
     except RewardFailed as exc:  # resumable once the function is fixed: the dotted name is imported anew
         keeper.stop(state, f"{exc}; the run stopped in step {state.step + 1} and saved its state in {keeper.run.checkpoint_dir}: "
                            f"fix the function and resume (`rlhf ppo --resume --run {keeper.run.run_id}`)")

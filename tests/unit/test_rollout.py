@@ -15,6 +15,7 @@ from rlhf.rollout import (
     minibatch_rows,
     policy_logprobs,
     sample_rollout,
+    sample_rollout_with_logprobs,
     score_rollout,
     sequence_scores,
     token_values,
@@ -138,6 +139,45 @@ def test_sample_rollout_lays_out_what_generate_returns(family):
     for name in ("input_ids", "attention_mask", "position_ids", "response_mask", "has_eos"):
         assert torch.equal(getattr(seqs, name), getattr(expected, name)), name
     assert seqs.prompt_width == expected.prompt_width
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generation_logprobs_equal_the_scoring_forward(family, temperature):
+    """PPO's old log-probs and entropies taken from generation's logits are the actor's forward over
+    the rollout, scored in length-sorted chunks of 3, to float32 rounding: left padding of unequal
+    prompts, responses cut at EOS at different lengths, temperature. Padding holds exact zeros, and
+    the same random stream samples the same rollout either way."""
+    tokenizer = build_tokenizer()
+    model = build_model(ToyModelConfig(), tokenizer, seed=3).eval() if family == "llama" else gpt2_like(tokenizer)
+    model = _eos_prone(model, tokenizer, bonus=4.0)
+    prompts = [tokenizer(t).input_ids for t in ("1+2=", "a much longer prompt, 45+67=", "9+9=", "12+34=")] * 4
+    sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=6, temperature=temperature)
+    torch.manual_seed(11)
+    plain = sample_rollout(model, prompts, sampling)
+    torch.manual_seed(11)
+    seqs, sampled = sample_rollout_with_logprobs(model, prompts, sampling)
+    assert torch.equal(seqs.input_ids, plain.input_ids) and torch.equal(seqs.response_mask, plain.response_mask)
+    mask = seqs.response_mask
+    assert len(set(seqs.response_lengths.tolist())) > 1 and seqs.prompt_width > len(prompts[0])  # padding both ways
+    scored = score_rollout(seqs, actor=model, reference=model, critic=None, reward=None, temperature=temperature, chunk=3)
+    assert sampled.logprobs.shape == sampled.entropy.shape == mask.shape
+    assert torch.allclose(sampled.logprobs[mask], scored.logprobs[mask], rtol=0, atol=2e-5)
+    assert torch.allclose(sampled.entropy[mask], scored.entropy[mask], rtol=0, atol=2e-5)
+    assert (sampled.logprobs[~mask] == 0).all() and (sampled.entropy[~mask] == 0).all()
+    # Scoring with them skips the actor's forward and passes them through, row for row.
+    reference, calls = copy.deepcopy(model), []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    reused = score_rollout(seqs, actor=model, reference=reference, critic=None, reward=None,
+                           temperature=temperature, chunk=3, sampled=sampled)
+    assert calls == [] and torch.equal(reused.logprobs, sampled.logprobs) and torch.equal(reused.entropy, sampled.entropy)
+
+
+def test_greedy_sampling_keeps_no_logprobs():
+    tokenizer = build_tokenizer()
+    model = build_model(ToyModelConfig(), tokenizer, seed=3).eval()
+    greedy = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=3, temperature=0.0)
+    assert sample_rollout_with_logprobs(model, [tokenizer("1+2=").input_ids], greedy)[1] is None
 
 
 def test_scoring_skips_padding_columns_and_prompt_logits():
