@@ -1,6 +1,7 @@
 """Throughput, peak memory and reference ratios of the three stages: `make bench`.
 
     python scripts/bench.py [--quick] [--models toy,100m] [--ranks 1,2] [--zero-stage 0] [--no-grid] [--out FILE]
+                            [--ppo-override KEY=VALUE ...]   (e.g. ppo.estimator=grpo rollout.samples_per_prompt=4)
 
 For each (model, ranks) case the parent launches one worker under the DeepSpeed launcher
 (rlhf.launch, as `rlhf <stage> -n N` does). Every rank of the worker runs the stage programs'
@@ -13,9 +14,12 @@ reference's rounds just before the stage it refers to and half just after (one r
 
   (a) rollout generation (rlhf.rollout.sample_rollout, what the PPO stage samples with) against
       plain transformers `generate` on the same model, prompts and seed (so the same lengths);
-  (b) the PPO stage's step against the sum of its essential parts timed alone on the same four
-      models (built by the library as the stage builds them): one `generate`, one forward of
-      actor, reference, critic and reward, and the training passes (forward, backward, step);
+  (b) the PPO stage's step, and each of its phases (generate, score, train; each within 1.1x),
+      against its essential parts timed alone with plain torch and transformers calls on the same
+      models (built by the library as the stage builds them): one `generate`; one forward of each
+      model the stage runs (no actor forward where the stage takes its log-probs from generation,
+      no critic for a critic-free estimator); the training passes, forward, backward, clipping
+      and a fused torch AdamW step per minibatch (through the engines under ZeRO);
   (c) SFT stage tokens/s against a plain single-process torch loop (the same model, AdamW
       settings and batches), at one rank.
 
@@ -113,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                         help="PPO cost against batch size and response length, on the first case (not with --quick)")
+    parser.add_argument("--ppo-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a PPO config override for every PPO run, e.g. ppo.estimator=grpo (repeatable)")
     parser.add_argument("--quick", action="store_true", help="one tiny case at one rank, a few steps (for tests)")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines file (appended); default $RLHF_HOME/bench/<time>.jsonl")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -172,7 +178,7 @@ def run_case(case_dir: Path, *, model: str, ranks: int, args: argparse.Namespace
     spec = {
         "model": model, "ranks": ranks, "zero_stage": args.zero_stage, "precision": args.precision,
         "data_dir": str(data_dir), "registry": str(case_dir / "registry"), "result": str(case_dir / "result.json"),
-        "grid": grid, "command": command,
+        "grid": grid, "command": command, "ppo_overrides": args.ppo_override,
     }
     case_dir.mkdir(parents=True)
     (case_dir / "spec.json").write_text(json.dumps(spec))
@@ -222,14 +228,16 @@ def format_table(results: list[dict]) -> str:
                          f"{s['peak_memory_mb']:.0f} | {s['step_s']:.3f} | {split} |")
     lines += ["", "Reference ratios at one rank: medians (a: of each round's ratio), (fastest of each side).", "",
               "| model | (a) rollout generation / plain generate, target >= 0.9 | (b) PPO step / sum of its parts, target <= 1.2 "
-              "| (c) SFT stage / plain torch loop, target >= 0.85 |", "|---|---|---|---|"]
+              "| (b) per phase, generate / score / train, each target <= 1.1 | (c) SFT stage / plain torch loop, target >= 0.85 |",
+              "|---|---|---|---|---|"]
     for r in results:
         if "ratios" in r:
             ratios = r["ratios"]
             a, b, c = (f"{ratios[k]:.2f} ({ratios[f]:.2f})" for k, f in (("a_rollout_vs_plain_generate", "a_fastest"),
                                                                           ("b_ppo_step_vs_parts", "b_fastest"),
                                                                           ("c_sft_vs_plain_loop", "c_fastest")))
-            lines.append(f"| {r['model']} | {a} | {b} | {c} |")
+            phases = " / ".join(f"{ratios[k]:.2f}" for k in PHASE_RATIOS)
+            lines.append(f"| {r['model']} | {a} | {b} | {phases} | {c} |")
     scaled = [r for r in results if "scaling_efficiency" in r]
     if scaled:
         lines += ["", "Data-parallel scaling: tokens/s at N ranks / (N x tokens/s at one rank).", "",
@@ -304,7 +312,7 @@ def worker(spec: dict[str, Any]) -> None:
 
     # 3. PPO from both, bracketed by the reference measurements (a) and (b) on the same four models.
     ppo_cfg = common + ppo_overrides(data, budget.ppo_batch, budget.ppo_micro, budget.max_new_tokens, budget.ppo_epochs,
-                                     budget.warmup + budget.ppo_steps)
+                                     budget.warmup + budget.ppo_steps) + spec["ppo_overrides"]
     before = ppo_references(resolve_config("ppo", None, ppo_cfg), dist, budget=budget, half=0) if single else None
     ppo = run_stage("ppo", ppo_cfg, dist)
     after = ppo_references(ppo.cfg, dist, budget=budget, half=1) if single else None
@@ -319,7 +327,7 @@ def worker(spec: dict[str, Any]) -> None:
         result["grid"] = []
         for batch, length, micro, grouped in GRID:
             overrides = ppo_overrides(data, batch, micro, length, budget.ppo_epochs, 4)
-            run = run_stage("ppo", common + overrides + [f"ppo.length_grouped_minibatches={grouped}"], dist)
+            run = run_stage("ppo", common + overrides + [f"ppo.length_grouped_minibatches={grouped}"] + spec["ppo_overrides"], dist)
             t = stage_throughput(run, dist, "policy_loss", warmup=1)
             timings = ("step_s", "generate_s", "score_s", "train_s", "response_length", "response_tokens_per_s")
             result["grid"].append({"batch": batch, "max_new_tokens": length, "minibatch": micro, "length_grouped": grouped,
@@ -613,6 +621,9 @@ def reference_ratios(sft: dict, ppo: dict, plain_sft: dict, generation: dict, pa
     }
 
 
+PHASE_RATIOS = ("b_generate_vs_part", "b_score_vs_forwards", "b_train_vs_passes")  # each phase of a step / its plain part
+
+
 def split_rounds(total: int, half: int) -> int:
     """Rounds of the first (0) or second (1) half of `total`, at least one each."""
     return max(1, (total + 1 - half) // 2)
@@ -720,16 +731,24 @@ def rollout_vs_plain_generate(
 
 
 def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, dist: Any, *, reps: int) -> dict[str, list[float]]:
-    """(b) A PPO step's essential parts, each timed alone with plain calls: one generate, one
-    forward of each model over the rollout, and the training passes (ppo.epochs over minibatches:
-    forward, a loss, backward and optimizer step of actor and critic, through their engines)."""
+    """(b) A PPO step's essential parts, each timed alone with plain torch and transformers calls:
+    one `generate`; one forward of each model the stage runs over the rollout (the actor's only
+    where the stage does not take its log-probs from generation, the critic's only with one); the
+    training passes, ppo.epochs over minibatches of forward, a loss, `backward`, clipping and a
+    fused torch AdamW step of each trained model (through the engines under ZeRO, where the
+    module alone holds only a partition). The phases of a stage step are compared with these."""
     import torch
+
+    from stages.ppo import logprobs_from_generation
 
     actor, critic, reference, reward = models.actor, models.critic, models.reference, models.reward
     temperature = cfg.rollout.temperature
     padded = left_padded(prompts, tokenizer.pad_token_id, dist.device)
     width = padded["input_ids"].shape[1]
     eos = tokenizer.eos_token_id
+    actor_forward = not logprobs_from_generation(cfg, actor.module.config.vocab_size)
+    trained = {"actor": actor, **({"critic": critic} if critic is not None else {})}
+    passes = plain_passes(trained, cfg) if cfg.engine.zero_stage == 0 else {name: engine_pass(e) for name, e in trained.items()}
 
     def logprobs(model: Any, ids: Any, mask: Any, positions: Any) -> Any:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, width - 1 : -1]
@@ -740,7 +759,7 @@ def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, d
         actor.eval()
         torch.manual_seed(2000 + rep)
         seconds, ids = timed(lambda: plain_generate(actor.module, padded, cfg, tokenizer), dist.device)
-        record = {"generate": seconds}
+        record = {"generate": seconds, "actor": 0.0, "critic": 0.0}
         # Masks: a response counts up to and including its first EOS.
         response = ids[:, width:]
         ended_before = (response == eos).long().cumsum(dim=1) - (response == eos).long() > 0
@@ -748,39 +767,76 @@ def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, d
         mask = torch.cat([padded["attention_mask"], response_mask.long()], dim=1)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         with torch.no_grad():
-            record["actor"], _ = timed(lambda: logprobs(actor.module, ids, mask, positions), dist.device)
+            if actor_forward:
+                record["actor"], _ = timed(lambda: logprobs(actor.module, ids, mask, positions), dist.device)
             if reference is not None:
                 record["reference"], _ = timed(lambda: logprobs(reference, ids, mask, positions), dist.device)
             else:  # LoRA: the actor without its adapters
                 with actor.module.disable_adapter():
                     record["reference"], _ = timed(lambda: logprobs(actor.module, ids, mask, positions), dist.device)
-            record["critic"], _ = timed(lambda: critic.module(ids, mask), dist.device)
-            record["reward"], _ = timed(lambda: reward(ids, mask), dist.device)
+            if critic is not None:
+                record["critic"], _ = timed(lambda: critic.module(ids, mask), dist.device)
+            record["reward"], _ = timed(lambda: reward(ids, mask), dist.device) if reward is not None else (0.0, None)
         advantages = torch.randn(response_mask.shape, device=dist.device)
         returns = torch.randn(response_mask.shape, device=dist.device)
         weights = response_mask.float()
 
+        def losses(name: str, model: Any, rows: Any) -> Any:
+            n = weights[rows].sum().clamp(min=1)
+            if name == "actor":
+                return -(logprobs(model, ids[rows], mask[rows], positions[rows]) * advantages[rows] * weights[rows]).sum() / n
+            values = model(ids[rows], mask[rows])[:, width - 1 : -1]
+            return (((values - returns[rows]) ** 2) * weights[rows]).sum() / n
+
         def train() -> None:
-            actor.train()
-            critic.train()
             micro = cfg.engine.micro_batch_size
             for _ in range(cfg.ppo.epochs):
                 order = torch.randperm(ids.shape[0], device=dist.device)
                 for m in range(ids.shape[0] // micro):
                     rows = order[m * micro : (m + 1) * micro]
-                    n = weights[rows].sum().clamp(min=1)
-                    logp = logprobs(actor, ids[rows], mask[rows], positions[rows])
-                    actor.backward(-(logp * advantages[rows] * weights[rows]).sum() / n)
-                    actor.step()
-                    values = critic(ids[rows], mask[rows])[:, width - 1 : -1]
-                    critic.backward((((values - returns[rows]) ** 2) * weights[rows]).sum() / n)
-                    critic.step()
+                    for name, (model, update) in passes.items():
+                        update(losses(name, model, rows))
 
+        for engine in trained.values():
+            engine.train()
         record["train"], _ = timed(train, dist.device)
         if rep:
             for k, v in record.items():
                 times[k].append(v)
     return times
+
+
+def plain_passes(engines: dict[str, Any], cfg: Any) -> dict[str, tuple[Any, Callable[[Any], None]]]:
+    """For each trained model: its module, and one plain torch update of it from a loss: backward,
+    clip to the stage's grad_clip, a fused AdamW step (what the engine builds) at a tiny lr, zero_grad."""
+    import torch
+
+    passes = {}
+    for name, engine in engines.items():
+        module = engine.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-8, fused=True)
+        clip = (cfg.optim if name == "actor" else cfg.critic_optim).grad_clip
+
+        def update(loss: Any, params: list = params, optimizer: Any = optimizer, clip: float = clip) -> None:
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        passes[name] = (module, update)
+    return passes
+
+
+def engine_pass(engine: Any) -> tuple[Any, Callable[[Any], None]]:
+    """Under ZeRO the module holds a partition: the update goes through the engine."""
+
+    def update(loss: Any) -> None:
+        engine.backward(loss)
+        engine.step()
+
+    return engine, update
 
 
 if __name__ == "__main__":

@@ -47,11 +47,11 @@ def test_quick_case_prints_the_table_and_writes_one_json_line(tmp_path):
     ppo = result["ppo"]
     assert 1 <= ppo["response_length"] <= result["budget"]["max_new_tokens"]
     assert math.isclose(sum(ppo["split"].values()), 1.0, abs_tol=1e-6) and min(ppo["split"].values()) >= 0
-    for key in ("a_rollout_vs_plain_generate", "b_ppo_step_vs_parts", "c_sft_vs_plain_loop"):
+    for key in ("a_rollout_vs_plain_generate", "b_ppo_step_vs_parts", "c_sft_vs_plain_loop", *bench.PHASE_RATIOS):
         assert math.isfinite(result["ratios"][key]) and result["ratios"][key] > 0, key
 
     # The Markdown table names every stage of the case, and where the line went.
     for stage in ("sft", "rm", "ppo"):
         assert f"| tiny (0.02M) | 1 | {stage} |" in proc.stdout
-    assert "(a) rollout generation / plain generate" in proc.stdout
+    assert "(a) rollout generation / plain generate" in proc.stdout and "(b) per phase" in proc.stdout
     assert str(out) in proc.stdout
