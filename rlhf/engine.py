@@ -162,9 +162,9 @@ def build_engine(
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
             weight_decay=optim.weight_decay,
-            # One kernel per step over all parameters, on the CPU too (torch >= 2.4): the per-tensor
-            # foreach loop cost about 3 ms per step of the toy's 0.4M parameters.
-            fused=True,
+            # Fused on GPUs only: on the CPU it would be a few % faster for the toy, but it rounds
+            # differently and moved the default RM's held-out accuracy from 0.925 to 0.84 (issue 16).
+            fused=torch.cuda.is_available(),
         )
     # A factory, not a scheduler: DeepSpeed hands it the inner torch optimizer (a ZeRO wrapper is
     # not a torch Optimizer), steps it once per optimizer step and keeps it in checkpoints.
