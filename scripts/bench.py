@@ -19,7 +19,7 @@ reference's rounds just before the stage it refers to and half just after (one r
       models (built by the library as the stage builds them): one `generate`; one forward of each
       model the stage runs (no actor forward where the stage takes its log-probs from generation,
       no critic for a critic-free estimator); the training passes, forward, backward, clipping
-      and a fused torch AdamW step per minibatch (through the engines under ZeRO);
+      and a torch AdamW step per minibatch as the engine builds it (through the engines under ZeRO);
   (c) SFT stage tokens/s against a plain single-process torch loop (the same model, AdamW
       settings and batches), at one rank.
 
@@ -735,7 +735,7 @@ def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, d
     one `generate`; one forward of each model the stage runs over the rollout (the actor's only
     where the stage does not take its log-probs from generation, the critic's only with one); the
     training passes, ppo.epochs over minibatches of forward, a loss, `backward`, clipping and a
-    fused torch AdamW step of each trained model (through the engines under ZeRO, where the
+    torch AdamW step of each trained model (through the engines under ZeRO, where the
     module alone holds only a partition). The phases of a stage step are compared with these."""
     import torch
 
@@ -808,14 +808,15 @@ def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, d
 
 def plain_passes(engines: dict[str, Any], cfg: Any) -> dict[str, tuple[Any, Callable[[Any], None]]]:
     """For each trained model: its module, and one plain torch update of it from a loss: backward,
-    clip to the stage's grad_clip, a fused AdamW step (what the engine builds) at a tiny lr, zero_grad."""
+    clip to the stage's grad_clip, an AdamW step as the engine builds it (fused on a GPU, foreach on
+    the CPU) at a tiny lr, zero_grad."""
     import torch
 
     passes = {}
     for name, engine in engines.items():
         module = engine.module
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-8, fused=True)
+        optimizer = torch.optim.AdamW(params, lr=1e-8, fused=torch.cuda.is_available())
         clip = (cfg.optim if name == "actor" else cfg.critic_optim).grad_clip
 
         def update(loss: Any, params: list = params, optimizer: Any = optimizer, clip: float = clip) -> None:
