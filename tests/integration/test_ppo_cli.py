@@ -123,8 +123,10 @@ def test_lora_actor_is_its_own_reference_without_adapters(home):
     e = check_lineage(home)
     assert e["ppo"]["adapter"] == "merged"
     rows = metric_rows(e["ppo"])
-    # New adapters start as a no-op, so the actor and the adapter-free reference agree exactly at first.
-    assert rows[0]["eval/kl"] == 0.0 and [r for r in rows if "policy_loss" in r][0]["kl"] == 0.0
+    # New adapters start as a no-op, so the actor and the adapter-free reference agree at first:
+    # exactly in evaluation (both forwards), up to float32 rounding in training, whose old log-probs
+    # come from generation's logits.
+    assert rows[0]["eval/kl"] == 0.0 and abs([r for r in rows if "policy_loss" in r][0]["kl"]) < 1e-5
     assert e["ppo"]["metrics"]["kl"] != 0.0  # and part once the adapters train
 
 

@@ -79,11 +79,12 @@ def test_rloo_groups_stay_on_their_rank_with_two_ranks(home):
 
 
 def test_killed_reinforce_pp_run_resumes_with_the_actor_alone(home):
-    run_dir = kill_after_checkpoint("ppo", [*ONE_PROCESS, "-c", PPO_QUICK, "ppo.estimator=reinforce_pp", "train.max_steps=6",
+    run_dir = kill_after_checkpoint("ppo", [*ONE_PROCESS, "-c", PPO_QUICK, "ppo.estimator=reinforce_pp", "train.max_steps=40",
                                             "train.eval_every=0", "eval.max_rows=16"], home=home, min_step=2)
     [step_dir] = sorted((run_dir / "checkpoints").glob("step-*"))[-1:]
     assert {p.name for p in step_dir.iterdir() if p.is_dir()} == {"actor"}  # no critic engine to checkpoint
-    entry = resume_and_check("ppo", run_dir, home=home, max_steps=6, loss_key="policy_loss", launch=ONE_PROCESS)
+    # 40 steps: the kill must land before the run ends; a toy step takes about a tenth of a second.
+    entry = resume_and_check("ppo", run_dir, home=home, max_steps=40, loss_key="policy_loss", launch=ONE_PROCESS)
     assert entry["config"]["ppo"]["estimator"] == "reinforce_pp"
     step_rows(critic_free_entry(home))
 

@@ -223,9 +223,10 @@ def ppo_args(task, *extra: str) -> list[str]:
 
 def check_first_step(entry: dict) -> None:
     """KL 0 and ratio 1 before the first update (the reference is the actor with its adapters off,
-    and the adapters start at zero); replies end at <|im_end|> rather than run to the limit."""
+    and the adapters start at zero), up to float32 rounding: the old log-probs come from generation's
+    logits, the reference's from a forward (3.8e-6 per reply measured); replies end at <|im_end|>."""
     first = next(r for r in metric_rows(entry) if "policy_loss" in r)
-    assert first["step"] == 1 and abs(first["kl"]) < 1e-6, first
+    assert first["step"] == 1 and abs(first["kl"]) < 1e-4, first
     assert abs(first["approx_kl"]) < 1e-6 and first["ratio_mean"] == pytest.approx(1.0, abs=1e-5), first
     assert entry["metrics"]["initial_kl"] == 0.0 and entry["metrics"]["initial_no_eos_fraction"] <= 0.25, entry["metrics"]
 

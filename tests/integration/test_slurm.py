@@ -80,7 +80,9 @@ def test_pipeline_runs_as_three_chained_jobs(slurm, tmp_path):
 
 def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     home = tmp_path / "home"
-    result = rlhf("submit", "sft", "--requeue", "-c", QUICK, *CPU_JOB, "train.max_steps=300", "train.save_every=50",
+    # Long enough that the requeue's SIGTERM lands mid-run: 300 steps took 16 s here, less than the
+    # requeue took to arrive after the first checkpoint.
+    result = rlhf("submit", "sft", "--requeue", "-c", QUICK, *CPU_JOB, "train.max_steps=1500", "train.save_every=50",
                   "train.eval_every=0", "data.eval=null", home=home)
     [(job, run)] = submitted(result).values()
     run_dir = home / "runs" / run
@@ -107,9 +109,9 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     assert int(resumed.group(1)) == int(stopped.group(1)) > 50
     assert "(restart 1)" in log
     [entry] = entries(home)
-    assert entry["id"] == run and entry["metrics"]["steps"] == 300
+    assert entry["id"] == run and entry["metrics"]["steps"] == 1500
     steps = [row["step"] for row in metric_rows(entry) if "loss" in row]
-    assert steps == sorted(set(steps)) and steps[-1] == 300  # one curve, no step logged twice
+    assert steps == sorted(set(steps)) and steps[-1] == 1500  # one curve, no step logged twice
 
 
 def test_reference_that_does_not_resolve_when_the_job_starts(slurm, tmp_path):
