@@ -808,15 +808,17 @@ def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, d
 
 def plain_passes(engines: dict[str, Any], cfg: Any) -> dict[str, tuple[Any, Callable[[Any], None]]]:
     """For each trained model: its module, and one plain torch update of it from a loss: backward,
-    clip to the stage's grad_clip, an AdamW step as the engine builds it (fused on a GPU, foreach on
-    the CPU) at a tiny lr, zero_grad."""
+    clip to the stage's grad_clip, an AdamW step as the engine builds it (`rlhf.engine.fused_adamw`
+    picks the kernel) at a tiny lr, zero_grad."""
     import torch
+
+    from rlhf.engine import fused_adamw
 
     passes = {}
     for name, engine in engines.items():
         module = engine.module
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-8, fused=torch.cuda.is_available())
+        optimizer = torch.optim.AdamW(params, lr=1e-8, fused=fused_adamw(params))
         clip = (cfg.optim if name == "actor" else cfg.critic_optim).grad_clip
 
         def update(loss: Any, params: list = params, optimizer: Any = optimizer, clip: float = clip) -> None:

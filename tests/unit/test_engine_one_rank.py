@@ -60,3 +60,42 @@ def test_one_rank_shortcuts_train_bit_identical_weights():
     assert result["norms"]["fast"] == result["norms"]["reference"]
     assert all(n > 0.05 for n in result["norms"]["fast"])  # every step clipped
     assert result["moved"] and result["identical"]
+
+
+def _optimizer_kernels(rank: int, world: int, port: int, out: dict) -> None:
+    """Which AdamW kernel the engine gives a small model, a 10M-parameter one, and LoRA adapters on it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.config import EngineConfig, OptimConfig
+    from rlhf.engine import FUSED_ADAMW_MIN_PARAMS_ON_CPU, build_engine, init_distributed
+
+    init_distributed()
+    torch.manual_seed(0)
+    side = int(FUSED_ADAMW_MIN_PARAMS_ON_CPU**0.5) + 1
+    models = {"small": torch.nn.Sequential(torch.nn.Linear(64, 64)),
+              "large": torch.nn.Sequential(torch.nn.Linear(side, side, bias=False))}
+    models["lora"] = get_peft_model(torch.nn.Sequential(torch.nn.Linear(side, side, bias=False)),
+                                    LoraConfig(r=4, target_modules=["0"]))
+    kernels = {}
+    for name, model in models.items():
+        engine = build_engine(model, engine=EngineConfig(micro_batch_size=2), optim=OptimConfig(lr=1e-3, warmup_steps=0),
+                              total_steps=1)
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        engine.backward(engine(torch.randn(2, model[0].in_features if name == "small" else side)).square().mean())
+        engine.step()
+        after = [p.detach() for p in model.parameters() if p.requires_grad]
+        kernels[name] = {"fused": engine.optimizer.param_groups[0]["fused"],
+                         "trained": all(a.isfinite().all() for a in after) and any(not a.equal(b) for a, b in zip(after, before))}
+    out[rank] = kernels  # the shared dict takes whole values only
+
+
+def test_adamw_runs_fused_on_the_cpu_for_large_models_only():
+    """Fused from FUSED_ADAMW_MIN_PARAMS_ON_CPU trainable parameters: the embedded default keeps its
+    trajectories, a real model's step runs about 5x faster; LoRA adapters count, the frozen base does not."""
+    if torch.cuda.is_available():
+        return  # on a GPU every engine is fused
+    kernels = on_ranks(_optimizer_kernels, world=1)[0]
+    assert {name: k["fused"] for name, k in kernels.items()} == {"small": False, "large": True, "lora": False}
+    assert all(k["trained"] for k in kernels.values())
