@@ -14,11 +14,19 @@ Prints a Markdown table and writes one JSON line per run (with the command) to -
 
 Runs in its own venv, never ours: `make peer-bench PEER_ARGS="--sft sft:latest --rm rm:latest"`
 (the SFT and RM entries of the embedded default, e.g. from `rlhf pipeline --stages sft,rm`).
+
+`--task chat --data TASK` runs the same comparison on a real chat model: the verifiable chat task
+(`scripts/chat_task.py write TASK`) with its SFT and RM entries (SmolLM2-135M-Instruct, e.g. from
+`scripts/chat_task.py run`), 16 rollouts of up to 16 tokens a step, and the task's grader (the
+exact-answer rate of 4 sampled and of the greedy reply per held-out question) in place of the
+toy's oracle. `--lora` trains LoRA adapters on the policy in both (TRL's `peft_config`; the
+reference is the policy with its adapters off, the value model stays whole, as TRL runs it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -34,20 +42,37 @@ from rlhf.config import PPOConfig, kl_estimator_of, load_config
 from rlhf.errors import UserError
 
 VARIANTS = ("rlhf", "trl", "trl-nogc")
-# Issue 16's settings as our config keys; max steps, models, seed and registry come from the command line.
-BENCH_OVERRIDES = (
-    "rollout.batch_size=64", "rollout.max_new_tokens=8", "rollout.samples_per_prompt=1", "ppo.epochs=4",
-    "engine.micro_batch_size=32", "engine.grad_accum=1", "ppo.beta=0.05", "ppo.kl_estimator=k1", "ppo.kl_in=reward",
+# Issue 16's PPO settings as our config keys, the same on both tasks; max steps, models, seed and
+# registry come from the command line.
+PPO_SETTINGS = (
+    "rollout.samples_per_prompt=1", "engine.grad_accum=1", "ppo.beta=0.05", "ppo.kl_estimator=k1", "ppo.kl_in=reward",
     "ppo.clip_range=0.2", "ppo.value_clip_range=0.2", "ppo.gamma=1.0", "ppo.lam=0.95", "ppo.whiten_advantages=true",
     "ppo.whiten_rewards=false", "ppo.value_head=zero", "ppo.estimator=gae", "engine.precision=fp32", "engine.zero_stage=0",
     "train.eval_every=0", "train.save_every=0",
 )
+# Sizes per task: the toy's are the issue's; the chat task's are the README's chat-task PPO (sized
+# for 2 CPU cores), with one learning rate for both models since TRL steps one optimizer.
+TASK_SETTINGS = {
+    "toy": ("rollout.batch_size=64", "rollout.max_new_tokens=8", "ppo.epochs=4", "engine.micro_batch_size=32"),
+    "chat": ("data.train={data}/prompts-train.jsonl", "data.eval={data}/prompts-eval.jsonl", "data.max_prompt_length=96",
+             "rollout.batch_size=16", "rollout.max_new_tokens=16", "ppo.epochs=2", "engine.micro_batch_size=8",
+             "optim.warmup_steps=2", "critic_optim.warmup_steps=2"),
+}
+CHAT_LR = {"full": 1e-5, "lora": 1e-4}  # a LoRA adapter needs about 10x the rate of full fine-tuning
 
 
-def bench_overrides(*, sft: str, rm: str, steps: int, seed: int, registry: str) -> list[str]:
+def bench_overrides(*, sft: str, rm: str, steps: int, seed: int, registry: str, task: str = "toy", data: str = "",
+                    lora: bool = False) -> list[str]:
     """The `rlhf ppo` overrides of one benchmark run (TRL's settings are translated from the same config)."""
-    return [*BENCH_OVERRIDES, f"model.name_or_path={sft}", f"critic.name_or_path={rm}", f"reward.name_or_path={rm}",
-            f"train.max_steps={steps}", f"train.seed={seed}", f"run.registry={registry}"]
+    if task == "chat" and not data:
+        raise UserError("--data: the chat task needs its folder (scripts/chat_task.py write FOLDER)")
+    sized = [o.format(data=data) for o in TASK_SETTINGS[task]]
+    if task == "chat":
+        lr = CHAT_LR["lora" if lora else "full"]
+        sized += [f"optim.lr={lr}", f"critic_optim.lr={lr}"]
+    return [*PPO_SETTINGS, *sized, f"model.lora.enabled={str(lora).lower()}", f"model.name_or_path={sft}",
+            f"critic.name_or_path={rm}", f"reward.name_or_path={rm}", f"train.max_steps={steps}", f"train.seed={seed}",
+            f"run.registry={registry}"]
 
 
 def trl_settings(cfg: PPOConfig) -> dict[str, Any]:
@@ -64,6 +89,7 @@ def trl_settings(cfg: PPOConfig) -> dict[str, Any]:
         "ppo.kl_target": (ppo.kl_target is not None, "null (TRL's beta is fixed)"),
         "ppo.ptx_coef": (ppo.ptx_coef != 0, "0"), "optim.lr": (optim.lr != cfg.critic_optim.lr, "critic_optim.lr (one optimizer)"),
         "ppo.kl_estimator": (kl_estimator_of(ppo) not in ("k1", "k3"), "k1 or k3"),
+        "critic.lora.enabled": (cfg.critic.lora.enabled, "false (TRL's peft_config adapts the policy only)"),
     }
     for key, (bad, fix) in refuse.items():
         if bad:
@@ -155,8 +181,10 @@ def normalized_reward_head(model: Any, *, mean: float, std: float) -> None:
 
 
 def trl_models(cfg: PPOConfig) -> dict[str, Any]:
-    """The four models and the tokenizer, loaded by rlhf's own loaders from the same entries
-    `rlhf ppo` uses: TRL's value model is the critic `rlhf ppo` starts from (RM backbone, zero head)."""
+    """The models and the tokenizer, loaded by rlhf's own loaders from the same entries `rlhf ppo`
+    uses: TRL's value model is the critic `rlhf ppo` starts from (RM backbone, zero head). With
+    LoRA the policy is loaded whole and `peft_config` carries our adapter settings (TRL wraps the
+    policy itself and takes the reference as the policy with its adapters off)."""
     import torch
 
     from rlhf.model_loading import disable_dropout, load_causal_lm, load_scalar_model
@@ -168,21 +196,49 @@ def trl_models(cfg: PPOConfig) -> dict[str, Any]:
     actor_source, tokenizer = causal_lm_and_tokenizer(cfg.model, registry)
     sources = ppo_sources(cfg, registry, actor_source, tokenizer)
     seed, dtype = cfg.train.seed, torch.float32
-    policy = load_causal_lm(actor_source, cfg.model, tokenizer, seed=seed, dtype=dtype)
-    reference = load_causal_lm(actor_source, frozen_model_config(cfg, "reference"), tokenizer, seed=seed, dtype=dtype)
+    lora = cfg.model.lora
+    whole = dataclasses.replace(cfg.model, lora=dataclasses.replace(lora, enabled=False))
+    policy = load_causal_lm(actor_source, whole, tokenizer, seed=seed, dtype=dtype)
+    reference = None if lora.enabled else load_causal_lm(actor_source, frozen_model_config(cfg, "reference"), tokenizer,
+                                                         seed=seed, dtype=dtype)
     reward = load_scalar_model(sources.reward, frozen_model_config(cfg, "reward"), tokenizer, seed=seed, dtype=dtype,
                                trained_head=True).hf_model
     if cfg.ppo.normalize_score:
         normalized_reward_head(reward, **reward_stats(sources.reward))
     value = load_critic(cfg, sources.critic, tokenizer, dtype=dtype).hf_model
     for model in (policy, reference, reward, value):
-        disable_dropout(model)
+        if model is not None:
+            disable_dropout(model)
     tokenizer.padding_side = "left"  # TRL's collator pads the queries it generates from
-    return {"policy": policy, "reference": reference, "reward": reward, "value": value, "tokenizer": tokenizer}
+    distinct_pad_token(tokenizer)
+    return {"policy": policy, "reference": reference, "reward": reward, "value": value, "tokenizer": tokenizer,
+            "peft_config": peft_config(lora) if lora.enabled else None}
+
+
+def distinct_pad_token(tokenizer: Any) -> None:
+    """TRL builds every attention mask as `ids != pad_token_id`. A chat model whose pad token is its
+    EOS (SmolLM2's `<|im_end|>`) would then have each turn's closing `<|im_end|>` in the prompts
+    masked out, and the reward read one token before the reply's EOS; so TRL gets another special
+    token that no prompt or reply holds as its pad (the same ids go in, only padding changes)."""
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    spare = [t for t in (tokenizer.bos_token, tokenizer.unk_token) if t is not None and t != tokenizer.eos_token]
+    if not spare:
+        raise UserError("the tokenizer's pad token is its EOS and it has no other special token TRL could pad with")
+    tokenizer.pad_token = spare[0]
+
+
+def peft_config(lora: Any) -> Any:
+    """Our LoRA settings as the peft config TRL applies (the one `rlhf.model_loading.apply_lora` builds)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules or "all-linear", task_type="CAUSAL_LM")
 
 
 def run_trl(cfg: PPOConfig, out: Path, *, collect_garbage: bool) -> dict[str, Any]:
-    """One TRL PPOTrainer run; saves the final policy and value model under `out` and returns its timings."""
+    """One TRL PPOTrainer run; saves the final policy (adapters merged) and value model under `out`
+    and returns its timings."""
     import transformers
     import trl.experimental.ppo.ppo_trainer as trl_ppo
     from datasets import Dataset
@@ -199,13 +255,14 @@ def run_trl(cfg: PPOConfig, out: Path, *, collect_garbage: bool) -> dict[str, An
     trainer = PPOTrainer(args=TRLConfig(output_dir=str(out / "trl"), **trl_settings(cfg)), processing_class=m["tokenizer"],
                          model=m["policy"], ref_model=m["reference"], reward_model=m["reward"], value_model=m["value"],
                          train_dataset=Dataset.from_dict({"input_ids": train_prompts}),
-                         eval_dataset=Dataset.from_dict({"input_ids": eval_prompts[:64]}))
+                         eval_dataset=Dataset.from_dict({"input_ids": eval_prompts[:64]}), peft_config=m["peft_config"])
     clock = PhaseClock()
     clock.install(trl_ppo, trainer)
     started = time.perf_counter()
     trainer.train()
     loop_s = time.perf_counter() - started
-    m["policy"].save_pretrained(out / "policy", safe_serialization=True)
+    policy = trainer.policy_model.merge_and_unload() if m["peft_config"] else trainer.policy_model
+    policy.save_pretrained(out / "policy", safe_serialization=True)
     m["tokenizer"].save_pretrained(out / "policy")
     m["value"].save_pretrained(out / "value", safe_serialization=True)
     return {"loop_s": loop_s, "steps": len(clock.steps), **clock.totals(), "policy": str(out / "policy"),
@@ -229,25 +286,27 @@ def run_rlhf(overrides: list[str], *, tag: str, env: dict[str, str]) -> dict[str
     return {"loop_s": steps[-1]["time"] - baseline["time"], "steps": len(steps),
             "generate_s": sum(r["time_generate_s"] for r in steps), "score_s": sum(r["time_score_s"] for r in steps),
             "train_s": sum(r["time_train_s"] for r in steps), "policy": entry.path, "entry": entry.id,
-            "own_eval": {k: entry.metrics.get(k) for k in ("oracle_score", "oracle_greedy", "kl")}}
+            "own_eval": entry.metrics}
 
 
 # ---------------------------------------------------------------- the same evaluation for every final policy
 
-def evaluate_policy(cfg: PPOConfig, policy_dir: str) -> dict[str, float]:
-    """What `rlhf ppo`'s final evaluation reports, by its own functions: the oracle's score (0-100)
-    of sampled and greedy responses to the held-out prompts, and the KL to the SFT policy summed
-    over each sampled held-out response's tokens (k1, the mean over responses)."""
+CHAT_SAMPLES = 4  # sampled replies per held-out question in the chat task's exact-answer rate
+
+
+def evaluate_policy(cfg: PPOConfig, policy_dir: str, *, task: str = "toy") -> dict[str, float]:
+    """What `rlhf ppo`'s final evaluation reports, by its own functions: the KL to the SFT policy
+    summed over each sampled held-out response's tokens (k1, the mean over responses), and the
+    quality of sampled and greedy responses to the held-out prompts: the toy's oracle score (0-100),
+    or the chat task's exact-answer rate (its grader, `rlhf.chat_task.exact_reward`)."""
     import torch
 
     from rlhf.data.load import stage_datasets
-    from rlhf.engine import Dist
-    from rlhf.evaluation import oracle_eval
     from rlhf.model_loading import disable_dropout, load_causal_lm
     from rlhf.model_sources import ModelSource, causal_lm_and_tokenizer
     from rlhf.ppo_models import frozen_model_config
     from rlhf.registry import Registry
-    from rlhf.rollout import Sampling, policy_logprobs, sample_rollout
+    from rlhf.rollout import Sampling
 
     sft_source, tokenizer = causal_lm_and_tokenizer(cfg.model, Registry(Path(cfg.run.registry)))
     frozen = frozen_model_config(cfg, "reference")
@@ -260,18 +319,62 @@ def evaluate_policy(cfg: PPOConfig, policy_dir: str) -> dict[str, float]:
     r = cfg.rollout
     sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=r.max_new_tokens,
                         temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
-    torch.manual_seed(cfg.train.seed)  # every policy is judged on the same sampling stream
-    kl_sum, size = 0.0, cfg.eval.batch_size
-    with torch.no_grad():
-        for start in range(0, len(eval_prompts), size):
-            seqs = sample_rollout(policy, eval_prompts[start : start + size], sampling)
-            logp = policy_logprobs(policy, seqs, temperature=r.temperature)[0]
-            ref_logp = policy_logprobs(reference, seqs, temperature=r.temperature)[0]
-            kl_sum += float(((logp - ref_logp) * seqs.response_mask).sum(dtype=torch.float64))
     texts = [tokenizer.decode(p, skip_special_tokens=True) for p in eval_prompts]
+    torch.manual_seed(cfg.train.seed)  # every policy is judged on the same sampling stream
+    with torch.no_grad():
+        if task == "chat":
+            return chat_quality(policy, reference, tokenizer, eval_prompts, texts, sampling, cfg)
+        return toy_quality(policy, reference, tokenizer, eval_prompts, texts, sampling, cfg)
+
+
+def sampled_kl(policy: Any, reference: Any, seqs: Any, temperature: float) -> float:
+    """Summed over the batch: each sampled response's k1 KL to the reference, its tokens summed."""
+    import torch
+
+    from rlhf.rollout import policy_logprobs
+
+    logp = policy_logprobs(policy, seqs, temperature=temperature)[0]
+    ref_logp = policy_logprobs(reference, seqs, temperature=temperature)[0]
+    return float(((logp - ref_logp) * seqs.response_mask).sum(dtype=torch.float64))
+
+
+def toy_quality(policy: Any, reference: Any, tokenizer: Any, prompts: list, texts: list[str], sampling: Any,
+                cfg: PPOConfig) -> dict[str, float]:
+    import torch
+
+    from rlhf.engine import Dist
+    from rlhf.evaluation import oracle_eval
+    from rlhf.rollout import sample_rollout
+
+    kl_sum, size = 0.0, cfg.eval.batch_size
+    for start in range(0, len(prompts), size):
+        kl_sum += sampled_kl(policy, reference, sample_rollout(policy, prompts[start : start + size], sampling), sampling.temperature)
     oracle = oracle_eval(policy, tokenizer, texts, batch_size=size, sampling=sampling,
                          dist=Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    return {"oracle_sampled": oracle["oracle_score"], "oracle_greedy": oracle["oracle_greedy"], "kl": kl_sum / len(eval_prompts)}
+    return {"oracle_sampled": oracle["oracle_score"], "oracle_greedy": oracle["oracle_greedy"], "kl": kl_sum / len(prompts)}
+
+
+def chat_quality(policy: Any, reference: Any, tokenizer: Any, prompts: list, texts: list[str], sampling: Any,
+                 cfg: PPOConfig) -> dict[str, float]:
+    """The grader's exact-answer rate of CHAT_SAMPLES sampled replies per held-out question (the KL
+    from the same samples) and of the greedy reply."""
+    from rlhf.chat_task import exact_reward
+    from rlhf.rollout import sample_rollout
+
+    def replies(seqs: Any) -> list[str]:
+        return [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                for ids, mask in zip(seqs.response_ids, seqs.response_mask)]
+
+    greedy = dataclasses.replace(sampling, temperature=0.0)
+    exact, greedy_exact, kl_sum, size = 0.0, 0.0, 0.0, cfg.eval.batch_size
+    for start in range(0, len(prompts), size):
+        batch, batch_texts = prompts[start : start + size], texts[start : start + size]
+        seqs = sample_rollout(policy, batch * CHAT_SAMPLES, sampling)
+        exact += sum(exact_reward(batch_texts * CHAT_SAMPLES, replies(seqs)))
+        kl_sum += sampled_kl(policy, reference, seqs, sampling.temperature)
+        greedy_exact += sum(exact_reward(batch_texts, replies(sample_rollout(policy, batch, greedy))))
+    n = len(prompts)
+    return {"exact_sampled": exact / (n * CHAT_SAMPLES), "exact_greedy": greedy_exact / n, "kl": kl_sum / (n * CHAT_SAMPLES)}
 
 
 def identical_weights(first: str, second: str) -> bool:
@@ -303,19 +406,21 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sft, rm = (pinned(name, args.registry) for name in (args.sft, args.rm))
-    overrides = bench_overrides(sft=sft, rm=rm, steps=args.steps, seed=args.seed, registry=args.registry)
+    overrides = bench_overrides(sft=sft, rm=rm, steps=args.steps, seed=args.seed, registry=args.registry, task=args.task,
+                                data=args.data and str(Path(args.data).resolve()), lora=args.lora)
     cfg = load_config(PPOConfig, None, overrides)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRL_EXPERIMENTAL_SILENCE": "1"}
     nonce, command = time.strftime("%Y%m%d%H%M%S"), shlex.join([Path(sys.executable).name, *sys.argv])
     results = []
     for round_no in range(1, args.rounds + 1):
-        for variant in VARIANTS:
+        for variant in args.variants:
             print(f"round {round_no}: {variant} ...", flush=True)
-            result = {"variant": variant, "round": round_no, "steps": args.steps, "sft": sft, "rm": rm,
+            result = {"variant": variant, "round": round_no, "steps": args.steps, "sft": sft, "rm": rm, "task": args.task,
+                      "lora": args.lora,
                       **one_run(variant, out / f"{variant}-r{round_no}", overrides, args, env=env, tag=f"peer-{nonce}-r{round_no}")}
-            result.update(evaluate_policy(cfg, result["policy"]))
+            result.update(evaluate_policy(cfg, result["policy"], task=args.task))
             result["rollouts_per_s"] = args.steps * cfg.rollout.batch_size / result["loop_s"]
-            if variant == "trl-nogc":
+            if variant == "trl-nogc" and "trl" in args.variants:
                 result["weights_identical_to_trl"] = identical_weights(str(out / f"trl-r{round_no}"), str(out / f"{variant}-r{round_no}"))
             results.append(result)
             with open(out / "results.jsonl", "a") as file:
@@ -343,19 +448,24 @@ def span(values: list[float], digits: int = 1) -> str:
     return low if low == high else f"{low}-{high}"
 
 
-def table(results: list[dict[str, Any]]) -> str:
+QUALITY = {"toy": ("oracle", "oracle sampled / greedy"), "chat": ("exact", "exact-answer rate sampled / greedy")}
+
+
+def table(results: list[dict[str, Any]], task: str = "toy") -> str:
     """Issue 16's table: ranges over rounds, rollouts/s as the median."""
-    lines = ["| | loop s | rollouts/s (median) | generate / score / train s | oracle sampled / greedy | KL |",
+    quality, label = QUALITY[task]
+    lines = [f"| | loop s | rollouts/s (median) | generate / score / train s | {label} | KL |",
              "|---|---|---|---|---|---|"]
     for variant in VARIANTS:
         rows = [r for r in results if r["variant"] == variant]
         if not rows:
             continue
         col = {k: [r[k] for r in rows] for k in rows[0] if isinstance(rows[0][k], (int, float))}
+        digits = 3 if task == "chat" else 1  # a rate, or the oracle's 0-100
         lines.append(
             f"| {LABELS[variant]} | {span(col['loop_s'])} | {statistics.median(col['rollouts_per_s']):.0f} | "
             f"{span(col['generate_s'])} / {span(col['score_s'])} / {span(col['train_s'])} | "
-            f"{span(col['oracle_sampled'])} / {span(col['oracle_greedy'])} | {span(col['kl'], 2)} |"
+            f"{span(col[quality + '_sampled'], digits)} / {span(col[quality + '_greedy'], digits)} | {span(col['kl'], 2)} |"
         )
     return "\n".join(lines)
 
@@ -364,6 +474,14 @@ def versions() -> dict[str, str]:
     from importlib.metadata import version
 
     return {name: version(name) for name in ("torch", "transformers", "trl", "deepspeed", "accelerate", "datasets")}
+
+
+def variant_list(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown run {unknown[0]!r}; choose from {','.join(VARIANTS)}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -376,6 +494,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (OMP_NUM_THREADS)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="rlhf_runs/peer", help="folder of TRL's runs and results.jsonl")
+    parser.add_argument("--task", choices=tuple(TASK_SETTINGS), default="toy",
+                        help="toy: the embedded default; chat: the verifiable chat task in --data (a real chat model)")
+    parser.add_argument("--data", default="", help="the chat task's folder (scripts/chat_task.py write FOLDER)")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the policy (model.lora.* defaults)")
+    parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                        help=f"comma-separated runs of each round, of {','.join(VARIANTS)} (default all)")
     parser.add_argument("--child", choices=("trl", "trl-nogc"), help=argparse.SUPPRESS)
     parser.add_argument("--child-dir", help=argparse.SUPPRESS)
     parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
@@ -403,9 +527,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(table(results))
+    print(table(results, args.task))
     print(f"versions: {versions()}; trl-nogc weights identical to trl: "
-          f"{[r['weights_identical_to_trl'] for r in results if r['variant'] == 'trl-nogc']}")
+          f"{[r.get('weights_identical_to_trl') for r in results if r['variant'] == 'trl-nogc']}")
 
 
 if __name__ == "__main__":
