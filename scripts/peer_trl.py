@@ -463,7 +463,7 @@ def table(results: list[dict[str, Any]], task: str = "toy") -> str:
         col = {k: [r[k] for r in rows] for k in rows[0] if isinstance(rows[0][k], (int, float))}
         digits = 3 if task == "chat" else 1  # a rate, or the oracle's 0-100
         lines.append(
-            f"| {LABELS[variant]} | {span(col['loop_s'])} | {statistics.median(col['rollouts_per_s']):.0f} | "
+            f"| {LABELS[variant]} | {span(col['loop_s'])} | {statistics.median(col['rollouts_per_s']):.3g} | "
             f"{span(col['generate_s'])} / {span(col['score_s'])} / {span(col['train_s'])} | "
             f"{span(col[quality + '_sampled'], digits)} / {span(col[quality + '_greedy'], digits)} | {span(col['kl'], 2)} |"
         )
