@@ -78,15 +78,17 @@ def _optimizer_kernels(rank: int, world: int, port: int, out: dict) -> None:
               "large": torch.nn.Sequential(torch.nn.Linear(side, side, bias=False))}
     models["lora"] = get_peft_model(torch.nn.Sequential(torch.nn.Linear(side, side, bias=False)),
                                     LoraConfig(r=4, target_modules=["0"]))
+    models["large-zero2"] = torch.nn.Sequential(torch.nn.Linear(side, side, bias=False))  # under DeepSpeed's ZeRO optimizer
     kernels = {}
     for name, model in models.items():
-        engine = build_engine(model, engine=EngineConfig(micro_batch_size=2), optim=OptimConfig(lr=1e-3, warmup_steps=0),
-                              total_steps=1)
+        engine = build_engine(model, engine=EngineConfig(micro_batch_size=2, zero_stage=2 if name == "large-zero2" else 0),
+                              optim=OptimConfig(lr=1e-3, warmup_steps=0), total_steps=1)
         before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         engine.backward(engine(torch.randn(2, model[0].in_features if name == "small" else side)).square().mean())
         engine.step()
         after = [p.detach() for p in model.parameters() if p.requires_grad]
-        kernels[name] = {"fused": engine.optimizer.param_groups[0]["fused"],
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer a ZeRO one wraps
+        kernels[name] = {"fused": inner.param_groups[0]["fused"],
                          "trained": all(a.isfinite().all() for a in after) and any(not a.equal(b) for a, b in zip(after, before))}
     out[rank] = kernels  # the shared dict takes whole values only
 
@@ -97,5 +99,5 @@ def test_adamw_runs_fused_on_the_cpu_for_large_models_only():
     if torch.cuda.is_available():
         return  # on a GPU every engine is fused
     kernels = on_ranks(_optimizer_kernels, world=1)[0]
-    assert {name: k["fused"] for name, k in kernels.items()} == {"small": False, "large": True, "lora": False}
+    assert {name: k["fused"] for name, k in kernels.items()} == {"small": False, "large": True, "lora": False, "large-zero2": True}
     assert all(k["trained"] for k in kernels.values())
