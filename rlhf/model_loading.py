@@ -224,20 +224,20 @@ def _init_scalar_head(weight: torch.nn.Parameter, *, seed: int, partitioning: Pa
 
 def apply_lora(model: Any, lora: LoraConfig, *, task_type: str = "CAUSAL_LM") -> Any:
     """Wrap `model` with peft adapters. task_type SEQ_CLS also trains (and saves) the scalar head."""
-    from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    peft_config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules or "all-linear",
-        task_type=task_type,
-    )
     if getattr(model, "is_gradient_checkpointing", False):
         # Frozen embeddings give inputs without grad; checkpointed blocks need one to backprop into adapters.
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config)
+    return get_peft_model(model, peft_lora_config(lora, task_type=task_type))
+
+
+def peft_lora_config(lora: LoraConfig, *, task_type: str = "CAUSAL_LM") -> Any:
+    """Our LoRA settings as peft's config (every linear layer but the output head unless named)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules or "all-linear", task_type=task_type)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

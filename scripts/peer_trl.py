@@ -187,7 +187,7 @@ def trl_models(cfg: PPOConfig) -> dict[str, Any]:
     policy itself and takes the reference as the policy with its adapters off)."""
     import torch
 
-    from rlhf.model_loading import disable_dropout, load_causal_lm, load_scalar_model
+    from rlhf.model_loading import disable_dropout, load_causal_lm, load_scalar_model, peft_lora_config
     from rlhf.model_sources import causal_lm_and_tokenizer, ppo_sources, reward_stats
     from rlhf.ppo_models import frozen_model_config, load_critic
     from rlhf.registry import Registry
@@ -212,7 +212,7 @@ def trl_models(cfg: PPOConfig) -> dict[str, Any]:
     tokenizer.padding_side = "left"  # TRL's collator pads the queries it generates from
     distinct_pad_token(tokenizer)
     return {"policy": policy, "reference": reference, "reward": reward, "value": value, "tokenizer": tokenizer,
-            "peft_config": peft_config(lora) if lora.enabled else None}
+            "peft_config": peft_lora_config(lora) if lora.enabled else None}
 
 
 def distinct_pad_token(tokenizer: Any) -> None:
@@ -226,14 +226,6 @@ def distinct_pad_token(tokenizer: Any) -> None:
     if not spare:
         raise UserError("the tokenizer's pad token is its EOS and it has no other special token TRL could pad with")
     tokenizer.pad_token = spare[0]
-
-
-def peft_config(lora: Any) -> Any:
-    """Our LoRA settings as the peft config TRL applies (the one `rlhf.model_loading.apply_lora` builds)."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules or "all-linear", task_type="CAUSAL_LM")
 
 
 def run_trl(cfg: PPOConfig, out: Path, *, collect_garbage: bool) -> dict[str, Any]:
@@ -323,7 +315,7 @@ def evaluate_policy(cfg: PPOConfig, policy_dir: str, *, task: str = "toy") -> di
     torch.manual_seed(cfg.train.seed)  # every policy is judged on the same sampling stream
     with torch.no_grad():
         if task == "chat":
-            return chat_quality(policy, reference, tokenizer, eval_prompts, texts, sampling, cfg)
+            return chat_quality(policy, reference, tokenizer, eval_prompts, sampling, cfg)
         return toy_quality(policy, reference, tokenizer, eval_prompts, texts, sampling, cfg)
 
 
@@ -354,25 +346,21 @@ def toy_quality(policy: Any, reference: Any, tokenizer: Any, prompts: list, text
     return {"oracle_sampled": oracle["oracle_score"], "oracle_greedy": oracle["oracle_greedy"], "kl": kl_sum / len(prompts)}
 
 
-def chat_quality(policy: Any, reference: Any, tokenizer: Any, prompts: list, texts: list[str], sampling: Any,
-                 cfg: PPOConfig) -> dict[str, float]:
+def chat_quality(policy: Any, reference: Any, tokenizer: Any, prompts: list, sampling: Any, cfg: PPOConfig) -> dict[str, float]:
     """The grader's exact-answer rate of CHAT_SAMPLES sampled replies per held-out question (the KL
-    from the same samples) and of the greedy reply."""
+    from the same samples) and of the greedy reply: the reward PPO's grader option computes."""
     from rlhf.chat_task import exact_reward
+    from rlhf.rewards import rollout_texts
     from rlhf.rollout import sample_rollout
-
-    def replies(seqs: Any) -> list[str]:
-        return [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-                for ids, mask in zip(seqs.response_ids, seqs.response_mask)]
 
     greedy = dataclasses.replace(sampling, temperature=0.0)
     exact, greedy_exact, kl_sum, size = 0.0, 0.0, 0.0, cfg.eval.batch_size
     for start in range(0, len(prompts), size):
-        batch, batch_texts = prompts[start : start + size], texts[start : start + size]
+        batch = prompts[start : start + size]
         seqs = sample_rollout(policy, batch * CHAT_SAMPLES, sampling)
-        exact += sum(exact_reward(batch_texts * CHAT_SAMPLES, replies(seqs)))
+        exact += sum(exact_reward(*rollout_texts(seqs, tokenizer)))
         kl_sum += sampled_kl(policy, reference, seqs, sampling.temperature)
-        greedy_exact += sum(exact_reward(batch_texts, replies(sample_rollout(policy, batch, greedy))))
+        greedy_exact += sum(exact_reward(*rollout_texts(sample_rollout(policy, batch, greedy), tokenizer)))
     n = len(prompts)
     return {"exact_sampled": exact / (n * CHAT_SAMPLES), "exact_greedy": greedy_exact / n, "kl": kl_sum / (n * CHAT_SAMPLES)}
 
