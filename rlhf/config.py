@@ -293,6 +293,11 @@ class RolloutConfig:
     samples_per_prompt: int = 1
     """K responses sampled per training prompt, all on one rank (the group of ppo.estimator=grpo or rloo, which need
     K >= 2); rollout.batch_size must be a multiple of it. Evaluation samples one response per prompt."""
+    score_batch_size: int = 0
+    """Rollouts per forward pass when scoring them (reference, critic, reward model, and the actor where its log-probs
+    are not generation's). 0 = as many as keep one model's response logits (rollouts x (max_new_tokens + 1) x
+    vocabulary floats) under 256 MiB, at least engine.micro_batch_size and at most rollout.batch_size: on small models
+    a forward costs per call, so fewer, larger ones are faster."""
     logprobs_from_generation: bool = True
     """Take PPO's old log-probs and entropies from the logits generation sampled with, instead of one more forward of
     the actor, where the two agree: fp32 (engine.precision), and the kept logits (rollouts x max_new_tokens x vocabulary
@@ -400,6 +405,7 @@ class PPOConfig:
         data, engine, rollout = self.data, self.engine, self.rollout
         _at_least(1, {"data.max_prompt_length": data.max_prompt_length, "rollout.batch_size": rollout.batch_size,
                       "rollout.max_new_tokens": rollout.max_new_tokens})
+        _at_least(0, {"rollout.score_batch_size": rollout.score_batch_size})
         _check_max_length(data.ptx_max_length, key="data.ptx_max_length")
         if data.ptx is not None:
             _check_data_source("data.ptx", data.ptx)

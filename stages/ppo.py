@@ -77,6 +77,7 @@ from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
 
 GENERATION_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits generation may keep for the old log-probs
+SCORE_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 response logits one scoring forward may produce (rollout.score_batch_size=0)
 NEGATIVE_KL_STEPS = 3  # consecutive steps of negative mean KL before warning of a log-prob mismatch
 UPDATE_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "ratio_mean", "value_clipfrac")  # means over updates
 VALUE_STATS = ("value_loss", "value_clipfrac")  # absent without a critic
@@ -244,6 +245,17 @@ def logprobs_from_generation(cfg: PPOConfig, vocab_size: int) -> bool:
     return r.logprobs_from_generation and cfg.engine.precision == "fp32" and kept <= GENERATION_LOGITS_BUDGET
 
 
+def score_batch_size(cfg: PPOConfig, vocab_size: int) -> int:
+    """Rollouts per scoring forward: rollout.score_batch_size, or (0) the most whose response logits
+    stay within SCORE_LOGITS_BUDGET, between the training minibatch (whose forward, with gradients,
+    holds more) and the whole rollout batch (one forward of each model, as generation is one call)."""
+    r = cfg.rollout
+    if r.score_batch_size:
+        return r.score_batch_size
+    within_budget = SCORE_LOGITS_BUDGET // ((r.max_new_tokens + 1) * vocab_size * 4)
+    return max(cfg.engine.micro_batch_size, min(r.batch_size, within_budget))
+
+
 def score(seqs: Sequences, models: PPOModels, cfg: PPOConfig, data: Data, dist: Dist, *, critic: Any,
           sampled: SampledLogprobs | None = None) -> ScoredRollout:
     """Log-probs of actor (generation's own when `sampled`) and reference, values (none without
@@ -251,7 +263,7 @@ def score(seqs: Sequences, models: PPOModels, cfg: PPOConfig, data: Data, dist: 
     and their weighted sum as `scores`. A reward function that fails on any rank stops every rank
     with its one line."""
     scored = score_rollout(seqs, actor=models.actor, reference=models.reference, critic=critic, reward=models.reward,
-                           temperature=cfg.rollout.temperature, chunk=cfg.engine.micro_batch_size,
+                           temperature=cfg.rollout.temperature, chunk=score_batch_size(cfg, models.actor.module.config.vocab_size),
                            reference_is_actor_without_adapters=models.reference is None, sampled=sampled)
     prompts, responses = rollout_texts(seqs, data.tokenizer) if data.reward.needs_text else ([], [])
     failure, reward = None, None

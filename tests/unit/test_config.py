@@ -353,6 +353,7 @@ def test_a_huge_integer_for_a_float_is_not_finite(tmp_path):
     ("ppo", "ppo.max_kl=0", "ppo.max_kl must be positive"),
     ("ppo", "ppo.score_clip=-1", "ppo.score_clip must be positive"),
     ("ppo", "data.ptx_max_length=1", "data.ptx_max_length must be at least 2"),
+    ("ppo", "rollout.score_batch_size=-1", "rollout.score_batch_size must be at least 0, got -1"),
 ])
 def test_values_out_of_range(stage, override, expected):
     with pytest.raises(UserError) as err:
