@@ -19,11 +19,14 @@ reference's rounds just before the stage it refers to and half just after (one r
       models (built by the library as the stage builds them): one `generate`; one forward of each
       model the stage runs (no actor forward where the stage takes its log-probs from generation,
       no critic for a critic-free estimator); the training passes, forward, backward, clipping
-      and a torch AdamW step per minibatch as the engine builds it (through the engines under ZeRO);
+      and a torch AdamW step per minibatch as the engine builds it (through the engines under ZeRO).
+      The whole step is the stage's main() loop against the parts bracketing it; each phase is
+      the stage's own step function (`ppo_step`, with its timers) taking turns with a round of
+      the parts on the same models and prompts, the median of each round's ratio;
   (c) SFT stage tokens/s against a plain single-process torch loop (the same model, AdamW
       settings and batches), at one rank.
 
-Every figure is a median over the timed steps or rounds; both sides of a ratio hold as many, half
+Every other figure is a median over the timed steps or rounds; both sides of a ratio hold as many, half
 of the reference's taken before the stage and half after, since the machine this runs on may be
 shared and busy. The fastest step of each side is kept beside (other processes only ever add
 time). The references run in the one-rank cases; the two-rank cases give data-parallel scaling.
@@ -82,6 +85,7 @@ class Budget:
     rm_steps: int
     ppo_steps: int
     reps: int  # timed rounds of the PPO parts (half before the PPO stage, half after)
+    paired_rounds: int  # timed rounds of the PPO stage's step and its plain parts in turn (per-phase ratios)
     generation_reps: int  # timed rounds of (a), each rollout and plain generation in turn
 
 
@@ -89,12 +93,12 @@ BUDGETS = {
     # The embedded default at its own batch sizes: sft 32 sequences, rm 64 ranked prompts, ppo 64
     # rollouts of 8 new tokens in minibatches of 32, 4 epochs.
     "toy": Budget(sft_micro=32, rm_micro=64, ppo_batch=64, ppo_micro=32, ppo_epochs=4, max_new_tokens=8,
-                  warmup=3, sft_steps=40, rm_steps=12, ppo_steps=8, reps=8, generation_reps=20),
+                  warmup=3, sft_steps=40, rm_steps=12, ppo_steps=8, reps=8, paired_rounds=16, generation_reps=20),
     # Sized so that a case takes about a minute and a half on one CPU core per rank.
     "100m": Budget(sft_micro=8, rm_micro=2, ppo_batch=8, ppo_micro=8, ppo_epochs=1, max_new_tokens=8,
-                   warmup=1, sft_steps=4, rm_steps=3, ppo_steps=4, reps=4, generation_reps=4),
+                   warmup=1, sft_steps=4, rm_steps=3, ppo_steps=4, reps=4, paired_rounds=4, generation_reps=4),
     "tiny": Budget(sft_micro=8, rm_micro=4, ppo_batch=8, ppo_micro=4, ppo_epochs=1, max_new_tokens=4,
-                   warmup=1, sft_steps=2, rm_steps=2, ppo_steps=2, reps=1, generation_reps=1),
+                   warmup=1, sft_steps=2, rm_steps=2, ppo_steps=2, reps=1, paired_rounds=1, generation_reps=1),
 }
 
 # PPO's cost against batch size and response length: (rollouts per rank, max new tokens,
@@ -318,9 +322,11 @@ def worker(spec: dict[str, Any]) -> None:
     after = ppo_references(ppo.cfg, dist, budget=budget, half=1) if single else None
     result["ppo"] = stage_throughput(ppo, dist, "policy_loss", warmup=budget.warmup)
     if single:
+        phases = paired_phases(ppo.cfg, dist, budget=budget)
         generation, parts = summarize_references([before, after])
-        result["reference"] = {"rollout_generation": generation, "ppo_parts": parts, "plain_sft": plain_sft}
-        result["ratios"] = reference_ratios(result["sft"], result["ppo"], plain_sft, generation, parts)
+        result["reference"] = {"rollout_generation": generation, "ppo_parts": parts, "plain_sft": plain_sft,
+                               "paired_phase_ratios": phases}
+        result["ratios"] = reference_ratios(result["sft"], result["ppo"], plain_sft, generation, parts, phases)
 
     # 4. PPO's cost against batch size and response length (3 timed steps each).
     if spec["grid"]:
@@ -603,8 +609,49 @@ def ppo_references(cfg: Any, dist: Any, *, budget: Budget, half: int) -> dict[st
     return {"generation": generation, "parts": parts}
 
 
-def reference_ratios(sft: dict, ppo: dict, plain_sft: dict, generation: dict, parts: dict) -> dict[str, float]:
-    """(a): the median of each round's ratio (rollout and plain generation take turns); (b) and
+def paired_phases(cfg: Any, dist: Any, *, budget: Budget) -> dict[str, list[float]]:
+    """(b) per phase: the stage's own step (stages/ppo.py `ppo_step`, what its loop runs each step,
+    with its timers) and a round of the plain parts (`plain_ppo_round`) on the same prompts take
+    turns on one set of the stage's models, `budget.paired_rounds` times after `budget.warmup` of
+    warm-up, the order swapped every round. Each round's phase ratios are then free of the
+    machine's drift between rounds, which on a shared machine moves a minute-long run by 30%."""
+    import stages.ppo as ppo_stage
+    from rlhf.ppo_models import build_ppo_models
+    from rlhf.run_keeper import RunKeeper
+    from rlhf.runs import create_run
+
+    run = create_run("ppo", cfg)  # one rank: the references run only there
+    data = ppo_stage.load_data(cfg, run, dist)
+    rounds = budget.warmup + budget.paired_rounds
+    models = build_ppo_models(cfg, data.sources, data.actor_source, data.tokenizer, dist=dist,
+                              total_updates=rounds * cfg.ppo.epochs * ppo_stage.minibatches_per_epoch(cfg))
+    sampling = ppo_stage.sampling_of(cfg, data, models, dist)
+    engines = {"actor": models.actor, **({"critic": models.critic} if models.critic is not None else {})}
+    one_round = plain_ppo_round(models, cfg, data.tokenizer, dist)
+    ratios: dict[str, list[float]] = {"generate": [], "score": [], "train": []}
+    with handlers_restored():
+        keeper = RunKeeper(run, engines, dist)
+        state = keeper.resume(ppo_stage.PPOState(beta=cfg.ppo.beta))
+        for r in range(rounds):
+            prompts = ppo_stage.step_prompts(data, cfg, dist, step=state.step)
+            if r % 2:
+                plain = one_round(prompts, seed=3000 + r)
+            metrics = ppo_stage.ppo_step(models, data, cfg, sampling, dist, keeper, state)
+            if not r % 2:
+                plain = one_round(prompts, seed=3000 + r)
+            if r >= budget.warmup:
+                forwards = sum(plain[k] for k in ("actor", "reference", "critic", "reward"))
+                for phase, part in (("generate", plain["generate"]), ("score", forwards), ("train", plain["train"])):
+                    ratios[phase].append(metrics[f"time_{phase}_s"] / part)
+        keeper.close()
+    del models, engines
+    release_freed_memory()
+    return ratios
+
+
+def reference_ratios(sft: dict, ppo: dict, plain_sft: dict, generation: dict, parts: dict,
+                     phases: dict[str, list[float]]) -> dict[str, float]:
+    """(a) and (b) per phase: the median of each round's ratio (the two sides take turns); (b) and
     (c) from medians (both sides hold as many timed steps or rounds, half of the reference's taken
     before the stage and half after). Beside each, the ratio of the fastest of each side."""
     return {
@@ -612,10 +659,10 @@ def reference_ratios(sft: dict, ppo: dict, plain_sft: dict, generation: dict, pa
         "a_fastest": generation["plain_s_best"] / generation["rollout_s_best"],
         "b_ppo_step_vs_parts": ppo["step_s"] / parts["sum_s"],
         "b_fastest": ppo["step_s_best"] / parts["sum_s_best"],
-        # Phase by phase, to see where a step's overhead sits.
-        "b_generate_vs_part": ppo["generate_s"] / parts["generate_s"],
-        "b_score_vs_forwards": ppo["score_s"] / parts["forwards_s"],
-        "b_train_vs_passes": ppo["train_s"] / parts["train_s"],
+        # Phase by phase, to see where a step's overhead sits (paired_phases).
+        "b_generate_vs_part": statistics.median(phases["generate"]),
+        "b_score_vs_forwards": statistics.median(phases["score"]),
+        "b_train_vs_passes": statistics.median(phases["train"]),
         "c_sft_vs_plain_loop": sft["tokens_per_s"] / plain_sft["tokens_per_s"],
         "c_fastest": sft["tokens_per_s_best"] / plain_sft["tokens_per_s_best"],
     }
@@ -731,33 +778,42 @@ def rollout_vs_plain_generate(
 
 
 def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, dist: Any, *, reps: int) -> dict[str, list[float]]:
-    """(b) A PPO step's essential parts, each timed alone with plain torch and transformers calls:
-    one `generate`; one forward of each model the stage runs over the rollout (the actor's only
-    where the stage does not take its log-probs from generation, the critic's only with one); the
-    training passes, ppo.epochs over minibatches of forward, a loss, `backward`, clipping and a
-    torch AdamW step of each trained model (through the engines under ZeRO, where the
-    module alone holds only a partition). The phases of a stage step are compared with these."""
+    """(b) `reps` timed rounds (after one of warm-up) of a PPO step's essential parts, each timed
+    alone with plain torch and transformers calls (see `plain_ppo_round`)."""
+    one_round = plain_ppo_round(models, cfg, tokenizer, dist)
+    rounds = [one_round(prompts, seed=2000 + rep) for rep in range(1 + reps)][1:]  # the first round is warm-up
+    return {k: [r[k] for r in rounds] for k in rounds[0]}
+
+
+def plain_ppo_round(models: Any, cfg: Any, tokenizer: Any, dist: Any) -> Callable[..., dict[str, float]]:
+    """A function that times one round of a PPO step's essential parts on `prompts` with plain
+    torch and transformers calls: one `generate`; one forward of each model the stage runs over
+    the rollout (the actor's only where the stage does not take its log-probs from generation,
+    the critic's only with one); the training passes, ppo.epochs over minibatches of forward, a
+    loss, `backward`, clipping and a torch AdamW step of each trained model (through the engines
+    under ZeRO, where the module alone holds only a partition). The phases of a stage step are
+    compared with these."""
     import torch
 
     from stages.ppo import logprobs_from_generation
 
     actor, critic, reference, reward = models.actor, models.critic, models.reference, models.reward
     temperature = cfg.rollout.temperature
-    padded = left_padded(prompts, tokenizer.pad_token_id, dist.device)
-    width = padded["input_ids"].shape[1]
     eos = tokenizer.eos_token_id
     actor_forward = not logprobs_from_generation(cfg, actor.module.config.vocab_size)
     trained = {"actor": actor, **({"critic": critic} if critic is not None else {})}
     passes = plain_passes(trained, cfg) if cfg.engine.zero_stage == 0 else {name: engine_pass(e) for name, e in trained.items()}
 
-    def logprobs(model: Any, ids: Any, mask: Any, positions: Any) -> Any:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, width - 1 : -1]
-        return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids[:, width:, None]).squeeze(-1)
+    def one_round(prompts: list[list[int]], *, seed: int) -> dict[str, float]:
+        padded = left_padded(prompts, tokenizer.pad_token_id, dist.device)
+        width = padded["input_ids"].shape[1]
 
-    times: dict[str, list[float]] = {k: [] for k in ("generate", "actor", "reference", "critic", "reward", "train")}
-    for rep in range(1 + reps):  # the first round is warm-up
+        def logprobs(model: Any, ids: Any, mask: Any, positions: Any) -> Any:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, width - 1 : -1]
+            return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids[:, width:, None]).squeeze(-1)
+
         actor.eval()
-        torch.manual_seed(2000 + rep)
+        torch.manual_seed(seed)
         seconds, ids = timed(lambda: plain_generate(actor.module, padded, cfg, tokenizer), dist.device)
         record = {"generate": seconds, "actor": 0.0, "critic": 0.0}
         # Masks: a response counts up to and including its first EOS.
@@ -800,10 +856,9 @@ def ppo_parts(models: Any, cfg: Any, prompts: list[list[int]], tokenizer: Any, d
         for engine in trained.values():
             engine.train()
         record["train"], _ = timed(train, dist.device)
-        if rep:
-            for k, v in record.items():
-                times[k].append(v)
-    return times
+        return record
+
+    return one_round
 
 
 def plain_passes(engines: dict[str, Any], cfg: Any) -> dict[str, tuple[Any, Callable[[Any], None]]]:

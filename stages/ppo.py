@@ -137,10 +137,7 @@ def main(run: Run) -> None:
     # 3. Actor and critic engines (own optimizers, annealed over every PPO update); frozen
     #    reference and reward, partitioned under ZeRO-3. Dropout off in all four.
     models = build_ppo_models(cfg, data.sources, data.actor_source, data.tokenizer, dist=dist, total_updates=total_updates(cfg))
-    sampling = Sampling(pad_id=data.tokenizer.pad_token_id, eos_id=data.tokenizer.eos_token_id,
-                        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k,
-                        top_p=cfg.rollout.top_p, zero3_engine=models.actor if cfg.engine.zero_stage == 3 else None,
-                        gather=cfg.rollout.gather_params, device=dist.device)
+    sampling = sampling_of(cfg, data, models, dist)
 
     # 4. Resume (both engines, beta, RNG) or measure the SFT policy: the baseline PPO must beat.
     engines = {"actor": models.actor} if models.critic is None else {"actor": models.actor, "critic": models.critic}
@@ -173,6 +170,13 @@ def main(run: Run) -> None:
         **({"critic": f"{run.run_id}-critic"} if models.critic is not None else {}),
     })
     keeper.close()
+
+
+def sampling_of(cfg: PPOConfig, data: Data, models: PPOModels, dist: Dist) -> Sampling:
+    r = cfg.rollout
+    return Sampling(pad_id=data.tokenizer.pad_token_id, eos_id=data.tokenizer.eos_token_id, max_new_tokens=r.max_new_tokens,
+                    temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                    zero3_engine=models.actor if cfg.engine.zero_stage == 3 else None, gather=r.gather_params, device=dist.device)
 
 
 def load_data(cfg: PPOConfig, run: Run, dist: Dist) -> Data:
@@ -346,9 +350,7 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
         if engine is not None:
             engine.eval()
     started = time.time()
-    # Each drawn prompt K = rollout.samples_per_prompt times in a row: rows [g*K, (g+1)*K) are one group, on this rank.
-    k = cfg.rollout.samples_per_prompt
-    prompts = [data.train_prompts[i] for i in data.batches.global_batch(state.step)[dist.rank] for _ in range(k)]
+    prompts = step_prompts(data, cfg, dist, step=state.step)
     seqs, sampled = sample_rollout_with_logprobs(models.actor.module, prompts, sampling,
                                                  keep_logprobs=logprobs_from_generation(cfg, models.actor.module.config.vocab_size))
     generated = time.time()
@@ -380,6 +382,13 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     }
     adapt_beta(state, metrics, cfg, keeper, responses=len(prompts) * dist.world_size)
     return metrics
+
+
+def step_prompts(data: Data, cfg: PPOConfig, dist: Dist, *, step: int) -> list[list[int]]:
+    """This rank's prompts of 0-based `step`, each drawn prompt K = rollout.samples_per_prompt times
+    in a row: rows [g*K, (g+1)*K) are one group, on this rank."""
+    k = cfg.rollout.samples_per_prompt
+    return [data.train_prompts[i] for i in data.batches.global_batch(step)[dist.rank] for _ in range(k)]
 
 
 def advantages_of(seqs: Sequences, scored: ScoredRollout, cfg: PPOConfig, data: Data, dist: Dist, *, beta: float) -> Rollout:

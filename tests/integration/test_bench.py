@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,10 @@ def test_quick_case_prints_the_table_and_writes_one_json_line(tmp_path):
     assert math.isclose(sum(ppo["split"].values()), 1.0, abs_tol=1e-6) and min(ppo["split"].values()) >= 0
     for key in ("a_rollout_vs_plain_generate", "b_ppo_step_vs_parts", "c_sft_vs_plain_loop", *bench.PHASE_RATIOS):
         assert math.isfinite(result["ratios"][key]) and result["ratios"][key] > 0, key
+    # Each phase ratio is the median of the rounds where the stage's step and the plain parts took turns.
+    paired = result["reference"]["paired_phase_ratios"]
+    assert {k: len(v) for k, v in paired.items()} == {k: result["budget"]["paired_rounds"] for k in ("generate", "score", "train")}
+    assert result["ratios"]["b_score_vs_forwards"] == statistics.median(paired["score"])
 
     # The Markdown table names every stage of the case, and where the line went.
     for stage in ("sft", "rm", "ppo"):
