@@ -640,7 +640,7 @@ def paired_phases(cfg: Any, dist: Any, *, budget: Budget) -> dict[str, list[floa
             if not r % 2:
                 plain = one_round(prompts, seed=3000 + r)
             if r >= budget.warmup:
-                forwards = sum(plain[k] for k in ("actor", "reference", "critic", "reward"))
+                forwards = sum(plain[k] for k in SCORING_FORWARDS)
                 for phase, part in (("generate", plain["generate"]), ("score", forwards), ("train", plain["train"])):
                     ratios[phase].append(metrics[f"time_{phase}_s"] / part)
         keeper.close()
@@ -668,6 +668,7 @@ def reference_ratios(sft: dict, ppo: dict, plain_sft: dict, generation: dict, pa
     }
 
 
+SCORING_FORWARDS = ("actor", "reference", "critic", "reward")  # the plain parts a stage's scoring phase is compared with
 PHASE_RATIOS = ("b_generate_vs_part", "b_score_vs_forwards", "b_train_vs_passes")  # each phase of a step / its plain part
 
 
@@ -687,7 +688,7 @@ def summarize_references(halves: list[dict[str, dict[str, list[float]]]]) -> tup
            "paired_ratio": statistics.median(p / r for p, r in zip(generation["plain"], generation["rollout"])),
            "rounds": len(generation["rollout"])}
     parts = {f"{k}_s": statistics.median(v) for k, v in times.items()}
-    parts["forwards_s"] = sum(parts[f"{k}_s"] for k in ("actor", "reference", "critic", "reward"))
+    parts["forwards_s"] = sum(parts[f"{k}_s"] for k in SCORING_FORWARDS)
     sums = [sum(values) for values in zip(*times.values())]  # each round's parts added up
     parts.update(sum_s=statistics.median(sums), sum_s_best=min(sums), rounds=len(sums))
     return gen, parts
