@@ -30,7 +30,9 @@ def task(tmp_path_factory):
 
 
 def test_every_demonstration_and_prompt_carries_the_right_answer(task):
-    for split in ("train", "eval"):
+    for split, size in (("train", 200), ("eval", 40)):
+        # Not vacuous: every question of the split is written, each kind one row per question.
+        assert len(rows(task[f"demonstrations-{split}"])) == len(rows(task[f"prompts-{split}"])) == size
         for row in rows(task[f"demonstrations-{split}"]):
             user, assistant = row["messages"]
             assert user["role"] == "user" and assistant["role"] == "assistant"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhf.config import STAGE_CONFIGS, SFTConfig, field_docs, leaf_keys, load_config, save_config
 from rlhf.errors import UserError
+from tests.config_reads import ConfigReads, config_classes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,22 +114,73 @@ def test_saved_config_loads_back_identically(tmp_path):
     assert load_config(SFTConfig, tmp_path / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
-    stage = path.name.split("-")[0].removesuffix(".yaml")
-    from rlhf.config import STAGE_CONFIGS
+def yaml_leaves(node: dict, prefix: str = "") -> dict[str, object]:
+    """Every dotted key a YAML mapping sets, with its value as PyYAML reads it."""
+    leaves = {}
+    for key, value in node.items():
+        leaves.update(yaml_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return leaves
 
-    load_config(STAGE_CONFIGS[stage], path)
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_as_written(path):
+    """Each preset loads as the stage its name starts with, and every value it sets arrives as written."""
+    stage = path.name.split("-")[0]
+    assert stage in STAGE_CONFIGS, f"{path.name}: a preset's name starts with its stage"
+    # The preset's own run commands, and the README's, name the same stage.
+    for text in (path.read_text(), (REPO / "README.md").read_text()):
+        for named in re.findall(rf"rlhf (\w+) -c configs/{re.escape(path.name)}", text):
+            assert named == stage, f"`rlhf {named} -c configs/{path.name}`"
+    cfg = load_config(STAGE_CONFIGS[stage], path)
+    written = yaml_leaves(yaml.safe_load(path.read_text()) or {})
+    assert written, f"{path.name} sets nothing"
+    for key, value in written.items():
+        loaded = functools.reduce(getattr, key.split("."), cfg)
+        if isinstance(loaded, float) and isinstance(value, str):
+            value = float(value)  # PyYAML reads 2e-4 (no dot) as a string; the typed config reads a float
+        assert loaded == value and isinstance(loaded, bool) == isinstance(value, bool), (key, value, loaded)
+
+
+@functools.cache
+def config_reads() -> ConfigReads:
+    paths = [p for d in ("rlhf", "stages") for p in sorted((REPO / d).rglob("*.py"))]
+    return ConfigReads(paths, config_classes(STAGE_CONFIGS.values()))
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
 def test_every_config_field_is_read_somewhere(stage):
-    """A key nobody reads is a lie in the docs: each leaf must be accessed as `.name` in the code."""
-    sources = "\n".join(
-        p.read_text() for d in ("rlhf", "stages") for p in (REPO / d).rglob("*.py") if p.name != "config.py"
-    )
-    unread = [key for key in leaf_keys(STAGE_CONFIGS[stage]) if not re.search(rf"\.{key.split('.')[-1]}\b", sources)]
+    """A key nobody reads is a lie in the docs: each must be read along its whole path, not by its
+    last name alone (what counts as a read: tests/config_reads.py)."""
+    cls = STAGE_CONFIGS[stage]
+    unread = [key for key in leaf_keys(cls) if not config_reads().is_read(cls, key)]
     assert unread == []
+
+
+@pytest.mark.parametrize("stage, key", [
+    ("ppo", "reward.seed"),  # seed is read as train.seed and sampling.seed
+    ("sft", "train.nosuchthing_xyz"),
+    ("ppo", "eval.temperature"),  # read as SFT's and DPO's eval.temperature, and PPO's rollout.temperature
+    ("bon", "eval.batch_size"),  # every other stage's eval section has one
+    ("ppo", "critic.lora.seed"),
+])
+def test_a_key_whose_last_name_is_read_elsewhere_is_not_read(stage, key):
+    assert not config_reads().is_read(STAGE_CONFIGS[stage], key)
+
+
+def test_what_counts_as_reading_a_key(tmp_path):
+    """The ways of reading a key config_reads credits, and the checks it does not."""
+    source = tmp_path / "stage.py"
+    source.write_text(
+        "from typing import Any\n"
+        "from rlhf.config import OptimConfig, SFTConfig\n\n"
+        "def build(optim: OptimConfig):\n    return optim.lr\n\n"
+        "def main(cfg: SFTConfig):\n    build(cfg.optim)\n    t = cfg.train\n    return t.seed, cfg.eval.batch_size\n\n"
+        "def untyped(cfg: Any, data):\n    m = cfg.model\n    return m.lora.r, data.max_length, getattr(cfg.engine, 'grad_accum')\n\n"
+        "class Checked:\n    def validate(self, cfg: SFTConfig):\n        return cfg.model.tokenizer, cfg.run.tags\n"
+    )
+    reads = ConfigReads([source], config_classes([SFTConfig]))
+    read = {key for key in leaf_keys(SFTConfig) if reads.is_read(SFTConfig, key)}
+    assert read == {"optim.lr", "train.seed", "eval.batch_size", "model.lora.r", "data.max_length", "engine.grad_accum"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))

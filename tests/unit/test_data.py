@@ -8,18 +8,23 @@ Token ids are hand-computed from the fixture's char-level vocabulary:
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlhf.data.collate import collate_sft, left_pad_prompts, pad_right
 from rlhf.data.formats import (
+    ASSISTANT_MARKER,
     Comparison,
     Prompt,
     PromptResponse,
     Ranked,
+    split_shared_prefix,
     to_comparisons,
     to_prompt_responses,
     to_prompts,
@@ -293,6 +298,23 @@ def test_hh_rlhf_prefix_split(tmp_path, tok):
     a, b = to_comparisons(r, tok)
     assert (a.prompt, a.chosen, a.rejected, a.margin) == (shared, " It is 4.", " It is 5.", None)
     assert (b.prompt, b.chosen, b.rejected) == ("Q: hi A: ", "yes", "no")
+
+
+# Pieces that make the marker's edge cases common: a marker cut by the end of the common prefix
+# ("Assist" + "ant:"), several markers, one text a prefix of the other, no marker at all.
+CONVERSATION_PIECES = ["\n\nHuman:", "\n\nAssistant:", "Assistant:", "Assist", "ant:", " It is", " 4", " 5", "\n"]
+conversation_text = st.lists(st.sampled_from(CONVERSATION_PIECES), max_size=6).map("".join)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(shared=conversation_text, chosen_tail=conversation_text, rejected_tail=conversation_text)
+def test_split_shared_prefix_cuts_after_the_last_marker_inside_the_common_prefix(shared, chosen_tail, rejected_tail):
+    chosen, rejected = shared + chosen_tail, shared + rejected_tail
+    prompt, chosen_reply, rejected_reply = split_shared_prefix(chosen, rejected)
+    assert prompt + chosen_reply == chosen and prompt + rejected_reply == rejected
+    common = os.path.commonprefix([chosen, rejected])
+    marker = common.rfind(ASSISTANT_MARKER)  # only a marker wholly inside the common prefix
+    assert prompt == (common[: marker + len(ASSISTANT_MARKER)] if marker >= 0 else common)
 
 
 def test_comparisons_as_message_lists(tmp_path, tok):
