@@ -3,18 +3,25 @@
 # for trying `rlhf submit` on a laptop. Installs Debian's slurm-wlm and munge when missing (root).
 #
 #   scripts/slurm-local.sh start    install if needed, configure, start (reuses a running cluster)
+#   scripts/slurm-local.sh start --no-install
+#                                   install nothing and write nothing under /etc: use the running
+#                                   cluster, or start (root) the one this script configured before
 #   scripts/slurm-local.sh stop     stop the daemons
 #   scripts/slurm-local.sh status   exit 0 when the cluster takes jobs
 #
-# Exit status 3 means SLURM cannot be set up here (not root, or no Debian packages): the tests
-# skip with the reason printed on stderr.
+# Each change to the machine's packages or /etc is reported on stdout as a "slurm-local: changed: ..."
+# line. Exit status 3 means SLURM cannot be set up here (not root, no Debian packages, or nothing to
+# use under --no-install): the tests skip with the reason printed on stderr.
 set -euo pipefail
 
 STATE_DIR=${RLHF_SLURM_DIR:-/tmp/rlhf-slurm}
 CONF=/etc/slurm/slurm.conf
 NODE=$(hostname -s)
 
+NO_INSTALL=0
+
 cannot() { echo "slurm-local: $*" >&2; exit 3; }
+changed() { echo "slurm-local: changed: $*"; }
 
 ready() {
     # sinfo can say idle before slurmd answers, so ask slurmd too.
@@ -24,6 +31,7 @@ ready() {
 
 install() {
     command -v sbatch >/dev/null && command -v munged >/dev/null && command -v slurmd >/dev/null && return
+    [ "$NO_INSTALL" = 0 ] || cannot "slurm-wlm and munge are not installed (--no-install installs nothing)"
     [ "$(id -u)" = 0 ] || cannot "slurm-wlm and munge are not installed and installing them needs root"
     command -v apt-get >/dev/null || cannot "slurm-wlm and munge are not installed and there is no apt-get"
     export DEBIAN_FRONTEND=noninteractive
@@ -31,20 +39,30 @@ install() {
     apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 ||
         { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q slurm-wlm munge >/dev/null; } ||
         cannot "apt-get could not install slurm-wlm and munge"
+    changed "installed slurm-wlm and munge (apt-get)"
 }
 
 start_munge() {
-    if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-        mkdir -p /etc/munge /run/munge /var/lib/munge /var/log/munge
+    munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return
+    if [ "$NO_INSTALL" = 1 ]; then
+        [ -s /etc/munge/munge.key ] || cannot "munged is not running and there is no /etc/munge/munge.key (--no-install writes nothing under /etc)"
+    else
+        mkdir -p /etc/munge
         if [ ! -s /etc/munge/munge.key ]; then
             dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+            changed "wrote /etc/munge/munge.key"
         fi
-        chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
-        chmod 0700 /etc/munge && chmod 0400 /etc/munge/munge.key
-        runuser -u munge -- /usr/sbin/munged --force
-        for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return; sleep 0.1; done
-        cannot "munged did not start"
+        # -c: say only what was actually changed.
+        if [ -n "$(chown -Rc munge:munge /etc/munge; chmod -c 0700 /etc/munge; chmod -c 0400 /etc/munge/munge.key)" ]; then
+            changed "set the owner and modes of /etc/munge"
+        fi
     fi
+    # munged's runtime folders (/run is not kept across a container's restarts).
+    mkdir -p /run/munge /var/lib/munge /var/log/munge
+    chown -R munge:munge /run/munge /var/lib/munge /var/log/munge
+    runuser -u munge -- /usr/sbin/munged --force
+    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return; sleep 0.1; done
+    cannot "munged did not start"
 }
 
 MARKER="# Written by rlhf scripts/slurm-local.sh"
@@ -53,10 +71,24 @@ write_conf() {
     if [ -f "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
         cannot "$CONF is another cluster's configuration; not replacing it (run the tests where SLURM is ours to set up)"
     fi
+    if [ "$NO_INSTALL" = 1 ]; then
+        [ -f "$CONF" ] || cannot "no SLURM cluster is running and there is no $CONF (--no-install writes nothing under /etc)"
+        # The folders the existing configuration names (RLHF_SLURM_DIR may have changed since).
+        awk -F= '/^(StateSaveLocation|SlurmdSpoolDir)=/ {print $2}' "$CONF" | xargs -r mkdir -p
+        return
+    fi
     mkdir -p "$STATE_DIR/state" "$STATE_DIR/spool" /etc/slurm
+    local text
+    text=$(conf_text)
+    [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$text" ] && return
+    printf '%s\n' "$text" >"$CONF"
+    changed "wrote $CONF"
+}
+
+conf_text() {
     local memory_mb
     memory_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-    cat >"$CONF" <<EOF
+    cat <<EOF
 $MARKER: one node, loopback only, no accounting.
 ClusterName=rlhf-local
 SlurmctldHost=$NODE
@@ -94,7 +126,7 @@ EOF
 start() {
     install
     if ready; then echo "slurm-local: running ($CONF)"; return; fi
-    [ "$(id -u)" = 0 ] || cannot "starting slurmctld and slurmd needs root"
+    [ "$(id -u)" = 0 ] || cannot "no SLURM cluster is running here and starting slurmctld and slurmd needs root"
     start_munge
     write_conf
     pgrep -x slurmctld >/dev/null || slurmctld
@@ -119,9 +151,19 @@ stop() {
     done
 }
 
-case "${1:-start}" in
+usage() { echo "usage: $0 start [--no-install] | stop | status" >&2; exit 2; }
+
+action=${1:-start}
+if [ $# -gt 0 ]; then shift; fi
+for arg in "$@"; do
+    case "$action $arg" in
+        "start --no-install") NO_INSTALL=1 ;;
+        *) usage ;;
+    esac
+done
+case "$action" in
     start) start ;;
     stop) stop ;;
     status) ready ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    *) usage ;;
 esac
