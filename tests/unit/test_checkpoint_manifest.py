@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf.checkpoint import MANIFEST_FILE, _check_files, _digest, _files_of, _seal
+from rlhf.checkpoint import MANIFEST_FILE, _check_files, _digest, _files_of, _seal, _weights_only_loads
+from rlhf.errors import UserError
 
 
 @pytest.fixture
@@ -76,3 +78,27 @@ def test_a_piece_still_in_its_temp_file_is_not_listed(sealed):
     (sealed / f"..{MANIFEST_FILE}.rank1.4242.tmp").write_text("{")
     (sealed / f".{MANIFEST_FILE}.rank1").write_text("{}")
     assert _files_of(sealed) == ["model/mp_rank_00_model_states.pt", "rng_rank0.pt", "rng_rank1.pt"]
+
+
+def _mark(path: str) -> None:
+    Path(path).touch()
+
+
+class Planted:
+    """What someone with write access could leave in a checkpoint: unpickling it calls `_mark`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_mark, (self.marker,))
+
+
+def test_every_load_while_resuming_refuses_pickled_code(sealed, tmp_path):
+    marker = tmp_path / "payload-ran"
+    torch.save({"python": Planted(marker), "torch": torch.get_rng_state()}, sealed / "rng_rank0.pt")
+    with pytest.raises(UserError, match="refused to load checkpoint .* could run code"):
+        with _weights_only_loads(sealed):
+            # A library's own load (DeepSpeed's) may ask for full unpickling: it is refused all the same.
+            torch.load(sealed / "rng_rank0.pt", weights_only=False)
+    assert not marker.exists()

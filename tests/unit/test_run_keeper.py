@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from rlhf.config import TrackingConfig
 from rlhf.errors import UserError
 from rlhf.run_keeper import LoopState, _restored
+from rlhf.tracking import METRICS_FILE, Tracker
 
 
 @dataclass
@@ -36,3 +39,15 @@ def test_state_a_stage_does_not_know_is_refused(tmp_path):
 def test_a_checkpoint_without_a_newer_field_takes_its_default():
     restored = _restored(WithBeta, {"step": 4, "initial_eval": {}, "beta": 0.2}, Path("ckpt"))
     assert restored.negative_kl_steps == 0 and restored.step == 4
+
+
+def test_a_resume_drops_the_metric_rows_past_its_checkpoint(tmp_path):
+    """A run killed after step 10 resumes from its checkpoint of step 8: the rows of steps 9 and 10 are
+    redone, so the old ones go and each step is logged once."""
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1)}) + "\n" for s in (0, 4, 8, 9, 10)))
+    tracker = Tracker(tmp_path, active=True, tracking=TrackingConfig(), config={}, run_id="sft-x", total_steps=12,
+                      start_step=8, description="sft")
+    tracker.log(9, {"loss": 0.5})
+    tracker.close()
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 4, 8, 9] and rows[-1]["loss"] == 0.5
