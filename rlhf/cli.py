@@ -134,6 +134,8 @@ def compare_methods(
     out: Annotated[Optional[Path], typer.Option("--out",
         help="Folder for compare.md, compare.json, the PNG plots and the runs' own registry (default: $RLHF_HOME/compare-<time>).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Quick configs, a few steps each: for tests, not a measurement.")] = False,
+    methods: Annotated[Optional[str], typer.Option("--methods",
+        help="Only these, comma-separated: bon, ppo, grpo, rloo, reinforce_pp, dpo, ipo, kto, simpo, orpo (default: all).")] = None,
 ) -> None:
     """Every method (SFT, best-of-N, PPO, GRPO, RLOO, REINFORCE++, the DPO losses) on the embedded default,
     from the same SFT and RM entries, in one table ranked on the oracle's score, with plots."""
@@ -141,14 +143,15 @@ def compare_methods(
     def run() -> None:
         import time
 
-        from rlhf.compare import compare
+        from rlhf.compare import chosen_methods, compare
         from rlhf.registry import default_root
         from rlhf.tracking import console
 
+        chosen = chosen_methods(methods, quick=quick)  # a wrong name stops before anything is made
         folder = (out or Path(default_root()) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
         if (folder / "registry").exists():
             raise UserError(f"--out {folder} already holds a comparison (registry/); give another folder")
-        compare(folder, folder / "registry", quick=quick, say=console.print)
+        compare(folder, folder / "registry", quick=quick, say=console.print, chosen=chosen)
         console.print((folder / "compare.md").read_text())
         typer.echo(f"compare: {folder}")
 

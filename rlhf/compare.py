@@ -35,6 +35,8 @@ QUICK_DPO = ("train.max_steps=6", "train.eval_every=3", "eval.max_rows=32", "eva
 
 @dataclass(frozen=True)
 class Method:
+    key: str
+    """What `rlhf compare --methods` calls it."""
     name: str
     stage: str
     args: tuple[str, ...]
@@ -60,13 +62,25 @@ def methods(*, quick: bool) -> list[Method]:
     group = ("rollout.samples_per_prompt=4",)
     bon = ("data.train=null", "sampling.n=4", *(("eval.max_rows=32",) if quick else ()))
     return [
-        Method("best-of-4", "bon", bon),
-        Method("PPO (gae)", "ppo", rl),
-        Method("GRPO", "ppo", (*rl, "ppo.estimator=grpo", *group)),
-        Method("RLOO", "ppo", (*rl, "ppo.estimator=rloo", *group)),
-        Method("REINFORCE++", "ppo", (*rl, "ppo.estimator=reinforce_pp")),
-        *(Method(f"DPO ({loss})", "dpo", (*dpo, f"dpo.loss={loss}")) for loss in ("dpo", "ipo", "kto", "simpo", "orpo")),
+        Method("bon", "best-of-4", "bon", bon),
+        Method("ppo", "PPO (gae)", "ppo", rl),
+        Method("grpo", "GRPO", "ppo", (*rl, "ppo.estimator=grpo", *group)),
+        Method("rloo", "RLOO", "ppo", (*rl, "ppo.estimator=rloo", *group)),
+        Method("reinforce_pp", "REINFORCE++", "ppo", (*rl, "ppo.estimator=reinforce_pp")),
+        *(Method(loss, f"DPO ({loss})", "dpo", (*dpo, f"dpo.loss={loss}")) for loss in ("dpo", "ipo", "kto", "simpo", "orpo")),
     ]
+
+
+def chosen_methods(text: str | None, *, quick: bool) -> list[Method]:
+    """`--methods` (comma-separated keys; None = all) as methods, in the table's order."""
+    every = methods(quick=quick)
+    if text is None:
+        return every
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in {m.key for m in every}]
+    if unknown or not keys:
+        raise UserError(f"--methods {text!r}: choose from {', '.join(m.key for m in every)} (comma-separated)")
+    return [m for m in every if m.key in keys]
 
 
 def base_stages(home: Path, *, quick: bool, rlhf: str) -> None:
@@ -137,15 +151,17 @@ def sft_row(ppo_entry: dict[str, Any]) -> Measured:
                     m.get("initial_oracle_score"), m.get("initial_oracle_greedy"), 0.0)
 
 
-def compare(out: Path, home: Path, *, quick: bool, rlhf: str | None = None, say: Any = print) -> list[Measured]:
-    """Make the base entries, run every method, write the table and the plots; the rows, best first."""
+def compare(out: Path, home: Path, *, quick: bool, rlhf: str | None = None, say: Any = print,
+            chosen: list[Method] | None = None) -> list[Measured]:
+    """Make the base entries, run each method (every one unless `chosen`), write the table and the plots;
+    the rows, best first."""
     rlhf = rlhf or str(Path(sys.executable).with_name("rlhf"))
     out.mkdir(parents=True, exist_ok=True)
     home.mkdir(parents=True, exist_ok=True)
     say(f"compare: SFT and RM entries in {home}")
     base_stages(home, quick=quick, rlhf=rlhf)
     rows: list[Measured] = []
-    for method in methods(quick=quick):
+    for method in chosen or methods(quick=quick):
         say(f"compare: {method.name}")
         entry_id, wall_s, peak_mib = run_method(method, home, rlhf=rlhf)
         entry = next(e for e in _entries(home, rlhf) if e["id"] == entry_id)

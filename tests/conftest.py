@@ -18,22 +18,25 @@ def pytest_configure(config) -> None:
 
 
 # pytest-xdist (--dist loadfile --no-loadscope-reorder) hands out whole files in collection order,
-# so this order is the schedule. The file whose first test builds the session's default pipeline
-# (about 9 minutes) goes first; the long files that do not need the pipeline come next, so the other
-# worker is busy while it is built; then the files that start from its entries; every other file
-# (unit tests, seconds each) fills in at the end.
+# so this order is the schedule. The first file's first test builds the session's default stages
+# (sft, then rm, then ppo: about 5 minutes in all); the long files that need none of them come next,
+# so the other worker is busy meanwhile; then the files that start from the SFT entry alone (ready
+# after its first minute), then those that need the reward model too; every other file (unit tests,
+# seconds each) fills in at the end.
 SCHEDULE = (
     "integration/test_pipeline_cli.py",
     "integration/test_real_model.py",
     "integration/test_sft_cli.py",
-    "integration/test_compare.py",
     "integration/test_slurm.py",
-    "integration/test_presets.py",
+    "integration/test_resume.py",
     "integration/test_dpo_cli.py",
-    "integration/test_ppo_cli.py",
+    "integration/test_run_safety.py",
+    "integration/test_compare.py",
     "integration/test_rm_cli.py",
+    "integration/test_ppo_cli.py",
     "integration/test_bon_cli.py",
     "integration/test_ppo_critic_free.py",
+    "integration/test_presets.py",
 )
 
 

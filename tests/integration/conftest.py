@@ -17,11 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.forked import run_forked
+
 REPO = Path(__file__).resolve().parents[2]
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 QUICK = str(REPO / "configs" / "sft-toy-quick.yaml")
 RM_QUICK = str(REPO / "configs" / "rm-toy-quick.yaml")
 PPO_QUICK = str(REPO / "configs" / "ppo-toy-quick.yaml")
+DPO_QUICK = str(REPO / "configs" / "dpo-toy-quick.yaml")
 # One rank started as one process (the same stage program, without DeepSpeed's launcher and its
 # two extra interpreters: about 8 s less a run here), for tests whose subject is not the launching.
 # The pipeline, presets, multi-rank, kill and SIGTERM tests keep the launcher users get by default.
@@ -51,12 +54,20 @@ def cli_env(home: Path) -> dict[str, str]:
     return env
 
 
-def rlhf(*args: str, home: Path, timeout: int = 600, cwd: Path | None = None, env: dict[str, str] | None = None) -> Result:
+def rlhf(*args: str, home: Path, timeout: int = 600, cwd: Path | None = None, env: dict[str, str] | None = None,
+         fresh_interpreter: bool = False) -> Result:
+    """`rlhf args` as a user runs it: its exit status and both streams.
+
+    By default the CLI runs in a fork of this test process, which has torch, transformers and
+    DeepSpeed imported already, and so does a stage program it starts on one rank with `--launcher
+    python` (tests.forked): the same code from the same `main()`, without ~4 s of imports per
+    interpreter. Launchers that start ranks of their own (deepspeed, torchrun, -n 2) still do, as
+    real processes. `fresh_interpreter=True` runs the installed console script instead."""
     home.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [RLHF, *args], env={**cli_env(home), **(env or {})}, cwd=cwd or home, capture_output=True, text=True,
-        timeout=timeout,
-    )
+    wanted = {**cli_env(home), **(env or {})}
+    if not fresh_interpreter:
+        return Result(*run_forked(["rlhf", *args], env=wanted, cwd=cwd or home, timeout=timeout))
+    proc = subprocess.run([RLHF, *args], env=wanted, cwd=cwd or home, capture_output=True, text=True, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -108,6 +119,7 @@ def assert_ok(result: Result) -> None:
 def kill_after_checkpoint(stage: str, args: list[str], *, home: Path, min_step: int) -> Path:
     """Start `rlhf <stage> args`, SIGKILL its whole process tree (like a lost node) once a checkpoint
     of at least `min_step` is complete, and return that run's folder."""
+    home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [RLHF, stage, *args], env=cli_env(home), cwd=home,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -173,32 +185,64 @@ class Pipeline:
     result: Result
 
 
-@pytest.fixture(scope="session")
-def default_pipeline(tmp_path_factory) -> Pipeline:
-    """`rlhf pipeline` with every default, as `make pipeline` runs it: sft -> rm -> ppo on the
-    embedded default, made once per test run. The rm, ppo, dpo and bon tests read its runs and start
-    from them. The pytest-xdist workers share it: the first to need it builds it under a lock, the
-    others wait for it and read its result back."""
-    shared = tmp_path_factory.getbasetemp()
+def shared_dir(tmp_path_factory) -> Path:
+    """The folder of this test run that every pytest-xdist worker sees."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the workers' own temp folders sit side by side in the run's one folder
-    home, record = shared / "default_pipeline", shared / "default_pipeline.json"
-    with open(shared / "default_pipeline.lock", "w") as lock:
+        return tmp_path_factory.getbasetemp().parent  # the workers' own temp folders sit side by side in it
+    return tmp_path_factory.getbasetemp()
+
+
+def shared_once(tmp_path_factory, name: str, make) -> Result:
+    """`make()`'s result, made once per test run and shared by the pytest-xdist workers: the first to
+    need it makes it under a lock, the others wait for it and read its result back."""
+    shared = shared_dir(tmp_path_factory)
+    record = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not record.exists():
-            result = rlhf("pipeline", home=home, timeout=1500)
+            result = make(shared)
             assert_ok(result)
             record.write_text(json.dumps(dataclasses.asdict(result)))
-    return Pipeline(home, Result(**json.loads(record.read_text())))
+    return Result(**json.loads(record.read_text()))
+
+
+def default_stage(tmp_path_factory, stage: str, *, report: bool) -> Pipeline:
+    """`make pipeline`'s `stage` with every default, through the console script and DeepSpeed's
+    launcher as users run it, in the one registry the session's default stages share: `rlhf
+    pipeline --stages sft`, then `--stages rm` (from sft:latest), then `--stages ppo` (from both).
+    Split so that a test needing only the SFT entry starts after its minute, not after all three."""
+    def make(shared: Path) -> Result:
+        flags = () if report else ("--no-report",)
+        return rlhf("pipeline", "--stages", stage, *flags, home=shared / "default_pipeline", timeout=1500, fresh_interpreter=True)
+
+    result = shared_once(tmp_path_factory, f"default_{stage}", make)
+    return Pipeline(shared_dir(tmp_path_factory) / "default_pipeline", result)
 
 
 @pytest.fixture(scope="session")
-def default_sft_home(default_pipeline, tmp_path_factory) -> Path:
+def default_sft(tmp_path_factory) -> Pipeline:
+    return default_stage(tmp_path_factory, "sft", report=False)
+
+
+@pytest.fixture(scope="session")
+def default_rm(default_sft, tmp_path_factory) -> Pipeline:
+    return default_stage(tmp_path_factory, "rm", report=False)
+
+
+@pytest.fixture(scope="session")
+def default_pipeline(default_rm, tmp_path_factory) -> Pipeline:
+    """`make pipeline`'s three stages; its result is the last part's, which prints the summary table
+    of the whole lineage and writes the report."""
+    return default_stage(tmp_path_factory, "ppo", report=True)
+
+
+@pytest.fixture(scope="session")
+def default_sft_home(default_sft, tmp_path_factory) -> Path:
     """A registry holding the embedded default's SFT entry."""
-    return home_with_entries_of(default_pipeline.home, tmp_path_factory.mktemp("default_sft"), ("sft",))
+    return home_with_entries_of(default_sft.home, tmp_path_factory.mktemp("default_sft"), ("sft",))
 
 
 @pytest.fixture(scope="session")
-def default_rm_home(default_pipeline, tmp_path_factory) -> Path:
+def default_rm_home(default_rm, tmp_path_factory) -> Path:
     """The embedded default's SFT entry and the reward model trained from it."""
-    return home_with_entries_of(default_pipeline.home, tmp_path_factory.mktemp("default_rm"), ("sft", "rm"))
+    return home_with_entries_of(default_rm.home, tmp_path_factory.mktemp("default_rm"), ("sft", "rm"))

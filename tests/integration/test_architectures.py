@@ -55,6 +55,11 @@ def test_sft_rm_ppo(arch, tmp_path):
     assert_ok(result)
     by_stage = {e["stage"]: e for e in entries(home)}
     assert set(by_stage) == {"sft", "rm", "ppo", "critic"}
+    # One `rlhf pipeline` points each stage at the exact runs it just made, not at `latest`.
+    sft, rm = by_stage["sft"]["id"], by_stage["rm"]["id"]
+    assert by_stage["rm"]["config"]["model"]["name_or_path"] == f"sft:{sft}"
+    assert by_stage["ppo"]["config"]["critic"]["name_or_path"] == f"rm:{rm}"
+    assert by_stage["ppo"]["parents"] == [sft, rm]
     rows = metric_rows(by_stage["ppo"])
     first = next(r for r in rows if "policy_loss" in r)
     # Up to float rounding: scoring and the update batch the same rows differently.

@@ -264,9 +264,12 @@ def check_case(tmp_path, stage, args, expect, setup, home_env, *, console_script
     # In this process, through the console script's main(): a fresh interpreter per case would
     # spend most of the table's time importing torch. test_the_console_script_stops_the_same_way
     # runs a few cases as a separate `rlhf` process.
-    run = rlhf if console_script else rlhf_here
-    result = run(stage, *(a.format(**fill) for a in args), home=where.home, cwd=where.files,
-                 env={"RLHF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    args = [a.format(**fill) for a in args]
+    env = {"RLHF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    if console_script:
+        result = rlhf(stage, *args, home=where.home, cwd=where.files, env=env, fresh_interpreter=True)
+    else:
+        result = rlhf_here(stage, *args, home=where.home, cwd=where.files, env=env)
 
     assert "Traceback" not in result.output, result.output[-3000:]
     # The launch command names the stage program: seeing it means a rank started before the check.

@@ -11,15 +11,13 @@ import torch
 
 from rlhf.registry import Registry
 from tests.integration.conftest import (
+    DPO_QUICK,
     ONE_PROCESS,
     QUICK,
-    REPO,
     assert_ok,
     entries,
     home_with_entries_of,
-    kill_after_checkpoint,
     metric_rows,
-    resume_and_check,
     rlhf,
     rlhf_here,
 )
@@ -28,7 +26,6 @@ from tests.integration.test_sft_errors import assert_user_error, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-DPO_QUICK = str(REPO / "configs" / "dpo-toy-quick.yaml")
 # What every logged step reports, whatever the loss (KTO's chosen/rejected are its desirable and
 # undesirable rows, and it has no per-pair accuracy).
 STEP_METRICS = ("loss", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "lr", "grad_norm")
@@ -94,7 +91,7 @@ def test_dpo_from_the_sft_entry_learns_the_preferences_and_moves_from_the_start(
 ])
 def test_each_loss_trains_from_the_sft_entry(home, loss, extra, said):
     result = rlhf("dpo", *ONE_PROCESS, "-c", DPO_QUICK, f"dpo.loss={loss}", "train.max_steps=40", "train.eval_every=0",
-                  *extra, home=home)
+                  "eval.max_prompts=32", *extra, home=home)
     assert_ok(result)
     dpo, _ = dpo_and_sft(home)
     assert dpo["metrics"]["objective"] == loss
@@ -120,7 +117,8 @@ def test_each_loss_trains_from_the_sft_entry(home, loss, extra, said):
 def test_precomputed_reference_trains_as_the_live_one(home):
     """The same run with the reference's log-probs taken once before training and with a forward
     pass per step: the same losses, step for step (up to float rounding)."""
-    common = (*ONE_PROCESS, "-c", DPO_QUICK, "train.max_steps=10", "train.log_every=1", "train.eval_every=0", "eval.kl=false")
+    common = (*ONE_PROCESS, "-c", DPO_QUICK, "train.max_steps=10", "train.log_every=1", "train.eval_every=0", "eval.kl=false",
+              "eval.max_rows=16", "eval.max_prompts=16")  # the steps are compared, not the evaluation
     assert_ok(rlhf("dpo", *common, home=home))
     live = step_rows(dpo_and_sft(home)[0])
     other = home_with_entries_of(home, home.parent / "other", ("sft",))
@@ -135,7 +133,7 @@ def test_precomputed_reference_trains_as_the_live_one(home):
 
 def test_lora_policy_is_its_own_reference_without_adapters(home):
     result = rlhf("dpo", *ONE_PROCESS, "-c", DPO_QUICK, "model.lora.enabled=true", "optim.lr=3e-3", "train.max_steps=30",
-                  "engine.zero_stage=2", "engine.offload_optimizer=true", home=home)
+                  "engine.zero_stage=2", "engine.offload_optimizer=true", "eval.max_prompts=32", home=home)
     assert_ok(result)
     assert "reference = the policy without its LoRA adapters" in result.stdout
     dpo, _ = dpo_and_sft(home)
@@ -145,12 +143,15 @@ def test_lora_policy_is_its_own_reference_without_adapters(home):
     assert dpo["metrics"]["kl"] != 0.0 and dpo["metrics"]["accuracy"] > dpo["metrics"]["initial_accuracy"]
 
 
-def test_two_ranks_zero3_kto_with_a_partitioned_reference(home):
-    """Two ranks, ZeRO-3: the policy and its frozen reference partitioned, KTO's z0 over both ranks' rows."""
-    result = rlhf("dpo", "-n", "2", "-c", DPO_QUICK, "engine.zero_stage=3", "engine.micro_batch_size=16", "dpo.loss=kto",
-                  "train.max_steps=20", "train.eval_every=0", home=home)
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.full)])
+def test_zero3_kto_with_a_partitioned_reference(home, ranks):
+    """ZeRO-3: the policy and its frozen reference partitioned, KTO's z0 over every rank's rows (two
+    ranks in `make test-full`)."""
+    launch = ONE_PROCESS if ranks == 1 else ("-n", "2", "engine.micro_batch_size=16")
+    result = rlhf("dpo", *launch, "-c", DPO_QUICK, "engine.zero_stage=3", "dpo.loss=kto", "train.max_steps=20",
+                  "train.eval_every=0", "eval.max_prompts=32", home=home)
     assert_ok(result)
-    assert "2 rank(s), ZeRO-3" in result.stdout
+    assert f"{ranks} rank(s), ZeRO-3" in result.stdout
     dpo, _ = dpo_and_sft(home)
     assert dpo["config"]["engine"]["zero_stage"] == 3
     assert abs(dpo["metrics"]["initial_kl"]) < 1e-4 and dpo["metrics"]["kl"] > 0
@@ -162,16 +163,11 @@ def test_two_ranks_zero3_kto_with_a_partitioned_reference(home):
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 20, 21]])).logits).all()
 
 
-def test_killed_run_resumes(home):
-    run_dir = kill_after_checkpoint("dpo", ["-c", DPO_QUICK, "train.max_steps=40", "train.save_every=10"], home=home, min_step=10)
-    entry = resume_and_check("dpo", run_dir, home=home, max_steps=40)
-    assert entry["parents"] == [e["id"] for e in entries(home) if e["stage"] == "sft"]
-
-
 def test_pipeline_runs_sft_then_dpo(tmp_path):
     home = tmp_path / "home"
     result = rlhf("pipeline", "--stages", "sft,dpo", "--sft-config", QUICK, "--dpo-config", DPO_QUICK, *ONE_PROCESS,
-                  "sft:train.max_steps=40", "dpo:train.max_steps=10", home=home, timeout=1200)
+                  "sft:train.max_steps=40", "dpo:train.max_steps=10", "eval.max_rows=16", "dpo:eval.max_prompts=16",
+                  home=home, timeout=1200)
     assert_ok(result)
     dpo, sft = dpo_and_sft(home)
     assert dpo["config"]["model"]["name_or_path"] == f"sft:{sft['id']}"

@@ -18,11 +18,11 @@ def test_pipeline_chains_three_stages_and_writes_its_report(default_pipeline):
     by_stage = {e["stage"]: e for e in entries(home)}
     assert set(by_stage) == {"sft", "rm", "ppo", "critic"}
     sft, rm, ppo = by_stage["sft"], by_stage["rm"], by_stage["ppo"]
-    # Each stage started from the runs before it, found through the registry.
+    # Each stage started from the runs before it, found through the registry. (The session runs the
+    # three as `--stages sft`, `rm`, `ppo` so dependent tests start early: each finds the one before
+    # as `latest`; one `rlhf pipeline` naming each run by its id is test_architectures.py's.)
     assert rm["parents"] == [sft["id"]]
     assert ppo["parents"] == [sft["id"], rm["id"]]
-    assert rm["config"]["model"]["name_or_path"] == f"sft:{sft['id']}"
-    assert ppo["config"]["critic"]["name_or_path"] == f"rm:{rm['id']}"
 
     # The summary table: every run's id, and the oracle's score of the untrained, SFT and PPO models.
     for entry in (sft, rm, ppo):

@@ -1,6 +1,6 @@
 """`rlhf ppo` with critic-free estimators (ppo.estimator grpo, rloo, reinforce_pp) through the CLI on
 the CPU: three models, no critic entry or checkpoint, no value metrics, groups of one prompt on one
-rank, kill and resume, and the settings refused before any rank starts."""
+rank, and the settings refused before any rank starts. (Kill and resume: tests/integration/test_resume.py.)"""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from tests.integration.conftest import (
     assert_ok,
     entries,
     home_with_entries_of,
-    kill_after_checkpoint,
     metric_rows,
-    resume_and_check,
     rlhf,
     rlhf_here,
 )
@@ -76,17 +74,6 @@ def test_rloo_groups_stay_on_their_rank_with_two_ranks(home):
     for row in rows:
         assert row["group_score_std"] < 1e-6 and row["score_std"] > 0.05, row
         assert abs(row["policy_loss"]) < 1e-6 and row["grad_norm"] < 1e-6, row
-
-
-def test_killed_reinforce_pp_run_resumes_with_the_actor_alone(home):
-    run_dir = kill_after_checkpoint("ppo", [*ONE_PROCESS, "-c", PPO_QUICK, "ppo.estimator=reinforce_pp", "train.max_steps=40",
-                                            "train.eval_every=0", "eval.max_rows=16"], home=home, min_step=2)
-    [step_dir] = sorted((run_dir / "checkpoints").glob("step-*"))[-1:]
-    assert {p.name for p in step_dir.iterdir() if p.is_dir()} == {"actor"}  # no critic engine to checkpoint
-    # 40 steps: the kill must land before the run ends; a toy step takes about a tenth of a second.
-    entry = resume_and_check("ppo", run_dir, home=home, max_steps=40, loss_key="policy_loss", launch=ONE_PROCESS)
-    assert entry["config"]["ppo"]["estimator"] == "reinforce_pp"
-    step_rows(critic_free_entry(home))
 
 
 @pytest.mark.parametrize("overrides, fragments", [

@@ -17,7 +17,7 @@ import yaml
 from tests.integration.conftest import REPO, assert_ok, entries, metric_rows, rlhf
 from tests.integration.test_architectures import tiny_model_folder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 # Short runs: every preset's own intervals replaced by one step, so evaluation and checkpoints happen.
 SHORT = ("train.max_steps=2", "train.eval_every=1", "train.save_every=1", "eval.max_rows=8")

@@ -231,10 +231,24 @@ def check_first_step(entry: dict) -> None:
     assert entry["metrics"]["initial_kl"] == 0.0 and entry["metrics"]["initial_no_eos_fraction"] <= 0.25, entry["metrics"]
 
 
+# LoRA critic too: a full 135M critic's Adam states would make each checkpoint 1.6 GB to write and hash.
+ONE_RANK_ZERO2 = ("engine.zero_stage=2", "critic.lora.enabled=true", "train.max_steps=2")
+
+
+def test_ppo_with_a_lora_actor_on_one_rank_zero2(chat_rm, home, task):
+    result = rlhf("ppo", *ONE_PROCESS, *ppo_args(task, *ONE_RANK_ZERO2, "train.save_every=0", "run.tags=plain"), home=home,
+                  timeout=900)
+    assert_ok(result)
+    [ppo] = [e for e in entries(home) if e["stage"] == "ppo" and e["tags"] == ["plain"]]
+    by_stage = {e["stage"]: e for e in entries(home)}
+    assert set(ppo["parents"]) >= {by_stage["sft"]["id"], by_stage["rm"]["id"]}
+    assert ppo["config"]["reference"]["name_or_path"] is None  # adapters off, not a second copy
+    check_first_step(ppo)
+
+
+@pytest.mark.full
 def test_ppo_with_a_lora_actor_on_one_rank_zero2_resumes_after_a_kill(chat_rm, home, task):
-    # LoRA critic too: a full 135M critic's Adam states would make each checkpoint 1.6 GB to write and hash.
-    args = ppo_args(task, "engine.zero_stage=2", "critic.lora.enabled=true", "train.max_steps=2", "train.save_every=1")
-    run_dir = kill_after_checkpoint("ppo", args, home=home, min_step=1)
+    run_dir = kill_after_checkpoint("ppo", ppo_args(task, *ONE_RANK_ZERO2, "train.save_every=1"), home=home, min_step=1)
     ppo = resume_and_check("ppo", run_dir, home=home, max_steps=2, loss_key="policy_loss")
     by_stage = {e["stage"]: e for e in entries(home)}
     assert set(ppo["parents"]) >= {by_stage["sft"]["id"], by_stage["rm"]["id"]}
@@ -242,6 +256,7 @@ def test_ppo_with_a_lora_actor_on_one_rank_zero2_resumes_after_a_kill(chat_rm, h
     check_first_step(ppo)
 
 
+@pytest.mark.full
 def test_ppo_on_two_ranks_zero3(chat_rm, home, task):
     # Two steps: the second generates with the actor's ZeRO-3 hooks put back after the first
     # generation and update (rlhf.rollout._whole_for_generation); the first minibatch holds the checks.

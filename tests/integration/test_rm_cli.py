@@ -66,9 +66,12 @@ def test_embedded_default_agrees_with_the_oracle(default_rm_home):
     assert metrics["initial_oracle_agreement"] < 0.65, metrics  # a new head ranks at about chance
 
 
-def test_two_ranks_zero3_from_an_sft_entry(sft_home, tmp_path):
+# ZeRO-3 on one rank in `make test` (two-rank ZeRO-3 is SFT's and PPO's there); on two in `make test-full`.
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.full)])
+def test_zero3_from_an_sft_entry(sft_home, tmp_path, ranks):
     home = fresh_home(sft_home, tmp_path)
-    result = rlhf("rm", "-n", "2", "-c", RM_QUICK, "engine.zero_stage=3", "engine.micro_batch_size=16", home=home)
+    launch = ONE_PROCESS if ranks == 1 else ("-n", "2", "engine.micro_batch_size=16")
+    result = rlhf("rm", *launch, "-c", RM_QUICK, "engine.zero_stage=3", home=home)
     assert_ok(result)
     [sft] = [e for e in entries(home) if e["stage"] == "sft"]
     [rm] = [e for e in entries(home) if e["stage"] == "rm"]

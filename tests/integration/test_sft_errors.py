@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, Result, cli_env, rlhf, rlhf_here
+from tests.integration.conftest import ONE_PROCESS, REPO, Result, cli_env, rlhf, rlhf_here
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -93,8 +93,8 @@ def test_dry_run_prints_the_command_and_creates_nothing(home):
 def test_diverging_loss_stops_with_one_line(home):
     # lr 1e4 diverged to NaN on one machine and only to a uniform model (loss 4.6) on another: an
     # absurd rate overflows the weights everywhere.
-    result = rlhf("sft", "-c", str(REPO / "configs" / "sft-toy-quick.yaml"), "optim.lr=1e30", "optim.grad_clip=0",
-                  "optim.warmup_steps=0", "data.eval=null", home=home)
+    result = rlhf("sft", *ONE_PROCESS, "-c", str(REPO / "configs" / "sft-toy-quick.yaml"), "optim.lr=1e30", "optim.grad_clip=0",
+                  "optim.warmup_steps=0", "data.eval=null", "eval.max_rows=16", home=home)
     assert result.code == 2 and "Traceback" not in result.output
     assert "error: the training loss became nan at step" in result.stderr
     assert not list(home.glob("entries/*.json"))
