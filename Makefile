@@ -42,10 +42,10 @@ test-full: install lint
 COVERAGE_MARKERS ?= not matrix and not full
 coverage: install
 	rm -rf .coverage-data && mkdir -p .coverage-data
-	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml RLHF_COVERAGE_DIR=$(CURDIR)/.coverage-data \
+	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml RLHF_COVERAGE_DIR=$(CURDIR)/.coverage-data RLHF_COVERAGE_ROOT=$(CURDIR) \
 		$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "$(COVERAGE_MARKERS)" -p no:cacheprovider || true
-	RLHF_COVERAGE_DIR=$(CURDIR)/.coverage-data $(PY) -m coverage combine -q
-	RLHF_COVERAGE_DIR=$(CURDIR)/.coverage-data $(PY) -m coverage json -q -o .coverage-data/coverage.json
+	RLHF_COVERAGE_DIR=$(CURDIR)/.coverage-data RLHF_COVERAGE_ROOT=$(CURDIR) $(PY) -m coverage combine -q
+	RLHF_COVERAGE_DIR=$(CURDIR)/.coverage-data RLHF_COVERAGE_ROOT=$(CURDIR) $(PY) -m coverage json -q -o .coverage-data/coverage.json
 	$(PY) scripts/coverage_diff.py .coverage-data/coverage.json $(COVERAGE_BEFORE)
 
 # ruff, configured in pyproject.toml: pyflakes, pycodestyle, import order, bugbear.

@@ -1,6 +1,5 @@
 """`rlhf bon` (best-of-N) through the CLI from the session pipeline's SFT and RM entries: the SFT
-dataset it writes, its best-of-n curve, a killed two-rank ZeRO-3 run resumed to the same dataset,
-and bad input."""
+dataset it writes, its best-of-n curve, a killed ZeRO-3 run resumed to the same dataset, and bad input."""
 
 from __future__ import annotations
 
@@ -86,9 +85,11 @@ def wait_for_shard(proc: subprocess.Popen, home: Path) -> Path:
     raise AssertionError("no shard written in time")
 
 
-def test_two_ranks_zero3_killed_run_resumes_to_the_dataset_an_uninterrupted_run_writes(home, tmp_path):
+# One rank (DeepSpeed's launcher, killed) in `make test`; two in `make test-full`.
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.full)])
+def test_zero3_killed_run_resumes_to_the_dataset_an_uninterrupted_run_writes(home, tmp_path, ranks):
     # 40 shards of a fraction of a second each: the kill lands long before the last.
-    args = ["-n", "2", "engine.zero_stage=3", "sampling.n=2", "data.max_prompts=640", "sampling.shard_prompts=16",
+    args = ["-n", str(ranks), "engine.zero_stage=3", "sampling.n=2", "data.max_prompts=640", "sampling.shard_prompts=16",
             "data.eval=null"]
     proc = subprocess.Popen([RLHF, "bon", *args], env=cli_env(home), cwd=home, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -98,13 +99,14 @@ def test_two_ranks_zero3_killed_run_resumes_to_the_dataset_an_uninterrupted_run_
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (run_dir / "final").exists() and run_dir.name in rlhf("registry", "ls", home=home).stdout
-    resumed = rlhf("bon", "--resume", home=home)
+    launch = ONE_PROCESS if ranks == 1 else ()  # resumed in a fork: the kill was the launcher's test
+    resumed = rlhf("bon", "--resume", *launch, home=home)
     assert_ok(resumed)
     assert f"resumed {run_dir.name} at shard " in resumed.stdout
     killed = bon_entry(home)
 
     again = home_with_entries_of(home, tmp_path / "again", ("sft", "rm"))
-    assert_ok(rlhf("bon", *args, home=again))
+    assert_ok(rlhf("bon", *args, *launch, home=again))
     whole = bon_entry(again)
     assert killed["parents"] == whole["parents"] and len(killed["parents"]) == 2  # the SFT policy and the RM
     assert dataset(killed) == dataset(whole) and len(dataset(whole)) > 0

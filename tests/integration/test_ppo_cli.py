@@ -100,6 +100,9 @@ def test_two_ranks_zero3_with_ptx_and_adaptive_beta(home):
     saved_models_load_with_transformers_alone(e)
 
 
+# `make test-full`: each loop's kill and resume is test_resume.py's, a two-rank resume refused on one
+# rank test_run_safety.py's.
+@pytest.mark.full
 def test_two_ranks_zero2_killed_run_resumes(home):
     args = ["-n", "2", "-c", PPO_QUICK, "engine.zero_stage=2", "train.max_steps=6"]
     run_dir = kill_after_checkpoint("ppo", args, home=home, min_step=2)

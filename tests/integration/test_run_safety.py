@@ -188,8 +188,9 @@ def test_a_run_is_locked_by_the_process_running_it(unfinished, tmp_path):
 def test_a_start_that_fails_inside_the_stage_leaves_nothing_resumable(tmp_path):
     """A hub dataset is only fetched by the stage; offline, the fetch fails after the run was created."""
     home = tmp_path / "home"
+    # Fresh interpreters: the hub libraries read their offline switches when first imported.
     result = rlhf("sft", *ONE_PROCESS, *SHORT, "data.train=nobody/no-such-dataset", "data.eval=null", home=home,
-                  env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                  env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, fresh_interpreter=True)
     assert result.code != 0 and "Traceback" not in result.output, result.output[-3000:]
     assert not list((home / "runs").iterdir()) if (home / "runs").exists() else True
     again = rlhf("sft", "--resume", home=home)
@@ -263,7 +264,9 @@ def test_a_rank_that_dies_is_named_and_the_others_stop(tmp_path):
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
     assert f"rank 1 (pid {pids[1]}" in line and "died without an error" in line and "--resume" in line
     assert not alive(pids[0])
-    # The run keeps its checkpoints and resumes on its two ranks.
+    # The run keeps its checkpoints and resumes on its two ranks; on one, its partitions are refused in one line.
+    wrong = rlhf("sft", "--resume", "-n", "1", "--launcher", "python", home=home)
+    assert wrong.code == 2 and "checkpointed on 2 rank(s), not 1; resume it with -n 2" in one_error_line(wrong)
     again = rlhf("sft", "--resume", "--dry-run", home=home)
     assert_ok(again)
     assert run_dir.name in again.stdout and "--num_gpus 2" in again.stdout

@@ -165,7 +165,8 @@ def test_lora_run_saves_merged_or_adapter(home, save):
 def test_zero3_with_optimizer_and_parameter_offload(home, ranks):
     launch = ONE_PROCESS if ranks == 1 else ("-n", "2", "engine.micro_batch_size=16")
     result = rlhf("sft", *launch, "-c", QUICK, "engine.zero_stage=3", "engine.offload_optimizer=true",
-                  "engine.offload_params=true", "train.max_steps=40", "data.eval=null", home=home)
+                  "engine.offload_params=true", "train.max_steps=24", "train.log_every=4", "data.eval=null",
+                  "eval.max_rows=16", home=home)
     assert_ok(result)
     [entry] = entries(home)
     losses = logged_losses(entry)

@@ -78,7 +78,8 @@ def test_missing_config_file(home):
 def test_unreachable_hub_model(home, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub; fail fast instead of retrying
     # A process of its own: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
-    assert_user_error(rlhf("sft", "model.name_or_path=someorg/missing-model", home=home), "someorg/missing-model")
+    assert_user_error(rlhf("sft", "model.name_or_path=someorg/missing-model", home=home, fresh_interpreter=True),
+                      "someorg/missing-model")
 
 
 def test_dry_run_prints_the_command_and_creates_nothing(home):
