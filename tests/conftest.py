@@ -49,3 +49,23 @@ def schedule_rank(path: str) -> int:
 
 def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: schedule_rank(item.path.as_posix()))  # stable: a file keeps its own order
+
+
+# Seconds per test file (setup, call and teardown of its tests, in whichever worker ran them),
+# printed after pytest's own per-test --durations: where a slower suite spends its time.
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.write_sep("=", "seconds per test file")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1]):
+        if seconds >= 1.0:
+            terminalreporter.write_line(f"{seconds:8.1f}s {path}")
+    terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f}s in all (every worker's time added up)")

@@ -1,5 +1,5 @@
 """`rlhf compare --quick` end to end: the methods run from one SFT and RM, one table, the plots.
-`make test` runs two of them (`--methods`); `make test-full` every one."""
+`make test` runs three of them (`--methods`); `make test-full` every one."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ METHODS = {"SFT alone", "best-of-4", "PPO (gae)", "GRPO", "RLOO", "REINFORCE++",
 
 
 @pytest.mark.parametrize("methods, expected", [
-    (("--methods", "ppo,kto"), {"SFT alone", "PPO (gae)", "DPO (kto)"}),  # SFT alone is PPO's step-0 evaluation
+    # SFT alone is PPO's step-0 evaluation.
+    (("--methods", "bon,ppo,kto"), {"SFT alone", "best-of-4", "PPO (gae)", "DPO (kto)"}),
     pytest.param((), METHODS, marks=pytest.mark.full),
 ])
 def test_quick_comparison_runs_the_methods_and_writes_the_table_and_plots(tmp_path, methods, expected):
