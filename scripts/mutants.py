@@ -131,6 +131,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("resume_from_the_oldest_checkpoint", "resume", "rlhf/checkpoint.py", "resume tries the oldest checkpoint first",
            'ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir()), reverse=True)', 'ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir()))',
            (IT + "test_run_safety.py::test_a_planted_pickle_payload_is_refused_in_one_line",), slow=True),
+    Mutant("resume_torch_rng_not_restored", "resume", "rlhf/checkpoint.py", "a resume leaves torch's RNG where the new process seeded it",
+           '    torch.set_rng_state(state["torch"])', "    torch.get_rng_state()",
+           (IT + "test_resume.py::test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run[ppo]",), slow=True),
     # --- rlhf/launch.py ------------------------------------------------------------------------
     Mutant("launcher_num_gpus_flag", "launcher", "rlhf/launch.py", "ranks passed to deepspeed as --num_nodes",
            'cmd += ["--num_gpus", str(spec.num_procs)', 'cmd += ["--num_nodes", str(spec.num_procs)',
