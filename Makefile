@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 # the SmolLM2 pipeline, bad input and security. Two workers, one test file each at a time (a file's
 # module fixtures stay in one worker), the longest files first (tests/conftest.py orders them;
 # --no-loadscope-reorder keeps that order), every process on one OpenMP thread. TEST_WORKERS=0 runs
-# it serially. README "Tests" has its time.
+# it serially. README "Tests" has its time (about 11 minutes from a fresh clone here, install included).
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40
 test: install lint
