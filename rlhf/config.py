@@ -651,6 +651,8 @@ STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOCo
 
 # The largest seed every consumer takes: ShuffledBatches multiplies it by ~1e6 into torch's int64 seed.
 MAX_SEED = 2**32 - 1
+MAX_STEPS = 10**12
+"""More steps than any run takes: a larger train.max_steps is a typo (an extra digit, a token count)."""
 
 
 def _at_least(minimum: int, values: dict[str, int | float]) -> None:
@@ -690,7 +692,6 @@ def _check_common(cfg: Any) -> None:
     _at_least(1, {
         "engine.micro_batch_size": engine.micro_batch_size,
         "engine.grad_accum": engine.grad_accum,
-        "train.max_steps": train.max_steps,
         "train.log_every": train.log_every,
         "train.keep_checkpoints": train.keep_checkpoints,
         "eval.batch_size": evaluation.batch_size,
@@ -700,6 +701,7 @@ def _check_common(cfg: Any) -> None:
     rows = {f"eval.{name}": getattr(evaluation, name) for name in ("max_rows", "reward_stats_rows") if hasattr(evaluation, name)}
     _at_least(0, {"train.eval_every": train.eval_every, "train.save_every": train.save_every, **rows})
     _within(0, MAX_SEED, {"train.seed": train.seed})
+    _within(1, MAX_STEPS, {"train.max_steps": train.max_steps})
     if isinstance(evaluation, EvalConfig):
         _at_least(1, {"eval.max_new_tokens": evaluation.max_new_tokens})
         _at_least(0, {"eval.temperature": evaluation.temperature})  # 0 decodes greedily

@@ -156,7 +156,7 @@ def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
 def find_resumable(stage: str, registry_root: str | Path | None, run_id: str | None) -> Path:
     """The run folder to continue: the one named, or the newest unfinished run of this stage."""
     registry = Registry(Path(registry_root or default_root()).expanduser().resolve())
-    if run_id:
+    if run_id is not None:  # `--run ''` is a mistake, not "the newest"
         check_run_id(run_id, stage)
         run_dir = registry.run_dir(run_id)
         if not (run_dir / CONFIG_FILE).is_file():

@@ -107,11 +107,27 @@ class Tracker:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """After a resume, drop rows a killed run wrote past its last checkpoint (they will be redone)."""
+    """After a resume, drop rows a killed run wrote past its last checkpoint (they will be redone),
+    and rows that are not whole (the cut last line a full disk or a kill mid-write leaves), saying so."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        row = _metrics_row(line)
+        if row is None and line.strip():
+            print_warning(f"{path}:{number} is not a whole metrics row (a write cut short); dropped")
+        elif row is not None and row["step"] <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _metrics_row(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl line as its row; None for a blank, cut or foreign line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def _start_wandb(run_dir: Path, tracking: TrackingConfig, config: dict[str, Any], run_id: str, *, resume: bool) -> Any:

@@ -387,6 +387,8 @@ def test_a_huge_integer_for_a_float_is_not_finite(tmp_path):
     ("sft", "train.keep_checkpoints=0", "train.keep_checkpoints must be at least 1, got 0"),
     ("sft", "train.seed=-1", "train.seed must be in [0, 4294967295], got -1"),
     ("sft", "train.seed=4294967296", "train.seed must be in [0, 4294967295]"),
+    ("sft", "train.max_steps=0", "train.max_steps must be in [1, 1000000000000], got 0"),
+    ("dpo", "train.max_steps=1000000000001", "train.max_steps must be in [1, 1000000000000], got 1000000000001"),
     ("rm", "optim.warmup_steps=-1", "optim.warmup_steps must be at least 0, got -1"),
     ("sft", "optim.weight_decay=-1", "optim.weight_decay must be at least 0"),
     ("sft", "optim.grad_clip=-1", "optim.grad_clip must be at least 0"),

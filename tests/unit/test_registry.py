@@ -820,3 +820,5 @@ def test_a_finished_or_removed_run_is_not_resumable(reg: Registry) -> None:
         find_resumable("sft", reg.root, "sft-gone")
     assert find_resumable("sft", reg.root, "sft-open") == reg.run_dir("sft-open").resolve()
     assert find_resumable("sft", reg.root, None) == reg.run_dir("sft-open")
+    with pytest.raises(UserError, match="--run '' is not a run id"):  # not "the newest"
+        find_resumable("sft", reg.root, "")

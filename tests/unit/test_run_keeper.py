@@ -51,3 +51,15 @@ def test_a_resume_drops_the_metric_rows_past_its_checkpoint(tmp_path):
     tracker.close()
     rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 4, 8, 9] and rows[-1]["loss"] == 0.5
+
+
+def test_a_cut_or_foreign_metrics_line_is_dropped_with_a_warning_not_a_traceback(tmp_path, capsys):
+    """What a full disk or a kill mid-write leaves: the last line cut short. The resume goes on."""
+    whole = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (0, 4, 8))
+    (tmp_path / METRICS_FILE).write_text(whole + '["not a row"]\n' + '{"step": 9, "lo')
+    tracker = Tracker(tmp_path, active=True, tracking=TrackingConfig(), config={}, run_id="sft-x", total_steps=12,
+                      start_step=8, description="sft")
+    tracker.close()
+    assert (tmp_path / METRICS_FILE).read_text() == whole
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warned) == 2 and f"{METRICS_FILE}:5 is not a whole metrics row" in warned[1], warned
