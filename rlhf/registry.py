@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -180,6 +181,10 @@ class Entry:
                 raise ValueError(f"field {key!r} must be a {_JSON_TYPE_NAMES[kind]}, not {type(value).__name__}")
         _check_name("id", d["id"])
         _check_name("stage", d["stage"])
+        try:  # entries sort by it: a `created` that is not a time would order them by whatever it says
+            datetime.fromisoformat(d["created"])
+        except ValueError:
+            raise ValueError(f"field 'created' is not an ISO time: {d['created'][:40]!r}") from None
         for kind, key in (("id", "parents"), ("tag", "tags")):
             for name in kwargs.get(key, ()):
                 _check_name(kind, name)
@@ -252,6 +257,7 @@ class Registry:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._warned: set[str] = set()  # damaged entry files already named: once per command, not per read
 
     @property
     def _entries_dir(self) -> Path:
@@ -568,24 +574,31 @@ class Registry:
     # --- storage ------------------------------------------------------------------------------
 
     def _stored_entries(self) -> list[Entry]:
-        """Entries as their files hold them (publish-time tags), oldest first."""
-        found = [self._read(self._entries_dir / name) for name in _list_json(self._entries_dir)]
+        """Entries as their files hold them (publish-time tags), oldest first. A damaged file is
+        skipped with a warning: one bad file (or a planted one) must not stop every registry command."""
+        found = []
+        for name in _list_json(self._entries_dir):
+            try:
+                found.append(self._read(self._entries_dir / name))
+            except UserError as exc:
+                if name not in self._warned:
+                    self._warned.add(name)
+                    _warn(f"{exc}; skipped")
         return sorted((e for e in found if e is not None), key=lambda e: (e.created, e.id))
 
     def _read(self, file: Path) -> Entry | None:
         """The entry in `file`, None if it does not exist; a corrupt file is the user's to fix."""
         try:
-            text = file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None  # removed between listing and reading
-        try:
-            entry = Entry.from_json(json.loads(text))
+            entry = Entry.from_json(json.loads(file.read_text(encoding="utf-8")))
             if entry.id != file.stem:  # `remove` and `get` find an entry by its id's file name
                 raise ValueError(f"its id {entry.id!r} is not its file name")
-        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-            raise UserError(
-                f"corrupt registry entry {file}: {e}; fix the JSON or remove the file"
-            ) from None
+        except FileNotFoundError:
+            return None  # removed between listing and reading
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors; a folder named *.json is an
+        # OSError; JSON nested thousands deep is a RecursionError.
+        except (ValueError, TypeError, OSError, RecursionError) as e:
+            said = "nested too deep" if isinstance(e, RecursionError) else (e.strerror if isinstance(e, OSError) else str(e))
+            raise UserError(f"corrupt registry entry {file}: {said}; fix the JSON or remove the file") from None
         return entry
 
     def _newest_assignments(self, stored: list[Entry]) -> dict[tuple[str, str], _Assignment]:
@@ -673,6 +686,11 @@ def _count(items: Sequence[str], one: str, many: str) -> str:
 def _inside(path: str, folder: Path) -> bool:
     resolved = Path(path).resolve()
     return resolved == folder or resolved.is_relative_to(folder)
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, as rlhf.tracking.print_warning writes it, without importing rich here."""
+    sys.stderr.write(f"warning: {message}\n")
 
 
 def _list_json(directory: Path) -> list[str]:

@@ -209,13 +209,37 @@ def plant_tag_file(reg: Registry, **change) -> Path:
     return file
 
 
-@pytest.mark.parametrize("args", [["ls"], ["ls", "--json"], ["tag", PLANTED, "best"], ["tag", SFT1, "best"],
-                                  ["show", PLANTED], ["untag", SFT2, "best"], ["rm", PPO1]])
+COMMANDS = [["ls"], ["ls", "--json"], ["tag", PLANTED, "best"], ["tag", SFT1, "best"], ["show", PLANTED], ["untag", SFT2, "best"],
+            ["rm", PPO1]]
+
+
+@pytest.mark.parametrize("args", COMMANDS)
 @pytest.mark.parametrize(("plant", "says"), [
     (lambda reg: plant_entry(reg, stage="../../escape"), "invalid stage '../../escape'"),
     (lambda reg: plant_entry(reg, id="sft/../../escape"), "invalid id 'sft/../../escape'"),
     (lambda reg: plant_entry(reg, id=".escape"), "invalid id '.escape'"),
     (lambda reg: plant_entry(reg, tags=["../../escape"]), "invalid tag '../../escape'"),
+])
+def test_a_planted_entry_is_skipped_in_one_line_and_nothing_leaves_the_root(chain: Registry, plant, says: str,
+                                                                            args: list[str]) -> None:
+    """Every command goes on without it, saying so; one that names it is refused."""
+    bad = plant(chain)
+    outside = chain.root.parent
+    before = sorted(str(p) for p in outside.rglob("*"))
+    result = cli(chain, *args)
+    named = PLANTED in args  # refused: as corrupt, or (skipped, said in a warning) as no such entry
+    lines = result.stderr.splitlines()
+    assert result.exit_code == (2 if named else 0), result.output
+    assert lines[-1].startswith("error: ") if named else (len(lines) == 1 and lines[0].startswith("warning: corrupt registry "))
+    assert len(lines) <= 2 and "Traceback" not in result.output
+    assert any(f"corrupt registry entry {bad}: {says}" in line and "remove the file" in line for line in lines)
+    assert PLANTED not in result.stdout
+    assert sorted(str(p) for p in outside.rglob("*") if not p.is_relative_to(chain.root)) == \
+        sorted(p for p in before if not Path(p).is_relative_to(chain.root))  # nothing written outside the root
+
+
+@pytest.mark.parametrize("args", COMMANDS)
+@pytest.mark.parametrize(("plant", "says"), [
     (lambda reg: plant_tag_file(reg, stage="../../escape"), "invalid stage '../../escape'"),
     (lambda reg: plant_tag_file(reg, tag="../../escape"), "invalid tag '../../escape'"),
 ])
