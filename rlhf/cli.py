@@ -149,6 +149,12 @@ def compare_methods(
 
         chosen = chosen_methods(methods, quick=quick)  # a wrong name stops before anything is made
         folder = (out or Path(default_root()) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            from rlhf.registry import not_a_folder
+
+            raise UserError(f"--out {folder}: {not_a_folder(folder, '--out')}") from None
         if (folder / "registry").exists():
             raise UserError(f"--out {folder} already holds a comparison (registry/); give another folder")
         compare(folder, folder / "registry", quick=quick, say=console.print, chosen=chosen)

@@ -909,6 +909,11 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+MAX_YAML_VALUES = 100_000
+"""Values a config file may hold once its aliases are expanded: a config has a few hundred; a file of
+nested aliases (a "billion laughs") would otherwise take minutes and gigabytes to read."""
+
+
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Parse a YAML mapping, remembering the line of every dotted key for error messages."""
     if path.is_dir():
@@ -918,9 +923,13 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     text = _read_text(path)
     try:
         root = yaml.compose(text)
+        if root is not None:
+            _check_expanded_size(root, path)
     except yaml.YAMLError as exc:
         position = getattr(exc, "position", None)  # a ReaderError (a control character) has no mark
         raise _yaml_error(path, exc, line=text.count("\n", 0, position) + 1 if position is not None else None) from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deep to be a config; fix the YAML") from None
     if root is None:
         return {}, {}
     if not isinstance(root, yaml.MappingNode):
@@ -928,6 +937,14 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     lines: dict[str, int] = {}
 
     def convert(node: yaml.Node, prefix: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            return convert_collection(node, prefix)
+        try:
+            return yaml.safe_load(yaml.serialize(node))
+        except yaml.YAMLError as exc:  # a tag safe_load refuses, e.g. !!python/object
+            raise _yaml_error(path, exc, line=node.start_mark.line + 1) from None
+
+    def convert_collection(node: yaml.Node, prefix: str) -> Any:
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
@@ -940,14 +957,38 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
                 lines[prefix + key] = line
                 out[key] = convert(value_node, f"{prefix}{key}.")
             return out
-        if isinstance(node, yaml.SequenceNode):
-            return [convert(item, prefix) for item in node.value]
-        try:
-            return yaml.safe_load(yaml.serialize(node))
-        except yaml.YAMLError as exc:  # a tag safe_load refuses, e.g. !!python/object
-            raise _yaml_error(path, exc, line=node.start_mark.line + 1) from None
+        return [convert(item, prefix) for item in node.value]
 
     return convert(root, ""), lines
+
+
+def _check_expanded_size(root: yaml.Node, path: Path) -> None:
+    """Refuse a file whose aliases contain themselves or expand past MAX_YAML_VALUES values, counting
+    each shared node once (so a "billion laughs" is measured in milliseconds, never built)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if isinstance(node, yaml.ScalarNode):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise UserError(f"{path}:{node.start_mark.line + 1}: a YAML alias that contains itself; write the values out")
+        open_nodes.add(id(node))
+        children = [v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else node.value
+        sizes[id(node)] = min(MAX_YAML_VALUES + 1, 1 + sum(size(child) for child in children))
+        open_nodes.discard(id(node))
+        return sizes[id(node)]
+
+    if size(root) > MAX_YAML_VALUES:
+        raise UserError(f"{path}: more than {MAX_YAML_VALUES:,} values once its YAML aliases are expanded "
+                        "(an alias bomb?); write the values out")
+
+
+def read_yaml_file(path: Path) -> dict[str, Any]:
+    """A YAML mapping as a config file is read (aliases bounded, tags refused); UserError otherwise."""
+    return _read_yaml(path)[0]
 
 
 def _read_text(path: Path) -> str:

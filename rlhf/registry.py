@@ -700,7 +700,15 @@ def _list_json(directory: Path) -> list[str]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
+    except NotADirectoryError:
+        raise UserError(not_a_folder(directory, "the registry (RLHF_HOME or --root)")) from None
     return [n for n in names if not n.startswith(".") and n.endswith(".json")]
+
+
+def not_a_folder(path: Path, what: str) -> str:
+    """The one line for a folder path that passes through a file: which file, and what must be a folder."""
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+    return f"{blocking} is a file, not a folder: {what} must name a folder"
 
 
 def _list_dirs(directory: Path) -> list[Path]:

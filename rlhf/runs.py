@@ -128,12 +128,12 @@ def open_run(stage: str, run_dir: str | Path) -> Run:
 def _check_complete(config_file: Path, cls: type) -> None:
     """A saved config names every key (save_config writes them all): a truncated or emptied file
     would otherwise resume with defaults for what it lost."""
-    import yaml
+    from rlhf.config import read_yaml_file
 
     try:
-        data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_file} is damaged ({type(exc).__name__}); this run cannot be resumed, start a new one") from None
+        data = read_yaml_file(config_file)
+    except UserError as exc:
+        raise UserError(f"{config_file} is damaged ({exc}); this run cannot be resumed, start a new one") from None
     present = set(_dotted_keys(data)) if isinstance(data, dict) else set()
     missing = [key for key in leaf_keys(cls) if key not in present]
     if missing:

@@ -226,6 +226,17 @@ CASES = [
     case("resume-with-overrides", "sft", "--resume", "optim.lr=1", expect="--resume continues a run"),
     case("nothing-to-resume", "rm", "--resume", expect="no unfinished rm run"),
     case("home-is-a-file", "sft", expect="RLHF_HOME", setup=write("home-file", "not a folder\n"), home_env="home-file"),
+    case("registry-home-is-a-file", "registry", "ls", expect="{files}/home-file is a file, not a folder: the registry",
+         setup=write("home-file", "not a folder\n"), home_env="home-file"),
+    case("compare-out-under-a-file", "compare", "--quick", "--out", "{files}/out-file/cmp",
+         expect="{files}/out-file is a file, not a folder: --out must name a folder", setup=write("out-file", "x\n")),
+    case("file-alias-bomb", "sft", "-c", "{files}/laughs.yaml", expect="laughs.yaml: more than 100,000 values",
+         setup=write("laughs.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+             f"{n}: &{n} [{', '.join([f'*{m}'] * 9)}]\n" for m, n in zip("abcdefgh", "bcdefghi")))),
+    case("file-recursive-alias", "rm", "-c", "{files}/loop.yaml", expect="loop.yaml:1: a YAML alias that contains itself",
+         setup=write("loop.yaml", "train: &t\n  seed: *t\n")),
+    case("run-id-empty", "sft", "--resume", "--run", "", expect="--run '' is not a run id"),
+    case("max-steps-beyond-any-run", "ppo", "train.max_steps=10000000000000", expect="train.max_steps must be in [1, 1000000000000]"),
     case("home-cannot-be-made", "sft", expect="RLHF_HOME", setup=write("home-file", "not a folder\n"), home_env="home-file/sub"),
 ]
 

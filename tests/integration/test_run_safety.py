@@ -133,7 +133,8 @@ def test_no_usable_checkpoint_stops_in_one_line(unfinished, tmp_path):
     assert (checkpoint(run_dir, 8)).is_dir()  # nothing deleted: the user decides
 
 
-@pytest.mark.parametrize("content", ["", "model:\n  name_or_path: toy\n", "model: [unclosed\n", b"\xff\xfe"])
+@pytest.mark.parametrize("content", ["", "model:\n  name_or_path: toy\n", "model: [unclosed\n", b"\xff\xfe",
+                                     "train: &t\n  seed: *t\n", "model: &m\n  lora: [*m, *m]\n"])
 def test_a_truncated_or_damaged_run_config_is_not_resumed_with_defaults(unfinished, tmp_path, content):
     run_dir = copy_of(unfinished, tmp_path / "home")
     if isinstance(content, bytes):

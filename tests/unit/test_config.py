@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -466,3 +467,24 @@ def test_model_references_that_name_nothing(tmp_path):
     with pytest.raises(UserError, match=f"the folder of sft entry {gone.name} .* has no config.json"):
         resolve_model("sft:latest", registry)
     assert resolve_model("someorg/some-model", registry).kind == "hub"  # one slash: a hub name
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{m}'] * 9)}]\n" for m, n in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    (LAUGHS, "more than 100,000 values once its YAML aliases are expanded (an alias bomb?)"),  # 9**9 values
+    ("train: &t\n  seed: *t\n", ":1: a YAML alias that contains itself"),
+    ("optim: &o [1, *o]\n", ":1: a YAML alias that contains itself"),
+])
+def test_a_yaml_file_that_expands_without_bound_is_refused_at_once(tmp_path, text, expected):
+    started = time.monotonic()
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_config(SFTConfig, write(tmp_path, text))
+    assert time.monotonic() - started < 1.0
+
+
+def test_yaml_nested_past_the_parsers_depth_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="nested too deep to be a config"):
+        load_config(SFTConfig, write(tmp_path, "x: " + "[" * 5_000 + "]" * 5_000 + "\n"))
