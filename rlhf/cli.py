@@ -63,7 +63,7 @@ def _stage_command(stage: str, summary: str) -> None:
         launch = LaunchChoice(num_gpus, launcher, hostfile, verbose)
         if resume:
             _guard(lambda: _resume_stage(stage=stage, launch=launch, run_id=run, registry=registry, dry_run=dry_run,
-                                         given=bool(overrides or config)))
+                                         config=config, overrides=overrides or []))
         else:
             _guard(lambda: _launch_stage(stage=stage, launch=launch, overrides=overrides or [], config=config, run_id=run,
                                          dry_run=dry_run))
@@ -295,6 +295,7 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     from rlhf.runs import resolve_config
     from rlhf.slurm import Resources, check_script_value, dry_run_listing, render_script, sbatch_path, stage_jobs, submit_script
     from rlhf.tracking import console
+    from rlhf.trust import as_override, code_running_settings
 
     if target not in (*STAGES, "pipeline"):
         raise UserError(f"rlhf submit takes {', '.join(STAGES)} or pipeline, not {target!r}")
@@ -323,11 +324,15 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     files = {stage: str(Path(path).resolve()) for stage, path in stage_configs.items() if path}
     stage_args = {stage: ([ "-c", files[stage]] if stage in files else []) + per_stage[stage] for stage in chain}
     # Config mistakes (unknown keys, bad values) surface now; references resolve when each job starts.
-    roots = {Path(resolve_config(stage, files.get(stage), per_stage[stage]).run.registry) for stage in chain}
+    resolved = {stage: resolve_config(stage, files.get(stage), per_stage[stage]) for stage in chain}
+    roots = {Path(cfg.run.registry) for cfg in resolved.values()}
     if len(roots) > 1:
         raise UserError(f"the stages would use different registries ({', '.join(map(str, sorted(roots)))}); set run.registry for all")
     registry = Registry(roots.pop())
-    jobs = stage_jobs(chain, registry_root=registry.root, new_run_id=registry.new_run_id, stage_args=stage_args)
+    # What the user's config lets run as code is confirmed again on a requeue's resume (rlhf.trust).
+    trusted = {stage: [as_override(k, v) for k, v in code_running_settings(cfg).items()] for stage, cfg in resolved.items()}
+    jobs = stage_jobs(chain, registry_root=registry.root, new_run_id=registry.new_run_id, stage_args=stage_args,
+                      resume_args=trusted)
     rlhf_exe = shutil.which("rlhf") or str(Path(sys.executable).with_name("rlhf"))
     command_line = shlex.join(["rlhf", "submit", *sys.argv[2:]]) if len(sys.argv) > 1 else "rlhf submit"
     scripts = {job.run_id: render_script(job, res, registry_root=registry.root, workdir=Path.cwd(), rlhf_exe=rlhf_exe,
@@ -408,15 +413,18 @@ def _launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], con
 
 
 def _resume_stage(*, stage: str, launch: LaunchChoice, run_id: str | None, registry: Path | None,
-                  dry_run: bool, given: bool) -> Path | None:
-    """Continue a run from its last checkpoint, launched as it was unless told otherwise."""
+                  dry_run: bool, config: Path | None, overrides: list[str]) -> Path | None:
+    """Continue a run from its last checkpoint, launched as it was unless told otherwise. Overrides may
+    only repeat the run's values: those that run code must be (rlhf.trust)."""
     from rlhf.launch import LaunchSpec, build_command
-    from rlhf.runs import LaunchRecord, find_resumable, load_launch, open_run
+    from rlhf.runs import CONFIG_FILE, LaunchRecord, find_resumable, load_launch, open_run
+    from rlhf.trust import check_resume_overrides
 
-    if given:
-        raise UserError("--resume continues a run with its saved config; drop --config and the overrides")
+    if config:
+        raise UserError("--resume continues a run with its saved config; drop --config")
     run_dir = find_resumable(stage, registry, run_id)
-    open_run(stage, run_dir)  # a damaged config, or a folder outside its registry, stops here
+    run = open_run(stage, run_dir)  # a damaged config, or a folder outside its registry, stops here
+    check_resume_overrides(stage, run_dir / CONFIG_FILE, run.config, overrides)
     saved = load_launch(run_dir) or LaunchRecord(num_gpus=1, launcher="deepspeed")
     hostfile = launch.hostfile or (Path(saved.hostfile) if saved.hostfile else None)
     record = LaunchRecord(num_gpus=saved.num_gpus if launch.num_gpus is None else launch.num_gpus,

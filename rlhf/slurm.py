@@ -103,6 +103,8 @@ class StageJob:
     run_id: str
     run_dir: Path
     stage_args: tuple[str, ...]
+    resume_args: tuple[str, ...] = ()
+    """The code-running settings the submitting user gave (rlhf.trust), repeated when a requeue resumes."""
 
     @property
     def script_path(self) -> Path:
@@ -117,7 +119,7 @@ class StageJob:
                 f"run id {self.run_id!r} of the {self.stage} job is not a plain name (letters, digits, '.', '_', '-')"
             )
         check_script_value(f"the log file of the {self.stage} job", str(self.log_pattern))
-        for arg in self.stage_args:
+        for arg in (*self.stage_args, *self.resume_args):
             check_script_value(f"argument of `rlhf {self.stage}`", arg)
 
     @property
@@ -207,7 +209,7 @@ def _run_lines(job: StageJob, res: Resources, rlhf_exe: str) -> list[str]:
     start = f"{q(rlhf_exe)} {q(job.stage)} --launcher srun -n {res.ranks}"
     return [
         'if [ -f "$RLHF_HOME/runs/$RUN_ID/config.yaml" ]; then',
-        f'  set -- {start} --resume --run "$RUN_ID" --registry "$RLHF_HOME"',
+        f'  set -- {start} --resume --run "$RUN_ID" --registry "$RLHF_HOME" {shlex.join(job.resume_args)}'.rstrip(),
         "else",
         f'  set -- {start} --run "$RUN_ID" {shlex.join(job.stage_args)}'.rstrip(),
         "fi",
@@ -222,7 +224,8 @@ def _run_lines(job: StageJob, res: Resources, rlhf_exe: str) -> list[str]:
     ]
 
 
-def stage_jobs(stages: tuple[str, ...], *, registry_root: Path, new_run_id, stage_args: dict[str, list[str]]) -> list[StageJob]:
+def stage_jobs(stages: tuple[str, ...], *, registry_root: Path, new_run_id, stage_args: dict[str, list[str]],
+               resume_args: dict[str, list[str]] | None = None) -> list[StageJob]:
     """One job per stage, later stages pointed at the earlier jobs' runs (unless the user set them)."""
     jobs: list[StageJob] = []
     run_ids: dict[str, str] = {}
@@ -230,7 +233,7 @@ def stage_jobs(stages: tuple[str, ...], *, registry_root: Path, new_run_id, stag
         run_id = new_run_id(stage)
         args = with_parents(stage, list(stage_args.get(stage, [])), run_ids)
         run_ids[stage] = run_id
-        jobs.append(StageJob(stage, run_id, registry_root / "runs" / run_id, tuple(args)))
+        jobs.append(StageJob(stage, run_id, registry_root / "runs" / run_id, tuple(args), tuple((resume_args or {}).get(stage, ()))))
     return jobs
 
 

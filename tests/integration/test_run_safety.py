@@ -271,3 +271,21 @@ def test_a_rank_that_dies_is_named_and_the_others_stop(tmp_path):
     again = rlhf("sft", "--resume", "--dry-run", home=home)
     assert_ok(again)
     assert run_dir.name in again.stdout and "--num_gpus 2" in again.stdout
+
+
+def test_a_run_folder_cannot_turn_on_code_for_a_resume(unfinished, tmp_path):
+    """Someone with write access to the run sets model.trust_remote_code in its config.yaml: a plain
+    --resume refuses it in one line that says how to confirm it; repeating it confirms it; an override
+    on --resume that changes a value is refused."""
+    run_dir = copy_of(unfinished, tmp_path / "home")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"]["trust_remote_code"] = True
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    refused = rlhf("sft", "--resume", home=tmp_path / "home")
+    assert refused.code == 2 and "sets model.trust_remote_code, which runs code from outside rlhf" in one_error_line(refused)
+    assert f"repeat it: rlhf sft --resume --run {run_dir.name} model.trust_remote_code=true" in refused.stderr
+    changed = rlhf("sft", "--resume", "model.trust_remote_code=true", "optim.lr=1", home=tmp_path / "home")
+    assert changed.code == 2 and "an override on --resume may only repeat a value" in one_error_line(changed)
+    assert not (run_dir / "lock.json").exists() and not (checkpoint(run_dir, 12)).exists()
+    confirmed = rlhf("sft", "--resume", "model.trust_remote_code=true", home=tmp_path / "home")
+    assert resumed_at(confirmed, run_dir) == 8
