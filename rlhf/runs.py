@@ -113,6 +113,7 @@ def open_run(stage: str, run_dir: str | Path) -> Run:
     config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
+    _refuse_links(run_dir)
     _check_complete(config_file, STAGE_CONFIGS[stage])
     cfg = load_config(STAGE_CONFIGS[stage], config_file)
     registry = Registry(cfg.run.registry or default_root())
@@ -123,6 +124,16 @@ def open_run(stage: str, run_dir: str | Path) -> Run:
             "resume runs in place, under <registry>/runs/"
         )
     return Run(stage, run_dir.name, run_dir, cfg, registry)
+
+
+def _refuse_links(run_dir: Path) -> None:
+    """A run writes and reads only its own files: a symlink planted in its folder (its config, metrics,
+    final model or a checkpoint) would send a resume's reads or writes somewhere else."""
+    checkpoints = run_dir / "checkpoints"
+    inside = list(checkpoints.iterdir()) if checkpoints.is_dir() and not checkpoints.is_symlink() else []
+    for path in (run_dir / CONFIG_FILE, run_dir / LAUNCH_FILE, run_dir / "metrics.jsonl", run_dir / "final", checkpoints, *inside):
+        if path.is_symlink():
+            raise UserError(f"{path} is a symbolic link; a run folder holds only its own files: remove the link to resume")
 
 
 def _check_complete(config_file: Path, cls: type) -> None:

@@ -289,3 +289,18 @@ def test_a_run_folder_cannot_turn_on_code_for_a_resume(unfinished, tmp_path):
     assert not (run_dir / "lock.json").exists() and not (checkpoint(run_dir, 12)).exists()
     confirmed = rlhf("sft", "--resume", "model.trust_remote_code=true", home=tmp_path / "home")
     assert resumed_at(confirmed, run_dir) == 8
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "final", "checkpoints/step-0000008", "config.yaml"])
+def test_a_symbolic_link_in_a_run_folder_is_refused_in_one_line(unfinished, tmp_path, name):
+    run_dir = copy_of(unfinished, tmp_path / "home")
+    elsewhere = tmp_path / "elsewhere"
+    link = run_dir / name
+    if link.exists():
+        link.rename(elsewhere)
+    else:
+        elsewhere.mkdir()
+    link.symlink_to(elsewhere)
+    result = rlhf("sft", "--resume", home=tmp_path / "home")
+    assert result.code == 2 and f"{link} is a symbolic link" in one_error_line(result)
+    assert not (run_dir / "lock.json").exists()
