@@ -237,6 +237,8 @@ CASES = [
     case("file-recursive-alias", "rm", "-c", "{files}/loop.yaml", expect="loop.yaml:1: a YAML alias that contains itself",
          setup=write("loop.yaml", "train: &t\n  seed: *t\n")),
     case("run-id-empty", "sft", "--resume", "--run", "", expect="--run '' is not a run id"),
+    case("gguf-truncated", "sft", "model.name_or_path={files}/cut.gguf", expect="cannot read {files}/cut.gguf as a GGUF model",
+         setup=write("cut.gguf", b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)),
     case("max-steps-beyond-any-run", "ppo", "train.max_steps=10000000000000", expect="train.max_steps must be in [1, 1000000000000]"),
     case("home-cannot-be-made", "sft", expect="RLHF_HOME", setup=write("home-file", "not a folder\n"), home_env="home-file/sub"),
 ]
