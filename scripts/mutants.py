@@ -123,7 +123,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "unknown = sorted(set(saved) - known)", "unknown = []",
            (U + "test_run_keeper.py::test_state_a_stage_does_not_know_is_refused",)),
     Mutant("resume_keeps_a_row_past_the_checkpoint", "resume", "rlhf/tracking.py", "metrics row one past the checkpoint not dropped",
-           'json.loads(line)["step"] <= step]', 'json.loads(line)["step"] <= step + 1]',
+           'elif row is not None and row["step"] <= step:', 'elif row is not None and row["step"] <= step + 1:',
            (U + "test_run_keeper.py::test_a_resume_drops_the_metric_rows_past_its_checkpoint",)),
     Mutant("resume_checkpoints_one_step_early", "resume", "rlhf/run_keeper.py", "periodic checkpoint at step k*N - 1",
            "state.step % train.save_every == 0", "(state.step + 1) % train.save_every == 0",
