@@ -30,6 +30,7 @@ from rlhf.fileio import atomic_write_text
 from rlhf.registry import Registry, default_root
 from rlhf.toy import TOY
 from rlhf.tracking import print_error
+from rlhf.trust import resume_command
 
 CONFIG_FILE = "config.yaml"
 LAUNCH_FILE = "launch.json"
@@ -361,7 +362,7 @@ def _run_rank(run: Run, main: Callable[[Run], None]) -> int:
         code = EXIT_PEER_LOST
         if not os.environ.get(SUPERVISED_ENV):
             print_error(f"rank {os.environ.get('RANK', '0')} lost contact with another rank ({_first(exc)}); "
-                        f"the run stopped: resume it with `rlhf {run.stage} --resume --run {run.run_id}`")
+                        f"the run stopped: resume it with `{resume_command(run.stage, run.run_id, run.config)}`")
     finally:
         record_rank(run.run_dir, code=code)
     return code

@@ -49,6 +49,12 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}={text}"
 
 
+def resume_command(stage: str, run_id: str, cfg: Any) -> str:
+    """The command that resumes the run, with the code-running settings of `cfg` repeated to confirm them."""
+    repeat = [shlex.quote(as_override(key, value)) for key, value in code_running_settings(cfg).items()]
+    return " ".join(["rlhf", stage, "--resume", "--run", run_id, *repeat])
+
+
 def check_resume_overrides(stage: str, config_file: Path, cfg: Any, overrides: list[str]) -> None:
     """A resume's overrides may only repeat the run's values, and must repeat each code-running one."""
     if overrides:
@@ -60,11 +66,9 @@ def check_resume_overrides(stage: str, config_file: Path, cfg: Any, overrides: l
             raise UserError(f"--resume continues a run with its saved config, where {key} is {stored[key]!r}, not "
                             f"{again.get(key)!r}; an override on --resume may only repeat a value, to confirm it")
     confirmed = {item.split("=", 1)[0].strip() for item in overrides}
-    missing = {key: value for key, value in code_running_settings(cfg).items() if key not in confirmed}
+    missing = [key for key in code_running_settings(cfg) if key not in confirmed]
     if missing:
-        run_dir = config_file.parent
-        repeat = " ".join(shlex.quote(as_override(key, value)) for key, value in missing.items())
         raise UserError(
             f"{config_file} sets {', '.join(missing)}, which runs code from outside rlhf; a resume does not take that "
-            f"from a run folder: if you trust it, repeat it: rlhf {stage} --resume --run {run_dir.name} {repeat}"
+            f"from a run folder: if you trust it, repeat it: {resume_command(stage, config_file.parent.name, cfg)}"
         )

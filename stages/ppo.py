@@ -75,6 +75,7 @@ from rlhf.rollout import (
 from rlhf.run_keeper import LoopState, RunKeeper
 from rlhf.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
+from rlhf.trust import resume_command
 
 GENERATION_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits generation may keep for the old log-probs
 SCORE_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 response logits one scoring forward may produce (rollout.score_batch_size=0)
@@ -358,7 +359,7 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
         scored = score(seqs, models, cfg, data, dist, critic=models.critic, sampled=sampled)
     except RewardFailed as exc:  # resumable once the function is fixed: the dotted name is imported anew
         keeper.stop(state, f"{exc}; the run stopped in step {state.step + 1} and saved its state in {keeper.run.checkpoint_dir}: "
-                           f"fix the function and resume (`rlhf ppo --resume --run {keeper.run.run_id}`)")
+                           f"fix the function and resume (`{resume_command('ppo', keeper.run.run_id, cfg)}`)")
     stop_if_nonfinite(keeper, state, dist, "a reward-model score or a critic value", scored.scores, scored.values)
 
     # 6. Rewards and advantages.

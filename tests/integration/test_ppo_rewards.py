@@ -62,7 +62,8 @@ def test_function_failing_on_one_rank_stops_every_rank_in_one_line_with_a_checkp
     result = rlhf("ppo", "-n", "2", *SHORT, "data.eval=null", f"reward.name_or_path={FUNCS}:raises_on_rank_1",
                   home=home, env=ON_PATH)
     assert_user_error(result, f"{FUNCS}:raises_on_rank_1 raised RuntimeError: reward server unreachable from rank 1",
-                      "stopped in step 1", "rlhf ppo --resume")
+                      "stopped in step 1", "rlhf ppo --resume --run ",
+                      f"'reward.name_or_path=[{FUNCS}:raises_on_rank_1]'")  # the resume command confirms the function
     [run_dir] = ppo_runs(home)
     assert json.loads((run_dir / "checkpoints" / "resume.json").read_text())["step"] == 0
     assert not [e for e in entries(home) if e["stage"] in ("ppo", "critic")]
