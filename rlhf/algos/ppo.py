@@ -39,6 +39,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Population variance (divide by count) of x over all valid entries; a scalar."""
+    # Zero the padding before x - mean: a huge finite pad would square to inf, and inf * 0 is a NaN gradient.
+    x, mask = masked_where(x, mask)
     mean = masked_mean(x, mask)
     return masked_mean((x - mean) ** 2, mask)
 
@@ -58,6 +60,7 @@ def masked_whiten(
     masked_sums all-reduced across ranks so every rank whitens alike. shift_mean=False adds the
     mean back: the spread is normalized but the sign of the average is kept.
     """
+    x = masked_where(x, mask)[0]  # padding must not reach x - mean, which can overflow
     if mean is None:
         mean = masked_mean(x, mask)
     if var is None:
@@ -330,6 +333,9 @@ def explained_variance(
     var(returns) == 0 there is nothing to explain and the result is 0 (not nan or +-inf), so
     logged curves stay finite.
     """
+    # Mask both before subtracting: pads of opposite sign near the float limit would give inf.
+    returns, mask = masked_where(returns, mask)
+    values = masked_where(values, mask)[0]
     var_returns = masked_var(returns, mask)
     var_residual = masked_var(returns - values, mask)
     zero = torch.zeros((), dtype=var_returns.dtype, device=var_returns.device)

@@ -256,6 +256,66 @@ def test_masked_whiten_matches_loop(seed, dtype, pattern, shift_mean):
     assert torch.equal(masked_whiten(garbled(x, mask, gen), mask, shift_mean=shift_mean), out)
 
 
+def near_the_limit(x: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x with every masked entry replaced by +-(close to the largest finite value of x's dtype)."""
+    sign = torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0).to(x.dtype)
+    return torch.where(mask, x, sign * torch.finfo(x.dtype).max * 0.9)
+
+
+def grad_of(fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(fn(*inputs) detached, the gradients of its value with respect to each input)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def statistics_of_valid(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor, shift_mean: bool):
+    """The three statistics on x[mask] only, straightforwardly (used in float64 as the reference)."""
+    def var(v):
+        return ((v - v.mean()) ** 2).mean()
+
+    def whiten(v):
+        out = (v[mask] - v[mask].mean()) / torch.sqrt(var(v[mask]) + 1e-8)
+        return (out * w[mask]).sum() + (0 if shift_mean else (v[mask].mean() * w[mask]).sum())
+
+    return {
+        "var": lambda v: var(v[mask]),
+        "whiten": whiten,
+        "explained": lambda v, r: 1 - var((r - v)[mask]) / var(r[mask]),
+    }
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_padding_near_the_float_limit_changes_no_value_and_no_gradient(seed, dtype, pattern, shift_mean):
+    gen = torch.Generator().manual_seed(seed)
+    mask = make_mask(gen, pattern)
+    x, w = randn(gen, B, R, dtype=dtype) * 2 + 3, randn(gen, B, R, dtype=dtype)
+    returns = randn(gen, B, R, dtype=dtype) * 2
+    ours = {
+        "var": lambda v: masked_var(v, mask),
+        "whiten": lambda v: (masked_whiten(v, mask, shift_mean=shift_mean) * w).sum(),
+        "explained": lambda v, r: explained_variance(v, r, mask),
+    }
+    ref = statistics_of_valid(x.double(), mask, w.double(), shift_mean)
+    for name, args in (("var", (x,)), ("whiten", (x,)), ("explained", (returns + randn(gen, B, R, dtype=dtype), returns))):
+        dirty = [near_the_limit(a, mask, gen) for a in args]
+        value, grads = grad_of(ours[name], *dirty)
+        clean_value, clean_grads = grad_of(ours[name], *(torch.where(mask, a, 0) for a in args))
+        # The padding changes nothing, bit for bit, and its gradient is exactly 0.
+        assert torch.equal(value, clean_value), name
+        for g, clean in zip(grads, clean_grads):
+            assert torch.isfinite(g).all() and torch.all(g[~mask] == 0), name
+            assert torch.equal(g, clean), name
+        ref_value, ref_grads = grad_of(ref[name], *(a.double() for a in args))
+        close(value, ref_value, dtype)
+        for g, r in zip(grads, ref_grads):
+            close(g, r, dtype)
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", SEEDS)
