@@ -9,7 +9,7 @@ or a gradient, and outputs at masked positions are 0.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,9 @@ def masked_whiten(
 ) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) at valid positions, 0 at padding; same shape as x.
 
-    mean, var: statistics to use instead of x's own over mask, e.g. from moments_from_sums of
-    masked_sums all-reduced across ranks so every rank whitens alike. shift_mean=False adds the
-    mean back: the spread is normalized but the sign of the average is kept.
+    mean, var: statistics to use instead of x's own over mask, e.g. from masked_moments with an
+    all-reduce across ranks so every rank whitens alike. shift_mean=False adds the mean back: the
+    spread is normalized but the sign of the average is kept.
     """
     x = masked_where(x, mask)[0]  # padding must not reach x - mean, which can overflow
     if mean is None:
@@ -73,21 +73,46 @@ def masked_whiten(
     return masked_where(out, mask)[0]
 
 
-def masked_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(3,) float64 [sum, sum of squares, count] of x over valid entries; add these across ranks."""
+def masked_sums(x: torch.Tensor, mask: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+    """(3,) float64 [sum of x - shift, sum of (x - shift)^2, count] over valid entries; add these across ranks.
+
+    shift: one number every rank uses, best near the mean (masked_moments takes it from a first
+    all-reduce), so the squares carry the spread rather than the offset and keep its digits.
+    """
     x, mask = masked_where(x.double(), mask)
-    return torch.stack([x.sum(), (x * x).sum(), mask.sum().double()])
+    d = masked_where(x - shift, mask)[0]
+    return torch.stack([d.sum(), (d * d).sum(), mask.sum().double()])
 
 
-def moments_from_sums(sums: torch.Tensor) -> tuple[float, float]:
-    """(mean, population variance) from masked_sums output, possibly summed over ranks.
+def moments_from_sums(sums: torch.Tensor, shift: float = 0.0) -> tuple[float, float]:
+    """(mean, population variance) from masked_sums(x, mask, shift) output, possibly summed over ranks.
 
-    The count is clamped to >= 1 and the variance to >= 0 (E[x^2] - E[x]^2 can round below 0).
+    The variance is E[(x - shift)^2] - E[x - shift]^2: exact when shift is near the mean, but a
+    shift far from it cancels the spread away (shift 0 at an offset of 1e8 gives 0), hence
+    masked_moments. The count is clamped to >= 1 and the variance to >= 0.
     """
     total, total_sq, count = (float(v) for v in sums.tolist())
     count = max(count, 1.0)
-    mean = total / count
-    return mean, max(total_sq / count - mean * mean, 0.0)
+    d = total / count
+    return shift + d, max(total_sq / count - d * d, 0.0)
+
+
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, all_reduce: Callable[[torch.Tensor], object] | None = None
+) -> tuple[float, float]:
+    """(mean, population variance) of x over the valid entries of every rank, in float64.
+
+    all_reduce: sums a tensor in place across ranks (torch.distributed.all_reduce); None for one
+    process. Two all-reduces: the first gives the mean, the second the squared deviations from it.
+    A sum cannot merge per-rank (mean, M2) pairs, but it adds sums taken about a shared shift exactly.
+    """
+    mean = 0.0
+    for _ in range(2):
+        sums = masked_sums(x, mask, shift=mean)
+        if all_reduce is not None:
+            all_reduce(sums)
+        mean, var = moments_from_sums(sums, shift=mean)
+    return mean, var
 
 
 def _scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ from rlhf.algos.ppo import (
     kl_per_token,
     logprobs_from_logits,
     masked_mean,
+    masked_moments,
     masked_sums,
     masked_var,
     masked_whiten,
@@ -343,6 +344,33 @@ def test_masked_sums_across_two_ranks_whiten_like_the_concatenation(seed, dtype,
             masked_whiten(x_b, mask_b, shift_mean=shift_mean, mean=mean, var=var),
         ])
         close(split, whole.double(), dtype)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6, 1e8])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_moments_far_from_zero_are_exact_across_ranks(seed, dtype, pattern, offset):
+    gen = torch.Generator().manual_seed(seed)
+    mask_a, mask_b = make_mask(gen, pattern), make_mask(gen, pattern, rows=3)
+    x_a, x_b = randn(gen, B, R) + offset, randn(gen, 3, R) * 4 + offset + 1.5
+    x_a, x_b = garbled(x_a.to(dtype), mask_a, gen), garbled(x_b.to(dtype), mask_b, gen)
+    both, both_mask = torch.cat([x_a, x_b]), torch.cat([mask_a, mask_b])
+    valid = both[both_mask].double().tolist()  # the values as the inputs hold them, in float64
+    ref_m = math.fsum(valid) / len(valid)
+    ref_v = math.fsum((v - ref_m) ** 2 for v in valid) / len(valid)
+
+    # masked_moments' two all-reduces, done by hand: every rank's sums about one shared shift.
+    shift, _ = moments_from_sums(masked_sums(x_a, mask_a) + masked_sums(x_b, mask_b))
+    mean, var = moments_from_sums(masked_sums(x_a, mask_a, shift) + masked_sums(x_b, mask_b, shift), shift)
+    assert mean == pytest.approx(ref_m, rel=1e-15, abs=1e-12)
+    assert var == pytest.approx(ref_v, rel=1e-10)
+    assert masked_moments(both, both_mask) == pytest.approx((ref_m, ref_v), rel=1e-10)
+    if dtype == torch.float64:
+        # The whitened values, to 1e-6: E[x^2] - E[x]^2 was off by 3e-2 at 1e6 and gave var 0 at 1e8.
+        expected = ref_whiten(rows(both), both_mask.tolist(), True, 1e-8)
+        split = [masked_whiten(x, m, mean=mean, var=var) for x, m in ((x_a, mask_a), (x_b, mask_b))]
+        torch.testing.assert_close(torch.cat(split), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
 def test_moments_from_sums_of_nothing_are_zero():

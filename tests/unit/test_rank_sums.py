@@ -1,12 +1,15 @@
-"""RankSums: named float64 sums, reduced over ranks in one collective, aligned by name."""
+"""RankSums: named float64 sums, reduced over ranks in one collective, aligned by name; and
+masked_moments, whose two all-reduces give every rank the moments of all ranks' values."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 import torch
 
+from rlhf.algos.ppo import masked_moments, masked_whiten
 from rlhf.rank_sums import RankSums
 from tests.ranks import on_ranks
 
@@ -50,3 +53,36 @@ def _rank(rank: int, world: int, port: int, out) -> None:
 def test_two_ranks_sum_by_name():
     out = on_ranks(_rank)
     assert out[0] == out[1] == {"a": 3.5, "b": 16.0}
+
+
+def _rows_of(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s rows: values near 1e8 (where one-pass E[x^2] - E[x]^2 has no digits left), a
+    spread and a mean that differ by rank, and 1e30 garbage at the padding."""
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(3 + rank, 6, generator=gen, dtype=torch.float64) * (1 + 3 * rank) + 1e8 + 2.5 * rank
+    mask = torch.rand(x.shape, generator=gen) < 0.7
+    return torch.where(mask, x, 1e30), mask
+
+
+def _moments_rank(rank: int, world: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    x, mask = _rows_of(rank)
+    mean, var = masked_moments(x, mask, all_reduce=torch.distributed.all_reduce)
+    out[rank] = (mean, var, masked_whiten(x, mask, mean=mean, var=var)[mask].tolist())
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_whiten_values_far_from_zero_like_their_concatenation():
+    out = on_ranks(_moments_rank)
+    valid = []
+    for rank in (0, 1):
+        x, mask = _rows_of(rank)
+        valid += x[mask].tolist()
+    mean = math.fsum(valid) / len(valid)
+    var = math.fsum((v - mean) ** 2 for v in valid) / len(valid)
+    assert out[0][:2] == out[1][:2]  # every rank whitens with the same statistics
+    assert out[0][:2] == pytest.approx((mean, var), rel=1e-12)
+    whitened = out[0][2] + out[1][2]
+    assert whitened == pytest.approx([(v - mean) / math.sqrt(var + 1e-8) for v in valid], rel=1e-6, abs=1e-6)
