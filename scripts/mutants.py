@@ -96,7 +96,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "total = (nll * counted).sum()", "total = nll.sum()",
            (U + "test_lm_loss.py::test_tokens_outside_the_mask_change_nothing",)),
     Mutant("best_of_n_cut_may_win", "algos", "rlhf/algos/best_of_n.py", "a response cut without EOS can be kept",
-           "ranked = first + ended.double() * lift", "ranked = first",
+           "cand = torch.where(ended.any(dim=1, keepdim=True), ended, torch.ones_like(ended))", "cand = torch.ones_like(ended)",
            (U + "test_best_of_n.py::test_an_ended_response_beats_a_cut_one_whatever_their_rewards",)),
     # --- rlhf/registry.py ----------------------------------------------------------------------
     Mutant("registry_latest_is_oldest", "registry", "rlhf/registry.py", "`stage:latest` resolves to the oldest entry",

@@ -41,9 +41,8 @@ from rlhf.algos.ppo import (
     explained_variance,
     gae,
     kl_per_token,
-    masked_sums,
+    masked_moments,
     masked_whiten,
-    moments_from_sums,
     penalized_rewards,
     shape_scores,
     value_loss,
@@ -575,9 +574,7 @@ def stop_if_nonfinite(keeper: RunKeeper, state: PPOState, dist: Dist, what: str,
 
 def global_moments(x: torch.Tensor, mask: torch.Tensor, dist: Dist) -> dict[str, float]:
     """Mean and variance of `x` over the valid tokens of every rank's rollouts."""
-    sums = masked_sums(x, mask)
-    torch.distributed.all_reduce(sums)
-    mean, var = moments_from_sums(sums)
+    mean, var = masked_moments(x, mask, all_reduce=torch.distributed.all_reduce)
     return {"mean": mean, "var": var}
 
 
