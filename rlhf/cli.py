@@ -417,13 +417,17 @@ def _resume_stage(*, stage: str, launch: LaunchChoice, run_id: str | None, regis
     """Continue a run from its last checkpoint, launched as it was unless told otherwise. Overrides may
     only repeat the run's values: those that run code must be (rlhf.trust)."""
     from rlhf.launch import LaunchSpec, build_command
-    from rlhf.runs import CONFIG_FILE, LaunchRecord, find_resumable, load_launch, open_run
+    from rlhf.runs import CONFIG_FILE, LaunchRecord, find_resumable, load_launch, model_source_digests, open_run
+    from rlhf.start_record import check_same_sources, verified_record
     from rlhf.trust import check_resume_overrides
 
     if config:
         raise UserError("--resume continues a run with its saved config; drop --config")
     run_dir = find_resumable(stage, registry, run_id)
-    run = open_run(stage, run_dir)  # a damaged config, or a folder outside its registry, stops here
+    # A damaged, planted or edited run folder, or one outside its registry, stops here (rlhf.start_record).
+    run = open_run(stage, run_dir)
+    check_same_sources(run_dir, verified_record(run_dir, stage=stage, registry=run.registry.root.resolve()),
+                       model_source_digests(run.config, run.registry))
     check_resume_overrides(stage, run_dir / CONFIG_FILE, run.config, overrides)
     saved = load_launch(run_dir) or LaunchRecord(num_gpus=1, launcher="deepspeed")
     hostfile = launch.hostfile or (Path(saved.hostfile) if saved.hostfile else None)

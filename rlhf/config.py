@@ -400,6 +400,12 @@ class PPOConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (each PPO step makes ppo.epochs passes of whole minibatches): what the
+        learning-rate schedules anneal over."""
+        minibatches = self.rollout.batch_size // self.engine.micro_batch_size // self.engine.grad_accum
+        return self.train.max_steps * self.ppo.epochs * minibatches
+
     def validate(self) -> None:
         _check_common(self)
         data, engine, rollout = self.data, self.engine, self.rollout
@@ -706,12 +712,23 @@ def _check_common(cfg: Any) -> None:
         _at_least(1, {"eval.max_new_tokens": evaluation.max_new_tokens})
         _at_least(0, {"eval.temperature": evaluation.temperature})  # 0 decodes greedily
     _check_optim(cfg.optim, "optim")
+    _check_warmup(cfg)
     _check_model(cfg.model, "model")
     _check_tags(cfg.run.tags)
     if engine.offload_params and engine.zero_stage != 3:
         raise UserError("engine.offload_params needs engine.zero_stage=3 (parameters are only partitioned there)")
     if engine.offload_optimizer and engine.zero_stage == 0:
         raise UserError("engine.offload_optimizer needs engine.zero_stage of 1, 2 or 3")
+
+
+def _check_warmup(cfg: Any) -> None:
+    """A warmup longer than the run never reaches the learning rate it names (a typo, or max_steps cut short)."""
+    steps = cfg.optimizer_steps() if hasattr(cfg, "optimizer_steps") else cfg.train.max_steps
+    for prefix in ("optim", "critic_optim"):
+        optim = getattr(cfg, prefix, None)
+        if optim is not None and optim.warmup_steps > steps > 0:  # 0 steps: a batch size of 0, refused after
+            raise UserError(f"{prefix}.warmup_steps={optim.warmup_steps} is longer than the run's {steps} optimizer steps "
+                            f"(train.max_steps={cfg.train.max_steps}); lower it, e.g. {prefix}.warmup_steps={steps // 10}")
 
 
 def _check_optim(optim: OptimConfig, prefix: str) -> None:

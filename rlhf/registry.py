@@ -40,6 +40,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from rlhf.errors import UserError
+from rlhf.start_record import record_problem
 
 ADAPTER_KINDS = ("none", "merged", "adapter")
 DATASET_FILES = {"bon": "train.jsonl"}
@@ -452,6 +453,7 @@ class Registry:
                     f"cannot purge {entry.id}: its run folder {purge_dir} is not inside {runs}; "
                     f"remove it without --purge and delete the folder yourself"
                 )
+            _check_own_run(entry, purge_dir, self.root.resolve())
             # PPO's critic entry lives in the PPO run's folder: deleting it would orphan the other.
             sharing = [e.id for e in others if _inside(e.run_dir, purge_dir) or _inside(e.path, purge_dir)]
             if sharing:
@@ -677,6 +679,17 @@ def _holding(entry: Entry, owners: dict[tuple[str, str], str]) -> Entry:
     held = [t for t in entry.tags if owners.get((entry.stage, t)) == entry.id]
     later = sorted(t for (stage, t), owner in owners.items() if owner == entry.id and stage == entry.stage)
     return replace(entry, tags=tuple(dict.fromkeys(held + later)))
+
+
+def _check_own_run(entry: Entry, run_dir: Path, root: Path) -> None:
+    """Purge only the folder of the run that made `entry` (its id, or its `<id>-critic` companion), as its
+    start record sealed by this user says: an entry crafted to point at another run's folder deletes nothing."""
+    problem = record_problem(run_dir, stage=None, registry=root)
+    if problem is None and entry.id not in (run_dir.name, f"{run_dir.name}-critic"):
+        problem = f"was not started for {entry.id}"
+    if problem:
+        raise UserError(f"cannot purge {entry.id}: run {run_dir.name} {problem}; remove the entry without --purge "
+                        "and delete the folder yourself if it is yours")
 
 
 def _count(items: Sequence[str], one: str, many: str) -> str:

@@ -2,10 +2,11 @@
 
 The CLI prepares the folder before launching (so config mistakes surface before any rank starts);
 a stage program started directly with `--config` prepares its own. Layout of `<registry>/runs/<id>/`:
-`config.yaml` (resolved), `launch.json` (ranks, launcher, hostfile: what `--resume` reuses),
-`lock.json` (while a process runs it), `ranks/` (each rank's pid and exit status, for naming a rank
-that died), `started.json` (the stage got past loading: from then on the run is resumable, before
-it a failed start is cleaned away), `metrics.jsonl`, `checkpoints/` (resumable), `final/`
+`config.yaml` (resolved), `start_record.json` (what the run started with, sealed by its owner: see
+rlhf.start_record), `launch.json` (ranks, launcher, hostfile: what `--resume` reuses), `lock.json`
+(while a process runs it), `ranks/` (each rank's pid and exit status, for naming a rank that died),
+`started.json` (the stage got past loading: from then on the run is resumable, before it a failed
+start is cleaned away), `metrics.jsonl`, `checkpoints/` (resumable), `final/`
 (save_pretrained), `wandb/` when enabled.
 """
 
@@ -24,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf.config import STAGE_CONFIGS, leaf_keys, load_config, save_config
+from rlhf.config import STAGE_CONFIGS, leaf_keys, load_config, save_config, to_dict
 from rlhf.errors import EXIT_STOPPED, EXIT_USER_ERROR, StoppedBySignal, UserError
 from rlhf.fileio import atomic_write_text
-from rlhf.registry import Registry, default_root
+from rlhf.registry import Registry, default_root, is_reference
+from rlhf.start_record import START_FILE, check_same_config, record_problem, source_digests, verified_record, write_start_record
 from rlhf.toy import TOY
 from rlhf.tracking import print_error
 from rlhf.trust import resume_command
@@ -105,7 +107,24 @@ def create_run(stage: str, cfg: Any, run_id: str | None = None) -> Run:
             "at a folder you can write"
         ) from None
     save_config(cfg, run_dir / CONFIG_FILE)
+    write_start_record(run_dir, run_id=run_id, stage=stage, registry=registry.root.resolve(), config=to_dict(cfg),
+                       sources=model_source_digests(cfg, registry))
     return Run(stage, run_id, run_dir, cfg, registry)
+
+
+def model_source_digests(cfg: Any, registry: Registry) -> dict[str, str]:
+    """Each model source of `cfg` pinned by content (see rlhf.start_record.source_digests)."""
+
+    def resolve_entry(text: str) -> tuple[str, str] | None:
+        if not is_reference(text):
+            return None
+        try:
+            entry = registry.resolve(text)
+        except UserError:
+            return None  # gone since: pinned as written, so a resume names the change
+        return entry.id, entry.path
+
+    return source_digests(to_dict(cfg), resolve_entry)
 
 
 def open_run(stage: str, run_dir: str | Path) -> Run:
@@ -124,6 +143,9 @@ def open_run(stage: str, run_dir: str | Path) -> Run:
             f"{run_dir} is not inside the registry its {CONFIG_FILE} names ({registry.root}); "
             "resume runs in place, under <registry>/runs/"
         )
+    # Sealed at start by the run's owner: a planted folder, or a config edited since, stops here.
+    record = verified_record(run_dir, stage=stage, registry=registry.root.resolve())
+    check_same_config(run_dir, record, to_dict(cfg))
     return Run(stage, run_dir.name, run_dir, cfg, registry)
 
 
@@ -178,8 +200,15 @@ def find_resumable(stage: str, registry_root: str | Path | None, run_id: str | N
         if run_id in registry.removed_ids():
             raise UserError(f"run '{run_id}' finished and was removed with `rlhf registry rm`; nothing to resume")
         return run_dir
-    candidates = [p for p in registry.incomplete_runs(stage) if (p / CONFIG_FILE).is_file()
-                  and _RUN_ID_RE.fullmatch(p.name)]
+    unfinished = [p for p in registry.incomplete_runs(stage) if (p / CONFIG_FILE).is_file() and _RUN_ID_RE.fullmatch(p.name)]
+    # Only runs this user started in this registry: a folder anyone could plant is never "the newest".
+    candidates = [p for p in unfinished if record_problem(p, stage=stage, registry=registry.root) is None]
+    if len(candidates) < len(unfinished):
+        from rlhf.tracking import console
+
+        skipped = [p.name for p in unfinished if p not in candidates]
+        console.print(f"[yellow]skipped {len(skipped)} unfinished {stage} run(s) without a start record sealed by you "
+                      f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}); resume one by --run to see why[/]")
     if not candidates:
         raise UserError(
             f"no unfinished {stage} run to resume in {registry.root} (start one with `rlhf {stage}`)"
@@ -222,7 +251,7 @@ def discard_failed_start(run_dir: Path) -> bool:
     resuming); True if removed. Files others put there (a SLURM log, the job script) stay."""
     if (run_dir / STARTED_FILE).exists():
         return False
-    ours = (CONFIG_FILE, LAUNCH_FILE, RANKS_DIR, "checkpoints", "metrics.jsonl", "wandb")
+    ours = (CONFIG_FILE, START_FILE, LAUNCH_FILE, RANKS_DIR, "checkpoints", "metrics.jsonl", "wandb")
     for name in ours:
         path = run_dir / name
         if path.is_dir():

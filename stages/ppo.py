@@ -215,7 +215,7 @@ def minibatches_per_epoch(cfg: PPOConfig) -> int:
 
 def total_updates(cfg: PPOConfig) -> int:
     """Optimizer steps of the whole run: what both learning-rate schedules anneal over."""
-    return cfg.train.max_steps * cfg.ppo.epochs * minibatches_per_epoch(cfg) // cfg.engine.grad_accum
+    return cfg.optimizer_steps()
 
 
 def describe(cfg: PPOConfig, data: Data, models: PPOModels, dist: Dist) -> str:

@@ -9,12 +9,17 @@ job several times slower instead of each twice as slow.
 from __future__ import annotations
 
 import os
+import tempfile
 
 
 def pytest_configure(config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # Before any test module imports torch; the launcher keeps an OMP_NUM_THREADS it is given.
         os.environ["OMP_NUM_THREADS"] = "1"
+    elif "RLHF_SEAL_KEY" not in os.environ:
+        # The runs' seal key (rlhf.start_record): one per session, shared by the workers it starts,
+        # rather than the user's own ~/.config/rlhf/seal.key.
+        os.environ["RLHF_SEAL_KEY"] = os.path.join(tempfile.mkdtemp(prefix="rlhf-seal-"), "seal.key")
 
 
 # pytest-xdist (--dist loadfile --no-loadscope-reorder) hands out whole files in collection order,

@@ -44,11 +44,11 @@ def test_sft_rm_ppo(arch, tmp_path):
     folder = tiny_model_folder(arch, tmp_path / arch)
     result = rlhf(
         "pipeline", "--no-report", "--launcher", "python", "--sft-config", QUICK, "--rm-config", RM_QUICK, "--ppo-config", PPO_QUICK,
-        f"sft:model.name_or_path={folder}", "sft:train.max_steps=4", "sft:eval.max_rows=8",
+        f"sft:model.name_or_path={folder}", "sft:train.max_steps=4", "sft:optim.warmup_steps=1", "sft:eval.max_rows=8",
         # What the shipped presets set (tests/integration/test_presets.py runs them in `make test-full`).
         *(("sft:engine.precision=bf16", "sft:model.attn_implementation=sdpa", "sft:model.gradient_checkpointing=true",
            "rm:model.gradient_checkpointing=true") if arch == "opt" else ()),
-        "rm:train.max_steps=4", "rm:eval.max_rows=8", "rm:eval.reward_stats_rows=16",
+        "rm:train.max_steps=4", "rm:optim.warmup_steps=1", "rm:eval.max_rows=8", "rm:eval.reward_stats_rows=16",
         # One minibatch per step, one epoch: the first minibatch is the whole first update.
         "ppo:train.max_steps=2", "ppo:ppo.epochs=1", "ppo:rollout.batch_size=8", "ppo:engine.micro_batch_size=8",
         "ppo:eval.max_rows=8", "ppo:eval.batch_size=8", "ppo:train.eval_every=0",

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 GOOD_ROW = {"prompt": "1+1=", "response": "2"}
 # Added where today's code lets the case through to a launch (see the cases' comments), so that a
 # check still missing costs seconds of training instead of a whole default run.
-CHEAP = ("train.max_steps=1", "data.eval=null")
+CHEAP = ("train.max_steps=1", "optim.warmup_steps=0", "data.eval=null")
 
 
 @dataclass(frozen=True)

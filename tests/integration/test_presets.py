@@ -20,7 +20,8 @@ from tests.integration.test_architectures import tiny_model_folder
 pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 # Short runs: every preset's own intervals replaced by one step, so evaluation and checkpoints happen.
-SHORT = ("train.max_steps=2", "train.eval_every=1", "train.save_every=1", "eval.max_rows=8")
+# The presets' warmups (up to 100 steps) are longer than these runs, which rlhf refuses: one step of warmup.
+SHORT = ("train.max_steps=2", "train.eval_every=1", "train.save_every=1", "eval.max_rows=8", "optim.warmup_steps=1")
 
 
 def rm_static_like(path: Path) -> str:
@@ -45,7 +46,7 @@ def test_opt_presets_sft_rm_ppo(tmp_path):
         ("sft", "sft-opt-1.3b.yaml", [f"model.name_or_path={opt}"]),
         ("rm", "rm-opt-350m.yaml", [f"model.name_or_path={opt}", "eval.reward_stats_rows=16"]),
         # 256 new tokens would pass the tiny model's 128 learned positions.
-        ("ppo", "ppo-opt-1.3b.yaml", [f"data.ptx={data}", "rollout.max_new_tokens=8", "data.ptx_max_length=32"]),
+        ("ppo", "ppo-opt-1.3b.yaml", [f"data.ptx={data}", "rollout.max_new_tokens=8", "data.ptx_max_length=32", "critic_optim.warmup_steps=1"]),
     ):
         config, written = preset(name)
         result = rlhf(stage, "-c", config, *(f"{k}={v}" for k, v in files.items()), *extra, *SHORT, home=home, timeout=900)

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf.config import STAGE_CONFIGS, load_config, to_dict
+from rlhf.start_record import START_FILE, write_start_record
 from tests.integration.conftest import ONE_PROCESS, QUICK, RLHF, Result, assert_ok, cli_env, entries, rlhf
 
 pytestmark = pytest.mark.slow
@@ -40,13 +42,19 @@ def unfinished(tmp_path_factory) -> Path:
     return home
 
 
-def copy_of(source: Path, home: Path) -> Path:
-    """`source`'s registry copied to `home` (the run's config names its new registry); the run folder."""
+def copy_of(source: Path, home: Path, **section_changes: dict) -> Path:
+    """`source`'s registry copied to `home`, as if its run had started there: its config names its new
+    registry (and `section_changes`), its start record is sealed again by the owner's key; the run folder."""
     shutil.copytree(source, home, dirs_exist_ok=True)
     [run_dir] = (home / "runs").iterdir()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config["run"]["registry"] = str(home)
+    config["run"]["registry"] = str(home.resolve())
+    for section, changes in section_changes.items():
+        config[section].update(changes)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    started = json.loads((run_dir / START_FILE).read_text())
+    write_start_record(run_dir, run_id=run_dir.name, stage="sft", registry=home.resolve(),
+                       config=to_dict(load_config(STAGE_CONFIGS["sft"], run_dir / "config.yaml")), sources=started["sources"])
     return run_dir
 
 
@@ -162,8 +170,12 @@ def test_a_run_folder_copied_from_elsewhere_is_not_resumed(unfinished, tmp_path)
     """Its config names another registry, where a resume would publish."""
     home = tmp_path / "home"
     shutil.copytree(unfinished, home)
+    [run_dir] = (home / "runs").iterdir()
     result = rlhf("sft", "--resume", home=home)
-    assert result.code == 2 and "is not inside the registry" in one_error_line(result)
+    assert result.code == 2 and "no unfinished sft run to resume" in one_error_line(result)
+    assert f"skipped 1 unfinished sft run(s) without a start record sealed by you ({run_dir.name})" in result.stdout
+    named = rlhf("sft", "--resume", "--run", run_dir.name, home=home)
+    assert named.code == 2 and "is not inside the registry" in one_error_line(named)
 
 
 def test_resume_launches_the_run_as_it_was_launched(unfinished, tmp_path):
@@ -273,14 +285,10 @@ def test_a_rank_that_dies_is_named_and_the_others_stop(tmp_path):
     assert run_dir.name in again.stdout and "--num_gpus 2" in again.stdout
 
 
-def test_a_run_folder_cannot_turn_on_code_for_a_resume(unfinished, tmp_path):
-    """Someone with write access to the run sets model.trust_remote_code in its config.yaml: a plain
-    --resume refuses it in one line that says how to confirm it; repeating it confirms it; an override
-    on --resume that changes a value is refused."""
-    run_dir = copy_of(unfinished, tmp_path / "home")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config["model"]["trust_remote_code"] = True
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+def test_a_run_started_with_code_running_settings_resumes_only_when_they_are_repeated(unfinished, tmp_path):
+    """A run the user started with model.trust_remote_code: a plain --resume refuses it in one line that
+    says how to confirm it; repeating it confirms it; an override on --resume that changes a value is refused."""
+    run_dir = copy_of(unfinished, tmp_path / "home", model={"trust_remote_code": True})
     refused = rlhf("sft", "--resume", home=tmp_path / "home")
     assert refused.code == 2 and "sets model.trust_remote_code, which runs code from outside rlhf" in one_error_line(refused)
     assert f"repeat it: rlhf sft --resume --run {run_dir.name} model.trust_remote_code=true" in refused.stderr
@@ -289,6 +297,52 @@ def test_a_run_folder_cannot_turn_on_code_for_a_resume(unfinished, tmp_path):
     assert not (run_dir / "lock.json").exists() and not (checkpoint(run_dir, 12)).exists()
     confirmed = rlhf("sft", "--resume", "model.trust_remote_code=true", home=tmp_path / "home")
     assert resumed_at(confirmed, run_dir) == 8
+
+
+def plant(home: Path, run_id: str, config: dict) -> Path:
+    """A run folder made by hand under `home`/runs, as anyone who can write the registry could."""
+    run_dir = home / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return run_dir
+
+
+REMOTE_CODE = "import pathlib, sys\npathlib.Path(sys.argv[0]).with_name('ran').touch()\n"
+
+
+def test_a_planted_or_edited_run_folder_never_resumes(unfinished, tmp_path):
+    """A newer run planted with trust_remote_code on a folder with an auto_map module is skipped by a
+    plain --resume (which names the run it picks) and refused by --resume --run; so is a start record
+    sealed by another key, and an edit of the real run's config. Nothing is imported, nothing trained."""
+    home = tmp_path / "home"
+    run_dir = copy_of(unfinished, home)
+    module = tmp_path / "evil"
+    module.mkdir()
+    (module / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+    (module / "evil.py").write_text(REMOTE_CODE)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"].update(name_or_path=str(module), trust_remote_code=True)
+    planted = plant(home, "sft-20991231-000000-deadbeef", config)
+    picked = rlhf("sft", "--resume", "--dry-run", home=home)
+    assert_ok(picked)
+    assert "skipped 1 unfinished sft run(s) without a start record sealed by you (sft-20991231-000000-deadbeef)" in picked.stdout
+    assert f"--run-dir {run_dir}" in picked.stdout and str(planted) not in picked.stdout
+    named = rlhf("sft", "--resume", "--run", planted.name, "model.trust_remote_code=true", home=home)
+    assert named.code == 2 and f"run {planted.name} has no start record" in one_error_line(named)
+    # A start record for it, sealed by another user's key.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLHF_SEAL_KEY", str(tmp_path / "other-user.key"))
+        write_start_record(planted, run_id=planted.name, stage="sft", registry=home.resolve(), config=config, sources={})
+    sealed_elsewhere = rlhf("sft", "--resume", "--run", planted.name, "model.trust_remote_code=true", home=home)
+    assert sealed_elsewhere.code == 2 and "that your seal key" in one_error_line(sealed_elsewhere)
+    assert "skipped 1 unfinished" in rlhf("sft", "--resume", "--dry-run", home=home).stdout
+    config["model"].update(name_or_path="toy", trust_remote_code=False)
+    config["optim"]["lr"] = 0.5
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    edited = rlhf("sft", "--resume", "--run", run_dir.name, home=home)
+    assert edited.code == 2
+    assert f"sets optim.lr to 0.5, but run {run_dir.name} started with" in one_error_line(edited) and "the file was edited" in edited.stderr
+    assert not (module / "ran").exists() and not (planted / "lock.json").exists() and not checkpoint(run_dir, 12).exists()
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "final", "checkpoints/step-0000008", "config.yaml"])

@@ -224,7 +224,7 @@ LAUNCHER_CHATTER = ("Unable to find hostfile", "[INFO] [launch.py", "Setting CUD
 
 def test_library_chatter_shows_only_with_verbose(home):
     # The DeepSpeed launcher (its chatter is the subject), one short step, no evaluation.
-    short = ("-c", QUICK, "train.max_steps=1", "train.eval_every=0", "data.eval=null")
+    short = ("-c", QUICK, "train.max_steps=1", "optim.warmup_steps=0", "train.eval_every=0", "data.eval=null")
     # A fresh interpreter: what a user sees includes what the libraries say when first imported.
     quiet = rlhf("sft", *short, home=home, fresh_interpreter=True)
     assert_ok(quiet)

@@ -411,11 +411,24 @@ def test_a_huge_integer_for_a_float_is_not_finite(tmp_path):
     ("ppo", "ppo.score_clip=-1", "ppo.score_clip must be positive"),
     ("ppo", "data.ptx_max_length=1", "data.ptx_max_length must be at least 2"),
     ("ppo", "rollout.score_batch_size=-1", "rollout.score_batch_size must be at least 0, got -1"),
+    ("sft", "train.max_steps=10 optim.warmup_steps=11",
+     "optim.warmup_steps=11 is longer than the run's 10 optimizer steps (train.max_steps=10); lower it, e.g. optim.warmup_steps=1"),
+    ("dpo", "train.max_steps=3", "optim.warmup_steps=10 is longer than the run's 3 optimizer steps"),
+    # PPO: 2 steps x 4 epochs x (64 rollouts / 8 per minibatch) = 64 optimizer steps.
+    ("ppo", "train.max_steps=2 rollout.batch_size=64 engine.micro_batch_size=8 ppo.epochs=4 critic_optim.warmup_steps=65",
+     "critic_optim.warmup_steps=65 is longer than the run's 64 optimizer steps (train.max_steps=2)"),
 ])
 def test_values_out_of_range(stage, override, expected):
     with pytest.raises(UserError) as err:
         load_config(STAGE_CONFIGS[stage], None, override.split(" "))
     assert expected in str(err.value), str(err.value)
+
+
+def test_a_warmup_as_long_as_the_run_is_accepted():
+    assert load_config(SFTConfig, None, ["train.max_steps=10", "optim.warmup_steps=10"]).optim.warmup_steps == 10
+    ppo = load_config(STAGE_CONFIGS["ppo"], None, ["train.max_steps=2", "rollout.batch_size=64", "engine.micro_batch_size=8",
+                                                   "engine.grad_accum=2", "ppo.epochs=4", "optim.warmup_steps=32"])
+    assert ppo.optimizer_steps() == 32
 
 
 def test_zero_means_off_and_null_turns_optional_floats_off():

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from rlhf.cli_registry import app
 from rlhf.errors import UserError
 from rlhf.registry import Entry, LineageNode, Registry, TagChange, check_tags, default_root, is_reference, now_iso
+from rlhf.start_record import write_start_record
 
 
 def hf_folder(path: Path, marker: str = "config.json") -> Path:
@@ -24,6 +25,9 @@ def hf_folder(path: Path, marker: str = "config.json") -> Path:
 
 def make_entry(reg: Registry, entry_id: str, *, created: str | None = None, **kw) -> Entry:
     stage = kw.pop("stage", entry_id.split("-")[0])
+    if "run_dir" not in kw:  # the entry's own run, with the start record its start wrote (rlhf.start_record)
+        reg.run_dir(entry_id).mkdir(parents=True, exist_ok=True)
+        write_start_record(reg.run_dir(entry_id), run_id=entry_id, stage=stage, registry=reg.root.resolve(), config={}, sources={})
     run = Path(kw.pop("run_dir", reg.run_dir(entry_id)))
     if "path" not in kw:
         kw["path"] = str(hf_folder(run / "hf"))
@@ -545,6 +549,23 @@ def test_purge_refuses_a_run_folder_another_entry_lives_in(reg: Registry) -> Non
     assert reg.entries() == [] and not reg.run_dir(PPO1).exists()
 
 
+def test_purge_deletes_only_the_run_that_made_the_entry(reg: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry crafted to name another run's folder, or a folder whose start record is not this user's,
+    is removed without deleting anything."""
+    publish(reg, SFT1, t(1))
+    crafted = publish(reg, SFT2, t(2), run_dir=str(reg.run_dir(SFT1)), path=str(hf_folder(reg.run_dir(SFT1) / "x")))
+    with pytest.raises(UserError, match=f"cannot purge {SFT2}: run {SFT1} was not started for {SFT2}; remove the entry without"):
+        reg.remove(crafted.id, purge=True)
+    publish(reg, RM1, t(3))
+    monkeypatch.setenv("RLHF_SEAL_KEY", str(tmp_path / "someone-else.key"))
+    with pytest.raises(UserError, match=f"cannot purge {RM1}: run {RM1} has a start record .* that your seal key"):
+        reg.remove(RM1, purge=True)
+    (reg.run_dir(RM1) / "start_record.json").unlink()
+    with pytest.raises(UserError, match=f"cannot purge {RM1}: run {RM1} has no start record"):
+        reg.remove(RM1, purge=True)
+    assert all(reg.run_dir(i).is_dir() for i in (SFT1, RM1)) and len(reg.entries()) == 3
+
+
 def test_purge_refuses_a_run_folder_outside_the_registry(reg: Registry, tmp_path: Path) -> None:
     outside = hf_folder(tmp_path / "my-models" / "hf")
     publish(reg, SFT1, t(1), run_dir=str(outside.parent), path=str(outside))
@@ -827,10 +848,13 @@ def test_cli_lists_the_entries_it_can_read_and_warns_of_a_corrupt_one(pipeline: 
 
 def test_a_finished_or_removed_run_is_not_resumable(reg: Registry) -> None:
     from rlhf.runs import CONFIG_FILE, find_resumable
+    from rlhf.start_record import write_start_record
 
-    for run_id in ("sft-done", "sft-gone", "sft-open"):
+    for run_id in ("sft-done", "sft-gone", "sft-open", "sft-20991231-000000-deadbeef"):
         reg.run_dir(run_id).mkdir(parents=True)
         (reg.run_dir(run_id) / CONFIG_FILE).write_text("{}\n")
+        if run_id != "sft-20991231-000000-deadbeef":  # the newest, planted without a sealed start record
+            write_start_record(reg.run_dir(run_id), run_id=run_id, stage="sft", registry=reg.root.resolve(), config={}, sources={})
     publish(reg, "sft-done", t(1))
     publish(reg, "sft-gone", t(2))
     reg.remove("sft-gone")
