@@ -46,7 +46,8 @@ def test_opt_presets_sft_rm_ppo(tmp_path):
         ("sft", "sft-opt-1.3b.yaml", [f"model.name_or_path={opt}"]),
         ("rm", "rm-opt-350m.yaml", [f"model.name_or_path={opt}", "eval.reward_stats_rows=16"]),
         # 256 new tokens would pass the tiny model's 128 learned positions.
-        ("ppo", "ppo-opt-1.3b.yaml", [f"data.ptx={data}", "rollout.max_new_tokens=8", "data.ptx_max_length=32", "critic_optim.warmup_steps=1"]),
+        ("ppo", "ppo-opt-1.3b.yaml", [f"data.ptx={data}", "rollout.max_new_tokens=8", "data.ptx_max_length=32",
+                                        "critic_optim.warmup_steps=1"]),
     ):
         config, written = preset(name)
         result = rlhf(stage, "-c", config, *(f"{k}={v}" for k, v in files.items()), *extra, *SHORT, home=home, timeout=900)
