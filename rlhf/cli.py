@@ -72,11 +72,37 @@ def _stage_command(stage: str, summary: str) -> None:
     app.command(stage, context_settings={"allow_extra_args": False})(command)
 
 
+def _label_command(
+    overrides: OverridesArg = None,
+    by: Annotated[Optional[str], typer.Option("--by", help="Who ranks: oracle, python:pkg.mod:fn or judge:<model> (the key `by`).",
+                                              show_default=False)] = None,
+    config: ConfigOpt = None,
+    num_gpus: NumGpusOpt = None,
+    hostfile: HostfileOpt = None,
+    launcher: LauncherOpt = None,
+    resume: ResumeOpt = False,
+    run: RunOpt = None,
+    registry: RegistryOpt = None,
+    dry_run: DryRunOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Rank each prompt's sampled responses (samples:latest) by the oracle, a python: function or a judge model: prefs:<id>."""
+    launch = LaunchChoice(num_gpus, launcher, hostfile, verbose)
+    overrides = [*(overrides or []), *([f"by={by}"] if by is not None else [])]
+    if resume:
+        _guard(lambda: _resume_stage(stage="label", launch=launch, run_id=run, registry=registry, dry_run=dry_run,
+                                     config=config, overrides=overrides))
+    else:
+        _guard(lambda: _launch_stage(stage="label", launch=launch, overrides=overrides, config=config, run_id=run, dry_run=dry_run))
+
+
 _stage_command("sft", "Supervised fine-tuning on demonstrations (loss on response tokens only).")
 _stage_command("rm", "Reward model on comparisons (Bradley-Terry; ranked lists give all their pairs), from sft:latest by default.")
 _stage_command("ppo", "PPO against the reward model with a KL penalty to the SFT policy (actor sft:latest, critic and reward rm:latest).")
 _stage_command("dpo", "Direct preference optimization of sft:latest on comparisons, no reward model (dpo, ipo, kto, simpo, orpo).")
 _stage_command("bon", "Best-of-N: N samples per prompt from sft:latest, the reward's best kept as an SFT dataset, and the best-of-n curve.")
+_stage_command("sample", "K responses per prompt from sft:latest (ids, log-probs, seeds) for a labeler to rank: samples:<id>.")
+app.command("label", context_settings={"allow_extra_args": False})(_label_command)
 
 
 @app.command("config")
@@ -206,15 +232,24 @@ def pipeline(
     num_gpus: NumGpusOpt = None,
     launcher: LauncherOpt = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write the report folder (markdown and plots) at the end.")] = True,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", help="Feedback rounds after SFT: each samples the newest policy, "
+        "labels (--label-by), trains the reward model on all comparisons so far, then PPO.", show_default=False)] = None,
+    label_by: Annotated[Optional[str], typer.Option("--label-by", help="With --rounds: the labeler (oracle, python:pkg.mod:fn, "
+        "judge:<model>).", show_default=False)] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """sft -> rm -> ppo (or the --stages given, e.g. sft,dpo), each stage its own program; each later
     stage starts from the runs before it (by registry reference), then a summary table and a report
-    of the last run and its lineage."""
+    of the last run and its lineage. With --rounds N: sft, then N rounds of sample, label, rm, ppo."""
 
     def run_all() -> None:
         from rlhf.pipeline import parse_stages, split_stage_overrides, with_parents
 
+        if rounds is not None or label_by is not None:
+            _run_rounds(rounds, label_by, stages=stages, overrides=overrides or [], report=report,
+                        configs={"sft": sft_config, "rm": rm_config, "ppo": ppo_config, "dpo": dpo_config},
+                        launch=LaunchChoice(num_gpus, launcher, None, verbose))
+            return
         chain = parse_stages(stages)
         configs = _stage_configs(chain, {"sft": sft_config, "rm": rm_config, "ppo": ppo_config, "dpo": dpo_config})
         per_stage = split_stage_overrides(overrides or [], chain)
@@ -227,6 +262,39 @@ def pipeline(
             _pipeline_summary(run_dir.parent.parent, run_ids[chain[-1]])
 
     _guard(run_all)
+
+
+def _run_rounds(rounds: int | None, label_by: str | None, *, stages: str | None, overrides: list[str], report: bool,
+                configs: dict[str, Path | None], launch: LaunchChoice) -> None:
+    """`rlhf pipeline --rounds N --label-by X`: SFT once, then N rounds (rlhf.pipeline.round_overrides), every entry chained."""
+    from rlhf.config import STAGE_CONFIGS, load_config
+    from rlhf.labelers import parse_labeler
+    from rlhf.pipeline import ROUND_STAGES, round_overrides, split_stage_overrides
+    from rlhf.tracking import console
+
+    if rounds is None or label_by is None:
+        raise UserError("--rounds N and --label-by LABELER go together (e.g. --rounds 3 --label-by oracle)")
+    if not 1 <= rounds <= 100:
+        raise UserError(f"--rounds must be between 1 and 100, got {rounds}")
+    if stages is not None:
+        raise UserError("--rounds runs sft then sample, label, rm, ppo each round; drop --stages")
+    parse_labeler(label_by, key="--label-by")
+    chain = ("sft", *ROUND_STAGES)
+    config_files = _stage_configs(chain, configs)
+    per_stage = split_stage_overrides(overrides, chain)
+    for stage in chain:  # every stage's keys and values, before the first run starts (its references come later)
+        load_config(STAGE_CONFIGS[stage], config_files.get(stage), per_stage[stage])
+    sft_dir = _launch_stage(stage="sft", launch=launch, overrides=per_stage["sft"], config=config_files.get("sft"))
+    previous: dict[str, str] = {}
+    for number in range(1, rounds + 1):
+        current: dict[str, str] = {}
+        for stage in ROUND_STAGES:
+            args = round_overrides(stage, per_stage[stage], sft=sft_dir.name, previous=previous, current=current, label_by=label_by)
+            current[stage] = _launch_stage(stage=stage, launch=launch, overrides=args, config=config_files.get(stage)).name
+        console.print(f"[bold]round {number} of {rounds}[/]: " + ", ".join(f"{stage} {run}" for stage, run in current.items()))
+        previous = current
+    if report:
+        _pipeline_summary(sft_dir.parent.parent, previous["ppo"])
 
 
 def _stage_configs(chain: tuple[str, ...], given: dict[str, Path | None]) -> dict[str, Path | None]:

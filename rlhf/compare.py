@@ -30,7 +30,8 @@ from rlhf.errors import UserError
 RL_EVAL = ("train.eval_every=15", "eval.max_rows=400")
 QUICK_RL = ("train.max_steps=4", "rollout.batch_size=16", "engine.micro_batch_size=8", "train.eval_every=2",
             "eval.max_rows=32", "train.save_every=0")
-QUICK_DPO = ("train.max_steps=6", "train.eval_every=3", "eval.max_rows=32", "eval.max_prompts=32", "train.save_every=0")
+QUICK_DPO = ("train.max_steps=6", "optim.warmup_steps=1", "train.eval_every=3", "eval.max_rows=32", "eval.max_prompts=32",
+             "train.save_every=0")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from rlhf.config import ModelConfig
 from rlhf.errors import UserError, first_line
 from rlhf.gguf import ensure_converted, is_gguf
 from rlhf.gguf import origin as gguf_origin
-from rlhf.registry import Entry, Registry, is_reference
+from rlhf.registry import DATASET_FILES, Entry, Registry, is_reference
 from rlhf.tokenizer import check_same_tokenizer, load_tokenizer
 from rlhf.toy import TOY
 
@@ -58,6 +58,9 @@ def resolve_model(name_or_path: str, registry: Registry, *, key: str = "model.na
             entry = registry.resolve(name_or_path)
         except UserError as error:  # say which key holds the reference: a PPO config has three
             raise UserError(f"{key}={name_or_path}: {error}") from None
+        if entry.stage in DATASET_FILES:
+            raise UserError(f"{key}={name_or_path} is a {entry.stage} entry (a dataset), not a model; give a model entry "
+                            "(sft:latest, ppo:latest), a folder or a hub name")
         _check_entry_folder(entry, f"{key}={name_or_path}")
         return ModelSource("registry", entry.path, entry)
     if _looks_like_path(name_or_path):

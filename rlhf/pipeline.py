@@ -11,7 +11,9 @@ from rlhf.errors import UserError
 
 PIPELINE = ("sft", "rm", "ppo")
 """The stages `rlhf pipeline` runs by default (InstructGPT); `--stages sft,dpo` picks others."""
-STAGES = ("sft", "rm", "ppo", "dpo", "bon")
+STAGES = ("sft", "rm", "ppo", "dpo", "bon", "sample", "label")
+ROUND_STAGES = ("sample", "label", "rm", "ppo")
+"""One round of `rlhf pipeline --rounds N` (after SFT, once): sample the newest policy, label, reward model, PPO."""
 
 # Which config keys of a later stage name an earlier stage's entry: a pipeline points each stage at
 # the runs it just made, since `latest` could pick up someone else's run by the time the stage starts.
@@ -64,3 +66,25 @@ def with_parents(stage: str, args: list[str], run_ids: dict[str, str]) -> list[s
     given = {a.split("=", 1)[0] for a in args if "=" in a and not a.startswith("-")}
     return [*args, *(f"{key}={parent}:{run_ids[parent]}" for key, parent in PARENT_KEYS.get(stage, {}).items()
                      if parent in run_ids and key not in given)]
+
+
+def round_overrides(stage: str, args: list[str], *, sft: str, previous: dict[str, str], current: dict[str, str],
+                    label_by: str) -> list[str]:
+    """`stage`'s arguments in a round of `rlhf pipeline --rounds`, tied to this round's runs (`current`) and the
+    previous round's (`previous`, empty in round 1); keys the user set win.
+
+    sample: the newest policy (the previous round's PPO actor, else the SFT). label: this round's samples,
+    keeping every earlier comparison (the previous prefs entry). rm: from the SFT model (not the previous
+    reward model, which would see the old comparisons twice) on all comparisons so far. ppo: from the newest
+    policy, against this round's reward model (critic too), KL to the SFT policy (InstructGPT's reference)."""
+    policy = f"ppo:{previous['ppo']}" if "ppo" in previous else f"sft:{sft}"
+    wanted = {
+        "sample": {"model.name_or_path": policy},
+        "label": {"data.samples": f"samples:{current.get('sample', '')}", "by": label_by,
+                  **({"data.include": f"prefs:{previous['label']}"} if "label" in previous else {})},
+        "rm": {"model.name_or_path": f"sft:{sft}", "data.train": f"prefs:{current.get('label', '')}"},
+        "ppo": {"model.name_or_path": policy, "reference.name_or_path": f"sft:{sft}",
+                "critic.name_or_path": f"rm:{current.get('rm', '')}", "reward.name_or_path": f"rm:{current.get('rm', '')}"},
+    }[stage]
+    given = {a.split("=", 1)[0] for a in args if "=" in a and not a.startswith("-")}
+    return [*args, *(f"{key}={value}" for key, value in wanted.items() if key not in given)]

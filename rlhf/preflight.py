@@ -88,8 +88,40 @@ def check_bon(cfg: Any) -> None:
     _check_data(cfg, local, tokenizer)
 
 
+def check_sample(cfg: Any) -> None:
+    from rlhf.data.load import prompt_rows
+    from rlhf.errors import UserError
+
+    local = _local_data("ppo", cfg)
+    _, _, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=True)
+    for check in local:
+        rows, _ = prompt_rows(check.source, split="train", tokenizer=tokenizer, data=cfg.data, key=check.key)
+        if not rows[: cfg.data.max_prompts or None]:
+            raise UserError(f"data.train={cfg.data.train} leaves no prompt to sample for (empty, or every prompt longer "
+                            f"than data.max_prompt_length={cfg.data.max_prompt_length})")
+
+
+def check_label(cfg: Any) -> None:
+    """The samples are rlhf sample's, unedited; the labeler imports (python:) or is a causal LM whose answer texts are one token each."""
+    from rlhf.labelers import function_scores, parse_labeler, read_samples
+
+    read_samples(Path(cfg.data.samples))
+    spec = parse_labeler(cfg.by)
+    if spec.kind == "python":
+        function_scores(spec)
+    elif spec.kind == "judge":
+        from rlhf.judge import choice_ids
+        from rlhf.model_sources import check_causal_lm, resolve_model
+        from rlhf.registry import Registry
+        from rlhf.tokenizer import load_tokenizer
+
+        source = resolve_model(spec.target, Registry(cfg.run.registry), key="by")
+        check_causal_lm(source, key="by")
+        choice_ids(load_tokenizer(source, trust_remote_code=cfg.judge.trust_remote_code, key="by"), cfg.judge.choices)
+
+
 PREFLIGHT: dict[str, Callable[[Any], None]] = {"sft": check_sft, "rm": check_rm, "ppo": check_ppo, "dpo": check_dpo,
-                                               "bon": check_bon}
+                                               "bon": check_bon, "sample": check_sample, "label": check_label}
 
 
 def _check_stage(stage: str, cfg: Any) -> None:
@@ -103,7 +135,8 @@ def _local_data(stage: str, cfg: Any, extra: tuple[DataCheck, ...] = ()) -> list
     from rlhf.data.sources import FILE_SUFFIXES
     from rlhf.toy import TOY
 
-    named = [DataCheck("data.train", "train", cfg.data.train, stage), DataCheck("data.eval", "eval", cfg.data.eval, stage), *extra]
+    evaluation = getattr(cfg.data, "eval", None)  # rlhf sample reads training prompts only
+    named = [DataCheck("data.train", "train", cfg.data.train, stage), DataCheck("data.eval", "eval", evaluation, stage), *extra]
     return [c for c in named
             if c.source and (c.source == TOY or c.source.endswith(FILE_SUFFIXES) or Path(c.source).expanduser().exists())]
 

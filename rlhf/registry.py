@@ -43,8 +43,9 @@ from rlhf.errors import UserError
 from rlhf.start_record import record_problem
 
 ADAPTER_KINDS = ("none", "merged", "adapter")
-DATASET_FILES = {"bon": "train.jsonl"}
-"""Stages whose entry is a dataset rather than a model: the file their folder holds (best-of-N's SFT rows)."""
+DATASET_FILES = {"bon": "train.jsonl", "samples": "samples.jsonl", "prefs": "train.jsonl"}
+"""Stages whose entry is a dataset rather than a model, and the file their folder holds: best-of-N's SFT rows,
+`rlhf sample`'s responses, `rlhf label`'s ranked lists."""
 
 _STAGE_RE = re.compile(r"[a-z][a-z0-9_-]*")
 # An entry id becomes a file name: no separators, no leading dot (readers skip dot-files).
@@ -428,6 +429,25 @@ class Registry:
         for tag in dict.fromkeys(tags):
             self._write_tag(entry.stage, tag, "", not_before=newest[(entry.stage, tag)].when)
         return entry
+
+    def entry_holding(self, path: str | Path) -> Entry | None:
+        """The entry whose folder holds `path` (a dataset entry's file given by its path), for lineage; None if none does."""
+        target = Path(path).resolve()
+        for entry in reversed(self.entries()):
+            if target == Path(entry.path).resolve() or target.is_relative_to(Path(entry.path).resolve()):
+                return entry
+        return None
+
+    def dataset_file(self, ref: str, *, key: str) -> Path:
+        """The file of the dataset entry `ref` names (`prefs:latest` -> its folder's train.jsonl), or one line."""
+        try:
+            entry = self.resolve(ref)
+        except UserError as error:
+            raise UserError(f"{key}={ref}: {error}") from None
+        if entry.stage not in DATASET_FILES:
+            raise UserError(f"{key}={ref} is a {entry.stage} entry (a model), not a dataset; give a "
+                            f"{', '.join(DATASET_FILES)} entry or a data file")
+        return Path(entry.path) / DATASET_FILES[entry.stage]
 
     # --- removal ------------------------------------------------------------------------------
 

@@ -182,7 +182,7 @@ class RunKeeper:
         entry = self.run.registry.publish(Entry(
             id=self.run.run_id if companion is None else f"{self.run.run_id}-{companion}",
             stage=companion or self.run.stage, status="completed", created=now_iso(), path=str(folder),
-            run_dir=str(self.run.run_dir), config=to_dict(self.cfg), parents=parents or source.parents,
+            run_dir=str(self.run.run_dir), config=to_dict(self.cfg), parents=(parents or source.parents) + self._data_parents(),
             base_model=base_model_identity(source, model_cfg), tokenizer=tokenizer_fingerprint(tokenizer),
             metrics=metrics, adapter=adapter, tags=tuple(self.cfg.run.tags),
         ))
@@ -191,6 +191,16 @@ class RunKeeper:
             return
         self.tracker.print(f"[green]{self.run.stage} finished[/]: {entry.id} -> {entry.path}")
         self.tracker.print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+    def _data_parents(self) -> tuple[str, ...]:
+        """The dataset entries (labeled comparisons, best-of-N rows) whose files this run trained on, for lineage."""
+        found = []
+        for name in ("train", "eval"):
+            value = getattr(self.cfg.data, name, None)
+            holder = self.run.registry.entry_holding(value) if isinstance(value, str) and Path(value).is_file() else None
+            if holder is not None:
+                found.append(holder.id)
+        return tuple(dict.fromkeys(found))
 
     def close(self) -> None:
         """Close the metrics and wait for every rank (after the last publish)."""

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from rlhf.config import STAGE_CONFIGS, leaf_keys, load_config, save_config, to_dict
 from rlhf.errors import EXIT_STOPPED, EXIT_USER_ERROR, StoppedBySignal, UserError
 from rlhf.fileio import atomic_write_text
-from rlhf.registry import Registry, default_root, is_reference
+from rlhf.registry import DATASET_FILES, Registry, default_root, is_reference
 from rlhf.start_record import START_FILE, check_same_config, record_problem, source_digests, verified_record, write_start_record
 from rlhf.toy import TOY
 from rlhf.tracking import print_error
@@ -65,7 +65,23 @@ def resolve_config(stage: str, config_file: str | Path | None, overrides: list[s
     root = Path(cfg.run.registry or default_root()).expanduser().resolve()
     # The saved config must mean the same from any directory (a resume, a batch job).
     located = {name: _absolute_paths(getattr(cfg, name)) for name in MODEL_AND_DATA_SECTIONS if hasattr(cfg, name)}
+    located["data"] = _dataset_references(located["data"], Registry(root))
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, registry=str(root)), **located)
+
+
+REGISTRY_ONLY = ("samples", "include")
+
+
+def _dataset_references(data: Any, registry: Registry) -> Any:
+    """`data` with each registry reference to a dataset entry (`prefs:latest`, `samples:<id>`) replaced by its file:
+    the saved config then names the exact rows the run read, whatever `latest` means by the time it resumes."""
+    changes = {}
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        # data.samples and data.include take registry entries only; elsewhere `name:split` may be a hub dataset.
+        if isinstance(value, str) and is_reference(value) and (value.split(":", 1)[0] in DATASET_FILES or f.name in REGISTRY_ONLY):
+            changes[f.name] = str(registry.dataset_file(value, key=f"data.{f.name}"))
+    return dataclasses.replace(data, **changes)
 
 
 MODEL_AND_DATA_SECTIONS = ("model", "data", "critic", "reference", "reward")

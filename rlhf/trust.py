@@ -35,6 +35,8 @@ def code_running_settings(cfg: Any) -> dict[str, Any]:
     rewards = flat.get("reward.name_or_path")
     if isinstance(rewards, list) and any(str(source).startswith(PYTHON_REWARD) for source in rewards):
         found["reward.name_or_path"] = rewards
+    if str(flat.get("by", "")).startswith(PYTHON_REWARD):  # rlhf label's labeler
+        found["by"] = flat["by"]
     return found
 
 

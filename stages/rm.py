@@ -82,7 +82,8 @@ def main(run: Run) -> None:
         keeper.record_baseline(state, evaluate(engine, data, cfg, dist))
     keeper.print(
         f"rm: {len(data.train_set)} training prompts, {sum(len(g.pairs) for g in data.train_set)} pairs "
-        f"({data.train_stats.identical_pairs} identical pairs dropped, {data.train_stats.truncated_responses} responses truncated, "
+        f"({data.train_stats.identical_pairs} identical and {data.train_stats.tied_pairs} tied pairs dropped, "
+        f"{data.train_stats.truncated_responses} responses truncated, "
         f"{data.train_stats.skipped_long_prompts} long prompts skipped), {dist.world_size} rank(s), ZeRO-{cfg.engine.zero_stage}"
     )
 

@@ -46,6 +46,8 @@ class Ranked:
     prompt: str
     responses: tuple[str, ...]  # best first, K >= 2
     where: str
+    ranks: tuple[int, ...] | None = None
+    """Each response's rank (0 = best, non-decreasing; equal ranks are ties, which give no pair); None = strictly ranked."""
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,12 @@ def _missing(records: Records, accepted: str) -> UserError:
     return UserError(f"{records.source}: no accepted columns (found: {found}); accepted formats: {accepted}{key}")
 
 
-def _text(value: Any, column: str, where: str) -> str:
+def _text(value: Any, column: str, where: str, *, may_be_empty: bool = False) -> str:
     if value is None:  # a key absent from this row (other rows have it) reads as None
         raise UserError(f"{where}: {column!r} is missing; add it to the row or remove the row")
     if not isinstance(value, str):
         raise UserError(f"{where}: {column!r} must be a string, got {type(value).__name__}; fix the row or remove it")
-    if not value.strip():
+    if not value.strip() and not may_be_empty:
         raise UserError(f"{where}: {column!r} is empty; fix the row or remove it")
     return value
 
@@ -197,21 +199,32 @@ def to_comparisons(records: Records, tokenizer: Any) -> list[Comparison]:
 
 
 def to_ranked(records: Records, tokenizer: Any) -> list[Ranked]:
-    """Ranked responses from prompt+responses (a list, best first, at least 2)."""
+    """Ranked responses from prompt+responses (a list, best first, at least 2), with optional ranks (ties: `rlhf label`)."""
     cols = records.rows.column_names
     if "prompt" not in cols or "responses" not in cols:
         raise _missing(records, "prompt+responses (a list of strings, best first, at least 2)")
     prompts, responses = _columns(records, ["prompt", "responses"])
+    all_ranks = _columns(records, ["ranks"])[0] if "ranks" in cols else [None] * len(prompts)
     out: list[Ranked] = []
-    for i, (p, rs) in enumerate(zip(prompts, responses)):
+    for i, (p, rs, ranks) in enumerate(zip(prompts, responses, all_ranks)):
         w = records.where(i)
         if not isinstance(rs, (list, tuple)):
             raise UserError(f"{w}: 'responses' must be a list of strings, got {type(rs).__name__}; fix the row")
         if len(rs) < 2:
             raise UserError(f"{w}: 'responses' has {len(rs)} response(s), a ranking needs at least 2; add some or remove the row")
-        texts = tuple(_text(r, f"responses[{j}]", w) for j, r in enumerate(rs))
-        out.append(Ranked(_prompt(p, tokenizer, w), texts, w))
+        # A labeled sample (it has ranks) may be empty: the policy ended at once, and a labeler ranked that too.
+        texts = tuple(_text(r, f"responses[{j}]", w, may_be_empty=ranks is not None) for j, r in enumerate(rs))
+        out.append(Ranked(_prompt(p, tokenizer, w), texts, w, None if ranks is None else _ranks(ranks, len(texts), w)))
     return out
+
+
+def _ranks(value: Any, count: int, where: str) -> tuple[int, ...]:
+    """A ranked list's 'ranks': one whole number per response, from 0, never falling (the responses are best first)."""
+    ok = isinstance(value, (list, tuple)) and len(value) == count and all(isinstance(r, int) and not isinstance(r, bool) for r in value)
+    if not ok or value[0] != 0 or any(b < a for a, b in zip(value, value[1:])):
+        raise UserError(f"{where}: 'ranks' must be {count} whole numbers from 0, never falling (best first; equal = tie), "
+                        f"got {value!r}; fix the row")
+    return tuple(value)
 
 
 def to_prompts(records: Records, tokenizer: Any) -> list[Prompt]:

@@ -42,6 +42,8 @@ class TruncationStats:
     kept: int = 0
     identical_pairs: int = 0
     """RM pairs dropped because both sides were the same tokens (after truncation, or as given)."""
+    tied_pairs: int = 0
+    """Pairs of a ranked list with equal ranks (a tie): no preference, no pair."""
 
 
 @dataclass
@@ -198,7 +200,9 @@ def tokenize_preferences(
         if isinstance(group, Comparison):
             candidates = [(0, 1, group.margin if use_margin and group.margin is not None else 0.0)]
         else:
-            candidates = [(i, j, 0.0) for i, j in ranked_pairs(len(sequences))]
+            every = ranked_pairs(len(sequences))
+            candidates = [(i, j, 0.0) for i, j in every if group.ranks is None or group.ranks[i] < group.ranks[j]]
+            stats.tied_pairs += len(every) - len(candidates)
         kept = [(i, j, m) for i, j, m in candidates if sequences[i] != sequences[j]]
         stats.identical_pairs += len(candidates) - len(kept)
         if kept:
@@ -207,7 +211,7 @@ def tokenize_preferences(
     if stats.rows and not out:
         raise UserError(
             f"no usable comparison is left of {stats.rows} rows ({stats.skipped_long_prompts} long prompts skipped, "
-            f"{stats.identical_pairs} pairs identical after truncation); raise {key} or check the data"
+            f"{stats.identical_pairs} pairs identical after truncation, {stats.tied_pairs} tied); raise {key} or check the data"
         )
     return out, stats
 

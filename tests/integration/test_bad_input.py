@@ -212,7 +212,8 @@ CASES = [
     case("ppo-prompts-malformed", "ppo", "data.train={files}/prompts.jsonl", expect="prompts.jsonl:2",
          setup=both(entries("sft", "rm"), jsonl("prompts.jsonl", {"prompt": "1+1="}, ["not", "an", "object"]))),
     # Needs the CLI's preflight to load data.ptx too; until then the stage finds it missing.
-    case("ppo-ptx-file-missing", "ppo", "ppo.ptx_coef=0.1", "data.ptx={files}/nope.jsonl", *CHEAP, expect="nope.jsonl",
+    case("ppo-ptx-file-missing", "ppo", "ppo.ptx_coef=0.1", "data.ptx={files}/nope.jsonl", *CHEAP, "critic_optim.warmup_steps=0",
+         expect="nope.jsonl",
          setup=entries("sft", "rm")),
     # ---- command-line options
     case("no-ranks", "sft", "-n", "0", *CHEAP, expect="-n"),

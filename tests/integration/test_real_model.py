@@ -214,7 +214,7 @@ def test_reward_model_from_the_sft_entry_on_chat_comparisons(chat_rm, home):
 # One rollout batch per minibatch and one epoch: every ratio of step 1 is taken before any update.
 PPO_ARGS = ("model.lora.enabled=true", "data.max_prompt_length=96", "rollout.batch_size=4", "rollout.max_new_tokens=12",
             "engine.micro_batch_size=4", "ppo.epochs=1", "train.eval_every=0", "train.log_every=1", "eval.max_rows=4",
-            "eval.batch_size=4")
+            "eval.batch_size=4", "optim.warmup_steps=0", "critic_optim.warmup_steps=0")  # one update per step: runs of 2-6
 
 
 def ppo_args(task, *extra: str) -> list[str]:

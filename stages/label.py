@@ -1,0 +1,172 @@
+"""`rlhf label`: each prompt's K sampled responses ranked by a labeler, as ranked lists for `rlhf rm`.
+
+Reads `rlhf sample`'s rows (checked against the digest the sample stage recorded, so a file edited by
+hand stops in one line), has the labeler score each prompt's responses (rlhf.labelers: the oracle,
+a python: function, or a judge model), and writes `{"prompt", "responses" (best first), "ranks",
+"scores", "sample_index", "labeler"}` rows: `rlhf rm data.train=prefs:latest` trains on them as they
+are (a tie gives no pair). On the embedded default's prompts the labels' pairwise agreement with
+the oracle is measured and kept in the entry's metrics.
+
+1. Ranks.  2. The samples.  3. The labeler.  4. The prompts, shard by shard (a shard on disk is done:
+that is the resume).  5. The dataset folder and the registry entry (`prefs:<id>`, parents: the samples' entry, the judge's).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import LabelConfig, to_dict
+from rlhf.engine import PRECISION_DTYPES, init_distributed
+from rlhf.errors import StoppedBySignal, UserError
+from rlhf.evaluation import even_shard
+from rlhf.fileio import atomic_write_text
+from rlhf.labelers import function_scores, parse_labeler, rank, read_samples
+from rlhf.registry import DATASET_FILES, Entry, now_iso
+from rlhf.runs import Run, mark_started, stage_entrypoint
+from rlhf.stop_signal import StopSignal
+from rlhf.toy import oracle_score
+from rlhf.tracking import Tracker
+
+SHARDS = "shards"
+SHARD_PROMPTS = 256
+
+
+def main(run: Run) -> None:
+    cfg: LabelConfig = run.config
+    started = time.time()
+    dist = init_distributed()
+    path = Path(cfg.data.samples)
+    rows = read_samples(path)
+    spec = parse_labeler(cfg.by)
+    judge = None
+    if spec.kind == "judge":
+        from rlhf.judge import load_judge
+
+        judge = load_judge(spec.target, cfg.judge, run.registry, dtype=PRECISION_DTYPES[cfg.engine.precision])
+    score = (lambda prompt, texts: judge.scores(prompt, texts)[0]) if judge else _function_scorer(spec)
+    shards = [rows[i : i + SHARD_PROMPTS] for i in range(0, len(rows), SHARD_PROMPTS)]
+    stopper = StopSignal(dist)
+    stopper.listen()
+    if dist.is_main:
+        mark_started(run)
+    done = sum(1 for index in range(len(shards)) if shard_path(run, index).exists())
+    tracker = Tracker(run.run_dir, active=dist.is_main, tracking=cfg.tracking, config=to_dict(cfg), run_id=run.run_id,
+                      total_steps=len(shards), start_step=done, description=f"label {run.run_id}", headline=("tied_pairs",))
+    tracker.print(f"label: {len(rows)} prompts of {path} by {cfg.by}" + (f"; resumed at shard {done}" if done else ""))
+    (run.run_dir / SHARDS).mkdir(exist_ok=True)
+    for index in range(done, len(shards)):
+        share, real = even_shard(shards[index], dist=dist)
+        labeled = [(dist.rank + i * dist.world_size, label_row(row, score, cfg)) for i, row in enumerate(share) if real[i]]
+        gathered: list[list] = [[] for _ in range(dist.world_size)]
+        torch.distributed.all_gather_object(gathered, labeled)
+        ordered = [row for _, row in sorted((item for part in gathered for item in part), key=lambda item: item[0])]
+        if dist.is_main:
+            atomic_write_text(shard_path(run, index), "".join(json.dumps(row) + "\n" for row in ordered))
+        tracker.log(index + 1, pair_counts(ordered))
+        if stopper.requested():
+            tracker.print(f"[yellow]{stopper.name}: stopped after shard {index + 1} of {len(shards)}[/]; "
+                          f"`rlhf label --resume --run {run.run_id}` continues it")
+            tracker.close()
+            raise StoppedBySignal(stopper.name)
+    if dist.is_main:
+        earlier = read_ranked(Path(cfg.data.include)) if cfg.data.include else []
+        publish(run, cfg, path, earlier, len(shards), tracker, time.time() - started, judge_parents(spec, run))
+    tracker.close()
+    torch.distributed.barrier()
+
+
+def _function_scorer(spec: Any) -> Any:
+    call = function_scores(spec)
+    return lambda prompt, texts: call([prompt] * len(texts), texts)
+
+
+def label_row(row: dict, score: Any, cfg: LabelConfig) -> dict:
+    texts = [r["text"] for r in row["responses"]]
+    scores = [float(s) for s in score(row["prompt"], texts)]
+    order, ranks = rank(scores, cfg.tie_tolerance)
+    return {"prompt": row["prompt"], "responses": [texts[i] for i in order], "ranks": ranks,
+            "scores": [scores[i] for i in order], "sample_index": order, "labeler": cfg.by}
+
+
+def pair_counts(rows: list[dict]) -> dict[str, float]:
+    """Pairs and tied pairs of the labeled rows; on "a+b=" prompts also the pairs where the oracle agrees."""
+    pairs = tied = judged = agreed = 0
+    for row in rows:
+        ranks, texts = row["ranks"], row["responses"]
+        truth = _oracle_scores(row["prompt"], texts)
+        for i in range(len(ranks)):
+            for j in range(i + 1, len(ranks)):
+                pairs += 1
+                if ranks[i] == ranks[j]:
+                    tied += 1
+                elif truth is not None and truth[i] != truth[j]:
+                    judged += 1
+                    agreed += truth[i] > truth[j]  # i is ranked better: does the oracle agree?
+    counts = {"pairs": float(pairs), "tied_pairs": float(tied)}
+    if judged:
+        counts |= {"oracle_pairs": float(judged), "oracle_agreement": agreed / judged}
+    return counts
+
+
+def _oracle_scores(prompt: str, texts: list[str]) -> list[float] | None:
+    try:
+        return [oracle_score(prompt, text) for text in texts]
+    except ValueError:
+        return None  # not the embedded default's task
+
+
+def judge_parents(spec: Any, run: Run) -> tuple[str, ...]:
+    if spec.kind != "judge":
+        return ()
+    from rlhf.model_sources import resolve_model
+
+    return resolve_model(spec.target, run.registry, key="by").parents
+
+
+def shard_path(run: Run, index: int) -> Path:
+    return run.run_dir / SHARDS / f"{index:05d}.jsonl"
+
+
+def read_ranked(path: Path) -> list[dict]:
+    """An earlier `rlhf label` entry's ranked lists (data.include), each checked as `rlhf rm` will read it."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("responses"), list)
+                and isinstance(row.get("ranks"), list) and len(row["ranks"]) == len(row["responses"])):
+            raise UserError(f"{path}:{number}: not a ranked list `rlhf label` wrote (prompt, responses, ranks); "
+                            "data.include takes a prefs entry")
+        rows.append(row)
+    return rows
+
+
+def publish(run: Run, cfg: LabelConfig, samples: Path, earlier: list[dict], shards: int, tracker: Tracker, seconds: float,
+            judge: tuple[str, ...]) -> None:
+    final = run.final_dir
+    final.mkdir(exist_ok=True)
+    rows = [json.loads(line) for index in range(shards) for line in shard_path(run, index).read_text().splitlines() if line]
+    atomic_write_text(final / DATASET_FILES["prefs"], "".join(json.dumps(row) + "\n" for row in earlier + rows))
+    holders = [run.registry.entry_holding(p) for p in (samples, *([cfg.data.include] if cfg.data.include else []))]
+    metrics = {**pair_counts(rows), "prompts": float(len(rows)), "ranked_lists": float(len(earlier) + len(rows)),
+               "wall_time_s": round(seconds, 1)}
+    entry = run.registry.publish(Entry(
+        id=run.run_id, stage="prefs", status="completed", created=now_iso(), path=str(final), run_dir=str(run.run_dir),
+        config=to_dict(cfg), parents=tuple(dict.fromkeys(tuple(h.id for h in holders if h) + judge)), metrics=metrics,
+        tags=tuple(cfg.run.tags),
+    ))
+    agreement = f", oracle agreement {metrics['oracle_agreement']:.3f}" if "oracle_agreement" in metrics else ""
+    tracker.print(f"[green]label finished[/]: {entry.id} -> {final / DATASET_FILES['prefs']} ({len(rows)} ranked lists, "
+                  f"{int(metrics['tied_pairs'])} of {int(metrics['pairs'])} pairs tied{agreement}); "
+                  f"train a reward model on them with `rlhf rm data.train=prefs:{entry.id}`")
+
+
+if __name__ == "__main__":
+    stage_entrypoint("label", main)
