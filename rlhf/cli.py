@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -268,17 +268,10 @@ def _run_rounds(rounds: int | None, label_by: str | None, *, stages: str | None,
                 configs: dict[str, Path | None], launch: LaunchChoice) -> None:
     """`rlhf pipeline --rounds N --label-by X`: SFT once, then N rounds (rlhf.pipeline.round_overrides), every entry chained."""
     from rlhf.config import STAGE_CONFIGS, load_config
-    from rlhf.labelers import parse_labeler
     from rlhf.pipeline import ROUND_STAGES, round_overrides, split_stage_overrides
     from rlhf.tracking import console
 
-    if rounds is None or label_by is None:
-        raise UserError("--rounds N and --label-by LABELER go together (e.g. --rounds 3 --label-by oracle)")
-    if not 1 <= rounds <= 100:
-        raise UserError(f"--rounds must be between 1 and 100, got {rounds}")
-    if stages is not None:
-        raise UserError("--rounds runs sft then sample, label, rm, ppo each round; drop --stages")
-    parse_labeler(label_by, key="--label-by")
+    _check_rounds(rounds, label_by, stages)
     chain = ("sft", *ROUND_STAGES)
     config_files = _stage_configs(chain, configs)
     per_stage = split_stage_overrides(overrides, chain)
@@ -295,6 +288,30 @@ def _run_rounds(rounds: int | None, label_by: str | None, *, stages: str | None,
         previous = current
     if report:
         _pipeline_summary(sft_dir.parent.parent, previous["ppo"])
+
+
+def _loaded_config(stage: str, file: str | None, overrides: list[str]) -> Any:
+    """A stage's config checked (keys, values) with its registry made absolute, references left unresolved."""
+    import dataclasses
+
+    from rlhf.config import STAGE_CONFIGS, load_config
+    from rlhf.registry import default_root
+
+    cfg = load_config(STAGE_CONFIGS[stage], file, overrides)
+    root = Path(cfg.run.registry or default_root()).expanduser().resolve()
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, registry=str(root)))
+
+
+def _check_rounds(rounds: int | None, label_by: str | None, stages: str | None) -> None:
+    from rlhf.labelers import parse_labeler
+
+    if rounds is None or label_by is None:
+        raise UserError("--rounds N and --label-by LABELER go together (e.g. --rounds 3 --label-by oracle)")
+    if not 1 <= rounds <= 100:
+        raise UserError(f"--rounds must be between 1 and 100, got {rounds}")
+    if stages is not None:
+        raise UserError("--rounds runs sft then sample, label, rm, ppo each round; drop --stages")
+    parse_labeler(label_by, key="--label-by")
 
 
 def _stage_configs(chain: tuple[str, ...], given: dict[str, Path | None]) -> dict[str, Path | None]:
@@ -341,12 +358,16 @@ def submit(
     sbatch_arg: Annotated[Optional[list[str]], typer.Option("--sbatch-arg",
         help="Extra sbatch option, repeatable, e.g. --sbatch-arg=--qos=high.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the sbatch scripts; submit nothing.")] = False,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", help="pipeline: sft, then N feedback rounds (sample, label, rm, ppo).",
+                                                  show_default=False)] = None,
+    label_by: Annotated[Optional[str], typer.Option("--label-by", help="With --rounds: the labeler (oracle, python:pkg.mod:fn, "
+                                                    "judge:<model>).", show_default=False)] = None,
 ) -> None:
     """Submit a stage, or the whole pipeline, to SLURM as batch jobs (sbatch)."""
 
     def run() -> None:
         _submit(target, overrides or [], config, {"sft": sft_config, "rm": rm_config, "ppo": ppo_config, "dpo": dpo_config}, dry_run,
-                stages=stages,
+                stages=stages, rounds=rounds, label_by=label_by,
                 nodes=nodes, gpus_per_node=gpus_per_node, ranks_per_node=ranks_per_node, cpus_per_task=cpus_per_task,
                 partition=partition, time=time_limit, account=account, requeue=requeue, sbatch_args=tuple(sbatch_arg or ()))
 
@@ -354,14 +375,14 @@ def submit(
 
 
 def _submit(target: str, overrides: list[str], config: Path | None, stage_configs: dict[str, Path | None],
-            dry_run: bool, *, stages: str | None = None, **resources) -> None:
+            dry_run: bool, *, stages: str | None = None, rounds: int | None = None, label_by: str | None = None, **resources) -> None:
     import shlex
     import shutil
 
-    from rlhf.pipeline import STAGES, parse_stages, split_stage_overrides
+    from rlhf.pipeline import ROUND_STAGES, STAGES, parse_stages, split_stage_overrides
     from rlhf.registry import Registry
     from rlhf.runs import resolve_config
-    from rlhf.slurm import Resources, check_script_value, dry_run_listing, render_script, sbatch_path, stage_jobs, submit_script
+    from rlhf.slurm import Resources, check_script_value, dry_run_listing, render_script, round_jobs, sbatch_path, stage_jobs, submit_script
     from rlhf.tracking import console
     from rlhf.trust import as_override, code_running_settings
 
@@ -369,7 +390,13 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
         raise UserError(f"rlhf submit takes {', '.join(STAGES)} or pipeline, not {target!r}")
     if target != "pipeline" and stages is not None:
         raise UserError("--stages chooses the stages of `rlhf submit pipeline`; drop it, or submit pipeline")
-    chain = parse_stages(stages) if target == "pipeline" else (target,)
+    if (rounds is not None or label_by is not None) and target != "pipeline":
+        raise UserError("--rounds and --label-by are for `rlhf submit pipeline`")
+    if rounds is not None or label_by is not None:
+        _check_rounds(rounds, label_by, stages)
+        chain: tuple[str, ...] = ("sft", *ROUND_STAGES)
+    else:
+        chain = parse_stages(stages) if target == "pipeline" else (target,)
     if target == "pipeline" and config:
         raise UserError("--config names one stage's file; with pipeline use --sft-config, --rm-config, --ppo-config, --dpo-config")
     if target == "pipeline":
@@ -391,16 +418,24 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     per_stage = split_stage_overrides(overrides, chain)
     files = {stage: str(Path(path).resolve()) for stage, path in stage_configs.items() if path}
     stage_args = {stage: ([ "-c", files[stage]] if stage in files else []) + per_stage[stage] for stage in chain}
-    # Config mistakes (unknown keys, bad values) surface now; references resolve when each job starts.
-    resolved = {stage: resolve_config(stage, files.get(stage), per_stage[stage]) for stage in chain}
+    # Config mistakes (unknown keys, bad values) surface now; references resolve when each job starts (a round's
+    # samples and labels do not exist yet, so its stages are only loaded here, with the labeler they will use).
+    if rounds is not None:
+        resolved = {s: _loaded_config(s, files.get(s), per_stage[s] + ([f"by={label_by}"] if s == "label" else [])) for s in chain}
+    else:
+        resolved = {stage: resolve_config(stage, files.get(stage), per_stage[stage]) for stage in chain}
     roots = {Path(cfg.run.registry) for cfg in resolved.values()}
     if len(roots) > 1:
         raise UserError(f"the stages would use different registries ({', '.join(map(str, sorted(roots)))}); set run.registry for all")
     registry = Registry(roots.pop())
     # What the user's config lets run as code is confirmed again on a requeue's resume (rlhf.trust).
     trusted = {stage: [as_override(k, v) for k, v in code_running_settings(cfg).items()] for stage, cfg in resolved.items()}
-    jobs = stage_jobs(chain, registry_root=registry.root, new_run_id=registry.new_run_id, stage_args=stage_args,
-                      resume_args=trusted)
+    if rounds is not None:
+        jobs = round_jobs(rounds, label_by or "", registry_root=registry.root, new_run_id=registry.new_run_id, stage_args=stage_args,
+                          resume_args=trusted)
+    else:
+        jobs = stage_jobs(chain, registry_root=registry.root, new_run_id=registry.new_run_id, stage_args=stage_args,
+                          resume_args=trusted)
     rlhf_exe = shutil.which("rlhf") or str(Path(sys.executable).with_name("rlhf"))
     command_line = shlex.join(["rlhf", "submit", *sys.argv[2:]]) if len(sys.argv) > 1 else "rlhf submit"
     scripts = {job.run_id: render_script(job, res, registry_root=registry.root, workdir=Path.cwd(), rlhf_exe=rlhf_exe,

@@ -237,6 +237,28 @@ def stage_jobs(stages: tuple[str, ...], *, registry_root: Path, new_run_id, stag
     return jobs
 
 
+def round_jobs(rounds: int, label_by: str, *, registry_root: Path, new_run_id, stage_args: dict[str, list[str]],
+               resume_args: dict[str, list[str]] | None = None) -> list[StageJob]:
+    """`rlhf pipeline --rounds` as jobs: sft, then each round's sample, label, rm and ppo, every job pointed at
+    the runs before it by the ids chosen here (rlhf.pipeline.round_overrides)."""
+    from rlhf.pipeline import ROUND_STAGES, round_overrides
+
+    sft_id = new_run_id("sft")
+    jobs = [StageJob("sft", sft_id, registry_root / "runs" / sft_id, tuple(stage_args.get("sft", [])),
+                     tuple((resume_args or {}).get("sft", ())))]
+    previous: dict[str, str] = {}
+    for _ in range(rounds):
+        current: dict[str, str] = {}
+        for stage in ROUND_STAGES:
+            run_id = new_run_id(stage)
+            args = round_overrides(stage, list(stage_args.get(stage, [])), sft=sft_id, previous=previous, current=current,
+                                   label_by=label_by)
+            current[stage] = run_id
+            jobs.append(StageJob(stage, run_id, registry_root / "runs" / run_id, tuple(args), tuple((resume_args or {}).get(stage, ()))))
+        previous = current
+    return jobs
+
+
 def sbatch_path() -> str:
     found = shutil.which("sbatch")
     if found is None:

@@ -35,6 +35,7 @@ SCHEDULE = (
     "integration/test_slurm.py",
     "integration/test_resume.py",
     "integration/test_dpo_cli.py",
+    "integration/test_feedback_cli.py",
     "integration/test_run_safety.py",
     "integration/test_compare.py",
     "integration/test_rm_cli.py",

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from rlhf.errors import UserError
 from rlhf.launch import LaunchSpec, build_command, srun_command
-from rlhf.slurm import Resources, StageJob, render_script, sbatch_command, stage_jobs, submit_script
+from rlhf.slurm import Resources, StageJob, render_script, round_jobs, sbatch_command, stage_jobs, submit_script
 
 
 def ids():
@@ -325,3 +325,20 @@ def test_submit_pipeline_with_bon_points_it_at_the_sft_and_rm_jobs_runs(fake_sba
     assert one.exit_code == 0, one.output
     assert "--job-name=rlhf-bon" in one.stdout and "reward.name_or_path=oracle" in one.stdout
     assert sbatch_calls(fake_sbatch) == []
+
+
+def test_round_jobs_chain_each_round_to_the_runs_chosen_before_it(tmp_path):
+    counter = itertools.count(1)
+    jobs = round_jobs(2, "python:pkg.mod:fn", registry_root=tmp_path, new_run_id=lambda stage: f"{stage}-{next(counter)}",
+                      stage_args={"sample": ["data.max_prompts=8"], "rm": ["by=ignored"]}, resume_args={"label": ["by=python:pkg.mod:fn"]})
+    assert [(j.stage, j.run_id) for j in jobs] == [("sft", "sft-1"), ("sample", "sample-2"), ("label", "label-3"), ("rm", "rm-4"),
+                                                   ("ppo", "ppo-5"), ("sample", "sample-6"), ("label", "label-7"), ("rm", "rm-8"),
+                                                   ("ppo", "ppo-9")]
+    args = {j.run_id: j.stage_args for j in jobs}
+    assert args["sample-2"] == ("data.max_prompts=8", "model.name_or_path=sft:sft-1")
+    assert args["sample-6"] == ("data.max_prompts=8", "model.name_or_path=ppo:ppo-5")
+    assert args["label-7"] == ("data.samples=samples:sample-6", "by=python:pkg.mod:fn", "data.include=prefs:label-3")
+    assert args["rm-8"] == ("by=ignored", "model.name_or_path=sft:sft-1", "data.train=prefs:label-7")
+    assert args["ppo-9"] == ("model.name_or_path=ppo:ppo-5", "reference.name_or_path=sft:sft-1", "critic.name_or_path=rm:rm-8",
+                             "reward.name_or_path=rm:rm-8")
+    assert jobs[2].resume_args == ("by=python:pkg.mod:fn",) and jobs[2].run_dir == tmp_path / "runs" / "label-3"
