@@ -56,12 +56,14 @@ def heldout_loss(engine: Any, examples: list[SFTExample], *, batch_size: int, pa
 @torch.no_grad()
 def preference_eval(engine: Any, examples: list[RMExample], *, batch_size: int, pad_id: int, dist: Dist) -> dict[str, float]:
     """A reward model on preference groups (all ranks): pair accuracy (a tie counts as wrong),
-    mean margin r_better - r_worse, mean pair loss -log sigmoid(margin - data margin), and the
-    mean and std of the rewards of every scored sequence."""
+    mean margin r_better - r_worse, mean pair loss -log sigmoid(margin - data margin), the
+    mean and std of the rewards of every scored sequence, and the correlation of those rewards with
+    the responses' lengths in tokens (a reward model that learned "longer is better" shows it here)."""
     share, real = even_shard(examples, dist=dist)
     was_training = engine.training
     engine.eval()
-    sums = RankSums(("correct", "pairs", "gap", "loss", "reward", "reward_sq", "sequences"), dist.device)
+    sums = RankSums(("correct", "pairs", "gap", "loss", "reward", "reward_sq", "sequences", "length", "length_sq", "reward_length"),
+                    dist.device)
     for start in range(0, len(share), batch_size):
         groups = share[start : start + batch_size]
         batch = {k: v.to(dist.device) for k, v in collate_rm(groups, pad_id=pad_id).items()}
@@ -71,8 +73,11 @@ def preference_eval(engine: Any, examples: list[RMExample], *, batch_size: int, 
         pair_real = torch.tensor([r for g, r in zip(groups, real[start:]) for _ in g.pairs], device=dist.device)
         gap = rewards[batch["better"]] - rewards[batch["worse"]]
         loss = -F.logsigmoid(gap - batch["margins"].double())
+        lengths = torch.tensor([len(s) - (g.prompt_length or 0) for g in groups for s in g.sequences], device=dist.device,
+                               dtype=torch.float64)[seq_real]
         sums.add(correct=(gap > 0) & pair_real, pairs=pair_real, gap=gap[pair_real], loss=loss[pair_real],
-                 reward=rewards[seq_real], reward_sq=rewards[seq_real].pow(2), sequences=seq_real)
+                 reward=rewards[seq_real], reward_sq=rewards[seq_real].pow(2), sequences=seq_real,
+                 length=lengths, length_sq=lengths.pow(2), reward_length=rewards[seq_real] * lengths)
     engine.train(was_training)
     total = sums.over_ranks()
     pairs, seqs = max(total["pairs"], 1.0), max(total["sequences"], 1.0)
@@ -83,7 +88,28 @@ def preference_eval(engine: Any, examples: list[RMExample], *, batch_size: int, 
         "loss": total["loss"] / pairs,
         "reward_mean": mean,
         "reward_std": math.sqrt(max(total["reward_sq"] / seqs - mean * mean, 0.0)),
+        "reward_length_corr": pearson(total["sequences"], total["reward"], total["reward_sq"], total["length"], total["length_sq"],
+                                      total["reward_length"]),
     }
+
+
+def pearson(n: float, x: float, xx: float, y: float, yy: float, xy: float) -> float:
+    """Pearson's correlation from sums over n points (nan when either side is constant)."""
+    if n < 2:
+        return float("nan")
+    cov, vx, vy = xy / n - (x / n) * (y / n), xx / n - (x / n) ** 2, yy / n - (y / n) ** 2
+    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else float("nan")
+
+
+def pair_agreement(proxy: list[float], gold: list[float]) -> tuple[int, int]:
+    """(pairs the gold score orders, those the proxy orders the same way): how well a reward ranks what it is shown."""
+    judged = agreed = 0
+    for i in range(len(gold)):
+        for j in range(i + 1, len(gold)):
+            if gold[i] != gold[j]:
+                judged += 1
+                agreed += (proxy[i] - proxy[j]) * (gold[i] - gold[j]) > 0
+    return judged, agreed
 
 
 @torch.no_grad()

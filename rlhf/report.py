@@ -27,7 +27,7 @@ REPORT_FILE = "report.md"
 
 @dataclass(frozen=True)
 class Plot:
-    """One PNG: some metrics.jsonl series of one run against the optimizer step."""
+    """One PNG: some metrics.jsonl series of one run against the optimizer step (or another logged metric)."""
 
     name: str
     """File-name part, e.g. "loss" -> ``sft-loss.png``."""
@@ -35,6 +35,11 @@ class Plot:
     ylabel: str
     series: tuple[tuple[str, str], ...]
     """(metrics.jsonl key, legend label) pairs; a series the run never logged is left out."""
+    x: str = "step"
+    """The metrics.jsonl key on the x axis; rows without it are left out."""
+    xlabel: str = "step"
+    right: tuple[tuple[str, str, str], ...] = ()
+    """(key, legend label, axis label) of series on a second y axis, for a quantity on another scale."""
 
 
 # The curves of each stage, under the keys stages/*.py log. Held-out ("eval/") series start at
@@ -54,6 +59,10 @@ STAGE_PLOTS: dict[str, tuple[Plot, ...]] = {
         Plot("kl", "PPO: KL to the reference, per response", "KL (nats)", (("kl", "rollouts"), ("eval/kl", "held-out"))),
         Plot("oracle", "PPO: oracle score of held-out answers", "oracle score (0-100)",
              (("eval/oracle_score", "sampled"), ("eval/oracle_greedy", "greedy"))),
+        # Gao et al. (2023): the proxy keeps rising with KL while the gold score turns down once the policy exploits it.
+        Plot("overoptimization", "PPO: gold (oracle) and proxy (reward) score against KL", "oracle score (0-100)",
+             (("eval/oracle_score", "gold: oracle score"),), x="eval/kl", xlabel="KL to the reference (nats)",
+             right=(("eval/score", "proxy: reward (shaped)", "reward"),)),
     ),
     "dpo": (
         Plot("loss", "DPO-family loss", "loss", (("loss", "train"), ("eval/loss", "held-out"))),
@@ -203,20 +212,24 @@ def read_metrics(run_dir: Path, *, required: bool = True) -> list[dict[str, Any]
     return rows
 
 
-def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """The steps and values of one metric, in file order (the tracker writes steps in order)."""
+def series(rows: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """The x values (steps by default) and values of one metric, in file order (the tracker writes steps in order)."""
     steps, values = [], []
     for row in rows:
-        value = row.get(key)
-        if isinstance(value, str):
-            try:  # the tracker writes non-finite floats as "nan", "inf", "-inf"
-                value = float(value)
-            except ValueError:
-                continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            steps.append(row["step"])
-            values.append(float(value))
+        value, at = _number(row.get(key)), _number(row.get(x))
+        if value is not None and at is not None:
+            steps.append(row["step"] if x == "step" else at)
+            values.append(value)
     return steps, values
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, str):
+        try:  # the tracker writes non-finite floats as "nan", "inf", "-inf"
+            value = float(value)
+        except ValueError:
+            return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def plot_figure(rows: list[dict[str, Any]], plot: Plot) -> Any:
@@ -226,7 +239,7 @@ def plot_figure(rows: list[dict[str, Any]], plot: Plot) -> Any:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    drawn = [(label, *series(rows, key)) for key, label in plot.series]
+    drawn = [(label, *series(rows, key, plot.x)) for key, label in plot.series]
     drawn = [(label, steps, values) for label, steps, values in drawn if steps]
     if not drawn:
         return None
@@ -236,10 +249,20 @@ def plot_figure(rows: list[dict[str, Any]], plot: Plot) -> Any:
     for label, steps, values in drawn:
         # Held-out series have a handful of points: markers show where they were measured.
         axes.plot(steps, values, label=label, marker="o" if len(steps) <= 25 else None, markersize=3)
-    axes.set(title=plot.title, xlabel="step", ylabel=plot.ylabel)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 0.5 ticks on short runs
+    axes.set(title=plot.title, xlabel=plot.xlabel, ylabel=plot.ylabel)
+    if plot.x == "step":
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 0.5 ticks on short runs
     axes.grid(alpha=0.3)
-    axes.legend()
+    handles, labels = axes.get_legend_handles_labels()
+    for key, label, ylabel in plot.right:
+        xs, values = series(rows, key, plot.x)
+        if xs:
+            other = axes.twinx()
+            other.plot(xs, values, label=label, color="tab:red", linestyle="--", marker="s", markersize=3)
+            other.set_ylabel(ylabel)
+            more = other.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+    axes.legend(handles, labels)
     return figure
 
 

@@ -53,7 +53,7 @@ from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import Dist, global_grad_norm, init_distributed, seed_everything
 from rlhf.errors import UserError
-from rlhf.evaluation import even_shard, oracle_eval
+from rlhf.evaluation import even_shard, oracle_eval, pair_agreement, pearson
 from rlhf.model_sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
 from rlhf.ppo_models import PPOModels, build_ppo_models
 from rlhf.rank_sums import RankSums
@@ -73,7 +73,7 @@ from rlhf.rollout import (
 )
 from rlhf.run_keeper import LoopState, RunKeeper
 from rlhf.runs import Run, stage_entrypoint
-from rlhf.toy import TOY
+from rlhf.toy import TOY, oracle_score
 from rlhf.trust import resume_command
 
 GENERATION_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits generation may keep for the old log-probs
@@ -304,19 +304,30 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     actor = models.actor
     actor.eval()
     share, real = even_shard(data.eval_prompts, dist=dist)
-    sums = RankSums(("score", "score_sq", "kl", "length", "no_eos", "responses"), dist.device)
+    sums = RankSums(("score", "score_sq", "kl", "length", "length_sq", "score_length", "no_eos", "responses", "oracle_pairs",
+                     "oracle_agreed"), dist.device)
     for start in range(0, len(share), cfg.eval.batch_size):
         seqs = sample_rollout(actor.module, share[start : start + cfg.eval.batch_size], sampling)
         scored = score(seqs, models, cfg, data, dist, critic=None)
         keep = torch.tensor(real[start : start + cfg.eval.batch_size], device=dist.device)
         shaped_score = shaped(scored.scores, seqs.has_eos, cfg, data)[keep].double()
         kl = ((scored.logprobs - scored.ref_logprobs) * seqs.response_mask).sum(dim=1)[keep].double()
-        sums.add(score=shaped_score, score_sq=shaped_score.pow(2), kl=kl, length=seqs.response_lengths[keep],
-                 no_eos=~seqs.has_eos[keep], responses=keep)
+        lengths = seqs.response_lengths[keep].double()
+        sums.add(score=shaped_score, score_sq=shaped_score.pow(2), kl=kl, length=lengths, length_sq=lengths.pow(2),
+                 score_length=shaped_score * lengths, no_eos=~seqs.has_eos[keep], responses=keep)
+        if data.eval_texts:  # the reward against the oracle on the policy's own current samples
+            prompts, responses = rollout_texts(seqs, data.tokenizer)
+            gold = [oracle_score(p, r) for p, r, k in zip(prompts, responses, keep.tolist()) if k]
+            judged, agreed = pair_agreement(shaped_score.tolist(), gold)
+            sums.add(oracle_pairs=float(judged), oracle_agreed=float(agreed))
     total = sums.over_ranks()
     n, mean_score = total["responses"], total["score"] / total["responses"]
     metrics = {"eval/score": mean_score, "eval/score_std": max(total["score_sq"] / n - mean_score**2, 0.0) ** 0.5,
-               "eval/kl": total["kl"] / n, "eval/response_length": total["length"] / n, "eval/no_eos_fraction": total["no_eos"] / n}
+               "eval/kl": total["kl"] / n, "eval/response_length": total["length"] / n, "eval/no_eos_fraction": total["no_eos"] / n,
+               "eval/score_length_corr": pearson(n, total["score"], total["score_sq"], total["length"], total["length_sq"],
+                                                 total["score_length"])}
+    if total["oracle_pairs"]:
+        metrics["eval/reward_oracle_agreement"] = total["oracle_agreed"] / total["oracle_pairs"]
     if data.eval_texts:
         oracle = oracle_eval(actor.module, data.tokenizer, data.eval_texts, batch_size=cfg.eval.batch_size, sampling=sampling, dist=dist)
         metrics.update({f"eval/{k}": v for k, v in oracle.items()})

@@ -86,3 +86,23 @@ def test_two_ranks_whiten_values_far_from_zero_like_their_concatenation():
     assert out[0][:2] == pytest.approx((mean, var), rel=1e-12)
     whitened = out[0][2] + out[1][2]
     assert whitened == pytest.approx([(v - mean) / math.sqrt(var + 1e-8) for v in valid], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pearson_and_pair_agreement_equal_plain_float64_computations(seed):
+    import numpy as np
+
+    from rlhf.evaluation import pair_agreement, pearson
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=50) * 3 + 100, rng.normal(size=50)
+    y = y + 0.5 * x
+    expected = float(np.corrcoef(x, y)[0, 1])
+    got = pearson(50, x.sum(), (x * x).sum(), y.sum(), (y * y).sum(), (x * y).sum())
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert math.isnan(pearson(3, 3.0, 3.0, 1.0, 1.0, 1.0))  # x constant
+    gold = rng.integers(0, 3, size=12).astype(float).tolist()
+    proxy = rng.normal(size=12).tolist()
+    pairs = [(i, j) for i in range(12) for j in range(i + 1, 12) if gold[i] != gold[j]]
+    agreed = sum((proxy[i] > proxy[j]) == (gold[i] > gold[j]) for i, j in pairs)
+    assert pair_agreement(proxy, gold) == (len(pairs), agreed)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from rlhf.cli import app
 from rlhf.errors import UserError
 from rlhf.registry import Entry, Registry
-from rlhf.report import STAGE_PLOTS, lineage, plot_figure, read_metrics, summary_table, write_report
+from rlhf.report import STAGE_PLOTS, lineage, plot_figure, read_metrics, series, summary_table, write_report
 
 SFT = "sft-20260101-000001-aaaa0001"
 RM = "rm-20260101-000002-bbbb0002"
@@ -139,7 +139,8 @@ def test_ppo_report_has_every_stage_plot_and_the_figures(reg, tmp_path):
     path = write_report(reg, reg.get(PPO), out)
     assert path == out / "report.md"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["ppo-kl.png", "ppo-oracle.png", "ppo-score.png", "rm-accuracy.png", "sft-loss.png", "sft-oracle.png"]
+    assert pngs == ["ppo-kl.png", "ppo-oracle.png", "ppo-overoptimization.png", "ppo-score.png", "rm-accuracy.png", "sft-loss.png",
+                    "sft-oracle.png"]
 
     # Each file is the figure of its own curves: the same plot redrawn gives the same pixels,
     # another plot does not, and the image is not blank.
@@ -230,7 +231,7 @@ def test_ancestor_without_metrics_or_entry_is_noted_not_fatal(reg, tmp_path):
     assert f"No metrics.jsonl in `{reg.get(SFT).run_dir}`: no curves." in text
     assert "Ancestors with no registry entry, not shown: `sft-20250101-000000-gone0000` (missing)." in text
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
-        "ppo-kl.png", "ppo-oracle.png", "ppo-score.png", "rm-accuracy.png"]
+        "ppo-kl.png", "ppo-oracle.png", "ppo-overoptimization.png", "ppo-score.png", "rm-accuracy.png"]
 
 
 def test_removed_parent_is_said_removed(reg, tmp_path):
@@ -259,7 +260,7 @@ def test_cli_writes_the_report_and_prints_the_summary(reg, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"report: {out / 'report.md'}" in result.output
     assert SFT in result.output and RM in result.output and "sampled 72.75" in result.output
-    assert len(list(out.glob("*.png"))) == 6
+    assert len(list(out.glob("*.png"))) == 7
 
     # --registry instead of $RLHF_HOME; the default folder is the run's own.
     result = runner.invoke(app, ["report", f"sft:{SFT}", "--registry", str(reg.root)], env={"RLHF_HOME": str(tmp_path / "elsewhere")})
@@ -301,3 +302,16 @@ def test_a_best_of_n_entry_names_its_dataset_folder(reg, tmp_path):
     ))
     text = write_report(reg, bon, tmp_path / "out").read_text()
     assert f"; dataset folder `{bon.path}`." in text and "model folder" not in text.split("## Lineage")[0]
+
+
+def test_the_overoptimization_plot_draws_gold_and_proxy_against_kl():
+    rows = [{"step": 0, "eval/kl": 0.0, "eval/oracle_score": 60.0, "eval/score": 0.1}, {"step": 1, "kl": 0.2},
+            {"step": 2, "eval/kl": 1.5, "eval/oracle_score": 80.0, "eval/score": 1.0},
+            {"step": 4, "eval/kl": 4.0, "eval/oracle_score": 70.0, "eval/score": 2.5}]
+    plot = next(p for p in STAGE_PLOTS["ppo"] if p.name == "overoptimization")
+    assert series(rows, "eval/oracle_score", plot.x) == ([0.0, 1.5, 4.0], [60.0, 80.0, 70.0])
+    figure = plot_figure(rows, plot)
+    left, right = figure.axes
+    assert left.get_xlabel() == "KL to the reference (nats)" and right.get_ylabel() == "reward"
+    assert list(left.lines[0].get_xdata()) == [0.0, 1.5, 4.0] and list(right.lines[0].get_ydata()) == [0.1, 1.0, 2.5]
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["gold: oracle score", "proxy: reward (shaped)"]
