@@ -153,6 +153,17 @@ def test_rm_refuses_a_parent_then_force_removes_it(chain: Registry) -> None:
     assert [e.id for e in chain.entries()] == [SFT1, RM1, PPO1]
 
 
+def test_rm_purge_of_a_crafted_entry_deletes_nothing(chain: Registry) -> None:
+    """An entry written by hand (as anyone who can write the registry could) naming another run's folder."""
+    crafted = {**json.loads((chain.root / "entries" / f"{SFT1}.json").read_text()), "id": "sft-20260101-000009-eeee0009",
+               "created": t(9), "run_dir": str(chain.run_dir(PPO1)), "path": str(chain.run_dir(PPO1) / "hf")}
+    (chain.root / "entries" / "sft-20260101-000009-eeee0009.json").write_text(json.dumps(crafted))
+    result = cli(chain, "rm", "sft-20260101-000009-eeee0009", "--purge", "--yes")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert f"cannot purge sft-20260101-000009-eeee0009: run {PPO1} was not started for sft-20260101-000009-eeee0009" in result.stderr
+    assert (chain.run_dir(PPO1) / "hf").is_dir() and chain.get(PPO1)
+
+
 def test_rm_purge_asks_first_unless_yes(chain: Registry) -> None:
     declined = cli(chain, "rm", PPO1, "--purge", input="n\n")
     assert declined.exit_code == 1 and f"delete {chain.run_dir(PPO1).resolve()}?" in declined.stdout
