@@ -125,7 +125,7 @@ def load_data(cfg: RMConfig, run: Run, dist: Dist) -> Data:
     source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
     train_set, train_stats, eval_set, eval_stats = stage_datasets("rm", cfg, tokenizer, world_size=dist.world_size)
     oracle_set = []
-    if cfg.data.train == TOY:
+    if TOY in (cfg.data.train, cfg.data.eval):  # the embedded default's task, also when trained on labeled samples of it
         fresh = dataclasses.replace(cfg.data, toy=dataclasses.replace(cfg.data.toy, eval_size=ORACLE_PAIRS))
         oracle_set, _ = rm_examples(TOY, split="eval", tokenizer=tokenizer, data=fresh, key="data.toy", toy_kind="fresh_comparisons")
     batches = ShuffledBatches(len(train_set), batch_size=cfg.engine.micro_batch_size, world_size=dist.world_size, seed=cfg.train.seed)

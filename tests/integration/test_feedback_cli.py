@@ -75,6 +75,7 @@ def test_oracle_labels_rank_by_the_oracle_with_ties_and_the_reward_model_trains_
     [rm] = by_stage(home, "rm")
     assert set(rm["parents"]) == {by_stage(home, "sft")[0]["id"], prefs["id"]}
     assert rm["config"]["data"]["train"] == str(Path(prefs["path"]) / "train.jsonl")  # pinned, not "latest"
+    assert 0.0 <= rm["metrics"]["oracle_agreement"] <= 1.0  # still the embedded default's task: the oracle measures it
 
 
 def test_a_python_labeler_and_a_judge_label_in_one_line_each(sampled, tmp_path):
