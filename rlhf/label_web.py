@@ -34,6 +34,7 @@ from rlhf.errors import UserError
 from rlhf.fileio import atomic_write_text
 from rlhf.labelers import rank, read_samples
 from rlhf.registry import DATASET_FILES, Entry, Registry, is_reference, now_iso
+from rlhf.start_record import write_start_record
 
 LABELER_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TOKEN_HEADER = "X-Rlhf-Token"
@@ -655,6 +656,8 @@ def publish_human(registry: Registry, samples: str | Path, log_path: Path | str,
         atomic_write_text(final / LOG_SNAPSHOT, data.decode("utf-8", errors="replace"))
         atomic_write_text(final / DATASET_FILES["prefs"], "".join(json.dumps(row) + "\n" for row in ranked))
         entry = _entry(registry, samples_path, log, ranked, log.stats(len(rows), records), run_dir)
+        # Sealed like every run's, so `rlhf registry rm --purge` knows the folder is this entry's own.
+        write_start_record(run_dir, run_id=run_id, stage="label", registry=registry.root.resolve(), config=entry.config, sources={})
         return registry.publish(entry)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # a folder with no entry would pass for a label run that can resume

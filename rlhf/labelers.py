@@ -48,7 +48,8 @@ def parse_labeler(text: str, *, key: str = "by") -> LabelerSpec:
     if text.startswith(JUDGE_PREFIX) and text[len(JUDGE_PREFIX):].strip():
         return LabelerSpec(text, "judge", text[len(JUDGE_PREFIX):])
     if text == "human":
-        raise UserError(f"{key}=human: the labeling web page is not part of rlhf yet; use {_FORMS}")
+        raise UserError(f"{key}=human: people label on a web page, not in a stage run: use `rlhf label --by human` (then "
+                        f"`rlhf label --by human --publish`); here use {_FORMS}")
     raise UserError(f"{key}={text!r} is not a labeler; use {_FORMS}")
 
 

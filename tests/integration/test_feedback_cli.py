@@ -103,7 +103,7 @@ def test_a_python_labeler_and_a_judge_label_in_one_line_each(sampled, tmp_path):
     (("sample", "data.train={empty}"), "empty.jsonl"),
     (("sample", "model.name_or_path=samples:latest"), "model.name_or_path=samples:latest is a samples entry (a dataset), not a model"),
     (("label", "--by", "judge:sft:latest", "judge.template=Which is better?"), "judge.template lacks {prompt}, {a}, {b}"),
-    (("label", "--by", "human"), "by=human: the labeling web page is not part of rlhf yet"),
+    (("label", "by=human"), "by=human: people label on a web page, not in a stage run: use `rlhf label --by human`"),
     (("label", "--by", "python:../evil:fn"), "is not python:package.module:function"),
     (("label", "--by", "oracle\x1b[2J"), "is not a labeler"),
     (("label", "data.samples=sft:latest"), "data.samples=sft:latest is a sft entry (a model), not a dataset"),
@@ -149,3 +149,36 @@ def test_rounds_sample_the_newest_policy_and_keep_every_comparison(tmp_path):
     assert ppo2["config"]["model"]["name_or_path"] == f"ppo:{ppo1['id']}" or ppo1["id"] in ppo2["parents"]
     assert r2["id"] in ppo2["parents"] and sft["id"] in ppo2["parents"]  # reward from this round, KL to the SFT
     assert "round 2 of 2" in result.stdout
+
+
+def test_human_judgments_give_stats_and_a_prefs_entry_through_the_cli(sampled, tmp_path):
+    """The log the labeling page writes (rlhf.label_web; the page itself: test_label_web.py), read back by
+    `rlhf label --by human --stats` and published by `--publish` as an entry `rlhf rm` and `registry rm --purge` take."""
+    from rlhf.label_web import JudgmentLog, default_log_path, samples_digest
+    from rlhf.registry import Registry
+
+    home = home_with_entries_of(sampled, tmp_path / "home", ("sft", "samples"))
+    [samples] = by_stage(home, "samples")
+    path = Path(samples["path"]) / "samples.jsonl"
+    log = JudgmentLog(default_log_path(Registry(home), path), samples_digest(path))
+    log.judge("alice", 0, [2, 0, 1, 3], [0, 1, 1, 3])
+    log.judge("bob", 0, [2, 1, 0, 3], [0, 1, 2, 3])
+    log.skip("alice", 1)
+    stats = rlhf("label", "--by", "human", "--stats", home=home)
+    assert_ok(stats)
+    # Pairs both ordered strictly: alice ties 0 and 1, so 5 of the 6 pairs count; bob agrees on all 5.
+    assert "agreement 1.000 over 5 pairs" in stats.stdout and "alice 1 ranked, 1 skipped" in stats.stdout
+    published = rlhf("label", "--by", "human", "--publish", home=home)
+    assert_ok(published)
+    [prefs] = by_stage(home, "prefs")
+    assert prefs["parents"] == [samples["id"]] and prefs["metrics"]["labelers"] == 2
+    [row] = rows(prefs, "train.jsonl")
+    texts = [r["text"] for r in rows(samples, "samples.jsonl")[0]["responses"]]
+    assert row["responses"][0] == texts[2] and row["responses"][-1] == texts[3] and row["ranks"][0] == 0
+    for args, expected in ((("--by", "human", "-n", "2"), "launches no stage program: drop --num-gpus"),
+                           (("--by", "oracle", "--labeler", "ann"), "are for --by human"),
+                           (("--by", "human", "--labeler", "a/b"), "a/b")):
+        refused = rlhf("label", *args, home=home)
+        assert refused.code == 2 and expected in refused.stderr and "Traceback" not in refused.output, refused.output[-1500:]
+    assert_ok(rlhf("registry", "rm", prefs["id"], "--purge", "--yes", home=home))  # its folder is sealed as its own
+    assert not Path(prefs["run_dir"]).exists()

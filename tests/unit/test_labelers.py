@@ -44,7 +44,7 @@ def test_parse_labeler_names_what_it_takes():
     assert parse_labeler("python:pkg.mod:fn").kind == "python"
     assert parse_labeler("judge:sft:latest").target == "sft:latest"
     for bad, message in (("judge:", "is not a labeler"), ("python:a/b:fn", "is not python:"), ("gpt4", "is not a labeler"),
-                         ("human", "not part of rlhf yet")):
+                         ("human", "use `rlhf label --by human`")):
         with pytest.raises(UserError, match=message):
             parse_labeler(bad)
 
