@@ -60,16 +60,20 @@ def _stage_command(stage: str, summary: str) -> None:
         dry_run: DryRunOpt = False,
         verbose: VerboseOpt = False,
     ) -> None:
-        launch = LaunchChoice(num_gpus, launcher, hostfile, verbose)
-        if resume:
-            _guard(lambda: _resume_stage(stage=stage, launch=launch, run_id=run, registry=registry, dry_run=dry_run,
-                                         config=config, overrides=overrides or []))
-        else:
-            _guard(lambda: _launch_stage(stage=stage, launch=launch, overrides=overrides or [], config=config, run_id=run,
-                                         dry_run=dry_run))
+        _start_or_resume(stage, LaunchChoice(num_gpus, launcher, hostfile, verbose), overrides or [], config=config, resume=resume,
+                         run=run, registry=registry, dry_run=dry_run)
 
     command.__doc__ = summary
     app.command(stage, context_settings={"allow_extra_args": False})(command)
+
+
+def _start_or_resume(stage: str, launch: LaunchChoice, overrides: list[str], *, config: Path | None, resume: bool, run: str | None,
+                     registry: Path | None, dry_run: bool) -> None:
+    if resume:
+        _guard(lambda: _resume_stage(stage=stage, launch=launch, run_id=run, registry=registry, dry_run=dry_run,
+                                     config=config, overrides=overrides))
+    else:
+        _guard(lambda: _launch_stage(stage=stage, launch=launch, overrides=overrides, config=config, run_id=run, dry_run=dry_run))
 
 
 def _label_command(
@@ -104,13 +108,8 @@ def _label_command(
         return
     if human != HumanLabeling(None, "127.0.0.1", 0, None, False, False, False):
         _guard(lambda: _refuse("--labeler, --host, --port, --log, --open, --stats and --publish are for --by human"))
-    launch = LaunchChoice(num_gpus, launcher, hostfile, verbose)
-    overrides = [*(overrides or []), *([f"by={by}"] if by is not None else [])]
-    if resume:
-        _guard(lambda: _resume_stage(stage="label", launch=launch, run_id=run, registry=registry, dry_run=dry_run,
-                                     config=config, overrides=overrides))
-    else:
-        _guard(lambda: _launch_stage(stage="label", launch=launch, overrides=overrides, config=config, run_id=run, dry_run=dry_run))
+    _start_or_resume("label", LaunchChoice(num_gpus, launcher, hostfile, verbose), [*(overrides or []), *([f"by={by}"] if by else [])],
+                     config=config, resume=resume, run=run, registry=registry, dry_run=dry_run)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
-from rlhf.fileio import atomic_write_text
+from rlhf.fileio import atomic_write_text, fsync_dir
 from rlhf.labelers import rank, read_samples
 from rlhf.registry import DATASET_FILES, Entry, Registry, is_reference, now_iso
 from rlhf.start_record import write_start_record
@@ -231,7 +231,7 @@ class JudgmentLog:
         finally:
             os.close(fd)  # also releases the lock
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         return record
 
     # --- summaries -----------------------------------------------------------------------------
@@ -306,18 +306,6 @@ def _read_fd(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist a new file's directory entry (some filesystems cannot fsync a folder)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _counts(state: LabelerState, records: list[dict]) -> dict[str, int]:

@@ -40,6 +40,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from rlhf.errors import UserError
+from rlhf.fileio import fsync_dir
 from rlhf.start_record import record_problem
 
 ADAPTER_KINDS = ("none", "merged", "adapter")
@@ -322,7 +323,7 @@ class Registry:
             _link_or_rename(tmp, final, entry.id)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self._entries_dir)
+        fsync_dir(self._entries_dir)
         return entry
 
     def entries(self, stage: str | None = None) -> list[Entry]:
@@ -505,8 +506,8 @@ class Registry:
             os.replace(self._entries_dir / f"{entry.id}.json", removed_dir / f"{entry.id}.json")
         except FileNotFoundError:
             raise UserError(f"registry entry {entry.id} was removed by someone else meanwhile") from None
-        _fsync_dir(self._entries_dir)
-        _fsync_dir(removed_dir)
+        fsync_dir(self._entries_dir)
+        fsync_dir(removed_dir)
         if plan.purge_dir is not None and plan.purge_dir.exists():
             try:
                 shutil.rmtree(plan.purge_dir)
@@ -670,7 +671,7 @@ class Registry:
             os.replace(tmp, folder / f"{name}.json")  # atomic, also over an existing file
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def _read_tag_file(file: Path) -> tuple[tuple[str, str], _Assignment] | None:
@@ -791,17 +792,3 @@ def _link_or_rename(tmp: Path, final: Path, entry_id: str) -> None:
         if final.exists():
             raise _duplicate(entry_id, final) from None
         os.rename(tmp, final)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the new directory entry; some OSes and filesystems cannot open or fsync a folder."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
