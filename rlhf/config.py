@@ -615,6 +615,16 @@ class BestOfNEvalConfig:
 
 
 @dataclass(frozen=True)
+class RewardEnsembleConfig:
+    name_or_path: list[str] = field(default_factory=list)
+    """More reward models of the same kind (e.g. `rlhf rm` again with other train.seed values) scored beside the one in
+    reward.name_or_path; each score is normalized with its model's stored statistics, then the learned score is
+    mean - penalty x std over the members (Coste et al. 2023); empty = that one model alone."""
+    penalty: float = 1.0
+    """k in mean - k x std: how much the members' disagreement counts against a response."""
+
+
+@dataclass(frozen=True)
 class BestOfNConfig:
     """Best-of-N: sample N responses per prompt, keep the one the reward scores highest (rejection sampling)."""
 
@@ -622,6 +632,8 @@ class BestOfNConfig:
     """The policy sampled (not trained)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """What picks the best: a reward model, Python functions, the oracle, or a weighted sum (as in `rlhf ppo`)."""
+    reward_ensemble: RewardEnsembleConfig = field(default_factory=RewardEnsembleConfig)
+    """An uncertainty penalty: reward.name_or_path's reward model and these, combined as mean - penalty x std."""
     data: BestOfNDataConfig = field(default_factory=BestOfNDataConfig)
     sampling: BestOfNSamplingConfig = field(default_factory=BestOfNSamplingConfig)
     eval: BestOfNEvalConfig = field(default_factory=BestOfNEvalConfig)
@@ -651,6 +663,18 @@ class BestOfNConfig:
         if self.model.lora.enabled:
             raise UserError("model.lora.enabled: best-of-N trains nothing, so it takes no adapters; drop it")
         _check_reward(self.reward, data)
+        _check_ensemble(self.reward_ensemble, self.reward)
+
+
+def _check_ensemble(ensemble: RewardEnsembleConfig, reward: RewardConfig) -> None:
+    from rlhf.rewards import learned_source, parse_sources
+
+    if not ensemble.name_or_path:
+        return
+    if learned_source(parse_sources(reward.name_or_path, reward.weights)) is None:
+        raise UserError("reward_ensemble.name_or_path adds reward models to the one in reward.name_or_path, which names none; "
+                        "put a reward model there, or drop reward_ensemble")
+    _at_least(0, {"reward_ensemble.penalty": ensemble.penalty})
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,18 @@ def reward_model_source(cfg: Any, registry: Registry, tokenizer: Any) -> ModelSo
                          trust_remote_code=cfg.reward.trust_remote_code)
 
 
+def ensemble_sources(cfg: Any, registry: Registry, tokenizer: Any) -> tuple[ModelSource, ...]:
+    """reward_ensemble.name_or_path's reward models, each checked like the main one (scalar head, the policy's tokenizer)
+    and holding the statistics its scores are normalized with."""
+    sources = []
+    for i, name in enumerate(cfg.reward_ensemble.name_or_path):
+        key = f"reward_ensemble.name_or_path[{i}]"
+        source = scalar_source(name, key=key, registry=registry, tokenizer=tokenizer, trust_remote_code=cfg.reward.trust_remote_code)
+        reward_stats(source, key=key)
+        sources.append(source)
+    return tuple(sources)
+
+
 def scalar_source(name_or_path: str, *, key: str, registry: Registry, tokenizer: Any, trust_remote_code: bool) -> ModelSource:
     """`name_or_path` resolved and checked: a reward model (scalar head) reading `tokenizer`'s ids."""
     source = resolve_model(name_or_path, registry, key=key)

@@ -75,15 +75,16 @@ def check_dpo(cfg: Any) -> None:
 
 
 def check_bon(cfg: Any) -> None:
-    from rlhf.model_sources import reward_model_source, reward_stats
+    from rlhf.model_sources import ensemble_sources, reward_model_source, reward_stats
     from rlhf.rewards import parse_sources
 
     local = _local_data("ppo", cfg)  # prompts, read as the ppo stage reads them
     source, registry, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=True)
     reward = reward_model_source(cfg, registry, tokenizer)
-    # Combined with other sources, the reward model's scores are normalized with its stored statistics.
-    if reward is not None and len(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)) > 1:
+    # Combined with other sources or an ensemble, the reward model's scores are normalized with its stored statistics.
+    if reward is not None and (len(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)) > 1 or cfg.reward_ensemble.name_or_path):
         reward_stats(reward)
+    ensemble_sources(cfg, registry, tokenizer)
     _check_reward_functions(cfg)
     _check_data(cfg, local, tokenizer)
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf.algos.best_of_n import best_of_first, best_of_n_kl, curve_ns
+from rlhf.algos.reward import ensemble_score
 from rlhf.config import BestOfNConfig, BestOfNSamplingConfig, ModelConfig, to_dict
 from rlhf.data.load import prompt_rows
 from rlhf.engine import PRECISION_DTYPES, Dist, build_frozen, frozen_zero3_config, init_distributed, seed_everything, zero3_partitioning
@@ -34,7 +35,14 @@ from rlhf.errors import StoppedBySignal
 from rlhf.evaluation import even_shard
 from rlhf.fileio import atomic_write_text
 from rlhf.model_loading import disable_dropout, load_causal_lm
-from rlhf.model_sources import ModelSource, base_model_identity, causal_lm_and_tokenizer, reward_model_source, reward_stats
+from rlhf.model_sources import (
+    ModelSource,
+    base_model_identity,
+    causal_lm_and_tokenizer,
+    ensemble_sources,
+    reward_model_source,
+    reward_stats,
+)
 from rlhf.ppo_models import build_reward
 from rlhf.rank_sums import RankSums
 from rlhf.registry import DATASET_FILES, Entry, now_iso
@@ -58,6 +66,21 @@ class Models:
     reward_model: Any | None
     """None when no source of the reward is a reward model."""
     reward: Reward
+    ensemble: list[Any] = field(default_factory=list)
+    """reward_ensemble's reward models, scored beside reward_model."""
+    ensemble_stats: torch.Tensor | None = None
+    """(M, 2) each member's stored mean and std (reward_model first); None without an ensemble."""
+
+    def learned_scores(self, seqs: Any, penalty: float) -> torch.Tensor | None:
+        """(B,) the reward model's scores, or with an ensemble mean - penalty x std of the members' normalized scores."""
+        if self.reward_model is None:
+            return None
+        first = sequence_scores(self.reward_model, seqs)
+        if not self.ensemble:
+            return first
+        scores = torch.stack([first, *(sequence_scores(m, seqs) for m in self.ensemble)]).double()
+        stats = self.ensemble_stats.to(scores.device)
+        return ensemble_score(scores, stats[:, 0], stats[:, 1], penalty).to(first.dtype)
 
 
 @dataclass
@@ -83,10 +106,11 @@ def main(run: Run) -> None:
     # 2. Tokenizer, the reward's sources (a reward model among them is checked against the policy), prompts.
     source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
     reward_source = reward_model_source(cfg, run.registry, tokenizer)
+    members = ensemble_sources(cfg, run.registry, tokenizer)
     train_rows, eval_rows = load_prompts(cfg, tokenizer)
 
-    # 3. The policy (frozen, dropout off) and, when the reward has a learned part, the reward model.
-    models = build_models(cfg, source, reward_source, tokenizer, dist)
+    # 3. The policy (frozen, dropout off) and, when the reward has a learned part, the reward model (and its ensemble).
+    models = build_models(cfg, source, reward_source, tokenizer, dist, members)
     sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                         max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                         top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
@@ -102,7 +126,8 @@ def main(run: Run) -> None:
     if done:
         tracker.print(f"resumed {run.run_id} at shard {done} of {len(shards)}")
     tracker.print(f"bon: best of {cfg.sampling.n} for {len(train_rows)} prompts in {len(shards)} shard(s), "
-                  f"{len(eval_rows)} held-out prompts; reward = {describe(models.reward.sources)}")
+                  f"{len(eval_rows)} held-out prompts; reward = {describe(models.reward.sources)}"
+                  + (f" (its reward model with {len(members)} more: mean - {cfg.reward_ensemble.penalty:g} x std)" if members else ""))
 
     # 4. The held-out curve: reward and oracle score of best-of-n against n (once: a resumed run reads it back).
     curve = held_out_curve(eval_rows, models, cfg, sampling, tokenizer, dist, run, tracker)
@@ -112,7 +137,7 @@ def main(run: Run) -> None:
 
     # 6. The dataset folder and the registry entry.
     if dist.is_main:
-        publish(run, cfg, source, reward_source, tokenizer, shards, tracker,
+        publish(run, cfg, source, (reward_source, *members) if reward_source else (), tokenizer, shards, tracker,
                 {**kept, **curve, "wall_time_s": round(time.time() - started, 1)})
     tracker.close()
     torch.distributed.barrier()
@@ -131,14 +156,20 @@ def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
     return train_rows, eval_rows
 
 
-def build_models(cfg: BestOfNConfig, source: ModelSource, reward_source: ModelSource | None, tokenizer: Any, dist: Dist) -> Models:
+def build_models(cfg: BestOfNConfig, source: ModelSource, reward_source: ModelSource | None, tokenizer: Any, dist: Dist,
+                 members: tuple[ModelSource, ...] = ()) -> Models:
     engine = cfg.engine
     policy = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.sampling.seed, dtype=PRECISION_DTYPES[engine.precision],
                             partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
     disable_dropout(policy)
     policy = build_frozen(policy, engine=engine, offload=False, dist=dist)
     reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, seed=cfg.sampling.seed, dist=dist)
-    return Models(policy, reward_model, combined_reward(cfg, reward_source))
+    if not members:
+        return Models(policy, reward_model, combined_reward(cfg, reward_source))
+    ensemble = [build_reward(cfg, m, tokenizer, seed=cfg.sampling.seed, dist=dist) for m in members]
+    stats = torch.tensor([[s["mean"], s["std"]] for s in map(reward_stats, (reward_source, *members))], dtype=torch.float64)
+    # The members' scores arrive normalized and combined: the reward adds them to other sources as they are.
+    return Models(policy, reward_model, Reward(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)), ensemble, stats)
 
 
 def combined_reward(cfg: BestOfNConfig, reward_source: ModelSource | None) -> Reward:
@@ -159,7 +190,7 @@ def sample_candidates(rows: list, models: Models, cfg: BestOfNConfig, sampling: 
         batch = rows[start : start + cfg.sampling.batch_size]
         seqs = sample_rollout(getattr(models.policy, "module", models.policy), [ids for _, ids in batch for _ in range(n)], sampling)
         prompt_texts, response_texts = rollout_texts(seqs, tokenizer)
-        learned = None if models.reward_model is None else sequence_scores(models.reward_model, seqs)
+        learned = models.learned_scores(seqs, cfg.reward_ensemble.penalty)
         scores = models.reward.scores(prompt_texts, response_texts, learned=learned, device=sampling.device).total
         prompts += [prompt.prompt for prompt, _ in batch]
         responses += [response_texts[i * n : (i + 1) * n] for i in range(len(batch))]
@@ -270,14 +301,14 @@ def evaluate(rows: list, models: Models, cfg: BestOfNConfig, sampling: Sampling,
     return metrics
 
 
-def publish(run: Run, cfg: BestOfNConfig, source: ModelSource, reward_source: ModelSource | None, tokenizer: Any,
+def publish(run: Run, cfg: BestOfNConfig, source: ModelSource, reward_sources: tuple[ModelSource, ...], tokenizer: Any,
             shards: list, tracker: Tracker, metrics: dict[str, float]) -> None:
     """The shards joined into final/train.jsonl (by rename), then the entry that points at it."""
     final = run.final_dir
     final.mkdir(exist_ok=True)
     text = "".join(shard_path(run, index).read_text() for index in range(len(shards)))
     atomic_write_text(final / DATASET, text)
-    parents = tuple(dict.fromkeys(source.parents + (reward_source.parents if reward_source else ())))
+    parents = tuple(dict.fromkeys(source.parents + tuple(p for s in reward_sources for p in s.parents)))
     model_cfg: ModelConfig = cfg.model
     entry = run.registry.publish(Entry(
         id=run.run_id, stage="bon", status="completed", created=now_iso(), path=str(final), run_dir=str(run.run_dir),

@@ -51,3 +51,11 @@ def bradley_terry_loss(
     if margins is not None:
         gap = gap - margins
     return (weights * -F.logsigmoid(gap)).sum()
+
+
+def ensemble_score(scores: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(M, B) raw scores of M reward models -> (B,) mean - penalty * std over the members of their normalized
+    scores ((s - mean_m) / std_m, each model's own statistics: a Bradley-Terry model's offset and scale are its
+    own). The spread is the population std, 0 for one member (Coste et al. 2023's uncertainty-weighted optimization)."""
+    normalized = (scores - mean[:, None]) / std[:, None]
+    return normalized.mean(dim=0) - penalty * normalized.std(dim=0, unbiased=False)

@@ -123,3 +123,35 @@ def test_bad_input_stops_before_anything_is_created(home):
     for args, fragments in cases:
         assert_user_error(rlhf_here("bon", *args, home=home), *fragments)
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def test_a_reward_ensemble_picks_by_mean_minus_penalty_times_std(home):
+    """Two reward models: each kept response's reward is the mean - k x std of their normalized scores, as the two
+    models loaded with transformers alone give it for that text in float64."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.integration.conftest import RM_QUICK
+
+    first = next(e for e in entries(home) if e["stage"] == "rm")
+    assert_ok(rlhf("rm", *ONE_PROCESS, "-c", RM_QUICK, "train.max_steps=20", "optim.warmup_steps=2", "train.seed=7",
+                   "eval.max_rows=8", "eval.reward_stats_rows=16", home=home))
+    second = next(e for e in entries(home) if e["stage"] == "rm" and e["id"] != first["id"])
+    result = rlhf("bon", *ONE_PROCESS, f"reward.name_or_path=rm:{first['id']}", f"reward_ensemble.name_or_path=[rm:{second['id']}]",
+                  "reward_ensemble.penalty=0.5", "sampling.n=4", "data.max_prompts=12", "data.eval=null", home=home)
+    assert_ok(result)
+    assert "with 1 more: mean - 0.5 x std" in result.stdout
+    entry = bon_entry(home)
+    assert {first["id"], second["id"]} <= set(entry["parents"])
+    tokenizer = AutoTokenizer.from_pretrained(first["path"])
+    models = [AutoModelForSequenceClassification.from_pretrained(e["path"]).double().eval() for e in (first, second)]
+    stats = [json.loads((Path(e["path"]) / "reward_stats.json").read_text()) for e in (first, second)]
+    rows = dataset(entry)
+    assert rows
+    for row in rows:  # every kept response ended: prompt ids, response ids, EOS
+        ids = tokenizer(row["prompt"])["input_ids"] + tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        ids.append(tokenizer.eos_token_id)
+        with torch.no_grad():
+            z = [(float(m(torch.tensor([ids])).logits[0, 0]) - s["mean"]) / s["std"] for m, s in zip(models, stats)]
+        mean = sum(z) / 2
+        assert row["reward"] == pytest.approx(mean - 0.5 * abs(z[0] - z[1]) / 2, abs=1e-4)

@@ -235,3 +235,19 @@ def test_preference_eval_matches_a_direct_computation():
     assert got["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
     assert got["reward_mean"] == pytest.approx(mean, abs=1e-5)
     assert got["reward_std"] == pytest.approx(math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)), abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ensemble_score_is_the_penalized_mean_of_normalized_scores(seed):
+    from rlhf.algos.reward import ensemble_score
+
+    g = torch.Generator().manual_seed(seed)
+    members, batch = 1 + seed % 4, 6
+    scores = torch.randn(members, batch, generator=g, dtype=torch.float64) * 5 + 3
+    mean, std = torch.randn(members, generator=g, dtype=torch.float64), torch.rand(members, generator=g, dtype=torch.float64) + 0.5
+    got = ensemble_score(scores, mean, std, penalty=0.7)
+    for b in range(batch):
+        z = [(float(scores[m, b]) - float(mean[m])) / float(std[m]) for m in range(members)]
+        mu = sum(z) / members
+        sd = (sum((v - mu) ** 2 for v in z) / members) ** 0.5
+        assert float(got[b]) == pytest.approx(mu - 0.7 * sd, abs=1e-12)
