@@ -1,6 +1,6 @@
 """`rlhf label --by human`: the labeling page in a real headless Chromium, its API's guards, and the judgment log.
 
-The browser tests type and click as a person would (Selenium, Debian's chromium and chromium-driver;
+The browser tests type, click and drag as a person would (Selenium, Debian's chromium and chromium-driver;
 tests/browser_setup.py says when they may be installed) and check what the log holds afterwards.
 """
 
@@ -142,6 +142,53 @@ def effective(log: Path, labeler: str) -> dict[int, dict]:
     return JudgmentLog(log).state(labeler, TOTAL).effective
 
 
+def card(driver, index: int):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f".response[data-index='{index}']")
+
+
+def line(driver, index: int):
+    """Response `index`'s line in the order list beside the cards."""
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f"#order li[data-index='{index}']")
+
+
+def drag(driver, source, target, *, below: bool = False, release: bool = True) -> None:
+    """A mouse drag: press on `source`, move onto the upper (or lower) half of `target`, and let go (unless not `release`)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    offset = target.size["height"] // 4  # from the target's centre: well inside the half that is meant
+    chain = ActionChains(driver).click_and_hold(source).move_to_element_with_offset(target, 0, offset if below else -offset)
+    (chain.release() if release else chain).perform()
+
+
+def drag_feedback(driver) -> dict[str, list[str]]:
+    """What the page shows mid-drag: the marked elements (a response's index, or the order list's id) per class."""
+    return driver.execute_script(
+        "const marked = (c) => [...document.getElementsByClassName(c)].map((e) => e.dataset.index || e.id); "
+        "return {body: [document.body.dataset.dragging || ''], dragging: marked('dragging'), before: marked('drop-before'), "
+        "after: marked('drop-after'), end: marked('drop-end')}")
+
+
+NO_DRAG = {"body": [""], "dragging": [], "before": [], "after": [], "end": []}
+
+
+def record_posts(driver) -> None:
+    """From now on the page's POSTs are also kept in window.posts as (path, JSON body). Wraps fetch once per page:
+    open_page's driver.get of a URL that differs at most after its `#` does not load the page again."""
+    driver.execute_script("window.posts = []; if (window.unwatchedFetch) return; window.unwatchedFetch = window.fetch; "
+                          "window.fetch = (path, options) => { if (options.body) window.posts.push([path, JSON.parse(options.body)]); "
+                          "return window.unwatchedFetch(path, options); };")
+
+
+def judge_posts(driver) -> list[dict]:
+    """The judgments the page sent since record_posts, without the labeler's name."""
+    return [{k: v for k, v in body.items() if k != "labeler"} for path, body in driver.execute_script("return window.posts")
+            if path == "/api/judge"]
+
+
 # --- the page --------------------------------------------------------------------------------------
 
 
@@ -200,6 +247,85 @@ def test_keyboard_only_labeling_ties_skip_unacceptable_undo(new_driver, server):
     state = effective(log, "alice")
     assert {i: state[i]["order"] for i in state} == {0: [1, 0, 2], 1: [2, 0, 1], 2: [3, 2, 1, 0], 3: [0, 1, 2], 4: [1, 0, 2]}
     assert JudgmentLog(log).stats(TOTAL)["labelers"] == {"alice": {"ranked": 5, "unacceptable": 0, "skipped": 0, "undone": 2}}
+
+
+def test_drag_orders_as_the_keys_do_and_mixes_with_keys_backspace_and_undo(new_driver, server):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    url, _, log = server()
+    driver = new_driver()
+    open_page(driver, url, "dana")
+    wait_for(driver, 0)
+    record_posts(driver)
+
+    # Held over the upper half of card 1: card 3 fades and a line marks card 1's top edge; let go, 3 is above 1
+    # (1, not yet ordered, joined the order first).
+    drag(driver, card(driver, 2), card(driver, 0), release=False)
+    assert drag_feedback(driver) == {**NO_DRAG, "body": ["1"], "dragging": ["2"], "before": ["0"]}
+    assert text_of(driver, "#order li") == []  # nothing changes before the drop
+    ActionChains(driver).release().perform()
+    assert drag_feedback(driver) == NO_DRAG
+    assert text_of(driver, "#order li") == ["Response 3", "Response 1"]
+    drag(driver, card(driver, 1), line(driver, 2), below=True)  # onto the lower half of 3's line in the order
+    assert text_of(driver, "#order li") == ["Response 3", "Response 2", "Response 1"]
+    assert text_of(driver, ".response .place") == ["#3", "#2", "#1"]
+    press(driver, ENTER)
+    wait_for(driver, 1)
+    assert effective(log, "dana")[0]["order"] == [2, 1, 0] and effective(log, "dana")[0]["ranks"] == [0, 1, 2]
+
+    # Keys first (2 ties with 1), then 3 dragged above 1: the tie is kept, 2 still right below 1.
+    press(driver, "1", "2", "t")
+    drag(driver, card(driver, 2), card(driver, 0))
+    assert text_of(driver, "#order li") == ["Response 3", "Response 1", "Response 2 (tied with the one above)"]
+    drag(driver, line(driver, 0), line(driver, 1), below=True)  # 1 leaves the tie: 2 now ties with nothing, not with 3
+    assert text_of(driver, "#order li") == ["Response 3", "Response 2", "Response 1"]
+    press(driver, "t")  # t still ties the last with the one before it
+    assert text_of(driver, "#order li") == ["Response 3", "Response 2", "Response 1 (tied with the one above)"]
+    press(driver, ENTER)
+    wait_for(driver, 2)
+    assert effective(log, "dana")[1]["order"] == [2, 1, 0] and effective(log, "dana")[1]["ranks"] == [0, 1, 1]
+
+    # Let go outside any response: nothing changes (nor does the click the browser may send the card after a drag).
+    drag(driver, card(driver, 0), driver.find_element(By.ID, "prompt"))
+    assert text_of(driver, "#order li") == [] and drag_feedback(driver) == NO_DRAG
+    drag(driver, card(driver, 1), driver.find_element(By.ID, "order"), release=False)  # the empty order takes a drop
+    assert drag_feedback(driver) == {**NO_DRAG, "body": ["1"], "dragging": ["1"], "end": ["order"]}
+    ActionChains(driver).release().perform()
+    assert text_of(driver, "#order li") == ["Response 2"]
+    press(driver, "1", "3", "t")
+    drag(driver, card(driver, 3), card(driver, 0), below=True)  # in between the tied 1 and 3: they are apart now
+    assert text_of(driver, "#order li") == ["Response 2", "Response 1", "Response 4", "Response 3"]
+    press(driver, BACKSPACE, BACKSPACE)  # Backspace takes out the last of the dragged order
+    assert text_of(driver, "#order li") == ["Response 2", "Response 1"]
+    card(driver, 3).click()  # a plain click after drags still picks
+    press(driver, "3", ENTER)
+    wait_for(driver, 3)
+    assert effective(log, "dana")[2]["order"] == [1, 0, 3, 2] and effective(log, "dana")[2]["ranks"] == [0, 1, 2, 3]
+
+    # u undoes the last submission, dragged or keyed alike; the prompt comes back unordered, to be dragged anew.
+    press(driver, "u")
+    wait_for(driver, 2)
+    assert 2 not in effective(log, "dana") and text_of(driver, "#order li") == []
+    drag(driver, card(driver, 3), card(driver, 0))
+    press(driver, "2", "3", ENTER)
+    wait_for(driver, 3)
+    assert effective(log, "dana")[2]["order"] == [3, 0, 1, 2] and effective(log, "dana")[2]["ranks"] == [0, 1, 2, 3]
+    assert [r["kind"] for r in JudgmentLog(log).read()] == ["rank", "rank", "rank", "undo", "rank"]
+    dragged = judge_posts(driver)
+
+    # The same three orders by keys alone send the same JSON and are stored the same.
+    open_page(driver, url, "kim")
+    wait_for(driver, 0)
+    record_posts(driver)
+    for index, keys in ((0, "321"), (1, "321t"), (2, "4123")):
+        press(driver, *keys, ENTER)
+        wait_for(driver, index + 1)
+    assert judge_posts(driver) == [dragged[0], dragged[1], dragged[3]]
+    assert dragged[1] == {"prompt_index": 1, "order": [2, 1, 0], "ties": [False, False, True], "unacceptable": False}
+    assert dragged[3]["ties"] == [False] * 4
+    kim, dana = ({i: (r["order"], r["ranks"]) for i, r in effective(log, name).items()} for name in ("kim", "dana"))
+    assert kim == dana
 
 
 def serve_in_process(samples: Path, log: Path) -> tuple[subprocess.Popen, str]:
