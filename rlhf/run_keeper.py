@@ -179,7 +179,7 @@ class RunKeeper:
         adapter = save_final(engine.module, weights, tokenizer, folder, lora=model_cfg.lora, extra_files=extra_files)
         if companion is None:
             metrics = {**metrics, "wall_time_s": round(time.time() - self.started, 1)}
-        entry = self.run.registry.publish(Entry(
+        entry = self.run.publish(Entry(
             id=self.run.run_id if companion is None else f"{self.run.run_id}-{companion}",
             stage=companion or self.run.stage, status="completed", created=now_iso(), path=str(folder),
             run_dir=str(self.run.run_dir), config=to_dict(self.cfg), parents=(parents or source.parents) + self._data_parents(),

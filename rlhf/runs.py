@@ -28,7 +28,7 @@ from typing import Any, Callable
 from rlhf.config import STAGE_CONFIGS, leaf_keys, load_config, save_config, to_dict
 from rlhf.errors import EXIT_STOPPED, EXIT_USER_ERROR, StoppedBySignal, UserError
 from rlhf.fileio import atomic_write_text
-from rlhf.registry import DATASET_FILES, Registry, default_root, is_reference
+from rlhf.registry import DATASET_FILES, Entry, Registry, default_root, is_reference
 from rlhf.start_record import START_FILE, check_same_config, record_problem, source_digests, verified_record, write_start_record
 from rlhf.toy import TOY
 from rlhf.tracking import print_error
@@ -57,6 +57,12 @@ class Run:
     @property
     def final_dir(self) -> Path:
         return self.run_dir / "final"
+
+    def publish(self, entry: Entry) -> Entry:
+        """Publish `entry`, unless the `rlhf` that launched this rank is gone: its ranks outlive it by
+        up to a second, and a run resumed in that second would find its own id already taken."""
+        stop_if_orphaned()
+        return self.registry.publish(entry)
 
 
 def resolve_config(stage: str, config_file: str | Path | None, overrides: list[str] | tuple[str, ...]) -> Any:
@@ -371,20 +377,29 @@ def _follow_supervisor() -> None:
     host, _, pid = os.environ.get(SUPERVISED_ENV, "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return  # not launched by `rlhf`, or by one on another node (that node's launcher ends the rank)
-    import signal
     import threading
 
     def watch() -> None:
         while True:
             time.sleep(1.0)
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                os.kill(os.getpid(), signal.SIGKILL)
-            except PermissionError:
-                pass
+            stop_if_orphaned()
 
     threading.Thread(target=watch, name="rlhf-supervisor-watch", daemon=True).start()
+
+
+def stop_if_orphaned() -> None:
+    """SIGKILL this rank when the `rlhf` on its host that launched it has exited (see `_follow_supervisor`)."""
+    import signal
+
+    host, _, pid = os.environ.get(SUPERVISED_ENV, "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        os.kill(os.getpid(), signal.SIGKILL)
+    except PermissionError:
+        pass
 
 
 def _run_rank(run: Run, main: Callable[[Run], None]) -> int:

@@ -310,7 +310,7 @@ def publish(run: Run, cfg: BestOfNConfig, source: ModelSource, reward_sources: t
     atomic_write_text(final / DATASET, text)
     parents = tuple(dict.fromkeys(source.parents + tuple(p for s in reward_sources for p in s.parents)))
     model_cfg: ModelConfig = cfg.model
-    entry = run.registry.publish(Entry(
+    entry = run.publish(Entry(
         id=run.run_id, stage="bon", status="completed", created=now_iso(), path=str(final), run_dir=str(run.run_dir),
         config=to_dict(cfg), parents=parents, base_model=base_model_identity(source, model_cfg),
         tokenizer=tokenizer_fingerprint(tokenizer), metrics={k.removeprefix("eval/"): v for k, v in metrics.items()},

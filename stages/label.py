@@ -157,7 +157,7 @@ def publish(run: Run, cfg: LabelConfig, samples: Path, earlier: list[dict], shar
     holders = [run.registry.entry_holding(p) for p in (samples, *([cfg.data.include] if cfg.data.include else []))]
     metrics = {**pair_counts(rows), "prompts": float(len(rows)), "ranked_lists": float(len(earlier) + len(rows)),
                "wall_time_s": round(seconds, 1)}
-    entry = run.registry.publish(Entry(
+    entry = run.publish(Entry(
         id=run.run_id, stage="prefs", status="completed", created=now_iso(), path=str(final), run_dir=str(run.run_dir),
         config=to_dict(cfg), parents=tuple(dict.fromkeys(tuple(h.id for h in holders if h) + judge)), metrics=metrics,
         tags=tuple(cfg.run.tags),

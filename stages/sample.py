@@ -141,7 +141,7 @@ def publish(run: Run, cfg: SampleConfig, source: ModelSource, tokenizer: Any, sh
     prompts = sum(1 for line in text.splitlines() if line)
     # `rlhf label` checks the rows against this: labels rank what the policy wrote, not a hand-edited file.
     atomic_write_text(final / MANIFEST, json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": prompts}))
-    entry = run.registry.publish(Entry(
+    entry = run.publish(Entry(
         id=run.run_id, stage="samples", status="completed", created=now_iso(), path=str(final), run_dir=str(run.run_dir),
         config=to_dict(cfg), parents=source.parents, base_model=base_model_identity(source, cfg.model),
         tokenizer=tokenizer_fingerprint(tokenizer), metrics={"prompts": float(prompts), "k": float(cfg.sampling.k),

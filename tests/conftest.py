@@ -13,10 +13,12 @@ import tempfile
 
 
 def pytest_configure(config) -> None:
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # Before any test module imports torch; the launcher keeps an OMP_NUM_THREADS it is given.
-        os.environ["OMP_NUM_THREADS"] = "1"
-    elif "RLHF_SEAL_KEY" not in os.environ:
+    # Before any test module imports torch; the launcher keeps an OMP_NUM_THREADS it is given. Without
+    # xdist too: tests/forked.py forks this process, and a fork of a process whose OpenMP team has
+    # started hangs at its first parallel op (seen: a resumed rank stuck in load_state_dict after the
+    # test before it had compared weights with two threads).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if not os.environ.get("PYTEST_XDIST_WORKER") and "RLHF_SEAL_KEY" not in os.environ:
         # The runs' seal key (rlhf.start_record): one per session, shared by the workers it starts,
         # rather than the user's own ~/.config/rlhf/seal.key.
         os.environ["RLHF_SEAL_KEY"] = os.path.join(tempfile.mkdtemp(prefix="rlhf-seal-"), "seal.key")

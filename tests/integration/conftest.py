@@ -134,8 +134,48 @@ def kill_after_checkpoint(stage: str, args: list[str], *, home: Path, min_step: 
             time.sleep(0.2)
         raise AssertionError("no checkpoint written in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc` and every process under it at once, as a lost node ends them: the ranks run in
+    a process group of their own, so a signal to `proc`'s group alone leaves them alive for up to a
+    second (rlhf.runs._follow_supervisor), long enough to finish and publish beside a resume."""
+    tree = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in tree):
+        assert time.time() < deadline, f"processes {tree} outlived SIGKILL"
+        time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from Linux's /proc children lists."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (killed orphans wait for init to reap them)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def resume_and_check(

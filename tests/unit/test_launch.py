@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from rlhf.errors import UserError
 from rlhf.launch import LaunchSpec, build_command, launch_env, stage_program
+from rlhf.runs import SUPERVISED_ENV
 
 
 def test_deepspeed_command():
@@ -60,3 +66,30 @@ def test_cores_are_the_ones_this_process_may_use(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3, 5})  # e.g. a SLURM job's cgroup on a big node
     assert usable_cores() == 2 and launch_env(2, base={})["OMP_NUM_THREADS"] == "1"
+
+
+def _publish_as_rank(supervisor: str, home: Path) -> subprocess.CompletedProcess:
+    """Run.publish in a fresh process whose RLHF_SUPERVISED names `supervisor` (host:pid)."""
+    code = (
+        "import sys; from pathlib import Path; from rlhf.registry import Entry, Registry; from rlhf.runs import Run\n"
+        "home = Path(sys.argv[1]); folder = home / 'runs' / 'sft-x' / 'final'; folder.mkdir(parents=True)\n"
+        "(folder / 'config.json').write_text('{}')\n"
+        "run = Run('sft', 'sft-x', folder.parent, None, Registry(home))\n"
+        "run.publish(Entry(id='sft-x', stage='sft', status='completed', created='2026-01-01T00:00:00+00:00', path=str(folder),\n"
+        "                  run_dir=str(folder.parent), config={}))\n"
+    )
+    env = {**os.environ, SUPERVISED_ENV: supervisor}
+    return subprocess.run([sys.executable, "-c", code, str(home)], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_rank_whose_rlhf_is_gone_dies_instead_of_publishing(tmp_path):
+    # A pid that has exited: the ranks of a SIGKILLed `rlhf` outlive it by up to a second.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = _publish_as_rank(f"{socket.gethostname()}:{gone.pid}", tmp_path / "orphan")
+    assert orphan.returncode == -signal.SIGKILL, orphan.stderr
+    assert not (tmp_path / "orphan" / "entries" / "sft-x.json").exists()
+    # With its `rlhf` alive (here, this test process) the same publish goes through.
+    supervised = _publish_as_rank(f"{socket.gethostname()}:{os.getpid()}", tmp_path / "supervised")
+    assert supervised.returncode == 0, supervised.stderr
+    assert (tmp_path / "supervised" / "entries" / "sft-x.json").is_file()
