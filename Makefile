@@ -37,7 +37,7 @@ test: install lint
 test-full: install lint
 	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
-# `make test` (or COVERAGE_MARKERS="" for test-full) with line and branch coverage of rlhf/ and stages/
+# `make test` (or COVERAGE_MARKERS="" for test-full) with line and branch coverage of rlhf/ (its stage programs included)
 # in every process it starts; the totals, and the report in .coverage-data/.
 COVERAGE_MARKERS ?= not matrix and not full
 coverage: install

@@ -25,8 +25,20 @@ app = typer.Typer(
 )
 app.add_typer(registry_app, name="registry")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c",
-    help="YAML config; default: the embedded default (tiny local model, synthetic task).")]
+
+
+def _config_or_preset(value: Path | None) -> Path | None:
+    """A `-c` value: a file, or the name of a preset the package ships (rlhf.named_configs)."""
+    from rlhf.named_configs import config_file
+
+    try:
+        return config_file(value)
+    except UserError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", callback=_config_or_preset,
+    help="YAML config file, or a preset's name (e.g. ppo-opt-1.3b); default: the embedded default (tiny local model, synthetic task).")]
 NumGpusOpt = Annotated[Optional[int], typer.Option("--num-gpus", "-n",
     help="Ranks per node (GPUs; on a CPU-only machine, processes). Default 1; with --resume, the run's own.", show_default=False)]
 HostfileOpt = Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile for several nodes.")]
@@ -277,10 +289,14 @@ def toy_data(
     _guard(write)
 
 
-SftConfigOpt = Annotated[Optional[Path], typer.Option("--sft-config", help="YAML config of the sft stage (default: the embedded default).")]
-RmConfigOpt = Annotated[Optional[Path], typer.Option("--rm-config", help="YAML config of the rm stage (default: the embedded default).")]
-PpoConfigOpt = Annotated[Optional[Path], typer.Option("--ppo-config", help="YAML config of the ppo stage (default: the embedded default).")]
-DpoConfigOpt = Annotated[Optional[Path], typer.Option("--dpo-config", help="YAML config of the dpo stage (default: the embedded default).")]
+SftConfigOpt = Annotated[Optional[Path], typer.Option("--sft-config", callback=_config_or_preset,
+    help="YAML config of the sft stage (default: the embedded default).")]
+RmConfigOpt = Annotated[Optional[Path], typer.Option("--rm-config", callback=_config_or_preset,
+    help="YAML config of the rm stage (default: the embedded default).")]
+PpoConfigOpt = Annotated[Optional[Path], typer.Option("--ppo-config", callback=_config_or_preset,
+    help="YAML config of the ppo stage (default: the embedded default).")]
+DpoConfigOpt = Annotated[Optional[Path], typer.Option("--dpo-config", callback=_config_or_preset,
+    help="YAML config of the dpo stage (default: the embedded default).")]
 StagesOpt = Annotated[Optional[str], typer.Option("--stages",
     help="The stages to chain, comma-separated, e.g. sft,dpo (default: sft,rm,ppo). Each starts from the runs before it.",
     show_default=False)]
@@ -408,8 +424,8 @@ def _pipeline_summary(registry_root: Path, last_id: str) -> None:
 def submit(
     target: Annotated[str, typer.Argument(help="sft, rm, ppo, dpo, or pipeline (one job per stage, chained with afterok).")],
     overrides: PipelineOverridesArg = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c",
-        help="YAML config of the stage (not with pipeline: use --<stage>-config).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", callback=_config_or_preset,
+        help="YAML config of the stage, or a preset's name (not with pipeline: use --<stage>-config).")] = None,
     sft_config: SftConfigOpt = None,
     rm_config: RmConfigOpt = None,
     ppo_config: PpoConfigOpt = None,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.named_configs import preset
 
 # Held-out evaluations along each RL run: enough points for a curve, on fewer prompts than the default.
 RL_EVAL = ("train.eval_every=15", "eval.max_rows=400")
@@ -86,8 +87,7 @@ def chosen_methods(text: str | None, *, quick: bool) -> list[Method]:
 
 def base_stages(home: Path, *, quick: bool, rlhf: str) -> None:
     """The SFT and RM entries every method starts from."""
-    repo = Path(__file__).resolve().parent.parent
-    configs = ("--sft-config", str(repo / "configs" / "sft-toy-quick.yaml"), "--rm-config", str(repo / "configs" / "rm-toy-quick.yaml"))
+    configs = ("--sft-config", str(preset("sft-toy-quick")), "--rm-config", str(preset("rm-toy-quick")))
     args = [rlhf, "pipeline", "--stages", "sft,rm", "--no-report", "--launcher", "python", *(configs if quick else ())]
     done = subprocess.run(args, env=_env(home), cwd=home, capture_output=True, text=True)
     if done.returncode:

@@ -25,19 +25,27 @@ from rlhf.tracking import VERBOSE_ENV
 
 Launcher = Literal["deepspeed", "torchrun", "python", "srun"]
 LAUNCHERS: tuple[str, ...] = typing.get_args(Launcher)
-STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
+STAGES_PACKAGE = "rlhf.stages"
+STAGES_DIR = Path(__file__).resolve().parent / "stages"
 
 
-def stage_program(stage: str) -> Path:
-    program = STAGES_DIR / f"{stage}.py"
-    if not program.is_file():
-        raise UserError(f"no stage program {program}; is rlhf installed from its source tree (pip install -e .)?")
-    return program
+def stage_program(stage: str) -> str:
+    """The module a stage's ranks run (`python -m rlhf.stages.<stage>`): run as a module of the
+    installed package, never as a file, so a wheel works as a checkout does."""
+    if not (STAGES_DIR / f"{stage}.py").is_file():
+        raise UserError(f"no stage program {STAGES_PACKAGE}.{stage} in {STAGES_DIR}; reinstall rlhf")
+    return f"{STAGES_PACKAGE}.{stage}"
+
+
+def _program_argv(program: Path | str, module_flag: str) -> list[str]:
+    """A script file as is; a module name (a `str`) behind the launcher's module flag."""
+    return [module_flag, program] if isinstance(program, str) else [str(program)]
 
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    program: Path
+    program: Path | str
+    """A script file, or the name of a module to run as `python -m` does (a stage: `stage_program`)."""
     program_args: tuple[str, ...]
     num_procs: int = 1
     launcher: Launcher = "deepspeed"
@@ -59,14 +67,14 @@ def build_command(spec: LaunchSpec, *, python: str = sys.executable) -> list[str
     if spec.launcher == "python":
         if spec.num_procs != 1 or spec.hostfile:
             raise UserError("--launcher python runs one rank; use deepspeed or torchrun for more")
-        return [python, str(spec.program), *spec.program_args]
+        return [python, *_program_argv(spec.program, "-m"), *spec.program_args]
     if spec.launcher == "torchrun":
         if spec.hostfile:
             raise UserError("--hostfile needs --launcher deepspeed (torchrun takes its nodes from SLURM or its own flags)")
         return [
             python, "-m", "torch.distributed.run",
             f"--nproc-per-node={spec.num_procs}", "--master-addr=127.0.0.1", f"--master-port={port}",
-            str(spec.program), *spec.program_args,
+            *_program_argv(spec.program, "-m"), *spec.program_args,
         ]
     cmd = [python, "-m", "deepspeed.launcher.runner"]
     if spec.hostfile:
@@ -79,7 +87,7 @@ def build_command(spec: LaunchSpec, *, python: str = sys.executable) -> list[str
         # Its INFO and WARNING lines ("Unable to find hostfile", "Setting CUDA_VISIBLE_DEVICES=0" on a
         # CPU machine, each rank's environment) say nothing a user acts on; errors still show.
         cmd += ["--log_level", "error"]
-    return cmd + [str(spec.program), *spec.program_args]
+    return cmd + [*_program_argv(spec.program, "--module"), *spec.program_args]
 
 
 def srun_command(spec: LaunchSpec, *, python: str = sys.executable, env: dict[str, str] | None = None) -> list[str]:
@@ -104,7 +112,7 @@ def srun_command(spec: LaunchSpec, *, python: str = sys.executable, env: dict[st
         f"--nnodes={nodes}", f"--nproc-per-node={spec.num_procs}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={env['MASTER_ADDR']}:{env['MASTER_PORT']}",
         f"--rdzv-id={env['SLURM_JOB_ID']}",
-        str(spec.program), *spec.program_args,
+        *_program_argv(spec.program, "-m"), *spec.program_args,
     ]
 
 

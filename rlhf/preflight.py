@@ -6,7 +6,7 @@ Model references resolve to a causal LM, the tokenizer is the parent entry's, an
 run, so a malformed row, an empty file or a prompt longer than the context stops here with one
 line. Hub datasets are checked by the stage itself, where they are downloaded once.
 
-Kept apart from `stages/*.py` because the library never imports a stage program, and the CLI
+Kept apart from `rlhf/stages/*.py` because the library never imports a stage program, and the CLI
 process should import only what the checks need (torch, transformers, datasets; never deepspeed).
 """
 

@@ -42,7 +42,7 @@ class Plot:
     """(key, legend label, axis label) of series on a second y axis, for a quantity on another scale."""
 
 
-# The curves of each stage, under the keys stages/*.py log. Held-out ("eval/") series start at
+# The curves of each stage, under the keys rlhf/stages/*.py log. Held-out ("eval/") series start at
 # step 0, measured before any training: the untrained model for sft, the starting policy for ppo.
 STAGE_PLOTS: dict[str, tuple[Plot, ...]] = {
     "sft": (

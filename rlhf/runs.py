@@ -328,9 +328,9 @@ def stage_entrypoint(stage: str, main: Callable[[Run], None]) -> None:
     """Parse a stage program's arguments, open or create its run, run `main`, report user errors.
 
     `--run-dir DIR` continues a folder the CLI prepared (or resumes it); `--config FILE [k=v ...]`
-    lets the program run on its own (one rank, e.g. `python stages/sft.py`).
+    lets the program run on its own (one rank, e.g. `python -m rlhf.stages.sft`).
     """
-    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py", description=f"rlhf {stage} stage program")
+    parser = argparse.ArgumentParser(prog=f"python -m rlhf.stages.{stage}", description=f"rlhf {stage} stage program")
     parser.add_argument("--run-dir", help="run folder prepared by `rlhf` (holds config.yaml)")
     parser.add_argument("--config", help="config YAML when started without `rlhf`")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (with --config)")

@@ -376,7 +376,7 @@ class StageRun:
 
 
 def run_stage(stage: str, overrides: list[str], dist: Any) -> StageRun:
-    """Run `stages/<stage>.py`'s main() in this process, on every rank, as its program would."""
+    """Run `rlhf/stages/<stage>.py`'s main() in this process, on every rank, as its program would."""
     import torch
 
     from rlhf.runs import create_run, open_run, resolve_config
@@ -385,7 +385,7 @@ def run_stage(stage: str, overrides: list[str], dist: Any) -> StageRun:
     run_dir = [str(create_run(stage, cfg).run_dir) if dist.is_main else None]
     torch.distributed.broadcast_object_list(run_dir, src=0)
     run = open_run(stage, run_dir[0])
-    stage_main: Callable = importlib.import_module(f"stages.{stage}").main
+    stage_main: Callable = importlib.import_module(f"rlhf.stages.{stage}").main
     release_freed_memory()
     reset_peak_memory(dist.device)
     with handlers_restored():
@@ -610,12 +610,12 @@ def ppo_references(cfg: Any, dist: Any, *, budget: Budget, half: int) -> dict[st
 
 
 def paired_phases(cfg: Any, dist: Any, *, budget: Budget) -> dict[str, list[float]]:
-    """(b) per phase: the stage's own step (stages/ppo.py `ppo_step`, what its loop runs each step,
+    """(b) per phase: the stage's own step (rlhf/stages/ppo.py `ppo_step`, what its loop runs each step,
     with its timers) and a round of the plain parts (`plain_ppo_round`) on the same prompts take
     turns on one set of the stage's models, `budget.paired_rounds` times after `budget.warmup` of
     warm-up, the order swapped every round. Each round's phase ratios are then free of the
     machine's drift between rounds, which on a shared machine moves a minute-long run by 30%."""
-    import stages.ppo as ppo_stage
+    import rlhf.stages.ppo as ppo_stage
     from rlhf.ppo_models import build_ppo_models
     from rlhf.run_keeper import RunKeeper
     from rlhf.runs import create_run
@@ -796,7 +796,7 @@ def plain_ppo_round(models: Any, cfg: Any, tokenizer: Any, dist: Any) -> Callabl
     compared with these."""
     import torch
 
-    from stages.ppo import logprobs_from_generation
+    from rlhf.stages.ppo import logprobs_from_generation
 
     actor, critic, reference, reward = models.actor, models.critic, models.reference, models.reward
     temperature = cfg.rollout.temperature

@@ -3,7 +3,7 @@ that this one does not (`make coverage COVERAGE_BEFORE=old.json`).
 
     python scripts/coverage_diff.py AFTER.json [BEFORE.json]
 
-Files are matched by their path inside the repository (rlhf/..., stages/...), so reports made in
+Files are matched by their path inside the repository (rlhf/...), so reports made in
 different checkouts compare. Exit status 0 always: the lines lost are for a person to judge.
 """
 
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOTS = ("rlhf/", "stages/")
+ROOTS = ("rlhf/",)
 
 
 def repo_path(name: str) -> str:

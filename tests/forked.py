@@ -6,7 +6,7 @@ has imported them already starts at once and runs the same `main()` on the same 
 environment and folder, in a process of its own: the test process's state is untouched, and a
 stage's process group, seeds and signal handlers are its own as under a real launch.
 
-Only `--launcher python` (one rank, started as `python stages/<stage>.py --run-dir ...`) is
+Only `--launcher python` (one rank, started as `python -m rlhf.stages.<stage> --run-dir ...`) is
 forked: the deepspeed and torchrun launchers start their ranks as real processes, as they do for
 users, and the tests about launching use them (or `fresh_interpreter=True`).
 """
@@ -65,10 +65,10 @@ def _cli_main(argv: list[str]) -> None:
 
 
 def _supervised(cmd: list[str], env: dict[str, str], real):
-    """rlhf.launch.run_supervised, with a one-rank `python stages/X.py ...` run as a fork of this process."""
-    from rlhf.launch import Outcome
+    """rlhf.launch.run_supervised, with a one-rank `python -m rlhf.stages.X ...` run as a fork of this process."""
+    from rlhf.launch import STAGES_PACKAGE, Outcome
 
-    if len(cmd) < 2 or cmd[0] != sys.executable or not cmd[1].endswith(".py"):
+    if len(cmd) < 3 or cmd[0] != sys.executable or cmd[1] != "-m" or not cmd[2].startswith(f"{STAGES_PACKAGE}."):
         return real(cmd, env)
     pid = os.fork()
     if pid == 0:
@@ -85,9 +85,9 @@ def _program_main(cmd: list[str]) -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:
         torch.set_num_threads(int(threads))  # what the variable does for a fresh interpreter
-    sys.argv = cmd[1:]
-    sys.path[0] = str(Path(cmd[1]).parent)
-    runpy.run_path(cmd[1], run_name="__main__")
+    sys.argv = [cmd[2], *cmd[3:]]
+    sys.path[0] = os.getcwd()  # what `python -m` puts first
+    runpy.run_module(cmd[2], run_name="__main__", alter_sys=True)
 
 
 def _child(body, *, env: dict[str, str], cwd: Path, out: int | None, err: int | None) -> None:

@@ -288,7 +288,7 @@ def check_case(tmp_path, stage, args, expect, setup, home_env, *, console_script
 
     assert "Traceback" not in result.output, result.output[-3000:]
     # The launch command names the stage program: seeing it means a rank started before the check.
-    assert f"stages/{stage}.py" not in result.output, f"caught only after launch:\n{result.output[-3000:]}"
+    assert f"rlhf.stages.{stage}" not in result.output, f"caught only after launch:\n{result.output[-3000:]}"
     lines = result.stderr.strip().splitlines()
     assert result.code == 2 and len(lines) == 1 and lines[0].strip(), f"exit {result.code}\n{result.stderr[-3000:]}"
     assert lines[0].startswith("error: ") and expect.format(**fill) in lines[0], lines[0]

@@ -86,7 +86,7 @@ def test_dry_run_prints_the_command_and_creates_nothing(home):
     result = rlhf_here("sft", "-n", "2", "--dry-run", "engine.zero_stage=3", home=home)
     assert result.code == 0, result.output
     assert "zero_stage: 3" in result.stdout
-    assert "deepspeed.launcher.runner --num_gpus 2" in result.stdout and "stages/sft.py --run-dir" in result.stdout
+    assert "deepspeed.launcher.runner --num_gpus 2" in result.stdout and "--module rlhf.stages.sft --run-dir" in result.stdout
     assert not (home / "runs").exists()
 
 
@@ -110,7 +110,7 @@ def test_stage_program_started_directly_reports_errors_the_same_way(home):
     """Without the CLI's checks, the stage program itself turns a data mistake into one line."""
     data = write_jsonl(home / "train.jsonl", [GOOD, ["not", "an", "object"]])
     proc = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "sft.py"), "--config", str(REPO / "configs" / "sft-toy-quick.yaml"),
+        [sys.executable, "-m", "rlhf.stages.sft", "--config", str(REPO / "configs" / "sft-toy-quick.yaml"),
          f"data.train={data}", "data.eval=null"],
         env={**cli_env(home), "OMP_NUM_THREADS": "1"}, cwd=home, capture_output=True, text=True, timeout=300,
     )

@@ -18,12 +18,13 @@ from rlhf.runs import SUPERVISED_ENV
 
 def test_deepspeed_command():
     program = stage_program("sft")
+    assert program == "rlhf.stages.sft"  # a module of the package: a wheel runs it as a checkout does
     cmd = build_command(LaunchSpec(program, ("--run-dir", "/r"), num_procs=2, master_port=1234), python="py")
     assert cmd == ["py", "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "1234",
-                   "--no_local_rank", "--log_level", "error", str(program), "--run-dir", "/r"]
+                   "--no_local_rank", "--log_level", "error", "--module", program, "--run-dir", "/r"]
     # -v: the launcher's own INFO lines again.
     verbose = build_command(LaunchSpec(program, ("--run-dir", "/r"), num_procs=2, master_port=1234, verbose=True), python="py")
-    assert "--log_level" not in verbose and verbose[-3:] == [str(program), "--run-dir", "/r"]
+    assert "--log_level" not in verbose and verbose[-4:] == ["--module", program, "--run-dir", "/r"]
 
 
 def test_hostfile_is_passed_and_checked(tmp_path):
@@ -41,6 +42,10 @@ def test_torchrun_and_python_commands():
     assert build_command(LaunchSpec(Path("p.py"), ("a",), launcher="python"), python="py") == ["py", "p.py", "a"]
     with pytest.raises(UserError, match="one rank"):
         build_command(LaunchSpec(Path("p.py"), (), num_procs=2, launcher="python"))
+    # A stage is a module: each launcher runs it as `python -m` would.
+    module = build_command(LaunchSpec("rlhf.stages.rm", ("a",), num_procs=2, launcher="torchrun", master_port=99), python="py")
+    assert module[-3:] == ["-m", "rlhf.stages.rm", "a"]
+    assert build_command(LaunchSpec("rlhf.stages.rm", ("a",), launcher="python"), python="py") == ["py", "-m", "rlhf.stages.rm", "a"]
 
 
 def test_env_splits_cores_between_ranks_unless_user_set_it(monkeypatch):

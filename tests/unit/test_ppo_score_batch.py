@@ -4,7 +4,7 @@ most whose response logits fit SCORE_LOGITS_BUDGET, between the training minibat
 from __future__ import annotations
 
 from rlhf.config import PPOConfig, load_config
-from stages.ppo import SCORE_LOGITS_BUDGET, score_batch_size
+from rlhf.stages.ppo import SCORE_LOGITS_BUDGET, score_batch_size
 
 
 def config(*overrides: str) -> PPOConfig:
@@ -38,13 +38,13 @@ def test_smollm2_at_the_chat_tasks_sizes_scores_in_one_forward():
 
 
 def test_the_stage_scores_with_that_many_rows_per_forward(monkeypatch):
-    """stages.ppo.score hands score_batch_size to the scoring (a spy around the real function),
+    """rlhf.stages.ppo.score hands score_batch_size to the scoring (a spy around the real function),
     and the whole batch in one forward scores as the training minibatch's chunks do."""
     import types
 
     import torch
 
-    import stages.ppo as ppo_stage
+    import rlhf.stages.ppo as ppo_stage
     from rlhf.model_loading import ScalarModel
     from rlhf.rewards import Reward, parse_sources
     from rlhf.rollout import Sampling, sample_rollout_with_logprobs

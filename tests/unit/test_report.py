@@ -1,6 +1,6 @@
 """`rlhf report` and the pipeline's summary: lineage, curves read from metrics.jsonl, the oracle's
 scores from the entries, PNGs and markdown, and the one-line errors. No stage is launched: the
-entries and metrics.jsonl rows below have the keys and shapes stages/*.py write."""
+entries and metrics.jsonl rows below have the keys and shapes rlhf/stages/*.py write."""
 
 from __future__ import annotations
 

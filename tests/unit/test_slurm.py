@@ -80,12 +80,12 @@ SLURM_ENV = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "3", "MASTER_ADDR": "node01",
 
 
 def test_srun_starts_one_torchrun_per_node_with_a_rendezvous_on_the_first():
-    cmd = srun_command(LaunchSpec(Path("stages/ppo.py"), ("--run-dir", "/r"), num_procs=4), python="py", env=SLURM_ENV)
+    cmd = srun_command(LaunchSpec("rlhf.stages.ppo", ("--run-dir", "/r"), num_procs=4), python="py", env=SLURM_ENV)
     assert cmd[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert cmd[4:7] == ["py", "-m", "torch.distributed.run"]
     assert {"--nnodes=3", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node01:29555",
             "--rdzv-id=77"} <= set(cmd)
-    assert cmd[-3:] == ["stages/ppo.py", "--run-dir", "/r"]
+    assert cmd[-4:] == ["-m", "rlhf.stages.ppo", "--run-dir", "/r"]
 
 
 def test_srun_outside_a_job_says_to_submit(monkeypatch):

@@ -14,7 +14,7 @@ rewards r_t = -beta * KL_t plus the shaped score at the last token, GAE advantag
 PPO-ptx LM loss on the actor;  8. metrics, and the adaptive beta.  9. Final evaluation, the actor's
 and critic's save_pretrained folders, the registry entries.
 
-Run it with `rlhf ppo` (any number of ranks), or alone: `python stages/ppo.py --config FILE`.
+Run it with `rlhf ppo` (any number of ranks), or alone: `python -m rlhf.stages.ppo --config FILE`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ targets. Every counted token of a global batch weighs the same, whatever rank it
 1. Ranks and seeds.  2. Tokenizer and data.  3. Model and engine.  4. Resume, or measure the
 untrained baseline.  5. Train.  6. Final evaluation, the save_pretrained folder, the registry entry.
 
-Run it with `rlhf sft` (any number of ranks), or alone: `python stages/sft.py --config FILE`.
+Run it with `rlhf sft` (any number of ranks), or alone: `python -m rlhf.stages.sft --config FILE`.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ themselves are rlhf/algos/preference.py.
 The reference policy is a frozen copy of the starting model (ZeRO-3 partitioned under ZeRO-3), or
 the policy with its LoRA adapters off, or its log-probs computed once before training
 (dpo.precompute_reference). SimPO and ORPO train without one; eval.kl loads one to measure the
-held-out KL to the start, the way `stages/ppo.py` measures it.
+held-out KL to the start, the way `rlhf.stages.ppo` measures it.
 
 1. Ranks and seeds.  2. Tokenizer and data.  3. The policy engine and the reference.  4. The
 reference's log-probs, once (dpo.precompute_reference).  5. Resume, or measure the starting policy.
 6. Train.  7. Final evaluation, the save_pretrained folder, the registry entry.
 
-Run it with `rlhf dpo` (any number of ranks), or alone: `python stages/dpo.py --config FILE`.
+Run it with `rlhf dpo` (any number of ranks), or alone: `python -m rlhf.stages.dpo --config FILE`.
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ def heldout_preferences(engine: Any, reference: Reference, data: Data, cfg: DPOC
 
 @torch.no_grad()
 def heldout_kl(engine: Any, reference: Reference, data: Data, cfg: DPOConfig, sampling: Sampling, dist: Dist) -> dict[str, float]:
-    """As `stages/ppo.py` measures it: sample an answer to each held-out prompt, score it under the
+    """As `rlhf.stages.ppo` measures it: sample an answer to each held-out prompt, score it under the
     policy and the reference at the sampling temperature, and average sum_t (log pi - log pi_ref)
     over the answer's tokens per response (the k1 estimate of KL(policy || reference))."""
     share, real = even_shard(data.eval_prompts, dist=dist)

@@ -10,7 +10,7 @@ give the mean and std PPO normalizes scores with.
 4. Resume, or measure the untrained baseline.  5. Train.  6. Final evaluation, reward statistics,
 the save_pretrained folder, the registry entry.
 
-Run it with `rlhf rm` (any number of ranks), or alone: `python stages/rm.py --config FILE`.
+Run it with `rlhf rm` (any number of ranks), or alone: `python -m rlhf.stages.rm --config FILE`.
 """
 
 from __future__ import annotations

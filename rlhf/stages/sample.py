@@ -9,7 +9,7 @@ holds the sampling settings.
 1. Ranks.  2. Tokenizer, prompts.  3. The policy.  4. The prompts, shard by shard (a shard on disk is
 done: that is the resume).  5. The dataset folder and the registry entry (`samples:<id>`, parent: the policy's entry).
 
-Run it with `rlhf sample` (any number of ranks), or alone: `python stages/sample.py --config FILE`.
+Run it with `rlhf sample` (any number of ranks), or alone: `python -m rlhf.stages.sample --config FILE`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ weighted sum. Nothing trains; under ZeRO-3 the policy and the reward model are p
 4. The held-out curve.  5. The training prompts, shard by shard (what a killed run already wrote,
 the curve and whole shards, is kept: that is the resume).  6. The dataset folder and the registry entry.
 
-Run it with `rlhf bon` (any number of ranks), or alone: `python stages/bon.py --config FILE`.
+Run it with `rlhf bon` (any number of ranks), or alone: `python -m rlhf.stages.bon --config FILE`.
 """
 
 from __future__ import annotations
