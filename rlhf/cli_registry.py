@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -26,8 +28,22 @@ RootOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 RefArg = Annotated[str, typer.Argument(help="Entry id or reference: sft:latest, rm:<id>, a tag.")]
 
-# Metrics shown per row in `ls`; the rest stay in `show`.
+# Metrics shown per row in `ls` when the terminal has room (the headline one first); the rest stay in `show`.
 _LS_METRICS = 3
+# The metric `ls` shows of each stage's entries: the first of these it has, else its first metric.
+_HEADLINE = {
+    "sft": ("loss", "oracle_score", "train_loss"),
+    "rm": ("accuracy", "oracle_agreement", "train_accuracy"),
+    "dpo": ("accuracy", "oracle_score", "train_accuracy"),
+    "ppo": ("score", "oracle_score", "train_score"),
+    "critic": ("explained_variance", "value_loss"),
+    "bon": ("dataset_rows",),
+    "samples": ("prompts",),
+    "prefs": ("pairs",),
+}
+# The columns `ls` leaves out, fullest layout first, when the terminal is too narrow for all of them:
+# first the path, then the parents and the metrics under the headline one (rows become one line).
+_LS_DROPPED = ((), ("path",), ("path", "parents", "metrics"))
 # Config keys shown in `show` before "... N more" (the full config is in --json).
 _SHOW_CONFIG_KEYS = 12
 
@@ -70,13 +86,76 @@ def _lineage_text(reg: Registry, entry: Entry) -> str:
     return text
 
 
+def _metric_lines(entry: Entry) -> list[str]:
+    """`key=value` of the entry's headline metric, then of its next metrics (up to _LS_METRICS in all)."""
+    names = list(entry.metrics)
+    headline = next((k for k in _HEADLINE.get(entry.stage, ()) if k in entry.metrics), names[0] if names else None)
+    ordered = ([headline] if headline else []) + [k for k in names if k != headline]
+    return [f"{k}={_fmt(entry.metrics[k])}" for k in ordered[:_LS_METRICS]]
+
+
+def _ls_table(entries: list[Entry], title: str, dropped: tuple[str, ...]) -> Table:
+    """The `ls` table without the `dropped` columns (see `ls`). Borderless like `docker ps` and
+    `gh`: two spaces between columns, a rule under the headers."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    # The kept columns never wrap, and their headers are never cut (min_width).
+    for name in ("id", "stage", "created"):
+        table.add_column(name, no_wrap=True, min_width=len(name))
+    metrics = "metric" if "metrics" in dropped else "metrics"
+    table.add_column(metrics, no_wrap=True, min_width=len(metrics))
+    table.add_column("tags", overflow="fold", min_width=len("tags"))
+    if "parents" not in dropped:
+        table.add_column("parents", no_wrap=True)
+    if "path" not in dropped:
+        table.add_column("path", overflow="fold")
+    for e in entries:
+        lines = _metric_lines(e)
+        row = [
+            e.id, e.stage,
+            e.created[:19].replace("T", " "),  # seconds are enough to tell runs apart here
+            "\n".join(lines[:1] if "metrics" in dropped else lines),
+            ", ".join(e.tags),
+        ]
+        if "parents" not in dropped:
+            row.append("\n".join(e.parents))
+        if "path" not in dropped:
+            row.append(e.path)
+        table.add_row(*row)
+    return table
+
+
+def _fitting_ls_table(console: Console, entries: list[Entry], title: str) -> Table:
+    """The fullest `ls` table of _LS_DROPPED that fits the console's width; a path may fold onto two
+    lines. When even the leanest is too wide, rich wraps its tags."""
+    unbounded = console.options.update_width(1_000_000)
+    for dropped in _LS_DROPPED:
+        table = _ls_table(entries, title, dropped)
+        width = console.measure(table, options=unbounded).maximum
+        if "path" not in dropped:
+            path = max(cell_len(e.path) for e in entries)
+            width -= path - (path + 1) // 2
+        if width <= console.width:
+            return table
+    return table
+
+
 @app.command("ls")
 def ls(
     stage: Annotated[Optional[str], typer.Option("--stage", help="Only this stage (sft, rm, ppo).")] = None,
     root: RootOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List published entries (oldest first), then runs that stopped before publishing."""
+    """List published entries (oldest first), then runs that stopped before publishing.
+
+    The columns fit the terminal's width, as `docker ps` and `gh` do. Always shown, whole, with
+    their full headers: id (what users copy), stage, created, the headline metric (sft: loss, rm and
+    dpo: accuracy, ppo: score, each on held-out data; see _HEADLINE) and tags. When the terminal is
+    too narrow for every column, the others go in this order: first path (the longest;
+    `rlhf registry show` has it), then together parents (`rlhf registry lineage` draws them) and the
+    metrics after the headline one (`show` lists them all), which leaves one line per entry: what
+    80 columns show (long tags wrap, last). A wide terminal shows every column, a path folded onto
+    two lines when that is what fits.
+    """
     reg = Registry(root or default_root())
     with _user_errors():
         entries = reg.entries(stage)
@@ -89,20 +168,9 @@ def ls(
     if not entries:
         console.print(f"No {stage + ' ' if stage else ''}entries in {reg.root}.")
     else:
-        table = Table(title=f"Registry {reg.root}")
-        # On a narrow terminal ids stay whole (they are what users copy) and the rest wraps.
-        table.add_column("id", no_wrap=True)
-        table.add_column("stage", no_wrap=True)
-        for name in ("created", "parents", "tags", "metrics"):
-            table.add_column(name)
-        table.add_column("path", overflow="fold")
-        for e in entries:
-            metrics = "\n".join(f"{k}={_fmt(v)}" for k, v in list(e.metrics.items())[:_LS_METRICS])
-            created = e.created[:19].replace("T", " ")  # seconds are enough to tell runs apart here
-            table.add_row(e.id, e.stage, created, "\n".join(e.parents), ", ".join(e.tags), metrics, e.path)
-        console.print(table)
+        console.print(_fitting_ls_table(console, entries, f"Registry {reg.root}"))
     if incomplete:
-        table = Table(title="Incomplete runs (no entry yet; resumable)")
+        table = Table(title="Incomplete runs (no entry yet; resumable)", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         table.add_column("run dir", overflow="fold")
         for run in incomplete:
             table.add_row(str(run))

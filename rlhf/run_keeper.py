@@ -12,6 +12,7 @@ A stage owns its loop; `RunKeeper` keeps what happens around it:
         if keeper.eval_due(state.step):
             keeper.log(state.step, evaluate(...))
         keeper.checkpoint_due(state)        # periodic checkpoint; stops the run on SIGTERM/SIGUSR1
+    keeper.log(state.step, evaluate(...))   # the final evaluation: printed as `final  ...`
     keeper.publish_model(...)               # each model folder and its registry entry
     keeper.close()
 
@@ -89,13 +90,16 @@ class RunKeeper:
     def record_baseline(self, state: LoopState, metrics: dict[str, float]) -> None:
         """Keep and log the untrained model's held-out figures (step 0)."""
         state.initial_eval = metrics
-        self.log(0, metrics)
+        self.tracker.log(0, metrics)
 
     def print(self, text: str) -> None:
         self.tracker.print(text)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.tracker.log(step, metrics)
+        """Log held-out figures. One logged at train.max_steps is the stage's final evaluation
+        (`eval_due` never falls on the last step): the same metrics row, printed as a `final  ...`
+        line rather than a second `step N/N` line with other figures than the first."""
+        self.tracker.log(step, metrics, final=step >= self.cfg.train.max_steps)
 
     def should_log(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps

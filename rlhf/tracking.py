@@ -69,7 +69,11 @@ class Tracker:
             self._task = self._progress.add_task(description, total=total_steps, completed=start_step, summary="")
             self._progress.start()
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any], *, final: bool = False) -> None:
+        """One row of `metrics` at `step` (metrics.jsonl, wandb) and the progress line. `final`: the
+        run's final evaluation, which comes after the last step's own row (same step, same row
+        form); the console shows it once, as a `final  ...` line of the figures it measured, rather
+        than as a second `step N/N` line."""
         if not self.active:
             return
         metrics = {k: v for k, v in metrics.items() if v is not None}  # a metric not measured is left out, not faked
@@ -81,12 +85,26 @@ class Tracker:
         summary = "  ".join(f"{k}={_short(self._summary[k])}" for k in self.headline if k in self._summary)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, summary=summary)
-        else:
+        if final:
+            self._print_final(metrics)
+        elif self._progress is None:
             # No terminal (a log file, a SLURM job): a plain line now and then instead of a bar.
             now = time.monotonic()
             if now - self._last_line > 5 or step >= self.total_steps:
                 print(f"step {step}/{self.total_steps}  {summary}", flush=True)
                 self._last_line = now
+
+    def _print_final(self, metrics: dict[str, Any]) -> None:
+        """`final  eval/loss=...`: the final evaluation's own headline figures (all it measured when
+        none is a headline one); no line when it measured nothing (no held-out data)."""
+        shown = [k for k in self.headline if k in metrics] or list(metrics)
+        if not shown:
+            return
+        line = "final  " + "  ".join(f"{k}={_short(metrics[k])}" for k in shown)
+        if self._progress is not None:
+            self._progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, flush=True)
 
     def advance(self, step: int) -> None:
         if self._progress is not None:

@@ -229,6 +229,12 @@ def test_library_chatter_shows_only_with_verbose(home):
     quiet = rlhf("sft", *short, home=home, fresh_interpreter=True)
     assert_ok(quiet)
     assert "sft finished" in quiet.stdout  # our own lines stay
+    # The last step's line once, then the final evaluation labeled as such (the oracle's score: no
+    # eval data), not a second `step 1/1` line.
+    lines = quiet.stdout.splitlines()
+    [step_line] = [i for i, line in enumerate(lines) if line.startswith("step 1/1")]
+    [final_line] = [i for i, line in enumerate(lines) if line.startswith("final  ")]
+    assert step_line < final_line and lines[final_line].startswith("final  eval/oracle_score="), quiet.stdout
     assert not [line for line in quiet.output.splitlines() if any(c in line for c in LAUNCHER_CHATTER)], quiet.output
     assert "FutureWarning" not in quiet.output
     loud = rlhf("sft", "-v", *short, home=home, fresh_interpreter=True)

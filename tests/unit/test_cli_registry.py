@@ -53,6 +53,82 @@ def row(table: str, field: str) -> str:
     return value
 
 
+# --- ls -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scored(tmp_path: Path) -> Registry:
+    """Entries with the metrics and tags stages publish: sft1 <- rm1 <- ppo1 (ppo1 also names sft1)."""
+    reg = Registry(tmp_path / "home")
+    publish(reg, SFT1, t(1), tags=("best",),
+            metrics={"train_loss": 1.2, "loss": 1.581, "oracle_score": 41.5, "initial_loss": 3.25})
+    publish(reg, RM1, t(3), parents=(SFT1,), metrics={"train_loss": 0.41, "accuracy": 0.8125, "oracle_agreement": 0.9})
+    publish(reg, PPO1, t(4), parents=(RM1, SFT1), tags=("v2",), metrics={"score": 0.3125, "kl": 0.02})
+    return reg
+
+
+def ls_rows(reg: Registry, columns: int) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
+    """`ls` at `columns` terminal columns: its headers, and each entry's cells by header, a list of
+    the cell's lines (a row's first line starts with its id)."""
+    result = runner.invoke(app, ["ls", "--root", str(reg.root)], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= columns, result.stdout
+    rule = next(i for i, line in enumerate(lines) if set(line.strip()) == {"─"})
+    headers = lines[rule - 1].split()
+    starts = [lines[rule - 1].index(name) for name in headers] + [columns]
+    rows: dict[str, dict[str, list[str]]] = {}
+    for line in lines[rule + 1:]:
+        if not line.strip():
+            break
+        cells = [line[a:b].strip() for a, b in zip(starts, starts[1:])]
+        if cells[0]:
+            rows[cells[0]] = {name: [] for name in headers}
+        for name, cell in zip(headers, cells):
+            if cell:
+                rows[list(rows)[-1]][name].append(cell)
+    return headers, rows
+
+
+def test_ls_fits_80_columns_with_one_whole_line_per_entry(scored: Registry, tmp_path: Path) -> None:
+    headers, rows = ls_rows(scored, 80)
+    assert headers == ["id", "stage", "created", "metric", "tags"]  # no header cut ("crea…"), no path or parents
+    # One line per entry, every kept cell whole: each stage's headline metric, not its first one.
+    assert rows == {
+        SFT1: {"id": [SFT1], "stage": ["sft"], "created": ["2026-01-01 00:00:01"], "metric": ["loss=1.581"], "tags": ["best"]},
+        RM1: {"id": [RM1], "stage": ["rm"], "created": ["2026-01-01 00:00:03"], "metric": ["accuracy=0.8125"], "tags": []},
+        PPO1: {"id": [PPO1], "stage": ["ppo"], "created": ["2026-01-01 00:00:04"], "metric": ["score=0.3125"], "tags": ["v2"]},
+    }
+    # Tags too long for what is left wrap in their column; the other kept cells stay whole, on one line.
+    scored.tag(PPO1, ["candidate"])
+    headers, rows = ls_rows(scored, 80)
+    assert headers == ["id", "stage", "created", "metric", "tags"]
+    ppo = rows[PPO1]
+    assert [ppo[name] for name in headers[:4]] == [[PPO1], ["ppo"], ["2026-01-01 00:00:04"], ["score=0.3125"]]
+    assert len(ppo["tags"]) > 1 and "".join(ppo["tags"]).replace(" ", "") == "v2,candidate"
+
+    # One entry, no parents or tags: three short metrics would fit 80 columns, but the row stays one line.
+    solo = Registry(tmp_path / "solo")
+    publish(solo, SFT1, t(1), metrics={"train_loss": 1.2, "loss": 1.581, "steps": 6})
+    headers, rows = ls_rows(solo, 80)
+    assert headers == ["id", "stage", "created", "metric", "tags"]
+    assert rows[SFT1]["metric"] == ["loss=1.581"]
+
+
+def test_ls_in_a_wide_terminal_shows_the_dropped_columns(scored: Registry) -> None:
+    headers, rows = ls_rows(scored, 200)
+    assert headers == ["id", "stage", "created", "metrics", "tags", "parents", "path"]
+    assert list(rows) == [SFT1, RM1, PPO1]
+    for entry_id, cells in rows.items():
+        entry = scored.get(entry_id)
+        assert cells["parents"] == list(entry.parents)
+        assert "".join(cells["path"]) == entry.path  # whole, or folded onto lines of its column
+        assert len(cells["path"]) <= 2
+    # Up to three metrics, the headline one first.
+    assert rows[SFT1]["metrics"] == ["loss=1.581", "train_loss=1.2", "oracle_score=41.5"]
+    assert rows[PPO1]["metrics"] == ["score=0.3125", "kl=0.02"]
+
+
 # --- lineage ------------------------------------------------------------------------------------
 
 

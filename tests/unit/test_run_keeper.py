@@ -63,3 +63,21 @@ def test_a_cut_or_foreign_metrics_line_is_dropped_with_a_warning_not_a_traceback
     assert (tmp_path / METRICS_FILE).read_text() == whole
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
     assert len(warned) == 2 and f"{METRICS_FILE}:5 is not a whole metrics row" in warned[1], warned
+
+
+def test_the_final_evaluation_is_printed_as_such_and_logged_as_a_row_of_the_last_step(tmp_path, capsys):
+    """Without a terminal (what the ranks' stdout is): the last step's line once, then a `final` line
+    of the final evaluation's figures, not a second `step N/N` line with another eval/loss."""
+    tracker = Tracker(tmp_path, active=True, tracking=TrackingConfig(), config={}, run_id="sft-x", total_steps=12,
+                      start_step=0, description="sft")
+    tracker.log(10, {"eval/loss": 1.668})
+    tracker.log(12, {"loss": 1.25, "lr": 0.001})
+    tracker.log(12, {"eval/loss": 1.581, "eval/oracle_score": 40.0}, final=True)
+    tracker.close()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == ["step 12/12  loss=1.25  eval/loss=1.668  lr=0.001", "final  eval/loss=1.581  eval/oracle_score=40"]
+    assert sum(line.startswith("step 12/12") for line in printed) == 1
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [{k: v for k, v in row.items() if k != "time"} for row in rows[-2:]] == [
+        {"step": 12, "loss": 1.25, "lr": 0.001}, {"step": 12, "eval/loss": 1.581, "eval/oracle_score": 40.0},
+    ]
