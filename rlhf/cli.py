@@ -213,6 +213,46 @@ def show_config(
     _guard(show)
 
 
+@app.command("plan")
+def plan_memory(
+    stage: Annotated[str, typer.Argument(help="Stage to estimate: sft, rm, dpo, ppo, bon.")],
+    overrides: OverridesArg = None,
+    config: ConfigOpt = None,
+    ranks: Annotated[int, typer.Option("--ranks", help="Ranks (GPUs) the models are partitioned over.")] = 1,
+    memory: Annotated[str, typer.Option("--memory", help="Memory per device, e.g. 80GiB, 40GB, 24576MiB.")] = "80GiB",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers (bytes per rank) as JSON.")] = False,
+) -> None:
+    """Estimate each rank's memory for a stage (model states by ZeRO stage and offload, activations, logits, KV cache)
+    from the models' configs, without loading weights; if it does not fit, the smallest change that does (exit 0 either way)."""
+
+    def estimate() -> None:
+        import json
+
+        from rlhf.config import STAGE_CONFIGS, load_config
+        from rlhf.memory_plan import TRAINED_STAGES, model_shapes, parse_memory, plan_stage, render, smallest_fit
+        from rlhf.registry import Registry, default_root
+        from rlhf.tracking import console, quiet_libraries
+
+        if stage not in TRAINED_STAGES:
+            raise UserError(f"rlhf plan estimates {', '.join(TRAINED_STAGES)}, not {stage!r}")
+        if ranks < 1:
+            raise UserError(f"--ranks must be at least 1, got {ranks}")
+        budget = parse_memory(memory)
+        cfg = load_config(STAGE_CONFIGS[stage], config, overrides or [])
+        quiet_libraries(verbose=False)
+        shapes = model_shapes(stage, cfg, Registry(cfg.run.registry or default_root()))
+        plan = plan_stage(stage, cfg, shapes, ranks=ranks, memory=budget)
+        fix = None if plan.fits else smallest_fit(stage, cfg, shapes, ranks=ranks, memory=budget)
+        if as_json:
+            typer.echo(json.dumps({**plan.as_dict(), "suggestion": fix[0] if fix else None,
+                                   "suggestion_total_bytes": fix[1].total if fix else None}, indent=1))
+            return
+        for part in render(plan, fix):
+            console.print(part)
+
+    _guard(estimate)
+
+
 @app.command("report")
 def show_report(
     ref: Annotated[str, typer.Argument(help="Registry entry: an id, a tag, or a reference such as ppo:latest.")],
