@@ -272,6 +272,12 @@ class RewardConfig:
     offload: bool = False
     """Partition the reward model with ZeRO-3 and keep its parameters in CPU memory (inference only), whatever
     engine.zero_stage is."""
+    overlong_buffer: int | None = None
+    """DAPO's soft overlong penalty (Yu et al. 2025): the last this many tokens before rollout.max_new_tokens (L_max) are
+    a buffer; a response of length L in it gets overlong_penalty x ((L_max - buffer) - L) / buffer added to its score
+    (after ppo.score_clip and ppo.no_eos_score), 0 before it, -overlong_penalty beyond; null = off."""
+    overlong_penalty: float = 1.0
+    """The scale of the overlong penalty (its value at L_max); needs reward.overlong_buffer."""
 
 
 @dataclass(frozen=True)
@@ -314,6 +320,26 @@ class PPOAlgoConfig:
     """GAE lambda."""
     clip_range: float = 0.2
     """Policy ratio clip epsilon."""
+    clip_low: float | None = None
+    """The ratio's lower clip: ratio >= 1 - clip_low; null = clip_range."""
+    clip_high: float | None = None
+    """The ratio's upper clip: ratio <= 1 + clip_high; null = clip_range. Above clip_low is DAPO's clip-higher (Yu et al. 2025,
+    0.2 / 0.28): unlikely tokens may gain more, which keeps the entropy from collapsing."""
+    ratio: Literal["token", "sequence"] = "token"
+    """The importance ratio: token = PPO's per token; sequence = GSPO's (Zheng et al. 2025) per response,
+    exp(mean over its tokens of the log ratio), clipped with clip_low and clip_high and multiplying the response's
+    advantage (the row's mean advantage with gae); the response's loss counts at each of its tokens in loss_aggregation."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: a response cut at rollout.max_new_tokens without EOS has no weight in the actor's loss
+    (policy and ppo.kl_in=loss terms); it still counts in its group's baseline. The count is logged as truncated_responses."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (Yao et al. 2025): each token's policy loss times min(pi_train / pi_sampler, tis_cap),
+    the trained forward's old log-prob against generation's; null = off. Needs the old log-probs from the actor's forward
+    (rollout.logprobs_from_generation=false under fp32); keeps generation's logits (rollouts x max_new_tokens x vocabulary
+    floats)."""
+    max_mismatch_kl: float | None = None
+    """Stop the run when train/mismatch_kl (mean k3 KL(sampler || trainer) per response token) passes this; null = off.
+    Measured (and logged) when it or tis_cap is set."""
     value_clip_range: float | None = 0.2
     """Value clip around the rollout's values; null = unclipped value loss."""
     beta: float = 0.05
@@ -430,6 +456,7 @@ class PPOConfig:
         _check_optim(self.critic_optim, "critic_optim")
         _check_model(self.critic, "critic")
         _check_reward(self.reward, self.data)
+        _check_reasoning(self)
 
 
 def _check_reward(reward: RewardConfig, data: Any) -> None:
@@ -807,6 +834,38 @@ STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOCo
 
 # The largest seed every consumer takes: ShuffledBatches multiplies it by ~1e6 into torch's int64 seed.
 MAX_SEED = 2**32 - 1
+def clip_bounds(ppo: PPOAlgoConfig) -> tuple[float, float]:
+    """(clip_low, clip_high) in use: the ratio is clamped to [1 - low, 1 + high]; null = ppo.clip_range."""
+    return (ppo.clip_range if ppo.clip_low is None else ppo.clip_low, ppo.clip_range if ppo.clip_high is None else ppo.clip_high)
+
+
+def checks_mismatch(ppo: PPOAlgoConfig) -> bool:
+    """Whether the run compares generation's log-probs with the training forward's (ppo.tis_cap, ppo.max_mismatch_kl)."""
+    return ppo.tis_cap is not None or ppo.max_mismatch_kl is not None
+
+
+def _check_reasoning(cfg: PPOConfig) -> None:
+    """The DAPO / GSPO / TIS settings (one line for the first that does not fit)."""
+    ppo, reward, rollout = cfg.ppo, cfg.reward, cfg.rollout
+    _positive({"ppo.clip_high": ppo.clip_high, "ppo.tis_cap": ppo.tis_cap, "ppo.max_mismatch_kl": ppo.max_mismatch_kl})
+    if ppo.clip_low is not None and not 0 < ppo.clip_low < 1:
+        raise UserError(f"ppo.clip_low must be in (0, 1) (the ratio's floor is 1 - clip_low), got {ppo.clip_low}")
+    if ppo.tis_cap is not None and ppo.tis_cap < 1:
+        raise UserError(f"ppo.tis_cap must be at least 1 (a cap below 1 scales every token down), got {ppo.tis_cap}")
+    if checks_mismatch(ppo) and rollout.logprobs_from_generation and cfg.engine.precision == "fp32":
+        key = "ppo.tis_cap" if ppo.tis_cap is not None else "ppo.max_mismatch_kl"
+        raise UserError(f"{key} compares generation's log-probs with the actor's forward, but rollout.logprobs_from_generation "
+                        "makes them the same under fp32 (every weight 1, mismatch 0): set rollout.logprobs_from_generation=false")
+    if reward.overlong_buffer is not None and not 1 <= reward.overlong_buffer <= rollout.max_new_tokens:
+        raise UserError(f"reward.overlong_buffer must be in [1, rollout.max_new_tokens={rollout.max_new_tokens}], "
+                        f"got {reward.overlong_buffer}")
+    if reward.overlong_penalty <= 0:
+        raise UserError(f"reward.overlong_penalty must be positive (a null reward.overlong_buffer turns the penalty off), "
+                        f"got {reward.overlong_penalty}")
+    if reward.overlong_penalty != 1.0 and reward.overlong_buffer is None:
+        raise UserError("reward.overlong_penalty has no effect without reward.overlong_buffer: set reward.overlong_buffer (e.g. 4)")
+
+
 MAX_STEPS = 10**12
 """More steps than any run takes: a larger train.max_steps is a typo (an extra digit, a token count)."""
 

@@ -83,14 +83,16 @@ def aggregate_token_losses(
 
     token_mean: sum over valid tokens / their count (PPO's usual, long responses weigh more);
     sequence_mean: mean over rows of each row's mean over its valid tokens (GRPO's 1/|o_i|: each
-    response weighs the same whatever its length); token_sum: sum over valid tokens / (B * horizon),
+    response weighs the same whatever its length), over the rows with a valid token (a row masked
+    out whole, e.g. by ppo.overlong_filter, weighs nothing); token_sum: sum over valid tokens / (B * horizon),
     a constant denominator (Dr. GRPO: no per-response length normalization); horizon is the
     longest possible response (rollout.max_new_tokens).
     """
     if mode == "token_mean":
         return masked_mean(token_losses, mask)
     if mode == "sequence_mean":
-        return masked_mean(token_losses, mask, dim=1).mean()
+        rows = mask.bool().any(dim=1)
+        return masked_mean(token_losses, mask, dim=1).sum() / rows.sum().clamp(min=1)
     if mode == "token_sum":
         return masked_where(token_losses, mask)[0].sum() / (token_losses.shape[0] * horizon)
     raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGGREGATIONS}")

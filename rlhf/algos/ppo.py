@@ -265,8 +265,11 @@ def clipped_surrogate(
     mask: torch.Tensor,
     *,
     clip: float,
+    clip_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate per token: (B, R) max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)).
+    """PPO's clipped surrogate per token: (B, R) max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip_high)).
+
+    clip_high None = clip (symmetric); a larger one is DAPO's clip-higher (Yu et al. 2025).
 
     logp: (B, R) current log-probs of the sampled tokens (carries the gradient); old_logp: (B, R)
     log-probs at rollout time; advantages: (B, R); mask: (B, R); ratio = exp(logp - old_logp).
@@ -280,7 +283,7 @@ def clipped_surrogate(
     adv = masked_where(advantages, mask)[0]
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
+    clipped = -adv * ratio.clamp(1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
     token_losses = masked_where(torch.maximum(unclipped, clipped), mask)[0]
     with torch.no_grad():
         stats = {

@@ -47,7 +47,14 @@ from rlhf.algos.ppo import (
     shape_scores,
     value_loss,
 )
-from rlhf.config import GROUP_ESTIMATORS, PPOConfig, kl_estimator_of, loss_aggregation_of
+from rlhf.algos.reasoning import (
+    mismatch_kl,
+    overlong_penalty,
+    sequence_advantages,
+    sequence_clipped_surrogate,
+    truncated_is_weights,
+)
+from rlhf.config import GROUP_ESTIMATORS, PPOAlgoConfig, PPOConfig, checks_mismatch, clip_bounds, kl_estimator_of, loss_aggregation_of
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
@@ -122,6 +129,8 @@ class Rollout:
     advantages: torch.Tensor
     returns: torch.Tensor | None
     """The critic's regression targets (None for a critic-free estimator)."""
+    tis_weights: torch.Tensor | None = None
+    """Per token, truncated importance sampling's min(pi_train / pi_sampler, ppo.tis_cap) (None when off)."""
 
 
 def main(run: Run) -> None:
@@ -229,15 +238,20 @@ def describe(cfg: PPOConfig, data: Data, models: PPOModels, dist: Dist) -> str:
         f"{minibatches_per_epoch(cfg)} minibatches, ZeRO-{cfg.engine.zero_stage}, reference = {reference}, "
         f"reward = {describe_reward(data.reward.sources)}{'' if models.reward is not None else ' (no reward model loaded)'}\n"
         f"{estimator}; {k} sample(s) per prompt, KL in the {ppo.kl_in} ({kl_estimator_of(ppo)}), "
-        f"loss aggregation {loss_aggregation_of(ppo)}"
+        f"loss aggregation {loss_aggregation_of(ppo)}, {ppo.ratio} ratio clipped to [1 - {clip_bounds(ppo)[0]}, 1 + {clip_bounds(ppo)[1]}]"
     )
 
 
-def shaped(scores: torch.Tensor, has_eos: torch.Tensor, cfg: PPOConfig, data: Data) -> torch.Tensor:
+def shaped(scores: torch.Tensor, seqs: Sequences, cfg: PPOConfig) -> torch.Tensor:
     """The combined reward (`score`'s, the reward model's part already normalized) as PPO's: clipped,
-    a fixed score without EOS."""
-    ppo = cfg.ppo
-    return shape_scores(scores, has_eos, normalize=False, clip=ppo.score_clip, no_eos_score=ppo.no_eos_score)
+    a fixed score without EOS, plus DAPO's overlong penalty (reward.overlong_buffer)."""
+    ppo, reward = cfg.ppo, cfg.reward
+    shaped_scores = shape_scores(scores, seqs.has_eos, normalize=False, clip=ppo.score_clip, no_eos_score=ppo.no_eos_score)
+    if reward.overlong_buffer is None:
+        return shaped_scores
+    penalty = overlong_penalty(seqs.response_lengths, max_length=cfg.rollout.max_new_tokens, buffer=reward.overlong_buffer,
+                               scale=reward.overlong_penalty)
+    return shaped_scores + penalty.to(shaped_scores.dtype)
 
 
 def logprobs_from_generation(cfg: PPOConfig, vocab_size: int) -> bool:
@@ -310,7 +324,7 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
         seqs = sample_rollout(actor.module, share[start : start + cfg.eval.batch_size], sampling)
         scored = score(seqs, models, cfg, data, dist, critic=None)
         keep = torch.tensor(real[start : start + cfg.eval.batch_size], device=dist.device)
-        shaped_score = shaped(scored.scores, seqs.has_eos, cfg, data)[keep].double()
+        shaped_score = shaped(scored.scores, seqs, cfg)[keep].double()
         kl = ((scored.logprobs - scored.ref_logprobs) * seqs.response_mask).sum(dim=1)[keep].double()
         lengths = seqs.response_lengths[keep].double()
         sums.add(score=shaped_score, score_sq=shaped_score.pow(2), kl=kl, length=lengths, length_sq=lengths.pow(2),
@@ -362,11 +376,12 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
             engine.eval()
     started = time.time()
     prompts = step_prompts(data, cfg, dist, step=state.step)
+    from_generation = logprobs_from_generation(cfg, models.actor.module.config.vocab_size)
     seqs, sampled = sample_rollout_with_logprobs(models.actor.module, prompts, sampling,
-                                                 keep_logprobs=logprobs_from_generation(cfg, models.actor.module.config.vocab_size))
+                                                 keep_logprobs=from_generation or checks_mismatch(cfg.ppo))
     generated = time.time()
     try:
-        scored = score(seqs, models, cfg, data, dist, critic=models.critic, sampled=sampled)
+        scored = score(seqs, models, cfg, data, dist, critic=models.critic, sampled=sampled if from_generation else None)
     except RewardFailed as exc:  # resumable once the function is fixed: the dotted name is imported anew
         keeper.stop(state, f"{exc}; the run stopped in step {state.step + 1} and saved its state in {keeper.run.checkpoint_dir}: "
                            f"fix the function and resume (`{resume_command('ppo', keeper.run.run_id, cfg)}`)")
@@ -374,6 +389,10 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
 
     # 6. Rewards and advantages.
     rollout = advantages_of(seqs, scored, cfg, data, dist, beta=state.beta)
+    mismatch = sampler_mismatch(rollout, sampled, cfg, dist)
+    stop_if_mismatched(keeper, state, cfg, mismatch)
+    if cfg.ppo.tis_cap is not None:
+        rollout.tis_weights = truncated_is_weights(scored.logprobs, sampled.logprobs, seqs.response_mask, cap=cfg.ppo.tis_cap)
     scored_at = time.time()
 
     # 7. PPO epochs over shuffled minibatches.
@@ -385,6 +404,7 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     metrics = {
         **rollout_metrics(rollout, dist, beta=state.beta),
         **group_metrics(rollout, cfg, dist),
+        **mismatch,
         **per_update,
         "lr": models.actor.get_lr()[0],
         **({"critic_lr": models.critic.get_lr()[0]} if models.critic is not None else {}),
@@ -393,6 +413,28 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     }
     adapt_beta(state, metrics, cfg, keeper, responses=len(prompts) * dist.world_size)
     return metrics
+
+
+def sampler_mismatch(rollout: Rollout, sampled: SampledLogprobs | None, cfg: PPOConfig, dist: Dist) -> dict[str, float]:
+    """train/mismatch_kl: the mean over every rank's response tokens of the k3 estimate of KL(sampler || trainer),
+    generation's log-probs against the actor's forward (when ppo.tis_cap or ppo.max_mismatch_kl asks for it)."""
+    if not checks_mismatch(cfg.ppo) or sampled is None:
+        return {}
+    mask = rollout.seqs.response_mask
+    sums = RankSums(("kl", "tokens"), dist.device)
+    sums.add(kl=mismatch_kl(rollout.scored.logprobs, sampled.logprobs, mask).double(), tokens=mask)
+    total = sums.over_ranks()
+    return {"train/mismatch_kl": total["kl"] / max(total["tokens"], 1.0)}
+
+
+def stop_if_mismatched(keeper: RunKeeper, state: PPOState, cfg: PPOConfig, mismatch: dict[str, float]) -> None:
+    """Stop every rank (all see the same all-reduced value) before training on a rollout whose sampler and
+    trainer disagree beyond ppo.max_mismatch_kl."""
+    limit, value = cfg.ppo.max_mismatch_kl, mismatch.get("train/mismatch_kl")
+    if limit is not None and value is not None and value > limit:
+        keeper.stop(state, f"train/mismatch_kl={value:.4g} passed ppo.max_mismatch_kl={limit} in step {state.step + 1}: generation's "
+                           f"log-probs and the actor's forward disagree (precision, sampling settings); the run stopped and saved its "
+                           f"state in {keeper.run.checkpoint_dir}")
 
 
 def step_prompts(data: Data, cfg: PPOConfig, dist: Dist, *, step: int) -> list[list[int]]:
@@ -407,7 +449,7 @@ def advantages_of(seqs: Sequences, scored: ScoredRollout, cfg: PPOConfig, data: 
     then ppo.estimator's advantages: GAE with the critic's values, relative to the response's group
     (grpo, rloo), or REINFORCE++'s returns-to-go. Whitening uses the whole batch across ranks."""
     ppo, mask = cfg.ppo, seqs.response_mask
-    score_now = shaped(scored.scores, seqs.has_eos, cfg, data)
+    score_now = shaped(scored.scores, seqs, cfg)
     rewards, penalized_kl = penalized_rewards(scored.logprobs, scored.ref_logprobs, score_now, mask,
                                               beta=beta if ppo.kl_in == "reward" else 0.0, kl_estimator=kl_estimator_of(ppo))
     if ppo.whiten_rewards:
@@ -486,8 +528,11 @@ def actor_loss_on(rollout: Rollout, rows: torch.Tensor, batch: Sequences, mask: 
     ppo = cfg.ppo
     aggregation, horizon = loss_aggregation_of(ppo), cfg.rollout.max_new_tokens
     logp, _ = policy_logprobs(actor, batch, temperature=cfg.rollout.temperature)
-    token_losses, pg_stats = clipped_surrogate(logp, rollout.scored.logprobs[rows], rollout.advantages[rows], mask,
-                                               clip=ppo.clip_range)
+    if ppo.overlong_filter:  # DAPO: a truncated response says nothing about its answer; it is left out of the loss
+        mask = mask & rollout.seqs.has_eos[rows].unsqueeze(1)
+    token_losses, pg_stats = surrogate(logp, rollout.scored.logprobs[rows], rollout.advantages[rows], mask, ppo)
+    if rollout.tis_weights is not None:
+        token_losses = token_losses * rollout.tis_weights[rows]
     pg_loss = aggregate_token_losses(token_losses, mask, mode=aggregation, horizon=horizon)
     stats = {"policy_loss": pg_loss, "policy_clipfrac": pg_stats["clipfrac"], "approx_kl": pg_stats["approx_kl"],
              "ratio_mean": pg_stats["ratio_mean"]}
@@ -504,6 +549,20 @@ def actor_loss_on(rollout: Rollout, rows: torch.Tensor, batch: Sequences, mask: 
     return loss, stats
 
 
+def surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              ppo: PPOAlgoConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(B, R) per-token policy losses of ppo.ratio, clipped to ppo's (clip_low, clip_high), and their statistics. With
+    ratio=sequence each response's GSPO loss stands at each of its tokens, clipfrac and ratio_mean are per response."""
+    low, high = clip_bounds(ppo)
+    token_losses, stats = clipped_surrogate(logp, old_logp, advantages, mask, clip=low, clip_high=high)
+    if ppo.ratio == "token":
+        return token_losses, stats
+    # The token surrogate above is kept for its approx_kl only: the sequence loss replaces its losses.
+    seq_losses, seq_stats = sequence_clipped_surrogate(logp, old_logp, sequence_advantages(advantages, mask), mask,
+                                                       clip_low=low, clip_high=high)
+    return per_token(seq_losses, mask), {**stats, **seq_stats}
+
+
 def ptx_loss(actor: Any, data: Data, dist: Dist, *, micro_step: int) -> torch.Tensor:
     """PPO-ptx: the LM loss on a batch of pretraining (SFT-format) data, mixed into the actor's loss."""
     rows = data.ptx_batches.global_batch(micro_step)[dist.rank]
@@ -517,7 +576,8 @@ def rollout_metrics(rollout: Rollout, dist: Dist, *, beta: float) -> dict[str, f
 
     kl: the k1 estimate of KL(policy || reference) per response, whatever ppo.kl_estimator is;
     kl_penalty: the estimator's value, what beta multiplies (and the adaptive controller tracks);
-    rm_score: the reward model's raw score; reward/<source>: each function's (with several sources)."""
+    rm_score: the reward model's raw score; reward/<source>: each function's (with several sources);
+    truncated_responses: how many responses (all ranks) were cut at rollout.max_new_tokens without EOS."""
     seqs, scored, mask = rollout.seqs, rollout.scored, rollout.seqs.response_mask
     parts = reward_part_metrics(scored)
     sums = RankSums(("kl", "kl_penalty", "score", "score_sq", "entropy", "tokens", "length", "no_eos",
@@ -534,7 +594,7 @@ def rollout_metrics(rollout: Rollout, dist: Dist, *, beta: float) -> dict[str, f
         "score": mean_score, "score_std": max(total["score_sq"] / n - mean_score**2, 0.0) ** 0.5,
         "kl": total["kl"] / n, "kl_penalty": total["kl_penalty"] / n, "beta": beta, "entropy": total["entropy"] / total["tokens"],
         **({"explained_variance": total["explained_variance"] / dist.world_size} if scored.values is not None else {}),
-        "response_length": total["length"] / n, "no_eos_fraction": total["no_eos"] / n,
+        "response_length": total["length"] / n, "no_eos_fraction": total["no_eos"] / n, "truncated_responses": total["no_eos"],
         **{name: total[name] / n for name in parts},
     }
 
