@@ -31,10 +31,7 @@ def _config_or_preset(value: Path | None) -> Path | None:
     """A `-c` value: a file, or the name of a preset the package ships (rlhf.named_configs)."""
     from rlhf.named_configs import config_file
 
-    try:
-        return config_file(value)
-    except UserError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    return config_file(value)
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", callback=_config_or_preset,

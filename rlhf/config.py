@@ -22,6 +22,7 @@ import yaml
 
 from rlhf.errors import UserError
 from rlhf.fileio import atomic_write_text
+from rlhf.named_configs import missing_hint
 from rlhf.toy.model import ToyModelConfig
 from rlhf.toy.task import ToyTaskConfig
 
@@ -1145,7 +1146,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     if path.is_dir():
         raise UserError(f"config file {path} is a folder; give -c a YAML file")
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path}{missing_hint(path)}")
     text = _read_text(path)
     try:
         root = yaml.compose(text)

@@ -29,12 +29,15 @@ def preset(name: str) -> Path:
 
 def config_file(value: Path | str | None) -> Path | None:
     """A `-c` value as a file: the path when it exists, else the preset of that name when it is a
-    plain name; otherwise one line naming both."""
+    plain name; otherwise the path as given, which the loader reports as missing (`missing_hint`)."""
     if value is None:
         return None
     path = Path(value)
-    if path.exists() or len(path.parts) != 1:
-        return path  # a path: the loader reports a missing file with its name
-    if (PRESETS_DIR / f"{path.name.removesuffix('.yaml')}.yaml").is_file():
+    if not path.exists() and len(path.parts) == 1 and (PRESETS_DIR / f"{path.name.removesuffix('.yaml')}.yaml").is_file():
         return preset(path.name)
-    raise UserError(f"config {value}: no such file, and no preset of that name (presets: {', '.join(preset_names())})")
+    return path
+
+
+def missing_hint(path: Path | str) -> str:
+    """What a missing config file's error adds when the value could have named a preset."""
+    return f"; nor is it a preset (presets: {', '.join(preset_names())})" if len(Path(path).parts) == 1 else ""

@@ -223,7 +223,7 @@ def test_dry_run_and_docs(tmp_path):
     result = rlhf_here("dpo", "-n", "2", "--dry-run", "model.name_or_path=toy", "engine.zero_stage=3", "dpo.loss=simpo",
                        home=tmp_path)
     assert result.code == 0, result.output
-    assert "loss: simpo" in result.stdout and "-m rlhf.stages.dpo --run-dir" in result.stdout
+    assert "loss: simpo" in result.stdout and "--module rlhf.stages.dpo --run-dir" in result.stdout
     assert not (tmp_path / "runs").exists()
     docs = rlhf_here("config", "dpo", "--docs", home=tmp_path)
     assert docs.code == 0 and "dpo.precompute_reference: Compute the reference's log-probs" in docs.stdout

@@ -100,5 +100,5 @@ def test_no_sft_entry_yet(home):
 def test_dry_run(home):
     result = rlhf_here("rm", "-n", "2", "--dry-run", "model.name_or_path=toy", "engine.zero_stage=3", home=home)
     assert result.code == 0, result.output
-    assert "zero_stage: 3" in result.stdout and "-m rlhf.stages.rm --run-dir" in result.stdout
+    assert "zero_stage: 3" in result.stdout and "--module rlhf.stages.rm --run-dir" in result.stdout
     assert not (home / "runs").exists()

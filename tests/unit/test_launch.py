@@ -98,3 +98,17 @@ def test_a_rank_whose_rlhf_is_gone_dies_instead_of_publishing(tmp_path):
     supervised = _publish_as_rank(f"{socket.gethostname()}:{os.getpid()}", tmp_path / "supervised")
     assert supervised.returncode == 0, supervised.stderr
     assert (tmp_path / "supervised" / "entries" / "sft-x.json").is_file()
+
+
+def test_a_missing_config_names_the_presets_when_it_could_have_been_one(tmp_path, monkeypatch):
+    from rlhf.config import SFTConfig, load_config
+    from rlhf.named_configs import config_file, preset
+
+    assert config_file("sft-toy-quick") == config_file("sft-toy-quick.yaml") == preset("sft-toy-quick")
+    (tmp_path / "sft-toy-quick.yaml").write_text("train:\n  max_steps: 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert config_file("sft-toy-quick.yaml") == Path("sft-toy-quick.yaml")  # a file here wins over the preset
+    with pytest.raises(UserError, match=r"config file not found: nope; nor is it a preset \(presets: .*sft-toy-quick"):
+        load_config(SFTConfig, config_file("nope"))
+    with pytest.raises(UserError, match=r"config file not found: [^;]*/nope.yaml$"):
+        load_config(SFTConfig, config_file(tmp_path / "nope.yaml"))
