@@ -363,7 +363,8 @@ class PPOAlgoConfig:
     whiten_rewards: bool = False
     """Scale the per-token rewards to unit variance before GAE or REINFORCE++'s returns (estimators gae, reinforce_pp)."""
     normalize_score: bool = True
-    """(score - mean) / std with the reward model's stored statistics (reward_stats.json)."""
+    """(score - mean) / std with the reward model's stored statistics (reward_stats.json). With reward_ensemble each member
+    is normalized with its own statistics whatever this says (the models' scales differ), and never twice."""
     score_clip: float | None = 5.0
     """Clip the (normalized) score to +-this; null = no clipping."""
     no_eos_score: float | None = -1.0
@@ -399,6 +400,16 @@ class PPOEvalConfig:
 
 
 @dataclass(frozen=True)
+class RewardEnsembleConfig:
+    name_or_path: list[str] = field(default_factory=list)
+    """More reward models of the same kind (e.g. `rlhf rm` again with other train.seed values) scored beside the one in
+    reward.name_or_path; each score is normalized with its model's stored statistics, then the learned score is
+    mean - penalty x std over the members (Coste et al. 2023); empty = that one model alone."""
+    penalty: float = 1.0
+    """k in mean - k x std: how much the members' disagreement counts against a response."""
+
+
+@dataclass(frozen=True)
 class PPOConfig:
     """PPO against the reward model with a KL penalty to the SFT policy (InstructGPT, PPO-ptx)."""
 
@@ -410,6 +421,8 @@ class PPOConfig:
     """The frozen reference policy of the KL penalty (with LoRA on the actor: the actor without its adapters)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Where the score comes from: the frozen reward model, Python functions, the oracle, or a weighted sum."""
+    reward_ensemble: RewardEnsembleConfig = field(default_factory=RewardEnsembleConfig)
+    """An uncertainty penalty: reward.name_or_path's reward model and these, combined as mean - penalty x std (as in `rlhf bon`)."""
     data: PPODataConfig = field(default_factory=PPODataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
@@ -457,6 +470,7 @@ class PPOConfig:
         _check_optim(self.critic_optim, "critic_optim")
         _check_model(self.critic, "critic")
         _check_reward(self.reward, self.data)
+        _check_ensemble(self.reward_ensemble, self.reward)
         _check_reasoning(self)
 
 
@@ -640,16 +654,6 @@ class BestOfNSamplingConfig:
 class BestOfNEvalConfig:
     max_rows: int = 800
     """Held-out prompts of the best-of-N curve (the first N); 0 = all."""
-
-
-@dataclass(frozen=True)
-class RewardEnsembleConfig:
-    name_or_path: list[str] = field(default_factory=list)
-    """More reward models of the same kind (e.g. `rlhf rm` again with other train.seed values) scored beside the one in
-    reward.name_or_path; each score is normalized with its model's stored statistics, then the learned score is
-    mean - penalty x std over the members (Coste et al. 2023); empty = that one model alone."""
-    penalty: float = 1.0
-    """k in mean - k x std: how much the members' disagreement counts against a response."""
 
 
 @dataclass(frozen=True)

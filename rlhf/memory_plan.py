@@ -300,8 +300,8 @@ def _ppo_rows(cfg: Any, shapes: dict[str, ModelShape], ranks: int) -> list[Model
     if "reference" in shapes:
         rows.append(_frozen_row("reference", shapes["reference"], engine, ranks, offload=cfg.reference.offload, model_cfg=cfg.model,
                                 seq=seq, batch=score_rows, vocab_logits=True))
-    if "reward" in shapes:
-        rows.append(_frozen_row("reward", shapes["reward"], engine, ranks, offload=cfg.reward.offload, model_cfg=cfg.model,
+    for role in (r for r in shapes if r.startswith("reward")):  # the reward model and reward_ensemble's ("reward 2", ...)
+        rows.append(_frozen_row(role, shapes[role], engine, ranks, offload=cfg.reward.offload, model_cfg=cfg.model,
                                 seq=seq, batch=score_rows, vocab_logits=False))
     return rows
 
@@ -515,9 +515,6 @@ def model_shapes(stage: str, cfg: Any, registry: Any) -> dict[str, ModelShape]:
     if stage == "bon":
         shapes = {"policy": shape(model.name_or_path, model, "model.name_or_path", trust=model.trust_remote_code)}
         shapes.update(_reward_shapes(cfg, model, shape))
-        for i, name in enumerate(cfg.reward_ensemble.name_or_path):
-            shapes[f"reward {i + 2}"] = shape(name, model, f"reward_ensemble.name_or_path[{i}]", "scalar", None,
-                                              cfg.reward.trust_remote_code)
         return shapes
     raise UserError(f"rlhf plan estimates {', '.join(TRAINED_STAGES)}, not {stage!r}")
 
@@ -528,7 +525,10 @@ def _reward_shapes(cfg: Any, model: Any, shape: Any) -> dict[str, ModelShape]:
     learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))
     if learned is None:
         return {}
-    return {"reward": shape(learned.text, model, "reward.name_or_path", "scalar", None, cfg.reward.trust_remote_code)}
+    shapes = {"reward": shape(learned.text, model, "reward.name_or_path", "scalar", None, cfg.reward.trust_remote_code)}
+    for i, name in enumerate(cfg.reward_ensemble.name_or_path):  # PPO's and best-of-N's members, frozen like the reward model
+        shapes[f"reward {i + 2}"] = shape(name, model, f"reward_ensemble.name_or_path[{i}]", "scalar", None, cfg.reward.trust_remote_code)
+    return shapes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -171,15 +171,17 @@ def reward_stats(source: ModelSource, *, key: str = "reward.name_or_path") -> di
 class PPOSources:
     """Where PPO's other three models come from; reference None = the actor with its adapters off;
     critic None = a critic-free estimator (no critic is loaded); reward None = no reward model among
-    the reward's sources (functions or the oracle only)."""
+    the reward's sources (functions or the oracle only); ensemble: reward_ensemble's reward models."""
 
     reference: ModelSource | None
     critic: ModelSource | None
     reward: ModelSource | None
+    ensemble: tuple[ModelSource, ...] = ()
 
     @property
     def parents(self) -> tuple[str, ...]:
-        ids = [s.entry.id for s in (self.reward, self.critic, self.reference) if s is not None and s.entry is not None]
+        models = (self.reward, *self.ensemble, self.critic, self.reference)
+        ids = [s.entry.id for s in models if s is not None and s.entry is not None]
         return tuple(dict.fromkeys(ids))
 
 
@@ -195,7 +197,7 @@ def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any
         cfg.critic.name_or_path, key="critic.name_or_path", registry=registry, tokenizer=tokenizer,
         trust_remote_code=cfg.critic.trust_remote_code)
     return PPOSources(reference=reference_source(cfg, registry, actor, tokenizer), critic=critic,
-                      reward=reward_model_source(cfg, registry, tokenizer))
+                      reward=reward_model_source(cfg, registry, tokenizer), ensemble=ensemble_sources(cfg, registry, tokenizer))
 
 
 def reward_model_source(cfg: Any, registry: Registry, tokenizer: Any) -> ModelSource | None:

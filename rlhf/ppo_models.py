@@ -8,10 +8,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.engine import PRECISION_DTYPES, build_engine, build_frozen, deepspeed_config, frozen_zero3_config, zero3_partitioning
 from rlhf.model_loading import disable_dropout, load_causal_lm, load_scalar_model, zero_scalar_head
-from rlhf.model_sources import ModelSource, PPOSources
+from rlhf.model_sources import ModelSource, PPOSources, reward_stats
+from rlhf.rollout import RewardEnsemble
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class PPOModels:
     critic: Any | None
     reference: Any | None
     reward: Any | None
+    ensemble: RewardEnsemble | None = None
+    """reward_ensemble's reward models, frozen like reward (None without an ensemble)."""
 
 
 def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
@@ -62,6 +67,17 @@ def build_reward(cfg: Any, source: ModelSource, tokenizer: Any, *, seed: int, di
     return build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
 
 
+def build_ensemble(cfg: Any, main: ModelSource, members: tuple[ModelSource, ...], tokenizer: Any, *, seed: int,
+                   dist: Any) -> RewardEnsemble | None:
+    """reward_ensemble's models, each built like the reward model, with the stored statistics of `main` and of each
+    (PPO's, best-of-N's); None without members."""
+    if not members:
+        return None
+    stats = torch.tensor([[s["mean"], s["std"]] for s in map(reward_stats, (main, *members))], dtype=torch.float64)
+    models = tuple(build_reward(cfg, m, tokenizer, seed=seed, dist=dist) for m in members)
+    return RewardEnsemble(models, stats, cfg.reward_ensemble.penalty)
+
+
 def build_ppo_models(
     cfg: Any, sources: PPOSources, actor_source: ModelSource, tokenizer: Any, *, dist: Any, total_updates: int
 ) -> PPOModels:
@@ -87,7 +103,8 @@ def build_ppo_models(
     actor = build_engine(actor, engine=engine, optim=cfg.optim, total_steps=total_updates)
     if critic is not None:
         critic = build_engine(critic, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)
-    return PPOModels(actor=actor, critic=critic, reference=reference, reward=reward)
+    ensemble = None if reward is None else build_ensemble(cfg, sources.reward, sources.ensemble, tokenizer, seed=seed, dist=dist)
+    return PPOModels(actor=actor, critic=critic, reference=reference, reward=reward, ensemble=ensemble)
 
 
 def load_critic(cfg: Any, source: ModelSource, tokenizer: Any, *, dtype: Any) -> Any:

@@ -47,7 +47,7 @@ def check_ppo(cfg: Any) -> None:
     source, registry, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=True)
     # The critic and a learned reward are reward models that read the actor's token ids.
     reward = ppo_sources(cfg, registry, source, tokenizer).reward
-    if cfg.ppo.normalize_score and reward is not None and reward.kind in ("registry", "path"):
+    if (cfg.ppo.normalize_score or cfg.reward_ensemble.name_or_path) and reward is not None and reward.kind in ("registry", "path"):
         reward_stats(reward)
     _check_reward_functions(cfg)
     _check_data(cfg, local, tokenizer)

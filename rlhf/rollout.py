@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rlhf.algos.ppo import entropy_from_logits, logprobs_from_logits
-from rlhf.algos.reward import sequence_rewards
+from rlhf.algos.reward import ensemble_score, ensemble_spread, sequence_rewards
 from rlhf.data.collate import left_pad_prompts
 
 
@@ -317,6 +317,23 @@ def sequence_scores(reward_model: Any, seqs: Sequences) -> torch.Tensor:
     return sequence_rewards(reward_model(seqs.input_ids, seqs.attention_mask), seqs.attention_mask)
 
 
+@dataclass(frozen=True, eq=False)
+class RewardEnsemble:
+    """reward_ensemble (Coste et al. 2023): frozen reward models scored beside the main one (PPO's, best-of-N's)."""
+
+    members: tuple[Any, ...]
+    stats: torch.Tensor
+    """(M + 1, 2) float64: each model's stored mean and std, the main reward model first."""
+    penalty: float
+
+    def combine(self, first: torch.Tensor, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        """The main model's raw scores `first` (B,) and the members' of `seqs` -> (B,) mean - penalty x std of the
+        normalized scores (in `first`'s dtype) and (B,) that std, both computed in float64."""
+        raw = torch.stack([first, *(sequence_scores(m, seqs) for m in self.members)]).double()
+        mean, std = self.stats.to(raw.device).unbind(dim=1)
+        return ensemble_score(raw, mean, std, self.penalty).to(first.dtype), ensemble_spread(raw, mean, std)
+
+
 def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
     """(B, R') -> (B, width), zeros on the right: per-token results of a trimmed batch, back in the rollout's layout."""
     return x if x.shape[1] == width else torch.nn.functional.pad(x, (0, width - x.shape[1]))
@@ -357,7 +374,7 @@ def minibatch_rows(
 class ScoredRollout:
     """A rollout batch and what PPO needs from the four models: logprobs, ref_logprobs, values
     (None without a critic) and entropy (of the sampling distributions) are (B, R); scores (B,): the
-    reward model's raw scores (None without one)."""
+    reward model's raw scores (None without one), or with an ensemble its mean - penalty x std."""
 
     seqs: Sequences
     logprobs: torch.Tensor
@@ -367,6 +384,8 @@ class ScoredRollout:
     entropy: torch.Tensor
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
     """Each reward component's (B,) score as it came (`rlhf.rewards.RewardScores.parts`), once the stage combined them."""
+    ensemble_std: torch.Tensor | None = None
+    """(B,) float64 the std across the ensemble's normalized scores (None without an ensemble)."""
 
 
 @torch.no_grad()
@@ -381,6 +400,7 @@ def score_rollout(
     chunk: int,
     reference_is_actor_without_adapters: bool = False,
     sampled: SampledLogprobs | None = None,
+    ensemble: RewardEnsemble | None = None,
 ) -> ScoredRollout:
     """One forward pass of each model over the rollout, `chunk` rows at a time: the actor's
     log-probs (PPO's old policy) and entropies, the reference's log-probs (the KL penalty), the
@@ -388,9 +408,11 @@ def score_rollout(
 
     With `reference_is_actor_without_adapters` (LoRA on the actor) `reference` is ignored and the
     reference log-probs come from the actor with its adapters switched off: no second copy. With
-    `sampled` (generation's own log-probs of this rollout) the actor's forward is skipped.
+    `sampled` (generation's own log-probs of this rollout) the actor's forward is skipped. With
+    `ensemble` (beside `reward`) the scores are its combination and ensemble_std its spread.
     """
-    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref_logprobs": [], "values": [], "scores": []}
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref_logprobs": [], "values": [], "scores": [],
+                                            "ensemble_std": []}
     # Chunks of similar response lengths: each is trimmed to its own longest response.
     order = torch.argsort(seqs.response_lengths, stable=True)
     for start in range(0, seqs.input_ids.shape[0], chunk):
@@ -407,7 +429,11 @@ def score_rollout(
         if critic is not None:
             parts["values"].append(token_values(critic, part))
         if reward is not None:
-            parts["scores"].append(sequence_scores(reward, part))
+            scores = sequence_scores(reward, part)
+            if ensemble is not None:
+                scores, spread = ensemble.combine(scores, part)
+                parts["ensemble_std"].append(spread)
+            parts["scores"].append(scores)
     restore = torch.argsort(order)  # rows back in the rollout's order
     joined = {k: torch.cat(v)[restore] if v else None for k, v in parts.items()}
     return ScoredRollout(seqs=seqs, **joined)

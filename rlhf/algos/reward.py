@@ -59,3 +59,8 @@ def ensemble_score(scores: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, 
     own). The spread is the population std, 0 for one member (Coste et al. 2023's uncertainty-weighted optimization)."""
     normalized = (scores - mean[:, None]) / std[:, None]
     return normalized.mean(dim=0) - penalty * normalized.std(dim=0, unbiased=False)
+
+
+def ensemble_spread(scores: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(M, B) raw scores -> (B,) the std that ensemble_score penalizes: how much the members disagree."""
+    return ((scores - mean[:, None]) / std[:, None]).std(dim=0, unbiased=False)

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf.algos.best_of_n import best_of_first, best_of_n_kl, curve_ns
-from rlhf.algos.reward import ensemble_score
 from rlhf.config import BestOfNConfig, BestOfNSamplingConfig, ModelConfig, to_dict
 from rlhf.data.load import prompt_rows
 from rlhf.engine import PRECISION_DTYPES, Dist, build_frozen, frozen_zero3_config, init_distributed, seed_everything, zero3_partitioning
@@ -43,11 +42,11 @@ from rlhf.model_sources import (
     reward_model_source,
     reward_stats,
 )
-from rlhf.ppo_models import build_reward
+from rlhf.ppo_models import build_ensemble, build_reward
 from rlhf.rank_sums import RankSums
 from rlhf.registry import DATASET_FILES, Entry, now_iso
 from rlhf.rewards import Reward, describe, parse_sources, rollout_texts
-from rlhf.rollout import Sampling, sample_rollout, sequence_scores
+from rlhf.rollout import RewardEnsemble, Sampling, sample_rollout, sequence_scores
 from rlhf.runs import Run, mark_started, stage_entrypoint
 from rlhf.stop_signal import StopSignal
 from rlhf.tokenizer import tokenizer_fingerprint
@@ -66,21 +65,15 @@ class Models:
     reward_model: Any | None
     """None when no source of the reward is a reward model."""
     reward: Reward
-    ensemble: list[Any] = field(default_factory=list)
+    ensemble: RewardEnsemble | None = None
     """reward_ensemble's reward models, scored beside reward_model."""
-    ensemble_stats: torch.Tensor | None = None
-    """(M, 2) each member's stored mean and std (reward_model first); None without an ensemble."""
 
-    def learned_scores(self, seqs: Any, penalty: float) -> torch.Tensor | None:
+    def learned_scores(self, seqs: Any) -> torch.Tensor | None:
         """(B,) the reward model's scores, or with an ensemble mean - penalty x std of the members' normalized scores."""
         if self.reward_model is None:
             return None
         first = sequence_scores(self.reward_model, seqs)
-        if not self.ensemble:
-            return first
-        scores = torch.stack([first, *(sequence_scores(m, seqs) for m in self.ensemble)]).double()
-        stats = self.ensemble_stats.to(scores.device)
-        return ensemble_score(scores, stats[:, 0], stats[:, 1], penalty).to(first.dtype)
+        return first if self.ensemble is None else self.ensemble.combine(first, seqs)[0]
 
 
 @dataclass
@@ -166,10 +159,9 @@ def build_models(cfg: BestOfNConfig, source: ModelSource, reward_source: ModelSo
     reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, seed=cfg.sampling.seed, dist=dist)
     if not members:
         return Models(policy, reward_model, combined_reward(cfg, reward_source))
-    ensemble = [build_reward(cfg, m, tokenizer, seed=cfg.sampling.seed, dist=dist) for m in members]
-    stats = torch.tensor([[s["mean"], s["std"]] for s in map(reward_stats, (reward_source, *members))], dtype=torch.float64)
+    ensemble = build_ensemble(cfg, reward_source, members, tokenizer, seed=cfg.sampling.seed, dist=dist)
     # The members' scores arrive normalized and combined: the reward adds them to other sources as they are.
-    return Models(policy, reward_model, Reward(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)), ensemble, stats)
+    return Models(policy, reward_model, Reward(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)), ensemble)
 
 
 def combined_reward(cfg: BestOfNConfig, reward_source: ModelSource | None) -> Reward:
@@ -190,7 +182,7 @@ def sample_candidates(rows: list, models: Models, cfg: BestOfNConfig, sampling: 
         batch = rows[start : start + cfg.sampling.batch_size]
         seqs = sample_rollout(getattr(models.policy, "module", models.policy), [ids for _, ids in batch for _ in range(n)], sampling)
         prompt_texts, response_texts = rollout_texts(seqs, tokenizer)
-        learned = models.learned_scores(seqs, cfg.reward_ensemble.penalty)
+        learned = models.learned_scores(seqs)
         scores = models.reward.scores(prompt_texts, response_texts, learned=learned, device=sampling.device).total
         prompts += [prompt.prompt for prompt, _ in batch]
         responses += [response_texts[i * n : (i + 1) * n] for i in range(len(batch))]

@@ -211,9 +211,10 @@ def prompts_per_rank(cfg: PPOConfig) -> int:
 
 def ppo_reward(cfg: PPOConfig, sources: PPOSources) -> Reward:
     """The reward's components; only a reward model's scores are normalized (ppo.normalize_score),
-    with the statistics stored beside it. Functions are imported here, on every rank."""
+    with the statistics stored beside it. An ensemble's combined score arrives normalized (each member with
+    its own statistics) and is used as it is. Functions are imported here, on every rank."""
     components = parse_sources(cfg.reward.name_or_path, cfg.reward.weights)
-    if learned_source(components) is None or not cfg.ppo.normalize_score:
+    if learned_source(components) is None or not cfg.ppo.normalize_score or sources.ensemble:
         return Reward(components)
     return Reward(components, **reward_stats(sources.reward), normalize=True)
 
@@ -236,10 +237,17 @@ def describe(cfg: PPOConfig, data: Data, models: PPOModels, dist: Dist) -> str:
         f"ppo: {len(data.train_prompts)} prompts ({data.prompt_stats.skipped_long_prompts} longer than data.max_prompt_length "
         f"skipped), {cfg.rollout.batch_size} rollouts x {dist.world_size} rank(s) per step, {cfg.ppo.epochs} epochs of "
         f"{minibatches_per_epoch(cfg)} minibatches, ZeRO-{cfg.engine.zero_stage}, reference = {reference}, "
-        f"reward = {describe_reward(data.reward.sources)}{'' if models.reward is not None else ' (no reward model loaded)'}\n"
+        f"reward = {describe_reward(data.reward.sources)}{reward_model_note(cfg, models)}\n"
         f"{estimator}; {k} sample(s) per prompt, KL in the {ppo.kl_in} ({kl_estimator_of(ppo)}), "
         f"loss aggregation {loss_aggregation_of(ppo)}, {ppo.ratio} ratio clipped to [1 - {clip_bounds(ppo)[0]}, 1 + {clip_bounds(ppo)[1]}]"
     )
+
+
+def reward_model_note(cfg: PPOConfig, models: PPOModels) -> str:
+    if models.reward is None:
+        return " (no reward model loaded)"
+    members = len(cfg.reward_ensemble.name_or_path)
+    return f" (its reward model with {members} more: mean - {cfg.reward_ensemble.penalty:g} x std)" if members else ""
 
 
 def shaped(scores: torch.Tensor, seqs: Sequences, cfg: PPOConfig) -> torch.Tensor:
@@ -282,7 +290,7 @@ def score(seqs: Sequences, models: PPOModels, cfg: PPOConfig, data: Data, dist: 
     with its one line."""
     scored = score_rollout(seqs, actor=models.actor, reference=models.reference, critic=critic, reward=models.reward,
                            temperature=cfg.rollout.temperature, chunk=score_batch_size(cfg, models.actor.module.config.vocab_size),
-                           reference_is_actor_without_adapters=models.reference is None, sampled=sampled)
+                           reference_is_actor_without_adapters=models.reference is None, sampled=sampled, ensemble=models.ensemble)
     prompts, responses = rollout_texts(seqs, data.tokenizer) if data.reward.needs_text else ([], [])
     failure, reward = None, None
     try:
@@ -319,7 +327,7 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     actor.eval()
     share, real = even_shard(data.eval_prompts, dist=dist)
     sums = RankSums(("score", "score_sq", "kl", "length", "length_sq", "score_length", "no_eos", "responses", "oracle_pairs",
-                     "oracle_agreed"), dist.device)
+                     "oracle_agreed", "ensemble_std"), dist.device)
     for start in range(0, len(share), cfg.eval.batch_size):
         seqs = sample_rollout(actor.module, share[start : start + cfg.eval.batch_size], sampling)
         scored = score(seqs, models, cfg, data, dist, critic=None)
@@ -329,6 +337,8 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
         lengths = seqs.response_lengths[keep].double()
         sums.add(score=shaped_score, score_sq=shaped_score.pow(2), kl=kl, length=lengths, length_sq=lengths.pow(2),
                  score_length=shaped_score * lengths, no_eos=~seqs.has_eos[keep], responses=keep)
+        if scored.ensemble_std is not None:
+            sums.add(ensemble_std=scored.ensemble_std[keep])
         if data.eval_texts:  # the reward against the oracle on the policy's own current samples
             prompts, responses = rollout_texts(seqs, data.tokenizer)
             gold = [oracle_score(p, r) for p, r, k in zip(prompts, responses, keep.tolist()) if k]
@@ -340,6 +350,8 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
                "eval/kl": total["kl"] / n, "eval/response_length": total["length"] / n, "eval/no_eos_fraction": total["no_eos"] / n,
                "eval/score_length_corr": pearson(n, total["score"], total["score_sq"], total["length"], total["length_sq"],
                                                  total["score_length"])}
+    if models.ensemble is not None:
+        metrics["eval/reward_ensemble_std"] = total["ensemble_std"] / n
     if total["oracle_pairs"]:
         metrics["eval/reward_oracle_agreement"] = total["oracle_agreed"] / total["oracle_pairs"]
     if data.eval_texts:
@@ -576,7 +588,8 @@ def rollout_metrics(rollout: Rollout, dist: Dist, *, beta: float) -> dict[str, f
 
     kl: the k1 estimate of KL(policy || reference) per response, whatever ppo.kl_estimator is;
     kl_penalty: the estimator's value, what beta multiplies (and the adaptive controller tracks);
-    rm_score: the reward model's raw score; reward/<source>: each function's (with several sources);
+    rm_score: the reward model's raw score (an ensemble's combined score); reward/<source>: each function's (with
+    several sources); reward_ensemble_std: the std across reward_ensemble's normalized scores;
     truncated_responses: how many responses (all ranks) were cut at rollout.max_new_tokens without EOS."""
     seqs, scored, mask = rollout.seqs, rollout.scored, rollout.seqs.response_mask
     parts = reward_part_metrics(scored)
@@ -614,9 +627,11 @@ def group_metrics(rollout: Rollout, cfg: PPOConfig, dist: Dist) -> dict[str, flo
 
 def reward_part_metrics(scored: ScoredRollout) -> dict[str, torch.Tensor]:
     """The reward's components to average, by metric name: the reward model's raw score as
-    rm_score, a function's (or the oracle's) as reward/<source>."""
-    return {"rm_score" if parse_source(name).kind == "learned" else f"reward/{name}": part.double()
-            for name, part in scored.reward_parts.items()}
+    rm_score (with reward_ensemble: the ensemble's mean - penalty x std), a function's (or the oracle's)
+    as reward/<source>; and reward_ensemble_std, the members' disagreement."""
+    parts = {"rm_score" if parse_source(name).kind == "learned" else f"reward/{name}": part.double()
+             for name, part in scored.reward_parts.items()}
+    return parts if scored.ensemble_std is None else {**parts, "reward_ensemble_std": scored.ensemble_std.double()}
 
 
 def adapt_beta(state: PPOState, metrics: dict[str, float], cfg: PPOConfig, keeper: RunKeeper, *, responses: int) -> None:

@@ -89,3 +89,29 @@ def test_oracle_without_the_embedded_default_data_stops_before_any_rank(home, tm
     assert_user_error(rlhf_here("ppo", "reward.name_or_path=oracle", f"data.train={prompts}", home=home),
                       "reward.name_or_path=oracle grades the embedded default's task only", "data.train=")
     assert not ppo_runs(home)
+
+
+@pytest.mark.slow
+def test_reward_ensemble_scores_mean_minus_penalty_times_std_and_logs_its_spread(home):
+    from rlhf.start_record import START_FILE
+    from tests.integration.test_rm_errors import publish
+
+    sft, rm = sft_and_rm(home)  # rm's statistics: mean 0.5, std 2.0
+    member = publish(home, "rm", head="scalar")  # the same toy weights: other statistics make the members disagree
+    (Path(member.path) / REWARD_STATS_FILE).write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+    result = rlhf("ppo", *ONE_PROCESS, *SHORT, f"reward.name_or_path=rm:{rm.id}", f"critic.name_or_path=rm:{rm.id}",
+                  f"reward_ensemble.name_or_path=[rm:{member.id}]", "reward_ensemble.penalty=0.5", home=home)
+    assert_ok(result)
+    assert f"reward = 1 x rm:{rm.id} (its reward model with 1 more: mean - 0.5 x std)" in result.stdout
+    ppo = next(e for e in entries(home) if e["stage"] == "ppo")
+    assert ppo["config"]["reward_ensemble"] == {"name_or_path": [f"rm:{member.id}"], "penalty": 0.5}
+    assert member.id in ppo["parents"]
+    rows = metric_rows(ppo)
+    steps = [r for r in rows if "policy_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["reward_ensemble_std"] > 0 for r in steps)
+    evals = [r["eval/reward_ensemble_std"] for r in rows if "eval/score" in r]
+    assert evals and all(std > 0 for std in evals)
+    # The start record pins the member by entry and content, as it does the main reward model.
+    sources = json.loads((Path(ppo["run_dir"]) / START_FILE).read_text())["sources"]
+    assert sources["reward_ensemble.name_or_path[0]"].startswith(f"{member.id} sha256:")
+    assert sources["reward.name_or_path[0]"].startswith(f"{rm.id} sha256:")

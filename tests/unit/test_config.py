@@ -232,6 +232,20 @@ def test_ppo_settings_that_cannot_work(overrides, fragments):
     assert all(f in str(err.value) for f in fragments), str(err.value)
 
 
+@pytest.mark.parametrize("overrides, fragments", [
+    (["reward.name_or_path=oracle", "reward_ensemble.name_or_path=[rm:a]"],
+     ["reward_ensemble.name_or_path adds reward models", "names none", "put a reward model there, or drop reward_ensemble"]),
+    (["reward_ensemble.name_or_path=[rm:a]", "reward_ensemble.penalty=-1"], ["reward_ensemble.penalty must be at least 0, got -1"]),
+])
+def test_ppo_reward_ensemble_settings_that_cannot_work_in_one_line(overrides, fragments):
+    from rlhf.config import PPOConfig
+
+    with pytest.raises(UserError) as err:
+        load_config(PPOConfig, None, overrides)
+    assert all(f in str(err.value) for f in fragments) and "\n" not in str(err.value), str(err.value)
+    load_config(PPOConfig, None, ["reward_ensemble.name_or_path=[rm:a]", "reward_ensemble.penalty=0"])  # what the fixes give
+
+
 # ----------------------------------------------------------------------------------------------
 # Each PPO model has its own trust_remote_code: trusting the actor's repository trusts no other.
 

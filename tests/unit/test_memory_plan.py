@@ -20,6 +20,7 @@ from rlhf.memory_plan import (
     kv_cache_bytes,
     logits_bytes,
     model_shape,
+    model_shapes,
     parse_memory,
     plan_stage,
     smallest_fit,
@@ -170,6 +171,16 @@ def test_ppo_plan_counts_four_models_and_suggests_the_smallest_change():
     change, fixed = smallest_fit("ppo", cfg, shapes, ranks=8, memory=28 * GiB)
     assert fixed.fits and fixed.total <= 28 * GiB
     assert change == "engine.zero_stage=1"  # the rollout KV cache alone overflows: no micro-batch or checkpointing helps
+
+
+def test_ppo_plan_counts_each_reward_ensemble_member_as_a_frozen_reward_model(tmp_path):
+    cfg = load_config(PPOConfig, None, ["model.name_or_path=toy", "critic.name_or_path=toy", "reward.name_or_path=toy",
+                                        "reward_ensemble.name_or_path=[toy, toy]"])
+    shapes = model_shapes("ppo", cfg, Registry(tmp_path))
+    assert list(shapes)[-3:] == ["reward", "reward 2", "reward 3"]
+    plan = plan_stage("ppo", cfg, shapes, ranks=1, memory=80 * GiB)
+    rows = {r.role: r for r in plan.rows}
+    assert rows["reward 2"].states == rows["reward 3"].states == rows["reward"].states and rows["reward"].states.weights > 0
 
 
 def test_sft_suggestion_lowers_the_micro_batch_first():

@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf.model_loading import ScalarModel
 from rlhf.rollout import (
+    RewardEnsemble,
     Sampling,
     generate,
     minibatch_rows,
@@ -225,6 +226,33 @@ def test_score_rollout_in_length_sorted_chunks_keeps_row_order():
     for name in ("logprobs", "ref_logprobs", "values", "entropy"):
         assert torch.allclose(getattr(chunked, name)[mask], getattr(whole, name)[mask], atol=1e-5), name
     assert torch.allclose(chunked.scores, whole.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_score_rollout_with_an_ensemble_scores_mean_minus_penalty_times_std_of_normalized_scores(seed):
+    """PPO's learned score with reward_ensemble (and best-of-N's, through the same RewardEnsemble): each
+    model's raw score normalized with its own statistics, then mean - penalty x population std, against
+    the same formula in float64 Python on each model's scores of the whole batch."""
+    tokenizer = build_tokenizer()
+    prompts, responses = _rollout_batch(tokenizer, seed=seed)
+    seqs = build_sequences(prompts * 2, responses[::-1] + responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    actor = build_model(ToyModelConfig(), tokenizer, seed=3).eval()
+    rms = [ScalarModel(build_model(ToyModelConfig(), tokenizer, seed=10 * seed + k, head="scalar").eval()) for k in range(3)]
+    g = torch.Generator().manual_seed(seed)
+    stats = torch.stack([torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.1], dim=1).double()
+    ensemble = RewardEnsemble(tuple(rms[1:]), stats, penalty=0.3 + seed)
+    scored = score_rollout(seqs, actor=actor, reference=actor, critic=None, reward=rms[0], temperature=1.0, chunk=2,
+                           ensemble=ensemble)
+    with torch.no_grad():
+        raw = [sequence_scores(rm, seqs).tolist() for rm in rms]
+    for b in range(len(prompts) * 2):
+        z = [(raw[m][b] - float(stats[m, 0])) / float(stats[m, 1]) for m in range(3)]
+        mu = sum(z) / 3
+        sd = (sum((v - mu) ** 2 for v in z) / 3) ** 0.5
+        assert float(scored.ensemble_std[b]) == pytest.approx(sd, abs=1e-5) and sd > 1e-3
+        assert float(scored.scores[b]) == pytest.approx(mu - ensemble.penalty * sd, abs=1e-5)
+    assert scored.scores.dtype == torch.float32 and scored.ensemble_std.dtype == torch.float64
+    assert score_rollout(seqs, actor=actor, reference=actor, critic=None, reward=rms[0], temperature=1.0, chunk=2).ensemble_std is None
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])
