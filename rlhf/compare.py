@@ -69,6 +69,12 @@ def methods(*, quick: bool) -> list[Method]:
         Method("grpo", "GRPO", "ppo", (*rl, "ppo.estimator=grpo", *group)),
         Method("rloo", "RLOO", "ppo", (*rl, "ppo.estimator=rloo", *group)),
         Method("reinforce_pp", "REINFORCE++", "ppo", (*rl, "ppo.estimator=reinforce_pp")),
+        # The recipe options on GRPO's groups, as the ppo-dapo and ppo-gspo presets set them (not their run lengths).
+        Method("dapo", "DAPO", "ppo", (*rl, "ppo.estimator=grpo", *group, "ppo.loss_aggregation=token_mean", "ppo.clip_low=0.2",
+                                       "ppo.clip_high=0.28", "ppo.beta=0", "ppo.no_eos_score=null", "ppo.overlong_filter=true",
+                                       "reward.overlong_buffer=2")),
+        Method("gspo", "GSPO", "ppo", (*rl, "ppo.estimator=grpo", *group, "ppo.ratio=sequence", "ppo.loss_aggregation=sequence_mean",
+                                       "ppo.clip_low=0.0003", "ppo.clip_high=0.0004")),
         *(Method(loss, f"DPO ({loss})", "dpo", (*dpo, f"dpo.loss={loss}")) for loss in ("dpo", "ipo", "kto", "simpo", "orpo")),
     ]
 

@@ -12,13 +12,13 @@ from rlhf.errors import UserError
 def test_every_method_unless_some_are_named_in_the_tables_order():
     every = methods(quick=True)
     assert chosen_methods(None, quick=True) == every
-    assert len({m.key for m in every}) == len(every) == 10
+    assert len({m.key for m in every}) == len(every) == 12
     assert [m.key for m in chosen_methods(" kto, ppo ", quick=True)] == ["ppo", "kto"]
 
 
 @pytest.mark.parametrize("text", ["ppo,nosuch", "", ","])
 def test_an_unknown_or_empty_choice_is_refused_naming_the_keys(text):
-    with pytest.raises(UserError, match="choose from bon, ppo, grpo, rloo, reinforce_pp, dpo, ipo, kto, simpo, orpo"):
+    with pytest.raises(UserError, match="choose from bon, ppo, grpo, rloo, reinforce_pp, dapo, gspo, dpo, ipo, kto, simpo, orpo"):
         chosen_methods(text, quick=False)
 
 
