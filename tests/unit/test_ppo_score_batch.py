@@ -54,7 +54,7 @@ def test_the_stage_scores_with_that_many_rows_per_forward(monkeypatch):
     actor = build_model(ToyModelConfig(), tokenizer, seed=1).eval()
     reference = build_model(ToyModelConfig(), tokenizer, seed=2).eval()
     reward_model = ScalarModel(build_model(ToyModelConfig(), tokenizer, seed=3, head="scalar").eval())
-    models = types.SimpleNamespace(actor=types.SimpleNamespace(module=actor), reference=reference, reward=reward_model)
+    models = types.SimpleNamespace(actor=types.SimpleNamespace(module=actor), reference=reference, reward=reward_model, ensemble=None)
     data = types.SimpleNamespace(reward=Reward(parse_sources(["rm:latest"], None)), tokenizer=tokenizer)
     prompts = [tokenizer(f"{a}+{a % 7}=").input_ids for a in range(64)]
     sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=8, temperature=1.0, top_k=0,
