@@ -226,7 +226,9 @@ def plan_memory(
         import json
 
         from rlhf.config import STAGE_CONFIGS, load_config
-        from rlhf.memory_plan import TRAINED_STAGES, model_shapes, parse_memory, plan_stage, render, smallest_fit
+        from rlhf.memory_estimates import parse_memory
+        from rlhf.memory_plan import plan_stage, render, smallest_fit
+        from rlhf.memory_shapes import TRAINED_STAGES, model_shapes
         from rlhf.registry import Registry, default_root
         from rlhf.tracking import console, quiet_libraries
 
@@ -606,6 +608,7 @@ def _launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], con
     data) is cleaned away too, so no run looks resumable that never trained.
     """
     from rlhf.launch import LaunchSpec, build_command
+    from rlhf.memory_check import warn_before_launch
     from rlhf.preflight import check_inputs
     from rlhf.registry import Registry
     from rlhf.runs import LaunchRecord, check_run_id, create_run, resolve_config, save_launch
@@ -624,6 +627,9 @@ def _launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], con
                       num_procs=record.num_gpus, launcher=record.launcher, hostfile=launch.hostfile,  # type: ignore[arg-type]
                       verbose=launch.verbose)
     cmd = build_command(spec)  # refuses bad ranks, launchers and hostfiles before anything exists
+    # Not on --resume: a resumed run keeps its config, so the advice could not be taken there.
+    warn_before_launch(stage, cfg, per_node=record.num_gpus, launcher=record.launcher, hostfile=launch.hostfile,
+                       plan_args=[*(["-c", str(config)] if config else []), *overrides], verbose=launch.verbose)
     if dry_run:
         import yaml
 

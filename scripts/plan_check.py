@@ -137,7 +137,8 @@ def overrides(stage: str, zero: int, steps: int) -> list[str]:
 
 def estimate(stage: str, zero: int, ranks: int, steps: int) -> dict[str, float]:
     from rlhf.config import STAGE_CONFIGS, load_config
-    from rlhf.memory_plan import model_shapes, plan_stage
+    from rlhf.memory_plan import plan_stage
+    from rlhf.memory_shapes import model_shapes
     from rlhf.named_configs import config_file
     from rlhf.registry import Registry
 

@@ -1,5 +1,6 @@
-"""`rlhf plan` (rlhf.memory_plan): the ZeRO accounting against a plain computation, the toy model's exact parameter count,
-LoRA's trained parameters against peft's, and the command's table, JSON, suggestion and errors."""
+"""`rlhf plan` (rlhf.memory_plan, memory_estimates, memory_shapes): the ZeRO accounting against a plain computation,
+the toy model's exact parameter count, LoRA's trained parameters against peft's, and the command's table, JSON,
+suggestion and errors."""
 
 from __future__ import annotations
 
@@ -12,20 +13,18 @@ from typer.testing import CliRunner
 from rlhf.cli import app
 from rlhf.config import LoraConfig, ModelConfig, PPOConfig, SFTConfig, load_config
 from rlhf.errors import UserError
-from rlhf.memory_plan import (
+from rlhf.memory_estimates import (
     GiB,
     ModelShape,
     activation_bytes,
     frozen_states,
     kv_cache_bytes,
     logits_bytes,
-    model_shape,
-    model_shapes,
     parse_memory,
-    plan_stage,
-    smallest_fit,
     trained_states,
 )
+from rlhf.memory_plan import plan_stage, smallest_fit
+from rlhf.memory_shapes import model_shape, model_shapes
 from rlhf.registry import Registry
 
 P = 1_300_000_000  # a 1.3B-parameter model
