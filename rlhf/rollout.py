@@ -226,7 +226,7 @@ class Sequences:
         prompt and right of the longest response. A forward pass over them would be wasted; the
         kept columns keep their positions (they come from the mask), so every result is the same."""
         prompt_lengths = self.attention_mask[:, : self.prompt_width].sum(dim=1)
-        longest_prompt, longest_response = torch.stack([prompt_lengths.max(), self.response_lengths.max()]).tolist()
+        longest_prompt, longest_response = torch.stack([prompt_lengths.max(), self.response_extents.max()]).tolist()
         lead = min(self.prompt_width - longest_prompt, self.prompt_width - 1)  # keep the column before response token 0
         if lead == 0 and longest_response == self.response_width:
             return self
@@ -240,6 +240,13 @@ class Sequences:
     @property
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(dim=1)
+
+    @property
+    def response_extents(self) -> torch.Tensor:
+        """(B,) one past each row's last response token: its length when the mask is a prefix (one turn),
+        more when it has holes (a multi-turn rollout's environment tokens, rlhf/multiturn.py)."""
+        columns = torch.arange(1, self.response_width + 1, device=self.response_mask.device)
+        return (self.response_mask.long() * columns).amax(dim=1)
 
 
 def policy_logprobs(
