@@ -309,6 +309,27 @@ class RolloutConfig:
     """Take PPO's old log-probs and entropies from the logits generation sampled with, instead of one more forward of
     the actor, where the two agree: fp32 (engine.precision), and the kept logits (rollouts x max_new_tokens x vocabulary
     floats) under 256 MiB. Elsewhere, or false, the actor's forward."""
+    env: str | None = None
+    """Multi-turn rollouts: `python:package.module:Class`, an environment class imported by dotted name (never a file path;
+    repeat it on --resume), one instance per episode: `reset(prompt) -> messages` and `step(assistant_text) -> (observation
+    messages, reward, done)`. The policy's and the environment's turns alternate up to max_turns; the environment's tokens
+    are context only (no loss, KL or value target). Built in: python:rlhf.envs:ToolEnv (tool calls, rlhf.tools) and
+    python:rlhf.envs:ToyRetryEnv (the embedded default). null = one response per prompt."""
+    max_turns: int = 1
+    """The policy's turns per episode (with env); each holds at most max_new_tokens tokens."""
+    max_episode_tokens: int | None = None
+    """Most tokens after the prompt in one episode, the policy's and the environment's (with env): a turn is cut to what
+    is left, and an observation that would not leave room for one more token ends the episode; null = 2 x max_turns x
+    max_new_tokens."""
+    turn_rewards: Literal["end", "per_turn"] = "end"
+    """Where the environment's rewards go (with env): end = their sum at the episode's last policy token, beside the
+    reward's score; per_turn = each at the last token of the policy turn it answered."""
+
+    def episode_tokens(self) -> int:
+        """The longest a rollout's response side gets: max_new_tokens, or with env the episode's cap."""
+        if self.env is None:
+            return self.max_new_tokens
+        return self.max_episode_tokens or 2 * self.max_turns * self.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -472,6 +493,30 @@ class PPOConfig:
         _check_reward(self.reward, self.data)
         _check_ensemble(self.reward_ensemble, self.reward)
         _check_reasoning(self)
+        _check_multi_turn(self)
+
+
+def _check_multi_turn(cfg: PPOConfig) -> None:
+    """rollout.env and its settings (the class is imported by the preflight); one line for the first that does not fit."""
+    from rlhf.rewards import parse_source
+
+    rollout, ppo = cfg.rollout, cfg.ppo
+    _at_least(1, {"rollout.max_turns": rollout.max_turns})
+    if rollout.env is None:
+        if rollout.max_turns != 1 or rollout.max_episode_tokens is not None or rollout.turn_rewards != "end":
+            raise UserError("rollout.max_turns, rollout.max_episode_tokens and rollout.turn_rewards apply to multi-turn rollouts: "
+                            "set rollout.env=python:package.module:Class (e.g. python:rlhf.envs:ToolEnv)")
+        return
+    if parse_source(rollout.env, key="rollout.env").kind != "python":
+        raise UserError(f"rollout.env={rollout.env!r} is not python:package.module:Class (e.g. python:rlhf.envs:ToolEnv)")
+    if rollout.max_episode_tokens is not None and rollout.max_episode_tokens < rollout.max_new_tokens:
+        raise UserError(f"rollout.max_episode_tokens ({rollout.max_episode_tokens}) must be at least rollout.max_new_tokens "
+                        f"({rollout.max_new_tokens}): one whole turn")
+    refused = {"ppo.tis_cap": ppo.tis_cap, "ppo.max_mismatch_kl": ppo.max_mismatch_kl, "reward.overlong_buffer": cfg.reward.overlong_buffer}
+    for key, value in refused.items():
+        if value is not None:
+            raise UserError(f"{key} is not supported with rollout.env (multi-turn rollouts take their old log-probs from the "
+                            "actor's forward and have no single response length): set it to null")
 
 
 def _check_reward(reward: RewardConfig, data: Any) -> None:

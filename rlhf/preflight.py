@@ -50,6 +50,10 @@ def check_ppo(cfg: Any) -> None:
     if (cfg.ppo.normalize_score or cfg.reward_ensemble.name_or_path) and reward is not None and reward.kind in ("registry", "path"):
         reward_stats(reward)
     _check_reward_functions(cfg)
+    if cfg.rollout.env is not None:  # the environment class imports, here, before any rank starts
+        from rlhf.multiturn import load_env_class
+
+        load_env_class(cfg.rollout.env)
     _check_data(cfg, local, tokenizer)
 
 

@@ -2,7 +2,7 @@
 
 A run folder is writable by whoever shares the registry, so its config.yaml is not the user's word:
 a resume takes from it only what runs no code of its own. Settings that do (a model's
-`trust_remote_code`, a `python:` reward function) must be repeated on the resume's command line,
+`trust_remote_code`, a `python:` reward function or rollout.env class) must be repeated on the resume's command line,
 as the user gave them when the run started (`rlhf submit` writes them into its requeue line).
 """
 
@@ -35,6 +35,8 @@ def code_running_settings(cfg: Any) -> dict[str, Any]:
     rewards = flat.get("reward.name_or_path")
     if isinstance(rewards, list) and any(str(source).startswith(PYTHON_REWARD) for source in rewards):
         found["reward.name_or_path"] = rewards
+    if str(flat.get("rollout.env") or "").startswith(PYTHON_REWARD):  # rlhf ppo's multi-turn environment class
+        found["rollout.env"] = flat["rollout.env"]
     if str(flat.get("by", "")).startswith(PYTHON_REWARD):  # rlhf label's labeler
         found["by"] = flat["by"]
     return found

@@ -62,6 +62,7 @@ from rlhf.engine import Dist, global_grad_norm, init_distributed, seed_everythin
 from rlhf.errors import UserError
 from rlhf.evaluation import even_shard, oracle_eval, pair_agreement, pearson
 from rlhf.model_sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
+from rlhf.multiturn import Episodes, load_env_class, sample_episodes
 from rlhf.ppo_models import PPOModels, build_ppo_models
 from rlhf.rank_sums import RankSums
 from rlhf.rewards import Reward, learned_source, parse_source, parse_sources, rollout_texts
@@ -73,7 +74,6 @@ from rlhf.rollout import (
     Sequences,
     minibatch_rows,
     policy_logprobs,
-    sample_rollout,
     sample_rollout_with_logprobs,
     score_rollout,
     token_values,
@@ -114,6 +114,8 @@ class Data:
     batches: ShuffledBatches
     ptx_set: list
     ptx_batches: ShuffledBatches | None
+    env_class: type | None = None
+    """rollout.env's class (imported on every rank), or None: one response per prompt."""
 
 
 @dataclass
@@ -131,6 +133,8 @@ class Rollout:
     """The critic's regression targets (None for a critic-free estimator)."""
     tis_weights: torch.Tensor | None = None
     """Per token, truncated importance sampling's min(pi_train / pi_sampler, ppo.tis_cap) (None when off)."""
+    episodes: Episodes | None = None
+    """With rollout.env: the episodes' turns, environment tokens and rewards."""
 
 
 def main(run: Run) -> None:
@@ -200,8 +204,9 @@ def load_data(cfg: PPOConfig, run: Run, dist: Dist) -> Data:
         ptx_batches = ShuffledBatches(len(ptx_set), batch_size=cfg.engine.micro_batch_size, world_size=dist.world_size,
                                       seed=cfg.train.seed)
     eval_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in eval_prompts] if cfg.data.eval == TOY else []
+    env_class = load_env_class(cfg.rollout.env) if cfg.rollout.env is not None else None
     return Data(tokenizer, actor_source, sources, reward, train_prompts, prompt_stats, eval_prompts, eval_texts, batches,
-                ptx_set, ptx_batches)
+                ptx_set, ptx_batches, env_class)
 
 
 def prompts_per_rank(cfg: PPOConfig) -> int:
@@ -278,20 +283,20 @@ def score_batch_size(cfg: PPOConfig, vocab_size: int) -> int:
     r = cfg.rollout
     if r.score_batch_size:
         return r.score_batch_size
-    within_budget = SCORE_LOGITS_BUDGET // ((r.max_new_tokens + 1) * vocab_size * 4)
+    within_budget = SCORE_LOGITS_BUDGET // ((r.episode_tokens() + 1) * vocab_size * 4)
     return max(cfg.engine.micro_batch_size, min(r.batch_size, within_budget))
 
 
 def score(seqs: Sequences, models: PPOModels, cfg: PPOConfig, data: Data, dist: Dist, *, critic: Any,
-          sampled: SampledLogprobs | None = None) -> ScoredRollout:
+          sampled: SampledLogprobs | None = None, episodes: Episodes | None = None) -> ScoredRollout:
     """Log-probs of actor (generation's own when `sampled`) and reference, values (none without
-    `critic`), and the reward: its components (reward-model scores, functions of the decoded texts)
-    and their weighted sum as `scores`. A reward function that fails on any rank stops every rank
-    with its one line."""
+    `critic`), and the reward: its components (reward-model scores, functions of the decoded texts;
+    of `episodes`, their last policy turns) and their weighted sum as `scores`. A reward function
+    that fails on any rank stops every rank with its one line."""
     scored = score_rollout(seqs, actor=models.actor, reference=models.reference, critic=critic, reward=models.reward,
                            temperature=cfg.rollout.temperature, chunk=score_batch_size(cfg, models.actor.module.config.vocab_size),
                            reference_is_actor_without_adapters=models.reference is None, sampled=sampled, ensemble=models.ensemble)
-    prompts, responses = rollout_texts(seqs, data.tokenizer) if data.reward.needs_text else ([], [])
+    prompts, responses = texts_of(seqs, episodes, data) if data.reward.needs_text else ([], [])
     failure, reward = None, None
     try:
         reward = data.reward.scores(prompts, responses, learned=scored.scores, device=seqs.input_ids.device)
@@ -302,6 +307,36 @@ def score(seqs: Sequences, models: PPOModels, cfg: PPOConfig, data: Data, dist: 
     if failure is not None:
         raise RewardFailed(failure)
     return dataclasses.replace(scored, scores=reward.total, reward_parts=reward.parts)
+
+
+def texts_of(seqs: Sequences, episodes: Episodes | None, data: Data) -> tuple[list[str], list[str]]:
+    """What a reward function and the oracle read: prompts and responses, or an episode's last policy turn
+    as the response and everything before it as the prompt."""
+    if episodes is None:
+        return rollout_texts(seqs, data.tokenizer)
+    return episodes.reward_prompts, episodes.reward_responses
+
+
+def sample(models: PPOModels, prompts: list[list[int]], sampling: Sampling, cfg: PPOConfig, data: Data, dist: Dist, *,
+           keep_logprobs: bool) -> tuple[Sequences, SampledLogprobs | None, Episodes | None]:
+    """A response to each prompt (`sample_rollout_with_logprobs`), or with rollout.env an episode of turns
+    (rlhf/multiturn.py), whose old log-probs come from the actor's forward (no sampled log-probs)."""
+    if data.env_class is None:
+        return (*sample_rollout_with_logprobs(models.actor.module, prompts, sampling, keep_logprobs=keep_logprobs), None)
+    r = cfg.rollout
+    episodes = sample_episodes(models.actor.module, prompts, sampling, env_class=data.env_class, tokenizer=data.tokenizer,
+                               max_turns=r.max_turns, max_tokens=r.episode_tokens(), per_turn=r.turn_rewards == "per_turn",
+                               keep_going=lambda active: any_rank(active, dist))
+    return episodes.seqs, None, episodes
+
+
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """Whether `flag` holds on any rank (every rank gets the same answer)."""
+    if dist.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=dist.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 class RewardFailed(UserError):
@@ -329,8 +364,9 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     sums = RankSums(("score", "score_sq", "kl", "length", "length_sq", "score_length", "no_eos", "responses", "oracle_pairs",
                      "oracle_agreed", "ensemble_std"), dist.device)
     for start in range(0, len(share), cfg.eval.batch_size):
-        seqs = sample_rollout(actor.module, share[start : start + cfg.eval.batch_size], sampling)
-        scored = score(seqs, models, cfg, data, dist, critic=None)
+        seqs, _, episodes = sample(models, share[start : start + cfg.eval.batch_size], sampling, cfg, data, dist,
+                                   keep_logprobs=False)
+        scored = score(seqs, models, cfg, data, dist, critic=None, episodes=episodes)
         keep = torch.tensor(real[start : start + cfg.eval.batch_size], device=dist.device)
         shaped_score = shaped(scored.scores, seqs, cfg)[keep].double()
         kl = ((scored.logprobs - scored.ref_logprobs) * seqs.response_mask).sum(dim=1)[keep].double()
@@ -340,7 +376,7 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
         if scored.ensemble_std is not None:
             sums.add(ensemble_std=scored.ensemble_std[keep])
         if data.eval_texts:  # the reward against the oracle on the policy's own current samples
-            prompts, responses = rollout_texts(seqs, data.tokenizer)
+            prompts, responses = texts_of(seqs, episodes, data)
             gold = [oracle_score(p, r) for p, r, k in zip(prompts, responses, keep.tolist()) if k]
             judged, agreed = pair_agreement(shaped_score.tolist(), gold)
             sums.add(oracle_pairs=float(judged), oracle_agreed=float(agreed))
@@ -389,18 +425,18 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     started = time.time()
     prompts = step_prompts(data, cfg, dist, step=state.step)
     from_generation = logprobs_from_generation(cfg, models.actor.module.config.vocab_size)
-    seqs, sampled = sample_rollout_with_logprobs(models.actor.module, prompts, sampling,
-                                                 keep_logprobs=from_generation or checks_mismatch(cfg.ppo))
+    seqs, sampled, episodes = sample(models, prompts, sampling, cfg, data, dist, keep_logprobs=from_generation or checks_mismatch(cfg.ppo))
     generated = time.time()
     try:
-        scored = score(seqs, models, cfg, data, dist, critic=models.critic, sampled=sampled if from_generation else None)
+        scored = score(seqs, models, cfg, data, dist, critic=models.critic, sampled=sampled if from_generation else None,
+                       episodes=episodes)
     except RewardFailed as exc:  # resumable once the function is fixed: the dotted name is imported anew
         keeper.stop(state, f"{exc}; the run stopped in step {state.step + 1} and saved its state in {keeper.run.checkpoint_dir}: "
                            f"fix the function and resume (`{resume_command('ppo', keeper.run.run_id, cfg)}`)")
     stop_if_nonfinite(keeper, state, dist, "a reward-model score or a critic value", scored.scores, scored.values)
 
     # 6. Rewards and advantages.
-    rollout = advantages_of(seqs, scored, cfg, data, dist, beta=state.beta)
+    rollout = advantages_of(seqs, scored, cfg, data, dist, beta=state.beta, episodes=episodes)
     mismatch = sampler_mismatch(rollout, sampled, cfg, dist)
     stop_if_mismatched(keeper, state, cfg, mismatch)
     if cfg.ppo.tis_cap is not None:
@@ -416,6 +452,7 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     metrics = {
         **rollout_metrics(rollout, dist, beta=state.beta),
         **group_metrics(rollout, cfg, dist),
+        **episode_metrics(episodes, dist),
         **mismatch,
         **per_update,
         "lr": models.actor.get_lr()[0],
@@ -456,20 +493,25 @@ def step_prompts(data: Data, cfg: PPOConfig, dist: Dist, *, step: int) -> list[l
     return [data.train_prompts[i] for i in data.batches.global_batch(step)[dist.rank] for _ in range(k)]
 
 
-def advantages_of(seqs: Sequences, scored: ScoredRollout, cfg: PPOConfig, data: Data, dist: Dist, *, beta: float) -> Rollout:
-    """Per-token rewards (the shaped score at the last token; -beta * KL at each with ppo.kl_in=reward),
-    then ppo.estimator's advantages: GAE with the critic's values, relative to the response's group
-    (grpo, rloo), or REINFORCE++'s returns-to-go. Whitening uses the whole batch across ranks."""
+def advantages_of(seqs: Sequences, scored: ScoredRollout, cfg: PPOConfig, data: Data, dist: Dist, *, beta: float,
+                  episodes: Episodes | None = None) -> Rollout:
+    """Per-token rewards (the shaped score at the last token; -beta * KL at each with ppo.kl_in=reward;
+    an episode's environment rewards where rollout.turn_rewards puts them), then ppo.estimator's
+    advantages: GAE with the critic's values, relative to the response's group (grpo, rloo), or
+    REINFORCE++'s returns-to-go. Whitening uses the whole batch across ranks. The mask holds the
+    policy's tokens only: an episode's environment tokens are holes every step below skips."""
     ppo, mask = cfg.ppo, seqs.response_mask
     score_now = shaped(scored.scores, seqs, cfg)
     rewards, penalized_kl = penalized_rewards(scored.logprobs, scored.ref_logprobs, score_now, mask,
                                               beta=beta if ppo.kl_in == "reward" else 0.0, kl_estimator=kl_estimator_of(ppo))
+    if episodes is not None:
+        rewards = rewards + episodes.env_rewards.to(rewards.dtype)
     if ppo.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False, **global_moments(rewards, mask, dist))
     if ppo.estimator in GROUP_ESTIMATORS:
         # A group's K responses share a prompt and a rank: each is judged against its siblings only.
         advantages = per_token(group_relative(sequence_rewards(rewards, mask), cfg), mask)
-        return Rollout(seqs, scored, score_now, penalized_kl, advantages, None)
+        return Rollout(seqs, scored, score_now, penalized_kl, advantages, None, episodes=episodes)
     returns = None
     if ppo.estimator == "gae":
         advantages, returns = gae(rewards, scored.values, mask, gamma=ppo.gamma, lam=ppo.lam)
@@ -477,7 +519,7 @@ def advantages_of(seqs: Sequences, scored: ScoredRollout, cfg: PPOConfig, data: 
         advantages = returns_to_go(rewards, mask, gamma=ppo.gamma)
     if ppo.whiten_advantages:
         advantages = masked_whiten(advantages, mask, **global_moments(advantages, mask, dist))
-    return Rollout(seqs, scored, score_now, penalized_kl, advantages, returns)
+    return Rollout(seqs, scored, score_now, penalized_kl, advantages, returns, episodes=episodes)
 
 
 def group_relative(rewards: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
@@ -538,7 +580,7 @@ def actor_loss_on(rollout: Rollout, rows: torch.Tensor, batch: Sequences, mask: 
     PPO-ptx LM loss and, with ppo.kl_in=loss, beta * the KL of the current policy to the reference
     (aggregated alike); and its statistics."""
     ppo = cfg.ppo
-    aggregation, horizon = loss_aggregation_of(ppo), cfg.rollout.max_new_tokens
+    aggregation, horizon = loss_aggregation_of(ppo), cfg.rollout.max_new_tokens * cfg.rollout.max_turns
     logp, _ = policy_logprobs(actor, batch, temperature=cfg.rollout.temperature)
     if ppo.overlong_filter:  # DAPO: a truncated response says nothing about its answer; it is left out of the loss
         mask = mask & rollout.seqs.has_eos[rows].unsqueeze(1)
@@ -623,6 +665,18 @@ def group_metrics(rollout: Rollout, cfg: PPOConfig, dist: Dist) -> dict[str, flo
     sums.add(spread=groups.std(dim=1, unbiased=False), groups=float(groups.shape[0]))
     total = sums.over_ranks()
     return {"group_score_std": total["spread"] / total["groups"]}
+
+
+def episode_metrics(episodes: Episodes | None, dist: Dist) -> dict[str, float]:
+    """With rollout.env, per episode over every rank: turns (the policy's), env_tokens (the environment's,
+    context only) and env_reward (the sum of its rewards; the score is the reward's part alone)."""
+    if episodes is None:
+        return {}
+    sums = RankSums(("turns", "env_tokens", "env_reward", "episodes"), dist.device)
+    sums.add(turns=episodes.turns, env_tokens=episodes.env_tokens, env_reward=episodes.env_rewards.double(),
+             episodes=float(len(episodes.turns)))
+    total = sums.over_ranks()
+    return {k: total[k] / total["episodes"] for k in ("turns", "env_tokens", "env_reward")}
 
 
 def reward_part_metrics(scored: ScoredRollout) -> dict[str, torch.Tensor]:
