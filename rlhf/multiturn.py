@@ -31,7 +31,9 @@ import torch
 
 from rlhf.data.collate import left_pad_prompts
 from rlhf.data.templates import render_chat, validate_messages
+from rlhf.engine import Dist
 from rlhf.errors import UserError, first_line
+from rlhf.rank_sums import RankSums
 from rlhf.rollout import Sampling, Sequences, generate
 
 ENV_KEY = "rollout.env"
@@ -320,3 +322,23 @@ def _episodes_of(episodes: list[_Episode], tokenizer: Any, *, pad_id: int, per_t
         env_tokens=torch.tensor([float(sum(len(s.tokens) for s in e.segments if not s.policy)) for e in episodes], device=device),
     )
 
+
+def any_rank(flag: bool, *, dist: Dist) -> bool:
+    """Whether `flag` holds on any rank (every rank gets the same answer)."""
+    if dist.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=dist.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def episode_metrics(episodes: Episodes | None, dist: Dist) -> dict[str, float]:
+    """With rollout.env, per episode over every rank: turns (the policy's), env_tokens (the environment's,
+    context only) and env_reward (the sum of its rewards; the score is the reward's part alone)."""
+    if episodes is None:
+        return {}
+    sums = RankSums(("turns", "env_tokens", "env_reward", "episodes"), dist.device)
+    sums.add(turns=episodes.turns, env_tokens=episodes.env_tokens, env_reward=episodes.env_rewards.double(),
+             episodes=float(len(episodes.turns)))
+    total = sums.over_ranks()
+    return {k: total[k] / total["episodes"] for k in ("turns", "env_tokens", "env_reward")}

@@ -194,7 +194,9 @@ class Sequences:
     """Prompts and their sampled responses as one batch.
 
     input_ids, attention_mask, position_ids: (B, P + R) long; response_mask: (B, R) bool, True at
-    each response's tokens (its EOS included); has_eos: (B,) bool; prompt_width: P.
+    each response's tokens (its EOS included); has_eos: (B,) bool; prompt_width: P. In a multi-turn
+    episode (rlhf/multiturn.py) the response side holds the environment's tokens too: in the attention
+    mask, not in response_mask, whose holes every per-token computation skips.
     """
 
     input_ids: torch.Tensor

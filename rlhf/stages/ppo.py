@@ -62,7 +62,7 @@ from rlhf.engine import Dist, global_grad_norm, init_distributed, seed_everythin
 from rlhf.errors import UserError
 from rlhf.evaluation import even_shard, oracle_eval, pair_agreement, pearson
 from rlhf.model_sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
-from rlhf.multiturn import Episodes, load_env_class, sample_episodes
+from rlhf.multiturn import Episodes, any_rank, episode_metrics, load_env_class, sample_episodes
 from rlhf.ppo_models import PPOModels, build_ppo_models
 from rlhf.rank_sums import RankSums
 from rlhf.rewards import Reward, learned_source, parse_source, parse_sources, rollout_texts
@@ -245,7 +245,16 @@ def describe(cfg: PPOConfig, data: Data, models: PPOModels, dist: Dist) -> str:
         f"reward = {describe_reward(data.reward.sources)}{reward_model_note(cfg, models)}\n"
         f"{estimator}; {k} sample(s) per prompt, KL in the {ppo.kl_in} ({kl_estimator_of(ppo)}), "
         f"loss aggregation {loss_aggregation_of(ppo)}, {ppo.ratio} ratio clipped to [1 - {clip_bounds(ppo)[0]}, 1 + {clip_bounds(ppo)[1]}]"
+        + multi_turn_note(cfg)
     )
+
+
+def multi_turn_note(cfg: PPOConfig) -> str:
+    r = cfg.rollout
+    if r.env is None:
+        return ""
+    return (f"\nmulti-turn: {r.env}, up to {r.max_turns} turns of {r.max_new_tokens} tokens and {r.episode_tokens()} tokens an "
+            f"episode, environment rewards {'at the end' if r.turn_rewards == 'end' else 'per turn'}")
 
 
 def reward_model_note(cfg: PPOConfig, models: PPOModels) -> str:
@@ -326,17 +335,8 @@ def sample(models: PPOModels, prompts: list[list[int]], sampling: Sampling, cfg:
     r = cfg.rollout
     episodes = sample_episodes(models.actor.module, prompts, sampling, env_class=data.env_class, tokenizer=data.tokenizer,
                                max_turns=r.max_turns, max_tokens=r.episode_tokens(), per_turn=r.turn_rewards == "per_turn",
-                               keep_going=lambda active: any_rank(active, dist))
+                               keep_going=lambda active: any_rank(active, dist=dist))
     return episodes.seqs, None, episodes
-
-
-def any_rank(flag: bool, dist: Dist) -> bool:
-    """Whether `flag` holds on any rank (every rank gets the same answer)."""
-    if dist.world_size == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=dist.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
 
 
 class RewardFailed(UserError):
@@ -665,18 +665,6 @@ def group_metrics(rollout: Rollout, cfg: PPOConfig, dist: Dist) -> dict[str, flo
     sums.add(spread=groups.std(dim=1, unbiased=False), groups=float(groups.shape[0]))
     total = sums.over_ranks()
     return {"group_score_std": total["spread"] / total["groups"]}
-
-
-def episode_metrics(episodes: Episodes | None, dist: Dist) -> dict[str, float]:
-    """With rollout.env, per episode over every rank: turns (the policy's), env_tokens (the environment's,
-    context only) and env_reward (the sum of its rewards; the score is the reward's part alone)."""
-    if episodes is None:
-        return {}
-    sums = RankSums(("turns", "env_tokens", "env_reward", "episodes"), dist.device)
-    sums.add(turns=episodes.turns, env_tokens=episodes.env_tokens, env_reward=episodes.env_rewards.double(),
-             episodes=float(len(episodes.turns)))
-    total = sums.over_ranks()
-    return {k: total[k] / total["episodes"] for k in ("turns", "env_tokens", "env_reward")}
 
 
 def reward_part_metrics(scored: ScoredRollout) -> dict[str, torch.Tensor]:

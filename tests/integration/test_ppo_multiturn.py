@@ -67,6 +67,9 @@ def test_multi_turn_grpo_with_the_reward_at_the_end(tmp_path):
     result = rlhf("ppo", *ONE_PROCESS, *SHORT, *TOY, "ppo.estimator=grpo", "rollout.samples_per_prompt=4", ENV,
                   "rollout.max_turns=2", "rollout.max_episode_tokens=24", home=home)
     assert_ok(result)
+    said = " ".join(result.stdout.split())  # the console wraps long lines
+    assert ("multi-turn: python:rlhf.envs:ToyRetryEnv, up to 2 turns of 4 tokens and 24 tokens an episode, environment rewards "
+            "at the end") in said
     [entry] = entries(home)
     assert entry["stage"] == "ppo" and Path(entry["path"]).is_dir()
     for row in episode_rows(entry):
