@@ -59,11 +59,14 @@ def check_ppo(cfg: Any) -> None:
 
 def _check_reward_functions(cfg: Any) -> None:
     """Each python: reward source imports and is callable here, in the environment the ranks inherit."""
-    from rlhf.rewards import load_function, parse_sources
+    from rlhf.rewards import load_function, parse_source, parse_sources
 
     for source in parse_sources(cfg.reward.name_or_path, cfg.reward.weights):
         if source.kind == "python":
             load_function(source)
+    gold = getattr(getattr(cfg, "eval", None), "gold", None)  # rlhf ppo's held-out grader
+    if gold is not None and gold.startswith("python:"):
+        load_function(parse_source(gold, key="eval.gold"), key="eval.gold")
 
 
 def check_dpo(cfg: Any) -> None:

@@ -63,6 +63,9 @@ STAGE_PLOTS: dict[str, tuple[Plot, ...]] = {
         Plot("overoptimization", "PPO: gold (oracle) and proxy (reward) score against KL", "oracle score (0-100)",
              (("eval/oracle_score", "gold: oracle score"),), x="eval/kl", xlabel="KL to the reference (nats)",
              right=(("eval/score", "proxy: reward (shaped)", "reward"),)),
+        Plot("gold", "PPO: gold (eval.gold) and proxy (reward) score against KL", "gold score",
+             (("eval/gold_score", "gold: eval.gold"),), x="eval/kl", xlabel="KL to the reference (nats)",
+             right=(("eval/score", "proxy: reward (shaped)", "reward"),)),
     ),
     "dpo": (
         Plot("loss", "DPO-family loss", "loss", (("loss", "train"), ("eval/loss", "held-out"))),

@@ -2,7 +2,7 @@
 
 A run folder is writable by whoever shares the registry, so its config.yaml is not the user's word:
 a resume takes from it only what runs no code of its own. Settings that do (a model's
-`trust_remote_code`, a `python:` reward function or rollout.env class) must be repeated on the resume's command line,
+`trust_remote_code`, a `python:` reward function, eval.gold grader or rollout.env class) must be repeated on the resume's command line,
 as the user gave them when the run started (`rlhf submit` writes them into its requeue line).
 """
 
@@ -37,6 +37,8 @@ def code_running_settings(cfg: Any) -> dict[str, Any]:
         found["reward.name_or_path"] = rewards
     if str(flat.get("rollout.env") or "").startswith(PYTHON_REWARD):  # rlhf ppo's multi-turn environment class
         found["rollout.env"] = flat["rollout.env"]
+    if str(flat.get("eval.gold") or "").startswith(PYTHON_REWARD):  # rlhf ppo's held-out grader
+        found["eval.gold"] = flat["eval.gold"]
     if str(flat.get("by", "")).startswith(PYTHON_REWARD):  # rlhf label's labeler
         found["by"] = flat["by"]
     return found

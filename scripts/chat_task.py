@@ -43,7 +43,7 @@ STAGE_ARGS = {
            "optim.warmup_steps=2", "train.max_steps={steps}"],
     "ppo": ["data.train={task}/prompts-train.jsonl", "data.eval={task}/prompts-eval.jsonl", "model.lora.enabled=true",
             "critic.lora.enabled=true", "data.max_prompt_length=96", "rollout.batch_size=16", "rollout.max_new_tokens=16",
-            "engine.micro_batch_size=16", "ppo.epochs=2", "optim.lr=3e-4", "optim.warmup_steps=2",
+            "engine.micro_batch_size=16", "ppo.epochs=2", "ppo.beta=0.05", "optim.lr=3e-4", "optim.warmup_steps=2",
             "critic_optim.lr=5e-4", "critic_optim.warmup_steps=2", "train.max_steps={steps}", "train.eval_every=8",
             "eval.max_rows=32", "train.save_every=8"],
 }

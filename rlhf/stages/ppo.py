@@ -116,6 +116,8 @@ class Data:
     ptx_batches: ShuffledBatches | None
     env_class: type | None = None
     """rollout.env's class (imported on every rank), or None: one response per prompt."""
+    gold: Reward | None = None
+    """eval.gold, the task's ground truth for held-out answers (a function or the oracle), or None."""
 
 
 @dataclass
@@ -205,8 +207,9 @@ def load_data(cfg: PPOConfig, run: Run, dist: Dist) -> Data:
                                       seed=cfg.train.seed)
     eval_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in eval_prompts] if cfg.data.eval == TOY else []
     env_class = load_env_class(cfg.rollout.env) if cfg.rollout.env is not None else None
+    gold = Reward([parse_source(cfg.eval.gold, key="eval.gold")]) if cfg.eval.gold is not None else None
     return Data(tokenizer, actor_source, sources, reward, train_prompts, prompt_stats, eval_prompts, eval_texts, batches,
-                ptx_set, ptx_batches, env_class)
+                ptx_set, ptx_batches, env_class, gold)
 
 
 def prompts_per_rank(cfg: PPOConfig) -> int:
@@ -362,7 +365,7 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     actor.eval()
     share, real = even_shard(data.eval_prompts, dist=dist)
     sums = RankSums(("score", "score_sq", "kl", "length", "length_sq", "score_length", "no_eos", "responses", "oracle_pairs",
-                     "oracle_agreed", "ensemble_std"), dist.device)
+                     "oracle_agreed", "ensemble_std", "gold", "gold_pairs", "gold_agreed"), dist.device)
     for start in range(0, len(share), cfg.eval.batch_size):
         seqs, _, episodes = sample(models, share[start : start + cfg.eval.batch_size], sampling, cfg, data, dist,
                                    keep_logprobs=False)
@@ -380,6 +383,10 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
             gold = [oracle_score(p, r) for p, r, k in zip(prompts, responses, keep.tolist()) if k]
             judged, agreed = pair_agreement(shaped_score.tolist(), gold)
             sums.add(oracle_pairs=float(judged), oracle_agreed=float(agreed))
+        if data.gold is not None:  # the reward against eval.gold, the same way
+            gold = gold_scores(data.gold, seqs, keep, data.tokenizer, dist)
+            judged, agreed = pair_agreement(shaped_score.tolist(), gold)
+            sums.add(gold=float(sum(gold)), gold_pairs=float(judged), gold_agreed=float(agreed))
     total = sums.over_ranks()
     n, mean_score = total["responses"], total["score"] / total["responses"]
     metrics = {"eval/score": mean_score, "eval/score_std": max(total["score_sq"] / n - mean_score**2, 0.0) ** 0.5,
@@ -390,6 +397,10 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
         metrics["eval/reward_ensemble_std"] = total["ensemble_std"] / n
     if total["oracle_pairs"]:
         metrics["eval/reward_oracle_agreement"] = total["oracle_agreed"] / total["oracle_pairs"]
+    if data.gold is not None:
+        metrics["eval/gold_score"] = total["gold"] / n
+        if total["gold_pairs"]:
+            metrics["eval/reward_gold_agreement"] = total["gold_agreed"] / total["gold_pairs"]
     if data.eval_texts:
         oracle = oracle_eval(actor.module, data.tokenizer, data.eval_texts, batch_size=cfg.eval.batch_size, sampling=sampling, dist=dist)
         metrics.update({f"eval/{k}": v for k, v in oracle.items()})
@@ -399,6 +410,20 @@ def evaluate(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
               "the policy may be exploiting the reward model; raise ppo.beta or set ppo.kl_target", flush=True)
     actor.train()
     return metrics
+
+
+def gold_scores(gold: Reward, seqs: Sequences, keep: torch.Tensor, tokenizer: Any, dist: Dist) -> list[float]:
+    """eval.gold's score of each kept held-out response; a grader that fails on any rank stops every rank in one line."""
+    prompts, responses = rollout_texts(seqs, tokenizer)
+    failure, values = None, []
+    try:
+        values = gold.scores(prompts, responses, device=dist.device).total.tolist()
+    except UserError as exc:
+        failure = f"eval.gold: {exc}"
+    failure = first_failure(failure, dist)
+    if failure is not None:
+        raise RewardFailed(failure)
+    return [v for v, k in zip(values, keep.tolist()) if k]
 
 
 def train(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, dist: Dist, keeper: RunKeeper,

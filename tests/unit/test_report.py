@@ -146,6 +146,9 @@ def test_ppo_report_has_every_stage_plot_and_the_figures(reg, tmp_path):
     # another plot does not, and the image is not blank.
     for stage, rows in (("sft", SFT_ROWS), ("rm", RM_ROWS), ("ppo", PPO_ROWS)):
         for plot in STAGE_PLOTS[stage]:
+            if plot_figure(rows, plot) is None:  # a series this run did not log (eval.gold): no file
+                assert not (out / f"{stage}-{plot.name}.png").exists()
+                continue
             saved = pixels(out / f"{stage}-{plot.name}.png")
             assert saved.shape == (360, 640, 4)
             assert saved[..., :3].std() > 0.05
@@ -315,3 +318,13 @@ def test_the_overoptimization_plot_draws_gold_and_proxy_against_kl():
     assert left.get_xlabel() == "KL to the reference (nats)" and right.get_ylabel() == "reward"
     assert list(left.lines[0].get_xdata()) == [0.0, 1.5, 4.0] and list(right.lines[0].get_ydata()) == [0.1, 1.0, 2.5]
     assert [t.get_text() for t in left.get_legend().get_texts()] == ["gold: oracle score", "proxy: reward (shaped)"]
+
+
+def test_the_gold_plot_draws_eval_gold_and_proxy_against_kl_and_only_when_logged():
+    rows = [{"step": 0, "eval/kl": 0.0, "eval/gold_score": 0.5, "eval/score": 0.1},
+            {"step": 3, "eval/kl": 0.75, "eval/gold_score": 0.625, "eval/score": 1.0}]
+    plot = next(p for p in STAGE_PLOTS["ppo"] if p.name == "gold")
+    left, right = plot_figure(rows, plot).axes
+    assert list(left.lines[0].get_xdata()) == [0.0, 0.75] and list(left.lines[0].get_ydata()) == [0.5, 0.625]
+    assert list(right.lines[0].get_ydata()) == [0.1, 1.0]
+    assert plot_figure(PPO_ROWS, plot) is None  # a run without eval.gold has no gold plot

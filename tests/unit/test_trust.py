@@ -66,3 +66,21 @@ def test_a_requeued_job_repeats_what_its_submission_trusted(tmp_path):
     script = render_script(job, Resources(), registry_root=tmp_path, workdir=tmp_path, rlhf_exe="rlhf")
     assert ('--resume --run "$RUN_ID" --registry "$RLHF_HOME" model.trust_remote_code=true '
             f"'reward.name_or_path=[rm:latest, {FUNCTION}]'") in script
+
+
+def test_a_python_grader_in_eval_gold_runs_code_and_the_oracle_does_not():
+    grader = "python:rlhf.chat_task:exact_reward"
+    assert code_running_settings(load_config(PPOConfig, None, [f"eval.gold={grader}"])) == {"eval.gold": grader}
+    assert code_running_settings(load_config(PPOConfig, None, ["eval.gold=oracle"])) == {}
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["eval.gold=rm:latest"], "eval.gold: 'rm:latest' is neither python:package.module:function nor oracle"),
+    (["eval.gold=python:no-dots"], "eval.gold: 'python:no-dots' is not python:package.module:function"),
+    (["eval.gold=oracle", "data.eval=prompts.jsonl"], "eval.gold=oracle grades held-out answers, but data.eval=prompts.jsonl"),
+    (["eval.gold=python:rlhf.chat_task:exact_reward", "data.eval=null"], "set data.eval"),
+])
+def test_eval_gold_is_a_grader_of_held_out_answers(overrides, says):
+    with pytest.raises(UserError) as refused:
+        load_config(PPOConfig, None, overrides)
+    assert says in str(refused.value) and "\n" not in str(refused.value)
