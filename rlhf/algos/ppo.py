@@ -106,7 +106,7 @@ def masked_moments(
     process. Two all-reduces: the first gives the mean, the second the squared deviations from it.
     A sum cannot merge per-rank (mean, M2) pairs, but it adds sums taken about a shared shift exactly.
     """
-    mean = 0.0
+    mean, var = 0.0, 0.0
     for _ in range(2):
         sums = masked_sums(x, mask, shift=mean)
         if all_reduce is not None:

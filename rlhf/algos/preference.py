@@ -80,7 +80,13 @@ class KTOStats(NamedTuple):
     reference_point: torch.Tensor
 
 
-def _pair_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> PairStats:
+def _pair_stats(
+    losses: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+) -> PairStats:
     """Detached PairStats from per-pair tensors."""
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     return PairStats(
