@@ -79,8 +79,7 @@ def choice_ids(tokenizer: Any, choices: list[str], *, key: str = "judge.choices"
 def load_judge(target: str, cfg: JudgeConfig, registry: Any, *, dtype: torch.dtype = torch.float32) -> Judge:
     """The judge model from a registry reference, folder, .gguf or hub name, frozen, dropout off."""
     from rlhf.model_loading import disable_dropout, load_causal_lm
-    from rlhf.model_sources import check_causal_lm, resolve_model
-    from rlhf.tokenizer import load_tokenizer
+    from rlhf.model_sources import check_causal_lm, load_tokenizer, resolve_model
 
     source = resolve_model(target, registry, key="by")
     check_causal_lm(source, key="by")

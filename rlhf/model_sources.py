@@ -18,7 +18,7 @@ from rlhf.errors import UserError, first_line
 from rlhf.gguf import ensure_converted, is_gguf
 from rlhf.gguf import origin as gguf_origin
 from rlhf.registry import DATASET_FILES, Entry, Registry, is_reference
-from rlhf.tokenizer import check_same_tokenizer, load_tokenizer
+from rlhf.tokenizer import check_entry_tokenizer, pretrained_tokenizer, tokenizer_differences, tokenizer_fingerprint
 from rlhf.toy import TOY
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -94,6 +94,38 @@ def base_model_identity(source: ModelSource, cfg: ModelConfig) -> str:
         return source.entry.base_model
     made_from = gguf_origin(Path(source.location)) if source.kind == "path" else None
     return f"gguf:{made_from['gguf']}@sha256:{made_from['sha256']}" if made_from else source.location
+
+
+def load_tokenizer(
+    source: ModelSource, *, trust_remote_code: bool, name_or_path: str | None = None, key: str = "model.tokenizer"
+) -> Any:
+    """The tokenizer of a model (or `name_or_path` instead), with a pad token that is not EOS where
+    one can be found. When the model comes from a registry entry, the tokenizer must be the one
+    that entry was trained with: token ids mean nothing to a model trained on other ids."""
+    if source.kind == "toy" and name_or_path is None:
+        from rlhf.toy import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    else:
+        tokenizer = pretrained_tokenizer(name_or_path or source.location, trust_remote_code=trust_remote_code, key=key)
+    if source.entry is not None and source.entry.tokenizer:
+        check_entry_tokenizer(tokenizer, source.entry, where=f"{key}={name_or_path}" if name_or_path else source.location)
+    return tokenizer
+
+
+def check_same_tokenizer(tokenizer: Any, source: ModelSource, *, key: str, trust_remote_code: bool = False) -> None:
+    """Stop when the model at `source` was trained with another tokenizer than `tokenizer`: PPO feeds
+    the actor's token ids to the reference, critic and reward model alike."""
+    if source.entry is not None and source.entry.tokenizer:
+        theirs = source.entry.tokenizer
+    else:
+        theirs = tokenizer_fingerprint(load_tokenizer(source, trust_remote_code=trust_remote_code, key=key))
+    detail = tokenizer_differences(theirs, tokenizer_fingerprint(tokenizer))
+    if detail:
+        raise UserError(
+            f"{key}: {source.entry.id if source.entry else source.location} uses another tokenizer than the actor "
+            f"({detail}); it would read the actor's token ids as other words, so use a model of the same lineage"
+        )
 
 
 def causal_lm_and_tokenizer(cfg: ModelConfig, registry: Registry) -> tuple[ModelSource, Any]:

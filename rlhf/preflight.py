@@ -119,9 +119,8 @@ def check_label(cfg: Any) -> None:
         function_scores(spec)
     elif spec.kind == "judge":
         from rlhf.judge import choice_ids
-        from rlhf.model_sources import check_causal_lm, resolve_model
+        from rlhf.model_sources import check_causal_lm, load_tokenizer, resolve_model
         from rlhf.registry import Registry
-        from rlhf.tokenizer import load_tokenizer
 
         source = resolve_model(spec.target, Registry(cfg.run.registry), key="by")
         check_causal_lm(source, key="by")
@@ -155,9 +154,8 @@ def _model_and_tokenizer(cfg: Any, *, need_tokenizer: bool):
     import torch
 
     from rlhf.config import check_precision
-    from rlhf.model_sources import check_causal_lm, resolve_model
+    from rlhf.model_sources import check_causal_lm, load_tokenizer, resolve_model
     from rlhf.registry import Registry
-    from rlhf.tokenizer import load_tokenizer
 
     check_precision(cfg.engine, cuda_available=torch.cuda.is_available())
     registry = Registry(cfg.run.registry)

@@ -1,5 +1,6 @@
-"""The tokenizer of a model, and its identity: token ids mean nothing to a model trained on other
-ids, so a tokenizer is checked against the one each registry parent was trained with.
+"""A tokenizer by itself: loaded from a folder or hub name, and its identity. Token ids mean nothing
+to a model trained on other ids, so a tokenizer is checked against the one each registry parent was
+trained with. The tokenizer of a resolved model (a ModelSource) is rlhf.model_sources' load_tokenizer.
 
 (Named `tokenizer`, not `tokenizers`: run as a script from this folder, a `tokenizers.py` here would
 shadow the Hugging Face package of that name.)
@@ -14,28 +15,11 @@ from typing import TYPE_CHECKING, Any
 from rlhf.errors import UserError, first_line, remote_code_hint
 
 if TYPE_CHECKING:
-    from rlhf.model_sources import ModelSource
     from rlhf.registry import Entry
 
 
-def load_tokenizer(
-    source: ModelSource, *, trust_remote_code: bool, name_or_path: str | None = None, key: str = "model.tokenizer"
-) -> Any:
-    """The tokenizer of a model (or `name_or_path` instead), with a pad token that is not EOS where
-    one can be found. When the model comes from a registry entry, the tokenizer must be the one
-    that entry was trained with: token ids mean nothing to a model trained on other ids."""
-    if source.kind == "toy" and name_or_path is None:
-        from rlhf.toy import build_tokenizer
-
-        tokenizer = build_tokenizer()
-    else:
-        tokenizer = _pretrained_tokenizer(name_or_path or source.location, trust_remote_code=trust_remote_code, key=key)
-    if source.entry is not None and source.entry.tokenizer:
-        _check_same_tokenizer(tokenizer, source.entry, where=f"{key}={name_or_path}" if name_or_path else source.location)
-    return tokenizer
-
-
-def _pretrained_tokenizer(location: str, *, trust_remote_code: bool, key: str) -> Any:
+def pretrained_tokenizer(location: str, *, trust_remote_code: bool, key: str) -> Any:
+    """The tokenizer saved at a folder or hub name, with a pad token that is not EOS where one can be found."""
     from transformers import AutoTokenizer
 
     try:
@@ -67,23 +51,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def check_same_tokenizer(tokenizer: Any, source: ModelSource, *, key: str, trust_remote_code: bool = False) -> None:
-    """Stop when the model at `source` was trained with another tokenizer than `tokenizer`: PPO feeds
-    the actor's token ids to the reference, critic and reward model alike."""
-    if source.entry is not None and source.entry.tokenizer:
-        theirs = source.entry.tokenizer
-    else:
-        theirs = tokenizer_fingerprint(load_tokenizer(source, trust_remote_code=trust_remote_code, key=key))
-    detail = _tokenizer_differences(theirs, tokenizer_fingerprint(tokenizer))
-    if detail:
-        raise UserError(
-            f"{key}: {source.entry.id if source.entry else source.location} uses another tokenizer than the actor "
-            f"({detail}); it would read the actor's token ids as other words, so use a model of the same lineage"
-        )
-
-
-def _check_same_tokenizer(tokenizer: Any, entry: Entry, *, where: str) -> None:
-    detail = _tokenizer_differences(tokenizer_fingerprint(tokenizer), entry.tokenizer)
+def check_entry_tokenizer(tokenizer: Any, entry: Entry, *, where: str) -> None:
+    """Stop when `tokenizer` is not the one registry `entry` was trained with (`where` names it)."""
+    detail = tokenizer_differences(tokenizer_fingerprint(tokenizer), entry.tokenizer)
     if detail:
         raise UserError(
             f"the tokenizer of {where} differs from the one {entry.stage} entry {entry.id} was trained with "
@@ -91,7 +61,7 @@ def _check_same_tokenizer(tokenizer: Any, entry: Entry, *, where: str) -> None:
         )
 
 
-def _tokenizer_differences(first: dict[str, Any], second: dict[str, Any]) -> str:
+def tokenizer_differences(first: dict[str, Any], second: dict[str, Any]) -> str:
     """What differs between two tokenizer fingerprints ("vocab_size 101 vs 100, ..."); "" if nothing."""
     compared = ("vocab_size", "fingerprint", "eos_token_id", "pad_token_id")
     keys = [k for k in compared if k in first and k in second and first[k] != second[k]]

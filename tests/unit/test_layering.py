@@ -3,6 +3,7 @@ and peft are not installed, so they can be read, tested and reused without the t
 
 from __future__ import annotations
 
+import ast
 import pkgutil
 import subprocess
 import sys
@@ -63,3 +64,82 @@ def test_model_loading_and_saving_know_neither_the_registry_nor_deepspeed():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def module_imports(package: Path) -> dict[str, set[str]]:
+    """Module name -> the modules of `package` it imports at module level, read with ast (nothing is
+    imported). Imports under `if TYPE_CHECKING:` count: a type-only import still ties the two modules
+    together. Imports inside a function or class body do not: they run when called, after both
+    modules are loaded, and are how a module defers a heavy or optional dependency."""
+    names = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        is_package = path.name == "__init__.py"
+        found: set[str] = set()
+
+        def visit(body: list[ast.stmt], name: str = name, is_package: bool = is_package, found: set[str] = found) -> None:
+            for node in body:
+                if isinstance(node, ast.Import):
+                    found.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    if node.level:  # relative: from the package of `name`, one level up per extra dot
+                        base = name.split(".")[: len(name.split(".")) - node.level + is_package]
+                        module = ".".join([*base, node.module] if node.module else base)
+                    else:
+                        module = node.module or ""
+                    found.add(module)
+                    found.update(f"{module}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+                elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                    for block in ("body", "orelse", "finalbody"):
+                        visit(getattr(node, block, []))
+                    for handler in getattr(node, "handlers", []):
+                        visit(handler.body)
+
+        visit(ast.parse(path.read_text(), filename=str(path)).body)
+        graph[name] = {m for m in found if m in names and m != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (a -> b -> ... -> a) per back edge a depth-first walk of the graph meets."""
+    cycles, state, stack = [], {}, []
+
+    def walk(module: str) -> None:
+        state[module] = "open"
+        stack.append(module)
+        for other in sorted(graph[module]):
+            if state.get(other) == "open":
+                cycles.append([*stack[stack.index(other):], other])
+            elif other not in state:
+                walk(other)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module)
+    return cycles
+
+
+def test_no_module_level_import_cycles_in_rlhf():
+    graph = module_imports(REPO / "rlhf")
+    assert {"rlhf.model_sources", "rlhf.tokenizer", "rlhf.algos.ppo", "rlhf.stages.ppo"} <= set(graph)
+    assert "rlhf.tokenizer" in graph["rlhf.model_sources"]  # the graph does see rlhf's own imports
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_finder_sees_type_only_cycles_and_skips_deferred_imports(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("from . import c\n")
+    (package / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.b import B\n")
+    (package / "b.py").write_text("import pkg.sub\nfrom pkg import a\n")
+    (package / "sub" / "c.py").write_text("def late():\n    from pkg.b import B\n")
+    graph = module_imports(package)
+    assert graph == {"pkg": set(), "pkg.sub": {"pkg.sub.c"}, "pkg.a": {"pkg.b"}, "pkg.b": {"pkg", "pkg.sub", "pkg.a"},
+                     "pkg.sub.c": set()}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
