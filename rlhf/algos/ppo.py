@@ -274,7 +274,7 @@ def clipped_surrogate(
     logp: (B, R) current log-probs of the sampled tokens (carries the gradient); old_logp: (B, R)
     log-probs at rollout time; advantages: (B, R); mask: (B, R); ratio = exp(logp - old_logp).
     The per-token losses are 0 at padding; how they become one scalar is the caller's choice
-    (policy_loss: the mean over valid tokens). stats (detached scalars, means over valid tokens):
+    (rlhf.algos.critic_free.aggregate_token_losses, per ppo.loss_aggregation). stats (detached scalars, means over valid tokens):
     clipfrac = fraction where the clipped term is strictly larger; approx_kl = mean of
     ratio - 1 - log ratio, the k3 estimate of KL(old || new); ratio_mean = mean ratio.
     """
@@ -292,20 +292,6 @@ def clipped_surrogate(
             "ratio_mean": masked_mean(ratio, mask),
         }
     return token_losses, {k: v.detach() for k, v in stats.items()}
-
-
-def policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, averaged over valid tokens: masked_mean of clipped_surrogate's
-    per-token losses (a scalar), and its stats. Shapes and arguments as clipped_surrogate."""
-    token_losses, stats = clipped_surrogate(logp, old_logp, advantages, mask, clip=clip)
-    return masked_mean(token_losses, mask), stats
 
 
 def value_loss(

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from rlhf.algos.critic_free import aggregate_token_losses
 from rlhf.algos.ppo import (
     KL_ESTIMATORS,
     adaptive_beta,
+    clipped_surrogate,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -22,7 +24,6 @@ from rlhf.algos.ppo import (
     masked_whiten,
     moments_from_sums,
     penalized_rewards,
-    policy_loss,
     shape_scores,
     value_loss,
 )
@@ -570,6 +571,13 @@ def test_undiscounted_returns_without_kl_equal_the_final_score(seed, dtype, patt
 
 
 # ---------------------------------------------------------------- losses
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, clip):
+    """The actor's loss as `rlhf ppo` computes it by default (ppo.ratio=token, ppo.loss_aggregation
+    token_mean for gae): clipped_surrogate's per-token losses through aggregate_token_losses."""
+    token_losses, stats = clipped_surrogate(logp, old_logp, advantages, mask, clip=clip)
+    return aggregate_token_losses(token_losses, mask, mode="token_mean", horizon=mask.shape[1]), stats
 
 
 @pytest.mark.parametrize("clip", [0.1, 0.2])
