@@ -89,6 +89,36 @@ def test_pipeline_runs_as_three_chained_jobs(slurm, tmp_path):
     assert by_stage["critic"]["parents"] == [by_stage["rm"]["id"]]
 
 
+# Nine jobs of one rank, one after another (sft, then two rounds of sample, label, rm, ppo): `make test-full`.
+@pytest.mark.full
+def test_feedback_rounds_run_as_chained_jobs_each_round_on_the_last_ones_policy(slurm, tmp_path):
+    home = tmp_path / "home"
+    result = rlhf("submit", "pipeline", "--rounds", "2", "--label-by", "oracle", "--ranks-per-node", "1", "--cpus-per-task", "2",
+                  "--sft-config", QUICK, "--rm-config", RM_QUICK, "--ppo-config", PPO_QUICK,
+                  "sft:train.max_steps=30", "sft:optim.warmup_steps=1", "sft:eval.max_rows=8",
+                  "sample:data.max_prompts=16", "sample:sampling.shard_prompts=16",
+                  "rm:train.max_steps=4", "rm:optim.warmup_steps=1", "rm:engine.micro_batch_size=2", "rm:eval.max_rows=8",
+                  "rm:eval.reward_stats_rows=8", "ppo:train.max_steps=1", "ppo:eval.max_rows=8", home=home)
+    assert_ok(result)
+    found = re.findall(r"submitted (\w+): job (\d+), run (\S+),", result.stdout)
+    assert [stage for stage, _, _ in found] == ["sft", *["sample", "label", "rm", "ppo"] * 2], result.stdout
+    jobs = [job for _, job, _ in found]
+    for before, after in zip(jobs, jobs[1:]):  # each job waits for the one before it
+        assert job_fields(after)["Dependency"].startswith(f"afterok:{before}")
+    states = wait_for(jobs, timeout=1200)
+    for stage, job, run in found:
+        log = next((home / "runs").glob(f"*/slurm-{job}.out"), None)
+        assert states[job]["JobState"] == "COMPLETED", (stage, run, log.read_text()[-3000:] if log else "no log")
+
+    made = {e["id"]: e for e in entries(home)}
+    ids = [run for _, _, run in found]
+    sft, (s1, l1, r1, p1), (s2, l2, r2, p2) = ids[0], ids[1:5], ids[5:9]
+    assert made[s1]["parents"] == [sft] and made[s2]["parents"] == [p1]  # round 2 samples round 1's PPO policy
+    assert set(made[l2]["parents"]) == {s2, l1}  # round 2's labels keep round 1's comparisons
+    assert set(made[r2]["parents"]) == {sft, l2} and made[r1]["stage"] == made[r2]["stage"] == "rm"
+    assert {sft, r2} <= set(made[p2]["parents"]) and made[p2]["stage"] == "ppo"
+
+
 def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
     home = tmp_path / "home"
     # Long enough that the requeue's SIGTERM lands mid-run: 300 steps took 16 s here, less than the
