@@ -357,6 +357,15 @@ class PPOAlgoConfig:
     overlong_filter: bool = False
     """DAPO's overlong filtering: a response cut at rollout.max_new_tokens without EOS has no weight in the actor's loss
     (policy and ppo.kl_in=loss terms); it still counts in its group's baseline. The count is logged as truncated_responses."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025; group estimators grpo, rloo): a group whose shaped scores (the score after
+    ppo.score_clip, ppo.no_eos_score and the overlong penalty; without the KL penalty) are all equal has no advantage and
+    is dropped, and each rank's batch is refilled from more of the prompt stream until it holds rollout.batch_size /
+    samples_per_prompt other groups or max_sampling_rounds generation rounds were drawn; a batch still short is filled with
+    dropped groups. Logs kept_groups, dropped_groups, filler_groups, surplus_groups and sampling_rounds each step."""
+    max_sampling_rounds: int = 4
+    """With dynamic_sampling: the most generation rounds (each a whole rollout batch on every rank) in one step, the
+    first included. Every rank draws while any rank is short (generation is collective under ZeRO-3)."""
     tis_cap: float | None = None
     """Truncated importance sampling (Yao et al. 2025): each token's policy loss times min(pi_train / pi_sampler, tis_cap),
     the trained forward's old log-prob against generation's; null = off. Needs the old log-probs from the actor's forward
@@ -941,6 +950,23 @@ def _check_reasoning(cfg: PPOConfig) -> None:
                         f"got {reward.overlong_penalty}")
     if reward.overlong_penalty != 1.0 and reward.overlong_buffer is None:
         raise UserError("reward.overlong_penalty has no effect without reward.overlong_buffer: set reward.overlong_buffer (e.g. 4)")
+    _check_dynamic_sampling(cfg)
+
+
+def _check_dynamic_sampling(cfg: PPOConfig) -> None:
+    """ppo.dynamic_sampling needs groups (a group estimator; its K >= 2 is _check_estimator's) and one response per prompt."""
+    ppo = cfg.ppo
+    _at_least(1, {"ppo.max_sampling_rounds": ppo.max_sampling_rounds})
+    if not ppo.dynamic_sampling:
+        if ppo.max_sampling_rounds != PPOAlgoConfig.max_sampling_rounds:
+            raise UserError("ppo.max_sampling_rounds has no effect without ppo.dynamic_sampling: set ppo.dynamic_sampling=true")
+        return
+    if ppo.estimator not in GROUP_ESTIMATORS:
+        raise UserError(f"ppo.dynamic_sampling drops groups of responses to one prompt whose rewards are all equal: it needs "
+                        f"ppo.estimator grpo or rloo (with rollout.samples_per_prompt >= 2), not {ppo.estimator}")
+    if cfg.rollout.env is not None:
+        raise UserError("ppo.dynamic_sampling is not supported with rollout.env (multi-turn episodes are not joined across "
+                        "generation rounds): set ppo.dynamic_sampling=false")
 
 
 MAX_STEPS = 10**12

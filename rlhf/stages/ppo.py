@@ -58,6 +58,7 @@ from rlhf.config import GROUP_ESTIMATORS, PPOAlgoConfig, PPOConfig, checks_misma
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
+from rlhf.dynamic_sampling import Drawn, choice_of, dynamic_metrics, join_chosen
 from rlhf.engine import Dist, global_grad_norm, init_distributed, seed_everything
 from rlhf.errors import UserError
 from rlhf.evaluation import even_shard, oracle_eval, pair_agreement, pearson
@@ -97,6 +98,9 @@ class PPOState(LoopState):
     """The KL coefficient now (moves with ppo.kl_target)."""
     negative_kl_steps: int = 0
     """Consecutive steps whose mean KL to the reference was negative."""
+    extra_rounds: int = 0
+    """Generation rounds beyond one per step so far (ppo.dynamic_sampling): step s draws the prompt sampler's batches
+    from s + extra_rounds on, so the prompt stream, and a resume, follow from the saved state alone."""
 
 
 @dataclass
@@ -248,8 +252,15 @@ def describe(cfg: PPOConfig, data: Data, models: PPOModels, dist: Dist) -> str:
         f"reward = {describe_reward(data.reward.sources)}{reward_model_note(cfg, models)}\n"
         f"{estimator}; {k} sample(s) per prompt, KL in the {ppo.kl_in} ({kl_estimator_of(ppo)}), "
         f"loss aggregation {loss_aggregation_of(ppo)}, {ppo.ratio} ratio clipped to [1 - {clip_bounds(ppo)[0]}, 1 + {clip_bounds(ppo)[1]}]"
-        + multi_turn_note(cfg)
+        + multi_turn_note(cfg) + dynamic_sampling_note(cfg)
     )
+
+
+def dynamic_sampling_note(cfg: PPOConfig) -> str:
+    if not cfg.ppo.dynamic_sampling:
+        return ""
+    return (f"\ndynamic sampling: groups whose shaped scores are all equal are dropped, up to {cfg.ppo.max_sampling_rounds} "
+            f"generation rounds a step to find {cfg.rollout.batch_size // cfg.rollout.samples_per_prompt} other groups per rank")
 
 
 def multi_turn_note(cfg: PPOConfig) -> str:
@@ -441,24 +452,16 @@ def train(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, dis
 
 def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, dist: Dist, keeper: RunKeeper,
              state: PPOState) -> dict[str, float]:
-    """Steps 5-8 once: advances `state` (step, beta) and returns the step's metrics."""
+    """Steps 5-8 once: advances `state` (step, beta, extra_rounds) and returns the step's metrics."""
     # 5. Rollout: sample with the KV cache, then score with all four models (in eval mode: the
-    #    old log-probs and values must be the deterministic ones the updates compare against).
+    #    old log-probs and values must be the deterministic ones the updates compare against);
+    #    with ppo.dynamic_sampling, more rounds while a rank lacks groups whose rewards differ.
     for engine in (models.actor, models.critic):
         if engine is not None:
             engine.eval()
-    started = time.time()
-    prompts = step_prompts(data, cfg, dist, step=state.step)
-    from_generation = logprobs_from_generation(cfg, models.actor.module.config.vocab_size)
-    seqs, sampled, episodes = sample(models, prompts, sampling, cfg, data, dist, keep_logprobs=from_generation or checks_mismatch(cfg.ppo))
-    generated = time.time()
-    try:
-        scored = score(seqs, models, cfg, data, dist, critic=models.critic, sampled=sampled if from_generation else None,
-                       episodes=episodes)
-    except RewardFailed as exc:  # resumable once the function is fixed: the dotted name is imported anew
-        keeper.stop(state, f"{exc}; the run stopped in step {state.step + 1} and saved its state in {keeper.run.checkpoint_dir}: "
-                           f"fix the function and resume (`{resume_command('ppo', keeper.run.run_id, cfg)}`)")
-    stop_if_nonfinite(keeper, state, dist, "a reward-model score or a critic value", scored.scores, scored.values)
+    drawn, dynamic = draw_rollout(models, data, cfg, sampling, dist, keeper, state)
+    seqs, sampled, scored, episodes = drawn.seqs, drawn.sampled, drawn.scored, drawn.episodes
+    drawn_at = time.time()
 
     # 6. Rewards and advantages.
     rollout = advantages_of(seqs, scored, cfg, data, dist, beta=state.beta, episodes=episodes)
@@ -471,6 +474,7 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
     # 7. PPO epochs over shuffled minibatches.
     per_update = update_on(rollout, models, data, cfg, dist, keeper, state)
     state.step += 1
+    state.extra_rounds += int(dynamic.get("sampling_rounds", 1)) - 1
     trained = time.time()
 
     # 8. Metrics over every rank's rollouts; the adaptive beta moves toward its KL target.
@@ -478,15 +482,56 @@ def ppo_step(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, 
         **rollout_metrics(rollout, dist, beta=state.beta),
         **group_metrics(rollout, cfg, dist),
         **episode_metrics(episodes, dist),
+        **dynamic,
         **mismatch,
         **per_update,
         "lr": models.actor.get_lr()[0],
         **({"critic_lr": models.critic.get_lr()[0]} if models.critic is not None else {}),
         "grad_norm": global_grad_norm(models.actor),
-        "time_generate_s": generated - started, "time_score_s": scored_at - generated, "time_train_s": trained - scored_at,
+        "time_generate_s": drawn.generate_s, "time_score_s": drawn.score_s + scored_at - drawn_at, "time_train_s": trained - scored_at,
     }
-    adapt_beta(state, metrics, cfg, keeper, responses=len(prompts) * dist.world_size)
+    adapt_beta(state, metrics, cfg, keeper, responses=cfg.rollout.batch_size * dist.world_size)
     return metrics
+
+
+def draw_rollout(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, dist: Dist, keeper: RunKeeper,
+                 state: PPOState) -> tuple[Drawn, dict[str, float]]:
+    """Step 5: the step's rollout batch and, with ppo.dynamic_sampling (DAPO), its group counts. Round n of step s
+    draws the prompt sampler's batch s + state.extra_rounds + n. Groups whose shaped scores are all equal are dropped
+    and another round is drawn while any rank lacks rollout.batch_size / K informative groups, up to
+    ppo.max_sampling_rounds; then a short rank fills its batch with dropped groups (rlhf/dynamic_sampling.py)."""
+    first = state.step + state.extra_rounds
+    rounds = [sample_and_score(models, data, cfg, sampling, dist, keeper, state, batch=first)]
+    if not cfg.ppo.dynamic_sampling:
+        return rounds[0], {}
+    k = cfg.rollout.samples_per_prompt
+    choice = choice_of(rounds, group_size=k, quota=cfg.rollout.batch_size // k)
+    # Generation is collective under ZeRO-3: every rank draws again while any rank is short.
+    while len(rounds) < cfg.ppo.max_sampling_rounds and any_rank(choice.short > 0, dist=dist):
+        rounds.append(sample_and_score(models, data, cfg, sampling, dist, keeper, state, batch=first + len(rounds)))
+        choice = choice_of(rounds, group_size=k, quota=cfg.rollout.batch_size // k)
+    joined = join_chosen(rounds, choice, group_size=k, pad_id=sampling.pad_id)
+    return joined, dynamic_metrics(choice, rounds=len(rounds), dist=dist)
+
+
+def sample_and_score(models: PPOModels, data: Data, cfg: PPOConfig, sampling: Sampling, dist: Dist, keeper: RunKeeper,
+                     state: PPOState, *, batch: int) -> Drawn:
+    """One generation round: responses to the prompt sampler's `batch`-th batch, scored by all four models; a
+    failing reward function or a non-finite score stops every rank (with a checkpoint of the state before the step)."""
+    started = time.time()
+    prompts = step_prompts(data, cfg, dist, step=batch)
+    from_generation = logprobs_from_generation(cfg, models.actor.module.config.vocab_size)
+    seqs, sampled, episodes = sample(models, prompts, sampling, cfg, data, dist, keep_logprobs=from_generation or checks_mismatch(cfg.ppo))
+    generated = time.time()
+    try:
+        scored = score(seqs, models, cfg, data, dist, critic=models.critic, sampled=sampled if from_generation else None,
+                       episodes=episodes)
+    except RewardFailed as exc:  # resumable once the function is fixed: the dotted name is imported anew
+        keeper.stop(state, f"{exc}; the run stopped in step {state.step + 1} and saved its state in {keeper.run.checkpoint_dir}: "
+                           f"fix the function and resume (`{resume_command('ppo', keeper.run.run_id, cfg)}`)")
+    stop_if_nonfinite(keeper, state, dist, "a reward-model score or a critic value", scored.scores, scored.values)
+    return Drawn(seqs=seqs, sampled=sampled, scored=scored, shaped=shaped(scored.scores, seqs, cfg), generate_s=generated - started,
+                 score_s=time.time() - generated, episodes=episodes)
 
 
 def sampler_mismatch(rollout: Rollout, sampled: SampledLogprobs | None, cfg: PPOConfig, dist: Dist) -> dict[str, float]:
@@ -512,8 +557,9 @@ def stop_if_mismatched(keeper: RunKeeper, state: PPOState, cfg: PPOConfig, misma
 
 
 def step_prompts(data: Data, cfg: PPOConfig, dist: Dist, *, step: int) -> list[list[int]]:
-    """This rank's prompts of 0-based `step`, each drawn prompt K = rollout.samples_per_prompt times
-    in a row: rows [g*K, (g+1)*K) are one group, on this rank."""
+    """This rank's prompts of the sampler's 0-based batch `step` (0-based step s plus PPOState.extra_rounds, the
+    earlier steps' extra rounds of dynamic sampling), each drawn prompt K = rollout.samples_per_prompt times in a
+    row: rows [g*K, (g+1)*K) are one group, on this rank."""
     k = cfg.rollout.samples_per_prompt
     return [data.train_prompts[i] for i in data.batches.global_batch(step)[dist.rank] for _ in range(k)]
 
