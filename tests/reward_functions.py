@@ -34,3 +34,14 @@ def raises_on_rank_1(prompts: list[str], responses: list[str]) -> list[float]:
     if os.environ.get("RANK") == "1":
         raise RuntimeError("reward server unreachable from rank 1")
     return [0.0] * len(responses)
+
+
+def prompt_parity(prompts: list[str], responses: list[str]) -> list[float]:
+    """0 for every response to a prompt whose last character before the end is even ("a+b=" with b even: a group of
+    them is all equal, dynamic sampling drops it); else a number that varies with the response's text."""
+    return [float(sum(map(ord, r)) % 7) if ord(p.rstrip()[-2]) % 2 else 0.0 for p, r in zip(prompts, responses)]
+
+
+def constant(prompts: list[str], responses: list[str]) -> list[float]:
+    """The same score for every response: every group is all equal."""
+    return [0.5] * len(responses)
