@@ -72,7 +72,7 @@ def methods(*, quick: bool) -> list[Method]:
         # The recipe options on GRPO's groups, as the ppo-dapo and ppo-gspo presets set them (not their run lengths).
         Method("dapo", "DAPO", "ppo", (*rl, "ppo.estimator=grpo", *group, "ppo.loss_aggregation=token_mean", "ppo.clip_low=0.2",
                                        "ppo.clip_high=0.28", "ppo.beta=0", "ppo.no_eos_score=null", "ppo.overlong_filter=true",
-                                       "reward.overlong_buffer=2")),
+                                       "reward.overlong_buffer=2", "ppo.dynamic_sampling=true", "ppo.max_sampling_rounds=3")),
         Method("gspo", "GSPO", "ppo", (*rl, "ppo.estimator=grpo", *group, "ppo.ratio=sequence", "ppo.loss_aggregation=sequence_mean",
                                        "ppo.clip_low=0.0003", "ppo.clip_high=0.0004")),
         *(Method(loss, f"DPO ({loss})", "dpo", (*dpo, f"dpo.loss={loss}")) for loss in ("dpo", "ipo", "kto", "simpo", "orpo")),
