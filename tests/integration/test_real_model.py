@@ -236,10 +236,12 @@ ONE_RANK_ZERO2 = ("engine.zero_stage=2", "critic.lora.enabled=true", "train.max_
 
 
 def test_ppo_with_a_lora_actor_on_one_rank_zero2(chat_rm, home, task):
-    result = rlhf("ppo", *ONE_PROCESS, *ppo_args(task, *ONE_RANK_ZERO2, "train.save_every=0", "run.tags=plain"), home=home,
-                  timeout=900)
+    result = rlhf("ppo", *ONE_PROCESS, *ppo_args(task, *ONE_RANK_ZERO2, "train.save_every=0", "run.tags=plain",
+                                                  "eval.gold=python:rlhf.chat_task:exact_reward"), home=home, timeout=900)
     assert_ok(result)
     [ppo] = [e for e in entries(home) if e["stage"] == "ppo" and e["tags"] == ["plain"]]
+    # The task's grader as the gold score of the held-out replies, before and after (1 for the exact equation, else 0).
+    assert {ppo["metrics"]["initial_gold_score"], ppo["metrics"]["gold_score"]} <= {0.0, 0.25, 0.5, 0.75, 1.0}, ppo["metrics"]
     by_stage = {e["stage"]: e for e in entries(home)}
     assert set(ppo["parents"]) >= {by_stage["sft"]["id"], by_stage["rm"]["id"]}
     assert ppo["config"]["reference"]["name_or_path"] is None  # adapters off, not a second copy
