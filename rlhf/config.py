@@ -155,6 +155,11 @@ class SFTDataConfig:
     """Tokens per sequence (prompt + response); longer responses are cut and counted."""
     long_prompts: Literal["error", "skip"] = "error"
     """What to do with a prompt that leaves no room for a response: stop with an error, or drop it (counted)."""
+    packing: bool = False
+    """Padding-free training: each micro-batch's rows laid end to end in rows of data.packing_tokens, position ids
+    restarting per row and attention kept inside it; the same loss and gradients as unpacked (within fp32 rounding)."""
+    packing_tokens: int = 0
+    """Tokens per packed row when data.packing is on; 0 = data.max_length."""
     toy: ToyTaskConfig = field(default_factory=ToyTaskConfig)
     """The synthetic task of the embedded default."""
 
@@ -175,6 +180,9 @@ class SFTConfig:
     def validate(self) -> None:
         _check_common(self)
         _check_max_length(self.data.max_length)
+        if self.data.packing_tokens and self.data.packing_tokens < self.data.max_length:
+            raise UserError(f"data.packing_tokens ({self.data.packing_tokens}) must be 0 or at least data.max_length "
+                            f"({self.data.max_length}): a row is never split")
 
 
 @dataclass(frozen=True)

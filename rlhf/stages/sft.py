@@ -21,6 +21,7 @@ from rlhf.algos.lm import masked_lm_loss
 from rlhf.config import SFTConfig
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import stage_datasets
+from rlhf.data.packing import check_packing_supported, collate_packed_sft, packed_attention_mask
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import (
     PRECISION_DTYPES,
@@ -117,6 +118,8 @@ def build_model(cfg: SFTConfig, data: Data) -> Any:
         data.source, cfg.model, data.tokenizer, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.engine.precision],
         partitioning=zero3_partitioning(deepspeed_config(cfg.engine, cfg.optim) if zero3 else None),
     )
+    if cfg.data.packing:
+        check_packing_supported(model)
     return build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
 
 
@@ -171,16 +174,49 @@ def train_step(engine: Any, data: Data, cfg: SFTConfig, dist: Dist, *, step: int
     step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
     tokens = 0
     for ranks in micro:
-        batch = collate_sft([data.train_set[i] for i in ranks[dist.rank]], pad_id=data.tokenizer.pad_token_id)
-        batch = {k: v.to(dist.device) for k, v in batch.items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = masked_lm_loss(logits=logits, input_ids=batch["input_ids"], response_mask=batch["response_mask"], num_tokens=scale)
+        loss, rank_tokens = micro_batch_loss(engine, [data.train_set[i] for i in ranks[dist.rank]], pad_id=data.tokenizer.pad_token_id,
+                                             packing_tokens=packing_capacity(cfg), num_tokens=scale, device=dist.device)
         engine.backward(loss)
         engine.step()
         step_loss += loss.detach().double() / (dist.world_size * accum)
-        tokens += int(batch["attention_mask"].sum()) * dist.world_size
+        tokens += rank_tokens * dist.world_size
     torch.distributed.all_reduce(step_loss)
     return step_loss.item(), tokens
+
+
+def packing_capacity(cfg: SFTConfig) -> int | None:
+    """Tokens per packed row (None = packing off)."""
+    if not cfg.data.packing:
+        return None
+    return cfg.data.packing_tokens or cfg.data.max_length
+
+
+def micro_batch_loss(model: Any, rows: list, *, pad_id: int, packing_tokens: int | None, num_tokens: float,
+                     device: torch.device) -> tuple[torch.Tensor, int]:
+    """The summed response-token NLL of `rows` over `num_tokens`, and the real tokens the forward saw.
+
+    Unpacked: right-padded rows with an attention mask. Packed (`packing_tokens` set): the same rows
+    end to end in rows of at most `packing_tokens`, position ids restarting per row and no attention
+    mask (transformers keeps attention inside each row); the sum, hence the loss, is the same.
+    """
+    if packing_tokens is None:
+        batch = collate_sft(rows, pad_id=pad_id)
+        inputs = {"attention_mask": batch["attention_mask"].to(device)}
+        real_tokens = int(batch["attention_mask"].sum())
+    else:
+        batch = collate_packed_sft(rows, pad_id=pad_id, capacity=packing_tokens)
+        # No cache: transformers reads packed rows from the position ids only when there is none.
+        position_ids = batch["position_ids"].to(device)
+        inputs = {"position_ids": position_ids, "use_cache": False}
+        config = model.module.config if hasattr(model, "module") else model.config
+        mask = packed_attention_mask(config, position_ids, dtype=next(model.parameters()).dtype)
+        if mask is not None:
+            inputs["attention_mask"] = mask
+        real_tokens = int(batch["num_tokens"])
+    input_ids = batch["input_ids"].to(device)
+    logits = model(input_ids=input_ids, **inputs).logits
+    loss = masked_lm_loss(logits=logits, input_ids=input_ids, response_mask=batch["response_mask"].to(device), num_tokens=num_tokens)
+    return loss, real_tokens
 
 
 if __name__ == "__main__":

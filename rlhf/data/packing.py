@@ -1,0 +1,105 @@
+"""Padding-free batches: a micro-batch's rows packed end to end into a few fixed-length rows.
+
+The sampler still decides which rows make a micro-batch (so resume and the loss's denominator are
+exactly those of the unpacked run); packing only changes how those rows are laid out. Each row's
+position ids restart at 0 and no attention mask is passed: transformers (>= 4.54) reads the
+restarts as sequence boundaries and keeps attention inside each row, sliding windows included, on
+eager and sdpa attention (a block-diagonal mask) and on flash_attention_2 (varlen kernels, the
+same position ids). The tests check packed against unpacked loss and gradients per architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rlhf.data.tokenize import SFTExample
+from rlhf.errors import UserError
+
+# model_type values whose packed loss and gradients tests/unit/test_packing.py checks against the
+# unpacked ones; another architecture may build its attention mask some other way.
+PACKING_ARCHITECTURES = frozenset({"gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt_neox"})
+# Architectures whose model builds its attention mask without the position ids (OPT): for them the
+# packed rows' mask is built here, by transformers' own function, and passed as a 4D mask.
+EXPLICIT_MASK_ARCHITECTURES = frozenset({"opt"})
+# Attention implementations that take their mask from transformers' masking_utils (which detects
+# packed rows from the position ids) or, for flash_attention_2, from the position ids directly.
+PACKING_ATTENTION = frozenset({"eager", "sdpa", "flash_attention_2"})
+
+
+def pack_rows(lengths: Sequence[int], *, capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices into `lengths` grouped into bins of at most `capacity` tokens.
+
+    Every index lands in exactly one bin and no row is split. Deterministic: rows are taken
+    longest first, ties by index, and each goes to the first bin with room; each bin lists its
+    indices in ascending order.
+    """
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a row of {max(lengths)} tokens does not fit a packed row of {capacity}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def collate_packed_sft(batch: list[SFTExample], *, pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Pack a micro-batch of SFT examples into R rows of P tokens (P = the fullest row, <= capacity).
+
+    Returns input_ids (R, P) long; position_ids (R, P) long, restarting at 0 at each example (and
+    at the padding that ends a row, which thus forms its own sequence that no real token sees);
+    response_mask (R, P) bool, True = counts in the loss, False at each example's first token
+    (the token before it belongs to another example, so nothing there predicts it), on prompts
+    and on padding; num_tokens () long, the real tokens.
+    """
+    bins = pack_rows([len(ex.input_ids) for ex in batch], capacity=capacity)
+    width = max(sum(len(batch[i].input_ids) for i in b) for b in bins)
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    response_mask = torch.zeros((len(bins), width), dtype=torch.bool)
+    for r, b in enumerate(bins):
+        start = 0
+        for i in b:
+            ex = batch[i]
+            end = start + len(ex.input_ids)
+            input_ids[r, start:end] = torch.as_tensor(ex.input_ids, dtype=torch.long)
+            position_ids[r, start:end] = torch.arange(len(ex.input_ids))
+            response_mask[r, start + 1 : end] = torch.as_tensor(ex.response_mask[1:], dtype=torch.bool)
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    num_tokens = torch.tensor(sum(len(ex.input_ids) for ex in batch))
+    return {"input_ids": input_ids, "position_ids": position_ids, "response_mask": response_mask, "num_tokens": num_tokens}
+
+
+def packed_attention_mask(config: Any, position_ids: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor | None:
+    """The attention mask to pass with packed rows: None (the model derives it from the position ids),
+    or for EXPLICIT_MASK_ARCHITECTURES the block-diagonal causal mask (R, 1, P, P) in the form the
+    model's attention implementation takes (bool for sdpa, additive float for eager)."""
+    if config.model_type not in EXPLICIT_MASK_ARCHITECTURES:
+        return None
+    from transformers.masking_utils import create_causal_mask
+
+    # inputs_embeds only gives the mask its shape, dtype and device.
+    shape_only = torch.empty((*position_ids.shape, 0), dtype=dtype, device=position_ids.device)  # (R, P, 0)
+    return create_causal_mask(config=config, inputs_embeds=shape_only, attention_mask=None, cache=None, position_ids=position_ids)
+
+
+def check_packing_supported(model: Any, *, key: str = "data.packing") -> None:
+    """Refuse packing, in one line, for a model whose packed forward is not known to equal the unpacked one."""
+    config = model.config
+    attention = getattr(config, "_attn_implementation", None)
+    if config.model_type not in PACKING_ARCHITECTURES:
+        raise UserError(f"{key}=true is not checked for model_type '{config.model_type}' (checked: "
+                        f"{', '.join(sorted(PACKING_ARCHITECTURES))}); set {key}=false")
+    if attention not in PACKING_ATTENTION:
+        raise UserError(f"{key}=true needs model.attn_implementation in {sorted(PACKING_ATTENTION)}, not '{attention}'; "
+                        f"set {key}=false")
