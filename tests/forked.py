@@ -56,7 +56,7 @@ def _cli_main(argv: list[str]) -> None:
     import rlhf.launch
 
     real = rlhf.launch.run_supervised
-    # `rlhf.cli` imports it from rlhf.launch when it launches, so the child's own module is patched.
+    # `rlhf.cli_launch` imports it from rlhf.launch when it launches, so the child's own module is patched.
     rlhf.launch.run_supervised = lambda cmd, env: _supervised(cmd, env, real)
     sys.argv = list(argv)
     from rlhf.cli import main
