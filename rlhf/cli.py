@@ -188,7 +188,7 @@ def compare_methods(
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            from rlhf.registry import not_a_folder
+            from rlhf.registry_files import not_a_folder
 
             raise UserError(f"--out {folder}: {not_a_folder(folder, '--out')}") from None
         if (folder / "registry").exists():

@@ -17,7 +17,9 @@ from rich.text import Text
 from rich.tree import Tree
 
 from rlhf.errors import EXIT_USER_ERROR, UserError
-from rlhf.registry import Entry, LineageNode, Registry, default_root
+from rlhf.registry import Registry, default_root
+from rlhf.registry_entry import Entry
+from rlhf.registry_lineage import LineageNode
 
 app = typer.Typer(help="Inspect, tag and remove checkpoint-registry entries.", no_args_is_help=True)
 

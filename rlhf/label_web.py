@@ -33,7 +33,8 @@ from typing import Any
 from rlhf.errors import UserError
 from rlhf.fileio import atomic_write_text, fsync_dir
 from rlhf.labelers import rank, read_samples
-from rlhf.registry import DATASET_FILES, Entry, Registry, is_reference, now_iso
+from rlhf.registry import Registry
+from rlhf.registry_entry import DATASET_FILES, Entry, is_reference, now_iso
 from rlhf.start_record import write_start_record
 
 LABELER_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -17,7 +17,8 @@ from rlhf.config import ModelConfig
 from rlhf.errors import UserError, first_line
 from rlhf.gguf import ensure_converted, is_gguf
 from rlhf.gguf import origin as gguf_origin
-from rlhf.registry import DATASET_FILES, Entry, Registry, is_reference
+from rlhf.registry import Registry
+from rlhf.registry_entry import DATASET_FILES, Entry, is_reference
 from rlhf.tokenizer import check_entry_tokenizer, pretrained_tokenizer, tokenizer_differences, tokenizer_fingerprint
 from rlhf.toy import TOY
 

@@ -18,7 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlhf.errors import UserError
-from rlhf.registry import DATASET_FILES, Entry, LineageNode, Registry
+from rlhf.registry import Registry
+from rlhf.registry_entry import DATASET_FILES, Entry
+from rlhf.registry_lineage import LineageNode
 from rlhf.toy import TOY
 from rlhf.tracking import METRICS_FILE
 

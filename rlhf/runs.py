@@ -28,7 +28,8 @@ from typing import Any, Callable
 from rlhf.config import STAGE_CONFIGS, leaf_keys, load_config, save_config, to_dict
 from rlhf.errors import EXIT_STOPPED, EXIT_USER_ERROR, StoppedBySignal, UserError
 from rlhf.fileio import atomic_write_text
-from rlhf.registry import DATASET_FILES, Entry, Registry, default_root, is_reference
+from rlhf.registry import Registry, default_root
+from rlhf.registry_entry import DATASET_FILES, Entry, is_reference
 from rlhf.start_record import START_FILE, check_same_config, record_problem, source_digests, verified_record, write_start_record
 from rlhf.toy import TOY
 from rlhf.tracking import print_error

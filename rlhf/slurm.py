@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rlhf.errors import UserError, first_line
 from rlhf.pipeline import with_parents
-from rlhf.registry import is_entry_id, is_stage_name
+from rlhf.registry_entry import is_entry_id, is_stage_name
 
 JOB_SCRIPT = "job.sbatch"
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf.errors import UserError, first_line, remote_code_hint
 
 if TYPE_CHECKING:
-    from rlhf.registry import Entry
+    from rlhf.registry_entry import Entry
 
 
 def pretrained_tokenizer(location: str, *, trust_remote_code: bool, key: str) -> Any:

@@ -112,14 +112,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("judge_one_order_only", "rewards", "rlhf/judge.py", "the judge is asked in one order: position bias stays",
            "better[i][j] = (first[(i, j)] + 1.0 - first[(j, i)]) / 2", "better[i][j] = first[(i, j)]",
            (U + "test_labelers.py::test_the_judge_prefers_by_both_orders_as_an_unbatched_float64_computation",)),
-    # --- rlhf/registry.py ----------------------------------------------------------------------
+    # --- rlhf/registry*.py ---------------------------------------------------------------------
     Mutant("registry_latest_is_oldest", "registry", "rlhf/registry.py", "`stage:latest` resolves to the oldest entry",
            "                    return done[-1]", "                    return done[0]",
            (U + "test_registry.py::test_resolve_reference_forms",)),
-    Mutant("registry_tag_file_stage_trusted", "registry", "rlhf/registry.py", "a tag file's stage is used unchecked (../ traversal)",
-           'd["entry"] or "", d["tagged"]\n        _check_name("stage", stage)\n', 'd["entry"] or "", d["tagged"]\n',
+    Mutant("registry_tag_file_stage_trusted", "registry", "rlhf/registry_files.py", "a tag file's stage is used unchecked (../ traversal)",
+           'd["entry"] or "", d["tagged"]\n        check_name("stage", stage)\n', 'd["entry"] or "", d["tagged"]\n',
            (U + "test_registry.py::test_names_read_from_a_tag_file_are_checked_not_trusted",)),
-    Mutant("registry_tag_may_hold_a_slash", "registry", "rlhf/registry.py", "tag names may contain '/'",
+    Mutant("registry_tag_may_hold_a_slash", "registry", "rlhf/registry_entry.py", "tag names may contain '/'",
            r'_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")', r'_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")',
            (U + "test_registry.py::test_invalid_tag_names_are_refused_before_any_write",)),
     # --- rlhf/checkpoint.py: sealing and safe loading --------------------------------------------

@@ -380,7 +380,8 @@ def identical_weights(first: str, second: str) -> bool:
 
 def pinned(name: str, registry: str) -> str:
     """A registry reference as the entry id it names now (`sft:latest` must not move between runs)."""
-    from rlhf.registry import Registry, is_reference
+    from rlhf.registry import Registry
+    from rlhf.registry_entry import is_reference
 
     if not is_reference(name):
         return name

@@ -44,7 +44,7 @@ from rlhf.model_sources import (
 )
 from rlhf.ppo_models import build_ensemble, build_reward
 from rlhf.rank_sums import RankSums
-from rlhf.registry import DATASET_FILES, Entry, now_iso
+from rlhf.registry_entry import DATASET_FILES, Entry, now_iso
 from rlhf.rewards import Reward, describe, parse_sources, rollout_texts
 from rlhf.rollout import RewardEnsemble, Sampling, sample_rollout, sequence_scores
 from rlhf.runs import Run, mark_started, stage_entrypoint

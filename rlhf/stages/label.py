@@ -26,7 +26,7 @@ from rlhf.errors import StoppedBySignal, UserError
 from rlhf.evaluation import even_shard
 from rlhf.fileio import atomic_write_text
 from rlhf.labelers import function_scores, parse_labeler, rank, read_samples
-from rlhf.registry import DATASET_FILES, Entry, now_iso
+from rlhf.registry_entry import DATASET_FILES, Entry, now_iso
 from rlhf.runs import Run, mark_started, stage_entrypoint
 from rlhf.stop_signal import StopSignal
 from rlhf.toy import oracle_score

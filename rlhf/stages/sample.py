@@ -31,7 +31,7 @@ from rlhf.fileio import atomic_write_text
 from rlhf.labelers import SAMPLES_MANIFEST as MANIFEST
 from rlhf.model_loading import disable_dropout, load_causal_lm
 from rlhf.model_sources import ModelSource, base_model_identity, causal_lm_and_tokenizer
-from rlhf.registry import DATASET_FILES, Entry, now_iso
+from rlhf.registry_entry import DATASET_FILES, Entry, now_iso
 from rlhf.rollout import Sampling, sample_rollout_with_logprobs
 from rlhf.runs import Run, mark_started, stage_entrypoint
 from rlhf.stop_signal import StopSignal

@@ -24,7 +24,8 @@ import pytest
 
 from rlhf.errors import UserError
 from rlhf.label_web import JudgmentLog, check_labeler, default_log_path, publish_human, samples_file, start_server, stats_lines
-from rlhf.registry import Entry, Registry, now_iso
+from rlhf.registry import Registry
+from rlhf.registry_entry import Entry, now_iso
 from tests.browser_setup import CHROMEDRIVER, CHROMIUM, browser_problem
 
 pytestmark = pytest.mark.slow

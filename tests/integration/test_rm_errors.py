@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.registry import Entry, Registry, now_iso
+from rlhf.registry import Registry
+from rlhf.registry_entry import Entry, now_iso
 from rlhf.tokenizer import tokenizer_fingerprint
 from rlhf.toy import ToyModelConfig, build_model, build_tokenizer, model_identity
 from tests.integration.conftest import rlhf_here

@@ -76,7 +76,8 @@ def test_cores_are_the_ones_this_process_may_use(monkeypatch):
 def _publish_as_rank(supervisor: str, home: Path) -> subprocess.CompletedProcess:
     """Run.publish in a fresh process whose RLHF_SUPERVISED names `supervisor` (host:pid)."""
     code = (
-        "import sys; from pathlib import Path; from rlhf.registry import Entry, Registry; from rlhf.runs import Run\n"
+        "import sys; from pathlib import Path; from rlhf.registry import Registry; from rlhf.registry_entry import Entry\n"
+        "from rlhf.runs import Run\n"
         "home = Path(sys.argv[1]); folder = home / 'runs' / 'sft-x' / 'final'; folder.mkdir(parents=True)\n"
         "(folder / 'config.json').write_text('{}')\n"
         "run = Run('sft', 'sft-x', folder.parent, None, Registry(home))\n"

@@ -60,7 +60,8 @@ def test_model_loading_and_saving_know_neither_the_registry_nor_deepspeed():
     # Loaders take a resolved source and a Partitioning (rlhf.engine holds DeepSpeed's side), so
     # importing them must pull in neither the registry, the sources, the engine nor deepspeed.
     code = ("import sys, rlhf.model_loading, rlhf.model_saving; "
-            "print([m for m in ('rlhf.registry', 'rlhf.model_sources', 'rlhf.engine', 'deepspeed') if m in sys.modules])")
+            "print([m for m in ('rlhf.registry', 'rlhf.registry_entry', 'rlhf.registry_files', 'rlhf.registry_lineage', "
+            "'rlhf.registry_removal', 'rlhf.model_sources', 'rlhf.engine', 'deepspeed') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from rlhf.cli_registry import app
 from rlhf.errors import UserError
-from rlhf.registry import Entry, LineageNode, Registry, TagChange, check_tags, default_root, is_reference, now_iso
+from rlhf.registry import Registry, TagChange, default_root
+from rlhf.registry_entry import Entry, check_tags, is_reference, now_iso
+from rlhf.registry_lineage import LineageNode
 from rlhf.start_record import write_start_record
 
 

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from rlhf.cli import app
 from rlhf.errors import UserError
-from rlhf.registry import Entry, Registry
+from rlhf.registry import Registry
+from rlhf.registry_entry import Entry
 from rlhf.report import STAGE_PLOTS, lineage, plot_figure, read_metrics, series, summary_table, write_report
 
 SFT = "sft-20260101-000001-aaaa0001"

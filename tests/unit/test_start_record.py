@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from rlhf.errors import UserError
-from rlhf.registry import Entry, Registry
+from rlhf.registry import Registry
+from rlhf.registry_entry import Entry
 from rlhf.runs import model_source_digests, resolve_config
 from rlhf.start_record import (
     START_FILE,
