@@ -8,10 +8,9 @@ A stage owns its loop; `RunKeeper` keeps what happens around it:
         keeper.record_baseline(state, evaluate(...))
     while state.step < max_steps:
         ...one optimizer step...; state.step += 1
-        keeper.end_step(state, loss=..., metrics=...)
-        if keeper.eval_due(state.step):
-            keeper.log(state.step, evaluate(...))
-        keeper.checkpoint_due(state)        # periodic checkpoint; stops the run on SIGTERM/SIGUSR1
+        keeper.finish_step(state, loss=..., metrics=..., evaluate=lambda: evaluate(...))
+        # = end_step (loss check, metrics), a periodic held-out evaluation when eval_due, then
+        #   checkpoint_due: the periodic checkpoint, and the stop on SIGTERM/SIGUSR1
     keeper.log(state.step, evaluate(...))   # the final evaluation: printed as `final  ...`
     keeper.publish_model(...)               # each model folder and its registry entry
     keeper.close()
@@ -27,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -120,6 +119,16 @@ class RunKeeper:
             self.tracker.log(state.step, metrics)
         else:
             self.tracker.advance(state.step)
+
+    def finish_step(self, state: LoopState, *, loss: float, metrics: dict[str, float] | None,
+                    evaluate: Callable[[], dict[str, float]]) -> None:
+        """After optimizer step `state.step`, in the one order every stage's loop keeps: `end_step` (the
+        step's loss checked, its metrics logged), the periodic held-out `evaluate()` when eval_due, then
+        `checkpoint_due` (a stop signal stops the run there, after the step's figures are written)."""
+        self.end_step(state, loss=loss, metrics=metrics)
+        if self.eval_due(state.step):
+            self.log(state.step, evaluate())
+        self.checkpoint_due(state)
 
     def checkpoint_due(self, state: LoopState) -> None:
         """The periodic resumable checkpoint; on a stop signal (any rank), a checkpoint and a stop."""

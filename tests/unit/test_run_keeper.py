@@ -81,3 +81,27 @@ def test_the_final_evaluation_is_printed_as_such_and_logged_as_a_row_of_the_last
     assert [{k: v for k, v in row.items() if k != "time"} for row in rows[-2:]] == [
         {"step": 12, "loss": 1.25, "lr": 0.001}, {"step": 12, "eval/loss": 1.581, "eval/oracle_score": 40.0},
     ]
+
+
+@pytest.mark.parametrize("step, evaluated", [(4, True), (5, False), (12, False)])  # eval.every=4; step 12 of 12: the stage's final one
+def test_finish_step_keeps_one_order_and_evaluates_only_when_due(step, evaluated):
+    """end_step (the loss check and the step's metrics), then the periodic evaluation, then the checkpoint
+    (where a stop signal stops the run): a stop never loses the step's figures."""
+    from types import SimpleNamespace
+
+    from rlhf.run_keeper import RunKeeper
+
+    calls = []
+    keeper = object.__new__(RunKeeper)
+    keeper.cfg = SimpleNamespace(train=SimpleNamespace(eval_every=4, max_steps=12))
+    keeper.end_step = lambda state, *, loss, metrics: calls.append(("end_step", state.step, loss, metrics))
+    keeper.log = lambda at, metrics: calls.append(("log", at, metrics))
+    keeper.checkpoint_due = lambda state: calls.append(("checkpoint_due", state.step))
+
+    def evaluate():
+        calls.append(("evaluate",))
+        return {"eval/score": 1.5}
+
+    keeper.finish_step(WithBeta(step=step), loss=0.25, metrics={"loss": 0.25}, evaluate=evaluate)
+    middle = [("evaluate",), ("log", step, {"eval/score": 1.5})] if evaluated else []
+    assert calls == [("end_step", step, 0.25, {"loss": 0.25}), *middle, ("checkpoint_due", step)]
