@@ -615,28 +615,31 @@ def paired_phases(cfg: Any, dist: Any, *, budget: Budget) -> dict[str, list[floa
     turns on one set of the stage's models, `budget.paired_rounds` times after `budget.warmup` of
     warm-up, the order swapped every round. Each round's phase ratios are then free of the
     machine's drift between rounds, which on a shared machine moves a minute-long run by 30%."""
-    import rlhf.stages.ppo as ppo_stage
     from rlhf.ppo_models import build_ppo_models
     from rlhf.run_keeper import RunKeeper
     from rlhf.runs import create_run
+    from rlhf.stages.ppo import ppo_step
+    from rlhf.stages.ppo_context import PPOContext, PPOState, load_data, minibatches_per_epoch, sampling_of
+    from rlhf.stages.ppo_rollout import step_prompts
 
     run = create_run("ppo", cfg)  # one rank: the references run only there
-    data = ppo_stage.load_data(cfg, run, dist)
+    data = load_data(cfg, run, dist)
     rounds = budget.warmup + budget.paired_rounds
     models = build_ppo_models(cfg, data.sources, data.actor_source, data.tokenizer, dist=dist,
-                              total_updates=rounds * cfg.ppo.epochs * ppo_stage.minibatches_per_epoch(cfg))
-    sampling = ppo_stage.sampling_of(cfg, data, models, dist)
+                              total_updates=rounds * cfg.ppo.epochs * minibatches_per_epoch(cfg))
+    sampling = sampling_of(cfg, data, models, dist)
     engines = {"actor": models.actor, **({"critic": models.critic} if models.critic is not None else {})}
     one_round = plain_ppo_round(models, cfg, data.tokenizer, dist)
     ratios: dict[str, list[float]] = {"generate": [], "score": [], "train": []}
     with handlers_restored():
         keeper = RunKeeper(run, engines, dist)
-        state = keeper.resume(ppo_stage.PPOState(beta=cfg.ppo.beta))
+        ctx = PPOContext(models=models, data=data, cfg=cfg, sampling=sampling, dist=dist, keeper=keeper)
+        state = keeper.resume(PPOState(beta=cfg.ppo.beta))
         for r in range(rounds):
-            prompts = ppo_stage.step_prompts(data, cfg, dist, step=state.step)
+            prompts = step_prompts(ctx, step=state.step)
             if r % 2:
                 plain = one_round(prompts, seed=3000 + r)
-            metrics = ppo_stage.ppo_step(models, data, cfg, sampling, dist, keeper, state)
+            metrics = ppo_step(ctx, state)
             if not r % 2:
                 plain = one_round(prompts, seed=3000 + r)
             if r >= budget.warmup:
@@ -796,7 +799,7 @@ def plain_ppo_round(models: Any, cfg: Any, tokenizer: Any, dist: Any) -> Callabl
     compared with these."""
     import torch
 
-    from rlhf.stages.ppo import logprobs_from_generation
+    from rlhf.stages.ppo_rollout import logprobs_from_generation
 
     actor, critic, reference, reward = models.actor, models.critic, models.reference, models.reward
     temperature = cfg.rollout.temperature

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf.config import PPOConfig, load_config
-from rlhf.stages.ppo import GENERATION_LOGITS_BUDGET, logprobs_from_generation
+from rlhf.stages.ppo_rollout import GENERATION_LOGITS_BUDGET, logprobs_from_generation
 
 
 def config(*overrides: str) -> PPOConfig:

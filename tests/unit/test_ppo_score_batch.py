@@ -4,7 +4,7 @@ most whose response logits fit SCORE_LOGITS_BUDGET, between the training minibat
 from __future__ import annotations
 
 from rlhf.config import PPOConfig, load_config
-from rlhf.stages.ppo import SCORE_LOGITS_BUDGET, score_batch_size
+from rlhf.stages.ppo_rollout import SCORE_LOGITS_BUDGET, score_batch_size
 
 
 def config(*overrides: str) -> PPOConfig:
@@ -38,13 +38,13 @@ def test_smollm2_at_the_chat_tasks_sizes_scores_in_one_forward():
 
 
 def test_the_stage_scores_with_that_many_rows_per_forward(monkeypatch):
-    """rlhf.stages.ppo.score hands score_batch_size to the scoring (a spy around the real function),
+    """rlhf.stages.ppo_rollout.score hands score_batch_size to the scoring (a spy around the real function),
     and the whole batch in one forward scores as the training minibatch's chunks do."""
     import types
 
     import torch
 
-    import rlhf.stages.ppo as ppo_stage
+    import rlhf.stages.ppo_rollout as ppo_rollout
     from rlhf.model_loading import ScalarModel
     from rlhf.rewards import Reward, parse_sources
     from rlhf.rollout import Sampling, sample_rollout_with_logprobs
@@ -62,15 +62,16 @@ def test_the_stage_scores_with_that_many_rows_per_forward(monkeypatch):
     torch.manual_seed(0)
     seqs, sampled = sample_rollout_with_logprobs(actor, prompts, sampling, keep_logprobs=True)
     chunks = []
-    real = ppo_stage.score_rollout
+    real = ppo_rollout.score_rollout
 
     def spy(*args, **kwargs):
         chunks.append(kwargs["chunk"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppo_stage, "score_rollout", spy)
+    monkeypatch.setattr(ppo_rollout, "score_rollout", spy)
     with torch.no_grad():
-        whole, chunked = (ppo_stage.score(seqs, models, config(*overrides), data, None, critic=None, sampled=sampled)
+        whole, chunked = (ppo_rollout.score(types.SimpleNamespace(models=models, cfg=config(*overrides), data=data, dist=None), seqs,
+                                            critic=None, sampled=sampled)
                           for overrides in ([], ["rollout.score_batch_size=32"]))
     assert chunks == [64, 32]
     mask = seqs.response_mask

@@ -156,7 +156,7 @@ def test_sequence_mean_skips_rows_masked_out_whole(seed):
 
 
 def test_shaped_score_adds_the_overlong_penalty():
-    from rlhf.stages.ppo import shaped
+    from rlhf.stages.ppo_rollout import shaped
 
     cfg = load_config(PPOConfig, None, ["reward.overlong_buffer=4", "reward.overlong_penalty=0.5", "ppo.no_eos_score=null"])
     seqs = SimpleNamespace(has_eos=torch.tensor([True, True, False]), response_lengths=torch.tensor([3, 6, 8]))
@@ -207,7 +207,8 @@ def test_good_recipe_settings_load(overrides):
 
 
 def test_a_mismatch_past_max_mismatch_kl_stops_in_one_line_naming_value_and_step():
-    from rlhf.stages.ppo import PPOState, stop_if_mismatched
+    from rlhf.stages.ppo_context import PPOState
+    from rlhf.stages.ppo_rollout import stop_if_mismatched
 
     def stop(state, message):
         raise UserError(message)
@@ -225,7 +226,7 @@ def test_a_mismatch_past_max_mismatch_kl_stops_in_one_line_naming_value_and_step
 
 def test_stage_surrogate_with_sequence_ratio_uses_the_rows_mean_advantage():
     """gae's per-token advantages: the GSPO loss of a row is that of its masked-mean advantage, laid on its tokens."""
-    from rlhf.stages.ppo import surrogate
+    from rlhf.stages.ppo_update import surrogate
 
     logp, old, adv, mask = inputs(0, "holes")
     ppo = load_config(PPOConfig, None, ["ppo.ratio=sequence", "ppo.clip_high=0.3"]).ppo
