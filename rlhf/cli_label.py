@@ -84,7 +84,8 @@ def _refuse(message: str) -> None:
 def _label_by_human(by: str | None, overrides: list[str], human: HumanLabeling, *, registry: Path | None, run_id: str | None,
                     machine: list[str]) -> None:
     """`rlhf label --by human`: serve the labeling page (rlhf.label_web) until Ctrl-C; --stats and --publish read its log instead."""
-    from rlhf.label_web import JudgmentLog, check_labeler, default_log_path, publish_human, samples_digest, samples_file, serve, stats_lines
+    from rlhf.judgment_log import JudgmentLog, check_labeler, samples_digest, stats_lines
+    from rlhf.label_web import default_log_path, publish_human, samples_file, serve
     from rlhf.labelers import read_samples
     from rlhf.registry import Registry, default_root
 

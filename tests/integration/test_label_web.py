@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from rlhf.errors import UserError
-from rlhf.label_web import JudgmentLog, check_labeler, default_log_path, publish_human, samples_file, start_server, stats_lines
+from rlhf.judgment_log import JudgmentLog, check_labeler, stats_lines
+from rlhf.label_web import default_log_path, publish_human, samples_file, start_server
 from rlhf.registry import Registry
 from rlhf.registry_entry import Entry, now_iso
 from tests.browser_setup import CHROMEDRIVER, CHROMIUM, browser_problem
@@ -512,7 +513,7 @@ def test_bad_labeler_names_are_refused_in_one_line(name, tmp_path):
 
 
 def _append_many(path: str, labeler: str, count: int, results) -> None:
-    from rlhf.label_web import Conflict
+    from rlhf.judgment_log import Conflict
 
     log, stored = JudgmentLog(path), 0
     for index in range(count):
