@@ -42,10 +42,21 @@ def collate_sft(batch: list[SFTExample], *, pad_id: int) -> dict[str, torch.Tens
 def collate_rm(batch: list[RMExample], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Every sequence of a batch of preference groups, right-padded, with the pairs as flat indices.
 
-    Returns input_ids, attention_mask (N, T) long, N = all sequences of all groups; better, worse
-    (P,) long row indices; margins (P,) float; weights (P,) float = 1 / (pairs of the pair's
-    group * groups in the batch), so the weighted sum is InstructGPT's mean over prompts of the
-    mean over each prompt's pairs (a prompt with K responses weighs as much as one with 2).
+    Returns input_ids, attention_mask (N, T) long, N = all sequences of all groups; and the pairs
+    of `rm_pairs`.
+    """
+    pairs, seqs = rm_pairs(batch)
+    input_ids, attention_mask = _right_padded(seqs, pad_id=pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **pairs}
+
+
+def rm_pairs(batch: list[RMExample]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    """The pairs of a batch of preference groups over its flat list of sequences, and that list.
+
+    Returns better, worse (P,) long indices into the sequences; margins (P,) float; weights (P,)
+    float = 1 / (pairs of the pair's group * groups in the batch), so the weighted sum is
+    InstructGPT's mean over prompts of the mean over each prompt's pairs (a prompt with K responses
+    weighs as much as one with 2).
     """
     seqs: list[list[int]] = []
     better: list[int] = []
@@ -60,15 +71,13 @@ def collate_rm(batch: list[RMExample], *, pad_id: int) -> dict[str, torch.Tensor
             worse.append(offset + j)
             margins.append(margin)
             weights.append(1.0 / (len(group.pairs) * len(batch)))
-    input_ids, attention_mask = _right_padded(seqs, pad_id=pad_id)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
+    pairs = {
         "better": torch.tensor(better, dtype=torch.long),
         "worse": torch.tensor(worse, dtype=torch.long),
         "margins": torch.tensor(margins, dtype=torch.float32),
         "weights": torch.tensor(weights, dtype=torch.float32),
     }
+    return pairs, seqs
 
 
 def left_pad_prompts(prompts: list[list[int]], *, pad_id: int) -> dict[str, torch.Tensor]:

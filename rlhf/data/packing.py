@@ -11,11 +11,12 @@ same position ids). The tests check packed against unpacked loss and gradients p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from rlhf.data.tokenize import SFTExample
+from rlhf.data.collate import rm_pairs
+from rlhf.data.tokenize import RMExample, SFTExample
 from rlhf.errors import UserError
 
 # model_type values whose packed loss and gradients tests/unit/test_packing.py checks against the
@@ -52,32 +53,64 @@ def pack_rows(lengths: Sequence[int], *, capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def collate_packed_sft(batch: list[SFTExample], *, pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
-    """Pack a micro-batch of SFT examples into R rows of P tokens (P = the fullest row, <= capacity).
+class PackedRows(NamedTuple):
+    """Sequences laid end to end. input_ids, position_ids (R, P) long; starts, lengths (N,) long:
+    where sequence n begins in the flattened (R * P) rows, and its tokens."""
 
-    Returns input_ids (R, P) long; position_ids (R, P) long, restarting at 0 at each example (and
-    at the padding that ends a row, which thus forms its own sequence that no real token sees);
-    response_mask (R, P) bool, True = counts in the loss, False at each example's first token
-    (the token before it belongs to another example, so nothing there predicts it), on prompts
-    and on padding; num_tokens () long, the real tokens.
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+
+
+def pack_sequences(seqs: list[list[int]], *, pad_id: int, capacity: int) -> PackedRows:
+    """Pack sequences into R rows of P tokens (P = the fullest row, <= capacity) by `pack_rows`.
+
+    Position ids restart at 0 at each sequence, and at the padding that ends a row, which thus forms
+    a sequence of its own that no real token sees.
     """
-    bins = pack_rows([len(ex.input_ids) for ex in batch], capacity=capacity)
-    width = max(sum(len(batch[i].input_ids) for i in b) for b in bins)
+    bins = pack_rows([len(s) for s in seqs], capacity=capacity)
+    width = max(sum(len(seqs[i]) for i in b) for b in bins)
     input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(bins), width), dtype=torch.long)
-    response_mask = torch.zeros((len(bins), width), dtype=torch.bool)
+    starts = torch.zeros(len(seqs), dtype=torch.long)
     for r, b in enumerate(bins):
-        start = 0
+        column = 0
         for i in b:
-            ex = batch[i]
-            end = start + len(ex.input_ids)
-            input_ids[r, start:end] = torch.as_tensor(ex.input_ids, dtype=torch.long)
-            position_ids[r, start:end] = torch.arange(len(ex.input_ids))
-            response_mask[r, start + 1 : end] = torch.as_tensor(ex.response_mask[1:], dtype=torch.bool)
-            start = end
-        position_ids[r, start:] = torch.arange(width - start)
-    num_tokens = torch.tensor(sum(len(ex.input_ids) for ex in batch))
-    return {"input_ids": input_ids, "position_ids": position_ids, "response_mask": response_mask, "num_tokens": num_tokens}
+            n = len(seqs[i])
+            input_ids[r, column : column + n] = torch.as_tensor(seqs[i], dtype=torch.long)
+            position_ids[r, column : column + n] = torch.arange(n)
+            starts[i] = r * width + column
+            column += n
+        position_ids[r, column:] = torch.arange(width - column)
+    return PackedRows(input_ids, position_ids, starts, torch.tensor([len(s) for s in seqs], dtype=torch.long))
+
+
+def collate_packed_sft(batch: list[SFTExample], *, pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Pack a micro-batch of SFT examples (see `pack_sequences`).
+
+    Returns input_ids, position_ids (R, P) long; response_mask (R, P) bool, True = counts in the
+    loss, False at each example's first token (the token before it belongs to another example, so
+    nothing there predicts it), on prompts and on padding; num_tokens () long, the real tokens.
+    """
+    packed = pack_sequences([ex.input_ids for ex in batch], pad_id=pad_id, capacity=capacity)
+    response_mask = torch.zeros(packed.input_ids.numel(), dtype=torch.bool)
+    for ex, start in zip(batch, packed.starts.tolist()):
+        response_mask[start + 1 : start + len(ex.input_ids)] = torch.as_tensor(ex.response_mask[1:], dtype=torch.bool)
+    return {"input_ids": packed.input_ids, "position_ids": packed.position_ids,
+            "response_mask": response_mask.view_as(packed.input_ids), "num_tokens": packed.lengths.sum()}
+
+
+def collate_packed_rm(batch: list[RMExample], *, pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Every sequence of a batch of preference groups, packed; the pairs as `collate_rm` gives them.
+
+    Returns input_ids, position_ids (R, P) long; last_index (N,) long, each sequence's last token in
+    the flattened (R * P) rows (where its reward is read); better, worse, margins, weights as collate_rm.
+    """
+    pairs, seqs = rm_pairs(batch)
+    packed = pack_sequences(seqs, pad_id=pad_id, capacity=capacity)
+    return {"input_ids": packed.input_ids, "position_ids": packed.position_ids,
+            "last_index": packed.starts + packed.lengths - 1, **pairs}
 
 
 def packed_attention_mask(config: Any, position_ids: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor | None:
@@ -93,9 +126,9 @@ def packed_attention_mask(config: Any, position_ids: torch.Tensor, *, dtype: tor
     return create_causal_mask(config=config, inputs_embeds=shape_only, attention_mask=None, cache=None, position_ids=position_ids)
 
 
-def check_packing_supported(model: Any, *, key: str = "data.packing") -> None:
-    """Refuse packing, in one line, for a model whose packed forward is not known to equal the unpacked one."""
-    config = model.config
+def check_packing_supported(config: Any, *, key: str = "data.packing") -> None:
+    """Refuse packing, in one line, for a model (its transformers config) whose packed forward is not
+    known to equal the unpacked one."""
     attention = getattr(config, "_attn_implementation", None)
     if config.model_type not in PACKING_ARCHITECTURES:
         raise UserError(f"{key}=true is not checked for model_type '{config.model_type}' (checked: "

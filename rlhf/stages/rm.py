@@ -21,10 +21,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from rlhf.algos.reward import bradley_terry_loss, sequence_rewards
 from rlhf.config import RMConfig
 from rlhf.data.collate import collate_rm
 from rlhf.data.load import rm_examples, stage_datasets
+from rlhf.data.packing import check_packing_supported, collate_packed_rm, packed_attention_mask
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import (
     PRECISION_DTYPES,
@@ -139,6 +142,8 @@ def build_model(cfg: RMConfig, data: Data) -> Any:
         data.source, cfg.model, data.tokenizer, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.engine.precision],
         partitioning=zero3_partitioning(deepspeed_config(cfg.engine, cfg.optim) if zero3 else None),
     )
+    if cfg.data.packing:
+        check_packing_supported(model.hf_model.config)
     return build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
 
 
@@ -193,15 +198,34 @@ def train_step(engine: Any, data: Data, cfg: RMConfig, dist: Dist, *, step: int)
     sequences = 0
     for m in range(accum):
         rows = data.batches.global_batch(step * accum + m)[dist.rank]
-        batch = {k: v.to(dist.device) for k, v in collate_rm([data.train_set[i] for i in rows], pad_id=data.tokenizer.pad_token_id).items()}
-        rewards = sequence_rewards(engine(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+        batch, rewards = micro_batch_rewards(engine, [data.train_set[i] for i in rows], pad_id=data.tokenizer.pad_token_id,
+                                             packing_tokens=(cfg.data.packing_tokens or cfg.data.max_length) if cfg.data.packing else None,
+                                             device=dist.device)
         loss = bradley_terry_loss(rewards, batch["better"], batch["worse"], batch["weights"], batch["margins"])
         engine.backward(loss)
         engine.step()
         gap = (rewards[batch["better"]] - rewards[batch["worse"]]).detach().double()
         sums.add(loss=loss.detach().double() / (dist.world_size * accum), correct=gap > 0, pairs=len(gap), gap=gap)
-        sequences += batch["input_ids"].shape[0] * dist.world_size
+        sequences += len(rewards) * dist.world_size
     return sums.over_ranks(), sequences
+
+
+def micro_batch_rewards(model: Any, groups: list, *, pad_id: int, packing_tokens: int | None,
+                        device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The batch (its pairs) and (N,) the reward of each of its N sequences, read at its last token.
+
+    Unpacked: right-padded sequences with an attention mask. Packed (`packing_tokens` set): the
+    sequences end to end in rows of at most `packing_tokens`, position ids restarting per sequence,
+    and each reward read from the flattened (R * P) scores at the sequence's last token.
+    """
+    if packing_tokens is None:
+        batch = {k: v.to(device) for k, v in collate_rm(groups, pad_id=pad_id).items()}
+        return batch, sequence_rewards(model(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+    batch = {k: v.to(device) for k, v in collate_packed_rm(groups, pad_id=pad_id, capacity=packing_tokens).items()}
+    scalar = model.module if hasattr(model, "module") else model
+    mask = packed_attention_mask(scalar.hf_model.config, batch["position_ids"], dtype=next(model.parameters()).dtype)
+    scores = model(batch["input_ids"], mask, position_ids=batch["position_ids"])  # (R, P)
+    return batch, scores.flatten()[batch["last_index"]]
 
 
 if __name__ == "__main__":

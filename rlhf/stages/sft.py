@@ -119,7 +119,7 @@ def build_model(cfg: SFTConfig, data: Data) -> Any:
         partitioning=zero3_partitioning(deepspeed_config(cfg.engine, cfg.optim) if zero3 else None),
     )
     if cfg.data.packing:
-        check_packing_supported(model)
+        check_packing_supported(model.config)
     return build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
 
 

@@ -1,5 +1,6 @@
-"""Padding-free SFT batches (data.packing): the packing plan, and packed against unpacked loss and
-per-parameter gradients on every architecture of the matrix in fp32, eager and sdpa attention."""
+"""Padding-free batches (data.packing): the packing plan, and packed against unpacked loss and
+per-parameter gradients on every architecture of the matrix in fp32, eager and sdpa attention, for
+SFT's language-model loss and the reward model's Bradley-Terry loss."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import random
 import pytest
 import torch
 
+from rlhf.algos.reward import bradley_terry_loss
 from rlhf.data.packing import check_packing_supported, collate_packed_sft, pack_rows
-from rlhf.data.tokenize import SFTExample
+from rlhf.data.tokenize import RMExample, SFTExample
 from rlhf.errors import UserError
+from rlhf.model_loading import ScalarModel
+from rlhf.stages.rm import micro_batch_rewards
 from rlhf.stages.sft import micro_batch_loss
 from rlhf.toy import build_tokenizer
-from tests.unit.test_architectures import ARCHITECTURES, causal_lm
+from tests.unit.test_architectures import ARCHITECTURES, causal_lm, scalar_model
 
 
 def random_rows(vocab: int, *, n: int, max_length: int, seed: int) -> list[SFTExample]:
@@ -62,14 +66,19 @@ def test_the_packed_layout_by_hand():
     assert int(batch["num_tokens"]) == 9
 
 
+def with_attention(model, attention):
+    try:
+        model.set_attn_implementation(attention)
+    except ValueError as exc:  # Gemma 2 has no sdpa attention in transformers
+        pytest.skip(str(exc)[:80])
+    return model
+
+
 def _loss_and_grads(model, rows, *, packing_tokens, num_tokens, pad_id):
     model.zero_grad()
     loss, _ = micro_batch_loss(model, rows, pad_id=pad_id, packing_tokens=packing_tokens, num_tokens=num_tokens, device=torch.device("cpu"))
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-MAX_DIFFS: dict[str, float] = {}
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -78,11 +87,7 @@ def test_packed_loss_and_gradients_equal_unpacked(arch, attention):
     """fp32, within 1e-5: the sum over rows of response-token NLL does not depend on the layout.
     Sliding window 8 (Mistral, Gemma 2) is shorter than the rows, so windows inside packed rows are checked."""
     tokenizer = build_tokenizer()
-    model = causal_lm(arch, tokenizer).float()
-    try:
-        model.set_attn_implementation(attention)
-    except ValueError as exc:  # Gemma 2 has no sdpa attention in transformers
-        pytest.skip(str(exc)[:80])
+    model = with_attention(causal_lm(arch, tokenizer).float(), attention)
     rows = random_rows(len(tokenizer), n=7, max_length=20, seed=1)
     num_tokens = float(sum(r.num_targets for r in rows))
     pad = tokenizer.pad_token_id
@@ -96,19 +101,61 @@ def test_packed_loss_and_gradients_equal_unpacked(arch, attention):
         for name, g in grads.items():
             assert torch.allclose(g, plain[name], atol=1e-5, rtol=0), name
             diffs.append((g - plain[name]).abs().max().item())
-    MAX_DIFFS[f"{arch}/{attention}"] = max(diffs)
-    print(f"{arch}/{attention}: max abs diff {max(diffs):.2e}")
+    print(f"sft {arch}/{attention}: max abs diff {max(diffs):.2e}")
+
+
+def random_groups(vocab: int, *, n: int, max_length: int, seed: int) -> list[RMExample]:
+    """Preference groups of 2..4 responses to one prompt, all ranked (every pair), sequences of 3..max_length tokens."""
+    rng = random.Random(seed)
+    groups = []
+    for _ in range(n):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(1, max_length // 2))]
+        k = rng.randint(2, 4)
+        seqs = [prompt + [rng.randrange(3, vocab) for _ in range(rng.randint(1, max_length - len(prompt)))] for _ in range(k)]
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        groups.append(RMExample(seqs, pairs, [rng.choice([0.0, 0.5]) for _ in pairs]))
+    return groups
+
+
+def _rm_loss_and_grads(model, groups, *, packing_tokens, pad_id):
+    model.zero_grad()
+    batch, rewards = micro_batch_rewards(model, groups, pad_id=pad_id, packing_tokens=packing_tokens, device=torch.device("cpu"))
+    loss = bradley_terry_loss(rewards, batch["better"], batch["worse"], batch["weights"], batch["margins"])
+    loss.backward()
+    return rewards.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_rewards_loss_and_gradients_equal_unpacked(arch, attention):
+    """The reward model reads each sequence's score at its last token; packed, that token sits at
+    start + length - 1 of the flattened rows."""
+    tokenizer = build_tokenizer()
+    model = ScalarModel(with_attention(scalar_model(arch, tokenizer).float(), attention))
+    groups = random_groups(len(tokenizer), n=4, max_length=20, seed=2)
+    pad = tokenizer.pad_token_id
+    plain_rewards, plain_loss, plain = _rm_loss_and_grads(model, groups, packing_tokens=None, pad_id=pad)
+    diffs = []
+    for capacity in (20, 64, 400):
+        rewards, loss, grads = _rm_loss_and_grads(model, groups, packing_tokens=capacity, pad_id=pad)
+        assert torch.allclose(rewards, plain_rewards, atol=1e-5, rtol=0)
+        assert loss == pytest.approx(plain_loss, abs=1e-5)
+        assert grads.keys() == plain.keys()
+        diffs += [(rewards - plain_rewards).abs().max().item(), abs(loss - plain_loss)]
+        for name, g in grads.items():
+            assert torch.allclose(g, plain[name], atol=1e-5, rtol=0), name
+            diffs.append((g - plain[name]).abs().max().item())
+    print(f"rm {arch}/{attention}: max abs diff {max(diffs):.2e}")
 
 
 def test_packing_refuses_an_unchecked_architecture_or_attention():
     class Config:
         model_type, _attn_implementation = "bloom", "eager"
 
-    class Model:
-        config = Config()
-
     with pytest.raises(UserError, match="not checked for model_type 'bloom'"):
-        check_packing_supported(Model())
+        check_packing_supported(Config())
     Config.model_type, Config._attn_implementation = "llama", "flex_attention"
     with pytest.raises(UserError, match="attn_implementation"):
-        check_packing_supported(Model())
+        check_packing_supported(Config())
+    Config._attn_implementation = "sdpa"
+    check_packing_supported(Config())

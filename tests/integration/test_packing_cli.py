@@ -1,12 +1,23 @@
-"""`rlhf sft data.packing=true` through the real CLI: the packed run follows the unpacked run's training
-curve (the same rows per micro-batch, the same summed loss), on one rank and on two, learns, and a
-killed packed run resumes to the weights of an uninterrupted one bit for bit."""
+"""`rlhf sft data.packing=true` and `rlhf rm data.packing=true` through the real CLI: a packed run follows
+the unpacked run's training curve (the same rows per micro-batch, the same summed loss); for SFT on
+one rank and on two, and a killed packed run resumes to the weights of an uninterrupted one bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import ONE_PROCESS, QUICK, assert_ok, entries, kill_after_checkpoint, metric_rows, resume_and_check, rlhf
+from tests.integration.conftest import (
+    ONE_PROCESS,
+    QUICK,
+    RM_QUICK,
+    assert_ok,
+    entries,
+    home_with_entries_of,
+    kill_after_checkpoint,
+    metric_rows,
+    resume_and_check,
+    rlhf,
+)
 from tests.integration.test_resume import assert_same_weights
 
 pytestmark = pytest.mark.slow
@@ -19,9 +30,9 @@ def losses(entry: dict) -> list[float]:
     return [row["loss"] for row in metric_rows(entry) if "loss" in row]
 
 
-def run(home, *args: str) -> dict:
-    assert_ok(rlhf("sft", *args, home=home))
-    [entry] = [e for e in entries(home) if e["stage"] == "sft"]
+def run(home, *args: str, stage: str = "sft") -> dict:
+    assert_ok(rlhf(stage, *args, home=home))
+    [entry] = [e for e in entries(home) if e["stage"] == stage]
     return entry
 
 
@@ -31,8 +42,16 @@ def unpacked(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> dict:
-    return run(tmp_path_factory.mktemp("packed"), *ONE_PROCESS, *ARGS, "data.packing=true")
+def packed_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("packed")
+    run(home, *ONE_PROCESS, *ARGS, "data.packing=true")
+    return home
+
+
+@pytest.fixture(scope="module")
+def packed(packed_home) -> dict:
+    [entry] = entries(packed_home)
+    return entry
 
 
 def test_a_packed_run_learns_along_the_unpacked_curve(packed, unpacked):
@@ -60,3 +79,18 @@ def test_a_killed_packed_run_resumes_to_the_uninterrupted_weights(tmp_path, pack
 def test_packing_tokens_below_max_length_is_refused(tmp_path):
     result = rlhf("sft", *ONE_PROCESS, "-c", QUICK, "data.packing=true", "data.max_length=32", "data.packing_tokens=16", home=tmp_path)
     assert result.code == 2 and "data.packing_tokens (16) must be 0 or at least data.max_length (32)" in result.stderr
+
+
+RM_ARGS = ["-c", RM_QUICK, "train.max_steps=20", "engine.micro_batch_size=16", "data.toy.train_size=400", "train.log_every=1",
+           "train.eval_every=0", "data.eval=null", "eval.max_rows=16", "eval.reward_stats_rows=16"]
+
+
+def test_a_packed_reward_model_follows_the_unpacked_curve(packed_home, tmp_path):
+    """From the packed SFT entry; ranked lists of 4 responses, each read at its last token in the packed rows."""
+    curves = {}
+    for packing in ("true", "false"):
+        home = home_with_entries_of(packed_home, tmp_path / packing, ("sft",))
+        curves[packing] = losses(run(home, *ONE_PROCESS, *RM_ARGS, f"data.packing={packing}", stage="rm"))
+    assert len(curves["true"]) == 20 and curves["true"][-1] < curves["true"][0]
+    # Measured: 4e-6 relative over 30 steps.
+    assert curves["true"] == pytest.approx(curves["false"], rel=1e-4)
