@@ -113,17 +113,29 @@ def collate_packed_rm(batch: list[RMExample], *, pad_id: int, capacity: int) -> 
             "last_index": packed.starts + packed.lengths - 1, **pairs}
 
 
-def packed_attention_mask(config: Any, position_ids: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor | None:
-    """The attention mask to pass with packed rows: None (the model derives it from the position ids),
-    or for EXPLICIT_MASK_ARCHITECTURES the block-diagonal causal mask (R, 1, P, P) in the form the
-    model's attention implementation takes (bool for sdpa, additive float for eager)."""
-    if config.model_type not in EXPLICIT_MASK_ARCHITECTURES:
-        return None
-    from transformers.masking_utils import create_causal_mask
+def packed_forward_inputs(config: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, *,
+                          dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The input ids (R', P') and the keyword arguments (position ids, and an attention mask or none)
+    of a forward over packed rows (R, P), for the model of this transformers config.
 
-    # inputs_embeds only gives the mask its shape, dtype and device.
-    shape_only = torch.empty((*position_ids.shape, 0), dtype=dtype, device=position_ids.device)  # (R, P, 0)
-    return create_causal_mask(config=config, inputs_embeds=shape_only, attention_mask=None, cache=None, position_ids=position_ids)
+    flash_attention_2 gets the rows as one row (1, R * P): its varlen path reads the sequence
+    boundaries from the position ids of a batch of one only; the restarts at each row's start and
+    at its padding keep the sequences apart. (Not run here: no GPU; the CPU paths are tested.)
+    eager and sdpa keep R rows (their dense mask costs P^2 a row, not (R * P)^2) and get no mask,
+    transformers building the block-diagonal one from the position ids, except for
+    EXPLICIT_MASK_ARCHITECTURES, which get it built here by transformers' own function.
+    """
+    if getattr(config, "_attn_implementation", None) == "flash_attention_2":
+        return input_ids.reshape(1, -1), {"position_ids": position_ids.reshape(1, -1)}
+    inputs = {"position_ids": position_ids}
+    if config.model_type in EXPLICIT_MASK_ARCHITECTURES:
+        from transformers.masking_utils import create_causal_mask
+
+        # inputs_embeds only gives the mask its shape, dtype and device.
+        shape_only = torch.empty((*position_ids.shape, 0), dtype=dtype, device=position_ids.device)  # (R, P, 0)
+        inputs["attention_mask"] = create_causal_mask(config=config, inputs_embeds=shape_only, attention_mask=None, cache=None,
+                                                      position_ids=position_ids)
+    return input_ids, inputs
 
 
 def check_packing_supported(config: Any, *, key: str = "data.packing") -> None:

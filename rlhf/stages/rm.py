@@ -27,7 +27,7 @@ from rlhf.algos.reward import bradley_terry_loss, sequence_rewards
 from rlhf.config import RMConfig
 from rlhf.data.collate import collate_rm
 from rlhf.data.load import rm_examples, stage_datasets
-from rlhf.data.packing import check_packing_supported, collate_packed_rm, packed_attention_mask
+from rlhf.data.packing import check_packing_supported, collate_packed_rm, packed_forward_inputs
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import (
     PRECISION_DTYPES,
@@ -223,8 +223,9 @@ def micro_batch_rewards(model: Any, groups: list, *, pad_id: int, packing_tokens
         return batch, sequence_rewards(model(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
     batch = {k: v.to(device) for k, v in collate_packed_rm(groups, pad_id=pad_id, capacity=packing_tokens).items()}
     scalar = model.module if hasattr(model, "module") else model
-    mask = packed_attention_mask(scalar.hf_model.config, batch["position_ids"], dtype=next(model.parameters()).dtype)
-    scores = model(batch["input_ids"], mask, position_ids=batch["position_ids"])  # (R, P)
+    input_ids, inputs = packed_forward_inputs(scalar.hf_model.config, batch["input_ids"], batch["position_ids"],
+                                              dtype=next(model.parameters()).dtype)
+    scores = model(input_ids, inputs.get("attention_mask"), position_ids=inputs["position_ids"])  # (R, P), or (1, R * P)
     return batch, scores.flatten()[batch["last_index"]]
 
 

@@ -21,7 +21,7 @@ from rlhf.algos.lm import masked_lm_loss
 from rlhf.config import SFTConfig
 from rlhf.data.collate import collate_sft
 from rlhf.data.load import stage_datasets
-from rlhf.data.packing import check_packing_supported, collate_packed_sft, packed_attention_mask
+from rlhf.data.packing import check_packing_supported, collate_packed_sft, packed_forward_inputs
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import (
     PRECISION_DTYPES,
@@ -201,21 +201,20 @@ def micro_batch_loss(model: Any, rows: list, *, pad_id: int, packing_tokens: int
     """
     if packing_tokens is None:
         batch = collate_sft(rows, pad_id=pad_id)
-        inputs = {"attention_mask": batch["attention_mask"].to(device)}
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        response_mask = batch["response_mask"].to(device)
         real_tokens = int(batch["attention_mask"].sum())
     else:
         batch = collate_packed_sft(rows, pad_id=pad_id, capacity=packing_tokens)
-        # No cache: transformers reads packed rows from the position ids only when there is none.
-        position_ids = batch["position_ids"].to(device)
-        inputs = {"position_ids": position_ids, "use_cache": False}
         config = model.module.config if hasattr(model, "module") else model.config
-        mask = packed_attention_mask(config, position_ids, dtype=next(model.parameters()).dtype)
-        if mask is not None:
-            inputs["attention_mask"] = mask
+        input_ids, inputs = packed_forward_inputs(config, batch["input_ids"].to(device), batch["position_ids"].to(device),
+                                                  dtype=next(model.parameters()).dtype)
+        # No cache: transformers reads packed rows from the position ids only when there is none.
+        logits = model(input_ids=input_ids, use_cache=False, **inputs).logits
+        response_mask = batch["response_mask"].to(device).view_as(input_ids)
         real_tokens = int(batch["num_tokens"])
-    input_ids = batch["input_ids"].to(device)
-    logits = model(input_ids=input_ids, **inputs).logits
-    loss = masked_lm_loss(logits=logits, input_ids=input_ids, response_mask=batch["response_mask"].to(device), num_tokens=num_tokens)
+    loss = masked_lm_loss(logits=logits, input_ids=input_ids, response_mask=response_mask, num_tokens=num_tokens)
     return loss, real_tokens
 
 

@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
+from rlhf.algos.lm import masked_lm_loss
 from rlhf.algos.reward import bradley_terry_loss
-from rlhf.data.packing import check_packing_supported, collate_packed_sft, pack_rows
+from rlhf.data.packing import check_packing_supported, collate_packed_sft, pack_rows, packed_forward_inputs
 from rlhf.data.tokenize import RMExample, SFTExample
 from rlhf.errors import UserError
 from rlhf.model_loading import ScalarModel
@@ -159,3 +160,28 @@ def test_packing_refuses_an_unchecked_architecture_or_attention():
         check_packing_supported(Config())
     Config._attn_implementation = "sdpa"
     check_packing_supported(Config())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+def test_the_flash_attention_layout_is_one_row_that_keeps_the_sequences_apart(arch):
+    """flash_attention_2's varlen path (not runnable here: no GPU) takes one row whose position ids
+    restart at each sequence. That row, run through sdpa (which reads the same restarts), gives the
+    unpacked loss: the flattening joins no two sequences, pads included."""
+    tokenizer = build_tokenizer()
+    model = with_attention(causal_lm(arch, tokenizer).float(), "sdpa")
+    rows = random_rows(len(tokenizer), n=7, max_length=20, seed=3)
+    num_tokens = float(sum(r.num_targets for r in rows))
+    batch = collate_packed_sft(rows, pad_id=tokenizer.pad_token_id, capacity=24)
+    assert batch["input_ids"].shape[0] > 1 and (batch["position_ids"][:, -1] < batch["position_ids"].shape[1] - 1).any()
+
+    class FlashConfig:
+        model_type, _attn_implementation = arch, "flash_attention_2"
+
+    input_ids, inputs = packed_forward_inputs(FlashConfig(), batch["input_ids"], batch["position_ids"], dtype=torch.float32)
+    assert input_ids.shape == (1, batch["input_ids"].numel()) and inputs.keys() == {"position_ids"}
+    logits = model(input_ids=input_ids, use_cache=False, **inputs).logits
+    response_mask = batch["response_mask"].view_as(input_ids)
+    flat = masked_lm_loss(logits=logits, input_ids=input_ids, response_mask=response_mask, num_tokens=num_tokens)
+    plain, _ = micro_batch_loss(model, rows, pad_id=tokenizer.pad_token_id, packing_tokens=None, num_tokens=num_tokens,
+                                device=torch.device("cpu"))
+    assert flat.item() == pytest.approx(plain.item(), abs=1e-5)
