@@ -420,10 +420,8 @@ def train(engine: Any, reference: Reference, data: Data, cfg: DPOConfig, samplin
             logged = {**metrics, "lr": engine.get_lr()[0], "grad_norm": global_grad_norm(engine),
                       "rows_per_s": window_rows / max(time.time() - window_start, 1e-9)}
             window_rows, window_start = 0, time.time()
-        keeper.end_step(state, loss=metrics["loss"], metrics=logged)
-        if keeper.eval_due(state.step):
-            keeper.log(state.step, evaluate(engine, reference, data, cfg, sampling, dist))
-        keeper.checkpoint_due(state)
+        keeper.finish_step(state, loss=metrics["loss"], metrics=logged,
+                           evaluate=lambda: evaluate(engine, reference, data, cfg, sampling, dist))
     return metrics
 
 

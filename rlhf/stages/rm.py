@@ -181,10 +181,7 @@ def train(engine: Any, data: Data, cfg: RMConfig, dist: Dist, keeper: RunKeeper,
                 "sequences_per_s": window_seqs / max(time.time() - window_start, 1e-9),
             }
             window_seqs, window_start = 0, time.time()
-        keeper.end_step(state, loss=total["loss"], metrics=metrics)
-        if keeper.eval_due(state.step):
-            keeper.log(state.step, evaluate(engine, data, cfg, dist))
-        keeper.checkpoint_due(state)
+        keeper.finish_step(state, loss=total["loss"], metrics=metrics, evaluate=lambda: evaluate(engine, data, cfg, dist))
     return train_loss
 
 
