@@ -14,6 +14,11 @@ rewards r_t = -beta * KL_t plus the shaped score at the last token, GAE advantag
 PPO-ptx LM loss on the actor;  8. metrics, and the adaptive beta.  9. Final evaluation, the actor's
 and critic's save_pretrained folders, the registry entries.
 
+Here: main, the loop and one step (5-8) with its metrics. Beside it, each step function taking the frozen
+`PPOContext` (models, data, config, sampling, ranks, keeper) and the `PPOState` a resume restores:
+ppo_context.py (those two, and the setup of 2), ppo_rollout.py (5 and 6), ppo_update.py (7), ppo_eval.py
+(the held-out evaluation of 4 and 9).
+
 Run it with `rlhf ppo` (any number of ranks), or alone: `python -m rlhf.stages.ppo --config FILE`.
 """
 
