@@ -99,6 +99,7 @@ class ConfigReads:
 
     def __init__(self, paths: Iterable[Path], classes: dict[str, type]) -> None:
         self.classes = classes
+        self.holders: set[str] = set()
         self.typed: set[tuple[str, str]] = set()  # (class, attribute) read on a value of that class
         self.chains: set[Chain] = set()  # attribute names read in a row where the root has no config type
         self.returns: dict[str, set[str]] = {}  # function name -> the config classes it returns
@@ -110,6 +111,9 @@ class ConfigReads:
                     self.returns.setdefault(node.name, set()).update(self.annotated(node.returns))
                 if isinstance(node, ast.ClassDef):
                     self.fields[node.name] = self.class_fields(node)
+        # A class that holds a config in a field (a stage's context: `ctx.cfg.eval.batch_size` with
+        # `ctx: PPOContext`) types its parameters too, so the read is credited to that config alone.
+        self.holders = {name for name, fields in self.fields.items() if any(fields.values())}
         for path, tree in trees:
             self.scan(tree, path, cls=None, aliases={}, types={}, untyped=set())
         self.read_in_a_row = {chain[i:j] for chain in self.chains for i in range(len(chain)) for j in range(i + 1, len(chain) + 1)}
@@ -136,7 +140,7 @@ class ConfigReads:
         nodes = list(ast.walk(annotation)) if annotation is not None else []
         names = {n.id for n in nodes if isinstance(n, ast.Name)} | {n.attr for n in nodes if isinstance(n, ast.Attribute)}
         names |= {n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-        return names & self.classes.keys()
+        return names & (self.classes.keys() | self.holders)
 
     def class_fields(self, node: ast.ClassDef) -> dict[str, set[str]]:
         """A class's annotated attributes, and those a method sets from a typed parameter (`self.cfg = cfg`)."""
@@ -212,6 +216,8 @@ class ConfigReads:
         chain = chain_of(attribute)
         if chain is None:
             return
+        untyped_chains: set[Chain] = set()
+        typed_somewhere = False
         for full in expand(chain, aliases):
             root, names = full[0], full[1:]
             owners = set(self.returns.get(root.removeprefix("<call>"), set())) if root.startswith("<call>") else set(types.get(root, ()))
@@ -220,5 +226,8 @@ class ConfigReads:
                 typed_throughout &= bool(owners)
                 self.typed |= {(owner, name) for owner in owners}
                 owners = set().union(*(self.fields.get(owner, {}).get(name, set()) for owner in owners))
+            typed_somewhere |= typed_throughout
             if not typed_throughout:
-                self.chains.add(full if root in untyped else names)
+                untyped_chains.add(full if root in untyped else names)
+        if not typed_somewhere:  # `cfg.eval.x` after `cfg = ctx.cfg`: the typed expansion says whose it is
+            self.chains |= untyped_chains
