@@ -1050,6 +1050,8 @@ def _check_warmup(cfg: Any) -> None:
     steps = cfg.optimizer_steps() if hasattr(cfg, "optimizer_steps") else cfg.train.max_steps
     for prefix in ("optim", "critic_optim"):
         optim = getattr(cfg, prefix, None)
+        if prefix == "critic_optim" and getattr(getattr(cfg, "ppo", None), "estimator", None) in CRITIC_FREE_ESTIMATORS:
+            continue  # no critic is trained: its optimizer's warmup does not matter
         if optim is not None and optim.warmup_steps > steps > 0:  # 0 steps: a batch size of 0, refused after
             raise UserError(f"{prefix}.warmup_steps={optim.warmup_steps} is longer than the run's {steps} optimizer steps "
                             f"(train.max_steps={cfg.train.max_steps}); lower it, e.g. {prefix}.warmup_steps={steps // 10}")

@@ -445,6 +445,14 @@ def test_a_warmup_as_long_as_the_run_is_accepted():
     assert ppo.optimizer_steps() == 32
 
 
+def test_a_critic_free_run_does_not_check_the_warmup_of_the_critic_it_never_trains():
+    short = ["train.max_steps=2", "optim.warmup_steps=0", "ppo.epochs=1", "rollout.batch_size=64", "engine.micro_batch_size=64"]
+    grpo = load_config(STAGE_CONFIGS["ppo"], None, [*short, "ppo.estimator=grpo", "rollout.samples_per_prompt=4"])
+    assert grpo.optimizer_steps() == 2 and grpo.critic_optim.warmup_steps == 10
+    with pytest.raises(UserError, match="critic_optim.warmup_steps=10 is longer than the run's 2 optimizer steps"):
+        load_config(STAGE_CONFIGS["ppo"], None, short)  # with gae the critic trains
+
+
 def test_zero_means_off_and_null_turns_optional_floats_off():
     from rlhf.config import PPOConfig
 
