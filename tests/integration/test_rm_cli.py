@@ -54,15 +54,16 @@ def scored_with_transformers_alone(path: str) -> float:
 
 
 def test_embedded_default_agrees_with_the_oracle(default_rm_home):
-    """`rlhf rm` with every default, as `make pipeline` runs it after `rlhf sft` (the session's
-    shared run, which PPO's tests start from too)."""
+    """`rlhf rm` with every default but its length (800 of 2000 steps: conftest's SHORTER), as `make
+    pipeline` runs it after `rlhf sft` (the session's shared run, which PPO's tests start from too)."""
     [rm] = [e for e in entries(default_rm_home) if e["stage"] == "rm"]
     metrics = rm["metrics"]
     # Agreement on 1000 fresh held-out pairs, and accuracy on the held-out pairs file. Measured with
-    # the same code and seed: 0.968 / 0.98 here; with 800 steps 0.92 / 0.92 on one 2-core machine and
-    # 0.897 / 0.90 on another (float rounding differs between CPUs and the steps amplify it), hence the room.
-    assert metrics["oracle_agreement"] >= 0.93, metrics
-    assert metrics["accuracy"] >= 0.93, metrics
+    # the same code and seed at 800 steps: 0.936 / 0.935 here (0.968 / 0.98 at the default 2000); the
+    # earlier 4,000 lists gave 0.92 on one 2-core machine and 0.897 on another (float rounding differs
+    # between CPUs and the steps amplify it), hence the room.
+    assert metrics["oracle_agreement"] >= 0.90, metrics
+    assert metrics["accuracy"] >= 0.90, metrics
     assert metrics["initial_oracle_agreement"] < 0.65, metrics  # a new head ranks at about chance
 
 
