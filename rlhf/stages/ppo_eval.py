@@ -3,16 +3,13 @@ and scored by the same reward; on the embedded default graded by the oracle, wit
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from rlhf.engine import Dist
 from rlhf.errors import UserError
 from rlhf.evaluation import even_shard, oracle_eval, pair_agreement, pearson
 from rlhf.rank_sums import RankSums
-from rlhf.rewards import Reward, rollout_texts
-from rlhf.rollout import Sequences
+from rlhf.rewards import Reward
 from rlhf.stages.ppo_context import PPOContext
 from rlhf.stages.ppo_rollout import RewardFailed, first_failure, sample, score, shaped, texts_of
 from rlhf.toy import oracle_score
@@ -43,13 +40,14 @@ def evaluate(ctx: PPOContext) -> dict[str, float]:
                  score_length=shaped_score * lengths, no_eos=~seqs.has_eos[keep], responses=keep)
         if scored.ensemble_std is not None:
             sums.add(ensemble_std=scored.ensemble_std[keep])
-        if data.eval_texts:  # the reward against the oracle on the policy's own current samples
+        if data.eval_texts or data.gold is not None:  # what the reward read, for the oracle and eval.gold alike
             prompts, responses = texts_of(seqs, episodes, data)
+        if data.eval_texts:  # the reward against the oracle on the policy's own current samples
             gold = [oracle_score(p, r) for p, r, k in zip(prompts, responses, keep.tolist()) if k]
             judged, agreed = pair_agreement(shaped_score.tolist(), gold)
             sums.add(oracle_pairs=float(judged), oracle_agreed=float(agreed))
         if data.gold is not None:  # the reward against eval.gold, the same way
-            gold = gold_scores(data.gold, seqs, keep, data.tokenizer, dist)
+            gold = gold_scores(data.gold, prompts, responses, keep, dist)
             judged, agreed = pair_agreement(shaped_score.tolist(), gold)
             sums.add(gold=float(sum(gold)), gold_pairs=float(judged), gold_agreed=float(agreed))
     metrics = eval_metrics(ctx, sums.over_ranks())
@@ -89,9 +87,8 @@ def warn_if_past_max_kl(ctx: PPOContext, metrics: dict[str, float]) -> None:
               "the policy may be exploiting the reward model; raise ppo.beta or set ppo.kl_target", flush=True)
 
 
-def gold_scores(gold: Reward, seqs: Sequences, keep: torch.Tensor, tokenizer: Any, dist: Dist) -> list[float]:
+def gold_scores(gold: Reward, prompts: list[str], responses: list[str], keep: torch.Tensor, dist: Dist) -> list[float]:
     """eval.gold's score of each kept held-out response; a grader that fails on any rank stops every rank in one line."""
-    prompts, responses = rollout_texts(seqs, tokenizer)
     failure, values = None, []
     try:
         values = gold.scores(prompts, responses, device=dist.device).total.tolist()
