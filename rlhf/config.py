@@ -575,6 +575,12 @@ class DPODataConfig:
     """Tokens per sequence (prompt + response + EOS); longer responses are cut and counted."""
     long_prompts: Literal["error", "skip"] = "error"
     """What to do with a prompt that leaves no room for a response: stop with an error, or drop it (counted)."""
+    packing: bool = False
+    """Padding-free training: each micro-batch's chosen and rejected (or unpaired) sequences laid end to end in rows of
+    data.packing_tokens, position ids restarting per sequence and attention kept inside it; the same log-probs, loss and
+    gradients as unpacked (within fp32 rounding)."""
+    packing_tokens: int = 0
+    """Tokens per packed row when data.packing is on; 0 = data.max_length."""
     toy_format: Literal["pairs", "ranked"] = "pairs"
     """Paired training data on 'toy': single comparisons, or ranked lists of toy.ranked_k responses (all their pairs).
     With dpo.loss=kto 'toy' gives the oracle's unpaired feedback instead."""
@@ -660,6 +666,7 @@ class DPOConfig:
     def validate(self) -> None:
         _check_common(self)
         _check_max_length(self.data.max_length)
+        _check_packing_tokens(self.data)
         _at_least(1, {"eval.max_new_tokens": self.eval.max_new_tokens})
         _at_least(0, {"eval.max_prompts": self.eval.max_prompts})
         if self.eval.kl and self.eval.temperature <= 0:
