@@ -113,6 +113,40 @@ def collate_packed_rm(batch: list[RMExample], *, pad_id: int, capacity: int) -> 
             "last_index": packed.starts + packed.lengths - 1, **pairs}
 
 
+class PackedResponses(NamedTuple):
+    """Prompt + response sequences packed (see `pack_sequences`), to score the responses (DPO's family).
+
+    input_ids, position_ids (R, P) long; targets (T,) long: each response token's index in the flattened
+    (R * P) rows, sequence after sequence; owners (T,) long: the sequence (0..N-1) each belongs to;
+    response_lengths (N,) long: each response's tokens (the length the losses normalize by).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    owners: torch.Tensor
+    response_lengths: torch.Tensor
+
+    def to(self, device: torch.device) -> PackedResponses:
+        return PackedResponses(*(t.to(device) for t in self))
+
+
+def collate_packed_responses(prompts: list[list[int]], responses: list[list[int]], *, pad_id: int,
+                             capacity: int) -> PackedResponses:
+    """Each prompt followed by its response, packed in rows of at most `capacity` tokens. Every prompt
+    and response holds a token: a response's first token is read from the logits of its prompt's last."""
+    if any(not p for p in prompts) or any(not r for r in responses):
+        raise ValueError("every prompt and every response must hold at least one token")
+    packed = pack_sequences([p + r for p, r in zip(prompts, responses)], pad_id=pad_id, capacity=capacity)
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    first = packed.starts + torch.tensor([len(p) for p in prompts], dtype=torch.long)  # (N,) each response's first token
+    # Token k of response n sits at first[n] + k: repeat each first index, then add 0..len-1 within each response.
+    before = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)  # (T,) tokens of earlier responses
+    targets = torch.repeat_interleave(first, lengths) + torch.arange(int(lengths.sum())) - before
+    owners = torch.repeat_interleave(torch.arange(len(responses)), lengths)
+    return PackedResponses(packed.input_ids, packed.position_ids, targets, owners, lengths)
+
+
 def packed_forward_inputs(config: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, *,
                           dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The input ids (R', P') and the keyword arguments (position ids, and an attention mask or none)

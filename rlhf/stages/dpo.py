@@ -5,7 +5,8 @@ losses take (prompt, chosen, rejected) rows, chosen and rejected scored in one f
 takes unpaired (prompt, completion, label) rows, and for its reference point z0 each row's prompt
 with another row's completion (a fixed partner, half the data set away). A sequence enters a loss
 as its response log-probs summed under the response mask, and its response length; the losses
-themselves are rlhf/algos/preference.py.
+themselves are rlhf/algos/preference.py. data.packing scores the same sequences laid end to end without
+padding (rlhf/stages/dpo_scoring.py): the same sums, so the same losses and gradients.
 
 The reference policy is a frozen copy of the starting model (ZeRO-3 partitioned under ZeRO-3), or
 the policy with its LoRA adapters off, or its log-probs computed once before training
@@ -30,6 +31,7 @@ import torch
 from rlhf.algos.preference import dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhf.config import REFERENCE_FREE_LOSSES, DPOConfig, loss_beta
 from rlhf.data.load import stage_datasets
+from rlhf.data.packing import check_packing_supported
 from rlhf.data.sampler import ShuffledBatches
 from rlhf.engine import (
     PRECISION_DTYPES,
@@ -46,9 +48,10 @@ from rlhf.model_loading import disable_dropout, load_causal_lm
 from rlhf.model_sources import ModelSource, causal_lm_and_tokenizer, reference_source
 from rlhf.ppo_models import build_reference
 from rlhf.rank_sums import RankSums
-from rlhf.rollout import Sampling, Sequences, pack_sequences, policy_logprobs, reference_logprobs, sample_rollout
+from rlhf.rollout import Sampling, policy_logprobs, reference_logprobs, sample_rollout
 from rlhf.run_keeper import LoopState, RunKeeper
 from rlhf.runs import Run, stage_entrypoint
+from rlhf.stages.dpo_scoring import Scored, lay_out, packing_capacity, reference_sums, sequence_logps
 from rlhf.toy import TOY, ToyTask
 
 HEADLINE = ("loss", "accuracy", "margin", "eval/accuracy", "eval/kl", "eval/oracle_score")
@@ -96,11 +99,12 @@ class Reference:
 @dataclass
 class Batch:
     """One batch of rows. seqs: pairs as 2B sequences, chosen rows then rejected rows, or KTO's B
-    completions; kl_seqs: KTO's B prompts with their partners' completions; desirable (B,) bool;
-    ref, kl_ref: the precomputed reference log-probs of seqs (2B,) or (B,) and of kl_seqs (B,)."""
+    completions; kl_seqs: KTO's B prompts with their partners' completions (each padded or packed,
+    rlhf/stages/dpo_scoring.py); desirable (B,) bool; ref, kl_ref: the precomputed reference
+    log-probs of seqs (2B,) or (B,) and of kl_seqs (B,)."""
 
-    seqs: Sequences
-    kl_seqs: Sequences | None
+    seqs: Scored
+    kl_seqs: Scored | None
     desirable: torch.Tensor | None
     ref: torch.Tensor | None
     kl_ref: torch.Tensor | None
@@ -122,6 +126,8 @@ def main(run: Run) -> None:
     reference = Reference(model=None if data.reference_source is None else build_reference(cfg, data.reference_source,
                                                                                           data.tokenizer, dist=dist),
                           adapters_off=needs_reference(cfg) and data.reference_source is None)
+    if cfg.data.packing and reference.model is not None:
+        check_packing_supported(getattr(reference.model, "module", reference.model).config)
     sampling = Sampling(pad_id=data.tokenizer.pad_token_id, eos_id=data.tokenizer.eos_token_id,
                         max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                         zero3_engine=engine if cfg.engine.zero_stage == 3 else None, device=dist.device)
@@ -192,6 +198,8 @@ def build_policy(cfg: DPOConfig, data: Data) -> Any:
         partitioning=zero3_partitioning(deepspeed_config(cfg.engine, cfg.optim) if zero3 else None),
     )
     disable_dropout(model)
+    if cfg.data.packing:
+        check_packing_supported(model.config)
     return build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
 
 
@@ -216,7 +224,7 @@ def describe(cfg: DPOConfig, data: Data, dist: Dist) -> str:
     return (
         f"dpo: loss {loss}{f' (beta {beta:g})' if beta is not None else ''}, {rows} ({data.train_stats.truncated_responses} "
         f"responses truncated, {data.train_stats.skipped_long_prompts} long prompts skipped), {dist.world_size} rank(s), "
-        f"ZeRO-{cfg.engine.zero_stage}, reference = {reference}"
+        f"ZeRO-{cfg.engine.zero_stage}, reference = {reference}{', packed' if cfg.data.packing else ''}"
     )
 
 
@@ -230,34 +238,25 @@ def kl_partner(i: int, n: int) -> int:
 
 def make_batch(rows: list, indices: list[int], cfg: DPOConfig, data: Data, dist: Dist, precomputed: torch.Tensor | None) -> Batch:
     """The sequences of rows[indices] on this rank's device, laid out as `Batch` says."""
-    pad, eos = data.tokenizer.pad_token_id, data.tokenizer.eos_token_id
+    def lay(prompts: list[list[int]], responses: list[list[int]]) -> Scored:
+        return lay_out(prompts, responses, pad_id=data.tokenizer.pad_token_id, eos_id=data.tokenizer.eos_token_id,
+                       capacity=packing_capacity(cfg.data), device=dist.device)
+
     picked = [rows[i] for i in indices]
     ref = kl_ref = desirable = kl_seqs = None
     if cfg.dpo.loss == "kto":
-        seqs = pack_sequences([r.prompt for r in picked], [r.completion for r in picked], pad_id=pad, eos_id=eos, device=dist.device)
+        seqs = lay([r.prompt for r in picked], [r.completion for r in picked])
         # The partner's completion is cut to fit this prompt's room (no EOS then, as any cut).
         partners = [rows[kl_partner(i, len(rows))].completion[: cfg.data.max_length - len(rows[i].prompt)] for i in indices]
-        kl_seqs = pack_sequences([r.prompt for r in picked], partners, pad_id=pad, eos_id=eos, device=dist.device)
+        kl_seqs = lay([r.prompt for r in picked], partners)
         desirable = torch.tensor([r.desirable for r in picked], device=dist.device)
         if precomputed is not None:
             ref, kl_ref = precomputed[indices, 0].to(dist.device), precomputed[indices, 1].to(dist.device)
     else:
-        seqs = pack_sequences([r.prompt for r in picked] * 2, [r.chosen for r in picked] + [r.rejected for r in picked],
-                              pad_id=pad, eos_id=eos, device=dist.device)
+        seqs = lay([r.prompt for r in picked] * 2, [r.chosen for r in picked] + [r.rejected for r in picked])
         if precomputed is not None:
             ref = torch.cat([precomputed[indices, 0], precomputed[indices, 1]]).to(dist.device)
     return Batch(seqs, kl_seqs, desirable, ref, kl_ref)
-
-
-def sequence_logps(model: Any, seqs: Sequences) -> torch.Tensor:
-    """(B,) each response's log-prob summed over its tokens (the response mask) under `model`."""
-    logp, _ = policy_logprobs(model, seqs, temperature=1.0)  # (B, R), 0 at padding
-    return logp.sum(dim=1)
-
-
-def reference_sums(reference: Reference, engine: Any, seqs: Sequences) -> torch.Tensor:
-    """(B,) the reference's summed response log-probs (no gradient)."""
-    return reference_logprobs(reference.model, engine, seqs, temperature=1.0).sum(dim=1)
 
 
 def gathered(x: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -275,14 +274,14 @@ def batch_loss(engine: Any, reference: Reference, batch: Batch, cfg: DPOConfig, 
     dpo, beta = cfg.dpo, loss_beta(cfg.dpo)
     ref, kl_ref = batch.ref, batch.kl_ref
     if dpo.loss not in REFERENCE_FREE_LOSSES and ref is None:
-        ref = reference_sums(reference, engine, batch.seqs)
+        ref = reference_sums(reference.model, engine, batch.seqs)
     logps = sequence_logps(engine, batch.seqs)
     lengths = batch.seqs.response_lengths
     if dpo.loss == "kto":
         with torch.no_grad():  # z0 is not backpropagated through (KTO paper, section 4)
             kl_logps = sequence_logps(engine, batch.kl_seqs)
             if kl_ref is None:
-                kl_ref = reference_sums(reference, engine, batch.kl_seqs)
+                kl_ref = reference_sums(reference.model, engine, batch.kl_seqs)
         return kto_loss(logps=logps, ref_logps=ref, desirable=batch.desirable, kl_logps=gathered(kl_logps, dist),
                         kl_ref_logps=gathered(kl_ref, dist), beta=beta, desirable_weight=dpo.desirable_weight,
                         undesirable_weight=dpo.undesirable_weight)
@@ -343,9 +342,9 @@ def precompute_reference(engine: Any, reference: Reference, rows: list, cfg: DPO
     parts = []
     for start in range(0, len(indices), cfg.eval.batch_size):
         batch = make_batch(rows, indices[start : start + cfg.eval.batch_size], cfg, data, dist, None)
-        ref = reference_sums(reference, engine, batch.seqs)
+        ref = reference_sums(reference.model, engine, batch.seqs)
         if batch.kl_seqs is not None:
-            parts.append(torch.stack([ref, reference_sums(reference, engine, batch.kl_seqs)], dim=1))
+            parts.append(torch.stack([ref, reference_sums(reference.model, engine, batch.kl_seqs)], dim=1))
         else:
             b = ref.shape[0] // 2
             parts.append(torch.stack([ref[:b], ref[b:]], dim=1))
