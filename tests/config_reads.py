@@ -44,8 +44,8 @@ def config_classes(roots: Iterable[type]) -> dict[str, type]:
 
 
 def only_checks(function: ast.FunctionDef | ast.AsyncFunctionDef, path: Path) -> bool:
-    """A function that only checks config values: a schema's `validate`, config.py's check helpers."""
-    return function.name == "validate" or (path.name == "config.py" and function.name.lstrip("_").startswith("check"))
+    """A function that only checks config values: a schema's `validate`, the check helpers of rlhf/config/."""
+    return function.name == "validate" or (path.parent.name == "config" and function.name.lstrip("_").startswith("check"))
 
 
 def own_nodes(node: ast.AST) -> Iterator[ast.AST]:

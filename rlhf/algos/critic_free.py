@@ -14,14 +14,13 @@ prompt g, so B must be a multiple of K.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 
 from rlhf.algos.ppo import gae, masked_mean, masked_where
 
-LossAggregation = Literal["token_mean", "sequence_mean", "token_sum"]
-LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
+# The aggregations by name: in rlhf.algos.variants, torch-free for the config.
+from rlhf.algos.variants import LOSS_AGGREGATIONS as LOSS_AGGREGATIONS
+from rlhf.algos.variants import LossAggregation as LossAggregation
 
 
 def sequence_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,14 @@ or a gradient, and outputs at masked positions are 0.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, get_args
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-KLEstimator = Literal["k1", "k2", "k3"]
-KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+# The KL estimators by name: in rlhf.algos.variants, torch-free for the config.
+from rlhf.algos.variants import KL_ESTIMATORS as KL_ESTIMATORS
+from rlhf.algos.variants import KLEstimator as KLEstimator
 
 
 def masked_where(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

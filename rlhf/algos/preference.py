@@ -15,16 +15,16 @@ stage can add them to on-device sums (rlhf.rank_sums.RankSums) and divide by the
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, get_args
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-PreferenceLoss = Literal["dpo", "ipo", "kto", "simpo", "orpo"]
-PREFERENCE_LOSSES: tuple[str, ...] = get_args(PreferenceLoss)
-# No reference model is loaded for these; KTO alone takes unpaired (prompt, completion, label) rows.
-REFERENCE_FREE_LOSSES: tuple[str, ...] = ("simpo", "orpo")
-UNPAIRED_LOSSES: tuple[str, ...] = ("kto",)
+# The losses by name (which take no reference, which take unpaired rows): in rlhf.algos.variants, torch-free for the config.
+from rlhf.algos.variants import PREFERENCE_LOSSES as PREFERENCE_LOSSES
+from rlhf.algos.variants import REFERENCE_FREE_LOSSES as REFERENCE_FREE_LOSSES
+from rlhf.algos.variants import UNPAIRED_LOSSES as UNPAIRED_LOSSES
+from rlhf.algos.variants import PreferenceLoss as PreferenceLoss
 
 
 class PairStats(NamedTuple):

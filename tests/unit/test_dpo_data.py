@@ -59,7 +59,7 @@ def test_bad_dpo_settings_are_refused_with_the_key(overrides, expect):
 
 
 def test_the_reference_free_losses_agree_with_the_math_module():
-    # rlhf.config imports no torch, so it keeps its own copy of the list: they must not drift.
+    # rlhf.config imports no torch: both names come from rlhf.algos.variants (torch-free), one list.
     from rlhf.algos.preference import REFERENCE_FREE_LOSSES as MATH
     from rlhf.config import REFERENCE_FREE_LOSSES
 

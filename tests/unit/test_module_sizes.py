@@ -15,12 +15,9 @@ MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 
 # Modules still over MAX_MODULE_LINES (path relative to the repository root: lines when listed).
-LONG_MODULES = {
-    "rlhf/config.py": 1494,  # every stage's config dataclasses, loading and validation: being split by job
-}
+LONG_MODULES: dict[str, int] = {}
 # Functions still over MAX_FUNCTION_LINES ("path::qualified name": lines when listed).
 LONG_FUNCTIONS = {
-    "rlhf/config.py::_coerce": 78,  # one branch per field type of the config dataclasses
     "rlhf/model_loading.py::load_scalar_model": 64,
 }
 
