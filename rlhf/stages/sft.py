@@ -6,6 +6,9 @@ targets. Every counted token of a global batch weighs the same, whatever rank it
 1. Ranks and seeds.  2. Tokenizer and data.  3. Model and engine.  4. Resume, or measure the
 untrained baseline.  5. Train.  6. Final evaluation, the save_pretrained folder, the registry entry.
 
+The step functions take the frozen `SFTContext` (engine, data, config, sampling, ranks, keeper) built
+once in `main`, and the `LoopState` a resume restores.
+
 Run it with `rlhf sft` (any number of ranks), or alone: `python -m rlhf.stages.sft --config FILE`.
 """
 
@@ -55,6 +58,20 @@ class Data:
     """Held-out prompts the oracle grades generations of (the embedded default only)."""
 
 
+@dataclass(frozen=True)
+class SFTContext:
+    """One SFT run's fixed parts, built once before the first step: what the step functions share."""
+
+    engine: Any
+    """The policy's DeepSpeed engine."""
+    data: Data
+    cfg: SFTConfig
+    sampling: Sampling
+    """Generation settings of the oracle's held-out samples."""
+    dist: Dist
+    keeper: RunKeeper
+
+
 def main(run: Run) -> None:
     cfg: SFTConfig = run.config
 
@@ -74,20 +91,21 @@ def main(run: Run) -> None:
 
     # 4. Resume from the last complete checkpoint of this run, or measure the untrained baseline.
     keeper = RunKeeper(run, engine, dist)
+    ctx = SFTContext(engine=engine, data=data, cfg=cfg, sampling=sampling, dist=dist, keeper=keeper)
     state = keeper.resume(LoopState())
     if state.step == 0:
-        keeper.record_baseline(state, evaluate(engine, data, cfg, sampling, dist))
+        keeper.record_baseline(state, evaluate(ctx))
     keeper.print(
         f"sft: {len(data.train_set)} training rows ({data.train_stats.truncated_responses} responses truncated, "
         f"{data.train_stats.skipped_long_prompts} long prompts skipped), {dist.world_size} rank(s), ZeRO-{cfg.engine.zero_stage}"
     )
 
     # 5. Train.
-    train_loss = train(engine, data, cfg, sampling, dist, keeper, state)
+    train_loss = train(ctx, state)
 
     # 6. Final evaluation, the save_pretrained folder, and the registry entry (in that order,
     #    so an entry only ever points at a complete folder).
-    final_eval = evaluate(engine, data, cfg, sampling, dist)
+    final_eval = evaluate(ctx)
     keeper.log(state.step, final_eval)
     keeper.publish_model(engine, source=data.source, model_cfg=cfg.model, tokenizer=data.tokenizer, metrics={
         "train_loss": train_loss,
@@ -123,26 +141,28 @@ def build_model(cfg: SFTConfig, data: Data) -> Any:
     return build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
 
 
-def evaluate(engine: Any, data: Data, cfg: SFTConfig, sampling: Sampling, dist: Dist) -> dict[str, float]:
+def evaluate(ctx: SFTContext) -> dict[str, float]:
     """Held-out loss; on the embedded default the oracle's score of sampled and greedy answers."""
+    engine, data, cfg, dist = ctx.engine, ctx.data, ctx.cfg, ctx.dist
     metrics: dict[str, float] = {}
     if data.eval_set:
         metrics["eval/loss"] = heldout_loss(engine, data.eval_set, batch_size=cfg.eval.batch_size,
                                             pad_id=data.tokenizer.pad_token_id, dist=dist)
     if data.oracle_prompts:
         scores = oracle_eval(engine.module, data.tokenizer, data.oracle_prompts, batch_size=cfg.eval.batch_size,
-                             sampling=sampling, dist=dist)
+                             sampling=ctx.sampling, dist=dist)
         metrics.update({f"eval/{k}": v for k, v in scores.items()})
     return metrics
 
 
-def train(engine: Any, data: Data, cfg: SFTConfig, sampling: Sampling, dist: Dist, keeper: RunKeeper, state: LoopState) -> float | None:
+def train(ctx: SFTContext, state: LoopState) -> float | None:
     """Optimizer steps up to train.max_steps; returns the last step's loss (None when resumed at the end)."""
+    engine, keeper = ctx.engine, ctx.keeper
     engine.train()
     loss = None
     window_tokens, window_start = 0, time.time()
-    while state.step < cfg.train.max_steps:
-        loss, tokens = train_step(engine, data, cfg, dist, step=state.step)
+    while state.step < ctx.cfg.train.max_steps:
+        loss, tokens = train_step(ctx, step=state.step)
         state.step += 1
         window_tokens += tokens
         metrics = None
@@ -154,16 +174,14 @@ def train(engine: Any, data: Data, cfg: SFTConfig, sampling: Sampling, dist: Dis
                 "tokens_per_s": window_tokens / max(time.time() - window_start, 1e-9),
             }
             window_tokens, window_start = 0, time.time()
-        keeper.end_step(state, loss=loss, metrics=metrics)
-        if keeper.eval_due(state.step):
-            keeper.log(state.step, evaluate(engine, data, cfg, sampling, dist))
-        keeper.checkpoint_due(state)
+        keeper.finish_step(state, loss=loss, metrics=metrics, evaluate=lambda: evaluate(ctx))
     return loss
 
 
-def train_step(engine: Any, data: Data, cfg: SFTConfig, dist: Dist, *, step: int) -> tuple[float, int]:
+def train_step(ctx: SFTContext, *, step: int) -> tuple[float, int]:
     """One optimizer step over `engine.grad_accum` micro-batches: the global mean loss over every
     counted token of the step's batches, and the tokens every rank processed."""
+    engine, data, cfg, dist = ctx.engine, ctx.data, ctx.cfg, ctx.dist
     accum = cfg.engine.grad_accum
     # Every rank knows the whole step's batches, so the global token count needs no collective.
     micro = [data.batches.global_batch(step * accum + m) for m in range(accum)]
