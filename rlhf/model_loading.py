@@ -166,31 +166,7 @@ def load_scalar_model(
         _set_toy_attention(model, cfg)
         new_head = True
     else:
-        from transformers import AutoModelForSequenceClassification
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the missing-head report is expected; we check it below
-        try:
-            with (partitioning or _WHOLE).constructing():
-                model, info = AutoModelForSequenceClassification.from_pretrained(
-                    source.location, output_loading_info=True, **_load_kwargs(cfg, dtype, num_labels=1)
-                )
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(
-                f"{key}: cannot load '{source.location}' as a backbone with a scalar head: "
-                f"{first_line(exc)}{remote_code_hint(exc, key)} (it must be a causal LM or reward model: "
-                "a save_pretrained folder, a registry reference or a hub model)"
-            ) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
-        if missing:
-            raise UserError(
-                f"'{source.location}' lacks backbone weights ({', '.join(missing[:3])}...); "
-                "point model.name_or_path at a complete save_pretrained folder"
-            )
-        new_head = any(k.startswith("score.") for k in info["missing_keys"])
+        model, new_head = _pretrained_with_scalar_head(source, cfg, dtype, partitioning, key)
     if trained_head and new_head:
         raise UserError(f"{key}: '{source.location}' has no trained score head, so it is not a reward model; use an rm entry (rm:latest)")
     _check_vocab(model, tokenizer, source)
@@ -204,6 +180,36 @@ def load_scalar_model(
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     return ScalarModel(model)
+
+
+def _pretrained_with_scalar_head(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype,
+                                 partitioning: Partitioning | None, key: str) -> tuple[Any, bool]:
+    """A hub/folder backbone with a one-output score head; whether that head is new (not in the weights)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the missing-head report is expected; we check it below
+    try:
+        with (partitioning or _WHOLE).constructing():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source.location, output_loading_info=True, **_load_kwargs(cfg, dtype, num_labels=1)
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"{key}: cannot load '{source.location}' as a backbone with a scalar head: "
+            f"{first_line(exc)}{remote_code_hint(exc, key)} (it must be a causal LM or reward model: "
+            "a save_pretrained folder, a registry reference or a hub model)"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
+    if missing:
+        raise UserError(
+            f"'{source.location}' lacks backbone weights ({', '.join(missing[:3])}...); "
+            "point model.name_or_path at a complete save_pretrained folder"
+        )
+    return model, any(k.startswith("score.") for k in info["missing_keys"])
 
 
 def zero_scalar_head(model: ScalarModel, *, partitioning: Partitioning | None = None) -> None:

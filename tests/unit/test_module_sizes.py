@@ -17,9 +17,7 @@ MAX_FUNCTION_LINES = 60
 # Modules still over MAX_MODULE_LINES (path relative to the repository root: lines when listed).
 LONG_MODULES: dict[str, int] = {}
 # Functions still over MAX_FUNCTION_LINES ("path::qualified name": lines when listed).
-LONG_FUNCTIONS = {
-    "rlhf/model_loading.py::load_scalar_model": 64,
-}
+LONG_FUNCTIONS: dict[str, int] = {}
 
 
 def module_lines() -> dict[str, int]:
