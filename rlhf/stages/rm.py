@@ -10,6 +10,9 @@ give the mean and std PPO normalizes scores with.
 4. Resume, or measure the untrained baseline.  5. Train.  6. Final evaluation, reward statistics,
 the save_pretrained folder, the registry entry.
 
+The step functions take the frozen `RMContext` (engine, data, config, ranks, keeper) built once in
+`main`, and the `LoopState` a resume restores.
+
 Run it with `rlhf rm` (any number of ranks), or alone: `python -m rlhf.stages.rm --config FILE`.
 """
 
@@ -65,6 +68,18 @@ class Data:
     oracle's verdict on them is the ground truth the RM is measured against."""
 
 
+@dataclass(frozen=True)
+class RMContext:
+    """One RM run's fixed parts, built once before the first step: what the step functions share."""
+
+    engine: Any
+    """The reward model's DeepSpeed engine (backbone and scalar head)."""
+    data: Data
+    cfg: RMConfig
+    dist: Dist
+    keeper: RunKeeper
+
+
 def main(run: Run) -> None:
     cfg: RMConfig = run.config
 
@@ -80,9 +95,10 @@ def main(run: Run) -> None:
 
     # 4. Resume from the last complete checkpoint of this run, or measure the untrained baseline.
     keeper = RunKeeper(run, engine, dist, headline=HEADLINE)
+    ctx = RMContext(engine=engine, data=data, cfg=cfg, dist=dist, keeper=keeper)
     state = keeper.resume(LoopState())
     if state.step == 0:
-        keeper.record_baseline(state, evaluate(engine, data, cfg, dist))
+        keeper.record_baseline(state, evaluate(ctx))
     keeper.print(
         f"rm: {len(data.train_set)} training prompts, {sum(len(g.pairs) for g in data.train_set)} pairs "
         f"({data.train_stats.identical_pairs} identical and {data.train_stats.tied_pairs} tied pairs dropped, "
@@ -91,13 +107,21 @@ def main(run: Run) -> None:
     )
 
     # 5. Train.
-    train_loss = train(engine, data, cfg, dist, keeper, state)
+    train_loss = train(ctx, state)
 
     # 6. Final evaluation; the reward statistics on training responses (PPO's normalization);
     #    the save_pretrained folder; the registry entry (in that order).
-    final_eval = evaluate(engine, data, cfg, dist)
+    publish(ctx, state, train_loss)
+    keeper.close()
+
+
+def publish(ctx: RMContext, state: LoopState, train_loss: float | None) -> None:
+    """The final evaluation, the reward statistics on training responses, the save_pretrained folder
+    (with those statistics beside the weights) and the registry entry."""
+    engine, data, cfg, keeper = ctx.engine, ctx.data, ctx.cfg, ctx.keeper
+    final_eval = evaluate(ctx)
     stats_rows = data.train_set[: cfg.eval.reward_stats_rows] if cfg.eval.reward_stats_rows else data.train_set
-    on_train = preference_eval(engine, stats_rows, batch_size=cfg.eval.batch_size, pad_id=data.tokenizer.pad_token_id, dist=dist)
+    on_train = preference_eval(engine, stats_rows, batch_size=cfg.eval.batch_size, pad_id=data.tokenizer.pad_token_id, dist=ctx.dist)
     reward_stats = {
         "mean": on_train["reward_mean"],
         "std": on_train["reward_std"],
@@ -121,7 +145,6 @@ def main(run: Run) -> None:
         "skipped_long_prompts": data.train_stats.skipped_long_prompts,
         "eval_identical_pairs": data.eval_stats.identical_pairs if data.eval_stats else 0,
     })
-    keeper.close()
 
 
 def load_data(cfg: RMConfig, run: Run, dist: Dist) -> Data:
@@ -147,8 +170,9 @@ def build_model(cfg: RMConfig, data: Data) -> Any:
     return build_engine(model, engine=cfg.engine, optim=cfg.optim, total_steps=cfg.train.max_steps)
 
 
-def evaluate(engine: Any, data: Data, cfg: RMConfig, dist: Dist) -> dict[str, float]:
+def evaluate(ctx: RMContext) -> dict[str, float]:
     """Held-out pair accuracy and margins; on the embedded default the agreement with the oracle."""
+    engine, data, cfg, dist = ctx.engine, ctx.data, ctx.cfg, ctx.dist
     metrics: dict[str, float] = {}
     pad_id = data.tokenizer.pad_token_id
     if data.eval_set:
@@ -160,13 +184,14 @@ def evaluate(engine: Any, data: Data, cfg: RMConfig, dist: Dist) -> dict[str, fl
     return metrics
 
 
-def train(engine: Any, data: Data, cfg: RMConfig, dist: Dist, keeper: RunKeeper, state: LoopState) -> float | None:
+def train(ctx: RMContext, state: LoopState) -> float | None:
     """Optimizer steps up to train.max_steps; returns the last step's loss (None when resumed at the end)."""
+    engine, keeper = ctx.engine, ctx.keeper
     engine.train()
     train_loss = None
     window_seqs, window_start = 0, time.time()
-    while state.step < cfg.train.max_steps:
-        total, sequences = train_step(engine, data, cfg, dist, step=state.step)
+    while state.step < ctx.cfg.train.max_steps:
+        total, sequences = train_step(ctx, step=state.step)
         state.step += 1
         train_loss = total["loss"]
         window_seqs += sequences
@@ -181,15 +206,16 @@ def train(engine: Any, data: Data, cfg: RMConfig, dist: Dist, keeper: RunKeeper,
                 "sequences_per_s": window_seqs / max(time.time() - window_start, 1e-9),
             }
             window_seqs, window_start = 0, time.time()
-        keeper.finish_step(state, loss=total["loss"], metrics=metrics, evaluate=lambda: evaluate(engine, data, cfg, dist))
+        keeper.finish_step(state, loss=total["loss"], metrics=metrics, evaluate=lambda: evaluate(ctx))
     return train_loss
 
 
-def train_step(engine: Any, data: Data, cfg: RMConfig, dist: Dist, *, step: int) -> tuple[dict[str, float], int]:
+def train_step(ctx: RMContext, *, step: int) -> tuple[dict[str, float], int]:
     """One optimizer step over `engine.grad_accum` micro-batches: loss, correct pairs, pairs and
     summed reward gap over every rank, and the sequences every rank scored. Every rank holds the
     same number of prompts per micro-batch, so the per-rank mean over prompts, averaged by DeepSpeed
     over ranks and micro-batches, is the global mean."""
+    engine, data, cfg, dist = ctx.engine, ctx.data, ctx.cfg, ctx.dist
     accum = cfg.engine.grad_accum
     sums = RankSums(("loss", "correct", "pairs", "gap"), dist.device)
     sequences = 0
