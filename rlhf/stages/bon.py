@@ -13,6 +13,9 @@ weighted sum. Nothing trains; under ZeRO-3 the policy and the reward model are p
 4. The held-out curve.  5. The training prompts, shard by shard (what a killed run already wrote,
 the curve and whole shards, is kept: that is the resume).  6. The dataset folder and the registry entry.
 
+The functions after `main` take the frozen `BestOfNContext` (models, data, config, sampling, ranks,
+keeper) built once in `main`; a shard on disk is the only state, so there is none to pass.
+
 Run it with `rlhf bon` (any number of ranks), or alone: `python -m rlhf.stages.bon --config FILE`.
 """
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +32,6 @@ from rlhf.algos.best_of_n import best_of_first, best_of_n_kl, curve_ns
 from rlhf.config import BestOfNConfig, BestOfNSamplingConfig, ModelConfig, to_dict
 from rlhf.data.load import prompt_rows
 from rlhf.engine import PRECISION_DTYPES, Dist, build_frozen, frozen_zero3_config, init_distributed, seed_everything, zero3_partitioning
-from rlhf.errors import StoppedBySignal
 from rlhf.evaluation import even_shard
 from rlhf.fileio import atomic_write_text
 from rlhf.model_loading import disable_dropout, load_causal_lm
@@ -47,14 +48,13 @@ from rlhf.rank_sums import RankSums
 from rlhf.registry_entry import DATASET_FILES, Entry, now_iso
 from rlhf.rewards import Reward, describe, parse_sources, rollout_texts
 from rlhf.rollout import RewardEnsemble, Sampling, sample_rollout, sequence_scores
-from rlhf.runs import Run, mark_started, stage_entrypoint
-from rlhf.stop_signal import StopSignal
+from rlhf.runs import Run, stage_entrypoint
+from rlhf.shard_keeper import ShardKeeper
 from rlhf.tokenizer import tokenizer_fingerprint
 from rlhf.toy import TOY, oracle_score
-from rlhf.tracking import Tracker, print_warning
+from rlhf.tracking import print_warning
 
 HEADLINE = ("best_reward", "first_reward", "eval/best_oracle_score")
-SHARDS = "shards"
 CURVE_FILE = "curve.json"
 DATASET = DATASET_FILES["bon"]
 
@@ -74,6 +74,34 @@ class Models:
             return None
         first = sequence_scores(self.reward_model, seqs)
         return first if self.ensemble is None else self.ensemble.combine(first, seqs)[0]
+
+
+@dataclass
+class Data:
+    source: ModelSource
+    """The policy's."""
+    reward_source: ModelSource | None
+    """The reward model's, when a source of the reward is one."""
+    members: tuple[ModelSource, ...]
+    """reward_ensemble's reward models."""
+    tokenizer: Any
+    train_rows: list
+    eval_rows: list
+    shards: list[list]
+    """The training rows, sampling.shard_prompts to a shard."""
+
+
+@dataclass(frozen=True)
+class BestOfNContext:
+    """One best-of-N run's fixed parts, built once before the first sample: what the functions share."""
+
+    models: Models
+    data: Data
+    cfg: BestOfNConfig
+    sampling: Sampling
+    dist: Dist
+    keeper: ShardKeeper
+    """Metrics, progress and stops: shard by shard."""
 
 
 @dataclass
@@ -97,43 +125,44 @@ def main(run: Run) -> None:
     dist = init_distributed()
 
     # 2. Tokenizer, the reward's sources (a reward model among them is checked against the policy), prompts.
+    data = load_data(cfg, run)
+
+    # 3. The policy (frozen, dropout off) and, when the reward has a learned part, the reward model (and its ensemble).
+    models = build_models(cfg, data, dist)
+    sampling = Sampling(pad_id=data.tokenizer.pad_token_id, eos_id=data.tokenizer.eos_token_id,
+                        max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                        top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
+                        zero3_engine=models.policy if cfg.engine.zero_stage == 3 else None, device=dist.device)
+    keeper = ShardKeeper(run, dist, shards=len(data.shards), total_steps=max(len(data.shards), 1), headline=HEADLINE,
+                         stop_note=" (a requeued SLURM job does so itself)")
+    ctx = BestOfNContext(models=models, data=data, cfg=cfg, sampling=sampling, dist=dist, keeper=keeper)
+    done = keeper.resume()
+    if done:
+        keeper.print(f"resumed {run.run_id} at shard {done} of {len(data.shards)}")
+    keeper.print(f"bon: best of {cfg.sampling.n} for {len(data.train_rows)} prompts in {len(data.shards)} shard(s), "
+                 f"{len(data.eval_rows)} held-out prompts; reward = {describe(models.reward.sources)}"
+                 + (f" (its reward model with {len(data.members)} more: mean - {cfg.reward_ensemble.penalty:g} x std)"
+                    if data.members else ""))
+
+    # 4. The held-out curve: reward and oracle score of best-of-n against n (once: a resumed run reads it back).
+    curve = held_out_curve(ctx)
+
+    # 5. The training prompts, shard by shard; a shard on disk is done (its samples came from its own seed).
+    kept = write_shards(ctx)
+
+    # 6. The dataset folder and the registry entry.
+    if dist.is_main:
+        publish(ctx, {**kept, **curve, "wall_time_s": round(time.time() - started, 1)})
+    keeper.close()
+
+
+def load_data(cfg: BestOfNConfig, run: Run) -> Data:
     source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
     reward_source = reward_model_source(cfg, run.registry, tokenizer)
     members = ensemble_sources(cfg, run.registry, tokenizer)
     train_rows, eval_rows = load_prompts(cfg, tokenizer)
-
-    # 3. The policy (frozen, dropout off) and, when the reward has a learned part, the reward model (and its ensemble).
-    models = build_models(cfg, source, reward_source, tokenizer, dist, members)
-    sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                        max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                        top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
-                        zero3_engine=models.policy if cfg.engine.zero_stage == 3 else None, device=dist.device)
     shards = [train_rows[i : i + cfg.sampling.shard_prompts] for i in range(0, len(train_rows), cfg.sampling.shard_prompts)]
-    stopper = StopSignal(dist)
-    stopper.listen()
-    if dist.is_main:
-        mark_started(run)
-    done = sum(1 for index in range(len(shards)) if shard_path(run, index).exists())  # written in order
-    tracker = Tracker(run.run_dir, active=dist.is_main, tracking=cfg.tracking, config=to_dict(cfg), run_id=run.run_id,
-                      total_steps=max(len(shards), 1), start_step=done, description=f"bon {run.run_id}", headline=HEADLINE)
-    if done:
-        tracker.print(f"resumed {run.run_id} at shard {done} of {len(shards)}")
-    tracker.print(f"bon: best of {cfg.sampling.n} for {len(train_rows)} prompts in {len(shards)} shard(s), "
-                  f"{len(eval_rows)} held-out prompts; reward = {describe(models.reward.sources)}"
-                  + (f" (its reward model with {len(members)} more: mean - {cfg.reward_ensemble.penalty:g} x std)" if members else ""))
-
-    # 4. The held-out curve: reward and oracle score of best-of-n against n (once: a resumed run reads it back).
-    curve = held_out_curve(eval_rows, models, cfg, sampling, tokenizer, dist, run, tracker)
-
-    # 5. The training prompts, shard by shard; a shard on disk is done (its samples came from its own seed).
-    kept = write_shards(shards, models, cfg, sampling, tokenizer, dist, run, tracker, stopper)
-
-    # 6. The dataset folder and the registry entry.
-    if dist.is_main:
-        publish(run, cfg, source, (reward_source, *members) if reward_source else (), tokenizer, shards, tracker,
-                {**kept, **curve, "wall_time_s": round(time.time() - started, 1)})
-    tracker.close()
-    torch.distributed.barrier()
+    return Data(source, reward_source, members, tokenizer, train_rows, eval_rows, shards)
 
 
 def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
@@ -149,8 +178,8 @@ def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
     return train_rows, eval_rows
 
 
-def build_models(cfg: BestOfNConfig, source: ModelSource, reward_source: ModelSource | None, tokenizer: Any, dist: Dist,
-                 members: tuple[ModelSource, ...] = ()) -> Models:
+def build_models(cfg: BestOfNConfig, data: Data, dist: Dist) -> Models:
+    source, reward_source, members, tokenizer = data.source, data.reward_source, data.members, data.tokenizer
     engine = cfg.engine
     policy = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.sampling.seed, dtype=PRECISION_DTYPES[engine.precision],
                             partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
@@ -175,8 +204,9 @@ def combined_reward(cfg: BestOfNConfig, reward_source: ModelSource | None) -> Re
 
 
 @torch.no_grad()
-def sample_candidates(rows: list, models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any) -> Candidates:
+def sample_candidates(ctx: BestOfNContext, rows: list) -> Candidates:
     """Each row's prompt sampled N times (in one generation call per sampling.batch_size prompts) and scored."""
+    models, cfg, sampling, tokenizer = ctx.models, ctx.cfg, ctx.sampling, ctx.data.tokenizer
     n, prompts, responses, rewards, has_eos = cfg.sampling.n, [], [], [], []
     for start in range(0, len(rows), cfg.sampling.batch_size):
         batch = rows[start : start + cfg.sampling.batch_size]
@@ -191,18 +221,17 @@ def sample_candidates(rows: list, models: Models, cfg: BestOfNConfig, sampling: 
     return Candidates(prompts, responses, torch.cat(rewards), torch.cat(has_eos))
 
 
-def write_shards(shards: list[list], models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any, dist: Dist,
-                 run: Run, tracker: Tracker, stopper: StopSignal) -> dict[str, float]:
+def write_shards(ctx: BestOfNContext) -> dict[str, float]:
     """Each shard's best responses as JSON lines in shards/<index>.jsonl (rank 0 writes it whole, by
     rename); shards already there are skipped. Returns the kept rows' counts over every shard."""
-    (run.run_dir / SHARDS).mkdir(exist_ok=True)
+    cfg, dist, keeper, shards = ctx.cfg, ctx.dist, ctx.keeper, ctx.data.shards
     for index, shard in enumerate(shards):
-        path = shard_path(run, index)
+        path = keeper.shard_path(index)
         if path.exists():
             continue
         seed_everything(cfg.sampling.seed + index, rank=dist.rank)  # the shard's own stream: resuming redraws the same
         share, real = even_shard(shard, dist=dist)
-        found = sample_candidates(share, models, cfg, sampling, tokenizer)
+        found = sample_candidates(ctx, share)
         rows, sums = best_rows(found, real, cfg.sampling, dist)
         gathered: list[list[tuple[int, dict]]] = [[] for _ in range(dist.world_size)]
         torch.distributed.all_gather_object(gathered, rows)
@@ -210,15 +239,9 @@ def write_shards(shards: list[list], models: Models, cfg: BestOfNConfig, samplin
             ordered = sorted((row for part in gathered for row in part), key=lambda row: row[0])
             atomic_write_text(path, "".join(json.dumps(row) + "\n" for _, row in ordered))
         totals = sums.over_ranks()
-        tracker.log(index + 1, {"best_reward": totals["best"] / totals["prompts"], "first_reward": totals["first"] / totals["prompts"],
-                                "best_has_eos": totals["best_eos"] / totals["prompts"]})
-        if stopper.requested():
-            name = stopper.name
-            tracker.print(f"[yellow]{name}: stopped after shard {index + 1} of {len(shards)}[/]; `rlhf bon --resume "
-                          f"--run {run.run_id}` continues it (a requeued SLURM job does so itself)")
-            tracker.close()
-            raise StoppedBySignal(name)
-    return dataset_counts(run, len(shards)) if dist.is_main else {}
+        keeper.finish_shard(index, {"best_reward": totals["best"] / totals["prompts"], "first_reward": totals["first"] / totals["prompts"],
+                                    "best_has_eos": totals["best_eos"] / totals["prompts"]})
+    return dataset_counts(ctx) if dist.is_main else {}
 
 
 def best_rows(found: Candidates, real: list[bool], sampling: BestOfNSamplingConfig, dist: Dist) -> tuple[list[tuple[int, dict]], RankSums]:
@@ -240,38 +263,35 @@ def best_rows(found: Candidates, real: list[bool], sampling: BestOfNSamplingConf
     return rows, sums
 
 
-def shard_path(run: Run, index: int) -> Path:
-    return run.run_dir / SHARDS / f"{index:05d}.jsonl"
-
-
-def dataset_counts(run: Run, shards: int) -> dict[str, float]:
-    written = sum(1 for index in range(shards) for line in shard_path(run, index).read_text().splitlines() if line)
+def dataset_counts(ctx: BestOfNContext) -> dict[str, float]:
+    keeper = ctx.keeper
+    written = sum(1 for index in range(len(ctx.data.shards)) for line in keeper.shard_path(index).read_text().splitlines() if line)
     return {"dataset_rows": float(written)}
 
 
-def held_out_curve(rows: list, models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any, dist: Dist, run: Run,
-                   tracker: Tracker) -> dict[str, float]:
+def held_out_curve(ctx: BestOfNContext) -> dict[str, float]:
     """`evaluate`, logged at step 0 and kept in curve.json (plain JSON) for a resumed run to read back.
     Every rank looks before any rank can write: writing waits for evaluate's all-reduce."""
-    path = run.run_dir / CURVE_FILE
+    path = ctx.keeper.run.run_dir / CURVE_FILE
     if path.exists():
         return json.loads(path.read_text())
-    curve = evaluate(rows, models, cfg, sampling, tokenizer, dist)
-    if dist.is_main:
+    curve = evaluate(ctx)
+    if ctx.dist.is_main:
         atomic_write_text(path, json.dumps(curve))
-    tracker.log(0, curve)
+    ctx.keeper.log(0, curve)
     return curve
 
 
 @torch.no_grad()
-def evaluate(rows: list, models: Models, cfg: BestOfNConfig, sampling: Sampling, tokenizer: Any, dist: Dist) -> dict[str, float]:
+def evaluate(ctx: BestOfNContext) -> dict[str, float]:
     """For n = 1, 2, 4, ..., N: the mean reward of the response kept among the first n samples of
     each held-out prompt, and on the embedded default the oracle's score (0-100) of that response."""
+    cfg, dist, rows = ctx.cfg, ctx.dist, ctx.data.eval_rows
     if not rows:
         return {}
     seed_everything(cfg.sampling.seed, rank=dist.rank)
     share, real = even_shard(rows, dist=dist)
-    found = sample_candidates(share, models, cfg, sampling, tokenizer)
+    found = sample_candidates(ctx, share)
     counted = torch.tensor(real)
     oracle = cfg.data.eval == TOY
     ns = curve_ns(cfg.sampling.n)
@@ -293,12 +313,14 @@ def evaluate(rows: list, models: Models, cfg: BestOfNConfig, sampling: Sampling,
     return metrics
 
 
-def publish(run: Run, cfg: BestOfNConfig, source: ModelSource, reward_sources: tuple[ModelSource, ...], tokenizer: Any,
-            shards: list, tracker: Tracker, metrics: dict[str, float]) -> None:
+def publish(ctx: BestOfNContext, metrics: dict[str, float]) -> None:
     """The shards joined into final/train.jsonl (by rename), then the entry that points at it."""
+    cfg, data, keeper, run = ctx.cfg, ctx.data, ctx.keeper, ctx.keeper.run
+    source, tokenizer, shards = data.source, data.tokenizer, data.shards
+    reward_sources = (data.reward_source, *data.members) if data.reward_source else ()
     final = run.final_dir
     final.mkdir(exist_ok=True)
-    text = "".join(shard_path(run, index).read_text() for index in range(len(shards)))
+    text = "".join(keeper.shard_path(index).read_text() for index in range(len(shards)))
     atomic_write_text(final / DATASET, text)
     parents = tuple(dict.fromkeys(source.parents + tuple(p for s in reward_sources for p in s.parents)))
     model_cfg: ModelConfig = cfg.model
@@ -311,8 +333,8 @@ def publish(run: Run, cfg: BestOfNConfig, source: ModelSource, reward_sources: t
     if not metrics.get("dataset_rows") and shards:
         print_warning("no prompt kept a response: none ended by itself (raise sampling.max_new_tokens) or reached "
                       "sampling.min_reward")
-    tracker.print(f"[green]bon finished[/]: {entry.id} -> {final / DATASET} ({int(metrics.get('dataset_rows', 0))} rows); "
-                  f"train on it with `rlhf sft data.train={final / DATASET}`")
+    keeper.print(f"[green]bon finished[/]: {entry.id} -> {final / DATASET} ({int(metrics.get('dataset_rows', 0))} rows); "
+                 f"train on it with `rlhf sft data.train={final / DATASET}`")
 
 
 if __name__ == "__main__":
