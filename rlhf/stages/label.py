@@ -9,31 +9,49 @@ the oracle is measured and kept in the entry's metrics.
 
 1. Ranks.  2. The samples.  3. The labeler.  4. The prompts, shard by shard (a shard on disk is done:
 that is the resume).  5. The dataset folder and the registry entry (`prefs:<id>`, parents: the samples' entry, the judge's).
+
+The functions after `main` take the frozen `LabelContext` (the labeler, config, ranks, keeper) built
+once in `main`; a shard on disk is the only state.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from rlhf.config import LabelConfig, to_dict
-from rlhf.engine import PRECISION_DTYPES, init_distributed
-from rlhf.errors import StoppedBySignal, UserError
+from rlhf.engine import PRECISION_DTYPES, Dist, init_distributed
+from rlhf.errors import UserError
 from rlhf.evaluation import even_shard
 from rlhf.fileio import atomic_write_text
 from rlhf.labelers import function_scores, parse_labeler, rank, read_samples
 from rlhf.registry_entry import DATASET_FILES, Entry, now_iso
-from rlhf.runs import Run, mark_started, stage_entrypoint
-from rlhf.stop_signal import StopSignal
+from rlhf.runs import Run, stage_entrypoint
+from rlhf.shard_keeper import ShardKeeper
 from rlhf.toy import oracle_score
-from rlhf.tracking import Tracker
 
-SHARDS = "shards"
 SHARD_PROMPTS = 256
+
+
+@dataclass(frozen=True)
+class LabelContext:
+    """One label run's fixed parts, built once before the first shard: what the functions share."""
+
+    cfg: LabelConfig
+    samples: Path
+    """data.samples: the rows `rlhf sample` wrote."""
+    spec: Any
+    """The labeler `by` names (rlhf.labelers.parse_labeler)."""
+    score: Callable[[str, list[str]], Any]
+    """(prompt, its responses) -> one score per response, from the labeler."""
+    dist: Dist
+    keeper: ShardKeeper
+    """Metrics, progress and stops: shard by shard."""
 
 
 def main(run: Run) -> None:
@@ -43,41 +61,40 @@ def main(run: Run) -> None:
     path = Path(cfg.data.samples)
     rows = read_samples(path)
     spec = parse_labeler(cfg.by)
-    judge = None
-    if spec.kind == "judge":
-        from rlhf.judge import load_judge
-
-        judge = load_judge(spec.target, cfg.judge, run.registry, dtype=PRECISION_DTYPES[cfg.engine.precision])
-    score = (lambda prompt, texts: judge.scores(prompt, texts)[0]) if judge else _function_scorer(spec)
     shards = [rows[i : i + SHARD_PROMPTS] for i in range(0, len(rows), SHARD_PROMPTS)]
-    stopper = StopSignal(dist)
-    stopper.listen()
-    if dist.is_main:
-        mark_started(run)
-    done = sum(1 for index in range(len(shards)) if shard_path(run, index).exists())
-    tracker = Tracker(run.run_dir, active=dist.is_main, tracking=cfg.tracking, config=to_dict(cfg), run_id=run.run_id,
-                      total_steps=len(shards), start_step=done, description=f"label {run.run_id}", headline=("tied_pairs",))
-    tracker.print(f"label: {len(rows)} prompts of {path} by {cfg.by}" + (f"; resumed at shard {done}" if done else ""))
-    (run.run_dir / SHARDS).mkdir(exist_ok=True)
+    keeper = ShardKeeper(run, dist, shards=len(shards), headline=("tied_pairs",))
+    ctx = LabelContext(cfg=cfg, samples=path, spec=spec, score=scorer(cfg, spec, run), dist=dist, keeper=keeper)
+    done = keeper.resume()
+    keeper.print(f"label: {len(rows)} prompts of {path} by {cfg.by}" + (f"; resumed at shard {done}" if done else ""))
     for index in range(done, len(shards)):
-        share, real = even_shard(shards[index], dist=dist)
-        labeled = [(dist.rank + i * dist.world_size, label_row(row, score, cfg)) for i, row in enumerate(share) if real[i]]
-        gathered: list[list] = [[] for _ in range(dist.world_size)]
-        torch.distributed.all_gather_object(gathered, labeled)
-        ordered = [row for _, row in sorted((item for part in gathered for item in part), key=lambda item: item[0])]
-        if dist.is_main:
-            atomic_write_text(shard_path(run, index), "".join(json.dumps(row) + "\n" for row in ordered))
-        tracker.log(index + 1, pair_counts(ordered))
-        if stopper.requested():
-            tracker.print(f"[yellow]{stopper.name}: stopped after shard {index + 1} of {len(shards)}[/]; "
-                          f"`rlhf label --resume --run {run.run_id}` continues it")
-            tracker.close()
-            raise StoppedBySignal(stopper.name)
+        keeper.finish_shard(index, pair_counts(label_shard(ctx, index, shards[index])))
     if dist.is_main:
         earlier = read_ranked(Path(cfg.data.include)) if cfg.data.include else []
-        publish(run, cfg, path, earlier, len(shards), tracker, time.time() - started, judge_parents(spec, run))
-    tracker.close()
-    torch.distributed.barrier()
+        publish(ctx, earlier, len(shards), time.time() - started)
+    keeper.close()
+
+
+def scorer(cfg: LabelConfig, spec: Any, run: Run) -> Callable[[str, list[str]], Any]:
+    """The labeler's scores of one prompt's responses: a judge model's (loaded here) or a function's."""
+    if spec.kind != "judge":
+        return _function_scorer(spec)
+    from rlhf.judge import load_judge
+
+    judge = load_judge(spec.target, cfg.judge, run.registry, dtype=PRECISION_DTYPES[cfg.engine.precision])
+    return lambda prompt, texts: judge.scores(prompt, texts)[0]
+
+
+def label_shard(ctx: LabelContext, index: int, shard: list) -> list[dict]:
+    """The shard's labeled rows in prompt order, written whole by rank 0 (by rename)."""
+    dist = ctx.dist
+    share, real = even_shard(shard, dist=dist)
+    labeled = [(dist.rank + i * dist.world_size, label_row(ctx, row)) for i, row in enumerate(share) if real[i]]
+    gathered: list[list] = [[] for _ in range(dist.world_size)]
+    torch.distributed.all_gather_object(gathered, labeled)
+    ordered = [row for _, row in sorted((item for part in gathered for item in part), key=lambda item: item[0])]
+    if dist.is_main:
+        atomic_write_text(ctx.keeper.shard_path(index), "".join(json.dumps(row) + "\n" for row in ordered))
+    return ordered
 
 
 def _function_scorer(spec: Any) -> Any:
@@ -85,9 +102,10 @@ def _function_scorer(spec: Any) -> Any:
     return lambda prompt, texts: call([prompt] * len(texts), texts)
 
 
-def label_row(row: dict, score: Any, cfg: LabelConfig) -> dict:
+def label_row(ctx: LabelContext, row: dict) -> dict:
+    cfg = ctx.cfg
     texts = [r["text"] for r in row["responses"]]
-    scores = [float(s) for s in score(row["prompt"], texts)]
+    scores = [float(s) for s in ctx.score(row["prompt"], texts)]
     order, ranks = rank(scores, cfg.tie_tolerance)
     return {"prompt": row["prompt"], "responses": [texts[i] for i in order], "ranks": ranks,
             "scores": [scores[i] for i in order], "sample_index": order, "labeler": cfg.by}
@@ -128,10 +146,6 @@ def judge_parents(spec: Any, run: Run) -> tuple[str, ...]:
     return resolve_model(spec.target, run.registry, key="by").parents
 
 
-def shard_path(run: Run, index: int) -> Path:
-    return run.run_dir / SHARDS / f"{index:05d}.jsonl"
-
-
 def read_ranked(path: Path) -> list[dict]:
     """An earlier `rlhf label` entry's ranked lists (data.include), each checked as `rlhf rm` will read it."""
     rows = []
@@ -148,13 +162,16 @@ def read_ranked(path: Path) -> list[dict]:
     return rows
 
 
-def publish(run: Run, cfg: LabelConfig, samples: Path, earlier: list[dict], shards: int, tracker: Tracker, seconds: float,
-            judge: tuple[str, ...]) -> None:
+def publish(ctx: LabelContext, earlier: list[dict], shards: int, seconds: float) -> None:
+    """The shards (after data.include's ranked lists) joined into final/train.jsonl (by rename), then the
+    `prefs` entry that points at it."""
+    cfg, keeper, run = ctx.cfg, ctx.keeper, ctx.keeper.run
+    judge = judge_parents(ctx.spec, run)
     final = run.final_dir
     final.mkdir(exist_ok=True)
-    rows = [json.loads(line) for index in range(shards) for line in shard_path(run, index).read_text().splitlines() if line]
+    rows = [json.loads(line) for index in range(shards) for line in keeper.shard_path(index).read_text().splitlines() if line]
     atomic_write_text(final / DATASET_FILES["prefs"], "".join(json.dumps(row) + "\n" for row in earlier + rows))
-    holders = [run.registry.entry_holding(p) for p in (samples, *([cfg.data.include] if cfg.data.include else []))]
+    holders = [run.registry.entry_holding(p) for p in (ctx.samples, *([cfg.data.include] if cfg.data.include else []))]
     metrics = {**pair_counts(rows), "prompts": float(len(rows)), "ranked_lists": float(len(earlier) + len(rows)),
                "wall_time_s": round(seconds, 1)}
     entry = run.publish(Entry(
@@ -163,9 +180,9 @@ def publish(run: Run, cfg: LabelConfig, samples: Path, earlier: list[dict], shar
         tags=tuple(cfg.run.tags),
     ))
     agreement = f", oracle agreement {metrics['oracle_agreement']:.3f}" if "oracle_agreement" in metrics else ""
-    tracker.print(f"[green]label finished[/]: {entry.id} -> {final / DATASET_FILES['prefs']} ({len(rows)} ranked lists, "
-                  f"{int(metrics['tied_pairs'])} of {int(metrics['pairs'])} pairs tied{agreement}); "
-                  f"train a reward model on them with `rlhf rm data.train=prefs:{entry.id}`")
+    keeper.print(f"[green]label finished[/]: {entry.id} -> {final / DATASET_FILES['prefs']} ({len(rows)} ranked lists, "
+                 f"{int(metrics['tied_pairs'])} of {int(metrics['pairs'])} pairs tied{agreement}); "
+                 f"train a reward model on them with `rlhf rm data.train=prefs:{entry.id}`")
 
 
 if __name__ == "__main__":
