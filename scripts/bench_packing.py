@@ -1,11 +1,15 @@
-"""SFT tokens/s with data.packing on and off, on rows of widely varied length (issue 31).
+"""SFT or DPO tokens/s with data.packing on and off, on rows of widely varied length (issue 31).
 
-    OMP_NUM_THREADS=1 python scripts/bench_packing.py [--rounds 4] [--steps 2] [--attention sdpa]
+    OMP_NUM_THREADS=1 python scripts/bench_packing.py [--stage sft|dpo] [--rounds 4] [--steps 2] [--attention sdpa]
 
-Times the stage's own micro-batch step (rlhf.stages.sft.micro_batch_loss, backward, AdamW) on a
-small random Llama (4 layers, hidden 256) in fp32, micro-batches of 16 rows whose lengths are
-uniform in 16..512 (data.max_length 512). Packed and unpacked take turns, one round each, on the
-same batches; each side's figure is the median over rounds of real (non-pad) tokens per second.
+Times the stage's own micro-batch step on a small random Llama (4 layers, hidden 256) in fp32, then
+backward and AdamW. sft: rlhf.stages.sft.micro_batch_loss on micro-batches of 16 rows whose lengths
+are uniform in 16..512 (data.max_length 512). dpo: rlhf.stages.dpo's make_batch and batch_loss (dpo
+loss, a frozen copy of the model as the reference, scored in the same layout) on micro-batches of 8
+pairs, prompts of 8..64 tokens and each response uniform in 8..512 - prompt; unpacked, the 16
+sequences are laid out as a rollout (prompts left-padded, responses right-padded). Packed and
+unpacked take turns, one round each, on the same batches; each side's figure is the median over
+rounds of real (non-pad) policy tokens per second (the reference's forward is in the time, not the count).
 On the CPU the packed rows' attention is a dense block-diagonal mask over each packed row, so the
 gain is the padding's share of the MLP and projections, less the larger attention per row.
 """
@@ -13,17 +17,23 @@ gain is the padding's share of the MLP and projections, less the larger attentio
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from rlhf.data.tokenize import SFTExample
+from rlhf.config import DPOConfig, load_config
+from rlhf.data.tokenize import PairExample, SFTExample
+from rlhf.engine import Dist
+from rlhf.stages.dpo import Reference, batch_loss, make_batch
 from rlhf.stages.sft import micro_batch_loss
 
 MAX_LENGTH, MICRO_BATCH, VOCAB = 512, 16, 4096
+CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def rows(rng: random.Random, n: int) -> list[SFTExample]:
@@ -35,22 +45,59 @@ def rows(rng: random.Random, n: int) -> list[SFTExample]:
     return out
 
 
-def timed_round(model, optimizer, batches, *, packing_tokens: int | None) -> float:
+def pairs(rng: random.Random, n: int) -> list[PairExample]:
+    def tokens(k: int) -> list[int]:
+        return [rng.randrange(3, VOCAB) for _ in range(k)]
+
+    out = []
+    for _ in range(n):
+        prompt = tokens(rng.randint(8, 64))
+        out.append(PairExample(prompt, tokens(rng.randint(8, MAX_LENGTH - len(prompt))), tokens(rng.randint(8, MAX_LENGTH - len(prompt)))))
+    return out
+
+
+def sft_step(model, batch: list[SFTExample], packing_tokens: int | None) -> int:
+    """Forward and backward of one SFT micro-batch; returns its real tokens."""
+    num_targets = float(sum(r.num_targets for r in batch))
+    loss, real = micro_batch_loss(model, batch, pad_id=0, packing_tokens=packing_tokens, num_tokens=num_targets,
+                                  device=torch.device("cpu"))
+    loss.backward()
+    return real
+
+
+def dpo_step(model, reference, batch: list[PairExample], packing_tokens: int | None) -> int:
+    """Forward (policy and reference) and backward of one DPO micro-batch; returns the policy's real tokens."""
+    cfg = load_config(DPOConfig, None, [f"data.max_length={MAX_LENGTH}", f"data.packing={packing_tokens is not None}".lower()])
+    data = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=1))
+    scored = make_batch(batch, list(range(len(batch))), cfg, data, CPU, None)
+    loss, _ = batch_loss(model, Reference(model=reference, adapters_off=False), scored, cfg, CPU)
+    loss.backward()
+    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in batch)
+
+
+def timed_round(step, optimizer, batches, *, packing_tokens: int | None) -> float:
     """Real tokens per second over the batches (one optimizer step each)."""
     start, tokens = time.perf_counter(), 0
     for batch in batches:
-        num_targets = float(sum(r.num_targets for r in batch))
-        loss, real = micro_batch_loss(model, batch, pad_id=0, packing_tokens=packing_tokens, num_tokens=num_targets,
-                                      device=torch.device("cpu"))
-        loss.backward()
+        tokens += step(batch, packing_tokens)
         optimizer.step()
         optimizer.zero_grad()
-        tokens += real
     return tokens / (time.perf_counter() - start)
+
+
+def padding_share(stage: str, batches: list) -> tuple[int, int]:
+    """(real tokens, slots of the unpacked layout) over the batches."""
+    if stage == "sft":
+        return (sum(len(r.input_ids) for b in batches for r in b),
+                sum(len(b) * max(len(r.input_ids) for r in b) for b in batches))
+    real = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for b in batches for p in b)
+    width = [max(len(p.prompt) for p in b) + max(len(r) for p in b for r in (p.chosen, p.rejected)) for b in batches]
+    return real, sum(2 * len(b) * w for b, w in zip(batches, width))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", default="sft", choices=["sft", "dpo"])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="micro-batches per round")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
@@ -61,18 +108,23 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attention).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     rng = random.Random(0)
-    batches = [rows(rng, MICRO_BATCH) for _ in range(args.steps)]
-    real = sum(len(r.input_ids) for b in batches for r in b)
-    padded = sum(MICRO_BATCH * max(len(r.input_ids) for r in b) for b in batches)
-    timed_round(model, optimizer, batches[:1], packing_tokens=None)  # warm-up
-    timed_round(model, optimizer, batches[:1], packing_tokens=MAX_LENGTH)
+    if args.stage == "sft":
+        batches = [rows(rng, MICRO_BATCH) for _ in range(args.steps)]
+        step = lambda batch, packing: sft_step(model, batch, packing)  # noqa: E731
+    else:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        batches = [pairs(rng, MICRO_BATCH // 2) for _ in range(args.steps)]
+        step = lambda batch, packing: dpo_step(model, reference, batch, packing)  # noqa: E731
+    real, padded = padding_share(args.stage, batches)
+    timed_round(step, optimizer, batches[:1], packing_tokens=None)  # warm-up
+    timed_round(step, optimizer, batches[:1], packing_tokens=MAX_LENGTH)
     results: dict[str, list[float]] = {"unpacked": [], "packed": []}
     for _ in range(args.rounds):
-        results["unpacked"].append(timed_round(model, optimizer, batches, packing_tokens=None))
-        results["packed"].append(timed_round(model, optimizer, batches, packing_tokens=MAX_LENGTH))
+        results["unpacked"].append(timed_round(step, optimizer, batches, packing_tokens=None))
+        results["packed"].append(timed_round(step, optimizer, batches, packing_tokens=MAX_LENGTH))
     unpacked, packed = statistics.median(results["unpacked"]), statistics.median(results["packed"])
-    print(f"attention={args.attention} threads={torch.get_num_threads()} rows/batch={MICRO_BATCH} lengths 16..{MAX_LENGTH}: "
-          f"{real} real tokens in {padded} padded slots ({1 - real / padded:.0%} padding)")
+    print(f"stage={args.stage} attention={args.attention} threads={torch.get_num_threads()} sequences/batch={MICRO_BATCH} "
+          f"max_length {MAX_LENGTH}: {real} real tokens in {padded} padded slots ({1 - real / padded:.0%} padding)")
     print(f"unpacked {unpacked:.0f} tokens/s, packed {packed:.0f} tokens/s, packed/unpacked {packed / unpacked:.2f}x "
           f"(median of {args.rounds} rounds of {args.steps} steps)")
 

@@ -1,12 +1,14 @@
-"""`rlhf sft data.packing=true` and `rlhf rm data.packing=true` through the real CLI: a packed run follows
-the unpacked run's training curve (the same rows per micro-batch, the same summed loss); for SFT on
-one rank and on two, and a killed packed run resumes to the weights of an uninterrupted one bit for bit."""
+"""`rlhf sft`, `rlhf rm` and `rlhf dpo` with data.packing=true through the real CLI: a packed run follows
+the unpacked run's training curve (the same rows per micro-batch, the same summed loss or log-probs); for
+SFT on one rank and on two, and a killed packed run (SFT, DPO) resumes to the weights of an uninterrupted
+one bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.integration.conftest import (
+    DPO_QUICK,
     ONE_PROCESS,
     QUICK,
     RM_QUICK,
@@ -94,3 +96,45 @@ def test_a_packed_reward_model_follows_the_unpacked_curve(packed_home, tmp_path)
     assert len(curves["true"]) == 20 and curves["true"][-1] < curves["true"][0]
     # Measured: 4e-6 relative over 30 steps.
     assert curves["true"] == pytest.approx(curves["false"], rel=1e-4)
+
+
+DPO_ARGS = ["-c", DPO_QUICK, "train.max_steps=20", "train.save_every=10", "train.log_every=1", "train.eval_every=0",
+            "engine.micro_batch_size=16", "data.toy.train_size=400", "eval.max_rows=32", "eval.max_prompts=16"]
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(packed_home, tmp_path_factory) -> dict[str, dict]:
+    """From the packed SFT entry: DPO against its frozen reference, packed and not (chosen and rejected
+    of each pair, and the reference's forward, packed into the same rows)."""
+    runs = {}
+    for packing in ("true", "false"):
+        home = home_with_entries_of(packed_home, tmp_path_factory.mktemp(f"dpo_{packing}"), ("sft",))
+        runs[packing] = run(home, *ONE_PROCESS, *DPO_ARGS, f"data.packing={packing}", stage="dpo")
+    return runs
+
+
+def test_packed_dpo_follows_the_unpacked_curve(dpo_runs):
+    packed, unpacked = dpo_runs["true"], dpo_runs["false"]
+    curve = losses(packed)
+    assert len(curve) == 20 and curve[-1] < curve[0], curve
+    # Measured: 7e-8 relative over 20 steps.
+    assert curve == pytest.approx(losses(unpacked), rel=1e-5)
+    # The held-out pairs go through the same packed forward; the sampled KL and oracle answers do not.
+    for key in ("loss", "accuracy", "margin", "initial_loss", "kl"):
+        assert packed["metrics"][key] == pytest.approx(unpacked["metrics"][key], rel=1e-3, abs=1e-5), key
+
+
+def test_a_killed_packed_dpo_run_resumes_to_the_uninterrupted_weights(packed_home, dpo_runs, tmp_path):
+    home = home_with_entries_of(packed_home, tmp_path / "killed", ("sft",))
+    run_dir = kill_after_checkpoint("dpo", [*DPO_ARGS, "data.packing=true"], home=home, min_step=10)
+    resumed = resume_and_check("dpo", run_dir, home=home, max_steps=20, launch=ONE_PROCESS)
+    assert_same_weights(resumed, dpo_runs["true"])
+
+
+def test_packed_dpo_refuses_an_unchecked_attention(packed_home, tmp_path):
+    home = home_with_entries_of(packed_home, tmp_path / "home", ("sft",))
+    result = rlhf("dpo", *ONE_PROCESS, *DPO_ARGS, "data.packing=true", "model.attn_implementation=flex_attention", home=home)
+    assert result.code == 2, result.output[-2000:]
+    assert ("data.packing=true needs model.attn_implementation in ['eager', 'flash_attention_2', 'sdpa'], "
+            "not 'flex_attention'; set data.packing=false") in result.stderr
+    assert [e["stage"] for e in entries(home)] == ["sft"] and not list((home / "runs").glob("dpo-*"))
