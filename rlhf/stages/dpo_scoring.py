@@ -14,13 +14,14 @@ from typing import Any
 import torch
 
 from rlhf.algos.ppo import logprobs_from_logits
+from rlhf.config import DPODataConfig
 from rlhf.data.packing import PackedResponses, collate_packed_responses, packed_forward_inputs
 from rlhf.rollout import Sequences, pack_sequences, policy_logprobs, reference_logprobs
 
 Scored = Sequences | PackedResponses
 
 
-def packing_capacity(data_cfg: Any) -> int | None:
+def packing_capacity(data_cfg: DPODataConfig) -> int | None:
     """Tokens per packed row (None = packing off)."""
     return (data_cfg.packing_tokens or data_cfg.max_length) if data_cfg.packing else None
 
