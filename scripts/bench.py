@@ -4,7 +4,7 @@
                             [--ppo-override KEY=VALUE ...]   (e.g. ppo.estimator=grpo rollout.samples_per_prompt=4)
 
 For each (model, ranks) case the parent launches one worker under the DeepSpeed launcher
-(rlhf.launch, as `rlhf <stage> -n N` does). Every rank of the worker runs the stage programs'
+(rlhf.launcher.command, as `rlhf <stage> -n N` does). Every rank of the worker runs the stage programs'
 own `main()` in sequence on a scratch registry: sft, then rm from that SFT entry, then ppo from
 both. Each stage logs every step; a step's time is the gap between its metrics row and the
 previous one (PPO's rows also split it into generation, scoring and training), the first steps
@@ -12,7 +12,7 @@ are warm-up and not timed. Peak memory is the rank's peak RSS on the CPU (VmHWM,
 each stage) and torch.cuda.max_memory_allocated on a GPU. In the same process, half of each
 reference's rounds just before the stage it refers to and half just after (one rank):
 
-  (a) rollout generation (rlhf.rollout.sample_rollout, what the PPO stage samples with) against
+  (a) rollout generation (rlhf.rollouts.generation.sample_rollout, what the PPO stage samples with) against
       plain transformers `generate` on the same model, prompts and seed (so the same lengths);
   (b) the PPO stage's step, and each of its phases (generate, score, train; each within 1.1x),
       against its essential parts timed alone with plain torch and transformers calls on the same
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(json.loads(args.worker.read_text()))
         return 0
-    from rlhf.registry import default_root
+    from rlhf.store.registry import default_root
     from rlhf.toy import ToyTask, ToyTaskConfig
 
     models = ["tiny"] if args.quick else args.models.split(",")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_case(case_dir: Path, *, model: str, ranks: int, args: argparse.Namespace, data_dir: Path, command: str,
              grid: bool) -> dict | None:
     """Launch one worker on `ranks` ranks; its result, or None (with its log shown) if it failed."""
-    from rlhf.launch import LaunchSpec, build_command, launch_env
+    from rlhf.launcher.command import LaunchSpec, build_command, launch_env
 
     spec = {
         "model": model, "ranks": ranks, "zero_stage": args.zero_stage, "precision": args.precision,
@@ -270,8 +270,8 @@ def format_table(results: list[dict]) -> str:
 def worker(spec: dict[str, Any]) -> None:
     import torch
 
-    from rlhf.engine import init_distributed
-    from rlhf.runs import resolve_config
+    from rlhf.store.runs import resolve_config
+    from rlhf.training.engine import init_distributed
 
     dist = init_distributed()
     model, budget = spec["model"], BUDGETS[spec["model"]]
@@ -379,7 +379,7 @@ def run_stage(stage: str, overrides: list[str], dist: Any) -> StageRun:
     """Run `rlhf/stages/<stage>.py`'s main() in this process, on every rank, as its program would."""
     import torch
 
-    from rlhf.runs import create_run, open_run, resolve_config
+    from rlhf.store.runs import create_run, open_run, resolve_config
 
     cfg = resolve_config(stage, None, overrides)
     run_dir = [str(create_run(stage, cfg).run_dir) if dist.is_main else None]
@@ -588,9 +588,9 @@ def ppo_references(cfg: Any, dist: Any, *, budget: Budget, half: int) -> dict[st
     builds them (from the same entries): per-round seconds, by measurement."""
     from rlhf.data.load import stage_datasets
     from rlhf.data.sampler import ShuffledBatches
-    from rlhf.model_sources import causal_lm_and_tokenizer, ppo_sources
-    from rlhf.ppo_models import build_ppo_models
-    from rlhf.registry import Registry
+    from rlhf.models.sources import causal_lm_and_tokenizer, ppo_sources
+    from rlhf.models.stage_models import build_ppo_models
+    from rlhf.store.registry import Registry
 
     registry = Registry(cfg.run.registry)
     actor_source, tokenizer = causal_lm_and_tokenizer(cfg.model, registry)
@@ -615,12 +615,12 @@ def paired_phases(cfg: Any, dist: Any, *, budget: Budget) -> dict[str, list[floa
     turns on one set of the stage's models, `budget.paired_rounds` times after `budget.warmup` of
     warm-up, the order swapped every round. Each round's phase ratios are then free of the
     machine's drift between rounds, which on a shared machine moves a minute-long run by 30%."""
-    from rlhf.ppo_models import build_ppo_models
-    from rlhf.run_keeper import RunKeeper
-    from rlhf.runs import create_run
+    from rlhf.models.stage_models import build_ppo_models
     from rlhf.stages.ppo import ppo_step
     from rlhf.stages.ppo_context import PPOContext, PPOState, load_data, minibatches_per_epoch, sampling_of
     from rlhf.stages.ppo_rollout import step_prompts
+    from rlhf.store.runs import create_run
+    from rlhf.training.run_keeper import RunKeeper
 
     run = create_run("ppo", cfg)  # one rank: the references run only there
     data = load_data(cfg, run, dist)
@@ -748,7 +748,7 @@ def rollout_vs_plain_generate(
     seed so both produce the same tokens (the same lengths)."""
     import torch
 
-    from rlhf.rollout import Sampling, sample_rollout
+    from rlhf.rollouts.generation import Sampling, sample_rollout
 
     module = models.actor.module
     module.eval()
@@ -867,11 +867,11 @@ def plain_ppo_round(models: Any, cfg: Any, tokenizer: Any, dist: Any) -> Callabl
 
 def plain_passes(engines: dict[str, Any], cfg: Any) -> dict[str, tuple[Any, Callable[[Any], None]]]:
     """For each trained model: its module, and one plain torch update of it from a loss: backward,
-    clip to the stage's grad_clip, an AdamW step as the engine builds it (`rlhf.engine.fused_adamw`
+    clip to the stage's grad_clip, an AdamW step as the engine builds it (`rlhf.training.engine.fused_adamw`
     picks the kernel) at a tiny lr, zero_grad."""
     import torch
 
-    from rlhf.engine import fused_adamw
+    from rlhf.training.engine import fused_adamw
 
     passes = {}
     for name, engine in engines.items():

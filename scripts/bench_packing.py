@@ -28,9 +28,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rlhf.config import DPOConfig, load_config
 from rlhf.data.tokenize import PairExample, SFTExample
-from rlhf.engine import Dist
 from rlhf.stages.dpo import Reference, batch_loss, make_batch
 from rlhf.stages.sft import micro_batch_loss
+from rlhf.training.engine import Dist
 
 MAX_LENGTH, MICRO_BATCH, VOCAB = 512, 16, 4096
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

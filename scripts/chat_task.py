@@ -1,4 +1,4 @@
-"""The verifiable chat task (`rlhf.chat_task`): write its data, or measure a model's exact-answer rate.
+"""The verifiable chat task (`rlhf.tasks.chat`): write its data, or measure a model's exact-answer rate.
 
     python scripts/chat_task.py write FOLDER [--train-size 512] [--eval-size 128] [--seed 0]
     python scripts/chat_task.py score MODEL FOLDER [--max-new-tokens 16] [--samples 0]
@@ -18,9 +18,9 @@ sft` (LoRA), `rlhf rm` and `rlhf ppo` (LoRA actor and critic) on a registry in O
 model as shipped and after SFT and PPO, and prints and writes OUT/figures.json (each stage's wall
 time, held-out RM accuracy, exact-answer rates). scripts/gpu-check.sh runs it in bf16 under ZeRO-3.
 `ppo` runs PPO again on the registry a `run` left in OUT, from its SFT and RM entries, with the
-learned reward model or with the task's grader as the reward (`rlhf.chat_task:exact_reward`; the
+learned reward model or with the task's grader as the reward (`rlhf.tasks.chat:exact_reward`; the
 critic still starts from the RM), scores the result and writes OUT/figures-ppo-REWARD.json.
-`rounds` runs `rlhf pipeline --rounds N --label-by python:rlhf.chat_task:exact_reward` (the grader
+`rounds` runs `rlhf pipeline --rounds N --label-by python:rlhf.tasks.chat:exact_reward` (the grader
 labels each round's own samples, K=4 per training prompt) with `run`'s stage settings, then scores
 the SFT and every round's PPO policy and reward model; writes OUT/figures-rounds.json.
 """
@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.chat_task import exact_answer_rate, write_task
+from rlhf.tasks.chat import exact_answer_rate, write_task
 
 # The README's settings: sized for 2 CPU cores (a LoRA step of 8 short chats takes a few seconds).
 STAGE_ARGS = {
@@ -59,11 +59,11 @@ def score(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.rollout import Sampling, generate
+    from rlhf.rollouts.generation import Sampling, generate
 
     if model_path.endswith(".gguf"):
-        from rlhf.gguf import ensure_converted
-        from rlhf.registry import default_root
+        from rlhf.models.gguf import ensure_converted
+        from rlhf.store.registry import default_root
 
         model_path = str(ensure_converted(model_path, default_root()))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -90,12 +90,12 @@ def rank(rm_path: str, folder: Path) -> dict[str, float]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf.algos.reward import sequence_rewards
-    from rlhf.chat_task import rejected_kind
     from rlhf.data.collate import collate_rm
     from rlhf.data.formats import to_comparisons
     from rlhf.data.sources import load_records
     from rlhf.data.tokenize import tokenize_preferences
-    from rlhf.model_loading import ScalarModel
+    from rlhf.models.loading import ScalarModel
+    from rlhf.tasks.chat import rejected_kind
 
     path = folder / "comparisons-eval.jsonl"
     tokenizer = AutoTokenizer.from_pretrained(rm_path)
@@ -121,7 +121,7 @@ def run_stage(stage: str, settings: list[str], *, ranks: int, home: Path) -> flo
 
 
 def last_eval(home: Path, stage: str) -> dict:
-    from rlhf.registry import Registry
+    from rlhf.store.registry import Registry
 
     entry = Registry(home).resolve(f"{stage}:latest")
     rows = [json.loads(line) for line in (Path(entry.run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -129,7 +129,7 @@ def last_eval(home: Path, stage: str) -> dict:
     return {"path": entry.path, "first_eval": evals[0], "last_eval": evals[-1]}
 
 
-GRADER = "reward.name_or_path=[python:rlhf.chat_task:exact_reward]"
+GRADER = "reward.name_or_path=[python:rlhf.tasks.chat:exact_reward]"
 
 
 def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: int, reward: str = "rm") -> dict:
@@ -142,7 +142,7 @@ def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: i
             "sampled_exact_answer_rate": score(figures["path"], task, 16, samples=SAMPLES)}
 
 
-LABELER = "python:rlhf.chat_task:exact_reward"
+LABELER = "python:rlhf.tasks.chat:exact_reward"
 SAMPLE_ARGS = ["data.train={task}/prompts-train.jsonl", "data.max_prompt_length=96", "sampling.k=4",
                "sampling.max_new_tokens=16", "sampling.batch_size=32"]
 
@@ -151,8 +151,8 @@ def rounds_pipeline(out: Path, *, rounds: int, steps: dict[str, int]) -> dict:
     """`rlhf pipeline --rounds` on the chat task, the grader as the labeler (one rank, fp32); per round the
     reward model's held-out accuracy by kind, its agreement with the grader on PPO's own held-out samples
     (eval.gold) and the greedy and sampled exact-answer rates of that round's policy."""
-    from rlhf.gguf import installed_smollm2
-    from rlhf.registry import Registry
+    from rlhf.models.gguf import installed_smollm2
+    from rlhf.store.registry import Registry
 
     gguf = installed_smollm2()
     if gguf is None:
@@ -188,7 +188,7 @@ def rounds_pipeline(out: Path, *, rounds: int, steps: dict[str, int]) -> dict:
 
 
 def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, int]) -> dict:
-    from rlhf.gguf import installed_smollm2
+    from rlhf.models.gguf import installed_smollm2
 
     gguf = installed_smollm2()
     if gguf is None:

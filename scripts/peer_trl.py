@@ -187,10 +187,10 @@ def trl_models(cfg: PPOConfig) -> dict[str, Any]:
     policy itself and takes the reference as the policy with its adapters off)."""
     import torch
 
-    from rlhf.model_loading import disable_dropout, load_causal_lm, load_scalar_model, peft_lora_config
-    from rlhf.model_sources import causal_lm_and_tokenizer, ppo_sources, reward_stats
-    from rlhf.ppo_models import frozen_model_config, load_critic
-    from rlhf.registry import Registry
+    from rlhf.models.loading import disable_dropout, load_causal_lm, load_scalar_model, peft_lora_config
+    from rlhf.models.sources import causal_lm_and_tokenizer, ppo_sources, reward_stats
+    from rlhf.models.stage_models import frozen_model_config, load_critic
+    from rlhf.store.registry import Registry
 
     registry = Registry(Path(cfg.run.registry))
     actor_source, tokenizer = causal_lm_and_tokenizer(cfg.model, registry)
@@ -265,7 +265,7 @@ def run_trl(cfg: PPOConfig, out: Path, *, collect_garbage: bool) -> dict[str, An
 
 def run_rlhf(overrides: list[str], *, tag: str, env: dict[str, str]) -> dict[str, Any]:
     """`rlhf ppo` on one rank as users run it; its loop time and phases from its metrics.jsonl."""
-    from rlhf.registry import Registry
+    from rlhf.store.registry import Registry
 
     rlhf_cli = Path(sys.executable).with_name("rlhf")
     command = [str(rlhf_cli), "ppo", "--launcher", "python", *overrides, f"run.tags={tag}"]
@@ -290,15 +290,15 @@ def evaluate_policy(cfg: PPOConfig, policy_dir: str, *, task: str = "toy") -> di
     """What `rlhf ppo`'s final evaluation reports, by its own functions: the KL to the SFT policy
     summed over each sampled held-out response's tokens (k1, the mean over responses), and the
     quality of sampled and greedy responses to the held-out prompts: the toy's oracle score (0-100),
-    or the chat task's exact-answer rate (its grader, `rlhf.chat_task.exact_reward`)."""
+    or the chat task's exact-answer rate (its grader, `rlhf.tasks.chat.exact_reward`)."""
     import torch
 
     from rlhf.data.load import stage_datasets
-    from rlhf.model_loading import disable_dropout, load_causal_lm
-    from rlhf.model_sources import ModelSource, causal_lm_and_tokenizer
-    from rlhf.ppo_models import frozen_model_config
-    from rlhf.registry import Registry
-    from rlhf.rollout import Sampling
+    from rlhf.models.loading import disable_dropout, load_causal_lm
+    from rlhf.models.sources import ModelSource, causal_lm_and_tokenizer
+    from rlhf.models.stage_models import frozen_model_config
+    from rlhf.rollouts.generation import Sampling
+    from rlhf.store.registry import Registry
 
     sft_source, tokenizer = causal_lm_and_tokenizer(cfg.model, Registry(Path(cfg.run.registry)))
     frozen = frozen_model_config(cfg, "reference")
@@ -323,7 +323,7 @@ def sampled_kl(policy: Any, reference: Any, seqs: Any, temperature: float) -> fl
     """Summed over the batch: each sampled response's k1 KL to the reference, its tokens summed."""
     import torch
 
-    from rlhf.rollout import policy_logprobs
+    from rlhf.rollouts.generation import policy_logprobs
 
     logp = policy_logprobs(policy, seqs, temperature=temperature)[0]
     ref_logp = policy_logprobs(reference, seqs, temperature=temperature)[0]
@@ -334,9 +334,9 @@ def toy_quality(policy: Any, reference: Any, tokenizer: Any, prompts: list, text
                 cfg: PPOConfig) -> dict[str, float]:
     import torch
 
-    from rlhf.engine import Dist
-    from rlhf.evaluation import oracle_eval
-    from rlhf.rollout import sample_rollout
+    from rlhf.rollouts.generation import sample_rollout
+    from rlhf.training.engine import Dist
+    from rlhf.training.evaluation import oracle_eval
 
     kl_sum, size = 0.0, cfg.eval.batch_size
     for start in range(0, len(prompts), size):
@@ -349,9 +349,9 @@ def toy_quality(policy: Any, reference: Any, tokenizer: Any, prompts: list, text
 def chat_quality(policy: Any, reference: Any, tokenizer: Any, prompts: list, sampling: Any, cfg: PPOConfig) -> dict[str, float]:
     """The grader's exact-answer rate of CHAT_SAMPLES sampled replies per held-out question (the KL
     from the same samples) and of the greedy reply: the reward PPO's grader option computes."""
-    from rlhf.chat_task import exact_reward
-    from rlhf.rewards import rollout_texts
-    from rlhf.rollout import sample_rollout
+    from rlhf.rollouts.generation import sample_rollout
+    from rlhf.rollouts.rewards import rollout_texts
+    from rlhf.tasks.chat import exact_reward
 
     greedy = dataclasses.replace(sampling, temperature=0.0)
     exact, greedy_exact, kl_sum, size = 0.0, 0.0, 0.0, cfg.eval.batch_size
@@ -380,8 +380,8 @@ def identical_weights(first: str, second: str) -> bool:
 
 def pinned(name: str, registry: str) -> str:
     """A registry reference as the entry id it names now (`sft:latest` must not move between runs)."""
-    from rlhf.registry import Registry
-    from rlhf.registry_entry import is_reference
+    from rlhf.store.entry import is_reference
+    from rlhf.store.registry import Registry
 
     if not is_reference(name):
         return name

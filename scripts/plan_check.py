@@ -2,13 +2,13 @@
 
 Runs `rlhf sft` and `rlhf rm` on the embedded default (the tiny toy model, CPU, gloo) at ZeRO 0 and 3 on 1 and 2
 ranks for a few steps. A `sitecustomize` hook (this script's own, on PYTHONPATH of the runs only; nothing in rlhf
-changes) wraps `rlhf.engine.build_engine` in each rank and, after every backward and every optimizer step, adds up
+changes) wraps `rlhf.training.engine.build_engine` in each rank and, after every backward and every optimizer step, adds up
 the bytes of distinct tensor storages the engine holds:
   weights    the module's parameters (under ZeRO-3 each rank's partition, `ds_tensor`)
   gradients  the parameters' `.grad` tensors after backward (ZeRO-0; ZeRO-3 keeps its gradients in its own buffers)
   optimizer  every tensor the DeepSpeed optimizer object and its inner torch optimizer hold (Adam's states, ZeRO's
              flat partitions and gradient buffers), less the storages already counted as weights
-and writes the largest sum each rank saw. It prints that beside the estimate of `rlhf.memory_plan` for the same config.
+and writes the largest sum each rank saw. It prints that beside the estimate of `rlhf.launcher.memory_plan` for the same config.
 Process memory (peak RSS) is printed too, but at this size it is the libraries (torch, DeepSpeed, transformers),
 not the model: the toy's states are a few MiB.
 """
@@ -107,7 +107,7 @@ def _patch(module):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "rlhf.engine":
+        if name != "rlhf.training.engine":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -137,10 +137,10 @@ def overrides(stage: str, zero: int, steps: int) -> list[str]:
 
 def estimate(stage: str, zero: int, ranks: int, steps: int) -> dict[str, float]:
     from rlhf.config import STAGE_CONFIGS, load_config
-    from rlhf.memory_plan import plan_stage
-    from rlhf.memory_shapes import model_shapes
-    from rlhf.named_configs import config_file
-    from rlhf.registry import Registry
+    from rlhf.config.presets import config_file
+    from rlhf.launcher.memory_plan import plan_stage
+    from rlhf.launcher.memory_shapes import model_shapes
+    from rlhf.store.registry import Registry
 
     cfg = load_config(STAGE_CONFIGS[stage], config_file(Path(f"{stage}-toy-quick")), overrides(stage, zero, steps))
     plan = plan_stage(stage, cfg, model_shapes(stage, cfg, Registry(Path(tempfile.gettempdir()))), ranks=ranks, memory=2**40)

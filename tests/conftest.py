@@ -19,7 +19,7 @@ def pytest_configure(config) -> None:
     # test before it had compared weights with two threads).
     os.environ["OMP_NUM_THREADS"] = "1"
     if not os.environ.get("PYTEST_XDIST_WORKER") and "RLHF_SEAL_KEY" not in os.environ:
-        # The runs' seal key (rlhf.start_record): one per session, shared by the workers it starts,
+        # The runs' seal key (rlhf.store.start_record): one per session, shared by the workers it starts,
         # rather than the user's own ~/.config/rlhf/seal.key.
         os.environ["RLHF_SEAL_KEY"] = os.path.join(tempfile.mkdtemp(prefix="rlhf-seal-"), "seal.key")
 

@@ -32,9 +32,9 @@ def preload() -> None:
     import transformers  # noqa: F401
 
     import rlhf.cli  # noqa: F401
-    import rlhf.engine  # noqa: F401
-    import rlhf.evaluation  # noqa: F401
-    import rlhf.ppo_models  # noqa: F401
+    import rlhf.models.stage_models  # noqa: F401
+    import rlhf.training.engine  # noqa: F401
+    import rlhf.training.evaluation  # noqa: F401
 
 
 def run_forked(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float) -> tuple[int, str, str]:
@@ -53,11 +53,11 @@ def run_forked(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: floa
 
 
 def _cli_main(argv: list[str]) -> None:
-    import rlhf.launch
+    import rlhf.launcher.command
 
-    real = rlhf.launch.run_supervised
-    # `rlhf.cli_launch` imports it from rlhf.launch when it launches, so the child's own module is patched.
-    rlhf.launch.run_supervised = lambda cmd, env: _supervised(cmd, env, real)
+    real = rlhf.launcher.command.run_supervised
+    # `rlhf.cli.launch` imports it from rlhf.launcher.command when it launches, so the child's own module is patched.
+    rlhf.launcher.command.run_supervised = lambda cmd, env: _supervised(cmd, env, real)
     sys.argv = list(argv)
     from rlhf.cli import main
 
@@ -65,8 +65,8 @@ def _cli_main(argv: list[str]) -> None:
 
 
 def _supervised(cmd: list[str], env: dict[str, str], real):
-    """rlhf.launch.run_supervised, with a one-rank `python -m rlhf.stages.X ...` run as a fork of this process."""
-    from rlhf.launch import STAGES_PACKAGE, Outcome
+    """rlhf.launcher.command.run_supervised, with a one-rank `python -m rlhf.stages.X ...` run as a fork of this process."""
+    from rlhf.launcher.command import STAGES_PACKAGE, Outcome
 
     if len(cmd) < 3 or cmd[0] != sys.executable or cmd[1] != "-m" or not cmd[2].startswith(f"{STAGES_PACKAGE}."):
         return real(cmd, env)
@@ -124,7 +124,7 @@ def _child(body, *, env: dict[str, str], cwd: Path, out: int | None, err: int | 
 
 def _fit_consoles() -> None:
     """Rich reads COLUMNS when a console is made, which was in the test process: read it again."""
-    from rlhf.tracking import console, err_console
+    from rlhf.training.tracking import console, err_console
 
     columns = os.environ.get("COLUMNS", "")
     for each in (console, err_console):

@@ -7,7 +7,7 @@ from dataclasses import fields
 import torch
 
 from rlhf.data.collate import left_pad_prompts, pad_right
-from rlhf.rollout import Sequences
+from rlhf.rollouts.generation import Sequences
 
 
 def build_sequences(

@@ -8,7 +8,7 @@ mask). Reference log-probs come the same way, summed over the same tokens; SimPO
 
 Each function returns (loss, stats): the loss is a scalar, the mean over the B examples of the
 per-example losses. stats is a NamedTuple of detached (B,) tensors, one entry per example, so a
-stage can add them to on-device sums (rlhf.rank_sums.RankSums) and divide by the global count;
+stage can add them to on-device sums (rlhf.training.rank_sums.RankSums) and divide by the global count;
 `.mean()` gives this batch's value. Float64 inputs give float64 outputs.
 """
 

@@ -284,7 +284,7 @@ def _check_data_source(key: str, value: str) -> None:
 def _check_tags(tags: list[str]) -> None:
     """The registry's own tag rule, before the run starts rather than when it publishes at the end
     (no entry ids yet: a tag an id would shadow is refused again at publish)."""
-    from rlhf.registry import check_tags
+    from rlhf.store.registry import check_tags
 
     try:
         check_tags(tags, stage="")
@@ -302,7 +302,7 @@ def check_precision(engine: EngineConfig, *, cuda_available: bool) -> None:
 
 def _check_reward(reward: RewardConfig, data: Any) -> None:
     """The sources parse (the functions are imported by the preflight); the oracle grades the toy task only."""
-    from rlhf.rewards import ORACLE, parse_sources
+    from rlhf.rollouts.rewards import ORACLE, parse_sources
     from rlhf.toy import TOY
 
     parse_sources(reward.name_or_path, reward.weights)
@@ -312,7 +312,7 @@ def _check_reward(reward: RewardConfig, data: Any) -> None:
 
 
 def _check_ensemble(ensemble: RewardEnsembleConfig, reward: RewardConfig) -> None:
-    from rlhf.rewards import learned_source, parse_sources
+    from rlhf.rollouts.rewards import learned_source, parse_sources
 
     if not ensemble.name_or_path:
         return

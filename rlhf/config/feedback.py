@@ -132,7 +132,7 @@ class LabelConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
-        from rlhf.labelers import parse_labeler
+        from rlhf.feedback.labelers import parse_labeler
 
         _check_data_source("data.samples", self.data.samples)
         parse_labeler(self.by)

@@ -17,7 +17,7 @@ import yaml
 
 from rlhf.config.yaml_file import _read_yaml
 from rlhf.errors import UserError
-from rlhf.fileio import atomic_write_text
+from rlhf.store.fileio import atomic_write_text
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:

@@ -104,17 +104,17 @@ class PPOConfig:
 
 def _check_multi_turn(cfg: PPOConfig) -> None:
     """rollout.env and its settings (the class is imported by the preflight); one line for the first that does not fit."""
-    from rlhf.rewards import parse_source
+    from rlhf.rollouts.rewards import parse_source
 
     rollout, ppo = cfg.rollout, cfg.ppo
     _at_least(1, {"rollout.max_turns": rollout.max_turns})
     if rollout.env is None:
         if rollout.max_turns != 1 or rollout.max_episode_tokens is not None or rollout.turn_rewards != "end":
             raise UserError("rollout.max_turns, rollout.max_episode_tokens and rollout.turn_rewards apply to multi-turn rollouts: "
-                            "set rollout.env=python:package.module:Class (e.g. python:rlhf.envs:ToolEnv)")
+                            "set rollout.env=python:package.module:Class (e.g. python:rlhf.tasks.envs:ToolEnv)")
         return
     if parse_source(rollout.env, key="rollout.env").kind != "python":
-        raise UserError(f"rollout.env={rollout.env!r} is not python:package.module:Class (e.g. python:rlhf.envs:ToolEnv)")
+        raise UserError(f"rollout.env={rollout.env!r} is not python:package.module:Class (e.g. python:rlhf.tasks.envs:ToolEnv)")
     if rollout.max_episode_tokens is not None and rollout.max_episode_tokens < rollout.max_new_tokens:
         raise UserError(f"rollout.max_episode_tokens ({rollout.max_episode_tokens}) must be at least rollout.max_new_tokens "
                         f"({rollout.max_new_tokens}): one whole turn")
@@ -203,7 +203,7 @@ def _check_dynamic_sampling(cfg: PPOConfig) -> None:
 
 def _check_gold(gold: str | None, eval_data: str | None) -> None:
     """eval.gold is a python: function or the oracle, never a model: a gold label is what a model is checked against."""
-    from rlhf.rewards import parse_source
+    from rlhf.rollouts.rewards import parse_source
     from rlhf.toy import TOY
 
     if gold is None:

@@ -62,8 +62,8 @@ class RolloutConfig:
     """Multi-turn rollouts: `python:package.module:Class`, an environment class imported by dotted name (never a file path;
     repeat it on --resume), one instance per episode: `reset(prompt) -> messages` and `step(assistant_text) -> (observation
     messages, reward, done)`. The policy's and the environment's turns alternate up to max_turns; the environment's tokens
-    are context only (no loss, KL or value target). Built in: python:rlhf.envs:ToolEnv (tool calls, rlhf.tools) and
-    python:rlhf.envs:ToyRetryEnv (the embedded default). null = one response per prompt."""
+    are context only (no loss, KL or value target). Built in: python:rlhf.tasks.envs:ToolEnv (tool calls, rlhf.tools) and
+    python:rlhf.tasks.envs:ToyRetryEnv (the embedded default). null = one response per prompt."""
     max_turns: int = 1
     """The policy's turns per episode (with env); each holds at most max_new_tokens tokens."""
     max_episode_tokens: int | None = None

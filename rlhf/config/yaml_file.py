@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
+from rlhf.config.presets import missing_hint
 from rlhf.errors import UserError
-from rlhf.named_configs import missing_hint
 
 MAX_YAML_VALUES = 100_000
 """Values a config file may hold once its aliases are expanded: a config has a few hundred; a file of

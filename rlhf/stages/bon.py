@@ -6,7 +6,7 @@ data.train=<entry path>/train.jsonl`). And best-of-N as an evaluation: on held-o
 reward and (on the embedded default) the oracle's score of the response kept among the first n
 samples, for n = 1, 2, 4, ..., N, beside the KL of best-of-n to the policy, log n - (n-1)/n.
 
-The reward is any `rlhf.rewards` source: a reward model, Python functions, the oracle, or a
+The reward is any `rlhf.rollouts.rewards` source: a reward model, Python functions, the oracle, or a
 weighted sum. Nothing trains; under ZeRO-3 the policy and the reward model are partitioned.
 
 1. Ranks.  2. Tokenizer, the reward's sources, prompts.  3. The policy and the reward model.
@@ -31,11 +31,8 @@ import torch
 from rlhf.algos.best_of_n import best_of_first, best_of_n_kl, curve_ns
 from rlhf.config import BestOfNConfig, BestOfNSamplingConfig, ModelConfig, to_dict
 from rlhf.data.load import prompt_rows
-from rlhf.engine import PRECISION_DTYPES, Dist, build_frozen, frozen_zero3_config, init_distributed, seed_everything, zero3_partitioning
-from rlhf.evaluation import even_shard
-from rlhf.fileio import atomic_write_text
-from rlhf.model_loading import disable_dropout, load_causal_lm
-from rlhf.model_sources import (
+from rlhf.models.loading import disable_dropout, load_causal_lm
+from rlhf.models.sources import (
     ModelSource,
     base_model_identity,
     causal_lm_and_tokenizer,
@@ -43,16 +40,27 @@ from rlhf.model_sources import (
     reward_model_source,
     reward_stats,
 )
-from rlhf.ppo_models import build_ensemble, build_reward
-from rlhf.rank_sums import RankSums
-from rlhf.registry_entry import DATASET_FILES, Entry, now_iso
-from rlhf.rewards import Reward, describe, parse_sources, rollout_texts
-from rlhf.rollout import RewardEnsemble, Sampling, sample_rollout, sequence_scores
-from rlhf.runs import Run, stage_entrypoint
-from rlhf.shard_keeper import ShardKeeper
-from rlhf.tokenizer import tokenizer_fingerprint
+from rlhf.models.stage_models import build_ensemble, build_reward
+from rlhf.models.tokenizer import tokenizer_fingerprint
+from rlhf.rollouts.generation import RewardEnsemble, Sampling, sample_rollout, sequence_scores
+from rlhf.rollouts.rewards import Reward, describe, parse_sources, rollout_texts
+from rlhf.store.entry import DATASET_FILES, Entry, now_iso
+from rlhf.store.fileio import atomic_write_text
+from rlhf.store.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, oracle_score
-from rlhf.tracking import print_warning
+from rlhf.training.engine import (
+    PRECISION_DTYPES,
+    Dist,
+    build_frozen,
+    frozen_zero3_config,
+    init_distributed,
+    seed_everything,
+    zero3_partitioning,
+)
+from rlhf.training.evaluation import even_shard
+from rlhf.training.rank_sums import RankSums
+from rlhf.training.shard_keeper import ShardKeeper
+from rlhf.training.tracking import print_warning
 
 HEADLINE = ("best_reward", "first_reward", "eval/best_oracle_score")
 CURVE_FILE = "curve.json"

@@ -33,7 +33,14 @@ from rlhf.config import REFERENCE_FREE_LOSSES, DPOConfig, loss_beta
 from rlhf.data.load import stage_datasets
 from rlhf.data.packing import check_packing_supported
 from rlhf.data.sampler import ShuffledBatches
-from rlhf.engine import (
+from rlhf.models.loading import disable_dropout, load_causal_lm
+from rlhf.models.sources import ModelSource, causal_lm_and_tokenizer, reference_source
+from rlhf.models.stage_models import build_reference
+from rlhf.rollouts.generation import Sampling, policy_logprobs, reference_logprobs, sample_rollout
+from rlhf.stages.dpo_scoring import Scored, lay_out, packing_capacity, reference_sums, sequence_logps
+from rlhf.store.runs import Run, stage_entrypoint
+from rlhf.toy import TOY, ToyTask
+from rlhf.training.engine import (
     PRECISION_DTYPES,
     Dist,
     build_engine,
@@ -43,16 +50,9 @@ from rlhf.engine import (
     seed_everything,
     zero3_partitioning,
 )
-from rlhf.evaluation import even_shard, oracle_eval
-from rlhf.model_loading import disable_dropout, load_causal_lm
-from rlhf.model_sources import ModelSource, causal_lm_and_tokenizer, reference_source
-from rlhf.ppo_models import build_reference
-from rlhf.rank_sums import RankSums
-from rlhf.rollout import Sampling, policy_logprobs, reference_logprobs, sample_rollout
-from rlhf.run_keeper import LoopState, RunKeeper
-from rlhf.runs import Run, stage_entrypoint
-from rlhf.stages.dpo_scoring import Scored, lay_out, packing_capacity, reference_sums, sequence_logps
-from rlhf.toy import TOY, ToyTask
+from rlhf.training.evaluation import even_shard, oracle_eval
+from rlhf.training.rank_sums import RankSums
+from rlhf.training.run_keeper import LoopState, RunKeeper
 
 HEADLINE = ("loss", "accuracy", "margin", "eval/accuracy", "eval/kl", "eval/oracle_score")
 # Sums over a batch's examples (and ranks); every name is declared on every rank (RankSums).

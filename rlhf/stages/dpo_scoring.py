@@ -1,7 +1,7 @@
 """How `rlhf dpo` scores stored responses: each response's log-probs summed over its tokens.
 
 Unpacked, a batch is laid out as a sampled rollout is (prompts left-padded, responses right-padded)
-and scored by `rlhf.rollout.policy_logprobs`. Packed (data.packing), the same prompt + response
+and scored by `rlhf.rollouts.generation.policy_logprobs`. Packed (data.packing), the same prompt + response
 sequences lie end to end in rows of data.packing_tokens (rlhf/data/packing.py): one forward without
 padding, each response token's log-prob read at its flattened index and summed per sequence. The sums
 and the response lengths are the same either way, so every loss of the family is too.
@@ -16,7 +16,7 @@ import torch
 from rlhf.algos.ppo import logprobs_from_logits
 from rlhf.config import DPODataConfig
 from rlhf.data.packing import PackedResponses, collate_packed_responses, packed_forward_inputs
-from rlhf.rollout import Sequences, pack_sequences, policy_logprobs, reference_logprobs
+from rlhf.rollouts.generation import Sequences, pack_sequences, policy_logprobs, reference_logprobs
 
 Scored = Sequences | PackedResponses
 

@@ -1,7 +1,7 @@
 """`rlhf label`: each prompt's K sampled responses ranked by a labeler, as ranked lists for `rlhf rm`.
 
 Reads `rlhf sample`'s rows (checked against the digest the sample stage recorded, so a file edited by
-hand stops in one line), has the labeler score each prompt's responses (rlhf.labelers: the oracle,
+hand stops in one line), has the labeler score each prompt's responses (rlhf.feedback.labelers: the oracle,
 a python: function, or a judge model), and writes `{"prompt", "responses" (best first), "ranks",
 "scores", "sample_index", "labeler"}` rows: `rlhf rm data.train=prefs:latest` trains on them as they
 are (a tie gives no pair). On the embedded default's prompts the labels' pairwise agreement with
@@ -25,15 +25,15 @@ from typing import Any, Callable
 import torch
 
 from rlhf.config import LabelConfig, to_dict
-from rlhf.engine import PRECISION_DTYPES, Dist, init_distributed
 from rlhf.errors import UserError
-from rlhf.evaluation import even_shard
-from rlhf.fileio import atomic_write_text
-from rlhf.labelers import function_scores, parse_labeler, rank, read_samples
-from rlhf.registry_entry import DATASET_FILES, Entry, now_iso
-from rlhf.runs import Run, stage_entrypoint
-from rlhf.shard_keeper import ShardKeeper
+from rlhf.feedback.labelers import function_scores, parse_labeler, rank, read_samples
+from rlhf.store.entry import DATASET_FILES, Entry, now_iso
+from rlhf.store.fileio import atomic_write_text
+from rlhf.store.runs import Run, stage_entrypoint
 from rlhf.toy import oracle_score
+from rlhf.training.engine import PRECISION_DTYPES, Dist, init_distributed
+from rlhf.training.evaluation import even_shard
+from rlhf.training.shard_keeper import ShardKeeper
 
 SHARD_PROMPTS = 256
 
@@ -46,7 +46,7 @@ class LabelContext:
     samples: Path
     """data.samples: the rows `rlhf sample` wrote."""
     spec: Any
-    """The labeler `by` names (rlhf.labelers.parse_labeler)."""
+    """The labeler `by` names (rlhf.feedback.labelers.parse_labeler)."""
     score: Callable[[str, list[str]], Any]
     """(prompt, its responses) -> one score per response, from the labeler."""
     dist: Dist
@@ -78,7 +78,7 @@ def scorer(cfg: LabelConfig, spec: Any, run: Run) -> Callable[[str, list[str]], 
     """The labeler's scores of one prompt's responses: a judge model's (loaded here) or a function's."""
     if spec.kind != "judge":
         return _function_scorer(spec)
-    from rlhf.judge import load_judge
+    from rlhf.feedback.judge import load_judge
 
     judge = load_judge(spec.target, cfg.judge, run.registry, dtype=PRECISION_DTYPES[cfg.engine.precision])
     return lambda prompt, texts: judge.scores(prompt, texts)[0]
@@ -141,7 +141,7 @@ def _oracle_scores(prompt: str, texts: list[str]) -> list[float] | None:
 def judge_parents(spec: Any, run: Run) -> tuple[str, ...]:
     if spec.kind != "judge":
         return ()
-    from rlhf.model_sources import resolve_model
+    from rlhf.models.sources import resolve_model
 
     return resolve_model(spec.target, run.registry, key="by").parents
 

@@ -31,19 +31,19 @@ import torch
 from rlhf.algos.ppo import adaptive_beta, explained_variance
 from rlhf.algos.reasoning import truncated_is_weights
 from rlhf.config import GROUP_ESTIMATORS, PPOConfig, clip_bounds, kl_estimator_of, loss_aggregation_of
-from rlhf.engine import Dist, global_grad_norm, init_distributed, seed_everything
-from rlhf.multiturn import episode_metrics
-from rlhf.ppo_models import build_ppo_models
-from rlhf.rank_sums import RankSums
-from rlhf.rewards import describe as describe_reward
-from rlhf.rewards import parse_source
-from rlhf.rollout import ScoredRollout
-from rlhf.run_keeper import RunKeeper
-from rlhf.runs import Run, stage_entrypoint
+from rlhf.models.stage_models import build_ppo_models
+from rlhf.rollouts.generation import ScoredRollout
+from rlhf.rollouts.multiturn import episode_metrics
+from rlhf.rollouts.rewards import describe as describe_reward
+from rlhf.rollouts.rewards import parse_source
 from rlhf.stages.ppo_context import PPOContext, PPOState, load_data, minibatches_per_epoch, sampling_of, total_updates
 from rlhf.stages.ppo_eval import evaluate
 from rlhf.stages.ppo_rollout import Rollout, advantages_of, draw_rollout, sampler_mismatch, stop_if_mismatched
 from rlhf.stages.ppo_update import update_on
+from rlhf.store.runs import Run, stage_entrypoint
+from rlhf.training.engine import Dist, global_grad_norm, init_distributed, seed_everything
+from rlhf.training.rank_sums import RankSums
+from rlhf.training.run_keeper import RunKeeper
 
 NEGATIVE_KL_STEPS = 3  # consecutive steps of negative mean KL before warning of a log-prob mismatch
 HEADLINE = ("score", "kl", "beta", "eval/score", "eval/kl", "eval/oracle_score")

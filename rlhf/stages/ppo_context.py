@@ -15,15 +15,15 @@ import torch
 from rlhf.config import PPOConfig
 from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
-from rlhf.engine import Dist
-from rlhf.model_sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
-from rlhf.multiturn import load_env_class
-from rlhf.ppo_models import PPOModels
-from rlhf.rewards import Reward, learned_source, parse_source, parse_sources
-from rlhf.rollout import Sampling
-from rlhf.run_keeper import LoopState, RunKeeper
-from rlhf.runs import Run
+from rlhf.models.sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
+from rlhf.models.stage_models import PPOModels
+from rlhf.rollouts.generation import Sampling
+from rlhf.rollouts.multiturn import load_env_class
+from rlhf.rollouts.rewards import Reward, learned_source, parse_source, parse_sources
+from rlhf.store.runs import Run
 from rlhf.toy import TOY
+from rlhf.training.engine import Dist
+from rlhf.training.run_keeper import LoopState, RunKeeper
 
 
 @dataclass

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.engine import Dist
 from rlhf.errors import UserError
-from rlhf.evaluation import even_shard, oracle_eval, pair_agreement, pearson
-from rlhf.rank_sums import RankSums
-from rlhf.rewards import Reward
+from rlhf.rollouts.rewards import Reward
 from rlhf.stages.ppo_context import PPOContext
 from rlhf.stages.ppo_rollout import RewardFailed, first_failure, sample, score, shaped, texts_of
 from rlhf.toy import oracle_score
+from rlhf.training.engine import Dist
+from rlhf.training.evaluation import even_shard, oracle_eval, pair_agreement, pearson
+from rlhf.training.rank_sums import RankSums
 
 EVAL_SUMS = ("score", "score_sq", "kl", "length", "length_sq", "score_length", "no_eos", "responses", "oracle_pairs", "oracle_agreed",
              "ensemble_std", "gold", "gold_pairs", "gold_agreed")

@@ -3,7 +3,7 @@ per-token rewards, advantages and returns.
 
 Generation and scoring run in eval mode: the old log-probs and values must be the deterministic ones
 the updates (rlhf/stages/ppo_update.py) compare against. With ppo.dynamic_sampling (DAPO), more rounds
-are drawn while a rank lacks groups whose rewards differ (rlhf/dynamic_sampling.py).
+are drawn while a rank lacks groups whose rewards differ (rlhf/rollouts/dynamic_sampling.py).
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from rlhf.algos.critic_free import group_advantages, leave_one_out_advantages, p
 from rlhf.algos.ppo import gae, masked_moments, masked_whiten, penalized_rewards, shape_scores
 from rlhf.algos.reasoning import mismatch_kl, overlong_penalty
 from rlhf.config import GROUP_ESTIMATORS, PPOConfig, checks_mismatch, kl_estimator_of
-from rlhf.dynamic_sampling import Drawn, choice_of, dynamic_metrics, join_chosen
-from rlhf.engine import Dist
 from rlhf.errors import UserError
-from rlhf.multiturn import Episodes, any_rank, sample_episodes
-from rlhf.rank_sums import RankSums
-from rlhf.rewards import rollout_texts
-from rlhf.rollout import SampledLogprobs, ScoredRollout, Sequences, sample_rollout_with_logprobs, score_rollout
-from rlhf.run_keeper import RunKeeper
+from rlhf.rollouts.dynamic_sampling import Drawn, choice_of, dynamic_metrics, join_chosen
+from rlhf.rollouts.generation import SampledLogprobs, ScoredRollout, Sequences, sample_rollout_with_logprobs, score_rollout
+from rlhf.rollouts.multiturn import Episodes, any_rank, sample_episodes
+from rlhf.rollouts.rewards import rollout_texts
 from rlhf.stages.ppo_context import Data, PPOContext, PPOState, stop_if_nonfinite
-from rlhf.trust import resume_command
+from rlhf.store.trust import resume_command
+from rlhf.training.engine import Dist
+from rlhf.training.rank_sums import RankSums
+from rlhf.training.run_keeper import RunKeeper
 
 GENERATION_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits generation may keep for the old log-probs
 SCORE_LOGITS_BUDGET = 256 * 2**20  # bytes of float32 response logits one scoring forward may produce (rollout.score_batch_size=0)
@@ -61,7 +61,7 @@ def draw_rollout(ctx: PPOContext, state: PPOState) -> tuple[Drawn, dict[str, flo
     """Step 5: the step's rollout batch and, with ppo.dynamic_sampling (DAPO), its group counts. Round n of step s
     draws the prompt sampler's batch s + state.extra_rounds + n. Groups whose shaped scores are all equal are dropped
     and another round is drawn while any rank lacks rollout.batch_size / K informative groups, up to
-    ppo.max_sampling_rounds; then a short rank fills its batch with dropped groups (rlhf/dynamic_sampling.py)."""
+    ppo.max_sampling_rounds; then a short rank fills its batch with dropped groups (rlhf/rollouts/dynamic_sampling.py)."""
     cfg = ctx.cfg
     first = state.step + state.extra_rounds
     rounds = [sample_and_score(ctx, state, batch=first)]
@@ -106,7 +106,7 @@ def step_prompts(ctx: PPOContext, *, step: int) -> list[list[int]]:
 
 def sample(ctx: PPOContext, prompts: list[list[int]], *, keep_logprobs: bool) -> tuple[Sequences, SampledLogprobs | None, Episodes | None]:
     """A response to each prompt (`sample_rollout_with_logprobs`), or with rollout.env an episode of turns
-    (rlhf/multiturn.py), whose old log-probs come from the actor's forward (no sampled log-probs)."""
+    (rlhf/rollouts/multiturn.py), whose old log-probs come from the actor's forward (no sampled log-probs)."""
     actor, data = ctx.models.actor, ctx.data
     if data.env_class is None:
         return (*sample_rollout_with_logprobs(actor.module, prompts, ctx.sampling, keep_logprobs=keep_logprobs), None)

@@ -12,10 +12,10 @@ from rlhf.algos.ppo import clipped_surrogate, kl_per_token, value_loss
 from rlhf.algos.reasoning import sequence_advantages, sequence_clipped_surrogate
 from rlhf.config import PPOAlgoConfig, clip_bounds, kl_estimator_of, loss_aggregation_of
 from rlhf.data.collate import collate_sft
-from rlhf.rank_sums import RankSums
-from rlhf.rollout import Sequences, minibatch_rows, policy_logprobs, token_values
+from rlhf.rollouts.generation import Sequences, minibatch_rows, policy_logprobs, token_values
 from rlhf.stages.ppo_context import PPOContext, PPOState, minibatches_per_epoch, stop_if_nonfinite
 from rlhf.stages.ppo_rollout import Rollout
+from rlhf.training.rank_sums import RankSums
 
 UPDATE_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "ratio_mean", "value_clipfrac")  # means over updates
 VALUE_STATS = ("value_loss", "value_clipfrac")  # absent without a critic

@@ -32,7 +32,11 @@ from rlhf.data.collate import collate_rm
 from rlhf.data.load import rm_examples, stage_datasets
 from rlhf.data.packing import check_packing_supported, collate_packed_rm, packed_forward_inputs
 from rlhf.data.sampler import ShuffledBatches
-from rlhf.engine import (
+from rlhf.models.loading import load_scalar_model
+from rlhf.models.sources import REWARD_STATS_FILE, ModelSource, causal_lm_and_tokenizer
+from rlhf.store.runs import Run, stage_entrypoint
+from rlhf.toy import TOY
+from rlhf.training.engine import (
     PRECISION_DTYPES,
     Dist,
     build_engine,
@@ -42,13 +46,9 @@ from rlhf.engine import (
     seed_everything,
     zero3_partitioning,
 )
-from rlhf.evaluation import preference_eval
-from rlhf.model_loading import load_scalar_model
-from rlhf.model_sources import REWARD_STATS_FILE, ModelSource, causal_lm_and_tokenizer
-from rlhf.rank_sums import RankSums
-from rlhf.run_keeper import LoopState, RunKeeper
-from rlhf.runs import Run, stage_entrypoint
-from rlhf.toy import TOY
+from rlhf.training.evaluation import preference_eval
+from rlhf.training.rank_sums import RankSums
+from rlhf.training.run_keeper import LoopState, RunKeeper
 
 ORACLE_PAIRS = 1000  # fresh held-out pairs for the oracle agreement: +-1% standard error at 90%
 HEADLINE = ("loss", "accuracy", "eval/accuracy", "eval/oracle_agreement", "lr")

@@ -27,18 +27,26 @@ import torch
 
 from rlhf.config import SampleConfig, to_dict
 from rlhf.data.load import prompt_rows
-from rlhf.engine import PRECISION_DTYPES, Dist, build_frozen, frozen_zero3_config, init_distributed, seed_everything, zero3_partitioning
 from rlhf.errors import UserError
-from rlhf.evaluation import even_shard
-from rlhf.fileio import atomic_write_text
-from rlhf.labelers import SAMPLES_MANIFEST as MANIFEST
-from rlhf.model_loading import disable_dropout, load_causal_lm
-from rlhf.model_sources import ModelSource, base_model_identity, causal_lm_and_tokenizer
-from rlhf.registry_entry import DATASET_FILES, Entry, now_iso
-from rlhf.rollout import Sampling, sample_rollout_with_logprobs
-from rlhf.runs import Run, stage_entrypoint
-from rlhf.shard_keeper import ShardKeeper
-from rlhf.tokenizer import tokenizer_fingerprint
+from rlhf.feedback.labelers import SAMPLES_MANIFEST as MANIFEST
+from rlhf.models.loading import disable_dropout, load_causal_lm
+from rlhf.models.sources import ModelSource, base_model_identity, causal_lm_and_tokenizer
+from rlhf.models.tokenizer import tokenizer_fingerprint
+from rlhf.rollouts.generation import Sampling, sample_rollout_with_logprobs
+from rlhf.store.entry import DATASET_FILES, Entry, now_iso
+from rlhf.store.fileio import atomic_write_text
+from rlhf.store.runs import Run, stage_entrypoint
+from rlhf.training.engine import (
+    PRECISION_DTYPES,
+    Dist,
+    build_frozen,
+    frozen_zero3_config,
+    init_distributed,
+    seed_everything,
+    zero3_partitioning,
+)
+from rlhf.training.evaluation import even_shard
+from rlhf.training.shard_keeper import ShardKeeper
 
 DATASET = DATASET_FILES["samples"]
 

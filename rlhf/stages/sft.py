@@ -26,7 +26,12 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.load import stage_datasets
 from rlhf.data.packing import check_packing_supported, collate_packed_sft, packed_forward_inputs
 from rlhf.data.sampler import ShuffledBatches
-from rlhf.engine import (
+from rlhf.models.loading import load_causal_lm
+from rlhf.models.sources import ModelSource, causal_lm_and_tokenizer
+from rlhf.rollouts.generation import Sampling
+from rlhf.store.runs import Run, stage_entrypoint
+from rlhf.toy import TOY, ToyTask
+from rlhf.training.engine import (
     PRECISION_DTYPES,
     Dist,
     build_engine,
@@ -36,13 +41,8 @@ from rlhf.engine import (
     seed_everything,
     zero3_partitioning,
 )
-from rlhf.evaluation import heldout_loss, oracle_eval
-from rlhf.model_loading import load_causal_lm
-from rlhf.model_sources import ModelSource, causal_lm_and_tokenizer
-from rlhf.rollout import Sampling
-from rlhf.run_keeper import LoopState, RunKeeper
-from rlhf.runs import Run, stage_entrypoint
-from rlhf.toy import TOY, ToyTask
+from rlhf.training.evaluation import heldout_loss, oracle_eval
+from rlhf.training.run_keeper import LoopState, RunKeeper
 
 
 @dataclass

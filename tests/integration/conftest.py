@@ -140,7 +140,7 @@ def kill_after_checkpoint(stage: str, args: list[str], *, home: Path, min_step: 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL `proc` and every process under it at once, as a lost node ends them: the ranks run in
     a process group of their own, so a signal to `proc`'s group alone leaves them alive for up to a
-    second (rlhf.runs._follow_supervisor), long enough to finish and publish beside a resume."""
+    second (rlhf.store.runs._follow_supervisor), long enough to finish and publish beside a resume."""
     tree = _descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
     for pid in tree:

@@ -60,7 +60,7 @@ def entries(*stages: str) -> Setup:
     """Real (built, untrained) toy model folders published as entries: an rm entry gets reward stats."""
 
     def setup(where: Where) -> None:
-        from rlhf.model_sources import REWARD_STATS_FILE
+        from rlhf.models.sources import REWARD_STATS_FILE
         from tests.integration.test_rm_errors import publish
 
         for stage in stages:

@@ -152,11 +152,11 @@ def test_rounds_sample_the_newest_policy_and_keep_every_comparison(tmp_path):
 
 
 def test_human_judgments_give_stats_and_a_prefs_entry_through_the_cli(sampled, tmp_path):
-    """The log the labeling page writes (rlhf.judgment_log; the page itself: test_label_web.py), read back by
+    """The log the labeling page writes (rlhf.feedback.judgment_log; the page itself: test_label_web.py), read back by
     `rlhf label --by human --stats` and published by `--publish` as an entry `rlhf rm` and `registry rm --purge` take."""
-    from rlhf.judgment_log import JudgmentLog, samples_digest
-    from rlhf.label_web import default_log_path
-    from rlhf.registry import Registry
+    from rlhf.feedback.judgment_log import JudgmentLog, samples_digest
+    from rlhf.feedback.label_web import default_log_path
+    from rlhf.store.registry import Registry
 
     home = home_with_entries_of(sampled, tmp_path / "home", ("sft", "samples"))
     [samples] = by_stage(home, "samples")

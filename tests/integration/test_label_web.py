@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from rlhf.errors import UserError
-from rlhf.judgment_log import JudgmentLog, check_labeler, stats_lines
-from rlhf.label_web import default_log_path, publish_human, samples_file, start_server
-from rlhf.registry import Registry
-from rlhf.registry_entry import Entry, now_iso
+from rlhf.feedback.judgment_log import JudgmentLog, check_labeler, stats_lines
+from rlhf.feedback.label_web import default_log_path, publish_human, samples_file, start_server
+from rlhf.store.entry import Entry, now_iso
+from rlhf.store.registry import Registry
 from tests.browser_setup import CHROMEDRIVER, CHROMIUM, browser_problem
 
 pytestmark = pytest.mark.slow
@@ -332,7 +332,7 @@ def test_drag_orders_as_the_keys_do_and_mixes_with_keys_backspace_and_undo(new_d
 
 def serve_in_process(samples: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """`serve` in its own interpreter, as `rlhf label --by human` runs it: the process and the URL it printed."""
-    code = "import sys; from rlhf.label_web import serve; serve(sys.argv[1], sys.argv[2])"
+    code = "import sys; from rlhf.feedback.label_web import serve; serve(sys.argv[1], sys.argv[2])"
     process = subprocess.Popen([sys.executable, "-c", code, str(samples), str(log)], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     for line in process.stdout:
@@ -513,7 +513,7 @@ def test_bad_labeler_names_are_refused_in_one_line(name, tmp_path):
 
 
 def _append_many(path: str, labeler: str, count: int, results) -> None:
-    from rlhf.judgment_log import Conflict
+    from rlhf.feedback.judgment_log import Conflict
 
     log, stored = JudgmentLog(path), 0
     for index in range(count):

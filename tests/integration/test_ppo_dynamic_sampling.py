@@ -90,7 +90,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, m
     ("ppo.estimator=gae", "ppo.dynamic_sampling drops groups"),
     ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt to at least 2"),
     ("ppo.max_sampling_rounds=0", "ppo.max_sampling_rounds must be at least 1"),
-    ("rollout.env=python:rlhf.envs:ToyRetryEnv", "ppo.dynamic_sampling is not supported with rollout.env"),
+    ("rollout.env=python:rlhf.tasks.envs:ToyRetryEnv", "ppo.dynamic_sampling is not supported with rollout.env"),
 ])
 def test_bad_dynamic_sampling_settings_stop_before_anything_starts(tmp_path, override, expected):
     home = tmp_path / "home"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf.model_sources import REWARD_STATS_FILE
+from rlhf.models.sources import REWARD_STATS_FILE
 from tests.integration.conftest import rlhf_here
 from tests.integration.test_rm_errors import other_tokenizer, publish
 from tests.integration.test_sft_errors import assert_user_error, write_jsonl

@@ -11,14 +11,14 @@ from tests.integration.conftest import ONE_PROCESS, PPO_QUICK, assert_ok, entrie
 pytestmark = pytest.mark.slow
 
 # The default SFT policy (right about 60% of the time: samples the oracle orders) rewarded by a function: no RM needed.
-SHORT = ("-c", PPO_QUICK, "reward.name_or_path=[python:rlhf.rewards:oracle_rewards]",
+SHORT = ("-c", PPO_QUICK, "reward.name_or_path=[python:rlhf.rollouts.rewards:oracle_rewards]",
          "ppo.estimator=grpo", "rollout.samples_per_prompt=4", "train.max_steps=2", "train.eval_every=1",
          "eval.max_rows=32", "eval.batch_size=16", "rollout.max_new_tokens=4", "ppo.epochs=1")
 
 
 def test_a_python_grader_scores_held_out_samples_as_the_oracle_does(default_sft_home, tmp_path):
     home = home_with_entries_of(default_sft_home, tmp_path / "home")
-    result = rlhf("ppo", *ONE_PROCESS, *SHORT, "eval.gold=python:rlhf.rewards:oracle_rewards", home=home)
+    result = rlhf("ppo", *ONE_PROCESS, *SHORT, "eval.gold=python:rlhf.rollouts.rewards:oracle_rewards", home=home)
     assert_ok(result)
     [entry] = [e for e in entries(home) if e["stage"] == "ppo"]
     evals = [r for r in metric_rows(entry) if "eval/score" in r]
@@ -32,8 +32,8 @@ def test_a_python_grader_scores_held_out_samples_as_the_oracle_does(default_sft_
 
 def test_a_grader_that_fails_stops_the_run_in_one_line(default_sft_home, tmp_path):
     home = home_with_entries_of(default_sft_home, tmp_path / "home")
-    # rlhf.chat_task's grader parses chat-task questions; the toy's "a+b=" prompts are not: it raises or scores 0.
-    result = rlhf("ppo", *ONE_PROCESS, *SHORT, "eval.gold=python:rlhf.rewards:describe", home=home)
+    # rlhf.tasks.chat's grader parses chat-task questions; the toy's "a+b=" prompts are not: it raises or scores 0.
+    result = rlhf("ppo", *ONE_PROCESS, *SHORT, "eval.gold=python:rlhf.rollouts.rewards:describe", home=home)
     assert result.code != 0
-    assert "eval.gold: python:rlhf.rewards:describe raised" in result.stderr and "Traceback" not in result.stderr
+    assert "eval.gold: python:rlhf.rollouts.rewards:describe raised" in result.stderr and "Traceback" not in result.stderr
     assert not [e for e in entries(home) if e["stage"] == "ppo"]

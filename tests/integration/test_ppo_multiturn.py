@@ -24,7 +24,7 @@ from tests.integration.test_sft_errors import assert_user_error
 
 pytestmark = pytest.mark.slow
 
-ENV = "rollout.env=python:rlhf.envs:ToyRetryEnv"
+ENV = "rollout.env=python:rlhf.tasks.envs:ToyRetryEnv"
 # The random-init toy policy and the oracle: no SFT entry needed, and the untrained policy answers wrong, so
 # every episode takes its second turn.
 TOY = ("model.name_or_path=toy", "reward.name_or_path=[oracle]")
@@ -68,7 +68,7 @@ def test_multi_turn_grpo_with_the_reward_at_the_end(tmp_path):
                   "rollout.max_turns=2", "rollout.max_episode_tokens=24", home=home)
     assert_ok(result)
     said = " ".join(result.stdout.split())  # the console wraps long lines
-    assert ("multi-turn: python:rlhf.envs:ToyRetryEnv, up to 2 turns of 4 tokens and 24 tokens an episode, environment rewards "
+    assert ("multi-turn: python:rlhf.tasks.envs:ToyRetryEnv, up to 2 turns of 4 tokens and 24 tokens an episode, environment rewards "
             "at the end") in said
     [entry] = entries(home)
     assert entry["stage"] == "ppo" and Path(entry["path"]).is_dir()
@@ -89,9 +89,9 @@ def test_a_killed_multi_turn_run_resumes_only_with_its_environment_repeated(tmp_
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("rollout.env=python:no_such_module_here:Env", "cannot import module 'no_such_module_here'"),
-    ("rollout.env=python:rlhf.multiturn:checked_step", "is a function, not a class"),
-    ("rollout.env=python:rlhf.envs:NoSuchEnv", "has no attribute 'NoSuchEnv'"),
-    ("rollout.env=rlhf.envs:ToolEnv", "is not python:package.module:Class"),
+    ("rollout.env=python:rlhf.rollouts.multiturn:checked_step", "is a function, not a class"),
+    ("rollout.env=python:rlhf.tasks.envs:NoSuchEnv", "has no attribute 'NoSuchEnv'"),
+    ("rollout.env=rlhf.tasks.envs:ToolEnv", "is not python:package.module:Class"),
     ("rollout.max_turns=0", "rollout.max_turns must be at least 1"),
     ("rollout.env=null", "apply to multi-turn rollouts"),
 ])

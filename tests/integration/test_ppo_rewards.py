@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.model_sources import REWARD_STATS_FILE
+from rlhf.models.sources import REWARD_STATS_FILE
 from tests.integration.conftest import ONE_PROCESS, PPO_QUICK, REPO, assert_ok, entries, metric_rows, rlhf, rlhf_here
 from tests.integration.test_ppo_errors import ppo_runs, sft_and_rm
 from tests.integration.test_sft_errors import assert_user_error
@@ -93,7 +93,7 @@ def test_oracle_without_the_embedded_default_data_stops_before_any_rank(home, tm
 
 @pytest.mark.slow
 def test_reward_ensemble_scores_mean_minus_penalty_times_std_and_logs_its_spread(home):
-    from rlhf.start_record import START_FILE
+    from rlhf.store.start_record import START_FILE
     from tests.integration.test_rm_errors import publish
 
     sft, rm = sft_and_rm(home)  # rm's statistics: mean 0.5, std 2.0

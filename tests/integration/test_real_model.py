@@ -4,7 +4,7 @@ as one GGUF file (`make install` installs it), named by its `.gguf` path like an
 The conversion (a minute on a small CPU) runs once per module into the registry the CLI tests use.
 On it: the views of a conversation that generation, SFT and the RM see, token for token; where the
 reward is read; then sft -> rm -> ppo through the CLI on chat data in `messages` form (the project's
-verifiable chat task, `rlhf.chat_task`): a LoRA actor whose reference is itself with its adapters
+verifiable chat task, `rlhf.tasks.chat`): a LoRA actor whose reference is itself with its adapters
 off, the critic from the RM, one rank under ZeRO-2 killed and resumed, and two ranks under ZeRO-3.
 Each run is a few steps: these check the path on a real model; README "Bring your own model" has
 what longer runs learn."""
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.chat_task import write_task
-from rlhf.gguf import installed_smollm2
+from rlhf.models.gguf import installed_smollm2
+from rlhf.tasks.chat import write_task
 from tests.integration.conftest import ONE_PROCESS, assert_ok, entries, kill_after_checkpoint, metric_rows, resume_and_check, rlhf
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(home) -> Path:
-    from rlhf.gguf import ensure_converted
+    from rlhf.models.gguf import ensure_converted
 
     return ensure_converted(smollm2_gguf(), home)
 
@@ -46,7 +46,7 @@ def converted(home) -> Path:
 def test_the_gguf_converts_once_into_a_plain_folder_that_answers(converted, home):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.gguf import ensure_converted, file_digest
+    from rlhf.models.gguf import ensure_converted, file_digest
 
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
@@ -98,7 +98,7 @@ def greedy_replies(model, tokenizer) -> tuple[list[dict], list[list[int]], list[
     """Chat prompts, their ids as PPO tokenizes them, and the model's greedy replies."""
     from rlhf.data.formats import to_prompts
     from rlhf.data.tokenize import tokenize_prompts
-    from rlhf.rollout import Sampling, generate
+    from rlhf.rollouts.generation import Sampling, generate
 
     rows = [{"messages": [{"role": "user", "content": f"What is the capital of {c}?"}]} for c in COUNTRIES]
     prompts, _ = tokenize_prompts(to_prompts(records(rows), tokenizer), tokenizer, max_length=96)
@@ -148,8 +148,8 @@ def test_the_reward_is_read_at_the_end_of_turn_token(converted, model_and_tokeni
     hidden state at each conversation's closing <|im_end|>, computed on the row alone."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.model_loading import ScalarModel
-    from rlhf.rollout import sequence_scores
+    from rlhf.models.loading import ScalarModel
+    from rlhf.rollouts.generation import sequence_scores
     from tests.sequences import build_sequences
 
     model, tokenizer = model_and_tokenizer
@@ -237,7 +237,7 @@ ONE_RANK_ZERO2 = ("engine.zero_stage=2", "critic.lora.enabled=true", "train.max_
 
 def test_ppo_with_a_lora_actor_on_one_rank_zero2(chat_rm, home, task):
     result = rlhf("ppo", *ONE_PROCESS, *ppo_args(task, *ONE_RANK_ZERO2, "train.save_every=0", "run.tags=plain",
-                                                  "eval.gold=python:rlhf.chat_task:exact_reward"), home=home, timeout=900)
+                                                  "eval.gold=python:rlhf.tasks.chat:exact_reward"), home=home, timeout=900)
     assert_ok(result)
     [ppo] = [e for e in entries(home) if e["stage"] == "ppo" and e["tags"] == ["plain"]]
     # The task's grader as the gold score of the held-out replies, before and after (1 for the exact equation, else 0).
@@ -261,7 +261,7 @@ def test_ppo_with_a_lora_actor_on_one_rank_zero2_resumes_after_a_kill(chat_rm, h
 @pytest.mark.full
 def test_ppo_on_two_ranks_zero3(chat_rm, home, task):
     # Two steps: the second generates with the actor's ZeRO-3 hooks put back after the first
-    # generation and update (rlhf.rollout._whole_for_generation); the first minibatch holds the checks.
+    # generation and update (rlhf.rollouts.generation._whole_for_generation); the first minibatch holds the checks.
     result = rlhf("ppo", "-n", "2", *ppo_args(task, "engine.zero_stage=3", "train.max_steps=2", "train.save_every=0"),
                   home=home, timeout=900)
     assert_ok(result)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.registry import Registry
+from rlhf.store.registry import Registry
 from tests.integration.conftest import (
     ONE_PROCESS,
     RM_QUICK,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.registry import Registry
-from rlhf.registry_entry import Entry, now_iso
-from rlhf.tokenizer import tokenizer_fingerprint
+from rlhf.models.tokenizer import tokenizer_fingerprint
+from rlhf.store.entry import Entry, now_iso
+from rlhf.store.registry import Registry
 from rlhf.toy import ToyModelConfig, build_model, build_tokenizer, model_identity
 from tests.integration.conftest import rlhf_here
 from tests.integration.test_sft_errors import assert_user_error, write_jsonl

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from rlhf.config import STAGE_CONFIGS, load_config, to_dict
-from rlhf.start_record import START_FILE, write_start_record
+from rlhf.store.start_record import START_FILE, write_start_record
 from tests.integration.conftest import ONE_PROCESS, QUICK, RLHF, Result, assert_ok, cli_env, entries, rlhf
 
 pytestmark = pytest.mark.slow
@@ -109,7 +109,7 @@ def truncate(path: Path) -> None:
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(unfinished, tmp_path):
-    """(Each kind of damage the manifest catches is a unit test of rlhf.checkpoint; this is the path
+    """(Each kind of damage the manifest catches is a unit test of rlhf.training.checkpoint; this is the path
     through the CLI.) A stale lock of a dead process on this host is taken over on the way."""
     run_dir = copy_of(unfinished, tmp_path / "home")
     truncate(checkpoint(run_dir, 8) / "model" / "mp_rank_00_model_states.pt")

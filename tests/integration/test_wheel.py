@@ -45,7 +45,7 @@ def run(cmd: list[str], **kwargs) -> str:
 
 
 def test_the_wheel_holds_the_package_its_stages_and_presets_and_no_top_level_stages(installed, tmp_path):
-    probe = ("import importlib.util, json, rlhf, rlhf.stages.ppo; from rlhf.named_configs import preset_names; "
+    probe = ("import importlib.util, json, rlhf, rlhf.stages.ppo; from rlhf.config.presets import preset_names; "
              "print(json.dumps([rlhf.__file__, importlib.util.find_spec('stages') is None, preset_names()]))")
     where, no_stages, presets = json.loads(run([str(installed / "python"), "-c", probe], cwd=tmp_path))
     assert "site-packages" in where and not where.startswith(str(REPO))

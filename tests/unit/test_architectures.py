@@ -28,8 +28,8 @@ from transformers import (
     Qwen3Config,
 )
 
-from rlhf.model_loading import ScalarModel, disable_dropout
-from rlhf.rollout import Sampling, generate, policy_logprobs, sequence_scores
+from rlhf.models.loading import ScalarModel, disable_dropout
+from rlhf.rollouts.generation import Sampling, generate, policy_logprobs, sequence_scores
 from rlhf.toy import build_tokenizer
 from tests.sequences import build_sequences
 

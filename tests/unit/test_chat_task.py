@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from rlhf.chat_task import exact_answer_rate, exact_reward, write_task
+from rlhf.tasks.chat import exact_answer_rate, exact_reward, write_task
 
 WORKED = {"plus": ("+", operator.add), "minus": ("-", operator.sub), "times": ("*", operator.mul)}
 

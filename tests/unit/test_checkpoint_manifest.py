@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.checkpoint import MANIFEST_FILE, _check_files, _digest, _files_of, _seal, _weights_only_loads
 from rlhf.errors import UserError
+from rlhf.training.checkpoint import MANIFEST_FILE, _check_files, _digest, _files_of, _seal, _weights_only_loads
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rlhf.cli_registry import app
-from rlhf.registry import Registry
+from rlhf.cli.registry import app
+from rlhf.store.registry import Registry
 from tests.unit.test_registry import PPO1, RM1, SFT1, SFT2, publish, t
 
 runner = CliRunner()

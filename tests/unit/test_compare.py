@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.compare import chosen_methods, measured, methods
+from rlhf.cli.compare import chosen_methods, measured, methods
 from rlhf.errors import UserError
 
 

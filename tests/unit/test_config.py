@@ -206,7 +206,7 @@ def test_a_stage_default_survives_overrides_of_other_keys_in_its_section(tmp_pat
 
 
 def test_resolved_config_stores_local_paths_absolute(tmp_path, monkeypatch):
-    from rlhf.runs import resolve_config
+    from rlhf.store.runs import resolve_config
 
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "response": "2"}\n')
     (tmp_path / "toy").mkdir()  # a folder named like the sentinel must not hijack it
@@ -303,8 +303,8 @@ def ppo_with_custom_reward(tmp_path: Path, *flags: str):
 
 
 def test_the_actors_trust_does_not_extend_to_the_reward_models_tokenizer(tmp_path):
-    from rlhf.model_sources import ModelSource, ppo_sources
-    from rlhf.registry import Registry
+    from rlhf.models.sources import ModelSource, ppo_sources
+    from rlhf.store.registry import Registry
     from rlhf.toy import build_tokenizer
 
     actor, tokenizer = ModelSource("toy", "toy"), build_tokenizer()
@@ -321,10 +321,10 @@ def test_the_actors_trust_does_not_extend_to_the_reward_models_tokenizer(tmp_pat
 def test_the_reward_model_loads_under_its_own_flag(tmp_path):
     import torch
 
-    from rlhf.model_loading import load_scalar_model
-    from rlhf.model_sources import resolve_model
-    from rlhf.ppo_models import frozen_model_config
-    from rlhf.registry import Registry
+    from rlhf.models.loading import load_scalar_model
+    from rlhf.models.sources import resolve_model
+    from rlhf.models.stage_models import frozen_model_config
+    from rlhf.store.registry import Registry
     from rlhf.toy import build_tokenizer
 
     cfg, folder = ppo_with_custom_reward(tmp_path)
@@ -341,7 +341,7 @@ def test_the_reward_model_loads_under_its_own_flag(tmp_path):
 
 def test_a_null_reference_is_the_actor_and_loads_under_the_actors_flag():
     from rlhf.config import PPOConfig
-    from rlhf.ppo_models import frozen_model_config
+    from rlhf.models.stage_models import frozen_model_config
 
     cfg = load_config(PPOConfig, None, ["model.trust_remote_code=true"])
     assert frozen_model_config(cfg, "reference").trust_remote_code
@@ -476,8 +476,8 @@ def test_model_references_that_name_nothing(tmp_path):
     """What a model key resolves to when it names nothing: each says why, not a hub error."""
     import json
 
-    from rlhf.model_sources import resolve_model
-    from rlhf.registry import Registry
+    from rlhf.models.sources import resolve_model
+    from rlhf.store.registry import Registry
 
     registry = Registry(tmp_path / "reg")
     (registry.root / "entries").mkdir(parents=True)

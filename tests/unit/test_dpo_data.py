@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.cli.chaining import PIPELINE, parse_stages
 from rlhf.config import DPOConfig, load_config, loss_beta
 from rlhf.data.load import DPOReading, dpo_examples
 from rlhf.data.tokenize import PairExample, UnpairedExample
 from rlhf.errors import UserError
-from rlhf.pipeline import PIPELINE, parse_stages
-from rlhf.rollout import pack_sequences, policy_logprobs
+from rlhf.rollouts.generation import pack_sequences, policy_logprobs
 from rlhf.toy import TOY, ToyModelConfig, build_model, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

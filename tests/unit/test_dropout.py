@@ -14,7 +14,7 @@ from transformers import (
     PhiConfig,
 )
 
-from rlhf.model_loading import disable_dropout
+from rlhf.models.loading import disable_dropout
 
 # Each applies dropout its own way: OPT calls nn.functional.dropout with a float `dropout`
 # attribute (and has layerdrop), GPT-2 has nn.Dropout modules named *_pdrop in its config,

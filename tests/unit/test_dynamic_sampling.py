@@ -11,10 +11,10 @@ import torch
 
 from rlhf.algos.dynamic_sampling import EQUAL_ATOL, choose_groups, degenerate_groups, group_rows
 from rlhf.config import PPOConfig, load_config
-from rlhf.dynamic_sampling import Drawn, choice_of, join_chosen
-from rlhf.engine import Dist
 from rlhf.errors import UserError
-from rlhf.rollout import SampledLogprobs, ScoredRollout, pack_sequences
+from rlhf.rollouts.dynamic_sampling import Drawn, choice_of, join_chosen
+from rlhf.rollouts.generation import SampledLogprobs, ScoredRollout, pack_sequences
+from rlhf.training.engine import Dist
 
 PAD = 0
 
@@ -165,7 +165,7 @@ def test_one_full_round_comes_back_as_it_is():
 
 
 def test_dynamic_metrics_sum_over_the_rank():
-    from rlhf.dynamic_sampling import dynamic_metrics
+    from rlhf.rollouts.dynamic_sampling import dynamic_metrics
 
     choice = choose_groups(torch.tensor([True, False, True, False, False]), quota=2)
     metrics = dynamic_metrics(choice, rounds=3, dist=Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
@@ -188,7 +188,7 @@ def test_dynamic_sampling_settings_load():
     (["ppo.estimator=grpo", "ppo.dynamic_sampling=true"], ["rollout.samples_per_prompt", "at least 2"]),
     ([*GROUPS, "ppo.dynamic_sampling=true", "ppo.max_sampling_rounds=0"], ["ppo.max_sampling_rounds must be at least 1"]),
     ([*GROUPS, "ppo.max_sampling_rounds=2"], ["ppo.max_sampling_rounds has no effect without ppo.dynamic_sampling"]),
-    ([*GROUPS, "ppo.dynamic_sampling=true", "rollout.env=python:rlhf.envs:ToyRetryEnv", "rollout.max_turns=2"],
+    ([*GROUPS, "ppo.dynamic_sampling=true", "rollout.env=python:rlhf.tasks.envs:ToyRetryEnv", "rollout.max_turns=2"],
      ["ppo.dynamic_sampling is not supported with rollout.env"]),
 ])
 def test_bad_dynamic_sampling_settings_are_one_line_errors(overrides, fragments):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from rlhf.config import EngineConfig, OptimConfig
-from rlhf.engine import deepspeed_config, lr_multiplier
+from rlhf.training.engine import deepspeed_config, lr_multiplier
 
 
 def test_zero3_offload_bf16_mapping():

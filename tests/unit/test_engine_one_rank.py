@@ -21,7 +21,7 @@ def _train_both(rank: int, world: int, port: int, out: dict) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf.config import EngineConfig, OptimConfig
-    from rlhf.engine import build_engine, init_distributed
+    from rlhf.training.engine import build_engine, init_distributed
 
     init_distributed()
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def _optimizer_kernels(rank: int, world: int, port: int, out: dict) -> None:
     from peft import LoraConfig, get_peft_model
 
     from rlhf.config import EngineConfig, OptimConfig
-    from rlhf.engine import FUSED_ADAMW_MIN_PARAMS_ON_CPU, build_engine, init_distributed
+    from rlhf.training.engine import FUSED_ADAMW_MIN_PARAMS_ON_CPU, build_engine, init_distributed
 
     init_distributed()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""rlhf.labelers, rlhf.judge and ties in ranked lists: rankings with ties against a plain count, the
+"""rlhf.feedback.labelers, rlhf.feedback.judge and ties in ranked lists: rankings with ties against a plain count, the
 judge's both-orders preference against an unbatched float64 computation, the pairs a tie leaves out,
 and how pipeline rounds tie each stage to the runs before it."""
 
@@ -9,15 +9,15 @@ import random
 import pytest
 import torch
 
+from rlhf.cli.chaining import round_overrides
 from rlhf.config import JudgeConfig
 from rlhf.data.formats import Ranked, to_ranked
 from rlhf.data.sources import Records
 from rlhf.data.tokenize import tokenize_preferences
 from rlhf.errors import UserError
-from rlhf.judge import load_judge
-from rlhf.labelers import parse_labeler, rank
-from rlhf.pipeline import round_overrides
-from rlhf.registry import Registry
+from rlhf.feedback.judge import load_judge
+from rlhf.feedback.labelers import parse_labeler, rank
+from rlhf.store.registry import Registry
 from rlhf.toy import build_tokenizer
 
 

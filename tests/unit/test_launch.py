@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from rlhf.errors import UserError
-from rlhf.launch import LaunchSpec, build_command, launch_env, stage_program
-from rlhf.runs import SUPERVISED_ENV
+from rlhf.launcher.command import LaunchSpec, build_command, launch_env, stage_program
+from rlhf.store.runs import SUPERVISED_ENV
 
 
 def test_deepspeed_command():
@@ -66,7 +66,7 @@ def test_unknown_launcher():
 
 
 def test_cores_are_the_ones_this_process_may_use(monkeypatch):
-    from rlhf.launch import usable_cores
+    from rlhf.launcher.command import usable_cores
 
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3, 5})  # e.g. a SLURM job's cgroup on a big node
@@ -76,8 +76,8 @@ def test_cores_are_the_ones_this_process_may_use(monkeypatch):
 def _publish_as_rank(supervisor: str, home: Path) -> subprocess.CompletedProcess:
     """Run.publish in a fresh process whose RLHF_SUPERVISED names `supervisor` (host:pid)."""
     code = (
-        "import sys; from pathlib import Path; from rlhf.registry import Registry; from rlhf.registry_entry import Entry\n"
-        "from rlhf.runs import Run\n"
+        "import sys; from pathlib import Path; from rlhf.store.registry import Registry; from rlhf.store.entry import Entry\n"
+        "from rlhf.store.runs import Run\n"
         "home = Path(sys.argv[1]); folder = home / 'runs' / 'sft-x' / 'final'; folder.mkdir(parents=True)\n"
         "(folder / 'config.json').write_text('{}')\n"
         "run = Run('sft', 'sft-x', folder.parent, None, Registry(home))\n"
@@ -103,7 +103,7 @@ def test_a_rank_whose_rlhf_is_gone_dies_instead_of_publishing(tmp_path):
 
 def test_a_missing_config_names_the_presets_when_it_could_have_been_one(tmp_path, monkeypatch):
     from rlhf.config import SFTConfig, load_config
-    from rlhf.named_configs import config_file, preset
+    from rlhf.config.presets import config_file, preset
 
     assert config_file("sft-toy-quick") == config_file("sft-toy-quick.yaml") == preset("sft-toy-quick")
     (tmp_path / "sft-toy-quick.yaml").write_text("train:\n  max_steps: 3\n")

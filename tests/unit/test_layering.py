@@ -57,11 +57,11 @@ def test_the_probe_does_refuse_the_training_stack():
 
 
 def test_model_loading_and_saving_know_neither_the_registry_nor_deepspeed():
-    # Loaders take a resolved source and a Partitioning (rlhf.engine holds DeepSpeed's side), so
+    # Loaders take a resolved source and a Partitioning (rlhf.training.engine holds DeepSpeed's side), so
     # importing them must pull in neither the registry, the sources, the engine nor deepspeed.
-    code = ("import sys, rlhf.model_loading, rlhf.model_saving; "
-            "print([m for m in ('rlhf.registry', 'rlhf.registry_entry', 'rlhf.registry_files', 'rlhf.registry_lineage', "
-            "'rlhf.registry_removal', 'rlhf.model_sources', 'rlhf.engine', 'deepspeed') if m in sys.modules])")
+    code = ("import sys, rlhf.models.loading, rlhf.models.saving; "
+            "print([m for m in ('rlhf.store.registry', 'rlhf.store.entry', 'rlhf.store.files', 'rlhf.store.lineage', "
+            "'rlhf.store.removal', 'rlhf.models.sources', 'rlhf.training.engine', 'deepspeed') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
@@ -127,8 +127,8 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_module_level_import_cycles_in_rlhf():
     graph = module_imports(REPO / "rlhf")
-    assert {"rlhf.model_sources", "rlhf.tokenizer", "rlhf.algos.ppo", "rlhf.stages.ppo"} <= set(graph)
-    assert "rlhf.tokenizer" in graph["rlhf.model_sources"]  # the graph does see rlhf's own imports
+    assert {"rlhf.models.sources", "rlhf.models.tokenizer", "rlhf.algos.ppo", "rlhf.stages.ppo"} <= set(graph)
+    assert "rlhf.models.tokenizer" in graph["rlhf.models.sources"]  # the graph does see rlhf's own imports
     assert import_cycles(graph) == []
 
 

@@ -1,4 +1,4 @@
-"""`rlhf plan` (rlhf.memory_plan, memory_estimates, memory_shapes): the ZeRO accounting against a plain computation,
+"""`rlhf plan` (rlhf.launcher.memory_plan, memory_estimates, memory_shapes): the ZeRO accounting against a plain computation,
 the toy model's exact parameter count, LoRA's trained parameters against peft's, and the command's table, JSON,
 suggestion and errors."""
 
@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rlhf.cli import app
 from rlhf.config import LoraConfig, ModelConfig, PPOConfig, SFTConfig, load_config
 from rlhf.errors import UserError
-from rlhf.memory_estimates import (
+from rlhf.launcher.memory_estimates import (
     GiB,
     ModelShape,
     activation_bytes,
@@ -23,9 +23,9 @@ from rlhf.memory_estimates import (
     parse_memory,
     trained_states,
 )
-from rlhf.memory_plan import plan_stage, smallest_fit
-from rlhf.memory_shapes import model_shape, model_shapes
-from rlhf.registry import Registry
+from rlhf.launcher.memory_plan import plan_stage, smallest_fit
+from rlhf.launcher.memory_shapes import model_shape, model_shapes
+from rlhf.store.registry import Registry
 
 P = 1_300_000_000  # a 1.3B-parameter model
 # OPT-1.3B's geometry (hidden 2048, 24 layers, 32 heads, vocabulary 50272)
@@ -126,7 +126,7 @@ def test_toy_parameter_count_is_the_real_models(tmp_path, toy_tokenizer, head):
 
 @pytest.mark.parametrize("head, targets", [("lm", None), ("scalar", None), ("lm", ["q_proj", "v_proj"])])
 def test_lora_trainable_count_is_peft_s(tmp_path, toy_tokenizer, head, targets):
-    from rlhf.model_loading import apply_lora
+    from rlhf.models.loading import apply_lora
     from rlhf.toy import build_model
 
     lora = LoraConfig(enabled=True, r=4, target_modules=targets)

@@ -52,7 +52,7 @@ def all_function_lines() -> dict[str, int]:
 
 def test_no_module_over_the_limit_unless_listed():
     sizes = module_lines()
-    assert "rlhf/cli.py" in sizes and len(sizes) > 50  # the walk does see the package
+    assert "rlhf/cli/__init__.py" in sizes and len(sizes) > 50  # the walk does see the package
     over = {path: lines for path, lines in sizes.items() if lines > MAX_MODULE_LINES}
     assert set(over) - set(LONG_MODULES) == set(), f"over {MAX_MODULE_LINES} lines: split by job"
     assert set(LONG_MODULES) - set(over) == set(), "within the limit now (or gone): take it off LONG_MODULES"
@@ -60,7 +60,7 @@ def test_no_module_over_the_limit_unless_listed():
 
 def test_no_function_over_the_limit_unless_listed():
     sizes = all_function_lines()
-    assert "rlhf/cli.py::main" in sizes and "rlhf/registry.py::Registry.resolve" in sizes
+    assert "rlhf/cli/__init__.py::main" in sizes and "rlhf/store/registry.py::Registry.resolve" in sizes
     over = {name: lines for name, lines in sizes.items() if lines > MAX_FUNCTION_LINES}
     assert set(over) - set(LONG_FUNCTIONS) == set(), f"over {MAX_FUNCTION_LINES} lines: split into named steps"
     assert set(LONG_FUNCTIONS) - set(over) == set(), "within the limit now (or gone): take it off LONG_FUNCTIONS"

@@ -1,4 +1,4 @@
-"""Multi-turn rollouts (rlhf/multiturn.py): the layout of episodes, and the PPO math over the holes
+"""Multi-turn rollouts (rlhf/rollouts/multiturn.py): the layout of episodes, and the PPO math over the holes
 the environment's tokens leave in the mask, against float64 loops over the policy's tokens alone."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from rlhf.algos.critic_free import group_advantages, leave_one_out_advantages, per_token, returns_to_go, sequence_rewards
 from rlhf.algos.ppo import gae, kl_per_token, masked_whiten, penalized_rewards, value_loss
 from rlhf.data.templates import DEFAULT_CHAT_TEMPLATE
-from rlhf.envs import ToolEnv, ToyRetryEnv
 from rlhf.errors import UserError
-from rlhf.multiturn import (
+from rlhf.rollouts.generation import Sampling, policy_logprobs
+from rlhf.rollouts.multiturn import (
     EnvFailed,
     Renderer,
     Segment,
@@ -24,7 +24,7 @@ from rlhf.multiturn import (
     sample_episodes,
     stop_finder,
 )
-from rlhf.rollout import Sampling, policy_logprobs
+from rlhf.tasks.envs import ToolEnv, ToyRetryEnv
 from rlhf.toy import ToyModelConfig, build_model, build_tokenizer
 
 
@@ -274,7 +274,7 @@ def test_the_environment_is_held_to_its_protocol():
     with pytest.raises(UserError, match="cannot import module 'no_such_module_here'"):
         load_env_class("python:no_such_module_here:Env")
     with pytest.raises(UserError, match="is a function, not a class"):
-        load_env_class("python:rlhf.multiturn:checked_step")
+        load_env_class("python:rlhf.rollouts.multiturn:checked_step")
     with pytest.raises(UserError, match="has no reset method"):
         load_env_class("python:tests.unit.test_multiturn:NotAProtocol")
-    assert load_env_class("python:rlhf.envs:ToolEnv") is ToolEnv
+    assert load_env_class("python:rlhf.tasks.envs:ToolEnv") is ToolEnv

@@ -22,14 +22,14 @@ from rlhf.data.packing import (
     packed_forward_inputs,
 )
 from rlhf.data.tokenize import PairExample, RMExample, SFTExample, UnpairedExample
-from rlhf.engine import Dist
 from rlhf.errors import UserError
-from rlhf.model_loading import ScalarModel
+from rlhf.models.loading import ScalarModel
 from rlhf.stages.dpo import Reference, batch_loss, make_batch
 from rlhf.stages.dpo_scoring import reference_sums
 from rlhf.stages.rm import micro_batch_rewards
 from rlhf.stages.sft import micro_batch_loss
 from rlhf.toy import build_tokenizer
+from rlhf.training.engine import Dist
 from tests.unit.test_architectures import ARCHITECTURES, causal_lm, scalar_model
 
 
@@ -300,7 +300,7 @@ def test_the_packed_reference_without_adapters_is_the_unpacked_one():
     """With LoRA and no named reference, the reference is the policy with its adapters off, packed too."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.rollout import pack_sequences
+    from rlhf.rollouts.generation import pack_sequences
 
     tokenizer = build_tokenizer()
     model = get_peft_model(with_attention(causal_lm("llama", tokenizer).float(), "sdpa"),

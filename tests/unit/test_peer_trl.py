@@ -81,7 +81,7 @@ def test_chat_task_needs_its_folder_and_trl_cannot_adapt_the_value_model():
 
 
 def test_lora_settings_become_the_peft_config_trl_applies():
-    from rlhf.model_loading import peft_lora_config
+    from rlhf.models.loading import peft_lora_config
 
     peft = peft_lora_config(chat_config(lora=True).model.lora)
     assert (peft.r, peft.lora_alpha, peft.lora_dropout, peft.target_modules, peft.task_type) == (8, 16, 0.0, "all-linear", "CAUSAL_LM")

@@ -1,4 +1,4 @@
-"""The memory check before a stage launches (rlhf.memory_check): `rlhf plan`'s estimate for the run's ranks against
+"""The memory check before a stage launches (rlhf.launcher.memory_check): `rlhf plan`'s estimate for the run's ranks against
 the device memory, a yellow warning on stderr when it may not fit, nothing when it fits or is switched off, and never
 an error. On the CPU the device memory comes from RLHF_PLAN_MEMORY, as on a machine that sets it; dry runs only."""
 
@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from rlhf.cli import app
 from rlhf.config import SFTConfig, load_config
-from rlhf.memory_check import PLAN_MEMORY_ENV, check_plan, world_size
-from rlhf.memory_estimates import human
+from rlhf.launcher.memory_check import PLAN_MEMORY_ENV, check_plan, world_size
+from rlhf.launcher.memory_estimates import human
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_a_failed_parameter_count_launches_without_a_word_but_under_v(rlhf, monk
     def broken(*args, **kwargs):
         raise RuntimeError("no such architecture")
 
-    monkeypatch.setattr("rlhf.memory_shapes.model_shapes", broken)
+    monkeypatch.setattr("rlhf.launcher.memory_shapes.model_shapes", broken)
     for verbose in ([], ["-v"]):
         result = rlhf("sft", "--dry-run", *verbose, memory="1MiB")
         assert result.exit_code == 0, result.output

@@ -45,9 +45,9 @@ def test_the_stage_scores_with_that_many_rows_per_forward(monkeypatch):
     import torch
 
     import rlhf.stages.ppo_rollout as ppo_rollout
-    from rlhf.model_loading import ScalarModel
-    from rlhf.rewards import Reward, parse_sources
-    from rlhf.rollout import Sampling, sample_rollout_with_logprobs
+    from rlhf.models.loading import ScalarModel
+    from rlhf.rollouts.generation import Sampling, sample_rollout_with_logprobs
+    from rlhf.rollouts.rewards import Reward, parse_sources
     from rlhf.toy import ToyModelConfig, build_model, build_tokenizer
 
     tokenizer = build_tokenizer()

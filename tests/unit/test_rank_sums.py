@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf.algos.ppo import masked_moments, masked_whiten
-from rlhf.rank_sums import RankSums
+from rlhf.training.rank_sums import RankSums
 from tests.ranks import on_ranks
 
 
@@ -92,7 +92,7 @@ def test_two_ranks_whiten_values_far_from_zero_like_their_concatenation():
 def test_pearson_and_pair_agreement_equal_plain_float64_computations(seed):
     import numpy as np
 
-    from rlhf.evaluation import pair_agreement, pearson
+    from rlhf.training.evaluation import pair_agreement, pearson
 
     rng = np.random.default_rng(seed)
     x, y = rng.normal(size=50) * 3 + 100, rng.normal(size=50)

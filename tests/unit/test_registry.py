@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rlhf.cli_registry import app
+from rlhf.cli.registry import app
 from rlhf.errors import UserError
-from rlhf.registry import Registry, TagChange, default_root
-from rlhf.registry_entry import Entry, check_tags, is_reference, now_iso
-from rlhf.registry_lineage import LineageNode
-from rlhf.start_record import write_start_record
+from rlhf.store.entry import Entry, check_tags, is_reference, now_iso
+from rlhf.store.lineage import LineageNode
+from rlhf.store.registry import Registry, TagChange, default_root
+from rlhf.store.start_record import write_start_record
 
 
 def hf_folder(path: Path, marker: str = "config.json") -> Path:
@@ -27,7 +27,7 @@ def hf_folder(path: Path, marker: str = "config.json") -> Path:
 
 def make_entry(reg: Registry, entry_id: str, *, created: str | None = None, **kw) -> Entry:
     stage = kw.pop("stage", entry_id.split("-")[0])
-    if "run_dir" not in kw:  # the entry's own run, with the start record its start wrote (rlhf.start_record)
+    if "run_dir" not in kw:  # the entry's own run, with the start record its start wrote (rlhf.store.start_record)
         reg.run_dir(entry_id).mkdir(parents=True, exist_ok=True)
         write_start_record(reg.run_dir(entry_id), run_id=entry_id, stage=stage, registry=reg.root.resolve(), config={}, sources={})
     run = Path(kw.pop("run_dir", reg.run_dir(entry_id)))
@@ -849,8 +849,8 @@ def test_cli_lists_the_entries_it_can_read_and_warns_of_a_corrupt_one(pipeline: 
 
 
 def test_a_finished_or_removed_run_is_not_resumable(reg: Registry) -> None:
-    from rlhf.runs import CONFIG_FILE, find_resumable
-    from rlhf.start_record import write_start_record
+    from rlhf.store.runs import CONFIG_FILE, find_resumable
+    from rlhf.store.start_record import write_start_record
 
     for run_id in ("sft-done", "sft-gone", "sft-open", "sft-20991231-000000-deadbeef"):
         reg.run_dir(run_id).mkdir(parents=True)

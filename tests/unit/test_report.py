@@ -16,10 +16,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from rlhf.cli import app
+from rlhf.cli.report import STAGE_PLOTS, lineage, plot_figure, read_metrics, series, summary_table, write_report
 from rlhf.errors import UserError
-from rlhf.registry import Registry
-from rlhf.registry_entry import Entry
-from rlhf.report import STAGE_PLOTS, lineage, plot_figure, read_metrics, series, summary_table, write_report
+from rlhf.store.entry import Entry
+from rlhf.store.registry import Registry
 
 SFT = "sft-20260101-000001-aaaa0001"
 RM = "rm-20260101-000002-bbbb0002"

@@ -15,8 +15,8 @@ from rlhf.data.collate import collate_rm
 from rlhf.data.formats import to_comparisons, to_ranked
 from rlhf.data.sources import Records
 from rlhf.data.tokenize import RMExample, tokenize_preferences
-from rlhf.model_loading import ScalarModel, load_scalar_model
-from rlhf.model_sources import ModelSource
+from rlhf.models.loading import ScalarModel, load_scalar_model
+from rlhf.models.sources import ModelSource
 from rlhf.toy import build_tokenizer
 
 
@@ -203,8 +203,8 @@ def test_new_scalar_head_has_the_reward_model_init():
 def test_preference_eval_matches_a_direct_computation():
     """Held-out metrics through the real toy reward model, against a per-sequence float64 recount;
     uneven batch sizes and a ranked group check that batching and pair expansion change nothing."""
-    from rlhf.engine import Dist
-    from rlhf.evaluation import preference_eval
+    from rlhf.training.engine import Dist
+    from rlhf.training.evaluation import preference_eval
 
     tok = build_tokenizer()
     model = load_scalar_model(ModelSource("toy", "toy"), ModelConfig(), tok, seed=5, dtype=torch.float32)

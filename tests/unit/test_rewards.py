@@ -1,4 +1,4 @@
-"""Reward sources (rlhf/rewards.py): parsing and refusals, imports, the weighted combination
+"""Reward sources (rlhf/rollouts/rewards.py): parsing and refusals, imports, the weighted combination
 against a plain float64 loop, the checks on what a function returns, and the rollout's texts."""
 
 from __future__ import annotations
@@ -9,7 +9,16 @@ import torch
 from rlhf.algos.ppo import shape_scores
 from rlhf.config import PPOConfig, load_config
 from rlhf.errors import UserError
-from rlhf.rewards import Reward, RewardSource, checked_scores, describe, learned_source, load_function, parse_sources, rollout_texts
+from rlhf.rollouts.rewards import (
+    Reward,
+    RewardSource,
+    checked_scores,
+    describe,
+    learned_source,
+    load_function,
+    parse_sources,
+    rollout_texts,
+)
 from rlhf.toy import build_tokenizer, oracle_score
 from tests.sequences import build_sequences
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlhf.model_loading import ScalarModel
-from rlhf.rollout import (
+from rlhf.models.loading import ScalarModel
+from rlhf.rollouts.generation import (
     RewardEnsemble,
     Sampling,
     generate,

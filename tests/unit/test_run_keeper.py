@@ -11,8 +11,8 @@ import pytest
 
 from rlhf.config import TrackingConfig
 from rlhf.errors import UserError
-from rlhf.run_keeper import LoopState, _restored
-from rlhf.tracking import METRICS_FILE, Tracker
+from rlhf.training.run_keeper import LoopState, _restored
+from rlhf.training.tracking import METRICS_FILE, Tracker
 
 
 @dataclass
@@ -89,7 +89,7 @@ def test_finish_step_keeps_one_order_and_evaluates_only_when_due(step, evaluated
     (where a stop signal stops the run): a stop never loses the step's figures."""
     from types import SimpleNamespace
 
-    from rlhf.run_keeper import RunKeeper
+    from rlhf.training.run_keeper import RunKeeper
 
     calls = []
     keeper = object.__new__(RunKeeper)

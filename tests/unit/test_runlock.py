@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rlhf.errors import UserError
-from rlhf.runlock import LOCK_FILE, STALE_AFTER_S, RunLock
+from rlhf.store.runlock import LOCK_FILE, STALE_AFTER_S, RunLock
 
 
 def plant(run_dir, **holder) -> None:
@@ -75,7 +75,7 @@ def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path):
 
 
 def test_the_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr("rlhf.runlock.HEARTBEAT_S", 0.05)
+    monkeypatch.setattr("rlhf.store.runlock.HEARTBEAT_S", 0.05)
     with RunLock(tmp_path):
         old = time.time() - 1000
         os.utime(tmp_path / LOCK_FILE, (old, old))

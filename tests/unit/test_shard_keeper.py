@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from rlhf.config import SampleConfig, load_config
-from rlhf.engine import Dist
 from rlhf.errors import StoppedBySignal
-from rlhf.runs import STARTED_FILE, Run
-from rlhf.shard_keeper import ShardKeeper
-from rlhf.stop_signal import STOP_SIGNALS
-from rlhf.tracking import METRICS_FILE
+from rlhf.store.runs import STARTED_FILE, Run
+from rlhf.training.engine import Dist
+from rlhf.training.shard_keeper import ShardKeeper
+from rlhf.training.stop_signal import STOP_SIGNALS
+from rlhf.training.tracking import METRICS_FILE
 
 ONE_RANK = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from rlhf.cli.slurm import Resources, StageJob, render_script, round_jobs, sbatch_command, stage_jobs, submit_script
 from rlhf.errors import UserError
-from rlhf.launch import LaunchSpec, build_command, srun_command
-from rlhf.slurm import Resources, StageJob, render_script, round_jobs, sbatch_command, stage_jobs, submit_script
+from rlhf.launcher.command import LaunchSpec, build_command, srun_command
 
 
 def ids():

@@ -1,4 +1,4 @@
-"""The start record (rlhf.start_record): sealed with the user's own key, verified on resume, naming
+"""The start record (rlhf.store.start_record): sealed with the user's own key, verified on resume, naming
 what changed: the seal, the config and the model sources."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from rlhf.errors import UserError
-from rlhf.registry import Registry
-from rlhf.registry_entry import Entry
-from rlhf.runs import model_source_digests, resolve_config
-from rlhf.start_record import (
+from rlhf.store.entry import Entry
+from rlhf.store.registry import Registry
+from rlhf.store.runs import model_source_digests, resolve_config
+from rlhf.store.start_record import (
     START_FILE,
     check_same_config,
     check_same_sources,

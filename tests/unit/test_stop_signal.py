@@ -7,8 +7,8 @@ import signal
 
 import torch
 
-from rlhf.engine import Dist
-from rlhf.stop_signal import StopSignal
+from rlhf.training.engine import Dist
+from rlhf.training.stop_signal import StopSignal
 from tests.ranks import on_ranks
 
 

@@ -1,4 +1,4 @@
-"""What a resume takes from a run folder's config and what it asks the user to repeat (rlhf.trust)."""
+"""What a resume takes from a run folder's config and what it asks the user to repeat (rlhf.store.trust)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import shlex
 
 import pytest
 
+from rlhf.cli.slurm import Resources, StageJob, render_script
 from rlhf.config import PPOConfig, SFTConfig, load_config, save_config
 from rlhf.errors import UserError
-from rlhf.slurm import Resources, StageJob, render_script
-from rlhf.trust import as_override, check_resume_overrides, code_running_settings
+from rlhf.store.trust import as_override, check_resume_overrides, code_running_settings
 
 FUNCTION = "python:my_rewards.brevity:short"
 
@@ -69,7 +69,7 @@ def test_a_requeued_job_repeats_what_its_submission_trusted(tmp_path):
 
 
 def test_a_python_grader_in_eval_gold_runs_code_and_the_oracle_does_not():
-    grader = "python:rlhf.chat_task:exact_reward"
+    grader = "python:rlhf.tasks.chat:exact_reward"
     assert code_running_settings(load_config(PPOConfig, None, [f"eval.gold={grader}"])) == {"eval.gold": grader}
     assert code_running_settings(load_config(PPOConfig, None, ["eval.gold=oracle"])) == {}
 
@@ -78,7 +78,7 @@ def test_a_python_grader_in_eval_gold_runs_code_and_the_oracle_does_not():
     (["eval.gold=rm:latest"], "eval.gold: 'rm:latest' is neither python:package.module:function nor oracle"),
     (["eval.gold=python:no-dots"], "eval.gold: 'python:no-dots' is not python:package.module:function"),
     (["eval.gold=oracle", "data.eval=prompts.jsonl"], "eval.gold=oracle grades held-out answers, but data.eval=prompts.jsonl"),
-    (["eval.gold=python:rlhf.chat_task:exact_reward", "data.eval=null"], "set data.eval"),
+    (["eval.gold=python:rlhf.tasks.chat:exact_reward", "data.eval=null"], "set data.eval"),
 ])
 def test_eval_gold_is_a_grader_of_held_out_answers(overrides, says):
     with pytest.raises(UserError) as refused:

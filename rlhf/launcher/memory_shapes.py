@@ -1,0 +1,160 @@
+"""A model's shape (parameters, LoRA's trained share, geometry) for `rlhf plan`, read from its config alone:
+parameters are counted on the meta device, so no weights load and no memory is used.
+
+The toy, registry entries (an adapter entry by its base), folders, `.gguf` headers and hub names; a hub name is read
+from the local cache only when `local_files_only` (the check before a launch, which must never wait on the network).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError, first_line
+from rlhf.launcher.memory_estimates import ModelShape
+
+TRAINED_STAGES = ("sft", "rm", "dpo", "ppo", "bon")
+
+
+def shape_of_config(config: Any, *, head: str = "lm", lora: Any = None, source: str = "") -> ModelShape:
+    """Count a transformers config's parameters on the meta device (no memory, no weights) and read its geometry.
+    head 'scalar' is a *ForSequenceClassification with one label (a reward model, a critic)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = copy.deepcopy(config)
+    if head == "scalar":
+        config.num_labels = 1
+    factory = AutoModelForSequenceClassification if head == "scalar" else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = factory.from_config(config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{source}: cannot build a {config.model_type} {head} model from its config ({first_line(exc)})") from None
+    params = sum(p.numel() for p in model.parameters())
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    lora_params = lora_trainable(model, lora, head=head) if lora is not None and lora.enabled else 0
+    return ModelShape(params=params, hidden=hidden, layers=int(config.num_hidden_layers), heads=heads, kv_heads=kv_heads,
+                      head_dim=head_dim, vocab=int(config.vocab_size), lora_params=lora_params, source=source)
+
+
+def lora_trainable(model: Any, lora: Any, *, head: str) -> int:
+    """Parameters peft trains: r x (in + out) for each adapted linear layer (every linear but the output head unless
+    lora.target_modules names them), plus the whole scalar head for a reward model or critic (peft's SEQ_CLS)."""
+    import torch
+
+    out_layer = "score" if head == "scalar" else None
+    out_embeddings = model.get_output_embeddings() if head == "lm" else None
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is out_embeddings or name.split(".")[-1] == out_layer:
+            continue
+        if lora.target_modules and not any(name == t or name.endswith("." + t) for t in lora.target_modules):
+            continue
+        total += lora.r * (module.in_features + module.out_features)
+    if head == "scalar":
+        total += sum(p.numel() for p in model.score.parameters())
+    return total
+
+
+def _hf_config(source: Any, *, key: str, trust_remote_code: bool, local_files_only: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{key}={source}: cannot read its config ({first_line(exc)}); a hub name needs the network or the "
+                        "local hub cache, a folder its config.json") from None
+
+
+def model_shape(name_or_path: str, model_cfg: Any, registry: Any, *, key: str, head: str = "lm", lora: Any = None,
+                trust_remote_code: bool = False, local_files_only: bool = False) -> ModelShape:
+    """The shape of the model `name_or_path` names (toy, a registry reference, a folder, a .gguf file, a hub name),
+    from its config alone; with `local_files_only` a hub name not in the local cache is a UserError, not a download."""
+    from rlhf.models.gguf import converted_folder, is_gguf
+    from rlhf.toy import TOY
+
+    if name_or_path == TOY:
+        from rlhf.toy import build_tokenizer
+        from rlhf.toy.model import llama_config
+
+        return shape_of_config(llama_config(model_cfg.toy, build_tokenizer()), head=head, lora=lora, source=TOY)
+    if is_gguf(name_or_path):
+        path = Path(name_or_path).expanduser().resolve()
+        if not path.is_file():
+            raise UserError(f"{key}: no such GGUF file {path}; give the path of a .gguf file")
+        folder = converted_folder(path, Path(registry.root))
+        if (folder / "config.json").is_file():
+            config = _hf_config(str(folder), key=key, trust_remote_code=False)
+        else:  # read the header's metadata only: converting would load every weight
+            from transformers import AutoConfig
+
+            try:
+                config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            except (OSError, ValueError, KeyError, ImportError) as exc:
+                raise UserError(f"{key}: cannot read {path} as a GGUF model ({first_line(exc)})") from None
+        return shape_of_config(config, head=head, lora=lora, source=str(path))
+    from rlhf.models.sources import resolve_model
+
+    source = resolve_model(name_or_path, registry, key=key)
+    if source.entry is not None and source.entry.adapter == "adapter":
+        adapter = json.loads((Path(source.location) / "adapter_config.json").read_text())
+        base = adapter.get("base_model_name_or_path") or ""
+        return model_shape(base, model_cfg, registry, key=key, head=head, lora=lora, trust_remote_code=trust_remote_code,
+                           local_files_only=local_files_only)
+    config = _hf_config(source.location, key=key, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    return shape_of_config(config, head=head, lora=lora, source=name_or_path)
+
+
+def model_shapes(stage: str, cfg: Any, registry: Any, *, local_files_only: bool = False) -> dict[str, ModelShape]:
+    """Every model `stage` holds, by role, read from configs (no weights load; hub names from the local cache only
+    with `local_files_only`)."""
+    def shape(name: str, model_cfg: Any, key: str, head: str = "lm", lora: Any = None, trust: bool = False) -> ModelShape:
+        return model_shape(name, model_cfg, registry, key=key, head=head, lora=lora, trust_remote_code=trust,
+                           local_files_only=local_files_only)
+
+    model = cfg.model
+    if stage == "sft":
+        return {"policy": shape(model.name_or_path, model, "model.name_or_path", lora=model.lora, trust=model.trust_remote_code)}
+    if stage == "rm":
+        return {"reward model": shape(model.name_or_path, model, "model.name_or_path", "scalar", model.lora, model.trust_remote_code)}
+    if stage in ("dpo", "ppo"):
+        actor = shape(model.name_or_path, model, "model.name_or_path", lora=model.lora, trust=model.trust_remote_code)
+        shapes = {"policy" if stage == "dpo" else "actor": actor}
+        if stage == "ppo" and cfg.ppo.estimator == "gae":
+            shapes["critic"] = shape(cfg.critic.name_or_path, cfg.critic, "critic.name_or_path", "scalar", cfg.critic.lora,
+                                     cfg.critic.trust_remote_code)
+        from rlhf.config import REFERENCE_FREE_LOSSES
+
+        needs_reference = stage == "ppo" or cfg.dpo.loss not in REFERENCE_FREE_LOSSES or cfg.eval.kl
+        if needs_reference and cfg.reference.name_or_path is not None:
+            shapes["reference"] = shape(cfg.reference.name_or_path, model, "reference.name_or_path", trust=cfg.reference.trust_remote_code)
+        elif needs_reference and not model.lora.enabled:  # with LoRA the reference is the actor with its adapters off
+            shapes["reference"] = dataclasses.replace(actor, lora_params=0)
+        if stage == "ppo":
+            shapes.update(_reward_shapes(cfg, model, shape))
+        return shapes
+    if stage == "bon":
+        shapes = {"policy": shape(model.name_or_path, model, "model.name_or_path", trust=model.trust_remote_code)}
+        shapes.update(_reward_shapes(cfg, model, shape))
+        return shapes
+    raise UserError(f"rlhf plan estimates {', '.join(TRAINED_STAGES)}, not {stage!r}")
+
+
+def _reward_shapes(cfg: Any, model: Any, shape: Any) -> dict[str, ModelShape]:
+    from rlhf.rollouts.rewards import learned_source, parse_sources
+
+    learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))
+    if learned is None:
+        return {}
+    shapes = {"reward": shape(learned.text, model, "reward.name_or_path", "scalar", None, cfg.reward.trust_remote_code)}
+    for i, name in enumerate(cfg.reward_ensemble.name_or_path):  # PPO's and best-of-N's members, frozen like the reward model
+        shapes[f"reward {i + 2}"] = shape(name, model, f"reward_ensemble.name_or_path[{i}]", "scalar", None, cfg.reward.trust_remote_code)
+    return shapes

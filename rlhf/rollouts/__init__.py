@@ -1,0 +1,3 @@
+"""Sampling and scoring responses: generation and one batched forward pass of each model (`generation`), multi-turn
+episodes with an environment (`multiturn`), DAPO's dynamic sampling rounds (`dynamic_sampling`), and where a reward
+comes from: a reward model, `python:` functions, the oracle, or their weighted sum (`rewards`)."""
