@@ -4,7 +4,7 @@
 
 Times the stage's own micro-batch step on a small random Llama (4 layers, hidden 256) in fp32, then
 backward and AdamW. sft: rlhf.stages.sft.micro_batch_loss on micro-batches of 16 rows whose lengths
-are uniform in 16..512 (data.max_length 512). dpo: rlhf.stages.dpo's make_batch and batch_loss (dpo
+are uniform in 16..512 (data.max_length 512). dpo: rlhf.stages.dpo_batches' make_batch and batch_loss (dpo
 loss, a frozen copy of the model as the reference, scored in the same layout) on micro-batches of 8
 pairs, prompts of 8..64 tokens and each response uniform in 8..512 - prompt; unpacked, the 16
 sequences are laid out as a rollout (prompts left-padded, responses right-padded). Packed and
@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rlhf.config import DPOConfig, load_config
 from rlhf.data.tokenize import PairExample, SFTExample
-from rlhf.stages.dpo import Reference, batch_loss, make_batch
+from rlhf.stages.dpo_batches import Reference, batch_loss, make_batch
 from rlhf.stages.sft import micro_batch_loss
 from rlhf.training.engine import Dist
 
@@ -68,8 +68,7 @@ def sft_step(model, batch: list[SFTExample], packing_tokens: int | None) -> int:
 def dpo_step(model, reference, batch: list[PairExample], packing_tokens: int | None) -> int:
     """Forward (policy and reference) and backward of one DPO micro-batch; returns the policy's real tokens."""
     cfg = load_config(DPOConfig, None, [f"data.max_length={MAX_LENGTH}", f"data.packing={packing_tokens is not None}".lower()])
-    data = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=1))
-    scored = make_batch(batch, list(range(len(batch))), cfg, data, CPU, None)
+    scored = make_batch(batch, list(range(len(batch))), cfg, SimpleNamespace(pad_token_id=0, eos_token_id=1), CPU, None)
     loss, _ = batch_loss(model, Reference(model=reference, adapters_off=False), scored, cfg, CPU)
     loss.backward()
     return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in batch)

@@ -5,8 +5,9 @@ losses take (prompt, chosen, rejected) rows, chosen and rejected scored in one f
 takes unpaired (prompt, completion, label) rows, and for its reference point z0 each row's prompt
 with another row's completion (a fixed partner, half the data set away). A sequence enters a loss
 as its response log-probs summed under the response mask, and its response length; the losses
-themselves are rlhf/algos/preference.py. data.packing scores the same sequences laid end to end without
-padding (rlhf/stages/dpo_scoring.py): the same sums, so the same losses and gradients.
+themselves are rlhf/algos/preference.py, a batch and its loss rlhf/stages/dpo_batches.py. data.packing
+scores the same sequences laid end to end without padding (rlhf/stages/dpo_scoring.py): the same sums,
+so the same losses and gradients.
 
 The reference policy is a frozen copy of the starting model (ZeRO-3 partitioned under ZeRO-3), or
 the policy with its LoRA adapters off, or its log-probs computed once before training
@@ -28,7 +29,6 @@ from typing import Any
 
 import torch
 
-from rlhf.algos.preference import dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhf.config import REFERENCE_FREE_LOSSES, DPOConfig, loss_beta
 from rlhf.data.load import stage_datasets
 from rlhf.data.packing import check_packing_supported
@@ -37,7 +37,7 @@ from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.sources import ModelSource, causal_lm_and_tokenizer, reference_source
 from rlhf.models.stage_models import build_reference
 from rlhf.rollouts.generation import Sampling, policy_logprobs, reference_logprobs, sample_rollout
-from rlhf.stages.dpo_scoring import Scored, lay_out, packing_capacity, reference_sums, sequence_logps
+from rlhf.stages.dpo_batches import SUMS, Reference, add_stats, batch_loss, make_batch, precompute_reference, summarize
 from rlhf.store.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, ToyTask
 from rlhf.training.engine import (
@@ -55,11 +55,6 @@ from rlhf.training.rank_sums import RankSums
 from rlhf.training.run_keeper import LoopState, RunKeeper
 
 HEADLINE = ("loss", "accuracy", "margin", "eval/accuracy", "eval/kl", "eval/oracle_score")
-# Sums over a batch's examples (and ranks); every name is declared on every rank (RankSums).
-# chosen/rejected count the examples each side's means divide by: pairs twice, or KTO's
-# desirable and undesirable rows.
-SUMS = ("loss", "examples", "correct", "margin", "chosen", "rejected", "chosen_reward", "rejected_reward", "chosen_logp",
-        "rejected_logp", "sft_loss", "odds_ratio_loss", "kl_reference_point", "batches")
 
 
 @dataclass
@@ -80,34 +75,17 @@ class Data:
     """The same prompts as text on the embedded default, for the oracle; empty elsewhere."""
 
 
-@dataclass
-class Reference:
-    """Where reference log-probs come from: `model` (frozen), or the policy with its adapters off
-    (`adapters_off`), or neither (simpo/orpo without eval.kl). `train_logps`, `eval_logps`: (N, 2)
-    float32 per row, precomputed: (chosen, rejected) of a pair, or (completion, KL partner) of a KTO row."""
+@dataclass(frozen=True)
+class DPOContext:
+    """What every step and evaluation of a run reads, built once in main (after the reference's log-probs)."""
 
-    model: Any | None
-    adapters_off: bool
-    train_logps: torch.Tensor | None = None
-    eval_logps: torch.Tensor | None = None
-
-    @property
-    def available(self) -> bool:
-        return self.model is not None or self.adapters_off
-
-
-@dataclass
-class Batch:
-    """One batch of rows. seqs: pairs as 2B sequences, chosen rows then rejected rows, or KTO's B
-    completions; kl_seqs: KTO's B prompts with their partners' completions (each padded or packed,
-    rlhf/stages/dpo_scoring.py); desirable (B,) bool; ref, kl_ref: the precomputed reference
-    log-probs of seqs (2B,) or (B,) and of kl_seqs (B,)."""
-
-    seqs: Scored
-    kl_seqs: Scored | None
-    desirable: torch.Tensor | None
-    ref: torch.Tensor | None
-    kl_ref: torch.Tensor | None
+    engine: Any
+    reference: Reference
+    data: Data
+    cfg: DPOConfig
+    sampling: Sampling
+    dist: Dist
+    keeper: RunKeeper
 
 
 def main(run: Run) -> None:
@@ -134,24 +112,25 @@ def main(run: Run) -> None:
 
     # 4. Reference log-probs of every row, once; the frozen copy is let go unless eval.kl needs it.
     if cfg.dpo.precompute_reference:
-        reference.train_logps = precompute_reference(engine, reference, data.train_set, cfg, data, dist)
-        reference.eval_logps = precompute_reference(engine, reference, data.eval_set, cfg, data, dist)
+        reference.train_logps = precompute_reference(engine, reference, data.train_set, cfg, data.tokenizer, dist)
+        reference.eval_logps = precompute_reference(engine, reference, data.eval_set, cfg, data.tokenizer, dist)
         if not cfg.eval.kl:
             reference.model = None
 
     # 5. Resume, or measure the starting (SFT) policy: the baseline every later figure is read against.
     keeper = RunKeeper(run, engine, dist, headline=HEADLINE)
+    ctx = DPOContext(engine, reference, data, cfg, sampling, dist, keeper)
     state = keeper.resume(LoopState())
     if state.step == 0:
-        keeper.record_baseline(state, evaluate(engine, reference, data, cfg, sampling, dist))
+        keeper.record_baseline(state, evaluate(ctx))
     keeper.print(describe(cfg, data, dist))
 
     # 6. Train.
-    metrics = train(engine, reference, data, cfg, sampling, dist, keeper, state)
+    metrics = train(ctx, state)
 
     # 7. Final evaluation, the save_pretrained folder, the registry entry (parents: the starting
     #    model's entry, and a named reference's).
-    final_eval = evaluate(engine, reference, data, cfg, sampling, dist)
+    final_eval = evaluate(ctx)
     keeper.log(state.step, final_eval)
     reference_parents = data.reference_source.parents if data.reference_source is not None else ()
     keeper.publish_model(engine, source=data.source, model_cfg=cfg.model, tokenizer=data.tokenizer,
@@ -228,139 +207,14 @@ def describe(cfg: DPOConfig, data: Data, dist: Dist) -> str:
     )
 
 
-def kl_partner(i: int, n: int) -> int:
-    """KTO's mismatched pair for row i: row i's prompt with the completion of row i + n // 2 (mod n).
-    A fixed partner half the data set away keeps the pair mismatched when neighbouring rows share
-    a prompt, and lets the reference's log-prob of it be precomputed; which rows meet in a batch is
-    shuffled, so the batch's KL estimate is over random mismatched pairs, as in the paper."""
-    return (i + n // 2) % n
-
-
-def make_batch(rows: list, indices: list[int], cfg: DPOConfig, data: Data, dist: Dist, precomputed: torch.Tensor | None) -> Batch:
-    """The sequences of rows[indices] on this rank's device, laid out as `Batch` says."""
-    def lay(prompts: list[list[int]], responses: list[list[int]]) -> Scored:
-        return lay_out(prompts, responses, pad_id=data.tokenizer.pad_token_id, eos_id=data.tokenizer.eos_token_id,
-                       capacity=packing_capacity(cfg.data), device=dist.device)
-
-    picked = [rows[i] for i in indices]
-    ref = kl_ref = desirable = kl_seqs = None
-    if cfg.dpo.loss == "kto":
-        seqs = lay([r.prompt for r in picked], [r.completion for r in picked])
-        # The partner's completion is cut to fit this prompt's room (no EOS then, as any cut).
-        partners = [rows[kl_partner(i, len(rows))].completion[: cfg.data.max_length - len(rows[i].prompt)] for i in indices]
-        kl_seqs = lay([r.prompt for r in picked], partners)
-        desirable = torch.tensor([r.desirable for r in picked], device=dist.device)
-        if precomputed is not None:
-            ref, kl_ref = precomputed[indices, 0].to(dist.device), precomputed[indices, 1].to(dist.device)
-    else:
-        seqs = lay([r.prompt for r in picked] * 2, [r.chosen for r in picked] + [r.rejected for r in picked])
-        if precomputed is not None:
-            ref = torch.cat([precomputed[indices, 0], precomputed[indices, 1]]).to(dist.device)
-    return Batch(seqs, kl_seqs, desirable, ref, kl_ref)
-
-
-def gathered(x: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """`x` (M,) from every rank, concatenated (all ranks hold the same M)."""
-    if dist.world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.world_size)]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def batch_loss(engine: Any, reference: Reference, batch: Batch, cfg: DPOConfig, dist: Dist) -> tuple[torch.Tensor, Any]:
-    """The configured loss of one batch and its per-example stats. KTO's z0 is estimated over every
-    rank's KL rows (gathered), so it is one number per micro-step, as with one large batch."""
-    dpo, beta = cfg.dpo, loss_beta(cfg.dpo)
-    ref, kl_ref = batch.ref, batch.kl_ref
-    if dpo.loss not in REFERENCE_FREE_LOSSES and ref is None:
-        ref = reference_sums(reference.model, engine, batch.seqs)
-    logps = sequence_logps(engine, batch.seqs)
-    lengths = batch.seqs.response_lengths
-    if dpo.loss == "kto":
-        with torch.no_grad():  # z0 is not backpropagated through (KTO paper, section 4)
-            kl_logps = sequence_logps(engine, batch.kl_seqs)
-            if kl_ref is None:
-                kl_ref = reference_sums(reference.model, engine, batch.kl_seqs)
-        return kto_loss(logps=logps, ref_logps=ref, desirable=batch.desirable, kl_logps=gathered(kl_logps, dist),
-                        kl_ref_logps=gathered(kl_ref, dist), beta=beta, desirable_weight=dpo.desirable_weight,
-                        undesirable_weight=dpo.undesirable_weight)
-    b = logps.shape[0] // 2  # chosen rows first, then rejected
-    sides = {"chosen_logps": logps[:b], "rejected_logps": logps[b:]}
-    lengths_of = {"chosen_lengths": lengths[:b], "rejected_lengths": lengths[b:]}
-    if dpo.loss == "dpo":
-        return dpo_loss(**sides, chosen_ref_logps=ref[:b], rejected_ref_logps=ref[b:], beta=beta, label_smoothing=dpo.label_smoothing)
-    if dpo.loss == "ipo":
-        return ipo_loss(**sides, chosen_ref_logps=ref[:b], rejected_ref_logps=ref[b:], **lengths_of, beta=beta)
-    if dpo.loss == "simpo":
-        return simpo_loss(**sides, **lengths_of, beta=beta, gamma=dpo.simpo_gamma)
-    return orpo_loss(**sides, **lengths_of, lam=dpo.orpo_lambda)
-
-
-def add_stats(sums: RankSums, stats: Any, *, keep: torch.Tensor | None = None) -> None:
-    """Add one batch's per-example stats (those of `keep`, default all) to the named sums."""
-    keep = torch.ones_like(stats.losses, dtype=torch.bool) if keep is None else keep
-    if hasattr(stats, "desirable"):  # KTO: chosen = desirable rows, rejected = undesirable rows
-        good, bad = stats.desirable & keep, ~stats.desirable & keep
-        sums.add(loss=stats.losses[keep].double(), examples=keep, chosen=good, rejected=bad,
-                 chosen_reward=stats.rewards[good].double(), rejected_reward=stats.rewards[bad].double(),
-                 chosen_logp=stats.logps[good].double(), rejected_logp=stats.logps[bad].double(),
-                 kl_reference_point=stats.reference_point.double(), batches=1.0)
-        return
-    sums.add(loss=stats.losses[keep].double(), examples=keep, correct=stats.accuracy[keep].double(),
-             margin=stats.margin[keep].double(), chosen=keep, rejected=keep,
-             chosen_reward=stats.chosen_rewards[keep].double(), rejected_reward=stats.rejected_rewards[keep].double(),
-             chosen_logp=stats.chosen_logps[keep].double(), rejected_logp=stats.rejected_logps[keep].double(), batches=1.0)
-    if hasattr(stats, "sft_losses"):
-        sums.add(sft_loss=stats.sft_losses[keep].double(), odds_ratio_loss=stats.odds_ratio_losses[keep].double())
-
-
-def summarize(total: dict[str, float], loss: str) -> dict[str, float]:
-    """Means over all ranks' examples from the sums of `add_stats`."""
-    n, chosen, rejected = max(total["examples"], 1.0), max(total["chosen"], 1.0), max(total["rejected"], 1.0)
-    out = {"loss": total["loss"] / n, "chosen_reward": total["chosen_reward"] / chosen,
-           "rejected_reward": total["rejected_reward"] / rejected, "chosen_logp": total["chosen_logp"] / chosen,
-           "rejected_logp": total["rejected_logp"] / rejected}
-    if loss == "kto":
-        # No pairs, so no per-pair accuracy: the margin is the gap between the two groups' mean rewards.
-        out["margin"] = out["chosen_reward"] - out["rejected_reward"]
-        out["kl_reference_point"] = total["kl_reference_point"] / max(total["batches"], 1.0)
-        return out
-    out.update(accuracy=total["correct"] / n, margin=total["margin"] / n)
-    if loss == "orpo":
-        out.update(sft_loss=total["sft_loss"] / n, odds_ratio_loss=total["odds_ratio_loss"] / n)
-    return out
-
-
 @torch.no_grad()
-def precompute_reference(engine: Any, reference: Reference, rows: list, cfg: DPOConfig, data: Data, dist: Dist) -> torch.Tensor | None:
-    """(N, 2) float32 on the CPU: the reference's summed log-probs of every row (chosen and
-    rejected, or completion and KL partner). Each rank scores its share; one all-gather joins them."""
-    if not rows:
-        return None
-    indices, _ = even_shard(list(range(len(rows))), dist=dist)  # rank r holds rows r, r + W, ...
-    parts = []
-    for start in range(0, len(indices), cfg.eval.batch_size):
-        batch = make_batch(rows, indices[start : start + cfg.eval.batch_size], cfg, data, dist, None)
-        ref = reference_sums(reference.model, engine, batch.seqs)
-        if batch.kl_seqs is not None:
-            parts.append(torch.stack([ref, reference_sums(reference.model, engine, batch.kl_seqs)], dim=1))
-        else:
-            b = ref.shape[0] // 2
-            parts.append(torch.stack([ref[:b], ref[b:]], dim=1))
-    mine = torch.cat(parts).float()  # (per_rank, 2)
-    every = gathered(mine.flatten(), dist).view(dist.world_size, -1, 2)  # (W, per_rank, 2)
-    # Rank r's k-th row is row k * W + r: interleave the ranks back into row order.
-    return every.transpose(0, 1).reshape(-1, 2)[: len(rows)].cpu()
-
-
-@torch.no_grad()
-def heldout_preferences(engine: Any, reference: Reference, data: Data, cfg: DPOConfig, dist: Dist) -> dict[str, float]:
+def heldout_preferences(ctx: DPOContext) -> dict[str, float]:
     """The loss and its implicit-reward metrics on the held-out rows (all ranks)."""
+    engine, reference, data, cfg, dist = ctx.engine, ctx.reference, ctx.data, ctx.cfg, ctx.dist
     indices, real = even_shard(list(range(len(data.eval_set))), dist=dist)
     sums = RankSums(SUMS, dist.device)
     for start in range(0, len(indices), cfg.eval.batch_size):
-        batch = make_batch(data.eval_set, indices[start : start + cfg.eval.batch_size], cfg, data, dist, reference.eval_logps)
+        batch = make_batch(data.eval_set, indices[start : start + cfg.eval.batch_size], cfg, data.tokenizer, dist, reference.eval_logps)
         _, stats = batch_loss(engine, reference, batch, cfg, dist)
         # Rows added only to keep the ranks in step count for nothing.
         add_stats(sums, stats, keep=torch.tensor(real[start : start + cfg.eval.batch_size], device=dist.device))
@@ -368,10 +222,11 @@ def heldout_preferences(engine: Any, reference: Reference, data: Data, cfg: DPOC
 
 
 @torch.no_grad()
-def heldout_kl(engine: Any, reference: Reference, data: Data, cfg: DPOConfig, sampling: Sampling, dist: Dist) -> dict[str, float]:
+def heldout_kl(ctx: DPOContext) -> dict[str, float]:
     """As `rlhf.stages.ppo` measures it: sample an answer to each held-out prompt, score it under the
     policy and the reference at the sampling temperature, and average sum_t (log pi - log pi_ref)
     over the answer's tokens per response (the k1 estimate of KL(policy || reference))."""
+    engine, reference, data, cfg, sampling, dist = ctx.engine, ctx.reference, ctx.data, ctx.cfg, ctx.sampling, ctx.dist
     share, real = even_shard(data.eval_prompts, dist=dist)
     sums = RankSums(("kl", "length", "responses"), dist.device)
     for start in range(0, len(share), cfg.eval.batch_size):
@@ -387,31 +242,32 @@ def heldout_kl(engine: Any, reference: Reference, data: Data, cfg: DPOConfig, sa
 
 
 @torch.no_grad()
-def evaluate(engine: Any, reference: Reference, data: Data, cfg: DPOConfig, sampling: Sampling, dist: Dist) -> dict[str, float]:
+def evaluate(ctx: DPOContext) -> dict[str, float]:
     """Held-out loss, reward accuracy and margin; the KL to the reference of sampled answers
     (eval.kl); on the embedded default the oracle's score (0-100) of sampled and greedy answers."""
+    engine, data, cfg = ctx.engine, ctx.data, ctx.cfg
     engine.eval()
     metrics: dict[str, float] = {}
     if data.eval_set:
-        metrics.update({f"eval/{k}": v for k, v in heldout_preferences(engine, reference, data, cfg, dist).items()})
-    if cfg.eval.kl and data.eval_prompts and reference.available:
-        metrics.update(heldout_kl(engine, reference, data, cfg, sampling, dist))
+        metrics.update({f"eval/{k}": v for k, v in heldout_preferences(ctx).items()})
+    if cfg.eval.kl and data.eval_prompts and ctx.reference.available:
+        metrics.update(heldout_kl(ctx))
     if data.oracle_texts:
-        oracle = oracle_eval(engine.module, data.tokenizer, data.oracle_texts, batch_size=cfg.eval.batch_size, sampling=sampling,
-                             dist=dist)
+        oracle = oracle_eval(engine.module, data.tokenizer, data.oracle_texts, batch_size=cfg.eval.batch_size, sampling=ctx.sampling,
+                             dist=ctx.dist)
         metrics.update({f"eval/{k}": v for k, v in oracle.items()})
     engine.train()
     return metrics
 
 
-def train(engine: Any, reference: Reference, data: Data, cfg: DPOConfig, sampling: Sampling, dist: Dist, keeper: RunKeeper,
-          state: LoopState) -> dict[str, float]:
+def train(ctx: DPOContext, state: LoopState) -> dict[str, float]:
     """Optimizer steps up to train.max_steps; returns the last step's metrics (none when resumed at the end)."""
+    engine, keeper = ctx.engine, ctx.keeper
     engine.train()
     metrics: dict[str, float] = {}
     window_rows, window_start = 0, time.time()
-    while state.step < cfg.train.max_steps:
-        metrics, rows = train_step(engine, reference, data, cfg, dist, step=state.step)
+    while state.step < ctx.cfg.train.max_steps:
+        metrics, rows = train_step(ctx, step=state.step)
         state.step += 1
         window_rows += rows
         logged = None
@@ -419,21 +275,21 @@ def train(engine: Any, reference: Reference, data: Data, cfg: DPOConfig, samplin
             logged = {**metrics, "lr": engine.get_lr()[0], "grad_norm": global_grad_norm(engine),
                       "rows_per_s": window_rows / max(time.time() - window_start, 1e-9)}
             window_rows, window_start = 0, time.time()
-        keeper.finish_step(state, loss=metrics["loss"], metrics=logged,
-                           evaluate=lambda: evaluate(engine, reference, data, cfg, sampling, dist))
+        keeper.finish_step(state, loss=metrics["loss"], metrics=logged, evaluate=lambda: evaluate(ctx))
     return metrics
 
 
-def train_step(engine: Any, reference: Reference, data: Data, cfg: DPOConfig, dist: Dist, *, step: int) -> tuple[dict[str, float], int]:
+def train_step(ctx: DPOContext, *, step: int) -> tuple[dict[str, float], int]:
     """One optimizer step over `engine.grad_accum` micro-batches: the metrics over every rank, and
     the rows every rank trained on. Every rank holds the same number of rows per micro-batch, so
     the per-rank mean loss, averaged by DeepSpeed over ranks and micro-batches, is the global mean."""
+    engine, reference, data, cfg, dist = ctx.engine, ctx.reference, ctx.data, ctx.cfg, ctx.dist
     accum = cfg.engine.grad_accum
     sums = RankSums(SUMS, dist.device)
     rows = 0
     for m in range(accum):
         indices = data.batches.global_batch(step * accum + m)[dist.rank]
-        batch = make_batch(data.train_set, indices, cfg, data, dist, reference.train_logps)
+        batch = make_batch(data.train_set, indices, cfg, data.tokenizer, dist, reference.train_logps)
         loss, stats = batch_loss(engine, reference, batch, cfg, dist)
         engine.backward(loss)
         engine.step()

@@ -148,7 +148,7 @@ def test_packed_pairs_score_as_each_sequence_alone_in_float64():
 
 def test_kto_kl_partners_are_mismatched_and_fixed():
     sys.path.insert(0, str(REPO))
-    from rlhf.stages.dpo import kl_partner
+    from rlhf.stages.dpo_batches import kl_partner
 
     for n in (2, 3, 10, 4000):
         partners = [kl_partner(i, n) for i in range(n)]

@@ -6,7 +6,6 @@ SFT's language-model loss, the reward model's Bradley-Terry loss, and each loss 
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from rlhf.data.packing import (
 from rlhf.data.tokenize import PairExample, RMExample, SFTExample, UnpairedExample
 from rlhf.errors import UserError
 from rlhf.models.loading import ScalarModel
-from rlhf.stages.dpo import Reference, batch_loss, make_batch
+from rlhf.stages.dpo_batches import Reference, batch_loss, make_batch
 from rlhf.stages.dpo_scoring import reference_sums
 from rlhf.stages.rm import micro_batch_rewards
 from rlhf.stages.sft import micro_batch_loss
@@ -235,7 +234,7 @@ def preference_rows(vocab: int, *, loss: str, n: int, seed: int) -> list:
 def _dpo_loss_and_grads(model, reference, rows, cfg, tokenizer):
     model.zero_grad()
     dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    batch = make_batch(rows, list(range(len(rows))), cfg, SimpleNamespace(tokenizer=tokenizer), dist, None)
+    batch = make_batch(rows, list(range(len(rows))), cfg, tokenizer, dist, None)
     loss, stats = batch_loss(model, Reference(model=reference, adapters_off=False), batch, cfg, dist)
     loss.backward()
     per_sequence = {k: v for k, v in stats._asdict().items() if v.dtype.is_floating_point}  # log-probs, rewards, losses
