@@ -112,6 +112,20 @@ def _frozen_row(role: str, shape: ModelShape, engine: Any, ranks: int, *, offloa
                     note=note or f"frozen; forward of {batch} x {seq}")
 
 
+def packed_shape(sequences: int, *, max_length: int, capacity: int) -> tuple[int, int]:
+    """(rows, tokens per row) of `sequences` of up to `max_length` tokens packed first-fit decreasing into rows of
+    `capacity` (rlhf.data.packing.pack_rows), at worst: any two of its rows hold more than `capacity` tokens
+    together, so R rows hold more than floor(R/2) * capacity, at most sequences * max_length."""
+    return min(sequences, 2 * -(-sequences * max_length // capacity) - 1), capacity
+
+
+def _forward_shape(data: Any, sequences: int) -> tuple[int, int]:
+    """(batch, seq) of a trained forward over `sequences` rows: padded to data.max_length, or packed (data.packing)."""
+    if getattr(data, "packing", False):
+        return packed_shape(sequences, max_length=data.max_length, capacity=data.packing_tokens or data.max_length)
+    return sequences, data.max_length
+
+
 def responses_per_prompt(cfg: Any) -> int:
     """Sequences per RM micro-batch row: a ranked list's K on the toy task, else a pair (a file's lists may be longer)."""
     data = cfg.data
@@ -127,14 +141,15 @@ def plan_stage(stage: str, cfg: Any, shapes: dict[str, ModelShape], *, ranks: in
     engine = cfg.engine
     rows: list[ModelRow] = []
     if stage == "sft":
-        rows.append(_trained_row("policy", shapes["policy"], engine, cfg.model, ranks, seq=cfg.data.max_length,
-                                 batch=engine.micro_batch_size, vocab_logits=True))
+        batch, seq = _forward_shape(cfg.data, engine.micro_batch_size)
+        rows.append(_trained_row("policy", shapes["policy"], engine, cfg.model, ranks, seq=seq, batch=batch, vocab_logits=True))
     elif stage == "rm":
-        rows.append(_trained_row("reward model", shapes["reward model"], engine, cfg.model, ranks, seq=cfg.data.max_length,
-                                 batch=engine.micro_batch_size * responses_per_prompt(cfg), vocab_logits=False))
+        batch, seq = _forward_shape(cfg.data, engine.micro_batch_size * responses_per_prompt(cfg))
+        rows.append(_trained_row("reward model", shapes["reward model"], engine, cfg.model, ranks, seq=seq, batch=batch,
+                                 vocab_logits=False))
     elif stage == "dpo":
         per_row = 1 if cfg.dpo.loss == "kto" else 2
-        batch, seq = engine.micro_batch_size * per_row, cfg.data.max_length
+        batch, seq = _forward_shape(cfg.data, engine.micro_batch_size * per_row)
         rows.append(_trained_row("policy", shapes["policy"], engine, cfg.model, ranks, seq=seq, batch=batch, vocab_logits=True))
         if "reference" in shapes:
             rows.append(_frozen_row("reference", shapes["reference"], engine, ranks, offload=cfg.reference.offload, model_cfg=cfg.model,

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from rlhf.cli import app
 from rlhf.config import LoraConfig, ModelConfig, PPOConfig, SFTConfig, load_config
+from rlhf.data.packing import pack_rows
 from rlhf.errors import UserError
 from rlhf.launcher.memory_estimates import (
     GiB,
@@ -23,7 +24,7 @@ from rlhf.launcher.memory_estimates import (
     parse_memory,
     trained_states,
 )
-from rlhf.launcher.memory_plan import plan_stage, smallest_fit
+from rlhf.launcher.memory_plan import packed_shape, plan_stage, smallest_fit
 from rlhf.launcher.memory_shapes import model_shape, model_shapes
 from rlhf.store.registry import Registry
 
@@ -191,6 +192,31 @@ def test_sft_suggestion_lowers_the_micro_batch_first():
     micro = int(change.split()[0].split("=")[1])
     accum = int(change.split()[1].split("=")[1])
     assert micro * accum == 16 and fixed.fits
+
+
+def test_packed_shape_bounds_every_packing_of_random_lengths():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        n, max_length = int(torch.randint(1, 40, (1,), generator=gen)), int(torch.randint(1, 300, (1,), generator=gen))
+        capacity = max_length * int(torch.randint(1, 5, (1,), generator=gen))
+        lengths = torch.randint(1, max_length + 1, (n,), generator=gen).tolist()
+        rows, width = packed_shape(n, max_length=max_length, capacity=capacity)
+        bins = pack_rows(lengths, capacity=capacity)
+        assert len(bins) <= rows and width == capacity
+    # and the bound is reached: sequences just over half a row each get a row of their own
+    assert len(pack_rows([51] * 7, capacity=100)) == packed_shape(7, max_length=51, capacity=100)[0] == 7
+
+
+def test_a_packed_plan_is_the_unpacked_one_at_a_row_of_max_length_and_its_worst_case_beyond():
+    base = ["data.max_length=1024", "engine.micro_batch_size=16", "engine.precision=bf16", "model.attn_implementation=eager"]
+    unpacked = plan_stage("sft", load_config(SFTConfig, None, base), {"policy": OPT}, ranks=8, memory=80 * GiB)
+    packed = plan_stage("sft", load_config(SFTConfig, None, [*base, "data.packing=true"]), {"policy": OPT}, ranks=8, memory=80 * GiB)
+    assert packed.total == unpacked.total
+    wide = plan_stage("sft", load_config(SFTConfig, None, [*base, "data.packing=true", "data.packing_tokens=8192"]),
+                      {"policy": OPT}, ranks=8, memory=80 * GiB)
+    # 16 rows of 1,024 fill at most 3 rows of 8,192 (2 * ceil(16 * 1024 / 8192) - 1): 3 x 8,192 tokens, eager attention quadratic in 8,192
+    (row,) = wide.rows
+    assert row.activations == activation_bytes(OPT, seq=8192, batch=3, precision="bf16", checkpointing=False, eager_attention=True)
 
 
 # ----------------------------------------------------------------------------------------------
