@@ -217,6 +217,19 @@ def test_packed_ppo_follows_the_unpacked_run(ppo_runs):
         assert ppo_runs["true"]["metrics"][key] == pytest.approx(ppo_runs["false"]["metrics"][key], rel=1e-3, abs=1e-5), key
 
 
+def test_a_two_rank_packed_ppo_run_follows_the_two_rank_unpacked_run(rm_homes, tmp_path):
+    """Each rank packs its own rollouts; 2 steps."""
+    rows = {}
+    for packing in ("true", "false"):
+        home = home_with_entries_of(rm_homes["true"], tmp_path / packing, ("sft", "rm"))
+        entry = run_two_ranks(home, *PPO_ARGS, "train.max_steps=2", "train.save_every=0", f"data.packing={packing}", stage="ppo")
+        rows[packing] = [r for r in metric_rows(entry) if "policy_loss" in r]
+    assert len(rows["true"]) == 2
+    for a, b in zip(rows["true"], rows["false"]):
+        for key in PPO_COMPARED:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
 def test_a_killed_packed_ppo_run_resumes_to_the_uninterrupted_weights(rm_homes, ppo_runs, tmp_path):
     home = home_with_entries_of(rm_homes["true"], tmp_path / "killed", ("sft", "rm"))
     run_dir = kill_after_checkpoint("ppo", [*ONE_PROCESS, *PPO_ARGS, "data.packing=true"], home=home, min_step=2)

@@ -220,3 +220,27 @@ def test_the_packed_ptx_loss_and_its_gradients_equal_unpacked(arch):
     assert packed == pytest.approx(plain, abs=1e-5) and grads.keys() == plain_grads.keys()
     for name, g in grads.items():
         assert torch.allclose(g, plain_grads[name], atol=1e-5, rtol=0), name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+def test_the_flash_attention_layout_gives_the_same_outputs(arch, monkeypatch):
+    """flash_attention_2 (no GPU here) gets the packed rows as one row (1, R' * P'), its sequences told apart by the
+    position ids. That row, run through sdpa (which reads the same restarts), gives the padded log-probs and values:
+    the indices into the one row are right."""
+    import rlhf.rollouts.packed as packed_module
+    from rlhf.data.packing import packed_forward_inputs
+
+    def one_row(config, input_ids, position_ids, *, dtype):
+        flash = SimpleNamespace(model_type=config.model_type, _attn_implementation="flash_attention_2")
+        return packed_forward_inputs(flash, input_ids, position_ids, dtype=dtype)
+
+    tokenizer = build_tokenizer()
+    actor, critic = models_of(arch, "sdpa", tokenizer)
+    seqs = random_rollout(len(tokenizer), n=7, seed=9, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp, values = policy_logprobs(actor, seqs, temperature=TEMPERATURE)[0], token_values(critic, seqs)
+        monkeypatch.setattr(packed_module, "packed_forward_inputs", one_row)
+        packed = pack_rollout(seqs, pad_id=tokenizer.pad_token_id, capacity=24)
+        assert packed.input_ids.shape[0] > 1
+        assert torch.allclose(packed_logprobs(actor, packed, temperature=TEMPERATURE)[0], logp, atol=1e-5, rtol=0)
+        assert torch.allclose(packed_values(critic, packed), values, atol=1e-5, rtol=0)
