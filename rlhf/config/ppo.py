@@ -82,7 +82,7 @@ class PPOConfig:
         longest = data.max_prompt_length + rollout.episode_tokens()
         if data.packing_tokens and data.packing_tokens < longest:
             raise UserError(f"data.packing_tokens ({data.packing_tokens}) must be 0 or at least data.max_prompt_length + the longest "
-                            f"response side ({longest}): a sequence is never split")
+                            f"response side ({longest}): a sequence is never split; raise it or set data.packing_tokens=0")
         if data.ptx is not None:
             _check_data_source("data.ptx", data.ptx)
         minibatch = engine.micro_batch_size * engine.grad_accum

@@ -27,7 +27,7 @@ class PPODataConfig:
     packing: bool = False
     """Padding-free forwards: the rollout's prompt + response sequences laid end to end in rows of data.packing_tokens,
     position ids restarting per sequence and attention kept inside it, for the scoring (actor, reference, critic, reward
-    model) and the PPO epochs (actor and critic); the same log-probs, values, losses and gradients as unpacked (within
+    model) and the PPO epochs (actor, critic, ptx loss); the same log-probs, values, losses and gradients as unpacked (within
     fp32 rounding)."""
     packing_tokens: int = 0
     """Tokens per packed row when data.packing is on; 0 = data.max_prompt_length + the longest response side."""
