@@ -1,13 +1,17 @@
-"""SFT or DPO tokens/s with data.packing on and off, on rows of widely varied length (issue 31).
+"""SFT, DPO or PPO tokens/s with data.packing on and off, on rows of widely varied length (issue 31).
 
-    OMP_NUM_THREADS=1 python scripts/bench_packing.py [--stage sft|dpo] [--rounds 4] [--steps 2] [--attention sdpa]
+    OMP_NUM_THREADS=1 python scripts/bench_packing.py [--stage sft|dpo|ppo] [--rounds 4] [--steps 2] [--attention sdpa]
 
 Times the stage's own micro-batch step on a small random Llama (4 layers, hidden 256) in fp32, then
 backward and AdamW. sft: rlhf.stages.sft.micro_batch_loss on micro-batches of 16 rows whose lengths
 are uniform in 16..512 (data.max_length 512). dpo: rlhf.stages.dpo_batches' make_batch and batch_loss (dpo
 loss, a frozen copy of the model as the reference, scored in the same layout) on micro-batches of 8
 pairs, prompts of 8..64 tokens and each response uniform in 8..512 - prompt; unpacked, the 16
-sequences are laid out as a rollout (prompts left-padded, responses right-padded). Packed and
+sequences are laid out as a rollout (prompts left-padded, responses right-padded). ppo: one minibatch of
+a PPO epoch (rlhf.rollouts.packed's rollout_logprobs and rollout_values, the clipped surrogate and the
+value loss, backward through the actor and a critic of the same size) on 16 rollouts laid out likewise,
+prompts of 8..64 tokens and responses of 8..512 - prompt (the critic's forward is in the time, not the
+count). Packed and
 unpacked take turns, one round each, on the same batches; each side's figure is the median over
 rounds of real (non-pad) policy tokens per second (the reference's forward is in the time, not the count).
 On the CPU the packed rows' attention is a dense block-diagonal mask over each packed row, so the
@@ -24,10 +28,14 @@ import time
 from types import SimpleNamespace
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
+from rlhf.algos.ppo import clipped_surrogate, value_loss
 from rlhf.config import DPOConfig, load_config
 from rlhf.data.tokenize import PairExample, SFTExample
+from rlhf.models.loading import ScalarModel
+from rlhf.rollouts.generation import pack_sequences
+from rlhf.rollouts.packed import pack_rollout, rollout_logprobs, rollout_values
 from rlhf.stages.dpo_batches import Reference, batch_loss, make_batch
 from rlhf.stages.sft import micro_batch_loss
 from rlhf.training.engine import Dist
@@ -74,6 +82,22 @@ def dpo_step(model, reference, batch: list[PairExample], packing_tokens: int | N
     return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in batch)
 
 
+def ppo_step(actor, critic, batch: list[PairExample], packing_tokens: int | None) -> int:
+    """Forward (actor and critic) and backward of one PPO minibatch of the pairs' prompts and chosen responses;
+    returns the actor's real tokens."""
+    prompts, responses = [p.prompt for p in batch] * 2, [p.chosen for p in batch] + [p.rejected for p in batch]
+    seqs = pack_sequences(prompts, responses, pad_id=0, eos_id=1)
+    packed = None if packing_tokens is None else pack_rollout(seqs, pad_id=0, capacity=packing_tokens)
+    mask = seqs.response_mask
+    logp, _ = rollout_logprobs(actor, seqs, packed, temperature=1.0)
+    values = rollout_values(critic, seqs, packed)
+    old_logp, old_values = (logp.detach() + 0.01).masked_fill(~mask, 0.0), values.detach()
+    pg_losses, _ = clipped_surrogate(logp, old_logp, torch.ones_like(logp).masked_fill(~mask, 0.0), mask, clip=0.2)
+    vf_loss, _ = value_loss(values, old_values, old_values + 0.1, mask, clip=0.2)
+    ((pg_losses * mask).sum() / mask.sum() + vf_loss).backward()
+    return sum(len(p) + len(r) for p, r in zip(prompts, responses))
+
+
 def timed_round(step, optimizer, batches, *, packing_tokens: int | None) -> float:
     """Real tokens per second over the batches (one optimizer step each)."""
     start, tokens = time.perf_counter(), 0
@@ -89,14 +113,30 @@ def padding_share(stage: str, batches: list) -> tuple[int, int]:
     if stage == "sft":
         return (sum(len(r.input_ids) for b in batches for r in b),
                 sum(len(b) * max(len(r.input_ids) for r in b) for b in batches))
+    # dpo and ppo alike: each pair's prompt twice, with its chosen and with its rejected response
     real = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for b in batches for p in b)
     width = [max(len(p.prompt) for p in b) + max(len(r) for p in b for r in (p.chosen, p.rejected)) for b in batches]
     return real, sum(2 * len(b) * w for b, w in zip(batches, width))
 
 
+def stage_setup(stage: str, model, config, steps: int, rng: random.Random):
+    """The stage's batches, its step (batch, packing_tokens) -> real tokens, and every parameter it trains."""
+    if stage == "sft":
+        sft_batches = [rows(rng, MICRO_BATCH) for _ in range(steps)]
+        return sft_batches, lambda batch, packing: sft_step(model, batch, packing), list(model.parameters())
+    batches = [pairs(rng, MICRO_BATCH // 2) for _ in range(steps)]
+    if stage == "dpo":
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        return batches, lambda batch, packing: dpo_step(model, reference, batch, packing), list(model.parameters())
+    config.num_labels = 1
+    critic = ScalarModel(AutoModelForSequenceClassification.from_config(config, attn_implementation=model.config._attn_implementation))
+    critic.train()
+    return batches, lambda batch, packing: ppo_step(model, critic, batch, packing), [*model.parameters(), *critic.parameters()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", default="sft", choices=["sft", "dpo"])
+    parser.add_argument("--stage", default="sft", choices=["sft", "dpo", "ppo"])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="micro-batches per round")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
@@ -105,15 +145,8 @@ def main() -> None:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=4, max_position_embeddings=MAX_LENGTH, pad_token_id=0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attention).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    rng = random.Random(0)
-    if args.stage == "sft":
-        batches = [rows(rng, MICRO_BATCH) for _ in range(args.steps)]
-        step = lambda batch, packing: sft_step(model, batch, packing)  # noqa: E731
-    else:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-        batches = [pairs(rng, MICRO_BATCH // 2) for _ in range(args.steps)]
-        step = lambda batch, packing: dpo_step(model, reference, batch, packing)  # noqa: E731
+    batches, step, params = stage_setup(args.stage, model, config, args.steps, random.Random(0))
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
     real, padded = padding_share(args.stage, batches)
     timed_round(step, optimizer, batches[:1], packing_tokens=None)  # warm-up
     timed_round(step, optimizer, batches[:1], packing_tokens=MAX_LENGTH)

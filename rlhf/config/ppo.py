@@ -79,6 +79,10 @@ class PPOConfig:
                       "rollout.max_new_tokens": rollout.max_new_tokens})
         _at_least(0, {"rollout.score_batch_size": rollout.score_batch_size})
         _check_max_length(data.ptx_max_length, key="data.ptx_max_length")
+        longest = data.max_prompt_length + rollout.episode_tokens()
+        if data.packing_tokens and data.packing_tokens < longest:
+            raise UserError(f"data.packing_tokens ({data.packing_tokens}) must be 0 or at least data.max_prompt_length + the longest "
+                            f"response side ({longest}): a sequence is never split; raise it or set data.packing_tokens=0")
         if data.ptx is not None:
             _check_data_source("data.ptx", data.ptx)
         minibatch = engine.micro_batch_size * engine.grad_accum

@@ -24,6 +24,13 @@ class PPODataConfig:
     """Pretraining or SFT data for the PPO-ptx term (used when ppo.ptx_coef > 0), in the forms `rlhf sft` reads."""
     ptx_max_length: int = 32
     """Tokens per ptx sequence; longer ones are cut."""
+    packing: bool = False
+    """Padding-free forwards: the rollout's prompt + response sequences laid end to end in rows of data.packing_tokens,
+    position ids restarting per sequence and attention kept inside it, for the scoring (actor, reference, critic, reward
+    model) and the PPO epochs (actor, critic, ptx loss); the same log-probs, values, losses and gradients as unpacked (within
+    fp32 rounding)."""
+    packing_tokens: int = 0
+    """Tokens per packed row when data.packing is on; 0 = data.max_prompt_length + the longest response side."""
     # 800 held-out prompts (of the 810 the toy holds out) put the oracle's mean score within about
     # +-1.5 points (one standard error): PPO's gain is read against that.
     toy: ToyTaskConfig = field(default_factory=lambda: ToyTaskConfig(eval_size=800))

@@ -34,6 +34,7 @@ from rlhf.config import GROUP_ESTIMATORS, PPOConfig, clip_bounds, kl_estimator_o
 from rlhf.models.stage_models import build_ppo_models
 from rlhf.rollouts.generation import ScoredRollout
 from rlhf.rollouts.multiturn import episode_metrics
+from rlhf.rollouts.packed import check_rollout_packing
 from rlhf.rollouts.rewards import describe as describe_reward
 from rlhf.rollouts.rewards import parse_source
 from rlhf.stages.ppo_context import PPOContext, PPOState, load_data, minibatches_per_epoch, sampling_of, total_updates
@@ -62,6 +63,8 @@ def main(run: Run) -> None:
     # 3. Actor and critic engines (own optimizers, annealed over every PPO update); frozen
     #    reference and reward, partitioned under ZeRO-3. Dropout off in all four.
     models = build_ppo_models(cfg, data.sources, data.actor_source, data.tokenizer, dist=dist, total_updates=total_updates(cfg))
+    if cfg.data.packing:
+        check_rollout_packing(models)
     sampling = sampling_of(cfg, data, models, dist)
 
     # 4. Resume (both engines, beta, RNG) or measure the SFT policy: the baseline PPO must beat.
@@ -113,7 +116,8 @@ def describe(ctx: PPOContext) -> str:
     return (
         f"ppo: {len(data.train_prompts)} prompts ({data.prompt_stats.skipped_long_prompts} longer than data.max_prompt_length "
         f"skipped), {cfg.rollout.batch_size} rollouts x {ctx.dist.world_size} rank(s) per step, {cfg.ppo.epochs} epochs of "
-        f"{minibatches_per_epoch(cfg)} minibatches, ZeRO-{cfg.engine.zero_stage}, reference = {reference}, "
+        f"{minibatches_per_epoch(cfg)} minibatches{', packed' if cfg.data.packing else ''}, ZeRO-{cfg.engine.zero_stage}, "
+        f"reference = {reference}, "
         f"reward = {describe_reward(data.reward.sources)}{reward_model_note(ctx)}\n"
         f"{estimator}; {k} sample(s) per prompt, KL in the {ppo.kl_in} ({kl_estimator_of(ppo)}), "
         f"loss aggregation {loss_aggregation_of(ppo)}, {ppo.ratio} ratio clipped to [1 - {clip_bounds(ppo)[0]}, 1 + {clip_bounds(ppo)[1]}]"

@@ -117,6 +117,14 @@ def minibatches_per_epoch(cfg: PPOConfig) -> int:
     return cfg.rollout.batch_size // cfg.engine.micro_batch_size
 
 
+def packing_capacity(cfg: PPOConfig) -> int | None:
+    """Tokens per packed row of the rollout's forwards (data.packing), None when off: data.packing_tokens, or (0) the
+    longest sequence a rollout can hold (a prompt of data.max_prompt_length and the longest response side)."""
+    if not cfg.data.packing:
+        return None
+    return cfg.data.packing_tokens or cfg.data.max_prompt_length + cfg.rollout.episode_tokens()
+
+
 def total_updates(cfg: PPOConfig) -> int:
     """Optimizer steps of the whole run: what both learning-rate schedules anneal over."""
     return cfg.optimizer_steps()

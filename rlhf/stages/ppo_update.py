@@ -12,9 +12,11 @@ from rlhf.algos.ppo import clipped_surrogate, kl_per_token, value_loss
 from rlhf.algos.reasoning import sequence_advantages, sequence_clipped_surrogate
 from rlhf.config import PPOAlgoConfig, clip_bounds, kl_estimator_of, loss_aggregation_of
 from rlhf.data.collate import collate_sft
-from rlhf.rollouts.generation import Sequences, minibatch_rows, policy_logprobs, token_values
-from rlhf.stages.ppo_context import PPOContext, PPOState, minibatches_per_epoch, stop_if_nonfinite
+from rlhf.rollouts.generation import Sequences, minibatch_rows
+from rlhf.rollouts.packed import PackedRollout, pack_rollout, rollout_logprobs, rollout_values
+from rlhf.stages.ppo_context import PPOContext, PPOState, minibatches_per_epoch, packing_capacity, stop_if_nonfinite
 from rlhf.stages.ppo_rollout import Rollout
+from rlhf.stages.sft import micro_batch_loss
 from rlhf.training.rank_sums import RankSums
 
 UPDATE_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "ratio_mean", "value_clipfrac")  # means over updates
@@ -43,11 +45,13 @@ def update_on(ctx: PPOContext, state: PPOState, rollout: Rollout) -> dict[str, f
                                     group_by_length=ppo.length_grouped_minibatches)
         for m, rows in enumerate(epoch_rows):
             batch, mask = rollout.seqs.rows(rows), rollout.seqs.response_mask[rows]
+            packed = minibatch_packed(ctx, batch)
             micro_step = (state.step * ppo.epochs + epoch) * minibatches_per_epoch(cfg) + m
-            actor_loss, actor_stats = actor_loss_on(ctx, rollout, rows, batch, mask, micro_step=micro_step, beta=state.beta)
+            actor_loss, actor_stats = actor_loss_on(ctx, rollout, rows, batch, mask, micro_step=micro_step, beta=state.beta,
+                                                    packed=packed)
             vf_loss = None
             if critic is not None:
-                values = token_values(critic, batch)
+                values = rollout_values(critic, batch, packed)
                 vf_loss, vf_stats = value_loss(values, rollout.scored.values[rows], rollout.returns[rows], mask,
                                                clip=ppo.value_clip_range)
                 actor_stats.update(value_loss=vf_loss, value_clipfrac=vf_stats["clipfrac"])
@@ -63,15 +67,21 @@ def update_on(ctx: PPOContext, state: PPOState, rollout: Rollout) -> dict[str, f
     return {k: total[k] / updates / dist.world_size for k in measured}
 
 
+def minibatch_packed(ctx: PPOContext, batch: Sequences) -> PackedRollout | None:
+    """The minibatch packed once for the actor's and the critic's forwards (data.packing), or None."""
+    capacity = packing_capacity(ctx.cfg)
+    return None if capacity is None else pack_rollout(batch, pad_id=ctx.sampling.pad_id, capacity=capacity)
+
+
 def actor_loss_on(ctx: PPOContext, rollout: Rollout, rows: torch.Tensor, batch: Sequences, mask: torch.Tensor, *, micro_step: int,
-                  beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  beta: float, packed: PackedRollout | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One minibatch's actor loss: the clipped surrogate aggregated per ppo.loss_aggregation, plus the
     PPO-ptx LM loss and, with ppo.kl_in=loss, beta * the KL of the current policy to the reference
-    (aggregated alike); and its statistics."""
+    (aggregated alike); and its statistics. The log-probs come from `packed` rows when given (the same values)."""
     cfg, actor = ctx.cfg, ctx.models.actor
     ppo = cfg.ppo
     aggregation, horizon = loss_aggregation_of(ppo), cfg.rollout.max_new_tokens * cfg.rollout.max_turns
-    logp, _ = policy_logprobs(actor, batch, temperature=cfg.rollout.temperature)
+    logp, _ = rollout_logprobs(actor, batch, packed, temperature=cfg.rollout.temperature)
     if ppo.overlong_filter:  # DAPO: a truncated response says nothing about its answer; it is left out of the loss
         mask = mask & rollout.seqs.has_eos[rows].unsqueeze(1)
     token_losses, pg_stats = surrogate(logp, rollout.scored.logprobs[rows], rollout.advantages[rows], mask, ppo)
@@ -108,9 +118,17 @@ def surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 
 def ptx_loss(ctx: PPOContext, *, micro_step: int) -> torch.Tensor:
-    """PPO-ptx: the LM loss on a batch of pretraining (SFT-format) data, mixed into the actor's loss."""
+    """PPO-ptx: the LM loss on a batch of pretraining (SFT-format) data, mixed into the actor's loss (with
+    data.packing, its rows packed as `rlhf sft` packs them: the same mean over the batch's targets)."""
     data, dist = ctx.data, ctx.dist
     rows = data.ptx_batches.global_batch(micro_step)[dist.rank]
+    capacity = packing_capacity(ctx.cfg)
+    if capacity is not None:
+        examples = [data.ptx_set[i] for i in rows]
+        loss, _ = micro_batch_loss(ctx.models.actor, examples, pad_id=data.tokenizer.pad_token_id, device=dist.device,
+                                   packing_tokens=max(capacity, ctx.cfg.data.ptx_max_length),
+                                   num_tokens=max(sum(ex.num_targets for ex in examples), 1))
+        return loss
     ptx = {k: v.to(dist.device) for k, v in collate_sft([data.ptx_set[i] for i in rows], pad_id=data.tokenizer.pad_token_id).items()}
     logits = ctx.models.actor(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"], use_cache=False).logits
     return masked_lm_loss(logits=logits, input_ids=ptx["input_ids"], response_mask=ptx["response_mask"])

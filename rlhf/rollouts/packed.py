@@ -1,0 +1,167 @@
+"""Padding-free forwards over a rollout (`rlhf ppo` with data.packing): the actor's log-probs and entropies,
+the reference's log-probs, the critic's values and the reward model's scores from forwards over packed rows.
+
+Each rollout row's attended tokens (its prompt without the left padding, its response side up to the
+episode's end: environment tokens included) become one sequence, laid end to end with others in rows of
+at most `capacity` tokens (rlhf/data/packing.py), position ids restarting at each. Those position ids are
+the rollout's own (they count attended tokens), and attention stays inside each sequence, so every output
+read back is the unpacked one up to summation order. Per-token outputs come back in the rollout's (B, R)
+layout, 0 where response_mask is False, exactly as `rlhf.rollouts.generation.policy_logprobs` and
+`token_values` give them: every loss, KL, advantage and metric downstream is computed unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from rlhf.algos.ppo import entropy_from_logits, logprobs_from_logits
+from rlhf.data.packing import check_packing_supported, pack_sequences, packed_forward_inputs
+from rlhf.rollouts.generation import (
+    RewardEnsemble,
+    SampledLogprobs,
+    ScoredRollout,
+    Sequences,
+    _accepts_logits_to_keep,
+    policy_logprobs,
+    token_values,
+)
+
+
+class PackedRollout(NamedTuple):
+    """A rollout batch of B rows packed. input_ids, position_ids (R', P') long; sources (T,) long: for each
+    response token (response_mask's True entries, row-major), the flattened (R' * P') index of the token
+    before it, whose logits and value belong to it; targets (T,) long: the token's own index; response_mask
+    (B, R) bool: where the T outputs go back; last_index (B,) long: each sequence's last token (its reward)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    sources: torch.Tensor
+    targets: torch.Tensor
+    response_mask: torch.Tensor
+    last_index: torch.Tensor
+
+    def to(self, device: torch.device) -> PackedRollout:
+        return PackedRollout(*(t.to(device) for t in self))
+
+
+def pack_rollout(seqs: Sequences, *, pad_id: int, capacity: int) -> PackedRollout:
+    """`seqs` packed in rows of at most `capacity` tokens, on `seqs`' device. Each response token must follow
+    an attended column (true of every rollout: prompts are never empty, episodes have no holes in attention),
+    as the unpacked forward reads it from the column before."""
+    seqs = seqs.to(torch.device("cpu"))
+    attended = seqs.attention_mask.bool()  # (B, P + R)
+    response = seqs.response_mask
+    if not attended[:, seqs.prompt_width - 1 : -1][response].all():
+        raise ValueError("a response token follows a column outside the attention mask")
+    packed = pack_sequences([ids[mask].tolist() for ids, mask in zip(seqs.input_ids, attended)], pad_id=pad_id, capacity=capacity)
+    # The flattened index of every attended column: its sequence's start plus the attended columns before it.
+    index = packed.starts[:, None] + attended.long().cumsum(dim=1) - 1  # (B, P + R)
+    targets = index[:, seqs.prompt_width :][response]  # (T,) row-major over (B, R)
+    out = PackedRollout(packed.input_ids, packed.position_ids, targets - 1, targets, response, packed.starts + packed.lengths - 1)
+    return out.to(seqs.input_ids.device) if out.input_ids.device != seqs.input_ids.device else out
+
+
+def _unpacked(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(T,) per-response-token values -> (B, R), 0 where response_mask is False. Differentiable."""
+    return values.new_zeros(response_mask.shape).masked_scatter(response_mask, values)
+
+
+def _inner(model: Any) -> Any:
+    """The model inside a DeepSpeed engine (a causal LM, its peft model, or a ScalarModel)."""
+    return getattr(model, "module", model)
+
+
+def packed_logprobs(model: Any, packed: PackedRollout, *, temperature: float,
+                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, R) log-probs of the response tokens under `model` (a causal LM, its engine, or a peft model) at
+    `temperature`, and optionally (B, R) entropies; 0 at padding, as `policy_logprobs`. Differentiable.
+
+    The LM head runs only at the columns that hold a source (`logits_to_keep`, where the model takes it).
+    """
+    input_ids, inputs = packed_forward_inputs(_inner(model).config, packed.input_ids, packed.position_ids,
+                                              dtype=next(model.parameters()).dtype)
+    width = input_ids.shape[1]
+    rows, columns = packed.sources // width, packed.sources % width  # in the forward's layout, (R', P') or (1, R' * P')
+    if _accepts_logits_to_keep(model):
+        kept = torch.unique(columns)  # sorted
+        logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=kept, **inputs).logits  # (R', K, V)
+        picked = logits[rows, torch.searchsorted(kept, columns)]  # (T, V)
+    else:
+        picked = model(input_ids=input_ids, use_cache=False, **inputs).logits[rows, columns]
+    logp = logprobs_from_logits(picked, input_ids.flatten()[packed.targets], temperature=temperature)
+    entropy = _unpacked(entropy_from_logits(picked.detach(), temperature=temperature), packed.response_mask) if with_entropy else None
+    return _unpacked(logp, packed.response_mask), entropy
+
+
+def _scalar_scores(model: Any, packed: PackedRollout) -> torch.Tensor:
+    """(R' * P') a ScalarModel's (or its engine's) score at every packed token."""
+    input_ids, inputs = packed_forward_inputs(_inner(model).hf_model.config, packed.input_ids, packed.position_ids,
+                                              dtype=next(model.parameters()).dtype)
+    return model(input_ids, inputs.get("attention_mask"), position_ids=inputs["position_ids"]).flatten()
+
+
+def packed_values(critic: Any, packed: PackedRollout) -> torch.Tensor:
+    """(B, R) the critic's value of the state before each response token (0 at padding), as `token_values`. Differentiable."""
+    return _unpacked(_scalar_scores(critic, packed)[packed.sources], packed.response_mask)
+
+
+def packed_scores(reward_model: Any, packed: PackedRollout) -> torch.Tensor:
+    """(B,) the reward model's score of each sequence, read at its last token, as `sequence_scores`."""
+    return _scalar_scores(reward_model, packed)[packed.last_index]
+
+
+def rollout_logprobs(model: Any, seqs: Sequences, packed: PackedRollout | None, *, temperature: float,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`policy_logprobs`, from the packed rows when `packed` is given."""
+    if packed is None:
+        return policy_logprobs(model, seqs, temperature=temperature, with_entropy=with_entropy)
+    return packed_logprobs(model, packed, temperature=temperature, with_entropy=with_entropy)
+
+
+def rollout_values(critic: Any, seqs: Sequences, packed: PackedRollout | None) -> torch.Tensor:
+    """`token_values`, from the packed rows when `packed` is given."""
+    return token_values(critic, seqs) if packed is None else packed_values(critic, packed)
+
+
+def check_rollout_packing(models: Any) -> None:
+    """Refuse data.packing, in one line, unless every model PPO packs (actor, reference, critic, reward model) is checked."""
+    for model in (models.actor, models.reference, models.critic, models.reward):
+        if model is not None:
+            inner = _inner(model)
+            check_packing_supported(inner.hf_model.config if hasattr(inner, "hf_model") else inner.config)
+
+
+@torch.no_grad()
+def score_rollout_packed(seqs: Sequences, *, actor: Any, reference: Any, critic: Any | None, reward: Any | None, temperature: float,
+                         chunk: int, pad_id: int, capacity: int, reference_is_actor_without_adapters: bool = False,
+                         sampled: SampledLogprobs | None = None, ensemble: RewardEnsemble | None = None) -> ScoredRollout:
+    """`rlhf.rollouts.generation.score_rollout` with each `chunk` of rows packed once for the actor, the reference,
+    the critic and the reward model (an ensemble's other members score the unpacked rows)."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "entropy", "ref_logprobs", "values", "scores", "ensemble_std")}
+    for start in range(0, seqs.input_ids.shape[0], chunk):
+        rows = torch.arange(start, min(start + chunk, seqs.input_ids.shape[0]), device=seqs.input_ids.device)
+        part = seqs.rows(rows)
+        packed = pack_rollout(part, pad_id=pad_id, capacity=capacity)
+        if sampled is None:
+            logp, entropy = packed_logprobs(actor, packed, temperature=temperature, with_entropy=True)
+        else:
+            logp, entropy = sampled.logprobs[rows], sampled.entropy[rows]
+        parts["logprobs"].append(logp)
+        parts["entropy"].append(entropy)
+        if reference_is_actor_without_adapters:
+            with _inner(actor).disable_adapter():
+                parts["ref_logprobs"].append(packed_logprobs(actor, packed, temperature=temperature)[0])
+        else:
+            parts["ref_logprobs"].append(packed_logprobs(reference, packed, temperature=temperature)[0])
+        if critic is not None:
+            parts["values"].append(packed_values(critic, packed))
+        if reward is not None:
+            scores = packed_scores(reward, packed)
+            if ensemble is not None:
+                scores, spread = ensemble.combine(scores, part)
+                parts["ensemble_std"].append(spread)
+            parts["scores"].append(scores)
+    joined = {k: torch.cat(v) if v else None for k, v in parts.items()}
+    return ScoredRollout(seqs=seqs, **joined)
