@@ -119,6 +119,8 @@ def test_a_packed_reward_model_follows_the_unpacked_curve(rm_homes):
     assert curves["true"] == pytest.approx(curves["false"], rel=1e-4)
 
 
+# Two ranks of each stage cost a minute each: `make test-full` runs them, `make test` the SFT one.
+@pytest.mark.full
 def test_a_two_rank_packed_reward_model_follows_the_two_rank_unpacked_curve(packed_home, tmp_path):
     """Each rank packs its own 8 groups' sequences; a few steps (two ranks are the slow part here)."""
     curves = {}
@@ -156,6 +158,8 @@ def test_packed_dpo_follows_the_unpacked_curve(dpo_runs):
         assert packed["metrics"][key] == pytest.approx(unpacked["metrics"][key], rel=1e-3, abs=1e-5), key
 
 
+# Two ranks of each stage cost a minute each: `make test-full` runs them, `make test` the SFT one.
+@pytest.mark.full
 def test_a_two_rank_packed_dpo_run_follows_the_two_rank_unpacked_curve(packed_home, tmp_path):
     """Each rank packs its own 8 pairs (chosen, rejected and the reference's forward); a few steps."""
     runs = {}
@@ -217,6 +221,8 @@ def test_packed_ppo_follows_the_unpacked_run(ppo_runs):
         assert ppo_runs["true"]["metrics"][key] == pytest.approx(ppo_runs["false"]["metrics"][key], rel=1e-3, abs=1e-5), key
 
 
+# Two ranks of each stage cost a minute each: `make test-full` runs them, `make test` the SFT one.
+@pytest.mark.full
 def test_a_two_rank_packed_ppo_run_follows_the_two_rank_unpacked_run(rm_homes, tmp_path):
     """Each rank packs its own rollouts; 2 steps."""
     rows = {}
