@@ -18,19 +18,19 @@ keeps a finished rank stepping until every rank is done, as it does for EOS.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rlhf.rollouts.generation import Sampling, generate
 
 
-class TurnEnds(StoppingCriteria):
-    """transformers' stopping criterion for one `generate` call (it keeps each row's tokens as they
-    come): a row ends after `budgets[i]` tokens (None: no budget of its own) or at the first token
-    after which its decoded tokens contain a stop string. `ends[i]`: row i's token count when it
-    ended that way, None when it ran on (to EOS, or to the call's max_new_tokens)."""
+class TurnEnds:
+    """A transformers stopping criterion for one `generate` call (StoppingCriteria's call without its base
+    class, so that importing this module, as the launcher's preflight does, leaves transformers unloaded);
+    it keeps each row's tokens as they come. A row ends after `budgets[i]` tokens (None: no budgets) or at
+    the first token after which its decoded tokens contain a stop string. `ends[i]`: row i's token count
+    when it ended that way, None when it ran on (to EOS, or to the call's max_new_tokens)."""
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...], *, eos_id: int, budgets: list[int] | None = None) -> None:
         self.tokenizer, self.stops, self.eos_id, self.budgets = tokenizer, stops, eos_id, budgets
@@ -38,15 +38,14 @@ class TurnEnds(StoppingCriteria):
         self.ends: list[int | None] = []
         self._open: list[bool] = []
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         last = input_ids[:, -1].tolist()  # called once per new token, the first call with the first new token
         if not self.rows:
             self.rows, self.ends, self._open = [[] for _ in last], [None] * len(last), [True] * len(last)
         for i, token in enumerate(last):
             if self._open[i]:
                 self._take(i, token)
-        ended = torch.tensor([end is not None for end in self.ends], dtype=torch.bool, device=input_ids.device)
-        return cast(torch.BoolTensor, ended)
+        return torch.tensor([end is not None for end in self.ends], dtype=torch.bool, device=input_ids.device)
 
     def _take(self, i: int, token: int) -> None:
         row = self.rows[i]
@@ -67,6 +66,7 @@ def generate_turns(model: Any, prompts: list[list[int]], sampling: Sampling, *, 
                    budgets: list[int] | None = None) -> list[list[int]]:
     """`generate`'s continuations, each ending at its first stop string (the token that completes it
     kept), its EOS (kept), `budgets[i]` tokens or sampling.max_new_tokens, whichever comes first."""
+    from transformers import StoppingCriteriaList
     ends = TurnEnds(tokenizer, stops, eos_id=sampling.eos_id, budgets=budgets)
     turns = generate(model, prompts, sampling, stopping=StoppingCriteriaList([ends]))
     if not ends.ends:  # no token generated (max_new_tokens 0)
