@@ -45,13 +45,14 @@ class Sampling:
 
 
 @torch.no_grad()
-def generate(model: Any, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
+def generate(model: Any, prompts: list[list[int]], sampling: Sampling, *, stopping: Any = None) -> list[list[int]]:
     """Sample (or, at temperature 0, greedily decode) a continuation of each prompt.
 
     Returns each response's token ids up to and including its first EOS (responses cut by
-    max_new_tokens have no EOS). See `_generate_tokens` for padding and ZeRO-3.
+    max_new_tokens have no EOS). See `_generate_tokens` for padding and ZeRO-3; `stopping`: transformers'
+    StoppingCriteriaList that ends rows besides EOS (rlhf/rollouts/stops.py), rows it ended padded after their end.
     """
-    _, new_tokens, _ = _generate_tokens(model, prompts, sampling)
+    _, new_tokens, _ = _generate_tokens(model, prompts, sampling, stopping=stopping)
     eos_id = sampling.eos_id
     responses = []
     for row in new_tokens.tolist():
@@ -113,7 +114,7 @@ def sample_rollout_with_logprobs(
 
 
 def _generate_tokens(
-    model: Any, prompts: list[list[int]], sampling: Sampling, *, keep_logits: bool = False
+    model: Any, prompts: list[list[int]], sampling: Sampling, *, keep_logits: bool = False, stopping: Any = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """(the left-padded prompt batch on the sampling's device, the generated ids (B, N), and with
     `keep_logits` the raw logits of each step, N tensors (B, V), else None); rows that finished
@@ -145,6 +146,7 @@ def _generate_tokens(
             use_cache=True,
             return_dict_in_generate=True,
             output_logits=keep_logits,
+            stopping_criteria=stopping,
             **how,
         )
     if whole and torch.cuda.is_available():

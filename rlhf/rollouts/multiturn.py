@@ -6,8 +6,9 @@ An environment (rollout.env=python:package.module:Class, one instance per episod
     reset(prompt: str) -> list[dict]                    # messages; [] keeps the dataset's prompt
     step(text: str) -> (list[dict], float | None, bool)  # observation messages, reward, done
 
-and may name `stop_strings` (texts that end a policy turn besides EOS, e.g. "</tool>"). `reset`
-gets the prompt's text (special tokens dropped); `step` gets the text of the policy's turn.
+and may name `stop_strings` (texts that end a policy turn besides EOS, e.g. "</tool>"): generation
+ends each turn at the token that first puts one in its text (rlhf/rollouts/stops.py). `reset` gets
+the prompt's text (special tokens dropped); `step` gets the text of the policy's turn.
 
 An episode's tokens after its prompt, laid out as one turn's response side (rlhf/rollouts/generation.py):
 
@@ -32,7 +33,8 @@ import torch
 from rlhf.data.collate import left_pad_prompts
 from rlhf.data.templates import render_chat, validate_messages
 from rlhf.errors import UserError, first_line
-from rlhf.rollouts.generation import Sampling, Sequences, generate
+from rlhf.rollouts.generation import Sampling, Sequences
+from rlhf.rollouts.stops import generate_turns
 from rlhf.training.engine import Dist
 from rlhf.training.rank_sums import RankSums
 
@@ -148,28 +150,6 @@ def checked_reset(env: Any, prompt: str) -> list[dict]:
     return list(messages)
 
 
-def end_of_turn(tokens: list[int], *, budget: int, eos_id: int, stop_at: Callable[[list[int]], int | None]) -> tuple[list[int], bool]:
-    """A generated turn (cut after its first EOS by `generate`) cut after its first stop string
-    (`stop_at`: the count of tokens up to the one completing it, or None) and to `budget` tokens;
-    and whether it ends with EOS."""
-    cut = stop_at(tokens)
-    if cut is not None:
-        tokens = tokens[:cut]
-    tokens = tokens[:budget]
-    return tokens, bool(tokens) and tokens[-1] == eos_id
-
-
-def stop_finder(tokenizer: Any, stops: tuple[str, ...]) -> Callable[[list[int]], int | None]:
-    """For a turn's ids: the count of its tokens up to the one that completes a stop string (the
-    text is decoded, since a stop string may span tokens or end inside one), None when none does."""
-    def stop_at(tokens: list[int]) -> int | None:
-        if not stops or not any(s in tokenizer.decode(tokens) for s in stops):
-            return None
-        return next(k for k in range(1, len(tokens) + 1) if any(s in tokenizer.decode(tokens[:k]) for s in stops))
-
-    return stop_at
-
-
 @dataclass
 class Episodes:
     """A batch of multi-turn episodes laid out as a rollout, with what PPO needs besides.
@@ -257,15 +237,15 @@ class _Episode:
 @torch.no_grad()
 def sample_episodes(model: Any, prompts: list[list[int]], sampling: Sampling, *, env_class: type, tokenizer: Any,
                     max_turns: int, max_tokens: int, per_turn: bool, keep_going: Callable[[bool], bool] = _alone) -> Episodes:
-    """Run one episode per prompt: each turn, `generate` continues every unfinished episode (at most
-    sampling.max_new_tokens, and what is left of `max_tokens` after the prompt), the turn is cut at
-    the environment's stop strings, and env.step answers it; up to `max_turns` policy turns.
+    """Run one episode per prompt: each turn, `generate_turns` continues every unfinished episode up to
+    the environment's first stop string or EOS (at most sampling.max_new_tokens, and what is left of
+    `max_tokens` after the prompt), and env.step answers it; up to `max_turns` policy turns.
 
     `keep_going(any episode of this rank unfinished)` -> whether any rank's is: under ZeRO-3 every
     rank must join each generation (a partitioned forward is a collective), so a rank with none
     left generates for a stand-in row and drops it."""
     renderer = Renderer(tokenizer)
-    stop_at = stop_finder(tokenizer, tuple(getattr(env_class, "stop_strings", ()) or ()))
+    stops = tuple(getattr(env_class, "stop_strings", ()) or ())
     texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     episodes = []
     for prompt, text in zip(prompts, texts):
@@ -277,10 +257,11 @@ def sample_episodes(model: Any, prompts: list[list[int]], sampling: Sampling, *,
             break
         longest = max((max_tokens - e.used() for e in active), default=1)
         step_sampling = replace(sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, longest)))
-        outputs = generate(model, [e.context() for e in active] or [episodes[0].prompt], step_sampling)
+        # A rank with no episode left generates one token for a stand-in row (budget 1), then waits on the others.
+        outputs = generate_turns(model, [e.context() for e in active] or [episodes[0].prompt], step_sampling, tokenizer=tokenizer,
+                                 stops=stops, budgets=[max_tokens - e.used() for e in active] or [1])
         for episode, tokens in zip(active, outputs):
-            _take_turn(episode, tokens, renderer, stop_at, eos_id=sampling.eos_id, max_tokens=max_tokens,
-                       last=turn + 1 == max_turns)
+            _take_turn(episode, tokens, renderer, eos_id=sampling.eos_id, last=turn + 1 == max_turns, max_tokens=max_tokens)
     return _episodes_of(episodes, tokenizer, pad_id=sampling.pad_id, per_turn=per_turn, device=sampling.device)
 
 
@@ -291,11 +272,11 @@ def _make_env(env_class: type) -> Any:
         raise EnvFailed(f"{ENV_KEY}: {env_class.__name__}() raised {type(exc).__name__}: {first_line(exc)}") from None
 
 
-def _take_turn(episode: _Episode, tokens: list[int], renderer: Renderer, stop_at: Callable[[list[int]], int | None], *,
-               eos_id: int, max_tokens: int, last: bool) -> None:
-    """Record a policy turn, let the environment answer it, and append its observation unless the
-    episode ends: the environment says done, `last` turn, or no room after the observation."""
-    tokens, episode.closed = end_of_turn(tokens, budget=max_tokens - episode.used(), eos_id=eos_id, stop_at=stop_at)
+def _take_turn(episode: _Episode, tokens: list[int], renderer: Renderer, *, eos_id: int, max_tokens: int, last: bool) -> None:
+    """Record a policy turn (as generated: ended at a stop string, EOS or the episode's budget), let the
+    environment answer it, and append its observation unless the episode ends: the environment says
+    done, `last` turn, or no room after the observation."""
+    episode.closed = bool(tokens) and tokens[-1] == eos_id
     episode.segments.append(Segment(tokens, policy=True))
     messages, reward, done = checked_step(episode.env, renderer.tokenizer.decode(tokens, skip_special_tokens=True))
     episode.rewards.append(reward)

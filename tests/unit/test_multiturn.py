@@ -19,13 +19,12 @@ from rlhf.rollouts.multiturn import (
     Segment,
     assemble,
     checked_step,
-    end_of_turn,
     load_env_class,
     sample_episodes,
-    stop_finder,
 )
 from rlhf.tasks.envs import ToolEnv, ToyRetryEnv
 from rlhf.toy import ToyModelConfig, build_model, build_tokenizer
+from tests.envs import StopAtDigits
 
 
 def random_episodes(rng: random.Random, rows: int) -> tuple[list[list[int]], list[list[Segment]], list[list[float]]]:
@@ -238,16 +237,24 @@ def test_tool_env_runs_the_call_and_ends_without_one():
     assert not done and "unknown tool 'nope'" in messages[0]["content"]
 
 
-def test_a_turn_is_cut_after_the_stop_string_and_the_budget():
-    tokenizer = build_tokenizer()
-    ids = tokenizer('a <tool name="calculator">1+1</tool> more', add_special_tokens=False)["input_ids"]
-    stop_at = stop_finder(tokenizer, ToolEnv.stop_strings)
-    tokens, closed = end_of_turn(ids + [tokenizer.eos_token_id], budget=100, eos_id=tokenizer.eos_token_id, stop_at=stop_at)
-    assert tokenizer.decode(tokens) == 'a <tool name="calculator">1+1</tool>' and not closed
-    tokens, closed = end_of_turn(ids[:3] + [tokenizer.eos_token_id], budget=100, eos_id=tokenizer.eos_token_id, stop_at=stop_at)
-    assert closed and len(tokens) == 4
-    tokens, closed = end_of_turn(ids[:3] + [tokenizer.eos_token_id], budget=2, eos_id=tokenizer.eos_token_id, stop_at=stop_at)
-    assert tokens == ids[:2] and not closed
+def test_each_turn_ends_at_its_first_stop_string():
+    """StopAtDigits (tests/envs.py) ends a turn at its first digit: generation stops each row there, the
+    others go on, and the episode's next turn starts after the observation."""
+    tokenizer, model = toy_model()
+    prompts = [tokenizer(f"{a}+{b}=")["input_ids"] for a, b in [(12, 34), (58, 84), (7, 5), (40, 60)] * 2]
+    sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=12)
+    torch.manual_seed(1)
+    episodes = sample_episodes(model, prompts, sampling, env_class=StopAtDigits, tokenizer=tokenizer, max_turns=3, max_tokens=60,
+                               per_turn=False)
+    seqs, turns = episodes.seqs, []
+    for i in range(len(prompts)):
+        mask, ids = seqs.response_mask[i].tolist(), seqs.response_ids[i].tolist()
+        starts = [t for t in range(len(mask)) if mask[t] and (t == 0 or not mask[t - 1])]
+        turns += [ids[t : next((u for u in range(t, len(mask)) if not mask[u]), len(mask))] for t in starts]
+    assert len(turns) == episodes.turns.sum()
+    for turn in turns:
+        assert len(turn) <= 12 and not any(c.isdigit() for c in tokenizer.decode(turn[:-1]))
+    assert any(len(t) < 12 and tokenizer.decode(t[-1:]).isdigit() for t in turns)
 
 
 def test_observations_through_a_chat_template_and_as_plain_text():
