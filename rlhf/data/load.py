@@ -6,6 +6,7 @@ user's file, so what is tested on it is what runs on real data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,7 +122,8 @@ def dpo_examples(
     return preference_pairs(groups), stats
 
 
-STAGE_EXAMPLES = {"sft": sft_examples, "rm": rm_examples, "ppo": ppo_examples, "dpo": dpo_examples}
+STAGE_EXAMPLES: dict[str, Callable[..., tuple[list, TruncationStats]]] = {
+    "sft": sft_examples, "rm": rm_examples, "ppo": ppo_examples, "dpo": dpo_examples}
 """Each stage's one way from a configured data source to its examples (used by the stage and by
 the CLI's pre-launch check alike)."""
 
@@ -136,7 +138,8 @@ def stage_datasets(stage: str, cfg: Any, tokenizer: Any, *, world_size: int) -> 
     their stats); stops when the training set cannot fill one global batch."""
     examples, reading = STAGE_EXAMPLES[stage], stage_reading(stage, cfg)
     train_set, train_stats = examples(cfg.data.train, split="train", tokenizer=tokenizer, data=reading, key="data.train")
-    eval_set, eval_stats = [], None
+    eval_set: list = []
+    eval_stats: TruncationStats | None = None
     if cfg.data.eval:
         eval_set, eval_stats = examples(cfg.data.eval, split="eval", tokenizer=tokenizer, data=reading, key="data.eval")
         if cfg.eval.max_rows:

@@ -8,6 +8,7 @@ prompt/response boundary is exact even where a merge would straddle it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,7 +171,7 @@ def tokenize_sft(
 
 
 def tokenize_preferences(
-    groups: list[Comparison] | list[Ranked],
+    groups: Sequence[Comparison | Ranked],
     tokenizer: Any,
     *,
     max_length: int,

@@ -178,7 +178,7 @@ class _Api:
         index = body.get("prompt_index")
         if with_prompt and (type(index) is not int or not 0 <= index < self.total):
             raise UserError(f"prompt_index must be a whole number from 0 to {self.total - 1}, got {str(index)[:40]}")
-        return body, labeler, index if with_prompt else -1
+        return body, labeler, index if with_prompt and isinstance(index, int) else -1
 
 
 # --- serving ---------------------------------------------------------------------------------------

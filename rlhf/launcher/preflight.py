@@ -142,7 +142,7 @@ def _local_data(stage: str, cfg: Any, extra: tuple[DataCheck, ...] = ()) -> list
     from rlhf.data.sources import FILE_SUFFIXES
     from rlhf.toy import TOY
 
-    evaluation = getattr(cfg.data, "eval", None)  # rlhf sample reads training prompts only
+    evaluation = getattr(cfg.data, "eval", None) or ""  # rlhf sample reads training prompts only
     named = [DataCheck("data.train", "train", cfg.data.train, stage), DataCheck("data.eval", "eval", evaluation, stage), *extra]
     return [c for c in named
             if c.source and (c.source == TOY or c.source.endswith(FILE_SUFFIXES) or Path(c.source).expanduser().exists())]

@@ -133,6 +133,7 @@ class ScalarModel(torch.nn.Module):
         """Packed rows (rlhf.data.packing) pass their own position ids, and no mask or a 4D one."""
         hf = self.hf_model
         if position_ids is None:
+            assert attention_mask is not None, "rows without a mask are packed and pass their position ids"
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
         hidden = hf.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

@@ -103,7 +103,7 @@ def build_ppo_models(
     actor = build_engine(actor, engine=engine, optim=cfg.optim, total_steps=total_updates)
     if critic is not None:
         critic = build_engine(critic, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)
-    ensemble = None if reward is None else build_ensemble(cfg, sources.reward, sources.ensemble, tokenizer, seed=seed, dist=dist)
+    ensemble = None if sources.reward is None else build_ensemble(cfg, sources.reward, sources.ensemble, tokenizer, seed=seed, dist=dist)
     return PPOModels(actor=actor, critic=critic, reference=reference, reward=reward, ensemble=ensemble)
 
 

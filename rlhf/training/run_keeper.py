@@ -65,8 +65,14 @@ class RunKeeper:
         self.run, self.engines, self.dist, self.headline = run, engines, dist, headline
         self.cfg = run.config
         self.started = time.time()
-        self.tracker: Tracker | None = None
+        self._tracker: Tracker | None = None
         self.stop_signal = StopSignal(dist)
+
+    @property
+    def tracker(self) -> Tracker:
+        """The run's metrics and console, opened by resume()."""
+        assert self._tracker is not None, "resume() opens the tracker"
+        return self._tracker
 
     def resume(self, fresh: State) -> State:
         """The state of the newest complete checkpoint of this run (engines and RNG restored with
@@ -77,7 +83,7 @@ class RunKeeper:
         if self.dist.is_main:
             mark_started(self.run)
         extra = {"headline": self.headline} if self.headline else {}
-        self.tracker = Tracker(
+        self._tracker = Tracker(
             self.run.run_dir, active=self.dist.is_main, tracking=self.cfg.tracking, config=to_dict(self.cfg),
             run_id=self.run.run_id, total_steps=self.cfg.train.max_steps, start_step=state.step,
             description=f"{self.run.stage} {self.run.run_id}", **extra,
@@ -188,6 +194,7 @@ class RunKeeper:
         weights = full_state_dict(engine, dist=self.dist)
         if not self.dist.is_main:
             return
+        assert weights is not None  # gathered on the main rank
         folder = self.run.final_dir if companion is None else self.run.run_dir / companion
         adapter = save_final(engine.module, weights, tokenizer, folder, lora=model_cfg.lora, extra_files=extra_files)
         if companion is None:

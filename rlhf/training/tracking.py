@@ -10,7 +10,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -151,7 +151,8 @@ def _metrics_row(line: str) -> dict[str, Any] | None:
 def _start_wandb(run_dir: Path, tracking: TrackingConfig, config: dict[str, Any], run_id: str, *, resume: bool) -> Any:
     import wandb
 
-    mode = os.environ.get("WANDB_MODE", tracking.wandb_mode)
+    # WANDB_MODE goes to wandb as it is: wandb checks it.
+    mode = cast(Literal["online", "offline", "disabled", "shared"], os.environ.get("WANDB_MODE", tracking.wandb_mode))
     return wandb.init(
         project=tracking.wandb_project,
         name=run_id,
