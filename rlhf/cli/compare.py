@@ -112,6 +112,7 @@ def run_method(method: Method, home: Path, *, rlhf: str) -> tuple[str, float, fl
         while proc.poll() is None:
             peak = max(peak, _tree_rss(tree))
             time.sleep(0.2)
+        assert proc.stderr is not None  # stderr=PIPE
         error = proc.stderr.read()
     if proc.returncode:
         raise UserError(f"{method.name} failed (exit {proc.returncode}): {' '.join(args[1:])}: {error.strip().splitlines()[-1:]}")

@@ -43,7 +43,7 @@ def _along_runs(runs: list[tuple[str, Path]], key: str, label: str) -> Any:
 
     figure, axes = _figure(f"{label} against KL, along each RL run", "KL to the SFT policy (nats per response)", label)
     for name, run_dir in runs:
-        rows = [r for r in read_metrics(run_dir) if key in r and "eval/kl" in r]
+        rows = [r for r in read_metrics(run_dir) or [] if key in r and "eval/kl" in r]
         if rows:
             axes.plot([r["eval/kl"] for r in rows], [r[key] for r in rows], marker="o", markersize=3, label=name)
     axes.legend()

@@ -30,6 +30,7 @@ import torch
 
 from rlhf.algos.best_of_n import best_of_first, best_of_n_kl, curve_ns
 from rlhf.config import BestOfNConfig, BestOfNSamplingConfig, ModelConfig, to_dict
+from rlhf.data.formats import Prompt
 from rlhf.data.load import prompt_rows
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.sources import (
@@ -176,7 +177,8 @@ def load_data(cfg: BestOfNConfig, run: Run) -> Data:
 def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
     """(training rows, held-out rows): each a (Prompt, ids) pair, capped at data.max_prompts / eval.max_rows."""
     data = cfg.data
-    train_rows, eval_rows = [], []
+    train_rows: list[tuple[Prompt, list[int]]] = []
+    eval_rows: list[tuple[Prompt, list[int]]] = []
     if data.train is not None:
         train_rows, _ = prompt_rows(data.train, split="train", tokenizer=tokenizer, data=data, key="data.train")
         train_rows = train_rows[: data.max_prompts or None]
@@ -196,6 +198,7 @@ def build_models(cfg: BestOfNConfig, data: Data, dist: Dist) -> Models:
     reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, seed=cfg.sampling.seed, dist=dist)
     if not members:
         return Models(policy, reward_model, combined_reward(cfg, reward_source))
+    assert reward_source is not None  # ensemble members come with a reward model
     ensemble = build_ensemble(cfg, reward_source, members, tokenizer, seed=cfg.sampling.seed, dist=dist)
     # The members' scores arrive normalized and combined: the reward adds them to other sources as they are.
     return Models(policy, reward_model, Reward(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)), ensemble)

@@ -103,6 +103,8 @@ def batch_loss(engine: Any, reference: Reference, batch: Batch, cfg: DPOConfig, 
     logps = sequence_logps(engine, batch.seqs)
     lengths = batch.seqs.response_lengths
     if dpo.loss == "kto":
+        # make_batch gives KTO rows their KL sequences and labels; kto has a reference and a beta.
+        assert batch.kl_seqs is not None and batch.desirable is not None and ref is not None and beta is not None
         with torch.no_grad():  # z0 is not backpropagated through (KTO paper, section 4)
             kl_logps = sequence_logps(engine, batch.kl_seqs)
             if kl_ref is None:
@@ -113,11 +115,15 @@ def batch_loss(engine: Any, reference: Reference, batch: Batch, cfg: DPOConfig, 
     b = logps.shape[0] // 2  # chosen rows first, then rejected
     sides = {"chosen_logps": logps[:b], "rejected_logps": logps[b:]}
     lengths_of = {"chosen_lengths": lengths[:b], "rejected_lengths": lengths[b:]}
+    # Every loss but orpo has a beta (DEFAULT_BETAS); dpo and ipo have reference log-probs (above).
     if dpo.loss == "dpo":
+        assert ref is not None and beta is not None
         return dpo_loss(**sides, chosen_ref_logps=ref[:b], rejected_ref_logps=ref[b:], beta=beta, label_smoothing=dpo.label_smoothing)
     if dpo.loss == "ipo":
+        assert ref is not None and beta is not None
         return ipo_loss(**sides, chosen_ref_logps=ref[:b], rejected_ref_logps=ref[b:], **lengths_of, beta=beta)
     if dpo.loss == "simpo":
+        assert beta is not None
         return simpo_loss(**sides, **lengths_of, beta=beta, gamma=dpo.simpo_gamma)
     return orpo_loss(**sides, **lengths_of, lam=dpo.orpo_lambda)
 

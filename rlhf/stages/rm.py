@@ -32,6 +32,7 @@ from rlhf.data.collate import collate_rm
 from rlhf.data.load import rm_examples, stage_datasets
 from rlhf.data.packing import check_packing_supported, collate_packed_rm, packed_forward_inputs
 from rlhf.data.sampler import ShuffledBatches
+from rlhf.data.tokenize import RMExample
 from rlhf.models.loading import load_scalar_model
 from rlhf.models.sources import REWARD_STATS_FILE, ModelSource, causal_lm_and_tokenizer
 from rlhf.store.runs import Run, stage_entrypoint
@@ -122,7 +123,7 @@ def publish(ctx: RMContext, state: LoopState, train_loss: float | None) -> None:
     final_eval = evaluate(ctx)
     stats_rows = data.train_set[: cfg.eval.reward_stats_rows] if cfg.eval.reward_stats_rows else data.train_set
     on_train = preference_eval(engine, stats_rows, batch_size=cfg.eval.batch_size, pad_id=data.tokenizer.pad_token_id, dist=ctx.dist)
-    reward_stats = {
+    reward_stats: dict[str, Any] = {  # a JSON record: measured floats and what they mean
         "mean": on_train["reward_mean"],
         "std": on_train["reward_std"],
         "measured_on": f"the responses of {len(stats_rows)} training rows",
@@ -150,7 +151,7 @@ def publish(ctx: RMContext, state: LoopState, train_loss: float | None) -> None:
 def load_data(cfg: RMConfig, run: Run, dist: Dist) -> Data:
     source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
     train_set, train_stats, eval_set, eval_stats = stage_datasets("rm", cfg, tokenizer, world_size=dist.world_size)
-    oracle_set = []
+    oracle_set: list[RMExample] = []
     if TOY in (cfg.data.train, cfg.data.eval):  # the embedded default's task, also when trained on labeled samples of it
         fresh = dataclasses.replace(cfg.data, toy=dataclasses.replace(cfg.data.toy, eval_size=ORACLE_PAIRS))
         oracle_set, _ = rm_examples(TOY, split="eval", tokenizer=tokenizer, data=fresh, key="data.toy", toy_kind="fresh_comparisons")

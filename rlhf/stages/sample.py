@@ -131,6 +131,7 @@ def sample_rows(ctx: SampleContext, rows: list) -> list[dict]:
     for start in range(0, len(rows), cfg.sampling.batch_size):
         batch = rows[start : start + cfg.sampling.batch_size]
         seqs, sampled = sample_rollout_with_logprobs(model, [ids for _, ids in batch for _ in range(k)], sampling)
+        assert sampled is not None  # kept at every temperature above 0, the only ones SampleConfig allows
         lengths = seqs.response_mask.sum(dim=1).tolist()
         ids = [row[:n] for row, n in zip(seqs.response_ids.tolist(), lengths)]
         logprobs = [[round(v, 6) for v in row[:n]] for row, n in zip(sampled.logprobs.float().tolist(), lengths)]
