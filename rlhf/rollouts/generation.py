@@ -104,11 +104,11 @@ def sample_rollout_with_logprobs(
     )
     if logits is None:
         return seqs, None
-    logits = torch.stack(logits[:width], dim=1)  # (B, R, V): the logits each response token was drawn from
+    drawn_from = torch.stack(logits[:width], dim=1)  # (B, R, V): the logits each response token was drawn from
     padding = ~response_mask
     return seqs, SampledLogprobs(
-        logprobs=logprobs_from_logits(logits, response_ids, temperature=sampling.temperature).masked_fill(padding, 0.0),
-        entropy=entropy_from_logits(logits, temperature=sampling.temperature).masked_fill(padding, 0.0),
+        logprobs=logprobs_from_logits(drawn_from, response_ids, temperature=sampling.temperature).masked_fill(padding, 0.0),
+        entropy=entropy_from_logits(drawn_from, temperature=sampling.temperature).masked_fill(padding, 0.0),
     )
 
 
@@ -349,7 +349,7 @@ def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_takes_logits_to_keep(model_class: type) -> bool:
+def _forward_takes_logits_to_keep(model_class: type[torch.nn.Module]) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
@@ -359,7 +359,7 @@ def _accepts_logits_to_keep(model: Any) -> bool:
     inner = getattr(model, "module", model)  # a DeepSpeed engine's model
     if hasattr(inner, "get_base_model"):  # peft passes the argument through to its base model
         inner = inner.get_base_model()
-    return _forward_takes_logits_to_keep(type(inner))
+    return _forward_takes_logits_to_keep(type(inner))  # type: ignore[arg-type]  # a class is hashable; mypy reads its unbound __hash__
 
 
 def minibatch_rows(
@@ -399,13 +399,7 @@ class ScoredRollout:
 
 @torch.no_grad()
 def score_rollout(
-    seqs: Sequences,
-    *,
-    actor: Any,
-    reference: Any,
-    critic: Any | None,
-    reward: Any | None,
-    temperature: float,
+    seqs: Sequences, *, actor: Any, reference: Any, critic: Any | None, reward: Any | None, temperature: float,
     chunk: int,
     reference_is_actor_without_adapters: bool = False,
     sampled: SampledLogprobs | None = None,
@@ -431,6 +425,7 @@ def score_rollout(
             logp, entropy = policy_logprobs(actor, part, temperature=temperature, with_entropy=True)
         else:
             logp, entropy = sampled.logprobs[rows], sampled.entropy[rows]
+        assert entropy is not None  # with_entropy=True
         parts["logprobs"].append(logp)
         parts["entropy"].append(entropy)
         parts["ref_logprobs"].append(reference_logprobs(None if reference_is_actor_without_adapters else reference, actor, part,
@@ -445,4 +440,7 @@ def score_rollout(
             parts["scores"].append(scores)
     restore = torch.argsort(order)  # rows back in the rollout's order
     joined = {k: torch.cat(v)[restore] if v else None for k, v in parts.items()}
-    return ScoredRollout(seqs=seqs, **joined)
+    logprobs, ref_logprobs, entropy = joined["logprobs"], joined["ref_logprobs"], joined["entropy"]
+    assert logprobs is not None and ref_logprobs is not None and entropy is not None  # one chunk at least
+    return ScoredRollout(seqs=seqs, logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, values=joined["values"],
+                         scores=joined["scores"], ensemble_std=joined["ensemble_std"])

@@ -173,6 +173,7 @@ class Reward:
             raise ValueError("learned scores must be given exactly when a component is a reward model")
         parts: dict[str, torch.Tensor] = {}
         if learned is not None:
+            assert self.learned is not None  # checked above
             parts[self.learned.text] = learned
             device = learned.device
         for text, function in self.functions.items():
@@ -183,13 +184,14 @@ class Reward:
                 raise UserError(f"{text} raised {type(exc).__name__}: {first_line(exc)}") from None
             parts[text] = torch.tensor(checked_scores(source, values, len(responses)), dtype=torch.float32, device=device)
         scaled = dict(parts)
-        if learned is not None and self.normalize:
+        if learned is not None and self.learned is not None and self.normalize:
             scaled[self.learned.text] = (learned - self.mean) / self.std
-        dtype = torch.float32 if self.functions else learned.dtype
+        dtype = torch.float32 if self.functions or learned is None else learned.dtype  # no functions: a learned part
         total = None
         for source in self.sources:  # in the user's order
             weighted = source.weight * scaled[source.text].to(dtype)
             total = weighted if total is None else total + weighted
+        assert total is not None  # a reward has at least one source
         return RewardScores(total=total, parts=parts)
 
 

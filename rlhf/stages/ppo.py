@@ -87,6 +87,7 @@ def publish(ctx: PPOContext, state: PPOState, metrics: dict[str, float], final_e
     """The critic's (when there is one) and the actor's save_pretrained folders and registry entries."""
     models, data, cfg, keeper = ctx.models, ctx.data, ctx.cfg, ctx.keeper
     if models.critic is not None:
+        assert data.sources.critic is not None  # the critic's source
         keeper.publish_model(models.critic, source=data.sources.critic, model_cfg=cfg.critic, tokenizer=data.tokenizer,
                              companion="critic",
                              metrics={k: metrics[k] for k in ("value_loss", "explained_variance") if k in metrics})
@@ -106,7 +107,7 @@ def publish(ctx: PPOContext, state: PPOState, metrics: dict[str, float], final_e
 
 def describe(ctx: PPOContext) -> str:
     cfg, data, models = ctx.cfg, ctx.data, ctx.models
-    reference = "the actor without its LoRA adapters" if models.reference is None else data.sources.reference.location
+    reference = "the actor without its LoRA adapters" if data.sources.reference is None else data.sources.reference.location
     ppo, k = cfg.ppo, cfg.rollout.samples_per_prompt
     estimator = (f"{ppo.estimator}: critic-free, 3 models (actor, reference, reward); critic and critic_optim settings unused"
                  if models.critic is None else f"{ppo.estimator}: 4 models (actor, critic, reference, reward)")
@@ -171,6 +172,7 @@ def ppo_step(ctx: PPOContext, state: PPOState) -> dict[str, float]:
     mismatch = sampler_mismatch(ctx, rollout, sampled)
     stop_if_mismatched(ctx.keeper, state, cfg, mismatch)
     if cfg.ppo.tis_cap is not None:
+        assert sampled is not None  # ppo.tis_cap keeps generation's log-probs (checks_mismatch)
         rollout.tis_weights = truncated_is_weights(scored.logprobs, sampled.logprobs, seqs.response_mask, cap=cfg.ppo.tis_cap)
     scored_at = time.time()
 
@@ -214,6 +216,7 @@ def rollout_metrics(rollout: Rollout, dist: Dist, *, beta: float) -> dict[str, f
              score_sq=rollout.score.double().pow(2), entropy=scored.entropy * mask, tokens=mask,
              length=seqs.response_lengths, no_eos=~seqs.has_eos, responses=float(len(seqs.response_lengths)), **parts)
     if scored.values is not None:
+        assert rollout.returns is not None  # gae's, with the critic
         sums.add(explained_variance=explained_variance(scored.values, rollout.returns, mask))
     total = sums.over_ranks()
     n, mean_score = total["responses"], total["score"] / total["responses"]

@@ -15,6 +15,7 @@ import torch
 from rlhf.config import PPOConfig
 from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
+from rlhf.data.tokenize import SFTExample
 from rlhf.models.sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
 from rlhf.models.stage_models import PPOModels
 from rlhf.rollouts.generation import Sampling
@@ -86,8 +87,10 @@ def load_data(cfg: PPOConfig, run: Run, dist: Dist) -> Data:
     reward = ppo_reward(cfg, sources)
     train_prompts, prompt_stats, eval_prompts, _ = stage_datasets("ppo", cfg, tokenizer, world_size=dist.world_size)
     batches = ShuffledBatches(len(train_prompts), batch_size=prompts_per_rank(cfg), world_size=dist.world_size, seed=cfg.train.seed)
-    ptx_set, ptx_batches = [], None
+    ptx_set: list[SFTExample] = []
+    ptx_batches: ShuffledBatches | None = None
     if cfg.ppo.ptx_coef > 0:
+        assert cfg.data.ptx is not None  # PPOConfig requires it with ppo.ptx_coef > 0
         ptx_set, _ = sft_examples(cfg.data.ptx, split="train", tokenizer=tokenizer, data=ptx_data_config(cfg.data), key="data.ptx")
         ptx_batches = ShuffledBatches(len(ptx_set), batch_size=cfg.engine.micro_batch_size, world_size=dist.world_size,
                                       seed=cfg.train.seed)
@@ -110,6 +113,7 @@ def ppo_reward(cfg: PPOConfig, sources: PPOSources) -> Reward:
     components = parse_sources(cfg.reward.name_or_path, cfg.reward.weights)
     if learned_source(components) is None or not cfg.ppo.normalize_score or sources.ensemble:
         return Reward(components)
+    assert sources.reward is not None  # the learned component's model
     return Reward(components, **reward_stats(sources.reward), normalize=True)
 
 

@@ -47,6 +47,7 @@ def update_on(ctx: PPOContext, state: PPOState, rollout: Rollout) -> dict[str, f
             actor_loss, actor_stats = actor_loss_on(ctx, rollout, rows, batch, mask, micro_step=micro_step, beta=state.beta)
             vf_loss = None
             if critic is not None:
+                assert rollout.scored.values is not None and rollout.returns is not None  # gae's, with the critic
                 values = token_values(critic, batch)
                 vf_loss, vf_stats = value_loss(values, rollout.scored.values[rows], rollout.returns[rows], mask,
                                                clip=ppo.value_clip_range)
@@ -110,6 +111,7 @@ def surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 def ptx_loss(ctx: PPOContext, *, micro_step: int) -> torch.Tensor:
     """PPO-ptx: the LM loss on a batch of pretraining (SFT-format) data, mixed into the actor's loss."""
     data, dist = ctx.data, ctx.dist
+    assert data.ptx_batches is not None  # made when ppo.ptx_coef > 0
     rows = data.ptx_batches.global_batch(micro_step)[dist.rank]
     ptx = {k: v.to(dist.device) for k, v in collate_sft([data.ptx_set[i] for i in rows], pad_id=data.tokenizer.pad_token_id).items()}
     logits = ctx.models.actor(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"], use_cache=False).logits
