@@ -17,12 +17,13 @@ import torch
 
 from rlhf.config import JudgeConfig, ModelConfig
 from rlhf.errors import UserError
+from rlhf.protocols import Tokenizer
 
 
 @dataclass
 class Judge:
     model: Any
-    tokenizer: Any
+    tokenizer: Tokenizer
     cfg: JudgeConfig
     choice_ids: tuple[int, int]
 
@@ -31,7 +32,7 @@ class Judge:
         text = self.cfg.template.replace("{prompt}", prompt).replace("{a}", first).replace("{b}", second)
         if self.cfg.chat_template and getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return list(ids if isinstance(ids, list) else ids["input_ids"])  # ids, or a BatchEncoding in newer transformers
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     @torch.no_grad()
@@ -62,7 +63,7 @@ class Judge:
         return [sum(better[i][j] for j in range(k) if j != i) / (k - 1) for i in range(k)], better
 
 
-def choice_ids(tokenizer: Any, choices: list[str], *, key: str = "judge.choices") -> tuple[int, int]:
+def choice_ids(tokenizer: Tokenizer, choices: list[str], *, key: str = "judge.choices") -> tuple[int, int]:
     """Each choice's single token id under the judge's tokenizer, or one line saying which is not one token."""
     ids = []
     for choice in choices:

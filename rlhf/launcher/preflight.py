@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from rlhf.protocols import Tokenizer
+
 
 class DataCheck(NamedTuple):
     key: str
@@ -167,7 +169,7 @@ def _model_and_tokenizer(cfg: Any, *, need_tokenizer: bool):
     return source, registry, tokenizer
 
 
-def _check_data(cfg: Any, local: list[DataCheck], tokenizer: Any) -> None:
+def _check_data(cfg: Any, local: list[DataCheck], tokenizer: Tokenizer) -> None:
     """Load and tokenize the local data the way the stage will."""
     from rlhf.data.load import STAGE_EXAMPLES
 

@@ -43,6 +43,7 @@ from rlhf.models.sources import (
 )
 from rlhf.models.stage_models import build_ensemble, build_reward
 from rlhf.models.tokenizer import tokenizer_fingerprint
+from rlhf.protocols import Tokenizer
 from rlhf.rollouts.generation import RewardEnsemble, Sampling, sample_rollout, sequence_scores
 from rlhf.rollouts.rewards import Reward, describe, parse_sources, rollout_texts
 from rlhf.store.entry import DATASET_FILES, Entry, now_iso
@@ -93,7 +94,7 @@ class Data:
     """The reward model's, when a source of the reward is one."""
     members: tuple[ModelSource, ...]
     """reward_ensemble's reward models."""
-    tokenizer: Any
+    tokenizer: Tokenizer
     train_rows: list
     eval_rows: list
     shards: list[list]
@@ -174,7 +175,7 @@ def load_data(cfg: BestOfNConfig, run: Run) -> Data:
     return Data(source, reward_source, members, tokenizer, train_rows, eval_rows, shards)
 
 
-def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
+def load_prompts(cfg: BestOfNConfig, tokenizer: Tokenizer) -> tuple[list, list]:
     """(training rows, held-out rows): each a (Prompt, ids) pair, capped at data.max_prompts / eval.max_rows."""
     data = cfg.data
     train_rows: list[tuple[Prompt, list[int]]] = []
@@ -191,10 +192,10 @@ def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
 def build_models(cfg: BestOfNConfig, data: Data, dist: Dist) -> Models:
     source, reward_source, members, tokenizer = data.source, data.reward_source, data.members, data.tokenizer
     engine = cfg.engine
-    policy = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.sampling.seed, dtype=PRECISION_DTYPES[engine.precision],
-                            partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
-    disable_dropout(policy)
-    policy = build_frozen(policy, engine=engine, offload=False, dist=dist)
+    model = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.sampling.seed, dtype=PRECISION_DTYPES[engine.precision],
+                           partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
+    disable_dropout(model)
+    policy = build_frozen(model, engine=engine, offload=False, dist=dist)
     reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, seed=cfg.sampling.seed, dist=dist)
     if not members:
         return Models(policy, reward_model, combined_reward(cfg, reward_source))

@@ -32,6 +32,7 @@ from rlhf.feedback.labelers import SAMPLES_MANIFEST as MANIFEST
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.sources import ModelSource, base_model_identity, causal_lm_and_tokenizer
 from rlhf.models.tokenizer import tokenizer_fingerprint
+from rlhf.protocols import Tokenizer
 from rlhf.rollouts.generation import Sampling, sample_rollout_with_logprobs
 from rlhf.store.entry import DATASET_FILES, Entry, now_iso
 from rlhf.store.fileio import atomic_write_text
@@ -59,7 +60,7 @@ class SampleContext:
     """The frozen policy engine (dropout off)."""
     source: ModelSource
     """Where the policy came from: the entry's parent."""
-    tokenizer: Any
+    tokenizer: Tokenizer
     cfg: SampleConfig
     sampling: Sampling
     dist: Dist
@@ -95,7 +96,7 @@ def main(run: Run) -> None:
     keeper.close()
 
 
-def build_policy(cfg: SampleConfig, source: ModelSource, tokenizer: Any, dist: Dist) -> Any:
+def build_policy(cfg: SampleConfig, source: ModelSource, tokenizer: Tokenizer, dist: Dist) -> Any:
     engine = cfg.engine
     policy = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.sampling.seed, dtype=PRECISION_DTYPES[engine.precision],
                             partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -69,7 +70,7 @@ class Tracker:
             self._task = self._progress.add_task(description, total=total_steps, completed=start_step, summary="")
             self._progress.start()
 
-    def log(self, step: int, metrics: dict[str, Any], *, final: bool = False) -> None:
+    def log(self, step: int, metrics: Mapping[str, Any], *, final: bool = False) -> None:
         """One row of `metrics` at `step` (metrics.jsonl, wandb) and the progress line. `final`: the
         run's final evaluation, which comes after the last step's own row (same step, same row
         form); the console shows it once, as a `final  ...` line of the figures it measured, rather
