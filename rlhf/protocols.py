@@ -210,6 +210,16 @@ class AdapterLM(CausalLM, Protocol):
     def get_base_model(self) -> CausalLM: ...
 
 
+
+class Environment(Protocol):
+    """A multi-turn environment (rollout.env, e.g. rlhf.tasks.envs.ToolEnv): the user's code, so what it
+    returns is checked where it is called (rlhf.rollouts.multiturn's checked_reset and checked_step)."""
+
+    def reset(self, prompt: str) -> object: ...
+
+    def step(self, text: str) -> object: ...
+
+
 PolicyModel = CausalLM | TrainEngine[CausalLM]
 """A causal LM, or the DeepSpeed engine around one: both are called the same way for logits."""
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from rlhf.data.collate import left_pad_prompts
 from rlhf.data.templates import render_chat, validate_messages
 from rlhf.errors import UserError, first_line
+from rlhf.protocols import CausalLM, Environment, Tokenizer
 from rlhf.rollouts.generation import Sampling, Sequences, generate
 from rlhf.training.engine import Dist
 from rlhf.training.rank_sums import RankSums
@@ -77,7 +78,7 @@ class Renderer:
     tool call's stop string) and the next assistant header last. Without one (the embedded default):
     the messages' contents, concatenated as they are."""
 
-    tokenizer: Any
+    tokenizer: Tokenizer
 
     @property
     def chat(self) -> bool:
@@ -119,7 +120,7 @@ class Renderer:
         return closer + observed[len(answered):]
 
 
-def checked_step(env: Any, text: str) -> tuple[list[dict], float, bool]:
+def checked_step(env: Environment, text: str) -> tuple[list[dict], float, bool]:
     """env.step(text) held to the protocol: (messages, finite reward (None = 0), done)."""
     name = type(env).__name__
     try:
@@ -137,7 +138,7 @@ def checked_step(env: Any, text: str) -> tuple[list[dict], float, bool]:
     return list(messages), float(reward), bool(done)
 
 
-def checked_reset(env: Any, prompt: str) -> list[dict]:
+def checked_reset(env: Environment, prompt: str) -> list[dict]:
     name = type(env).__name__
     try:
         messages = env.reset(prompt)
@@ -159,7 +160,7 @@ def end_of_turn(tokens: list[int], *, budget: int, eos_id: int, stop_at: Callabl
     return tokens, bool(tokens) and tokens[-1] == eos_id
 
 
-def stop_finder(tokenizer: Any, stops: tuple[str, ...]) -> Callable[[list[int]], int | None]:
+def stop_finder(tokenizer: Tokenizer, stops: tuple[str, ...]) -> Callable[[list[int]], int | None]:
     """For a turn's ids: the count of its tokens up to the one that completes a stop string (the
     text is decoded, since a stop string may span tokens or end inside one), None when none does."""
     def stop_at(tokens: list[int]) -> int | None:
@@ -240,7 +241,7 @@ def _alone(active: bool) -> bool:
 
 @dataclass
 class _Episode:
-    env: Any
+    env: Environment
     prompt: list[int]
     segments: list[Segment]
     rewards: list[float]
@@ -255,7 +256,7 @@ class _Episode:
 
 
 @torch.no_grad()
-def sample_episodes(model: Any, prompts: list[list[int]], sampling: Sampling, *, env_class: type, tokenizer: Any,
+def sample_episodes(model: CausalLM, prompts: list[list[int]], sampling: Sampling, *, env_class: type, tokenizer: Tokenizer,
                     max_turns: int, max_tokens: int, per_turn: bool, keep_going: Callable[[bool], bool] = _alone) -> Episodes:
     """Run one episode per prompt: each turn, `generate` continues every unfinished episode (at most
     sampling.max_new_tokens, and what is left of `max_tokens` after the prompt), the turn is cut at
@@ -284,7 +285,7 @@ def sample_episodes(model: Any, prompts: list[list[int]], sampling: Sampling, *,
     return _episodes_of(episodes, tokenizer, pad_id=sampling.pad_id, per_turn=per_turn, device=sampling.device)
 
 
-def _make_env(env_class: type) -> Any:
+def _make_env(env_class: type) -> Environment:
     try:
         return env_class()
     except Exception as exc:
@@ -309,7 +310,7 @@ def _take_turn(episode: _Episode, tokens: list[int], renderer: Renderer, stop_at
         episode.segments.append(Segment(observation, policy=False))
 
 
-def _episodes_of(episodes: list[_Episode], tokenizer: Any, *, pad_id: int, per_turn: bool,
+def _episodes_of(episodes: list[_Episode], tokenizer: Tokenizer, *, pad_id: int, per_turn: bool,
                  device: torch.device | None) -> Episodes:
     seqs, env_rewards = assemble([e.prompt for e in episodes], [e.segments for e in episodes], [e.rewards for e in episodes],
                                  has_eos=[e.closed for e in episodes], pad_id=pad_id, per_turn=per_turn)

@@ -83,7 +83,7 @@ def main(run: Run) -> None:
     keeper.close()
 
 
-def publish(ctx: PPOContext, state: PPOState, metrics: dict[str, float], final_eval: dict[str, float]) -> None:
+def publish(ctx: PPOContext, state: PPOState, metrics: dict[str, float | None], final_eval: dict[str, float]) -> None:
     """The critic's (when there is one) and the actor's save_pretrained folders and registry entries."""
     models, data, cfg, keeper = ctx.models, ctx.data, ctx.cfg, ctx.keeper
     if models.critic is not None:
@@ -144,17 +144,19 @@ def reward_model_note(ctx: PPOContext) -> str:
     members = len(cfg.reward_ensemble.name_or_path)
     return f" (its reward model with {members} more: mean - {cfg.reward_ensemble.penalty:g} x std)" if members else ""
 
-def train(ctx: PPOContext, state: PPOState) -> dict[str, float]:
+def train(ctx: PPOContext, state: PPOState) -> dict[str, float | None]:
     """PPO steps up to train.max_steps; returns the last step's metrics (none when resumed at the end)."""
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     while state.step < ctx.cfg.train.max_steps:
         metrics = ppo_step(ctx, state)
-        ctx.keeper.finish_step(state, loss=metrics["policy_loss"], metrics=metrics if ctx.keeper.should_log(state.step) else None,
+        loss = metrics["policy_loss"]
+        assert loss is not None  # measured at every step; grad_norm is the metric that may be None
+        ctx.keeper.finish_step(state, loss=loss, metrics=metrics if ctx.keeper.should_log(state.step) else None,
                                evaluate=lambda: evaluate(ctx))
     return metrics
 
 
-def ppo_step(ctx: PPOContext, state: PPOState) -> dict[str, float]:
+def ppo_step(ctx: PPOContext, state: PPOState) -> dict[str, float | None]:
     """Steps 5-8 once: advances `state` (step, beta, extra_rounds) and returns the step's metrics."""
     models, cfg, dist = ctx.models, ctx.cfg, ctx.dist
     # 5. Rollout: sample with the KV cache, then score with all four models (in eval mode: the
@@ -251,13 +253,14 @@ def reward_part_metrics(scored: ScoredRollout) -> dict[str, torch.Tensor]:
     return parts if scored.ensemble_std is None else {**parts, "reward_ensemble_std": scored.ensemble_std.double()}
 
 
-def adapt_beta(ctx: PPOContext, state: PPOState, metrics: dict[str, float], *, responses: int) -> None:
+def adapt_beta(ctx: PPOContext, state: PPOState, metrics: dict[str, float | None], *, responses: int) -> None:
     """Move beta toward ppo.kl_target (when set), and warn once the mean KL stays negative."""
-    ppo = ctx.cfg.ppo
+    ppo, kl_penalty, kl = ctx.cfg.ppo, metrics["kl_penalty"], metrics["kl"]
+    assert kl_penalty is not None and kl is not None  # measured at every step
     if ppo.kl_target is not None:
-        state.beta = adaptive_beta(state.beta, metrics["kl_penalty"], target=ppo.kl_target, horizon=ppo.kl_horizon,
+        state.beta = adaptive_beta(state.beta, kl_penalty, target=ppo.kl_target, horizon=ppo.kl_horizon,
                                    n_steps=responses)
-    state.negative_kl_steps = state.negative_kl_steps + 1 if metrics["kl"] < 0 else 0
+    state.negative_kl_steps = state.negative_kl_steps + 1 if kl < 0 else 0
     if state.negative_kl_steps == NEGATIVE_KL_STEPS:
         ctx.keeper.print(
             f"[yellow]warning[/]: the mean KL to the reference has been negative for {NEGATIVE_KL_STEPS} steps: "

@@ -8,16 +8,16 @@ everything that moves from step to step lives in `PPOState`, which the checkpoin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from rlhf.config import PPOConfig
 from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
-from rlhf.data.tokenize import SFTExample
+from rlhf.data.tokenize import SFTExample, TruncationStats
 from rlhf.models.sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
 from rlhf.models.stage_models import PPOModels
+from rlhf.protocols import Tokenizer
 from rlhf.rollouts.generation import Sampling
 from rlhf.rollouts.multiturn import load_env_class
 from rlhf.rollouts.rewards import Reward, learned_source, parse_source, parse_sources
@@ -40,13 +40,13 @@ class PPOState(LoopState):
 
 @dataclass
 class Data:
-    tokenizer: Any
+    tokenizer: Tokenizer
     actor_source: ModelSource
     sources: PPOSources
     reward: Reward
     """The reward's components (reward.name_or_path), with the reward model's statistics when it normalizes."""
     train_prompts: list
-    prompt_stats: Any
+    prompt_stats: TruncationStats
     eval_prompts: list
     eval_texts: list[str]
     """On the embedded default, the held-out prompts as text: the oracle grades their answers."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import torch
 
@@ -20,6 +20,7 @@ from rlhf.algos.ppo import gae, masked_moments, masked_whiten, penalized_rewards
 from rlhf.algos.reasoning import mismatch_kl, overlong_penalty
 from rlhf.config import GROUP_ESTIMATORS, PPOConfig, checks_mismatch, kl_estimator_of
 from rlhf.errors import UserError
+from rlhf.protocols import ScoringModel
 from rlhf.rollouts.dynamic_sampling import Drawn, choice_of, dynamic_metrics, join_chosen
 from rlhf.rollouts.generation import SampledLogprobs, ScoredRollout, Sequences, sample_rollout_with_logprobs, score_rollout
 from rlhf.rollouts.multiturn import Episodes, any_rank, sample_episodes
@@ -117,7 +118,7 @@ def sample(ctx: PPOContext, prompts: list[list[int]], *, keep_logprobs: bool) ->
     return episodes.seqs, None, episodes
 
 
-def score(ctx: PPOContext, seqs: Sequences, *, critic: Any, sampled: SampledLogprobs | None = None,
+def score(ctx: PPOContext, seqs: Sequences, *, critic: ScoringModel | None, sampled: SampledLogprobs | None = None,
           episodes: Episodes | None = None) -> ScoredRollout:
     """Log-probs of actor (generation's own when `sampled`) and reference, values (none without
     `critic`), and the reward: its components (reward-model scores, functions of the decoded texts;

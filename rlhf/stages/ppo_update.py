@@ -55,7 +55,7 @@ def update_on(ctx: PPOContext, state: PPOState, rollout: Rollout) -> dict[str, f
             stop_if_nonfinite(ctx, state, "the policy or value loss", actor_loss.detach(), None if vf_loss is None else vf_loss.detach())
             actor.backward(actor_loss)
             actor.step()
-            if critic is not None:
+            if critic is not None and vf_loss is not None:  # vf_loss is set exactly when there is a critic
                 critic.backward(vf_loss)
                 critic.step()
             updates += 1
