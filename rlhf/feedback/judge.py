@@ -11,18 +11,21 @@ ends at 0.5 for every pair instead of deciding by position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf.config import JudgeConfig, ModelConfig
 from rlhf.errors import UserError
-from rlhf.protocols import Tokenizer
+from rlhf.protocols import CausalLM, Tokenizer
+
+if TYPE_CHECKING:
+    from rlhf.store.registry import Registry
 
 
 @dataclass
 class Judge:
-    model: Any
+    model: CausalLM
     tokenizer: Tokenizer
     cfg: JudgeConfig
     choice_ids: tuple[int, int]
@@ -77,7 +80,7 @@ def choice_ids(tokenizer: Tokenizer, choices: list[str], *, key: str = "judge.ch
     return ids[0], ids[1]
 
 
-def load_judge(target: str, cfg: JudgeConfig, registry: Any, *, dtype: torch.dtype = torch.float32) -> Judge:
+def load_judge(target: str, cfg: JudgeConfig, registry: Registry, *, dtype: torch.dtype = torch.float32) -> Judge:
     """The judge model from a registry reference, folder, .gguf or hub name, frozen, dropout off."""
     from rlhf.models.loading import disable_dropout, load_causal_lm
     from rlhf.models.sources import check_causal_lm, load_tokenizer, resolve_model

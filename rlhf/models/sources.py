@@ -100,7 +100,7 @@ def base_model_identity(source: ModelSource, cfg: ModelConfig) -> str:
 
 def load_tokenizer(
     source: ModelSource, *, trust_remote_code: bool, name_or_path: str | None = None, key: str = "model.tokenizer"
-) -> Any:
+) -> Tokenizer:
     """The tokenizer of a model (or `name_or_path` instead), with a pad token that is not EOS where
     one can be found. When the model comes from a registry entry, the tokenizer must be the one
     that entry was trained with: token ids mean nothing to a model trained on other ids."""
@@ -130,7 +130,7 @@ def check_same_tokenizer(tokenizer: Tokenizer, source: ModelSource, *, key: str,
         )
 
 
-def causal_lm_and_tokenizer(cfg: ModelConfig, registry: Registry) -> tuple[ModelSource, Any]:
+def causal_lm_and_tokenizer(cfg: ModelConfig, registry: Registry) -> tuple[ModelSource, Tokenizer]:
     """Resolve `cfg.name_or_path` to a causal LM and load its tokenizer (or cfg.tokenizer, which
     must then match a registry parent's)."""
     source = resolve_model(cfg.name_or_path, registry)

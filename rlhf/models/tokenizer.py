@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rlhf.store.entry import Entry
 
 
-def pretrained_tokenizer(location: str, *, trust_remote_code: bool, key: str) -> Any:
+def pretrained_tokenizer(location: str, *, trust_remote_code: bool, key: str) -> Tokenizer:
     """The tokenizer saved at a folder or hub name, with a pad token that is not EOS where one can be found."""
     from transformers import AutoTokenizer
 

@@ -19,7 +19,7 @@ import torch
 from rlhf.algos.ppo import entropy_from_logits, logprobs_from_logits
 from rlhf.algos.reward import ensemble_score, ensemble_spread, sequence_rewards
 from rlhf.data.collate import left_pad_prompts
-from rlhf.protocols import AdapterLM, CausalLM, PolicyModel, ScoringModel, TrainEngine
+from rlhf.protocols import AdapterLM, CausalLM, PolicyModel, ScoringModel
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,7 +37,7 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    zero3_engine: TrainEngine[CausalLM] | None = None
+    zero3_engine: PolicyModel | None = None
     gather: bool = True
     device: torch.device | None = None
 
@@ -156,7 +156,7 @@ def _generate_tokens(
     return prompt_batch, output.sequences[:, prompt_batch["input_ids"].shape[1] :], output.logits if keep_logits else None
 
 
-def _whole_for_generation(engine: TrainEngine[CausalLM] | None) -> contextlib.AbstractContextManager:
+def _whole_for_generation(engine: PolicyModel | None) -> contextlib.AbstractContextManager:
     """A ZeRO-3 engine's weights gathered whole, with DeepSpeed's per-module fetch and release hooks
     taken off until the context ends (DeepSpeed's own `unwrap_model_for_generation`). Gathering
     alone is not enough: each module's forward hook releases the weights again, so every new token

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -43,8 +42,8 @@ from rlhf.models.sources import (
 )
 from rlhf.models.stage_models import build_ensemble, build_reward
 from rlhf.models.tokenizer import tokenizer_fingerprint
-from rlhf.protocols import Tokenizer
-from rlhf.rollouts.generation import RewardEnsemble, Sampling, sample_rollout, sequence_scores
+from rlhf.protocols import PolicyModel, ScoringModel, Tokenizer, inner_model
+from rlhf.rollouts.generation import RewardEnsemble, Sampling, Sequences, sample_rollout, sequence_scores
 from rlhf.rollouts.rewards import Reward, describe, parse_sources, rollout_texts
 from rlhf.store.entry import DATASET_FILES, Entry, now_iso
 from rlhf.store.fileio import atomic_write_text
@@ -71,14 +70,14 @@ DATASET = DATASET_FILES["bon"]
 
 @dataclass
 class Models:
-    policy: Any
-    reward_model: Any | None
+    policy: PolicyModel
+    reward_model: ScoringModel | None
     """None when no source of the reward is a reward model."""
     reward: Reward
     ensemble: RewardEnsemble | None = None
     """reward_ensemble's reward models, scored beside reward_model."""
 
-    def learned_scores(self, seqs: Any) -> torch.Tensor | None:
+    def learned_scores(self, seqs: Sequences) -> torch.Tensor | None:
         """(B,) the reward model's scores, or with an ensemble mean - penalty x std of the members' normalized scores."""
         if self.reward_model is None:
             return None
@@ -222,7 +221,7 @@ def sample_candidates(ctx: BestOfNContext, rows: list) -> Candidates:
     n, prompts, responses, rewards, has_eos = cfg.sampling.n, [], [], [], []
     for start in range(0, len(rows), cfg.sampling.batch_size):
         batch = rows[start : start + cfg.sampling.batch_size]
-        seqs = sample_rollout(getattr(models.policy, "module", models.policy), [ids for _, ids in batch for _ in range(n)], sampling)
+        seqs = sample_rollout(inner_model(models.policy), [ids for _, ids in batch for _ in range(n)], sampling)
         prompt_texts, response_texts = rollout_texts(seqs, tokenizer)
         learned = models.learned_scores(seqs)
         scores = models.reward.scores(prompt_texts, response_texts, learned=learned, device=sampling.device).total
