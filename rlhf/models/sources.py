@@ -11,9 +11,8 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from rlhf.config import ModelConfig
+from rlhf.config import BestOfNConfig, DPOConfig, ModelConfig, PPOConfig
 from rlhf.errors import UserError, first_line
 from rlhf.models.gguf import ensure_converted, is_gguf
 from rlhf.models.gguf import origin as gguf_origin
@@ -219,7 +218,7 @@ class PPOSources:
         return tuple(dict.fromkeys(ids))
 
 
-def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Tokenizer) -> PPOSources:
+def ppo_sources(cfg: PPOConfig, registry: Registry, actor: ModelSource, tokenizer: Tokenizer) -> PPOSources:
     """Resolve and check PPO's reference, critic and (when the reward has a learned component) reward
     models against the actor and its tokenizer.
 
@@ -234,7 +233,7 @@ def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Tok
                       reward=reward_model_source(cfg, registry, tokenizer), ensemble=ensemble_sources(cfg, registry, tokenizer))
 
 
-def reward_model_source(cfg: Any, registry: Registry, tokenizer: Tokenizer) -> ModelSource | None:
+def reward_model_source(cfg: PPOConfig | BestOfNConfig, registry: Registry, tokenizer: Tokenizer) -> ModelSource | None:
     """The reward model among a config's reward sources (`reward.name_or_path`), checked to be a
     reward model that reads `tokenizer`'s ids; None when no source is learned."""
     from rlhf.rollouts.rewards import learned_source, parse_sources
@@ -246,7 +245,7 @@ def reward_model_source(cfg: Any, registry: Registry, tokenizer: Tokenizer) -> M
                          trust_remote_code=cfg.reward.trust_remote_code)
 
 
-def ensemble_sources(cfg: Any, registry: Registry, tokenizer: Tokenizer) -> tuple[ModelSource, ...]:
+def ensemble_sources(cfg: PPOConfig | BestOfNConfig, registry: Registry, tokenizer: Tokenizer) -> tuple[ModelSource, ...]:
     """reward_ensemble.name_or_path's reward models, each checked like the main one (scalar head, the policy's tokenizer)
     and holding the statistics its scores are normalized with."""
     sources = []
@@ -266,7 +265,7 @@ def scalar_source(name_or_path: str, *, key: str, registry: Registry, tokenizer:
     return source
 
 
-def reference_source(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Tokenizer) -> ModelSource | None:
+def reference_source(cfg: PPOConfig | DPOConfig, registry: Registry, actor: ModelSource, tokenizer: Tokenizer) -> ModelSource | None:
     """Where the frozen reference policy of a config with `model` and `reference` sections comes
     from: reference.name_or_path, or the actor's own starting model; None = the actor with its LoRA
     adapters switched off (LoRA on and no reference named), which needs no second copy. A named

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from rlhf.config import LoraConfig, ModelConfig
+from rlhf.config import BestOfNConfig, DPOConfig, LoraConfig, ModelConfig, PPOConfig
 from rlhf.models.loading import ScalarModel, disable_dropout, load_causal_lm, load_scalar_model, zero_scalar_head
 from rlhf.models.sources import ModelSource, PPOSources, reward_stats
 from rlhf.protocols import CausalLM, PolicyModel, ScoringModel, Tokenizer, TrainEngine
@@ -42,7 +41,7 @@ class PPOModels:
     """reward_ensemble's reward models, frozen like reward (None without an ensemble)."""
 
 
-def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
+def frozen_model_config(cfg: PPOConfig | DPOConfig | BestOfNConfig, name: str) -> ModelConfig:
     """How PPO loads its frozen `name` ('reference' or 'reward'): the actor's kernel choice, no
     adapters or recomputed activations (they never backpropagate), and that model's own
     trust_remote_code, since trusting the actor's repository says nothing about another's. A null
@@ -52,7 +51,7 @@ def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
     return dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False, trust_remote_code=trust)
 
 
-def build_reference(cfg: Any, source: ModelSource, tokenizer: Tokenizer, *, dist: Dist) -> PolicyModel:
+def build_reference(cfg: PPOConfig | DPOConfig, source: ModelSource, tokenizer: Tokenizer, *, dist: Dist) -> PolicyModel:
     """The frozen reference policy of a config with `model`, `reference` and `engine` sections (PPO's,
     DPO's): loaded like the actor without adapters, dropout off, ZeRO-3 partitioned under ZeRO-3 or
     reference.offload, else a plain copy on this rank's device."""
@@ -65,7 +64,7 @@ def build_reference(cfg: Any, source: ModelSource, tokenizer: Tokenizer, *, dist
     return build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
 
 
-def build_reward(cfg: Any, source: ModelSource, tokenizer: Tokenizer, *, seed: int, dist: Dist) -> ScoringModel:
+def build_reward(cfg: PPOConfig | BestOfNConfig, source: ModelSource, tokenizer: Tokenizer, *, seed: int, dist: Dist) -> ScoringModel:
     """The frozen reward model of a config with `model`, `reward` and `engine` sections (PPO's, best-of-N's),
     dropout off: ZeRO-3 partitioned under ZeRO-3 or reward.offload, else a plain copy."""
     engine = cfg.engine
@@ -76,7 +75,7 @@ def build_reward(cfg: Any, source: ModelSource, tokenizer: Tokenizer, *, seed: i
     return build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
 
 
-def build_ensemble(cfg: Any, main: ModelSource, members: tuple[ModelSource, ...], tokenizer: Tokenizer, *, seed: int,
+def build_ensemble(cfg: PPOConfig | BestOfNConfig, main: ModelSource, members: tuple[ModelSource, ...], tokenizer: Tokenizer, *, seed: int,
                    dist: Dist) -> RewardEnsemble | None:
     """reward_ensemble's models, each built like the reward model, with the stored statistics of `main` and of each
     (PPO's, best-of-N's); None without members."""
@@ -88,7 +87,7 @@ def build_ensemble(cfg: Any, main: ModelSource, members: tuple[ModelSource, ...]
 
 
 def build_ppo_models(
-    cfg: Any, sources: PPOSources, actor_source: ModelSource, tokenizer: Tokenizer, *, dist: Dist, total_updates: int
+    cfg: PPOConfig, sources: PPOSources, actor_source: ModelSource, tokenizer: Tokenizer, *, dist: Dist, total_updates: int
 ) -> PPOModels:
     """Load and wrap PPO's four models from their resolved sources, dropout off in all four; no
     critic when sources.critic is None (a critic-free estimator).
@@ -117,7 +116,7 @@ def build_ppo_models(
     return PPOModels(actor=actor, critic=critic, reference=reference, reward=reward, ensemble=ensemble)
 
 
-def load_critic(cfg: Any, source: ModelSource, tokenizer: Tokenizer, *, dtype: torch.dtype) -> ScalarModel:
+def load_critic(cfg: PPOConfig, source: ModelSource, tokenizer: Tokenizer, *, dtype: torch.dtype) -> ScalarModel:
     """The critic before its engine: the reward model's backbone and head (zeroed with ppo.value_head=zero)."""
     partitioning = zero3_partitioning(deepspeed_config(cfg.engine, cfg.critic_optim) if cfg.engine.zero_stage == 3 else None)
     critic = load_scalar_model(source, cfg.critic, tokenizer, seed=cfg.train.seed, dtype=dtype, trained_head=True,
