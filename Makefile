@@ -53,7 +53,7 @@ lint: install
 	$(PY) -m ruff check .
 
 # mypy, configured in pyproject.toml: the whole rlhf package under mypy's defaults, strict on rlhf/algos
-# (about 29 s on one core from a fresh clone while it reads torch's annotations, about 1 s once .mypy_cache has them).
+# (26-29 s on one core from a fresh clone while it reads torch's annotations, about 1 s once .mypy_cache has them).
 typecheck: install
 	$(PY) -m mypy
 
