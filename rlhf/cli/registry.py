@@ -255,7 +255,7 @@ def _flat(root: LineageNode) -> list[dict]:
     seen: set[str] = set()
     level, depth = [b.id for b in root.branches], 1
     while level:
-        following = []
+        following: list[str] = []
         for node_id in level:
             if node_id in seen:
                 continue

@@ -123,14 +123,14 @@ def write_report(registry: Registry, entry: Entry, out_dir: Path | str | None = 
     # A stage seen twice in the lineage (sft continued from sft) names its older plots by entry id.
     stages = [e.stage for e in chain]
     images: dict[str, list[tuple[str, str]]] = {}  # entry id -> (file name, title)
-    for e in chain:
-        prefix = e.stage if stages.count(e.stage) == 1 else e.id
-        for plot in STAGE_PLOTS.get(e.stage, ()):
-            figure = plot_figure(runs[e.id] or [], plot)
+    for link in chain:
+        prefix = link.stage if stages.count(link.stage) == 1 else link.id
+        for plot in STAGE_PLOTS.get(link.stage, ()):
+            figure = plot_figure(runs[link.id] or [], plot)
             if figure is not None:
                 name = f"{prefix}-{plot.name}.png"
                 figure.savefig(out / name)
-                images.setdefault(e.id, []).append((name, plot.title))
+                images.setdefault(link.id, []).append((name, plot.title))
 
     path = out / REPORT_FILE
     path.write_text(_markdown(entry, chain, missing, runs, images), encoding="utf-8")

@@ -284,7 +284,7 @@ def dry_run_listing(jobs: list[StageJob], scripts: dict[str, str], *, sbatch: st
     parts = [f"# ---- {job.script_path} ----\n{scripts[job.run_id]}" for job in jobs]
     parts.append("# ---- sbatch commands, in this order (each prints the job id that the next one waits for) ----")
     before = [None, *jobs[:-1]]
-    parts += [shlex.join(sbatch_command(job.script_path, sbatch=sbatch, after=prev and f"<job id of {prev.stage}>"))
+    parts += [shlex.join(sbatch_command(job.script_path, sbatch=sbatch, after=None if prev is None else f"<job id of {prev.stage}>"))
               for prev, job in zip(before, jobs)]
     return "\n".join(parts)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -23,6 +23,9 @@ from rlhf.cli.common import (
 )
 from rlhf.cli.local_pipeline import check_rounds, loaded_config, stage_config_files
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    from rlhf.cli.slurm import StageJob
 
 
 def submit(
@@ -92,6 +95,7 @@ def _submit(target: str, overrides: list[str], config: Path | None, stage_config
     if dry_run:
         typer.echo(dry_run_listing(jobs, scripts, sbatch=shutil.which("sbatch") or "sbatch"))
         return
+    assert sbatch is not None  # found above unless dry_run
     _queue(jobs, scripts, sbatch)
 
 
@@ -151,14 +155,14 @@ def _jobs(chain: tuple[str, ...], files: dict[str, str], per_stage: dict[str, li
     return registry.root, jobs
 
 
-def _queue(jobs: list, scripts: dict[str, str], sbatch: str | None) -> None:
+def _queue(jobs: list[StageJob], scripts: dict[str, str], sbatch: str) -> None:
     """Make each job's run folder and script and sbatch it after the one before; on a refusal, undo them all."""
     import shutil
 
     from rlhf.cli.slurm import submit_script
     from rlhf.training.tracking import console
 
-    submitted: list[tuple[str, object]] = []
+    submitted: list[tuple[str, StageJob]] = []
     try:
         for job in jobs:
             job.run_dir.mkdir(parents=True, exist_ok=False)

@@ -57,7 +57,7 @@ def field_docs(cls: type) -> dict[str, str]:
             tree = ast.parse(inspect.getsource(klass))
         except (OSError, TypeError):
             tree = None
-        body = tree.body[0].body if tree else []
+        body = tree.body[0].body if tree and isinstance(tree.body[0], ast.ClassDef) else []
         for node, nxt in zip(body, body[1:]):
             if (
                 isinstance(node, ast.AnnAssign)

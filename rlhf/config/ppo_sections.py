@@ -202,11 +202,11 @@ def checks_mismatch(ppo: PPOAlgoConfig) -> bool:
     return ppo.tis_cap is not None or ppo.max_mismatch_kl is not None
 
 
-def kl_estimator_of(ppo: PPOAlgoConfig) -> str:
+def kl_estimator_of(ppo: PPOAlgoConfig) -> KLEstimator:
     """The KL estimator in use: ppo.kl_estimator, or its default for where the KL goes."""
     return ppo.kl_estimator or ("k3" if ppo.kl_in == "loss" else "k1")
 
 
-def loss_aggregation_of(ppo: PPOAlgoConfig) -> str:
+def loss_aggregation_of(ppo: PPOAlgoConfig) -> LossAggregation:
     """The loss aggregation in use: ppo.loss_aggregation, or the estimator's paper's."""
     return ppo.loss_aggregation or ("sequence_mean" if ppo.estimator == "grpo" else "token_mean")

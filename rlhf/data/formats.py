@@ -20,6 +20,7 @@ from typing import Any
 from rlhf.data.sources import Records
 from rlhf.data.templates import render_chat, validate_messages
 from rlhf.errors import UserError
+from rlhf.protocols import Tokenizer
 
 # hh-rlhf turn marker; the prompt of a hh-rlhf pair ends right after the last one shared.
 ASSISTANT_MARKER = "Assistant:"
@@ -87,7 +88,7 @@ def _text(value: Any, column: str, where: str, *, may_be_empty: bool = False) ->
     return value
 
 
-def _prompt(value: Any, tokenizer: Any, where: str) -> str:
+def _prompt(value: Any, tokenizer: Tokenizer, where: str) -> str:
     """A prompt given as text, or as messages rendered ready for the assistant's reply."""
     if isinstance(value, (list, tuple)):
         return render_chat(tokenizer, list(value), add_generation_prompt=True, where=where)
@@ -104,7 +105,7 @@ def _split_messages(messages: Any, where: str) -> tuple[list[dict], str]:
     return msgs[:-1], _text(msgs[-1]["content"], "assistant content", where)
 
 
-def to_prompt_responses(records: Records, tokenizer: Any) -> list[PromptResponse]:
+def to_prompt_responses(records: Records, tokenizer: Tokenizer) -> list[PromptResponse]:
     """SFT demonstrations from prompt+response, prompt+completion or messages columns."""
     cols = records.rows.column_names
     out: list[PromptResponse] = []
@@ -142,7 +143,7 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _message_pair(chosen: Any, rejected: Any, tokenizer: Any, where: str) -> tuple[str, str, str]:
+def _message_pair(chosen: Any, rejected: Any, tokenizer: Tokenizer, where: str) -> tuple[str, str, str]:
     """Two conversations as message lists -> (rendered shared prefix, chosen reply, rejected reply)."""
     c = validate_messages(chosen, where=where)
     r = validate_messages(rejected, where=where)
@@ -169,7 +170,7 @@ def _margin(value: Any, where: str) -> float | None:
     return float(value)
 
 
-def to_comparisons(records: Records, tokenizer: Any) -> list[Comparison]:
+def to_comparisons(records: Records, tokenizer: Tokenizer) -> list[Comparison]:
     """Preference pairs from prompt+chosen+rejected(+margin), hh-rlhf texts, or message lists."""
     cols = records.rows.column_names
     if "chosen" not in cols or "rejected" not in cols:
@@ -198,7 +199,7 @@ def to_comparisons(records: Records, tokenizer: Any) -> list[Comparison]:
     return out
 
 
-def to_ranked(records: Records, tokenizer: Any) -> list[Ranked]:
+def to_ranked(records: Records, tokenizer: Tokenizer) -> list[Ranked]:
     """Ranked responses from prompt+responses (a list, best first, at least 2), with optional ranks (ties: `rlhf label`)."""
     cols = records.rows.column_names
     if "prompt" not in cols or "responses" not in cols:
@@ -227,7 +228,7 @@ def _ranks(value: Any, count: int, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def to_prompts(records: Records, tokenizer: Any) -> list[Prompt]:
+def to_prompts(records: Records, tokenizer: Tokenizer) -> list[Prompt]:
     """PPO prompts from a prompt column, or messages (a final assistant turn is dropped)."""
     cols = records.rows.column_names
     out: list[Prompt] = []
@@ -251,7 +252,7 @@ def to_prompts(records: Records, tokenizer: Any) -> list[Prompt]:
     return out
 
 
-def to_unpaired(records: Records, tokenizer: Any) -> list[Feedback]:
+def to_unpaired(records: Records, tokenizer: Tokenizer) -> list[Feedback]:
     """KTO's unpaired feedback from prompt+completion+label columns; label is true (desirable) or false."""
     cols = records.rows.column_names
     if not {"prompt", "completion", "label"} <= set(cols):

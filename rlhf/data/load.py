@@ -6,6 +6,7 @@ user's file, so what is tested on it is what runs on real data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from rlhf.data.tokenize import (
     tokenize_unpaired,
 )
 from rlhf.errors import UserError
+from rlhf.protocols import Tokenizer
 from rlhf.toy import TOY, ToyTask, ToyTaskConfig
 
 HUB_SPLITS = {"train": "train", "eval": "test"}
@@ -40,7 +42,7 @@ def records(source: str, *, split: str, toy: ToyTaskConfig, toy_kind: str, key: 
     return load_records(source, split=HUB_SPLITS[split], key=key)
 
 
-def sft_examples(source: str, *, split: str, tokenizer: Any, data: Any, key: str) -> tuple[list[SFTExample], TruncationStats]:
+def sft_examples(source: str, *, split: str, tokenizer: Tokenizer, data: Any, key: str) -> tuple[list[SFTExample], TruncationStats]:
     """Tokenized prompt/response (or chat) examples with the response mask, and what truncation did."""
     rows = records(source, split=split, toy=data.toy, toy_kind="demonstrations", key=key)
     return tokenize_sft(
@@ -52,7 +54,7 @@ TOY_RM_KINDS = {"ranked": "ranked", "pairs": "comparisons"}
 
 
 def rm_examples(
-    source: str, *, split: str, tokenizer: Any, data: Any, key: str, toy_kind: str | None = None
+    source: str, *, split: str, tokenizer: Tokenizer, data: Any, key: str, toy_kind: str | None = None
 ) -> tuple[list[RMExample], TruncationStats]:
     """Tokenized preference groups: comparisons (one pair each) or ranked lists (all their pairs).
 
@@ -69,13 +71,14 @@ def rm_examples(
     )
 
 
-def ppo_examples(source: str, *, split: str, tokenizer: Any, data: Any, key: str) -> tuple[list[list[int]], TruncationStats]:
+def ppo_examples(source: str, *, split: str, tokenizer: Tokenizer, data: Any, key: str) -> tuple[list[list[int]], TruncationStats]:
     """Tokenized PPO prompts (a prompt column or messages), none longer than data.max_prompt_length."""
     rows, stats = prompt_rows(source, split=split, tokenizer=tokenizer, data=data, key=key)
     return [ids for _, ids in rows], stats
 
 
-def prompt_rows(source: str, *, split: str, tokenizer: Any, data: Any, key: str) -> tuple[list[tuple[Prompt, list[int]]], TruncationStats]:
+def prompt_rows(source: str, *, split: str, tokenizer: Tokenizer, data: Any, key: str
+                ) -> tuple[list[tuple[Prompt, list[int]]], TruncationStats]:
     """`ppo_examples` with each prompt's rendered text beside its ids (what `rlhf sft` tokenizes back to the same ids)."""
     rows = records(source, split=split, toy=data.toy, toy_kind="prompts", key=key)
     return tokenize_prompt_rows(
@@ -104,7 +107,7 @@ class DPOReading:
 
 
 def dpo_examples(
-    source: str, *, split: str, tokenizer: Any, data: DPOReading, key: str
+    source: str, *, split: str, tokenizer: Tokenizer, data: DPOReading, key: str
 ) -> tuple[list[PairExample] | list[UnpairedExample], TruncationStats]:
     """The direct preference losses' rows: (prompt, chosen, rejected) pairs read as `rlhf rm` reads
     comparisons or ranked lists (each ranked list gives all its pairs; a margin is not used), or for
@@ -121,7 +124,8 @@ def dpo_examples(
     return preference_pairs(groups), stats
 
 
-STAGE_EXAMPLES = {"sft": sft_examples, "rm": rm_examples, "ppo": ppo_examples, "dpo": dpo_examples}
+STAGE_EXAMPLES: dict[str, Callable[..., tuple[list, TruncationStats]]] = {
+    "sft": sft_examples, "rm": rm_examples, "ppo": ppo_examples, "dpo": dpo_examples}
 """Each stage's one way from a configured data source to its examples (used by the stage and by
 the CLI's pre-launch check alike)."""
 
@@ -131,12 +135,14 @@ def stage_reading(stage: str, cfg: Any) -> Any:
     return DPOReading.of(cfg) if stage == "dpo" else cfg.data
 
 
-def stage_datasets(stage: str, cfg: Any, tokenizer: Any, *, world_size: int) -> tuple[list, TruncationStats, list, TruncationStats | None]:
+def stage_datasets(stage: str, cfg: Any, tokenizer: Tokenizer, *, world_size: int
+                   ) -> tuple[list, TruncationStats, list, TruncationStats | None]:
     """A training stage's (train examples, their stats, held-out examples capped at eval.max_rows,
     their stats); stops when the training set cannot fill one global batch."""
     examples, reading = STAGE_EXAMPLES[stage], stage_reading(stage, cfg)
     train_set, train_stats = examples(cfg.data.train, split="train", tokenizer=tokenizer, data=reading, key="data.train")
-    eval_set, eval_stats = [], None
+    eval_set: list = []
+    eval_stats: TruncationStats | None = None
     if cfg.data.eval:
         eval_set, eval_stats = examples(cfg.data.eval, split="eval", tokenizer=tokenizer, data=reading, key="data.eval")
         if cfg.eval.max_rows:

@@ -11,13 +11,14 @@ same position ids). The tests check packed against unpacked loss and gradients p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from rlhf.data.collate import rm_pairs
 from rlhf.data.tokenize import RMExample, SFTExample
 from rlhf.errors import UserError
+from rlhf.protocols import HFConfig
 
 # model_type values whose packed loss and gradients tests/unit/test_packing.py checks against the
 # unpacked ones; another architecture may build its attention mask some other way.
@@ -147,7 +148,7 @@ def collate_packed_responses(prompts: list[list[int]], responses: list[list[int]
     return PackedResponses(packed.input_ids, packed.position_ids, targets, owners, lengths)
 
 
-def packed_forward_inputs(config: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, *,
+def packed_forward_inputs(config: HFConfig, input_ids: torch.Tensor, position_ids: torch.Tensor, *,
                           dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The input ids (R', P') and the keyword arguments (position ids, and an attention mask or none)
     of a forward over packed rows (R, P), for the model of this transformers config.
@@ -172,7 +173,7 @@ def packed_forward_inputs(config: Any, input_ids: torch.Tensor, position_ids: to
     return input_ids, inputs
 
 
-def check_packing_supported(config: Any, *, key: str = "data.packing") -> None:
+def check_packing_supported(config: HFConfig, *, key: str = "data.packing") -> None:
     """Refuse packing, in one line, for a model (its transformers config) whose packed forward is not
     known to equal the unpacked one."""
     attention = getattr(config, "_attn_implementation", None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf.errors import UserError, first_line
+from rlhf.protocols import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -58,7 +59,7 @@ def validate_messages(messages: Any, *, where: str = "messages") -> list[dict]:
     return clean
 
 
-def render_chat(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool, where: str = "messages") -> str:
+def render_chat(tokenizer: Tokenizer, messages: list[dict], *, add_generation_prompt: bool, where: str = "messages") -> str:
     """Render `messages` to text with the tokenizer's chat template, or `DEFAULT_CHAT_TEMPLATE`.
 
     Raises `UserError` naming `where` for malformed messages or a template that rejects them

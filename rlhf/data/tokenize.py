@@ -8,12 +8,13 @@ prompt/response boundary is exact even where a merge would straddle it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from rlhf.algos.reward import ranked_pairs
 from rlhf.data.formats import Comparison, Feedback, Prompt, PromptResponse, Ranked
 from rlhf.errors import UserError
+from rlhf.protocols import Tokenizer
 
 BATCH = 1024  # rows per fast-tokenizer call: amortizes the Rust call without holding 100k encodings
 
@@ -91,7 +92,7 @@ def _check_options(max_length: int, long_prompts: str, key: str, minimum: int) -
         raise UserError(f"{key}={max_length!r} is too small; set it to an integer >= {minimum}")
 
 
-def _ids(tokenizer: Any, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+def _ids(tokenizer: Tokenizer, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
     out: list[list[int]] = []
     for start in range(0, len(texts), BATCH):
         enc = tokenizer(
@@ -111,7 +112,7 @@ def _too_long(where: str, n: int, max_length: int, key: str) -> UserError:
     )
 
 
-def _eos_id(tokenizer: Any) -> int:
+def _eos_id(tokenizer: Tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos token, which ends every response; set tokenizer.eos_token")
     return tokenizer.eos_token_id
@@ -140,7 +141,7 @@ def _fitted_response(response: list[int], *, eos: int, room: int, stats: Truncat
 
 def tokenize_sft(
     examples: list[PromptResponse],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     *,
     max_length: int,
     long_prompts: str = "error",
@@ -170,8 +171,8 @@ def tokenize_sft(
 
 
 def tokenize_preferences(
-    groups: list[Comparison] | list[Ranked],
-    tokenizer: Any,
+    groups: Sequence[Comparison | Ranked],
+    tokenizer: Tokenizer,
     *,
     max_length: int,
     long_prompts: str = "error",
@@ -231,7 +232,7 @@ def preference_pairs(groups: list[RMExample]) -> list[PairExample]:
 
 def tokenize_unpaired(
     examples: list[Feedback],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     *,
     max_length: int,
     long_prompts: str = "error",
@@ -255,7 +256,7 @@ def tokenize_unpaired(
 
 def tokenize_prompts(
     examples: list[Prompt],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     *,
     max_length: int,
     long_prompts: str = "error",
@@ -272,7 +273,7 @@ def tokenize_prompts(
 
 def tokenize_prompt_rows(
     examples: list[Prompt],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     *,
     max_length: int,
     long_prompts: str = "error",

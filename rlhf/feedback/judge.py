@@ -11,18 +11,22 @@ ends at 0.5 for every pair instead of deciding by position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf.config import JudgeConfig, ModelConfig
 from rlhf.errors import UserError
+from rlhf.protocols import CausalLM, Tokenizer
+
+if TYPE_CHECKING:
+    from rlhf.store.registry import Registry
 
 
 @dataclass
 class Judge:
-    model: Any
-    tokenizer: Any
+    model: CausalLM
+    tokenizer: Tokenizer
     cfg: JudgeConfig
     choice_ids: tuple[int, int]
 
@@ -31,7 +35,7 @@ class Judge:
         text = self.cfg.template.replace("{prompt}", prompt).replace("{a}", first).replace("{b}", second)
         if self.cfg.chat_template and getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return list(ids if isinstance(ids, list) else ids["input_ids"])  # ids, or a BatchEncoding in newer transformers
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     @torch.no_grad()
@@ -62,7 +66,7 @@ class Judge:
         return [sum(better[i][j] for j in range(k) if j != i) / (k - 1) for i in range(k)], better
 
 
-def choice_ids(tokenizer: Any, choices: list[str], *, key: str = "judge.choices") -> tuple[int, int]:
+def choice_ids(tokenizer: Tokenizer, choices: list[str], *, key: str = "judge.choices") -> tuple[int, int]:
     """Each choice's single token id under the judge's tokenizer, or one line saying which is not one token."""
     ids = []
     for choice in choices:
@@ -76,7 +80,7 @@ def choice_ids(tokenizer: Any, choices: list[str], *, key: str = "judge.choices"
     return ids[0], ids[1]
 
 
-def load_judge(target: str, cfg: JudgeConfig, registry: Any, *, dtype: torch.dtype = torch.float32) -> Judge:
+def load_judge(target: str, cfg: JudgeConfig, registry: Registry, *, dtype: torch.dtype = torch.float32) -> Judge:
     """The judge model from a registry reference, folder, .gguf or hub name, frozen, dropout off."""
     from rlhf.models.loading import disable_dropout, load_causal_lm
     from rlhf.models.sources import check_causal_lm, load_tokenizer, resolve_model

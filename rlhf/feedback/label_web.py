@@ -23,11 +23,17 @@ from collections.abc import Callable
 from importlib import resources
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from rlhf.errors import UserError
 from rlhf.feedback.judgment_log import Conflict, JudgmentLog, LabelerState, check_labeler, judgment_ranks, samples_digest, summary_line
 from rlhf.feedback.labelers import read_samples
+
+if TYPE_CHECKING:
+    from flask import Flask, Response
+    from flask.typing import ResponseReturnValue
+    from werkzeug.serving import WSGIRequestHandler
 from rlhf.store.entry import DATASET_FILES, Entry, is_reference, now_iso
 from rlhf.store.fileio import atomic_write_text
 from rlhf.store.registry import Registry
@@ -47,7 +53,7 @@ def page_html() -> str:
     return resources.files("rlhf.feedback").joinpath("label_web_page.html").read_text(encoding="utf-8")
 
 
-def make_app(samples_rows: list[dict], log: JudgmentLog, token: str, *, origins: set[str] | None = None) -> Any:
+def make_app(samples_rows: list[dict], log: JudgmentLog, token: str, *, origins: set[str] | None = None) -> Flask:
     """The Flask app: the page at `/` and the JSON API under `/api/`, every API call checked against `token`.
 
     `origins` are the server's own (`http://127.0.0.1:8765`); a request naming another Host is refused
@@ -61,7 +67,7 @@ def make_app(samples_rows: list[dict], log: JudgmentLog, token: str, *, origins:
     api = _Api(samples_rows, log)
 
     @app.get("/")
-    def index() -> Any:
+    def index() -> ResponseReturnValue:
         from flask import g
 
         return page.replace("{{nonce}}", g.nonce), 200, {"Content-Type": "text/html; charset=utf-8"}
@@ -75,14 +81,14 @@ def make_app(samples_rows: list[dict], log: JudgmentLog, token: str, *, origins:
     return app
 
 
-def _guard(app: Any, token: str) -> None:
+def _guard(app: Flask, token: str) -> None:
     """The checks every request passes, and the headers every response carries."""
     from flask import g, jsonify, request
 
     expected = token.encode()
 
     @app.before_request
-    def check() -> Any:
+    def check() -> ResponseReturnValue | None:
         g.nonce = secrets.token_urlsafe(16)
         origins = app.config["RLHF_ORIGINS"]
         own = {o.split("://", 1)[1] for o in origins} or {request.host}
@@ -102,7 +108,7 @@ def _guard(app: Any, token: str) -> None:
         return None
 
     @app.after_request
-    def headers(response: Any) -> Any:
+    def headers(response: Response) -> Response:
         nonce = getattr(g, "nonce", "none")
         response.headers["Content-Security-Policy"] = (
             f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
@@ -114,7 +120,7 @@ def _guard(app: Any, token: str) -> None:
         return response
 
     @app.errorhandler(UserError)
-    def refused(error: UserError) -> Any:
+    def refused(error: UserError) -> ResponseReturnValue:
         return jsonify(error=str(error)), 409 if isinstance(error, Conflict) else 400
 
 
@@ -128,14 +134,14 @@ class _Api:
         row = self.rows[index]
         return {"index": index, "prompt": row["prompt"], "responses": [r["text"] for r in row["responses"]], "progress": state.progress()}
 
-    def next(self) -> Any:
+    def next(self) -> Response:
         from flask import jsonify, request
 
         state = self.log.state(check_labeler(request.args.get("labeler", "")), self.total)
         index = state.next_index
         return jsonify({"done": True, "progress": state.progress()} if index is None else self.prompt(index, state))
 
-    def judge(self) -> Any:
+    def judge(self) -> Response:
         from flask import jsonify
 
         body, labeler, index = self._body(with_prompt=True)
@@ -146,14 +152,14 @@ class _Api:
         record = self.log.judge(labeler, index, order, ranks, unacceptable=unacceptable, total=self.total)
         return jsonify(recorded=record["id"], progress=self.log.state(labeler, self.total).progress())
 
-    def skip(self) -> Any:
+    def skip(self) -> Response:
         from flask import jsonify
 
         _, labeler, index = self._body(with_prompt=True)
         record = self.log.skip(labeler, index, total=self.total)
         return jsonify(recorded=record["id"], progress=self.log.state(labeler, self.total).progress())
 
-    def undo(self) -> Any:
+    def undo(self) -> Response:
         """Cancel the labeler's latest judgment and answer with that prompt, to be labeled again."""
         from flask import jsonify
 
@@ -163,7 +169,7 @@ class _Api:
         shown = self.prompt(index, self.log.state(labeler, self.total)) if index < self.total else None
         return jsonify(undone={"id": record["undoes"], "kind": undone["kind"], "prompt_index": index}, next=shown)
 
-    def stats(self) -> Any:
+    def stats(self) -> Response:
         from flask import jsonify
 
         return jsonify(self.log.stats(self.total))
@@ -178,17 +184,17 @@ class _Api:
         index = body.get("prompt_index")
         if with_prompt and (type(index) is not int or not 0 <= index < self.total):
             raise UserError(f"prompt_index must be a whole number from 0 to {self.total - 1}, got {str(index)[:40]}")
-        return body, labeler, index if with_prompt else -1
+        return body, labeler, index if with_prompt and isinstance(index, int) else -1
 
 
 # --- serving ---------------------------------------------------------------------------------------
 
 
-def _quiet_handler() -> Any:
+def _quiet_handler() -> type[WSGIRequestHandler]:
     from werkzeug.serving import WSGIRequestHandler
 
     class Quiet(WSGIRequestHandler):
-        def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             pass  # one line per request would bury the URL and the summary; errors are still logged
 
     return Quiet
@@ -264,7 +270,7 @@ def _stop_on_sigterm() -> None:
     """`kill` stops the server as Ctrl-C does (with the summary); judgments are on disk either way."""
     import signal
 
-    def interrupt(signum: int, frame: Any) -> None:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():

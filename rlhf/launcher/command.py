@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -90,7 +91,7 @@ def build_command(spec: LaunchSpec, *, python: str = sys.executable) -> list[str
     return cmd + [*_program_argv(spec.program, "--module"), *spec.program_args]
 
 
-def srun_command(spec: LaunchSpec, *, python: str = sys.executable, env: dict[str, str] | None = None) -> list[str]:
+def srun_command(spec: LaunchSpec, *, python: str = sys.executable, env: Mapping[str, str] | None = None) -> list[str]:
     """Inside a SLURM allocation: one srun task per node, each a torchrun starting that node's ranks.
 
     The ranks meet at a c10d rendezvous on MASTER_ADDR:MASTER_PORT (the first node of the

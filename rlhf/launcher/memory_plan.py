@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import UserError
 from rlhf.launcher.memory_estimates import (
@@ -26,6 +26,11 @@ from rlhf.launcher.memory_estimates import (
     trained_states,
 )
 from rlhf.launcher.memory_shapes import TRAINED_STAGES
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from rlhf.config import BestOfNConfig, EngineConfig, ModelConfig, PPOConfig, RMConfig
 
 # ----------------------------------------------------------------------------------------------
 # A stage's plan
@@ -89,11 +94,11 @@ class Plan:
         }
 
 
-def _eager(model_cfg: Any) -> bool:
+def _eager(model_cfg: ModelConfig) -> bool:
     return model_cfg.attn_implementation == "eager"
 
 
-def _trained_row(role: str, shape: ModelShape, engine: Any, model_cfg: Any, ranks: int, *, seq: int, batch: int,
+def _trained_row(role: str, shape: ModelShape, engine: EngineConfig, model_cfg: ModelConfig, ranks: int, *, seq: int, batch: int,
                  vocab_logits: bool) -> ModelRow:
     states = trained_states(shape.params, shape.trainable, precision=engine.precision, zero_stage=engine.zero_stage, ranks=ranks,
                             offload_optimizer=engine.offload_optimizer, offload_params=engine.offload_params)
@@ -104,7 +109,8 @@ def _trained_row(role: str, shape: ModelShape, engine: Any, model_cfg: Any, rank
                     note=f"{batch} x {seq} tokens per micro-batch{checkpointed}")
 
 
-def _frozen_row(role: str, shape: ModelShape, engine: Any, ranks: int, *, offload: bool, model_cfg: Any, seq: int, batch: int,
+def _frozen_row(role: str, shape: ModelShape, engine: EngineConfig, ranks: int, *, offload: bool, model_cfg: ModelConfig, seq: int,
+                batch: int,
                 vocab_logits: bool, note: str = "") -> ModelRow:
     states = frozen_states(shape.params, precision=engine.precision, ranks=ranks, partitioned=engine.zero_stage == 3, offload=offload)
     acts = inference_activation_bytes(shape, seq=seq, batch=batch, precision=engine.precision, eager_attention=_eager(model_cfg))
@@ -126,7 +132,7 @@ def _forward_shape(data: Any, sequences: int) -> tuple[int, int]:
     return sequences, data.max_length
 
 
-def responses_per_prompt(cfg: Any) -> int:
+def responses_per_prompt(cfg: RMConfig) -> int:
     """Sequences per RM micro-batch row: a ranked list's K on the toy task, else a pair (a file's lists may be longer)."""
     data = cfg.data
     return data.toy.ranked_k if data.train == "toy" and data.toy_format == "ranked" else 2
@@ -163,7 +169,7 @@ def plan_stage(stage: str, cfg: Any, shapes: dict[str, ModelShape], *, ranks: in
     return Plan(stage, ranks, memory, tuple(rows))
 
 
-def _ppo_rows(cfg: Any, shapes: dict[str, ModelShape], ranks: int) -> list[ModelRow]:
+def _ppo_rows(cfg: PPOConfig, shapes: dict[str, ModelShape], ranks: int) -> list[ModelRow]:
     engine, rollout = cfg.engine, cfg.rollout
     seq = cfg.data.max_prompt_length + rollout.max_new_tokens
     actor = shapes["actor"]
@@ -188,7 +194,7 @@ def _ppo_rows(cfg: Any, shapes: dict[str, ModelShape], ranks: int) -> list[Model
     return rows
 
 
-def _bon_rows(cfg: Any, shapes: dict[str, ModelShape], ranks: int) -> list[ModelRow]:
+def _bon_rows(cfg: BestOfNConfig, shapes: dict[str, ModelShape], ranks: int) -> list[ModelRow]:
     engine, sampling = cfg.engine, cfg.sampling
     seq, batch = cfg.data.max_prompt_length + sampling.max_new_tokens, sampling.batch_size * sampling.n
     policy = shapes["policy"]
@@ -274,11 +280,11 @@ def smallest_fit(stage: str, cfg: Any, shapes: dict[str, ModelShape], *, ranks: 
 # Output
 
 
-def render(plan: Plan, fix: tuple[str, Plan] | None) -> list[Any]:
+def render(plan: Plan, fix: tuple[str, Plan] | None) -> list[RenderableType]:
     """The plan as a rich table per model plus a verdict line (what `rlhf plan` prints)."""
     from rich.table import Table
 
-    out: list[Any] = []
+    out: list[RenderableType] = []
     for row in plan.rows:
         shape = row.shape
         table = Table(title=f"{row.role}: {shape.source} ({shape.params / 1e6:,.2f}M parameters"

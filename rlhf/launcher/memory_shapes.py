@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import UserError, first_line
 from rlhf.launcher.memory_estimates import ModelShape
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from rlhf.config import LoraConfig, ModelConfig
+    from rlhf.store.registry import Registry
+
 TRAINED_STAGES = ("sft", "rm", "dpo", "ppo", "bon")
 
 
-def shape_of_config(config: Any, *, head: str = "lm", lora: Any = None, source: str = "") -> ModelShape:
+def shape_of_config(config: PretrainedConfig, *, head: str = "lm", lora: LoraConfig | None = None, source: str = "") -> ModelShape:
     """Count a transformers config's parameters on the meta device (no memory, no weights) and read its geometry.
     head 'scalar' is a *ForSequenceClassification with one label (a reward model, a critic)."""
     import copy
@@ -45,7 +52,7 @@ def shape_of_config(config: Any, *, head: str = "lm", lora: Any = None, source: 
                       head_dim=head_dim, vocab=int(config.vocab_size), lora_params=lora_params, source=source)
 
 
-def lora_trainable(model: Any, lora: Any, *, head: str) -> int:
+def lora_trainable(model: PreTrainedModel, lora: LoraConfig, *, head: str) -> int:
     """Parameters peft trains: r x (in + out) for each adapted linear layer (every linear but the output head unless
     lora.target_modules names them), plus the whole scalar head for a reward model or critic (peft's SEQ_CLS)."""
     import torch
@@ -64,7 +71,7 @@ def lora_trainable(model: Any, lora: Any, *, head: str) -> int:
     return total
 
 
-def _hf_config(source: Any, *, key: str, trust_remote_code: bool, local_files_only: bool = False) -> Any:
+def _hf_config(source: str, *, key: str, trust_remote_code: bool, local_files_only: bool = False) -> PretrainedConfig:
     from transformers import AutoConfig
 
     try:
@@ -74,8 +81,8 @@ def _hf_config(source: Any, *, key: str, trust_remote_code: bool, local_files_on
                         "local hub cache, a folder its config.json") from None
 
 
-def model_shape(name_or_path: str, model_cfg: Any, registry: Any, *, key: str, head: str = "lm", lora: Any = None,
-                trust_remote_code: bool = False, local_files_only: bool = False) -> ModelShape:
+def model_shape(name_or_path: str, model_cfg: ModelConfig, registry: Registry, *, key: str, head: str = "lm",
+                lora: LoraConfig | None = None, trust_remote_code: bool = False, local_files_only: bool = False) -> ModelShape:
     """The shape of the model `name_or_path` names (toy, a registry reference, a folder, a .gguf file, a hub name),
     from its config alone; with `local_files_only` a hub name not in the local cache is a UserError, not a download."""
     from rlhf.models.gguf import converted_folder, is_gguf
@@ -113,10 +120,11 @@ def model_shape(name_or_path: str, model_cfg: Any, registry: Any, *, key: str, h
     return shape_of_config(config, head=head, lora=lora, source=name_or_path)
 
 
-def model_shapes(stage: str, cfg: Any, registry: Any, *, local_files_only: bool = False) -> dict[str, ModelShape]:
+def model_shapes(stage: str, cfg: Any, registry: Registry, *, local_files_only: bool = False) -> dict[str, ModelShape]:
     """Every model `stage` holds, by role, read from configs (no weights load; hub names from the local cache only
     with `local_files_only`)."""
-    def shape(name: str, model_cfg: Any, key: str, head: str = "lm", lora: Any = None, trust: bool = False) -> ModelShape:
+    def shape(name: str, model_cfg: ModelConfig, key: str, head: str = "lm", lora: LoraConfig | None = None,
+              trust: bool = False) -> ModelShape:
         return model_shape(name, model_cfg, registry, key=key, head=head, lora=lora, trust_remote_code=trust,
                            local_files_only=local_files_only)
 
@@ -148,7 +156,7 @@ def model_shapes(stage: str, cfg: Any, registry: Any, *, local_files_only: bool 
     raise UserError(f"rlhf plan estimates {', '.join(TRAINED_STAGES)}, not {stage!r}")
 
 
-def _reward_shapes(cfg: Any, model: Any, shape: Any) -> dict[str, ModelShape]:
+def _reward_shapes(cfg: Any, model: ModelConfig, shape: Callable[..., ModelShape]) -> dict[str, ModelShape]:
     from rlhf.rollouts.rewards import learned_source, parse_sources
 
     learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))

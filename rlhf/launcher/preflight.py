@@ -13,7 +13,12 @@ process should import only what the checks need (torch, transformers, datasets; 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from rlhf.protocols import Tokenizer
+
+if TYPE_CHECKING:
+    from rlhf.config import BestOfNConfig, DPOConfig, LabelConfig, PPOConfig, RMConfig, SampleConfig, SFTConfig
 
 
 class DataCheck(NamedTuple):
@@ -30,19 +35,19 @@ def check_inputs(stage: str, cfg: Any) -> None:
     PREFLIGHT[stage](cfg)
 
 
-def check_sft(cfg: Any) -> None:
+def check_sft(cfg: SFTConfig) -> None:
     _check_stage("sft", cfg)
 
 
-def check_rm(cfg: Any) -> None:
+def check_rm(cfg: RMConfig) -> None:
     _check_stage("rm", cfg)
 
 
-def check_ppo(cfg: Any) -> None:
+def check_ppo(cfg: PPOConfig) -> None:
     from rlhf.models.sources import ppo_sources, reward_stats
 
-    # The ptx term reads SFT-format data.
-    ptx = (DataCheck("data.ptx", "train", cfg.data.ptx, "sft"),) if cfg.ppo.ptx_coef > 0 else ()
+    # The ptx term reads SFT-format data (data.ptx is set with ppo.ptx_coef > 0: PPOConfig checks).
+    ptx = (DataCheck("data.ptx", "train", cfg.data.ptx or "", "sft"),) if cfg.ppo.ptx_coef > 0 else ()
     local = _local_data("ppo", cfg, ptx)
     source, registry, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=True)
     # The critic and a learned reward are reward models that read the actor's token ids.
@@ -69,7 +74,7 @@ def _check_reward_functions(cfg: Any) -> None:
         load_function(parse_source(gold, key="eval.gold"), key="eval.gold")
 
 
-def check_dpo(cfg: Any) -> None:
+def check_dpo(cfg: DPOConfig) -> None:
     from rlhf.config import REFERENCE_FREE_LOSSES
     from rlhf.models.sources import reference_source
 
@@ -81,7 +86,7 @@ def check_dpo(cfg: Any) -> None:
     _check_data(cfg, local, tokenizer)
 
 
-def check_bon(cfg: Any) -> None:
+def check_bon(cfg: BestOfNConfig) -> None:
     from rlhf.models.sources import ensemble_sources, reward_model_source, reward_stats
     from rlhf.rollouts.rewards import parse_sources
 
@@ -96,7 +101,7 @@ def check_bon(cfg: Any) -> None:
     _check_data(cfg, local, tokenizer)
 
 
-def check_sample(cfg: Any) -> None:
+def check_sample(cfg: SampleConfig) -> None:
     from rlhf.data.load import prompt_rows
     from rlhf.errors import UserError
 
@@ -109,7 +114,7 @@ def check_sample(cfg: Any) -> None:
                             f"than data.max_prompt_length={cfg.data.max_prompt_length})")
 
 
-def check_label(cfg: Any) -> None:
+def check_label(cfg: LabelConfig) -> None:
     """The samples are rlhf sample's, unedited; the labeler imports (python:) or is a causal LM whose answer texts are one token each."""
     from rlhf.feedback.labelers import function_scores, parse_labeler, read_samples
 
@@ -122,11 +127,13 @@ def check_label(cfg: Any) -> None:
         from rlhf.models.sources import check_causal_lm, load_tokenizer, resolve_model
         from rlhf.store.registry import Registry
 
+        assert cfg.run.registry is not None  # resolve_config sets it
         source = resolve_model(spec.target, Registry(cfg.run.registry), key="by")
         check_causal_lm(source, key="by")
         choice_ids(load_tokenizer(source, trust_remote_code=cfg.judge.trust_remote_code, key="by"), cfg.judge.choices)
 
 
+# Each takes its own stage's config, so the dict's callables take Any.
 PREFLIGHT: dict[str, Callable[[Any], None]] = {"sft": check_sft, "rm": check_rm, "ppo": check_ppo, "dpo": check_dpo,
                                                "bon": check_bon, "sample": check_sample, "label": check_label}
 
@@ -142,7 +149,7 @@ def _local_data(stage: str, cfg: Any, extra: tuple[DataCheck, ...] = ()) -> list
     from rlhf.data.sources import FILE_SUFFIXES
     from rlhf.toy import TOY
 
-    evaluation = getattr(cfg.data, "eval", None)  # rlhf sample reads training prompts only
+    evaluation = getattr(cfg.data, "eval", None) or ""  # rlhf sample reads training prompts only
     named = [DataCheck("data.train", "train", cfg.data.train, stage), DataCheck("data.eval", "eval", evaluation, stage), *extra]
     return [c for c in named
             if c.source and (c.source == TOY or c.source.endswith(FILE_SUFFIXES) or Path(c.source).expanduser().exists())]
@@ -167,7 +174,7 @@ def _model_and_tokenizer(cfg: Any, *, need_tokenizer: bool):
     return source, registry, tokenizer
 
 
-def _check_data(cfg: Any, local: list[DataCheck], tokenizer: Any) -> None:
+def _check_data(cfg: Any, local: list[DataCheck], tokenizer: Tokenizer) -> None:
     """Load and tokenize the local data the way the stage will."""
     from rlhf.data.load import STAGE_EXAMPLES
 

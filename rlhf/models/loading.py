@@ -17,8 +17,13 @@ import torch
 
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.errors import UserError, first_line, remote_code_hint
+from rlhf.protocols import CausalLM, Module, Tokenizer
 
 if TYPE_CHECKING:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
     from rlhf.models.sources import ModelSource
 
 
@@ -50,13 +55,13 @@ _WHOLE = _Whole()
 def load_causal_lm(
     source: ModelSource,
     cfg: ModelConfig,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     *,
     seed: int,
     dtype: torch.dtype,
     partitioning: Partitioning | None = None,
     key: str = "model.name_or_path",
-) -> Any:
+) -> CausalLM:
     """A causal LM ready for training: optional gradient checkpointing and LoRA (dropout as its
     config sets it; PPO turns it off with `disable_dropout`).
 
@@ -88,7 +93,7 @@ def load_causal_lm(
     return model
 
 
-def _set_toy_attention(model: Any, cfg: ModelConfig) -> None:
+def _set_toy_attention(model: PreTrainedModel, cfg: ModelConfig) -> None:
     """The embedded default honours model.attn_implementation too (a loaded model gets it from from_pretrained)."""
     if cfg.attn_implementation:
         model.set_attn_implementation(cfg.attn_implementation)
@@ -101,7 +106,7 @@ def _load_kwargs(cfg: ModelConfig, dtype: torch.dtype, **extra: Any) -> dict[str
     return kwargs
 
 
-def _check_vocab(model: Any, tokenizer: Any, source: ModelSource) -> None:
+def _check_vocab(model: PreTrainedModel, tokenizer: Tokenizer, source: ModelSource) -> None:
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise UserError(
             f"the tokenizer has {len(tokenizer)} tokens but '{source.location}' embeds only "
@@ -119,12 +124,12 @@ class ScalarModel(torch.nn.Module):
     Position ids come from the attention mask, so left and right padding give the same scores.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: PreTrainedModel | PeftModel) -> None:
         super().__init__()
         self.model = model
 
     @property
-    def hf_model(self) -> Any:
+    def hf_model(self) -> PreTrainedModel:
         """The transformers model (inside peft's wrapper when LoRA is on)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
@@ -133,6 +138,7 @@ class ScalarModel(torch.nn.Module):
         """Packed rows (rlhf.data.packing) pass their own position ids, and no mask or a 4D one."""
         hf = self.hf_model
         if position_ids is None:
+            assert attention_mask is not None, "rows without a mask are packed and pass their position ids"
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
         hidden = hf.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -143,7 +149,7 @@ class ScalarModel(torch.nn.Module):
 def load_scalar_model(
     source: ModelSource,
     cfg: ModelConfig,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     *,
     seed: int,
     dtype: torch.dtype,
@@ -183,7 +189,7 @@ def load_scalar_model(
 
 
 def _pretrained_with_scalar_head(source: ModelSource, cfg: ModelConfig, dtype: torch.dtype,
-                                 partitioning: Partitioning | None, key: str) -> tuple[Any, bool]:
+                                 partitioning: Partitioning | None, key: str) -> tuple[PreTrainedModel, bool]:
     """A hub/folder backbone with a one-output score head; whether that head is new (not in the weights)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -231,7 +237,7 @@ def _init_scalar_head(weight: torch.nn.Parameter, *, seed: int, partitioning: Pa
             weight.copy_(values.to(weight.dtype))
 
 
-def apply_lora(model: Any, lora: LoraConfig, *, task_type: str = "CAUSAL_LM") -> Any:
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, *, task_type: str = "CAUSAL_LM") -> PeftModel:
     """Wrap `model` with peft adapters. task_type SEQ_CLS also trains (and saves) the scalar head."""
     from peft import get_peft_model
 
@@ -241,7 +247,7 @@ def apply_lora(model: Any, lora: LoraConfig, *, task_type: str = "CAUSAL_LM") ->
     return get_peft_model(model, peft_lora_config(lora, task_type=task_type))
 
 
-def peft_lora_config(lora: LoraConfig, *, task_type: str = "CAUSAL_LM") -> Any:
+def peft_lora_config(lora: LoraConfig, *, task_type: str = "CAUSAL_LM") -> PeftLoraConfig:
     """Our LoRA settings as peft's config (every linear layer but the output head unless named)."""
     from peft import LoraConfig as PeftLoraConfig
 
@@ -249,7 +255,7 @@ def peft_lora_config(lora: LoraConfig, *, task_type: str = "CAUSAL_LM") -> Any:
                           target_modules=lora.target_modules or "all-linear", task_type=task_type)
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
+def disable_dropout(model: Module) -> None:
     """Zero every dropout probability: PPO's ratios compare log-probs of the same weights, which
     must not change between two forward passes, in train mode as in eval mode.
 

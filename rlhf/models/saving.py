@@ -6,18 +6,24 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf.config import LoraConfig
 from rlhf.models.loading import ScalarModel, apply_lora
+from rlhf.protocols import CausalLM, Tokenizer
+
+if TYPE_CHECKING:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 
 def save_final(
-    model: Any,
+    model: CausalLM | ScalarModel,
     state: dict[str, torch.Tensor],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     out_dir: Path,
     *,
     lora: LoraConfig,
@@ -50,7 +56,7 @@ def save_final(
     return adapter
 
 
-def _unwrapped(model: Any, state: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+def _unwrapped(model: CausalLM | ScalarModel, state: dict[str, torch.Tensor]) -> tuple[CausalLM, dict[str, torch.Tensor]]:
     """A `ScalarModel` saves as the transformers (or peft) model it wraps, so its folder loads with
     transformers alone: that model, and the weights with the wrapper's `model.` prefix dropped."""
     if not isinstance(model, ScalarModel):
@@ -58,13 +64,13 @@ def _unwrapped(model: Any, state: dict[str, torch.Tensor]) -> tuple[Any, dict[st
     return model.model, {name.removeprefix("model."): tensor for name, tensor in state.items()}
 
 
-def _adapter_state(peft_model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _adapter_state(peft_model: PeftModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(peft_model, state_dict=state)
 
 
-def _merged_copy(peft_model: Any, state: dict[str, torch.Tensor]) -> Any:
+def _merged_copy(peft_model: PeftModel, state: dict[str, torch.Tensor]) -> PreTrainedModel:
     """A plain CPU model of the same class with the LoRA deltas folded into its weights."""
     import copy
 
@@ -79,7 +85,7 @@ def _merged_copy(peft_model: Any, state: dict[str, torch.Tensor]) -> Any:
     return merged
 
 
-def _lora_from_peft(pc: Any) -> LoraConfig:
+def _lora_from_peft(pc: PeftLoraConfig) -> LoraConfig:
     return LoraConfig(
         enabled=True,
         r=pc.r,

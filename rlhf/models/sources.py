@@ -11,13 +11,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from rlhf.config import ModelConfig
+from rlhf.config import BestOfNConfig, DPOConfig, ModelConfig, PPOConfig
 from rlhf.errors import UserError, first_line
 from rlhf.models.gguf import ensure_converted, is_gguf
 from rlhf.models.gguf import origin as gguf_origin
 from rlhf.models.tokenizer import check_entry_tokenizer, pretrained_tokenizer, tokenizer_differences, tokenizer_fingerprint
+from rlhf.protocols import Tokenizer
 from rlhf.store.entry import DATASET_FILES, Entry, is_reference
 from rlhf.store.registry import Registry
 from rlhf.toy import TOY
@@ -99,7 +99,7 @@ def base_model_identity(source: ModelSource, cfg: ModelConfig) -> str:
 
 def load_tokenizer(
     source: ModelSource, *, trust_remote_code: bool, name_or_path: str | None = None, key: str = "model.tokenizer"
-) -> Any:
+) -> Tokenizer:
     """The tokenizer of a model (or `name_or_path` instead), with a pad token that is not EOS where
     one can be found. When the model comes from a registry entry, the tokenizer must be the one
     that entry was trained with: token ids mean nothing to a model trained on other ids."""
@@ -114,7 +114,7 @@ def load_tokenizer(
     return tokenizer
 
 
-def check_same_tokenizer(tokenizer: Any, source: ModelSource, *, key: str, trust_remote_code: bool = False) -> None:
+def check_same_tokenizer(tokenizer: Tokenizer, source: ModelSource, *, key: str, trust_remote_code: bool = False) -> None:
     """Stop when the model at `source` was trained with another tokenizer than `tokenizer`: PPO feeds
     the actor's token ids to the reference, critic and reward model alike."""
     if source.entry is not None and source.entry.tokenizer:
@@ -129,7 +129,7 @@ def check_same_tokenizer(tokenizer: Any, source: ModelSource, *, key: str, trust
         )
 
 
-def causal_lm_and_tokenizer(cfg: ModelConfig, registry: Registry) -> tuple[ModelSource, Any]:
+def causal_lm_and_tokenizer(cfg: ModelConfig, registry: Registry) -> tuple[ModelSource, Tokenizer]:
     """Resolve `cfg.name_or_path` to a causal LM and load its tokenizer (or cfg.tokenizer, which
     must then match a registry parent's)."""
     source = resolve_model(cfg.name_or_path, registry)
@@ -218,7 +218,7 @@ class PPOSources:
         return tuple(dict.fromkeys(ids))
 
 
-def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any) -> PPOSources:
+def ppo_sources(cfg: PPOConfig, registry: Registry, actor: ModelSource, tokenizer: Tokenizer) -> PPOSources:
     """Resolve and check PPO's reference, critic and (when the reward has a learned component) reward
     models against the actor and its tokenizer.
 
@@ -233,7 +233,7 @@ def ppo_sources(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any
                       reward=reward_model_source(cfg, registry, tokenizer), ensemble=ensemble_sources(cfg, registry, tokenizer))
 
 
-def reward_model_source(cfg: Any, registry: Registry, tokenizer: Any) -> ModelSource | None:
+def reward_model_source(cfg: PPOConfig | BestOfNConfig, registry: Registry, tokenizer: Tokenizer) -> ModelSource | None:
     """The reward model among a config's reward sources (`reward.name_or_path`), checked to be a
     reward model that reads `tokenizer`'s ids; None when no source is learned."""
     from rlhf.rollouts.rewards import learned_source, parse_sources
@@ -245,7 +245,7 @@ def reward_model_source(cfg: Any, registry: Registry, tokenizer: Any) -> ModelSo
                          trust_remote_code=cfg.reward.trust_remote_code)
 
 
-def ensemble_sources(cfg: Any, registry: Registry, tokenizer: Any) -> tuple[ModelSource, ...]:
+def ensemble_sources(cfg: PPOConfig | BestOfNConfig, registry: Registry, tokenizer: Tokenizer) -> tuple[ModelSource, ...]:
     """reward_ensemble.name_or_path's reward models, each checked like the main one (scalar head, the policy's tokenizer)
     and holding the statistics its scores are normalized with."""
     sources = []
@@ -257,7 +257,7 @@ def ensemble_sources(cfg: Any, registry: Registry, tokenizer: Any) -> tuple[Mode
     return tuple(sources)
 
 
-def scalar_source(name_or_path: str, *, key: str, registry: Registry, tokenizer: Any, trust_remote_code: bool) -> ModelSource:
+def scalar_source(name_or_path: str, *, key: str, registry: Registry, tokenizer: Tokenizer, trust_remote_code: bool) -> ModelSource:
     """`name_or_path` resolved and checked: a reward model (scalar head) reading `tokenizer`'s ids."""
     source = resolve_model(name_or_path, registry, key=key)
     check_scalar_model(source, key=key)
@@ -265,7 +265,7 @@ def scalar_source(name_or_path: str, *, key: str, registry: Registry, tokenizer:
     return source
 
 
-def reference_source(cfg: Any, registry: Registry, actor: ModelSource, tokenizer: Any) -> ModelSource | None:
+def reference_source(cfg: PPOConfig | DPOConfig, registry: Registry, actor: ModelSource, tokenizer: Tokenizer) -> ModelSource | None:
     """Where the frozen reference policy of a config with `model` and `reference` sections comes
     from: reference.name_or_path, or the actor's own starting model; None = the actor with its LoRA
     adapters switched off (LoRA on and no reference named), which needs no second copy. A named

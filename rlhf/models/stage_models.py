@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from rlhf.config import LoraConfig, ModelConfig
-from rlhf.models.loading import disable_dropout, load_causal_lm, load_scalar_model, zero_scalar_head
+from rlhf.config import BestOfNConfig, DPOConfig, LoraConfig, ModelConfig, PPOConfig
+from rlhf.models.loading import ScalarModel, disable_dropout, load_causal_lm, load_scalar_model, zero_scalar_head
 from rlhf.models.sources import ModelSource, PPOSources, reward_stats
+from rlhf.protocols import CausalLM, PolicyModel, ScoringModel, Tokenizer, TrainEngine
 from rlhf.rollouts.generation import RewardEnsemble
-from rlhf.training.engine import PRECISION_DTYPES, build_engine, build_frozen, deepspeed_config, frozen_zero3_config, zero3_partitioning
+from rlhf.training.engine import (
+    PRECISION_DTYPES,
+    Dist,
+    build_engine,
+    build_frozen,
+    deepspeed_config,
+    frozen_zero3_config,
+    zero3_partitioning,
+)
 
 
 @dataclass(frozen=True)
@@ -25,15 +33,15 @@ class PPOModels:
     estimator (ppo.estimator other than gae); reward None = no learned component in the reward
     (functions or the oracle only)."""
 
-    actor: Any
-    critic: Any | None
-    reference: Any | None
-    reward: Any | None
+    actor: TrainEngine[CausalLM]
+    critic: TrainEngine[ScalarModel] | None
+    reference: PolicyModel | None
+    reward: ScoringModel | None
     ensemble: RewardEnsemble | None = None
     """reward_ensemble's reward models, frozen like reward (None without an ensemble)."""
 
 
-def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
+def frozen_model_config(cfg: PPOConfig | DPOConfig | BestOfNConfig, name: str) -> ModelConfig:
     """How PPO loads its frozen `name` ('reference' or 'reward'): the actor's kernel choice, no
     adapters or recomputed activations (they never backpropagate), and that model's own
     trust_remote_code, since trusting the actor's repository says nothing about another's. A null
@@ -43,7 +51,7 @@ def frozen_model_config(cfg: Any, name: str) -> ModelConfig:
     return dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False, trust_remote_code=trust)
 
 
-def build_reference(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any) -> Any:
+def build_reference(cfg: PPOConfig | DPOConfig, source: ModelSource, tokenizer: Tokenizer, *, dist: Dist) -> PolicyModel:
     """The frozen reference policy of a config with `model`, `reference` and `engine` sections (PPO's,
     DPO's): loaded like the actor without adapters, dropout off, ZeRO-3 partitioned under ZeRO-3 or
     reference.offload, else a plain copy on this rank's device."""
@@ -56,7 +64,7 @@ def build_reference(cfg: Any, source: ModelSource, tokenizer: Any, *, dist: Any)
     return build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
 
 
-def build_reward(cfg: Any, source: ModelSource, tokenizer: Any, *, seed: int, dist: Any) -> Any:
+def build_reward(cfg: PPOConfig | BestOfNConfig, source: ModelSource, tokenizer: Tokenizer, *, seed: int, dist: Dist) -> ScoringModel:
     """The frozen reward model of a config with `model`, `reward` and `engine` sections (PPO's, best-of-N's),
     dropout off: ZeRO-3 partitioned under ZeRO-3 or reward.offload, else a plain copy."""
     engine = cfg.engine
@@ -67,8 +75,8 @@ def build_reward(cfg: Any, source: ModelSource, tokenizer: Any, *, seed: int, di
     return build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
 
 
-def build_ensemble(cfg: Any, main: ModelSource, members: tuple[ModelSource, ...], tokenizer: Any, *, seed: int,
-                   dist: Any) -> RewardEnsemble | None:
+def build_ensemble(cfg: PPOConfig | BestOfNConfig, main: ModelSource, members: tuple[ModelSource, ...], tokenizer: Tokenizer, *, seed: int,
+                   dist: Dist) -> RewardEnsemble | None:
     """reward_ensemble's models, each built like the reward model, with the stored statistics of `main` and of each
     (PPO's, best-of-N's); None without members."""
     if not members:
@@ -79,7 +87,7 @@ def build_ensemble(cfg: Any, main: ModelSource, members: tuple[ModelSource, ...]
 
 
 def build_ppo_models(
-    cfg: Any, sources: PPOSources, actor_source: ModelSource, tokenizer: Any, *, dist: Any, total_updates: int
+    cfg: PPOConfig, sources: PPOSources, actor_source: ModelSource, tokenizer: Tokenizer, *, dist: Dist, total_updates: int
 ) -> PPOModels:
     """Load and wrap PPO's four models from their resolved sources, dropout off in all four; no
     critic when sources.critic is None (a critic-free estimator).
@@ -92,22 +100,23 @@ def build_ppo_models(
     zero3 = engine.zero_stage == 3
     dtype = PRECISION_DTYPES[engine.precision]
     seed = cfg.train.seed
-    actor = load_causal_lm(actor_source, cfg.model, tokenizer, seed=seed, dtype=dtype,
-                           partitioning=zero3_partitioning(deepspeed_config(engine, cfg.optim) if zero3 else None))
-    critic = None if sources.critic is None else load_critic(cfg, sources.critic, tokenizer, dtype=dtype)
+    actor_model = load_causal_lm(actor_source, cfg.model, tokenizer, seed=seed, dtype=dtype,
+                                 partitioning=zero3_partitioning(deepspeed_config(engine, cfg.optim) if zero3 else None))
+    critic_model = None if sources.critic is None else load_critic(cfg, sources.critic, tokenizer, dtype=dtype)
     reference = None if sources.reference is None else build_reference(cfg, sources.reference, tokenizer, dist=dist)
     reward = None if sources.reward is None else build_reward(cfg, sources.reward, tokenizer, seed=seed, dist=dist)
-    for model in (actor, critic):
+    for model in (actor_model, critic_model):
         if model is not None:
             disable_dropout(model)
-    actor = build_engine(actor, engine=engine, optim=cfg.optim, total_steps=total_updates)
-    if critic is not None:
-        critic = build_engine(critic, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)
-    ensemble = None if reward is None else build_ensemble(cfg, sources.reward, sources.ensemble, tokenizer, seed=seed, dist=dist)
+    actor = build_engine(actor_model, engine=engine, optim=cfg.optim, total_steps=total_updates)
+    critic = None
+    if critic_model is not None:
+        critic = build_engine(critic_model, engine=engine, optim=cfg.critic_optim, total_steps=total_updates)
+    ensemble = None if sources.reward is None else build_ensemble(cfg, sources.reward, sources.ensemble, tokenizer, seed=seed, dist=dist)
     return PPOModels(actor=actor, critic=critic, reference=reference, reward=reward, ensemble=ensemble)
 
 
-def load_critic(cfg: Any, source: ModelSource, tokenizer: Any, *, dtype: Any) -> Any:
+def load_critic(cfg: PPOConfig, source: ModelSource, tokenizer: Tokenizer, *, dtype: torch.dtype) -> ScalarModel:
     """The critic before its engine: the reward model's backbone and head (zeroed with ppo.value_head=zero)."""
     partitioning = zero3_partitioning(deepspeed_config(cfg.engine, cfg.critic_optim) if cfg.engine.zero_stage == 3 else None)
     critic = load_scalar_model(source, cfg.critic, tokenizer, seed=cfg.train.seed, dtype=dtype, trained_head=True,

@@ -13,12 +13,13 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import UserError, first_line, remote_code_hint
+from rlhf.protocols import Tokenizer
 
 if TYPE_CHECKING:
     from rlhf.store.entry import Entry
 
 
-def pretrained_tokenizer(location: str, *, trust_remote_code: bool, key: str) -> Any:
+def pretrained_tokenizer(location: str, *, trust_remote_code: bool, key: str) -> Tokenizer:
     """The tokenizer saved at a folder or hub name, with a pad token that is not EOS where one can be found."""
     from transformers import AutoTokenizer
 
@@ -38,7 +39,7 @@ def pretrained_tokenizer(location: str, *, trust_remote_code: bool, key: str) ->
     return tokenizer
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> dict[str, Any]:
     """A short identity that tells two tokenizers apart (vocabulary and special tokens)."""
     vocab = sorted(tokenizer.get_vocab().items())
     digest = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
@@ -51,7 +52,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def check_entry_tokenizer(tokenizer: Any, entry: Entry, *, where: str) -> None:
+def check_entry_tokenizer(tokenizer: Tokenizer, entry: Entry, *, where: str) -> None:
     """Stop when `tokenizer` is not the one registry `entry` was trained with (`where` names it)."""
     detail = tokenizer_differences(tokenizer_fingerprint(tokenizer), entry.tokenizer)
     if detail:

@@ -60,8 +60,8 @@ def join_chosen(rounds: list[Drawn], choice: GroupChoice, *, group_size: int, pa
     scored = _cat_scored([d.scored for d, _ in parts], [rows for _, rows in parts], width, seqs)
     sampled = None
     if parts[0][0].sampled is not None:
-        sampled = SampledLogprobs(logprobs=torch.cat([_right(d.sampled.logprobs[rows], width) for d, rows in parts]),
-                                  entropy=torch.cat([_right(d.sampled.entropy[rows], width) for d, rows in parts]))
+        sampled = SampledLogprobs(logprobs=torch.cat([_right(_sampled(d).logprobs[rows], width) for d, rows in parts]),
+                                  entropy=torch.cat([_right(_sampled(d).entropy[rows], width) for d, rows in parts]))
     return Drawn(seqs=seqs, sampled=sampled, scored=scored, shaped=torch.cat([d.shaped[rows] for d, rows in parts]),
                  generate_s=sum(d.generate_s for d in rounds), score_s=sum(d.score_s for d in rounds))
 
@@ -96,14 +96,21 @@ def _cat_sequences(parts: list[Sequences]) -> Sequences:
     return Sequences(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names}, prompt_width=parts[0].prompt_width)
 
 
+def _sampled(drawn: Drawn) -> SampledLogprobs:
+    assert drawn.sampled is not None  # every round keeps generation's log-probs when the first does
+    return drawn.sampled
+
+
 def _cat_scored(parts: list[ScoredRollout], rows: list[torch.Tensor], width: int, seqs: Sequences) -> ScoredRollout:
     """The rows of each round's scores, per-token tensors padded to `width`, on the joined `seqs`."""
-    def cat(name: str) -> torch.Tensor | None:
+    def cat(name: str) -> torch.Tensor:
         values = [getattr(p, name) for p in parts]
-        if values[0] is None:
-            return None
         return torch.cat([_right(v[i], width) if v.dim() == 2 else v[i] for v, i in zip(values, rows)])
 
+    def cat_optional(name: str) -> torch.Tensor | None:
+        return None if getattr(parts[0], name) is None else cat(name)
+
     reward_parts = {name: torch.cat([p.reward_parts[name][i] for p, i in zip(parts, rows)]) for name in parts[0].reward_parts}
-    return ScoredRollout(seqs=seqs, logprobs=cat("logprobs"), ref_logprobs=cat("ref_logprobs"), values=cat("values"),
-                         scores=cat("scores"), entropy=cat("entropy"), reward_parts=reward_parts, ensemble_std=cat("ensemble_std"))
+    return ScoredRollout(seqs=seqs, logprobs=cat("logprobs"), ref_logprobs=cat("ref_logprobs"), values=cat_optional("values"),
+                         scores=cat_optional("scores"), entropy=cat("entropy"), reward_parts=reward_parts,
+                         ensemble_std=cat_optional("ensemble_std"))

@@ -12,13 +12,14 @@ import contextlib
 import functools
 import inspect
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Iterator, cast
 
 import torch
 
 from rlhf.algos.ppo import entropy_from_logits, logprobs_from_logits
 from rlhf.algos.reward import ensemble_score, ensemble_spread, sequence_rewards
 from rlhf.data.collate import left_pad_prompts
+from rlhf.protocols import AdapterLM, CausalLM, PolicyModel, ScoringModel, StoppingCriteria
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +37,7 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    zero3_engine: Any = None
+    zero3_engine: PolicyModel | None = None
     gather: bool = True
     device: torch.device | None = None
 
@@ -45,7 +46,7 @@ class Sampling:
 
 
 @torch.no_grad()
-def generate(model: Any, prompts: list[list[int]], sampling: Sampling, *, stopping: Any = None) -> list[list[int]]:
+def generate(model: CausalLM, prompts: list[list[int]], sampling: Sampling, *, stopping: StoppingCriteria | None = None) -> list[list[int]]:
     """Sample (or, at temperature 0, greedily decode) a continuation of each prompt.
 
     Returns each response's token ids up to and including its first EOS (responses cut by
@@ -54,11 +55,7 @@ def generate(model: Any, prompts: list[list[int]], sampling: Sampling, *, stoppi
     """
     _, new_tokens, _ = _generate_tokens(model, prompts, sampling, stopping=stopping)
     eos_id = sampling.eos_id
-    responses = []
-    for row in new_tokens.tolist():
-        cut = row.index(eos_id) + 1 if eos_id in row else len(row)
-        responses.append(row[:cut])
-    return responses
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in new_tokens.tolist()]
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class SampledLogprobs:
 
 
 @torch.no_grad()
-def sample_rollout(model: Any, prompts: list[list[int]], sampling: Sampling) -> Sequences:
+def sample_rollout(model: CausalLM, prompts: list[list[int]], sampling: Sampling) -> Sequences:
     """Sample a response to each prompt and lay the batch out for scoring: prompts left-padded,
     responses right-padded, masks from lengths (a pad may equal EOS). What the tests' plain
     `build_sequences` (tests/sequences.py) gives for `generate`'s responses, built from
@@ -83,7 +80,7 @@ def sample_rollout(model: Any, prompts: list[list[int]], sampling: Sampling) -> 
 
 @torch.no_grad()
 def sample_rollout_with_logprobs(
-    model: Any, prompts: list[list[int]], sampling: Sampling, *, keep_logprobs: bool = True
+    model: CausalLM, prompts: list[list[int]], sampling: Sampling, *, keep_logprobs: bool = True
 ) -> tuple[Sequences, SampledLogprobs | None]:
     """`sample_rollout`, and with `keep_logprobs` (at a temperature above 0) the sampled tokens'
     log-probs and entropies from generation's logits (None otherwise)."""
@@ -105,16 +102,16 @@ def sample_rollout_with_logprobs(
     )
     if logits is None:
         return seqs, None
-    logits = torch.stack(logits[:width], dim=1)  # (B, R, V): the logits each response token was drawn from
+    drawn_from = torch.stack(logits[:width], dim=1)  # (B, R, V): the logits each response token was drawn from
     padding = ~response_mask
     return seqs, SampledLogprobs(
-        logprobs=logprobs_from_logits(logits, response_ids, temperature=sampling.temperature).masked_fill(padding, 0.0),
-        entropy=entropy_from_logits(logits, temperature=sampling.temperature).masked_fill(padding, 0.0),
+        logprobs=logprobs_from_logits(drawn_from, response_ids, temperature=sampling.temperature).masked_fill(padding, 0.0),
+        entropy=entropy_from_logits(drawn_from, temperature=sampling.temperature).masked_fill(padding, 0.0),
     )
 
 
 def _generate_tokens(
-    model: Any, prompts: list[list[int]], sampling: Sampling, *, keep_logits: bool = False, stopping: Any = None
+    model: CausalLM, prompts: list[list[int]], sampling: Sampling, *, keep_logits: bool = False, stopping: StoppingCriteria | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """(the left-padded prompt batch on the sampling's device, the generated ids (B, N), and with
     `keep_logits` the raw logits of each step, N tensors (B, V), else None); rows that finished
@@ -157,7 +154,7 @@ def _generate_tokens(
     return prompt_batch, output.sequences[:, prompt_batch["input_ids"].shape[1] :], output.logits if keep_logits else None
 
 
-def _whole_for_generation(engine: Any) -> contextlib.AbstractContextManager:
+def _whole_for_generation(engine: PolicyModel | None) -> contextlib.AbstractContextManager:
     """A ZeRO-3 engine's weights gathered whole, with DeepSpeed's per-module fetch and release hooks
     taken off until the context ends (DeepSpeed's own `unwrap_model_for_generation`). Gathering
     alone is not enough: each module's forward hook releases the weights again, so every new token
@@ -168,7 +165,7 @@ def _whole_for_generation(engine: Any) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def _only_our_sampling(model: Any) -> Any:
+def _only_our_sampling(model: CausalLM) -> Iterator[None]:
     """Generate with no setting from the checkpoint's generation_config.json.
 
     transformers fills every setting a call leaves unset from the model's generation config, so a
@@ -179,6 +176,7 @@ def _only_our_sampling(model: Any) -> Any:
     """
     from transformers import GenerationConfig
 
+    swapped: list[tuple[torch.nn.Module, GenerationConfig]]
     swapped = [(m, m.generation_config) for m in model.modules() if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
     for module, original in swapped:
         module.generation_config = GenerationConfig(
@@ -254,7 +252,7 @@ class Sequences:
 
 
 def policy_logprobs(
-    model: Any, seqs: Sequences, *, temperature: float, with_entropy: bool = False
+    model: PolicyModel, seqs: Sequences, *, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log-probs of the response tokens under `model` (a causal LM or its engine), from
     logits divided by the sampling temperature, and optionally (B, R) entropies of those
@@ -277,14 +275,14 @@ def policy_logprobs(
     return _pad_columns(logp, full_width), None if entropy is None else _pad_columns(entropy, full_width)
 
 
-def reference_logprobs(reference: Any | None, actor: Any, seqs: Sequences, *, temperature: float) -> torch.Tensor:
+def reference_logprobs(reference: PolicyModel | None, actor: PolicyModel, seqs: Sequences, *, temperature: float) -> torch.Tensor:
     """(B, R) response log-probs under the frozen `reference`, or, when it is None, under `actor`
     (a peft model, or an engine holding one) with its LoRA adapters switched off for the call: the
     starting policy without a second copy. Not differentiable."""
     with torch.no_grad():
         if reference is not None:
             return policy_logprobs(reference, seqs, temperature=temperature)[0]
-        peft_model = actor.module if hasattr(actor, "module") else actor
+        peft_model = cast(AdapterLM, actor.module if hasattr(actor, "module") else actor)  # no reference: the actor has adapters
         with peft_model.disable_adapter():
             return policy_logprobs(actor, seqs, temperature=temperature)[0]
 
@@ -314,7 +312,7 @@ def pack_sequences(
     return seqs if device is None else seqs.to(device)
 
 
-def token_values(critic: Any, seqs: Sequences) -> torch.Tensor:
+def token_values(critic: ScoringModel, seqs: Sequences) -> torch.Tensor:
     """(B, R) the critic's value of the state before each response token (0 at padding). Differentiable."""
     full_width = seqs.response_width
     seqs = seqs.trimmed()
@@ -322,7 +320,7 @@ def token_values(critic: Any, seqs: Sequences) -> torch.Tensor:
     return _pad_columns(values.masked_fill(~seqs.response_mask, 0.0), full_width)
 
 
-def sequence_scores(reward_model: Any, seqs: Sequences) -> torch.Tensor:
+def sequence_scores(reward_model: ScoringModel, seqs: Sequences) -> torch.Tensor:
     """(B,) the reward model's score of each whole sequence (its head at the last real token)."""
     seqs = seqs.trimmed()
     return sequence_rewards(reward_model(seqs.input_ids, seqs.attention_mask), seqs.attention_mask)
@@ -332,7 +330,7 @@ def sequence_scores(reward_model: Any, seqs: Sequences) -> torch.Tensor:
 class RewardEnsemble:
     """reward_ensemble (Coste et al. 2023): frozen reward models scored beside the main one (PPO's, best-of-N's)."""
 
-    members: tuple[Any, ...]
+    members: tuple[ScoringModel, ...]
     stats: torch.Tensor
     """(M + 1, 2) float64: each model's stored mean and std, the main reward model first."""
     penalty: float
@@ -351,17 +349,17 @@ def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_takes_logits_to_keep(model_class: type) -> bool:
+def _forward_takes_logits_to_keep(model_class: type[torch.nn.Module]) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def _accepts_logits_to_keep(model: PolicyModel) -> bool:
     """Whether the transformers model inside `model` (a DeepSpeed engine, a peft model, or itself)
     can compute only its last logits."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine's model
     if hasattr(inner, "get_base_model"):  # peft passes the argument through to its base model
         inner = inner.get_base_model()
-    return _forward_takes_logits_to_keep(type(inner))
+    return _forward_takes_logits_to_keep(type(inner))  # type: ignore[arg-type]  # a class is hashable; mypy reads its unbound __hash__
 
 
 def minibatch_rows(
@@ -401,13 +399,8 @@ class ScoredRollout:
 
 @torch.no_grad()
 def score_rollout(
-    seqs: Sequences,
-    *,
-    actor: Any,
-    reference: Any,
-    critic: Any | None,
-    reward: Any | None,
-    temperature: float,
+    seqs: Sequences, *, actor: PolicyModel, reference: PolicyModel | None, critic: ScoringModel | None,
+    reward: ScoringModel | None, temperature: float,
     chunk: int,
     reference_is_actor_without_adapters: bool = False,
     sampled: SampledLogprobs | None = None,
@@ -433,6 +426,7 @@ def score_rollout(
             logp, entropy = policy_logprobs(actor, part, temperature=temperature, with_entropy=True)
         else:
             logp, entropy = sampled.logprobs[rows], sampled.entropy[rows]
+        assert entropy is not None  # with_entropy=True
         parts["logprobs"].append(logp)
         parts["entropy"].append(entropy)
         parts["ref_logprobs"].append(reference_logprobs(None if reference_is_actor_without_adapters else reference, actor, part,
@@ -447,4 +441,7 @@ def score_rollout(
             parts["scores"].append(scores)
     restore = torch.argsort(order)  # rows back in the rollout's order
     joined = {k: torch.cat(v)[restore] if v else None for k, v in parts.items()}
-    return ScoredRollout(seqs=seqs, **joined)
+    logprobs, ref_logprobs, entropy = joined["logprobs"], joined["ref_logprobs"], joined["entropy"]
+    assert logprobs is not None and ref_logprobs is not None and entropy is not None  # one chunk at least
+    return ScoredRollout(seqs=seqs, logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, values=joined["values"],
+                         scores=joined["scores"], ensemble_std=joined["ensemble_std"])

@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from rlhf.data.collate import left_pad_prompts
 from rlhf.data.templates import render_chat, validate_messages
 from rlhf.errors import UserError, first_line
+from rlhf.protocols import CausalLM, Environment, Tokenizer
 from rlhf.rollouts.generation import Sampling, Sequences
 from rlhf.rollouts.stops import generate_turns
 from rlhf.training.engine import Dist
@@ -79,7 +80,7 @@ class Renderer:
     tool call's stop string) and the next assistant header last. Without one (the embedded default):
     the messages' contents, concatenated as they are."""
 
-    tokenizer: Any
+    tokenizer: Tokenizer
 
     @property
     def chat(self) -> bool:
@@ -121,7 +122,7 @@ class Renderer:
         return closer + observed[len(answered):]
 
 
-def checked_step(env: Any, text: str) -> tuple[list[dict], float, bool]:
+def checked_step(env: Environment, text: str) -> tuple[list[dict], float, bool]:
     """env.step(text) held to the protocol: (messages, finite reward (None = 0), done)."""
     name = type(env).__name__
     try:
@@ -139,7 +140,7 @@ def checked_step(env: Any, text: str) -> tuple[list[dict], float, bool]:
     return list(messages), float(reward), bool(done)
 
 
-def checked_reset(env: Any, prompt: str) -> list[dict]:
+def checked_reset(env: Environment, prompt: str) -> list[dict]:
     name = type(env).__name__
     try:
         messages = env.reset(prompt)
@@ -220,7 +221,7 @@ def _alone(active: bool) -> bool:
 
 @dataclass
 class _Episode:
-    env: Any
+    env: Environment
     prompt: list[int]
     segments: list[Segment]
     rewards: list[float]
@@ -235,7 +236,7 @@ class _Episode:
 
 
 @torch.no_grad()
-def sample_episodes(model: Any, prompts: list[list[int]], sampling: Sampling, *, env_class: type, tokenizer: Any,
+def sample_episodes(model: CausalLM, prompts: list[list[int]], sampling: Sampling, *, env_class: type, tokenizer: Tokenizer,
                     max_turns: int, max_tokens: int, per_turn: bool, keep_going: Callable[[bool], bool] = _alone) -> Episodes:
     """Run one episode per prompt: each turn, `generate_turns` continues every unfinished episode up to
     the environment's first stop string or EOS (at most sampling.max_new_tokens, and what is left of
@@ -265,7 +266,7 @@ def sample_episodes(model: Any, prompts: list[list[int]], sampling: Sampling, *,
     return _episodes_of(episodes, tokenizer, pad_id=sampling.pad_id, per_turn=per_turn, device=sampling.device)
 
 
-def _make_env(env_class: type) -> Any:
+def _make_env(env_class: type) -> Environment:
     try:
         return env_class()
     except Exception as exc:
@@ -290,7 +291,7 @@ def _take_turn(episode: _Episode, tokens: list[int], renderer: Renderer, *, eos_
         episode.segments.append(Segment(observation, policy=False))
 
 
-def _episodes_of(episodes: list[_Episode], tokenizer: Any, *, pad_id: int, per_turn: bool,
+def _episodes_of(episodes: list[_Episode], tokenizer: Tokenizer, *, pad_id: int, per_turn: bool,
                  device: torch.device | None) -> Episodes:
     seqs, env_rewards = assemble([e.prompt for e in episodes], [e.segments for e in episodes], [e.rewards for e in episodes],
                                  has_eos=[e.closed for e in episodes], pad_id=pad_id, per_turn=per_turn)

@@ -12,12 +12,13 @@ layout, 0 where response_mask is False, exactly as `rlhf.rollouts.generation.pol
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 
 from rlhf.algos.ppo import entropy_from_logits, logprobs_from_logits
 from rlhf.data.packing import check_packing_supported, pack_sequences, packed_forward_inputs
+from rlhf.protocols import AdapterLM, PolicyModel, ScoringModel, inner_model
 from rlhf.rollouts.generation import (
     RewardEnsemble,
     SampledLogprobs,
@@ -27,6 +28,10 @@ from rlhf.rollouts.generation import (
     policy_logprobs,
     token_values,
 )
+
+if TYPE_CHECKING:
+    from rlhf.models.loading import ScalarModel
+    from rlhf.models.stage_models import PPOModels
 
 
 class PackedRollout(NamedTuple):
@@ -68,19 +73,19 @@ def _unpacked(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor
     return values.new_zeros(response_mask.shape).masked_scatter(response_mask, values)
 
 
-def _inner(model: Any) -> Any:
-    """The model inside a DeepSpeed engine (a causal LM, its peft model, or a ScalarModel)."""
-    return getattr(model, "module", model)
+def _inner(model: ScoringModel) -> ScalarModel:
+    """The ScalarModel inside a DeepSpeed engine, or `model` itself."""
+    return cast("ScalarModel", getattr(model, "module", model))
 
 
-def packed_logprobs(model: Any, packed: PackedRollout, *, temperature: float,
+def packed_logprobs(model: PolicyModel, packed: PackedRollout, *, temperature: float,
                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, R) log-probs of the response tokens under `model` (a causal LM, its engine, or a peft model) at
     `temperature`, and optionally (B, R) entropies; 0 at padding, as `policy_logprobs`. Differentiable.
 
     The LM head runs only at the columns that hold a source (`logits_to_keep`, where the model takes it).
     """
-    input_ids, inputs = packed_forward_inputs(_inner(model).config, packed.input_ids, packed.position_ids,
+    input_ids, inputs = packed_forward_inputs(inner_model(model).config, packed.input_ids, packed.position_ids,
                                               dtype=next(model.parameters()).dtype)
     width = input_ids.shape[1]
     rows, columns = packed.sources // width, packed.sources % width  # in the forward's layout, (R', P') or (1, R' * P')
@@ -95,24 +100,24 @@ def packed_logprobs(model: Any, packed: PackedRollout, *, temperature: float,
     return _unpacked(logp, packed.response_mask), entropy
 
 
-def _scalar_scores(model: Any, packed: PackedRollout) -> torch.Tensor:
+def _scalar_scores(model: ScoringModel, packed: PackedRollout) -> torch.Tensor:
     """(R' * P') a ScalarModel's (or its engine's) score at every packed token."""
     input_ids, inputs = packed_forward_inputs(_inner(model).hf_model.config, packed.input_ids, packed.position_ids,
                                               dtype=next(model.parameters()).dtype)
     return model(input_ids, inputs.get("attention_mask"), position_ids=inputs["position_ids"]).flatten()
 
 
-def packed_values(critic: Any, packed: PackedRollout) -> torch.Tensor:
+def packed_values(critic: ScoringModel, packed: PackedRollout) -> torch.Tensor:
     """(B, R) the critic's value of the state before each response token (0 at padding), as `token_values`. Differentiable."""
     return _unpacked(_scalar_scores(critic, packed)[packed.sources], packed.response_mask)
 
 
-def packed_scores(reward_model: Any, packed: PackedRollout) -> torch.Tensor:
+def packed_scores(reward_model: ScoringModel, packed: PackedRollout) -> torch.Tensor:
     """(B,) the reward model's score of each sequence, read at its last token, as `sequence_scores`."""
     return _scalar_scores(reward_model, packed)[packed.last_index]
 
 
-def rollout_logprobs(model: Any, seqs: Sequences, packed: PackedRollout | None, *, temperature: float,
+def rollout_logprobs(model: PolicyModel, seqs: Sequences, packed: PackedRollout | None, *, temperature: float,
                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`policy_logprobs`, from the packed rows when `packed` is given."""
     if packed is None:
@@ -120,21 +125,24 @@ def rollout_logprobs(model: Any, seqs: Sequences, packed: PackedRollout | None, 
     return packed_logprobs(model, packed, temperature=temperature, with_entropy=with_entropy)
 
 
-def rollout_values(critic: Any, seqs: Sequences, packed: PackedRollout | None) -> torch.Tensor:
+def rollout_values(critic: ScoringModel, seqs: Sequences, packed: PackedRollout | None) -> torch.Tensor:
     """`token_values`, from the packed rows when `packed` is given."""
     return token_values(critic, seqs) if packed is None else packed_values(critic, packed)
 
 
-def check_rollout_packing(models: Any) -> None:
+def check_rollout_packing(models: PPOModels) -> None:
     """Refuse data.packing, in one line, unless every model PPO packs (actor, reference, critic, reward model) is checked."""
-    for model in (models.actor, models.reference, models.critic, models.reward):
-        if model is not None:
-            inner = _inner(model)
-            check_packing_supported(inner.hf_model.config if hasattr(inner, "hf_model") else inner.config)
+    for policy in (models.actor, models.reference):
+        if policy is not None:
+            check_packing_supported(inner_model(policy).config)
+    for scorer in (models.critic, models.reward):
+        if scorer is not None:
+            check_packing_supported(_inner(scorer).hf_model.config)
 
 
 @torch.no_grad()
-def score_rollout_packed(seqs: Sequences, *, actor: Any, reference: Any, critic: Any | None, reward: Any | None, temperature: float,
+def score_rollout_packed(seqs: Sequences, *, actor: PolicyModel, reference: PolicyModel | None, critic: ScoringModel | None,
+                         reward: ScoringModel | None, temperature: float,
                          chunk: int, pad_id: int, capacity: int, reference_is_actor_without_adapters: bool = False,
                          sampled: SampledLogprobs | None = None, ensemble: RewardEnsemble | None = None) -> ScoredRollout:
     """`rlhf.rollouts.generation.score_rollout` with each `chunk` of rows packed once for the actor, the reference,
@@ -148,12 +156,14 @@ def score_rollout_packed(seqs: Sequences, *, actor: Any, reference: Any, critic:
             logp, entropy = packed_logprobs(actor, packed, temperature=temperature, with_entropy=True)
         else:
             logp, entropy = sampled.logprobs[rows], sampled.entropy[rows]
+        assert entropy is not None  # with_entropy=True
         parts["logprobs"].append(logp)
         parts["entropy"].append(entropy)
         if reference_is_actor_without_adapters:
-            with _inner(actor).disable_adapter():
+            with cast(AdapterLM, inner_model(actor)).disable_adapter():
                 parts["ref_logprobs"].append(packed_logprobs(actor, packed, temperature=temperature)[0])
         else:
+            assert reference is not None  # a separate reference unless the actor's adapters are switched off
             parts["ref_logprobs"].append(packed_logprobs(reference, packed, temperature=temperature)[0])
         if critic is not None:
             parts["values"].append(packed_values(critic, packed))
@@ -164,4 +174,7 @@ def score_rollout_packed(seqs: Sequences, *, actor: Any, reference: Any, critic:
                 parts["ensemble_std"].append(spread)
             parts["scores"].append(scores)
     joined = {k: torch.cat(v) if v else None for k, v in parts.items()}
-    return ScoredRollout(seqs=seqs, **joined)
+    logprobs, ref_logprobs, entropy = joined["logprobs"], joined["ref_logprobs"], joined["entropy"]
+    assert logprobs is not None and ref_logprobs is not None and entropy is not None  # one chunk at least
+    return ScoredRollout(seqs=seqs, logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, values=joined["values"],
+                         scores=joined["scores"], ensemble_std=joined["ensemble_std"])

@@ -22,12 +22,15 @@ import math
 import numbers
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 from rlhf.errors import UserError, first_line
+from rlhf.protocols import Tokenizer
 
 if TYPE_CHECKING:
     import torch
+
+    from rlhf.rollouts.generation import Sequences
 
 PYTHON_PREFIX = "python:"
 ORACLE = "oracle"
@@ -94,7 +97,7 @@ def describe(sources: Sequence[RewardSource]) -> str:
     return " + ".join(f"{s.weight:g} x {s.text}" for s in sources)
 
 
-def load_function(source: RewardSource, *, key: str = "reward.name_or_path") -> Callable[..., Any]:
+def load_function(source: RewardSource, *, key: str = "reward.name_or_path") -> Callable[..., object]:
     """Import a `python:` source's module by its dotted name and return its function, or stop in one
     line: not importable, no such attribute, not callable."""
     try:
@@ -117,7 +120,7 @@ def oracle_rewards(prompts: list[str], responses: list[str]) -> list[float]:
     return [oracle_score(p, r) for p, r in zip(prompts, responses)]
 
 
-def checked_scores(source: RewardSource, values: Any, count: int) -> list[float]:
+def checked_scores(source: RewardSource, values: object, count: int) -> list[float]:
     """A function's return value as `count` finite floats, or a UserError naming the source and
     what it returned (a list or tuple of numbers; a 1-D tensor or array works as well)."""
     if hasattr(values, "tolist"):
@@ -162,7 +165,7 @@ class Reward:
         return bool(self.functions)
 
     def scores(self, prompts: list[str], responses: list[str], *, learned: torch.Tensor | None = None,
-               device: Any = None) -> RewardScores:
+               device: torch.device | str | None = None) -> RewardScores:
         """(B,) reward of each (prompt, response) text pair. `learned`: the reward model's raw (B,)
         scores, required when a component is learned, normalized here as (s - mean) / std when
         `normalize`. A function that raises or returns anything but B finite floats: a UserError
@@ -173,6 +176,7 @@ class Reward:
             raise ValueError("learned scores must be given exactly when a component is a reward model")
         parts: dict[str, torch.Tensor] = {}
         if learned is not None:
+            assert self.learned is not None  # checked above
             parts[self.learned.text] = learned
             device = learned.device
         for text, function in self.functions.items():
@@ -183,17 +187,18 @@ class Reward:
                 raise UserError(f"{text} raised {type(exc).__name__}: {first_line(exc)}") from None
             parts[text] = torch.tensor(checked_scores(source, values, len(responses)), dtype=torch.float32, device=device)
         scaled = dict(parts)
-        if learned is not None and self.normalize:
+        if learned is not None and self.learned is not None and self.normalize:
             scaled[self.learned.text] = (learned - self.mean) / self.std
-        dtype = torch.float32 if self.functions else learned.dtype
+        dtype = torch.float32 if self.functions or learned is None else learned.dtype  # no functions: a learned part
         total = None
         for source in self.sources:  # in the user's order
             weighted = source.weight * scaled[source.text].to(dtype)
             total = weighted if total is None else total + weighted
+        assert total is not None  # a reward has at least one source
         return RewardScores(total=total, parts=parts)
 
 
-def rollout_texts(seqs: Any, tokenizer: Any) -> tuple[list[str], list[str]]:
+def rollout_texts(seqs: Sequences, tokenizer: Tokenizer) -> tuple[list[str], list[str]]:
     """The prompts and responses of a rollout batch (`rlhf.rollouts.generation.Sequences`) as text, special
     tokens skipped: each prompt without its padding, each response up to its first EOS."""
     prompt_ids = seqs.input_ids[:, : seqs.prompt_width].tolist()

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from rlhf.protocols import CausalLM, Tokenizer
 from rlhf.rollouts.generation import Sampling, generate
 
 
@@ -32,7 +33,7 @@ class TurnEnds:
     the first token after which its decoded tokens contain a stop string. `ends[i]`: row i's token count
     when it ended that way, None when it ran on (to EOS, or to the call's max_new_tokens)."""
 
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...], *, eos_id: int, budgets: list[int] | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...], *, eos_id: int, budgets: list[int] | None = None) -> None:
         self.tokenizer, self.stops, self.eos_id, self.budgets = tokenizer, stops, eos_id, budgets
         self.rows: list[list[int]] = []
         self.ends: list[int | None] = []
@@ -62,7 +63,7 @@ class TurnEnds:
         return any(stop in text for stop in self.stops)
 
 
-def generate_turns(model: Any, prompts: list[list[int]], sampling: Sampling, *, tokenizer: Any, stops: tuple[str, ...],
+def generate_turns(model: CausalLM, prompts: list[list[int]], sampling: Sampling, *, tokenizer: Tokenizer, stops: tuple[str, ...],
                    budgets: list[int] | None = None) -> list[list[int]]:
     """`generate`'s continuations, each ending at its first stop string (the token that completes it
     kept), its EOS (kept), `budgets[i]` tokens or sampling.max_new_tokens, whichever comes first."""

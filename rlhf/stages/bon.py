@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from rlhf.algos.best_of_n import best_of_first, best_of_n_kl, curve_ns
 from rlhf.config import BestOfNConfig, BestOfNSamplingConfig, ModelConfig, to_dict
+from rlhf.data.formats import Prompt
 from rlhf.data.load import prompt_rows
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.sources import (
@@ -42,7 +42,8 @@ from rlhf.models.sources import (
 )
 from rlhf.models.stage_models import build_ensemble, build_reward
 from rlhf.models.tokenizer import tokenizer_fingerprint
-from rlhf.rollouts.generation import RewardEnsemble, Sampling, sample_rollout, sequence_scores
+from rlhf.protocols import PolicyModel, ScoringModel, Tokenizer, inner_model
+from rlhf.rollouts.generation import RewardEnsemble, Sampling, Sequences, sample_rollout, sequence_scores
 from rlhf.rollouts.rewards import Reward, describe, parse_sources, rollout_texts
 from rlhf.store.entry import DATASET_FILES, Entry, now_iso
 from rlhf.store.fileio import atomic_write_text
@@ -69,14 +70,14 @@ DATASET = DATASET_FILES["bon"]
 
 @dataclass
 class Models:
-    policy: Any
-    reward_model: Any | None
+    policy: PolicyModel
+    reward_model: ScoringModel | None
     """None when no source of the reward is a reward model."""
     reward: Reward
     ensemble: RewardEnsemble | None = None
     """reward_ensemble's reward models, scored beside reward_model."""
 
-    def learned_scores(self, seqs: Any) -> torch.Tensor | None:
+    def learned_scores(self, seqs: Sequences) -> torch.Tensor | None:
         """(B,) the reward model's scores, or with an ensemble mean - penalty x std of the members' normalized scores."""
         if self.reward_model is None:
             return None
@@ -92,7 +93,7 @@ class Data:
     """The reward model's, when a source of the reward is one."""
     members: tuple[ModelSource, ...]
     """reward_ensemble's reward models."""
-    tokenizer: Any
+    tokenizer: Tokenizer
     train_rows: list
     eval_rows: list
     shards: list[list]
@@ -173,10 +174,11 @@ def load_data(cfg: BestOfNConfig, run: Run) -> Data:
     return Data(source, reward_source, members, tokenizer, train_rows, eval_rows, shards)
 
 
-def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
+def load_prompts(cfg: BestOfNConfig, tokenizer: Tokenizer) -> tuple[list, list]:
     """(training rows, held-out rows): each a (Prompt, ids) pair, capped at data.max_prompts / eval.max_rows."""
     data = cfg.data
-    train_rows, eval_rows = [], []
+    train_rows: list[tuple[Prompt, list[int]]] = []
+    eval_rows: list[tuple[Prompt, list[int]]] = []
     if data.train is not None:
         train_rows, _ = prompt_rows(data.train, split="train", tokenizer=tokenizer, data=data, key="data.train")
         train_rows = train_rows[: data.max_prompts or None]
@@ -189,13 +191,14 @@ def load_prompts(cfg: BestOfNConfig, tokenizer: Any) -> tuple[list, list]:
 def build_models(cfg: BestOfNConfig, data: Data, dist: Dist) -> Models:
     source, reward_source, members, tokenizer = data.source, data.reward_source, data.members, data.tokenizer
     engine = cfg.engine
-    policy = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.sampling.seed, dtype=PRECISION_DTYPES[engine.precision],
-                            partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
-    disable_dropout(policy)
-    policy = build_frozen(policy, engine=engine, offload=False, dist=dist)
+    model = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.sampling.seed, dtype=PRECISION_DTYPES[engine.precision],
+                           partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
+    disable_dropout(model)
+    policy = build_frozen(model, engine=engine, offload=False, dist=dist)
     reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, seed=cfg.sampling.seed, dist=dist)
     if not members:
         return Models(policy, reward_model, combined_reward(cfg, reward_source))
+    assert reward_source is not None  # ensemble members come with a reward model
     ensemble = build_ensemble(cfg, reward_source, members, tokenizer, seed=cfg.sampling.seed, dist=dist)
     # The members' scores arrive normalized and combined: the reward adds them to other sources as they are.
     return Models(policy, reward_model, Reward(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)), ensemble)
@@ -218,7 +221,7 @@ def sample_candidates(ctx: BestOfNContext, rows: list) -> Candidates:
     n, prompts, responses, rewards, has_eos = cfg.sampling.n, [], [], [], []
     for start in range(0, len(rows), cfg.sampling.batch_size):
         batch = rows[start : start + cfg.sampling.batch_size]
-        seqs = sample_rollout(getattr(models.policy, "module", models.policy), [ids for _, ids in batch for _ in range(n)], sampling)
+        seqs = sample_rollout(inner_model(models.policy), [ids for _, ids in batch for _ in range(n)], sampling)
         prompt_texts, response_texts = rollout_texts(seqs, tokenizer)
         learned = models.learned_scores(seqs)
         scores = models.reward.scores(prompt_texts, response_texts, learned=learned, device=sampling.device).total

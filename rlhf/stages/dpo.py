@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -33,9 +32,11 @@ from rlhf.config import REFERENCE_FREE_LOSSES, DPOConfig, loss_beta
 from rlhf.data.load import stage_datasets
 from rlhf.data.packing import check_packing_supported
 from rlhf.data.sampler import ShuffledBatches
+from rlhf.data.tokenize import TruncationStats
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.sources import ModelSource, causal_lm_and_tokenizer, reference_source
 from rlhf.models.stage_models import build_reference
+from rlhf.protocols import CausalLM, Tokenizer, TrainEngine, inner_model
 from rlhf.rollouts.generation import Sampling, policy_logprobs, reference_logprobs, sample_rollout
 from rlhf.stages.dpo_batches import SUMS, Reference, add_stats, batch_loss, make_batch, precompute_reference, summarize
 from rlhf.store.runs import Run, stage_entrypoint
@@ -62,12 +63,12 @@ class Data:
     source: ModelSource
     reference_source: ModelSource | None
     """The frozen reference's model; None = the policy without its adapters, or no reference."""
-    tokenizer: Any
+    tokenizer: Tokenizer
     train_set: list
     """PairExample rows, or UnpairedExample rows for kto."""
-    train_stats: Any
+    train_stats: TruncationStats
     eval_set: list
-    eval_stats: Any
+    eval_stats: TruncationStats | None
     batches: ShuffledBatches
     eval_prompts: list[list[int]]
     """Held-out prompts whose sampled answers give the KL to the reference."""
@@ -79,7 +80,7 @@ class Data:
 class DPOContext:
     """What every step and evaluation of a run reads, built once in main (after the reference's log-probs)."""
 
-    engine: Any
+    engine: TrainEngine[CausalLM]
     reference: Reference
     data: Data
     cfg: DPOConfig
@@ -105,7 +106,7 @@ def main(run: Run) -> None:
                                                                                           data.tokenizer, dist=dist),
                           adapters_off=needs_reference(cfg) and data.reference_source is None)
     if cfg.data.packing and reference.model is not None:
-        check_packing_supported(getattr(reference.model, "module", reference.model).config)
+        check_packing_supported(inner_model(reference.model).config)
     sampling = Sampling(pad_id=data.tokenizer.pad_token_id, eos_id=data.tokenizer.eos_token_id,
                         max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                         zero3_engine=engine if cfg.engine.zero_stage == 3 else None, device=dist.device)
@@ -169,7 +170,7 @@ def load_data(cfg: DPOConfig, run: Run, dist: Dist) -> Data:
     return Data(source, ref_source, tokenizer, train_set, train_stats, eval_set, eval_stats, batches, eval_prompts, oracle_texts)
 
 
-def build_policy(cfg: DPOConfig, data: Data) -> Any:
+def build_policy(cfg: DPOConfig, data: Data) -> TrainEngine[CausalLM]:
     """The policy to train (LoRA when configured), as a DeepSpeed engine, dropout off."""
     zero3 = cfg.engine.zero_stage == 3
     model = load_causal_lm(

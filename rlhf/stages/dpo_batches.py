@@ -5,16 +5,19 @@ reference's log-probs (live, the policy without adapters, or precomputed once). 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from rlhf.algos.preference import dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
+from rlhf.algos.preference import KTOStats, ORPOStats, PairStats, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhf.config import REFERENCE_FREE_LOSSES, DPOConfig, loss_beta
+from rlhf.protocols import CausalLM, PolicyModel, Tokenizer, TrainEngine
 from rlhf.stages.dpo_scoring import Scored, lay_out, packing_capacity, reference_sums, sequence_logps
 from rlhf.training.engine import Dist
 from rlhf.training.evaluation import even_shard
 from rlhf.training.rank_sums import RankSums
+
+LossStats = PairStats | ORPOStats | KTOStats
+"""A batch's per-example stats, of the configured loss."""
 
 # Sums over a batch's examples (and ranks); every name is declared on every rank (RankSums).
 # chosen/rejected count the examples each side's means divide by: pairs twice, or KTO's
@@ -29,7 +32,7 @@ class Reference:
     (`adapters_off`), or neither (simpo/orpo without eval.kl). `train_logps`, `eval_logps`: (N, 2)
     float32 per row, precomputed: (chosen, rejected) of a pair, or (completion, KL partner) of a KTO row."""
 
-    model: Any | None
+    model: PolicyModel | None
     adapters_off: bool
     train_logps: torch.Tensor | None = None
     eval_logps: torch.Tensor | None = None
@@ -61,7 +64,7 @@ def kl_partner(i: int, n: int) -> int:
     return (i + n // 2) % n
 
 
-def make_batch(rows: list, indices: list[int], cfg: DPOConfig, tokenizer: Any, dist: Dist, precomputed: torch.Tensor | None) -> Batch:
+def make_batch(rows: list, indices: list[int], cfg: DPOConfig, tokenizer: Tokenizer, dist: Dist, precomputed: torch.Tensor | None) -> Batch:
     """The sequences of rows[indices] on this rank's device, laid out as `Batch` says."""
     def lay(prompts: list[list[int]], responses: list[list[int]]) -> Scored:
         return lay_out(prompts, responses, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
@@ -93,7 +96,8 @@ def gathered(x: torch.Tensor, dist: Dist) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def batch_loss(engine: Any, reference: Reference, batch: Batch, cfg: DPOConfig, dist: Dist) -> tuple[torch.Tensor, Any]:
+def batch_loss(engine: TrainEngine[CausalLM], reference: Reference, batch: Batch, cfg: DPOConfig,
+               dist: Dist) -> tuple[torch.Tensor, LossStats]:
     """The configured loss of one batch and its per-example stats. KTO's z0 is estimated over every
     rank's KL rows (gathered), so it is one number per micro-step, as with one large batch."""
     dpo, beta = cfg.dpo, loss_beta(cfg.dpo)
@@ -103,6 +107,8 @@ def batch_loss(engine: Any, reference: Reference, batch: Batch, cfg: DPOConfig, 
     logps = sequence_logps(engine, batch.seqs)
     lengths = batch.seqs.response_lengths
     if dpo.loss == "kto":
+        # make_batch gives KTO rows their KL sequences and labels; kto has a reference and a beta.
+        assert batch.kl_seqs is not None and batch.desirable is not None and ref is not None and beta is not None
         with torch.no_grad():  # z0 is not backpropagated through (KTO paper, section 4)
             kl_logps = sequence_logps(engine, batch.kl_seqs)
             if kl_ref is None:
@@ -113,19 +119,23 @@ def batch_loss(engine: Any, reference: Reference, batch: Batch, cfg: DPOConfig, 
     b = logps.shape[0] // 2  # chosen rows first, then rejected
     sides = {"chosen_logps": logps[:b], "rejected_logps": logps[b:]}
     lengths_of = {"chosen_lengths": lengths[:b], "rejected_lengths": lengths[b:]}
+    # Every loss but orpo has a beta (DEFAULT_BETAS); dpo and ipo have reference log-probs (above).
     if dpo.loss == "dpo":
+        assert ref is not None and beta is not None
         return dpo_loss(**sides, chosen_ref_logps=ref[:b], rejected_ref_logps=ref[b:], beta=beta, label_smoothing=dpo.label_smoothing)
     if dpo.loss == "ipo":
+        assert ref is not None and beta is not None
         return ipo_loss(**sides, chosen_ref_logps=ref[:b], rejected_ref_logps=ref[b:], **lengths_of, beta=beta)
     if dpo.loss == "simpo":
+        assert beta is not None
         return simpo_loss(**sides, **lengths_of, beta=beta, gamma=dpo.simpo_gamma)
     return orpo_loss(**sides, **lengths_of, lam=dpo.orpo_lambda)
 
 
-def add_stats(sums: RankSums, stats: Any, *, keep: torch.Tensor | None = None) -> None:
+def add_stats(sums: RankSums, stats: LossStats, *, keep: torch.Tensor | None = None) -> None:
     """Add one batch's per-example stats (those of `keep`, default all) to the named sums."""
     keep = torch.ones_like(stats.losses, dtype=torch.bool) if keep is None else keep
-    if hasattr(stats, "desirable"):  # KTO: chosen = desirable rows, rejected = undesirable rows
+    if isinstance(stats, KTOStats):  # KTO: chosen = desirable rows, rejected = undesirable rows
         good, bad = stats.desirable & keep, ~stats.desirable & keep
         sums.add(loss=stats.losses[keep].double(), examples=keep, chosen=good, rejected=bad,
                  chosen_reward=stats.rewards[good].double(), rejected_reward=stats.rewards[bad].double(),
@@ -136,7 +146,7 @@ def add_stats(sums: RankSums, stats: Any, *, keep: torch.Tensor | None = None) -
              margin=stats.margin[keep].double(), chosen=keep, rejected=keep,
              chosen_reward=stats.chosen_rewards[keep].double(), rejected_reward=stats.rejected_rewards[keep].double(),
              chosen_logp=stats.chosen_logps[keep].double(), rejected_logp=stats.rejected_logps[keep].double(), batches=1.0)
-    if hasattr(stats, "sft_losses"):
+    if isinstance(stats, ORPOStats):
         sums.add(sft_loss=stats.sft_losses[keep].double(), odds_ratio_loss=stats.odds_ratio_losses[keep].double())
 
 
@@ -158,7 +168,8 @@ def summarize(total: dict[str, float], loss: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def precompute_reference(engine: Any, reference: Reference, rows: list, cfg: DPOConfig, tokenizer: Any, dist: Dist) -> torch.Tensor | None:
+def precompute_reference(engine: TrainEngine[CausalLM], reference: Reference, rows: list, cfg: DPOConfig, tokenizer: Tokenizer,
+                         dist: Dist) -> torch.Tensor | None:
     """(N, 2) float32 on the CPU: the reference's summed log-probs of every row (chosen and
     rejected, or completion and KL partner). Each rank scores its share; one all-gather joins them."""
     if not rows:

@@ -9,13 +9,14 @@ and the response lengths are the same either way, so every loss of the family is
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
 import torch
 
 from rlhf.algos.ppo import logprobs_from_logits
 from rlhf.config import DPODataConfig
 from rlhf.data.packing import PackedResponses, collate_packed_responses, packed_forward_inputs
+from rlhf.protocols import AdapterLM, PolicyModel, inner_model
 from rlhf.rollouts.generation import Sequences, pack_sequences, policy_logprobs, reference_logprobs
 
 Scored = Sequences | PackedResponses
@@ -34,10 +35,10 @@ def lay_out(prompts: list[list[int]], responses: list[list[int]], *, pad_id: int
     return collate_packed_responses(prompts, responses, pad_id=pad_id, capacity=capacity).to(device)
 
 
-def packed_logps(model: Any, packed: PackedResponses) -> torch.Tensor:
+def packed_logps(model: PolicyModel, packed: PackedResponses) -> torch.Tensor:
     """(N,) each response's summed log-probs (temperature 1) under `model` (a causal LM, its engine, or a
     peft model), from one forward over the packed rows. Differentiable."""
-    config = getattr(model, "module", model).config
+    config = inner_model(model).config
     input_ids, inputs = packed_forward_inputs(config, packed.input_ids, packed.position_ids, dtype=next(model.parameters()).dtype)
     # No cache: transformers reads packed rows from the position ids only when there is none.
     logits = model(input_ids=input_ids, use_cache=False, **inputs).logits
@@ -47,7 +48,7 @@ def packed_logps(model: Any, packed: PackedResponses) -> torch.Tensor:
     return logp.new_zeros(packed.response_lengths.shape[0]).index_add(0, packed.owners, logp)
 
 
-def sequence_logps(model: Any, seqs: Scored) -> torch.Tensor:
+def sequence_logps(model: PolicyModel, seqs: Scored) -> torch.Tensor:
     """(B,) each response's log-prob summed over its tokens under `model`."""
     if isinstance(seqs, PackedResponses):
         return packed_logps(model, seqs)
@@ -55,7 +56,7 @@ def sequence_logps(model: Any, seqs: Scored) -> torch.Tensor:
     return logp.sum(dim=1)
 
 
-def reference_sums(reference: Any | None, actor: Any, seqs: Scored) -> torch.Tensor:
+def reference_sums(reference: PolicyModel | None, actor: PolicyModel, seqs: Scored) -> torch.Tensor:
     """(B,) the summed response log-probs under the frozen `reference`, or, when it is None, under `actor`
     (a peft model or its engine) with its LoRA adapters off. No gradient."""
     if isinstance(seqs, Sequences):
@@ -63,5 +64,5 @@ def reference_sums(reference: Any | None, actor: Any, seqs: Scored) -> torch.Ten
     with torch.no_grad():
         if reference is not None:
             return packed_logps(reference, seqs)
-        with getattr(actor, "module", actor).disable_adapter():
+        with cast(AdapterLM, inner_model(actor)).disable_adapter():  # no reference: the actor has adapters
             return packed_logps(actor, seqs)

@@ -171,7 +171,8 @@ def publish(ctx: LabelContext, earlier: list[dict], shards: int, seconds: float)
     final.mkdir(exist_ok=True)
     rows = [json.loads(line) for index in range(shards) for line in keeper.shard_path(index).read_text().splitlines() if line]
     atomic_write_text(final / DATASET_FILES["prefs"], "".join(json.dumps(row) + "\n" for row in earlier + rows))
-    holders = [run.registry.entry_holding(p) for p in (ctx.samples, *([cfg.data.include] if cfg.data.include else []))]
+    read: list[str | Path] = [ctx.samples, *([cfg.data.include] if cfg.data.include else [])]
+    holders = [run.registry.entry_holding(p) for p in read]
     metrics = {**pair_counts(rows), "prompts": float(len(rows)), "ranked_lists": float(len(earlier) + len(rows)),
                "wall_time_s": round(seconds, 1)}
     entry = run.publish(Entry(

@@ -86,10 +86,11 @@ def main(run: Run) -> None:
     keeper.close()
 
 
-def publish(ctx: PPOContext, state: PPOState, metrics: dict[str, float], final_eval: dict[str, float]) -> None:
+def publish(ctx: PPOContext, state: PPOState, metrics: dict[str, float | None], final_eval: dict[str, float]) -> None:
     """The critic's (when there is one) and the actor's save_pretrained folders and registry entries."""
     models, data, cfg, keeper = ctx.models, ctx.data, ctx.cfg, ctx.keeper
     if models.critic is not None:
+        assert data.sources.critic is not None  # the critic's source
         keeper.publish_model(models.critic, source=data.sources.critic, model_cfg=cfg.critic, tokenizer=data.tokenizer,
                              companion="critic",
                              metrics={k: metrics[k] for k in ("value_loss", "explained_variance") if k in metrics})
@@ -109,7 +110,7 @@ def publish(ctx: PPOContext, state: PPOState, metrics: dict[str, float], final_e
 
 def describe(ctx: PPOContext) -> str:
     cfg, data, models = ctx.cfg, ctx.data, ctx.models
-    reference = "the actor without its LoRA adapters" if models.reference is None else data.sources.reference.location
+    reference = "the actor without its LoRA adapters" if data.sources.reference is None else data.sources.reference.location
     ppo, k = cfg.ppo, cfg.rollout.samples_per_prompt
     estimator = (f"{ppo.estimator}: critic-free, 3 models (actor, reference, reward); critic and critic_optim settings unused"
                  if models.critic is None else f"{ppo.estimator}: 4 models (actor, critic, reference, reward)")
@@ -147,17 +148,19 @@ def reward_model_note(ctx: PPOContext) -> str:
     members = len(cfg.reward_ensemble.name_or_path)
     return f" (its reward model with {members} more: mean - {cfg.reward_ensemble.penalty:g} x std)" if members else ""
 
-def train(ctx: PPOContext, state: PPOState) -> dict[str, float]:
+def train(ctx: PPOContext, state: PPOState) -> dict[str, float | None]:
     """PPO steps up to train.max_steps; returns the last step's metrics (none when resumed at the end)."""
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     while state.step < ctx.cfg.train.max_steps:
         metrics = ppo_step(ctx, state)
-        ctx.keeper.finish_step(state, loss=metrics["policy_loss"], metrics=metrics if ctx.keeper.should_log(state.step) else None,
+        loss = metrics["policy_loss"]
+        assert loss is not None  # measured at every step; grad_norm is the metric that may be None
+        ctx.keeper.finish_step(state, loss=loss, metrics=metrics if ctx.keeper.should_log(state.step) else None,
                                evaluate=lambda: evaluate(ctx))
     return metrics
 
 
-def ppo_step(ctx: PPOContext, state: PPOState) -> dict[str, float]:
+def ppo_step(ctx: PPOContext, state: PPOState) -> dict[str, float | None]:
     """Steps 5-8 once: advances `state` (step, beta, extra_rounds) and returns the step's metrics."""
     models, cfg, dist = ctx.models, ctx.cfg, ctx.dist
     # 5. Rollout: sample with the KV cache, then score with all four models (in eval mode: the
@@ -175,6 +178,7 @@ def ppo_step(ctx: PPOContext, state: PPOState) -> dict[str, float]:
     mismatch = sampler_mismatch(ctx, rollout, sampled)
     stop_if_mismatched(ctx.keeper, state, cfg, mismatch)
     if cfg.ppo.tis_cap is not None:
+        assert sampled is not None  # ppo.tis_cap keeps generation's log-probs (checks_mismatch)
         rollout.tis_weights = truncated_is_weights(scored.logprobs, sampled.logprobs, seqs.response_mask, cap=cfg.ppo.tis_cap)
     scored_at = time.time()
 
@@ -218,6 +222,7 @@ def rollout_metrics(rollout: Rollout, dist: Dist, *, beta: float) -> dict[str, f
              score_sq=rollout.score.double().pow(2), entropy=scored.entropy * mask, tokens=mask,
              length=seqs.response_lengths, no_eos=~seqs.has_eos, responses=float(len(seqs.response_lengths)), **parts)
     if scored.values is not None:
+        assert rollout.returns is not None  # gae's, with the critic
         sums.add(explained_variance=explained_variance(scored.values, rollout.returns, mask))
     total = sums.over_ranks()
     n, mean_score = total["responses"], total["score"] / total["responses"]
@@ -252,13 +257,14 @@ def reward_part_metrics(scored: ScoredRollout) -> dict[str, torch.Tensor]:
     return parts if scored.ensemble_std is None else {**parts, "reward_ensemble_std": scored.ensemble_std.double()}
 
 
-def adapt_beta(ctx: PPOContext, state: PPOState, metrics: dict[str, float], *, responses: int) -> None:
+def adapt_beta(ctx: PPOContext, state: PPOState, metrics: dict[str, float | None], *, responses: int) -> None:
     """Move beta toward ppo.kl_target (when set), and warn once the mean KL stays negative."""
-    ppo = ctx.cfg.ppo
+    ppo, kl_penalty, kl = ctx.cfg.ppo, metrics["kl_penalty"], metrics["kl"]
+    assert kl_penalty is not None and kl is not None  # measured at every step
     if ppo.kl_target is not None:
-        state.beta = adaptive_beta(state.beta, metrics["kl_penalty"], target=ppo.kl_target, horizon=ppo.kl_horizon,
+        state.beta = adaptive_beta(state.beta, kl_penalty, target=ppo.kl_target, horizon=ppo.kl_horizon,
                                    n_steps=responses)
-    state.negative_kl_steps = state.negative_kl_steps + 1 if metrics["kl"] < 0 else 0
+    state.negative_kl_steps = state.negative_kl_steps + 1 if kl < 0 else 0
     if state.negative_kl_steps == NEGATIVE_KL_STEPS:
         ctx.keeper.print(
             f"[yellow]warning[/]: the mean KL to the reference has been negative for {NEGATIVE_KL_STEPS} steps: "

@@ -8,15 +8,16 @@ everything that moves from step to step lives in `PPOState`, which the checkpoin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from rlhf.config import PPOConfig
 from rlhf.data.load import ptx_data_config, sft_examples, stage_datasets
 from rlhf.data.sampler import ShuffledBatches
+from rlhf.data.tokenize import SFTExample, TruncationStats
 from rlhf.models.sources import ModelSource, PPOSources, causal_lm_and_tokenizer, ppo_sources, reward_stats
 from rlhf.models.stage_models import PPOModels
+from rlhf.protocols import Tokenizer
 from rlhf.rollouts.generation import Sampling
 from rlhf.rollouts.multiturn import load_env_class
 from rlhf.rollouts.rewards import Reward, learned_source, parse_source, parse_sources
@@ -39,13 +40,13 @@ class PPOState(LoopState):
 
 @dataclass
 class Data:
-    tokenizer: Any
+    tokenizer: Tokenizer
     actor_source: ModelSource
     sources: PPOSources
     reward: Reward
     """The reward's components (reward.name_or_path), with the reward model's statistics when it normalizes."""
     train_prompts: list
-    prompt_stats: Any
+    prompt_stats: TruncationStats
     eval_prompts: list
     eval_texts: list[str]
     """On the embedded default, the held-out prompts as text: the oracle grades their answers."""
@@ -86,8 +87,10 @@ def load_data(cfg: PPOConfig, run: Run, dist: Dist) -> Data:
     reward = ppo_reward(cfg, sources)
     train_prompts, prompt_stats, eval_prompts, _ = stage_datasets("ppo", cfg, tokenizer, world_size=dist.world_size)
     batches = ShuffledBatches(len(train_prompts), batch_size=prompts_per_rank(cfg), world_size=dist.world_size, seed=cfg.train.seed)
-    ptx_set, ptx_batches = [], None
+    ptx_set: list[SFTExample] = []
+    ptx_batches: ShuffledBatches | None = None
     if cfg.ppo.ptx_coef > 0:
+        assert cfg.data.ptx is not None  # PPOConfig requires it with ppo.ptx_coef > 0
         ptx_set, _ = sft_examples(cfg.data.ptx, split="train", tokenizer=tokenizer, data=ptx_data_config(cfg.data), key="data.ptx")
         ptx_batches = ShuffledBatches(len(ptx_set), batch_size=cfg.engine.micro_batch_size, world_size=dist.world_size,
                                       seed=cfg.train.seed)
@@ -110,6 +113,7 @@ def ppo_reward(cfg: PPOConfig, sources: PPOSources) -> Reward:
     components = parse_sources(cfg.reward.name_or_path, cfg.reward.weights)
     if learned_source(components) is None or not cfg.ppo.normalize_score or sources.ensemble:
         return Reward(components)
+    assert sources.reward is not None  # the learned component's model
     return Reward(components, **reward_stats(sources.reward), normalize=True)
 
 

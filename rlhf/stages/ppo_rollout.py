@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 import torch
 
@@ -20,6 +20,7 @@ from rlhf.algos.ppo import gae, masked_moments, masked_whiten, penalized_rewards
 from rlhf.algos.reasoning import mismatch_kl, overlong_penalty
 from rlhf.config import GROUP_ESTIMATORS, PPOConfig, checks_mismatch, kl_estimator_of
 from rlhf.errors import UserError
+from rlhf.protocols import ScoringModel
 from rlhf.rollouts.dynamic_sampling import Drawn, choice_of, dynamic_metrics, join_chosen
 from rlhf.rollouts.generation import SampledLogprobs, ScoredRollout, Sequences, sample_rollout_with_logprobs, score_rollout
 from rlhf.rollouts.multiturn import Episodes, any_rank, sample_episodes
@@ -118,7 +119,7 @@ def sample(ctx: PPOContext, prompts: list[list[int]], *, keep_logprobs: bool) ->
     return episodes.seqs, None, episodes
 
 
-def score(ctx: PPOContext, seqs: Sequences, *, critic: Any, sampled: SampledLogprobs | None = None,
+def score(ctx: PPOContext, seqs: Sequences, *, critic: ScoringModel | None, sampled: SampledLogprobs | None = None,
           episodes: Episodes | None = None) -> ScoredRollout:
     """Log-probs of actor (generation's own when `sampled`) and reference, values (none without
     `critic`), and the reward: its components (reward-model scores, functions of the decoded texts;
@@ -141,6 +142,7 @@ def score(ctx: PPOContext, seqs: Sequences, *, critic: Any, sampled: SampledLogp
         failure = first_failure(failure, ctx.dist)
     if failure is not None:
         raise RewardFailed(failure)
+    assert reward is not None  # set unless the failure above raised
     return dataclasses.replace(scored, scores=reward.total, reward_parts=reward.parts)
 
 
@@ -161,9 +163,10 @@ def first_failure(message: str | None, dist: Dist) -> str | None:
     return next((m for m in messages if m is not None), None)
 
 
-def shaped(scores: torch.Tensor, seqs: Sequences, cfg: PPOConfig) -> torch.Tensor:
+def shaped(scores: torch.Tensor | None, seqs: Sequences, cfg: PPOConfig) -> torch.Tensor:
     """The combined reward (`score`'s, the reward model's part already normalized) as PPO's: clipped,
     a fixed score without EOS, plus DAPO's overlong penalty (reward.overlong_buffer)."""
+    assert scores is not None  # score() always sets the reward
     ppo, reward = cfg.ppo, cfg.reward
     shaped_scores = shape_scores(scores, seqs.has_eos, normalize=False, clip=ppo.score_clip, no_eos_score=ppo.no_eos_score)
     if reward.overlong_buffer is None:
@@ -215,6 +218,7 @@ def advantages_of(ctx: PPOContext, seqs: Sequences, scored: ScoredRollout, *, be
         return Rollout(seqs, scored, score_now, penalized_kl, advantages, None, episodes=episodes)
     returns = None
     if ppo.estimator == "gae":
+        assert scored.values is not None  # gae trains a critic
         advantages, returns = gae(rewards, scored.values, mask, gamma=ppo.gamma, lam=ppo.lam)
     else:
         advantages = returns_to_go(rewards, mask, gamma=ppo.gamma)
@@ -231,7 +235,14 @@ def group_relative(rewards: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
     return group_advantages(rewards, group_size=k, scale_by_std=cfg.ppo.scale_by_group_std)
 
 
-def global_moments(x: torch.Tensor, mask: torch.Tensor, dist: Dist) -> dict[str, float]:
+class Moments(TypedDict):
+    """masked_whiten's mean and var keywords."""
+
+    mean: float
+    var: float
+
+
+def global_moments(x: torch.Tensor, mask: torch.Tensor, dist: Dist) -> Moments:
     """Mean and variance of `x` over the valid tokens of every rank's rollouts."""
     mean, var = masked_moments(x, mask, all_reduce=torch.distributed.all_reduce)
     return {"mean": mean, "var": var}

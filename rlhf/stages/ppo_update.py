@@ -51,6 +51,7 @@ def update_on(ctx: PPOContext, state: PPOState, rollout: Rollout) -> dict[str, f
                                                     packed=packed)
             vf_loss = None
             if critic is not None:
+                assert rollout.scored.values is not None and rollout.returns is not None  # gae's, with the critic
                 values = rollout_values(critic, batch, packed)
                 vf_loss, vf_stats = value_loss(values, rollout.scored.values[rows], rollout.returns[rows], mask,
                                                clip=ppo.value_clip_range)
@@ -58,7 +59,7 @@ def update_on(ctx: PPOContext, state: PPOState, rollout: Rollout) -> dict[str, f
             stop_if_nonfinite(ctx, state, "the policy or value loss", actor_loss.detach(), None if vf_loss is None else vf_loss.detach())
             actor.backward(actor_loss)
             actor.step()
-            if critic is not None:
+            if critic is not None and vf_loss is not None:  # vf_loss is set exactly when there is a critic
                 critic.backward(vf_loss)
                 critic.step()
             updates += 1
@@ -121,6 +122,7 @@ def ptx_loss(ctx: PPOContext, *, micro_step: int) -> torch.Tensor:
     """PPO-ptx: the LM loss on a batch of pretraining (SFT-format) data, mixed into the actor's loss (with
     data.packing, its rows packed as `rlhf sft` packs them: the same mean over the batch's targets)."""
     data, dist = ctx.data, ctx.dist
+    assert data.ptx_batches is not None  # made when ppo.ptx_coef > 0
     rows = data.ptx_batches.global_batch(micro_step)[dist.rank]
     capacity = packing_capacity(ctx.cfg)
     if capacity is not None:

@@ -32,8 +32,10 @@ from rlhf.data.collate import collate_rm
 from rlhf.data.load import rm_examples, stage_datasets
 from rlhf.data.packing import check_packing_supported, collate_packed_rm, packed_forward_inputs
 from rlhf.data.sampler import ShuffledBatches
-from rlhf.models.loading import load_scalar_model
+from rlhf.data.tokenize import RMExample, TruncationStats
+from rlhf.models.loading import ScalarModel, load_scalar_model
 from rlhf.models.sources import REWARD_STATS_FILE, ModelSource, causal_lm_and_tokenizer
+from rlhf.protocols import Tokenizer, TrainEngine
 from rlhf.store.runs import Run, stage_entrypoint
 from rlhf.toy import TOY
 from rlhf.training.engine import (
@@ -57,11 +59,11 @@ HEADLINE = ("loss", "accuracy", "eval/accuracy", "eval/oracle_agreement", "lr")
 @dataclass
 class Data:
     source: ModelSource
-    tokenizer: Any
+    tokenizer: Tokenizer
     train_set: list
-    train_stats: Any
+    train_stats: TruncationStats
     eval_set: list
-    eval_stats: Any
+    eval_stats: TruncationStats | None
     batches: ShuffledBatches
     oracle_set: list
     """On the embedded default, pairs of held-out prompts drawn apart from every data file: the
@@ -72,7 +74,7 @@ class Data:
 class RMContext:
     """One RM run's fixed parts, built once before the first step: what the step functions share."""
 
-    engine: Any
+    engine: TrainEngine[ScalarModel]
     """The reward model's DeepSpeed engine (backbone and scalar head)."""
     data: Data
     cfg: RMConfig
@@ -122,7 +124,7 @@ def publish(ctx: RMContext, state: LoopState, train_loss: float | None) -> None:
     final_eval = evaluate(ctx)
     stats_rows = data.train_set[: cfg.eval.reward_stats_rows] if cfg.eval.reward_stats_rows else data.train_set
     on_train = preference_eval(engine, stats_rows, batch_size=cfg.eval.batch_size, pad_id=data.tokenizer.pad_token_id, dist=ctx.dist)
-    reward_stats = {
+    reward_stats: dict[str, Any] = {  # a JSON record: measured floats and what they mean
         "mean": on_train["reward_mean"],
         "std": on_train["reward_std"],
         "measured_on": f"the responses of {len(stats_rows)} training rows",
@@ -150,7 +152,7 @@ def publish(ctx: RMContext, state: LoopState, train_loss: float | None) -> None:
 def load_data(cfg: RMConfig, run: Run, dist: Dist) -> Data:
     source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
     train_set, train_stats, eval_set, eval_stats = stage_datasets("rm", cfg, tokenizer, world_size=dist.world_size)
-    oracle_set = []
+    oracle_set: list[RMExample] = []
     if TOY in (cfg.data.train, cfg.data.eval):  # the embedded default's task, also when trained on labeled samples of it
         fresh = dataclasses.replace(cfg.data, toy=dataclasses.replace(cfg.data.toy, eval_size=ORACLE_PAIRS))
         oracle_set, _ = rm_examples(TOY, split="eval", tokenizer=tokenizer, data=fresh, key="data.toy", toy_kind="fresh_comparisons")
@@ -158,7 +160,7 @@ def load_data(cfg: RMConfig, run: Run, dist: Dist) -> Data:
     return Data(source, tokenizer, train_set, train_stats, eval_set, eval_stats, batches, oracle_set)
 
 
-def build_model(cfg: RMConfig, data: Data) -> Any:
+def build_model(cfg: RMConfig, data: Data) -> TrainEngine[ScalarModel]:
     """The backbone with a new scalar head, as a DeepSpeed engine (partitioned as built under ZeRO-3)."""
     zero3 = cfg.engine.zero_stage == 3
     model = load_scalar_model(
@@ -233,7 +235,7 @@ def train_step(ctx: RMContext, *, step: int) -> tuple[dict[str, float], int]:
     return sums.over_ranks(), sequences
 
 
-def micro_batch_rewards(model: Any, groups: list, *, pad_id: int, packing_tokens: int | None,
+def micro_batch_rewards(model: ScalarModel | TrainEngine[ScalarModel], groups: list[RMExample], *, pad_id: int, packing_tokens: int | None,
                         device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The batch (its pairs) and (N,) the reward of each of its N sequences, read at its last token.
 
@@ -245,7 +247,7 @@ def micro_batch_rewards(model: Any, groups: list, *, pad_id: int, packing_tokens
         batch = {k: v.to(device) for k, v in collate_rm(groups, pad_id=pad_id).items()}
         return batch, sequence_rewards(model(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
     batch = {k: v.to(device) for k, v in collate_packed_rm(groups, pad_id=pad_id, capacity=packing_tokens).items()}
-    scalar = model.module if hasattr(model, "module") else model
+    scalar = model if isinstance(model, ScalarModel) else model.module  # the engine's module
     input_ids, inputs = packed_forward_inputs(scalar.hf_model.config, batch["input_ids"], batch["position_ids"],
                                               dtype=next(model.parameters()).dtype)
     scores = model(input_ids, inputs.get("attention_mask"), position_ids=inputs["position_ids"])  # (R, P), or (1, R * P)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -32,6 +31,7 @@ from rlhf.feedback.labelers import SAMPLES_MANIFEST as MANIFEST
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.sources import ModelSource, base_model_identity, causal_lm_and_tokenizer
 from rlhf.models.tokenizer import tokenizer_fingerprint
+from rlhf.protocols import PolicyModel, Tokenizer, inner_model
 from rlhf.rollouts.generation import Sampling, sample_rollout_with_logprobs
 from rlhf.store.entry import DATASET_FILES, Entry, now_iso
 from rlhf.store.fileio import atomic_write_text
@@ -55,11 +55,11 @@ DATASET = DATASET_FILES["samples"]
 class SampleContext:
     """One sample run's fixed parts, built once before the first shard: what the functions share."""
 
-    policy: Any
+    policy: PolicyModel
     """The frozen policy engine (dropout off)."""
     source: ModelSource
     """Where the policy came from: the entry's parent."""
-    tokenizer: Any
+    tokenizer: Tokenizer
     cfg: SampleConfig
     sampling: Sampling
     dist: Dist
@@ -95,7 +95,7 @@ def main(run: Run) -> None:
     keeper.close()
 
 
-def build_policy(cfg: SampleConfig, source: ModelSource, tokenizer: Any, dist: Dist) -> Any:
+def build_policy(cfg: SampleConfig, source: ModelSource, tokenizer: Tokenizer, dist: Dist) -> PolicyModel:
     engine = cfg.engine
     policy = load_causal_lm(source, cfg.model, tokenizer, seed=cfg.sampling.seed, dtype=PRECISION_DTYPES[engine.precision],
                             partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
@@ -127,10 +127,11 @@ def sample_rows(ctx: SampleContext, rows: list) -> list[dict]:
     """Each (Prompt, ids) row sampled k times: the prompt and its K responses with ids, log-probs and text."""
     cfg, sampling, tokenizer = ctx.cfg, ctx.sampling, ctx.tokenizer
     k, out = cfg.sampling.k, []
-    model = getattr(ctx.policy, "module", ctx.policy)
+    model = inner_model(ctx.policy)
     for start in range(0, len(rows), cfg.sampling.batch_size):
         batch = rows[start : start + cfg.sampling.batch_size]
         seqs, sampled = sample_rollout_with_logprobs(model, [ids for _, ids in batch for _ in range(k)], sampling)
+        assert sampled is not None  # kept at every temperature above 0, the only ones SampleConfig allows
         lengths = seqs.response_mask.sum(dim=1).tolist()
         ids = [row[:n] for row, n in zip(seqs.response_ids.tolist(), lengths)]
         logprobs = [[round(v, 6) for v in row[:n]] for row, n in zip(sampled.logprobs.float().tolist(), lengths)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -26,8 +25,10 @@ from rlhf.data.collate import collate_sft
 from rlhf.data.load import stage_datasets
 from rlhf.data.packing import check_packing_supported, collate_packed_sft, packed_forward_inputs
 from rlhf.data.sampler import ShuffledBatches
+from rlhf.data.tokenize import SFTExample, TruncationStats
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.sources import ModelSource, causal_lm_and_tokenizer
+from rlhf.protocols import CausalLM, PolicyModel, Tokenizer, TrainEngine
 from rlhf.rollouts.generation import Sampling
 from rlhf.store.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, ToyTask
@@ -48,11 +49,11 @@ from rlhf.training.run_keeper import LoopState, RunKeeper
 @dataclass
 class Data:
     source: ModelSource
-    tokenizer: Any
+    tokenizer: Tokenizer
     train_set: list
-    train_stats: Any
+    train_stats: TruncationStats
     eval_set: list
-    eval_stats: Any
+    eval_stats: TruncationStats | None
     batches: ShuffledBatches
     oracle_prompts: list[str]
     """Held-out prompts the oracle grades generations of (the embedded default only)."""
@@ -62,7 +63,7 @@ class Data:
 class SFTContext:
     """One SFT run's fixed parts, built once before the first step: what the step functions share."""
 
-    engine: Any
+    engine: TrainEngine[CausalLM]
     """The policy's DeepSpeed engine."""
     data: Data
     cfg: SFTConfig
@@ -129,7 +130,7 @@ def load_data(cfg: SFTConfig, run: Run, dist: Dist) -> Data:
     return Data(source, tokenizer, train_set, train_stats, eval_set, eval_stats, batches, oracle_prompts)
 
 
-def build_model(cfg: SFTConfig, data: Data) -> Any:
+def build_model(cfg: SFTConfig, data: Data) -> TrainEngine[CausalLM]:
     """The policy to train, as a DeepSpeed engine (partitioned as it is built under ZeRO-3)."""
     zero3 = cfg.engine.zero_stage == 3
     model = load_causal_lm(
@@ -209,7 +210,7 @@ def packing_capacity(cfg: SFTConfig) -> int | None:
     return cfg.data.packing_tokens or cfg.data.max_length
 
 
-def micro_batch_loss(model: Any, rows: list, *, pad_id: int, packing_tokens: int | None, num_tokens: float,
+def micro_batch_loss(model: PolicyModel, rows: list[SFTExample], *, pad_id: int, packing_tokens: int | None, num_tokens: float,
                      device: torch.device) -> tuple[torch.Tensor, int]:
     """The summed response-token NLL of `rows` over `num_tokens`, and the real tokens the forward saw.
 

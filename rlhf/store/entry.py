@@ -150,9 +150,9 @@ class Entry:
             datetime.fromisoformat(d["created"])
         except ValueError:
             raise ValueError(f"field 'created' is not an ISO time: {d['created'][:40]!r}") from None
-        for kind, key in (("id", "parents"), ("tag", "tags")):
+        for what, key in (("id", "parents"), ("tag", "tags")):
             for name in kwargs.get(key, ()):
-                check_name(kind, name)
+                check_name(what, name)
             kwargs[key] = tuple(kwargs.get(key, ()))
         return cls(**kwargs)
 

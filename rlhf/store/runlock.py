@@ -98,8 +98,9 @@ def _stale(holder: dict[str, object], path: Path) -> bool:
     me = _me()
     if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"] and holder.get("token") != me["token"]:
         return True  # the same SLURM job started again (requeued): its earlier start is gone
-    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
-        return not _alive(holder["pid"])
+    pid = holder.get("pid")
+    if holder.get("host") == me["host"] and isinstance(pid, int):
+        return not _alive(pid)
     return False  # alive elsewhere, or unreadable but fresh (a holder between create and write)
 
 

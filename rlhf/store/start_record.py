@@ -179,10 +179,17 @@ def _pin(text: str, resolve_entry: Callable[[str], tuple[str, str] | None]) -> s
 def content_digest(path: Path) -> str:
     """sha256 of a file, or of a folder's relative names and file contents (symlinks followed)."""
     if path.is_file():
-        with open(path, "rb") as fh:
-            return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
+        return "sha256:" + _file_sha256(path)
     total = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        with open(file, "rb") as fh:
-            total.update(f"{file.relative_to(path).as_posix()}\0{hashlib.file_digest(fh, 'sha256').hexdigest()}\0".encode())
+        total.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\0".encode())
     return "sha256:" + total.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    # hashlib.file_digest is Python 3.11+; the package supports 3.10 (mypy checks against it).
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -31,7 +31,7 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def code_running_settings(cfg: Any) -> dict[str, Any]:
     """{dotted key: value} of the settings in `cfg` that let code from outside rlhf run."""
     flat = _flat(to_dict(cfg))
-    found = {key: value for key, value in flat.items() if key.endswith("trust_remote_code") and value is True}
+    found: dict[str, Any] = {key: value for key, value in flat.items() if key.endswith("trust_remote_code") and value is True}
     rewards = flat.get("reward.name_or_path")
     if isinstance(rewards, list) and any(str(source).startswith(PYTHON_REWARD) for source in rewards):
         found["reward.name_or_path"] = rewards

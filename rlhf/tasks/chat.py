@@ -51,7 +51,7 @@ def questions(n: int, *, seed: int, exclude: frozenset[tuple[str, int, int]] = f
     operands on both sides SmolLM2-135M stays near 0.12 and PPO has no signal to follow."""
     rng = random.Random(seed)
     seen = set(exclude)
-    out = []
+    out: list[tuple[tuple[str, int, int], Question]] = []
     while len(out) < n:
         op = rng.choice(sorted(OPERATIONS))
         a, b = (rng.randint(2, 9), rng.randint(2, 19)) if op == "times" else (rng.randint(10, 99), rng.randint(1, 9))

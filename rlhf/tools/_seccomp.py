@@ -63,8 +63,8 @@ def no_fork_filter(machine: str | None = None) -> Program | None:
     where = {label: len(body) + i for i, label in enumerate(returns)}
 
     def offset(jump: int | str, line: int) -> int:
-        return 0 if jump == 0 else where[jump] - line - 1
+        return 0 if isinstance(jump, int) and jump == 0 else where[str(jump)] - line - 1
 
     rows = [(code, offset(jt, i), offset(jf, i), k) for i, (code, jt, jf, k) in enumerate(body)]
     rows += [(_RET, 0, 0, value) for value in returns.values()]
-    return Program(len(rows), (_Instruction * len(rows))(*rows))
+    return Program(len(rows), (_Instruction * len(rows))(*(_Instruction(*row) for row in rows)))

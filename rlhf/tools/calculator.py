@@ -61,6 +61,7 @@ def _evaluate(node: ast.AST) -> int | float:
         # bool is an int subclass, so check the exact types.
         if type(node.value) not in (int, float):
             raise CalculatorError(f"only numbers are allowed, not {node.value!r}"[:120])
+        assert isinstance(node.value, (int, float))  # for mypy: the exact-type check above is one it cannot read
         return _check_size(node.value)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_evaluate(node.operand))

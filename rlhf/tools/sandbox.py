@@ -207,6 +207,7 @@ def _exited(pid: int) -> bool:
 def _collect(proc: subprocess.Popen, limits: SandboxLimits) -> tuple[bytearray, str | None]:
     """Read the child's output until it exits, writes past the cap, or runs out of time; never
     holds more than the cap plus one chunk. Returns (output, "output" | "time" | None)."""
+    assert proc.stdout is not None  # started with stdout=PIPE
     fd = proc.stdout.fileno()
     os.set_blocking(fd, False)
     poller = select.poll()
@@ -269,6 +270,7 @@ def _execute(sandbox: str, limits: SandboxLimits, drop: tuple[int, int] | None) 
         finally:
             _kill_group(proc.pid)  # what it forked, too; also when the caller is interrupted
         if overrun != "output":
+            assert proc.stdout is not None  # started with stdout=PIPE
             _drain(proc.stdout.fileno(), output, limits.output_bytes)
     return output, overrun, proc.returncode
 

@@ -24,14 +24,19 @@ import json
 import pickle
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from rlhf.errors import UserError, first_line
+from rlhf.protocols import TrainEngine
 from rlhf.store.fileio import atomic_write_text
 from rlhf.training.engine import Dist
+
+Engines = TrainEngine[object] | Mapping[str, TrainEngine[object]]
+"""One DeepSpeed engine, or {name: engine} (PPO's actor and critic), checkpointed together."""
 
 RESUME_FILE = "resume.json"
 MANIFEST_FILE = "manifest.json"
@@ -44,7 +49,7 @@ def tag_of(step: int) -> str:
 
 
 def save_checkpoint(
-    engines: Any, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int, dist: Dist
+    engines: Engines, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], keep: int, dist: Dist
 ) -> None:
     """Save one engine, or a {name: engine} dict (PPO's actor and critic), as the checkpoint of `step`."""
     folder = ckpt_dir / tag_of(step)
@@ -80,7 +85,7 @@ def _seal(folder: Path, *, step: int, world_size: int) -> None:
     atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1))
 
 
-def load_checkpoint(engines: Any, ckpt_dir: Path, *, dist: Dist, warn: Callable[[str], None] = print) -> dict[str, Any] | None:
+def load_checkpoint(engines: Engines, ckpt_dir: Path, *, dist: Dist, warn: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Restore the newest checkpoint that verifies; returns its client state, or None if there is none.
 
     A save that never finished (no manifest) is passed over; a damaged one is skipped with a warning
@@ -150,7 +155,7 @@ def _check_files(folder: Path, files: dict[str, Any], *, rank: int, world_size: 
     return None
 
 
-def _restore(engines: Any, folder: Path, dist: Dist) -> dict[str, Any]:
+def _restore(engines: Engines, folder: Path, dist: Dist) -> dict[str, Any]:
     client_state: dict[str, Any] = {}
     with _weights_only_loads(folder):
         for name, engine in _named(engines).items():
@@ -159,7 +164,7 @@ def _restore(engines: Any, folder: Path, dist: Dist) -> dict[str, Any]:
     return client_state[CLIENT_KEY]
 
 
-def _safe_globals() -> list[Any]:
+def _safe_globals() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:  # torch.serialization.safe_globals
     """Plain data classes DeepSpeed pickles into its optimizer states: an enum, the loss scaler's
     fields, a fragment's (start, numel) address. None of them runs code when rebuilt."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -220,8 +225,8 @@ def _digest(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
-def _named(engines: Any) -> dict[str, Any]:
-    return engines if isinstance(engines, dict) else {"model": engines}
+def _named(engines: Engines) -> Mapping[str, TrainEngine[object]]:
+    return engines if isinstance(engines, Mapping) else {"model": engines}
 
 
 def _rng_state() -> dict[str, Any]:

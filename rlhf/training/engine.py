@@ -12,12 +12,18 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 
 import torch
 
 from rlhf.config import EngineConfig, OptimConfig
 from rlhf.launcher.ports import free_port
+from rlhf.protocols import Module, TrainEngine
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+ModelT = TypeVar("ModelT", bound=Module)
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -162,8 +168,8 @@ def fused_adamw(params: list[torch.nn.Parameter]) -> bool:
 
 
 def build_engine(
-    model: torch.nn.Module, *, engine: EngineConfig, optim: OptimConfig, total_steps: int
-) -> Any:
+    model: ModelT, *, engine: EngineConfig, optim: OptimConfig, total_steps: int
+) -> TrainEngine[ModelT]:
     """Wrap a model in a DeepSpeed engine with its optimizer and warmup/decay schedule."""
     import deepspeed
 
@@ -199,7 +205,7 @@ def build_engine(
     return ds_engine
 
 
-def build_frozen(model: torch.nn.Module, *, engine: EngineConfig, offload: bool, dist: Dist) -> Any:
+def build_frozen(model: ModelT, *, engine: EngineConfig, offload: bool, dist: Dist) -> ModelT | TrainEngine[ModelT]:
     """An inference-only model (PPO's reference and reward): no optimizer, no gradients, eval mode.
 
     Under ZeRO-3 (or with `offload`) it is a DeepSpeed engine whose parameters stay partitioned
@@ -233,7 +239,7 @@ def frozen_zero3_config(engine: EngineConfig, offload: bool) -> dict[str, Any] |
     return {"train_micro_batch_size_per_gpu": engine.micro_batch_size, "zero_optimization": {"stage": 3}}
 
 
-def _keep_clipped_norm(ds_engine: Any) -> None:
+def _keep_clipped_norm(ds_engine: DeepSpeedEngine) -> None:
     """Without ZeRO, DeepSpeed clips fp32 gradients but throws their norm away (the ZeRO optimizers
     keep it); keep it, so `get_global_grad_norm()` reports it at every stage. At one rank the norm
     and the clipping are computed as DeepSpeed's `clip_grad_norm_` does, bit for bit, with
@@ -263,7 +269,7 @@ def clip_grads_one_rank(parameters: Iterator[torch.nn.Parameter], *, max_norm: f
     return total
 
 
-def global_grad_norm(engine: Any) -> float | None:
+def global_grad_norm(engine: TrainEngine[object]) -> float | None:
     """The gradient norm of the last optimizer step (before clipping), or None where DeepSpeed
     measured none (gradient clipping off without ZeRO)."""
     norm = engine.get_global_grad_norm()
@@ -274,7 +280,7 @@ def global_grad_norm(engine: Any) -> float | None:
 # Final weights
 
 
-def full_state_dict(engine: Any, *, dist: Dist) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine: TrainEngine[Module], *, dist: Dist) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on rank 0 (None elsewhere), gathering ZeRO-3 shards one at a time."""
     module = engine.module
     if engine.zero_optimization_stage() != 3:

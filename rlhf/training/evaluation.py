@@ -4,7 +4,7 @@ on the embedded default."""
 from __future__ import annotations
 
 import math
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,8 @@ from rlhf.algos.lm import masked_lm_loss
 from rlhf.algos.reward import sequence_rewards
 from rlhf.data.collate import collate_rm, collate_sft
 from rlhf.data.tokenize import RMExample, SFTExample
+from rlhf.models.loading import ScalarModel
+from rlhf.protocols import CausalLM, Tokenizer, TrainEngine
 from rlhf.rollouts.generation import Sampling, generate
 from rlhf.toy import oracle_score
 from rlhf.training.engine import Dist
@@ -34,7 +36,7 @@ def even_shard(items: list[T], *, dist: Dist) -> tuple[list[T], list[bool]]:
 
 
 @torch.no_grad()
-def heldout_loss(engine: Any, examples: list[SFTExample], *, batch_size: int, pad_id: int, dist: Dist) -> float:
+def heldout_loss(engine: TrainEngine[CausalLM], examples: list[SFTExample], *, batch_size: int, pad_id: int, dist: Dist) -> float:
     """Mean next-token loss over every counted response token of `examples` (all ranks)."""
     share, real = even_shard(examples, dist=dist)
     was_training = engine.training
@@ -54,7 +56,8 @@ def heldout_loss(engine: Any, examples: list[SFTExample], *, batch_size: int, pa
 
 
 @torch.no_grad()
-def preference_eval(engine: Any, examples: list[RMExample], *, batch_size: int, pad_id: int, dist: Dist) -> dict[str, float]:
+def preference_eval(engine: TrainEngine[ScalarModel], examples: list[RMExample], *, batch_size: int, pad_id: int,
+                    dist: Dist) -> dict[str, float]:
     """A reward model on preference groups (all ranks): pair accuracy (a tie counts as wrong),
     mean margin r_better - r_worse, mean pair loss -log sigmoid(margin - data margin), the
     mean and std of the rewards of every scored sequence, and the correlation of those rewards with
@@ -113,7 +116,8 @@ def pair_agreement(proxy: list[float], gold: list[float]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def oracle_eval(module: Any, tokenizer: Any, prompts: list[str], *, batch_size: int, sampling: Sampling, dist: Dist) -> dict[str, float]:
+def oracle_eval(module: CausalLM, tokenizer: Tokenizer, prompts: list[str], *, batch_size: int, sampling: Sampling,
+                dist: Dist) -> dict[str, float]:
     """The oracle's mean score (0-100) of responses to `prompts` drawn with `sampling` and of greedy
     ones (see `rlhf.rollouts.generation.Sampling` for ZeRO-3)."""
     share, real = even_shard(prompts, dist=dist)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -32,12 +33,14 @@ import torch
 
 from rlhf.config import ModelConfig, to_dict
 from rlhf.errors import StoppedBySignal, UserError
+from rlhf.models.loading import ScalarModel
 from rlhf.models.saving import save_final
 from rlhf.models.sources import ModelSource, base_model_identity
 from rlhf.models.tokenizer import tokenizer_fingerprint
+from rlhf.protocols import CausalLM, Tokenizer, TrainEngine
 from rlhf.store.registry import Entry, now_iso
 from rlhf.store.runs import Run, mark_started
-from rlhf.training.checkpoint import load_checkpoint, save_checkpoint
+from rlhf.training.checkpoint import Engines, load_checkpoint, save_checkpoint
 from rlhf.training.engine import Dist, full_state_dict
 from rlhf.training.stop_signal import StopSignal
 from rlhf.training.tracking import Tracker, print_warning
@@ -61,12 +64,18 @@ class RunKeeper:
     of one stage run. `engines` is one DeepSpeed engine or a {name: engine} dict (PPO's actor and
     critic), checkpointed together."""
 
-    def __init__(self, run: Run, engines: Any, dist: Dist, *, headline: tuple[str, ...] | None = None) -> None:
+    def __init__(self, run: Run, engines: Engines, dist: Dist, *, headline: tuple[str, ...] | None = None) -> None:
         self.run, self.engines, self.dist, self.headline = run, engines, dist, headline
         self.cfg = run.config
         self.started = time.time()
-        self.tracker: Tracker | None = None
+        self._tracker: Tracker | None = None
         self.stop_signal = StopSignal(dist)
+
+    @property
+    def tracker(self) -> Tracker:
+        """The run's metrics and console, opened by resume()."""
+        assert self._tracker is not None, "resume() opens the tracker"
+        return self._tracker
 
     def resume(self, fresh: State) -> State:
         """The state of the newest complete checkpoint of this run (engines and RNG restored with
@@ -77,7 +86,7 @@ class RunKeeper:
         if self.dist.is_main:
             mark_started(self.run)
         extra = {"headline": self.headline} if self.headline else {}
-        self.tracker = Tracker(
+        self._tracker = Tracker(
             self.run.run_dir, active=self.dist.is_main, tracking=self.cfg.tracking, config=to_dict(self.cfg),
             run_id=self.run.run_id, total_steps=self.cfg.train.max_steps, start_step=state.step,
             description=f"{self.run.stage} {self.run.run_id}", **extra,
@@ -94,7 +103,7 @@ class RunKeeper:
     def print(self, text: str) -> None:
         self.tracker.print(text)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: Mapping[str, float | None]) -> None:
         """Log held-out figures. One logged at train.max_steps is the stage's final evaluation
         (`eval_due` never falls on the last step): the same metrics row, printed as a `final  ...`
         line rather than a second `step N/N` line with other figures than the first."""
@@ -108,7 +117,7 @@ class RunKeeper:
         every = self.cfg.train.eval_every
         return bool(every) and step < self.cfg.train.max_steps and step % every == 0
 
-    def end_step(self, state: LoopState, *, loss: float, metrics: dict[str, float] | None) -> None:
+    def end_step(self, state: LoopState, *, loss: float, metrics: Mapping[str, float | None] | None) -> None:
         """After optimizer step `state.step`: stop on a non-finite loss, log `metrics` (when given)."""
         if not math.isfinite(loss):
             raise UserError(
@@ -120,7 +129,7 @@ class RunKeeper:
         else:
             self.tracker.advance(state.step)
 
-    def finish_step(self, state: LoopState, *, loss: float, metrics: dict[str, float] | None,
+    def finish_step(self, state: LoopState, *, loss: float, metrics: Mapping[str, float | None] | None,
                     evaluate: Callable[[], dict[str, float]]) -> None:
         """After optimizer step `state.step`, in the one order every stage's loop keeps: `end_step` (the
         step's loss checked, its metrics logged), the periodic held-out `evaluate()` when eval_due, then
@@ -177,8 +186,8 @@ class RunKeeper:
             **{f"initial_{k.removeprefix('eval/')}": v for k, v in state.initial_eval.items()},
         }
 
-    def publish_model(self, engine: Any, *, source: ModelSource, model_cfg: ModelConfig, tokenizer: Any,
-                      metrics: dict[str, Any], parents: tuple[str, ...] = (), companion: str | None = None,
+    def publish_model(self, engine: TrainEngine[CausalLM] | TrainEngine[ScalarModel], *, source: ModelSource, model_cfg: ModelConfig,
+                      tokenizer: Tokenizer, metrics: dict[str, Any], parents: tuple[str, ...] = (), companion: str | None = None,
                       extra_files: dict[str, str] | None = None) -> None:
         """Gather `engine`'s full weights (every rank calls this), save them as a `save_pretrained`
         folder on the main rank, then publish its registry entry (so an entry only ever points at a
@@ -188,6 +197,7 @@ class RunKeeper:
         weights = full_state_dict(engine, dist=self.dist)
         if not self.dist.is_main:
             return
+        assert weights is not None  # gathered on the main rank
         folder = self.run.final_dir if companion is None else self.run.run_dir / companion
         adapter = save_final(engine.module, weights, tokenizer, folder, lora=model_cfg.lora, extra_files=extra_files)
         if companion is None:

@@ -37,7 +37,13 @@ class ShardKeeper:
         self.run, self.dist, self.shards, self.headline, self.stop_note = run, dist, shards, headline, stop_note
         self.total_steps = shards if total_steps is None else total_steps
         self.stop_signal = StopSignal(dist)
-        self.tracker: Tracker | None = None
+        self._tracker: Tracker | None = None
+
+    @property
+    def tracker(self) -> Tracker:
+        """The run's metrics and console, opened by resume()."""
+        assert self._tracker is not None, "resume() opens the tracker"
+        return self._tracker
 
     def shard_path(self, index: int) -> Path:
         return self.run.run_dir / SHARDS / f"{index:05d}.jsonl"
@@ -50,9 +56,9 @@ class ShardKeeper:
             mark_started(self.run)
         done = sum(1 for index in range(self.shards) if self.shard_path(index).exists())
         run = self.run
-        self.tracker = Tracker(run.run_dir, active=self.dist.is_main, tracking=run.config.tracking, config=to_dict(run.config),
-                               run_id=run.run_id, total_steps=self.total_steps, start_step=done,
-                               description=f"{run.stage} {run.run_id}", headline=self.headline)
+        self._tracker = Tracker(run.run_dir, active=self.dist.is_main, tracking=run.config.tracking, config=to_dict(run.config),
+                                run_id=run.run_id, total_steps=self.total_steps, start_step=done,
+                                description=f"{run.stage} {run.run_id}", headline=self.headline)
         (run.run_dir / SHARDS).mkdir(exist_ok=True)
         return done
 

@@ -9,7 +9,7 @@ the same point (ranks may receive it a step apart).
 from __future__ import annotations
 
 import signal
-from typing import Any
+from types import FrameType
 
 import torch
 
@@ -27,7 +27,7 @@ class StopSignal:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._request)
 
-    def _request(self, signum: int, frame: Any) -> None:
+    def _request(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
 
     def requested(self) -> bool:

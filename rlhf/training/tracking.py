@@ -9,8 +9,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -69,7 +70,7 @@ class Tracker:
             self._task = self._progress.add_task(description, total=total_steps, completed=start_step, summary="")
             self._progress.start()
 
-    def log(self, step: int, metrics: dict[str, Any], *, final: bool = False) -> None:
+    def log(self, step: int, metrics: Mapping[str, Any], *, final: bool = False) -> None:
         """One row of `metrics` at `step` (metrics.jsonl, wandb) and the progress line. `final`: the
         run's final evaluation, which comes after the last step's own row (same step, same row
         form); the console shows it once, as a `final  ...` line of the figures it measured, rather
@@ -151,7 +152,8 @@ def _metrics_row(line: str) -> dict[str, Any] | None:
 def _start_wandb(run_dir: Path, tracking: TrackingConfig, config: dict[str, Any], run_id: str, *, resume: bool) -> Any:
     import wandb
 
-    mode = os.environ.get("WANDB_MODE", tracking.wandb_mode)
+    # WANDB_MODE goes to wandb as it is: wandb checks it.
+    mode = cast(Literal["online", "offline", "disabled", "shared"], os.environ.get("WANDB_MODE", tracking.wandb_mode))
     return wandb.init(
         project=tracking.wandb_project,
         name=run_id,
