@@ -54,7 +54,7 @@ class LabelContext:
     """Metrics, progress and stops: shard by shard."""
 
 
-def main(run: Run) -> None:
+def main(run: Run[LabelConfig]) -> None:
     cfg: LabelConfig = run.config
     started = time.time()
     dist = init_distributed()
