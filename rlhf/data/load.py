@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING
 
 import datasets
 
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
         StageConfig,
         TrainedConfig,
     )
-
-PromptData: TypeAlias = "PPODataConfig | BestOfNDataConfig | SampleDataConfig"
-"""The data sections read as prompts (rlhf ppo, bon and sample)."""
 
 HUB_SPLITS = {"train": "train", "eval": "test"}
 
@@ -88,13 +85,14 @@ def rm_examples(
     )
 
 
-def ppo_examples(source: str, *, split: str, tokenizer: Tokenizer, data: PromptData, key: str) -> tuple[list[list[int]], TruncationStats]:
+def ppo_examples(source: str, *, split: str, tokenizer: Tokenizer, data: PPODataConfig | BestOfNDataConfig | SampleDataConfig, key: str
+                 ) -> tuple[list[list[int]], TruncationStats]:
     """Tokenized PPO prompts (a prompt column or messages), none longer than data.max_prompt_length."""
     rows, stats = prompt_rows(source, split=split, tokenizer=tokenizer, data=data, key=key)
     return [ids for _, ids in rows], stats
 
 
-def prompt_rows(source: str, *, split: str, tokenizer: Tokenizer, data: PromptData, key: str
+def prompt_rows(source: str, *, split: str, tokenizer: Tokenizer, data: PPODataConfig | BestOfNDataConfig | SampleDataConfig, key: str
                 ) -> tuple[list[tuple[Prompt, list[int]]], TruncationStats]:
     """`ppo_examples` with each prompt's rendered text beside its ids (what `rlhf sft` tokenizes back to the same ids)."""
     rows = records(source, split=split, toy=data.toy, toy_kind="prompts", key=key)
