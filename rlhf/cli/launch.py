@@ -51,6 +51,7 @@ def launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], conf
     cfg = resolve_config(stage, config, overrides)
     quiet_libraries(verbose=launch.verbose)  # the checks load tokenizers and data
     check_inputs(stage, cfg)
+    assert cfg.run.registry is not None  # resolve_config sets it
     registry = Registry(cfg.run.registry)
     if run_id is not None:
         check_run_id(run_id, stage)

@@ -7,7 +7,7 @@ Imports no torch (see rlhf.cli).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -25,6 +25,9 @@ from rlhf.cli.common import (
 )
 from rlhf.cli.launch import LaunchChoice, launch_stage
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    from rlhf.config import StageConfig
 
 
 def pipeline(
@@ -103,7 +106,7 @@ def _launched(*, stage: str, launch: LaunchChoice, overrides: list[str], config:
     return run_dir
 
 
-def loaded_config(stage: str, file: str | None, overrides: list[str]) -> Any:
+def loaded_config(stage: str, file: str | None, overrides: list[str]) -> StageConfig:
     """A stage's config checked (keys, values) with its registry made absolute, references left unresolved."""
     import dataclasses
 

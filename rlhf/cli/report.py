@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -23,6 +23,9 @@ from rlhf.store.lineage import LineageNode
 from rlhf.store.registry import Registry
 from rlhf.toy import TOY
 from rlhf.training.tracking import METRICS_FILE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_FILE = "report.md"
 
@@ -237,7 +240,7 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def plot_figure(rows: list[dict[str, Any]], plot: Plot) -> Any:
+def plot_figure(rows: list[dict[str, Any]], plot: Plot) -> Figure | None:
     """A matplotlib Figure (Agg canvas, no pyplot state) of `plot`'s series in `rows`; None when
     the run logged none of them (e.g. no oracle off the embedded default)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -140,7 +140,10 @@ def _jobs(chain: tuple[str, ...], files: dict[str, str], per_stage: dict[str, li
         resolved = {s: loaded_config(s, files.get(s), per_stage[s] + ([f"by={label_by}"] if s == "label" else [])) for s in chain}
     else:
         resolved = {stage: resolve_config(stage, files.get(stage), per_stage[stage]) for stage in chain}
-    roots = {Path(cfg.run.registry) for cfg in resolved.values()}
+    roots = set()
+    for cfg in resolved.values():
+        assert cfg.run.registry is not None  # loaded_config and resolve_config set it
+        roots.add(Path(cfg.run.registry))
     if len(roots) > 1:
         raise UserError(f"the stages would use different registries ({', '.join(map(str, sorted(roots)))}); set run.registry for all")
     registry = Registry(roots.pop())

@@ -55,12 +55,19 @@ from rlhf.config.rm import RMConfig, RMDataConfig, RMEvalConfig
 from rlhf.config.sft import SFTConfig, SFTDataConfig
 from rlhf.config.yaml_file import MAX_YAML_VALUES, read_yaml_file
 
+StageConfig = SFTConfig | RMConfig | PPOConfig | DPOConfig | BestOfNConfig | SampleConfig | LabelConfig
+"""Any stage's config (the values of STAGE_CONFIGS); functions that dispatch on the stage name take this."""
+TrainedConfig = SFTConfig | RMConfig | PPOConfig | DPOConfig
+"""The configs of the stages that train a model (each has engine, optim, train, eval, model and data sections)."""
+DataConfig = SFTDataConfig | RMDataConfig | PPODataConfig | DPODataConfig | BestOfNDataConfig | SampleDataConfig | LabelDataConfig
+"""Any stage's data section."""
+
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig, "bon": BestOfNConfig,
                                   "sample": SampleConfig, "label": LabelConfig}
 
 __all__ = [
     "CRITIC_FREE_ESTIMATORS", "DEFAULT_BETAS", "GROUP_ESTIMATORS", "JUDGE_TEMPLATE", "MAX_SEED", "MAX_STEPS", "MAX_YAML_VALUES",
-    "REFERENCE_FREE_LOSSES", "STAGE_CONFIGS",
+    "REFERENCE_FREE_LOSSES", "STAGE_CONFIGS", "DataConfig", "StageConfig", "TrainedConfig",
     "BestOfNConfig", "BestOfNDataConfig", "BestOfNEvalConfig", "BestOfNSamplingConfig",
     "DPOAlgoConfig", "DPOConfig", "DPODataConfig", "DPOEvalConfig",
     "EngineConfig", "EvalConfig", "FrozenModelConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RewardConfig",

@@ -5,7 +5,7 @@ reward of ppo and bon) and the checks their `validate` methods share. Each field
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal, Protocol
 
 from rlhf.algos.variants import CRITIC_FREE_ESTIMATORS
 from rlhf.errors import UserError
@@ -203,7 +203,53 @@ def _check_toy(section: ToyModelConfig | ToyTaskConfig, key: str) -> None:
         raise UserError(f"{key}: {exc}") from None
 
 
-def _check_common(cfg: Any) -> None:
+# What the shared checks read of the stage configs: Protocols, since the stage modules import this one.
+class _Sources(Protocol):
+    @property
+    def train(self) -> str | None: ...
+    @property
+    def eval(self) -> str | None: ...
+
+
+class _TrainedData(_Sources, Protocol):
+    @property
+    def train(self) -> str: ...
+    @property
+    def toy(self) -> ToyTaskConfig: ...
+
+
+class _PackedData(Protocol):
+    @property
+    def max_length(self) -> int: ...
+    @property
+    def packing_tokens(self) -> int: ...
+
+
+class _BatchedEval(Protocol):
+    @property
+    def batch_size(self) -> int: ...
+
+
+class TrainedStage(Protocol):
+    """The sections every training stage's config (SFT, RM, PPO, DPO) has, as `_check_common` reads them."""
+
+    @property
+    def model(self) -> ModelConfig: ...
+    @property
+    def data(self) -> _TrainedData: ...
+    @property
+    def optim(self) -> OptimConfig: ...
+    @property
+    def engine(self) -> EngineConfig: ...
+    @property
+    def train(self) -> TrainConfig: ...
+    @property
+    def eval(self) -> _BatchedEval: ...
+    @property
+    def run(self) -> RunConfig: ...
+
+
+def _check_common(cfg: TrainedStage) -> None:
     """Checks every training stage needs: its engine, optim, train, eval, model and data sections."""
     engine, train, evaluation = cfg.engine, cfg.train, cfg.eval
     _check_toy(cfg.model.toy, "model.toy")
@@ -237,7 +283,7 @@ def _check_common(cfg: Any) -> None:
         raise UserError("engine.offload_optimizer needs engine.zero_stage of 1, 2 or 3")
 
 
-def _check_warmup(cfg: Any) -> None:
+def _check_warmup(cfg: TrainedStage) -> None:
     """A warmup longer than the run never reaches the learning rate it names (a typo, or max_steps cut short)."""
     steps = cfg.optimizer_steps() if hasattr(cfg, "optimizer_steps") else cfg.train.max_steps
     for prefix in ("optim", "critic_optim"):
@@ -263,7 +309,7 @@ def _check_model(model: ModelConfig, prefix: str) -> None:
         _within(0, 1, {f"{prefix}.lora.dropout": model.lora.dropout}, open_high=True)
 
 
-def _check_packing_tokens(data: Any) -> None:
+def _check_packing_tokens(data: _PackedData) -> None:
     if data.packing_tokens and data.packing_tokens < data.max_length:
         raise UserError(f"data.packing_tokens ({data.packing_tokens}) must be 0 or at least data.max_length "
                         f"({data.max_length}): a row is never split")
@@ -300,7 +346,7 @@ def check_precision(engine: EngineConfig, *, cuda_available: bool) -> None:
         raise UserError("engine.precision=fp16 needs a CUDA GPU and this machine has none; use engine.precision=bf16 or fp32 here")
 
 
-def _check_reward(reward: RewardConfig, data: Any) -> None:
+def _check_reward(reward: RewardConfig, data: _Sources) -> None:
     """The sources parse (the functions are imported by the preflight); the oracle grades the toy task only."""
     from rlhf.rollouts.rewards import ORACLE, parse_sources
     from rlhf.toy import TOY

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import datasets
 
@@ -30,6 +30,19 @@ from rlhf.errors import UserError
 from rlhf.protocols import Tokenizer
 from rlhf.toy import TOY, ToyTask, ToyTaskConfig
 
+if TYPE_CHECKING:
+    from rlhf.config import (
+        BestOfNDataConfig,
+        DataConfig,
+        DPOConfig,
+        PPODataConfig,
+        RMDataConfig,
+        SampleDataConfig,
+        SFTDataConfig,
+        StageConfig,
+        TrainedConfig,
+    )
+
 HUB_SPLITS = {"train": "train", "eval": "test"}
 
 
@@ -42,7 +55,8 @@ def records(source: str, *, split: str, toy: ToyTaskConfig, toy_kind: str, key: 
     return load_records(source, split=HUB_SPLITS[split], key=key)
 
 
-def sft_examples(source: str, *, split: str, tokenizer: Tokenizer, data: Any, key: str) -> tuple[list[SFTExample], TruncationStats]:
+def sft_examples(source: str, *, split: str, tokenizer: Tokenizer, data: SFTDataConfig, key: str
+                 ) -> tuple[list[SFTExample], TruncationStats]:
     """Tokenized prompt/response (or chat) examples with the response mask, and what truncation did."""
     rows = records(source, split=split, toy=data.toy, toy_kind="demonstrations", key=key)
     return tokenize_sft(
@@ -54,7 +68,7 @@ TOY_RM_KINDS = {"ranked": "ranked", "pairs": "comparisons"}
 
 
 def rm_examples(
-    source: str, *, split: str, tokenizer: Tokenizer, data: Any, key: str, toy_kind: str | None = None
+    source: str, *, split: str, tokenizer: Tokenizer, data: RMDataConfig, key: str, toy_kind: str | None = None
 ) -> tuple[list[RMExample], TruncationStats]:
     """Tokenized preference groups: comparisons (one pair each) or ranked lists (all their pairs).
 
@@ -71,13 +85,14 @@ def rm_examples(
     )
 
 
-def ppo_examples(source: str, *, split: str, tokenizer: Tokenizer, data: Any, key: str) -> tuple[list[list[int]], TruncationStats]:
+def ppo_examples(source: str, *, split: str, tokenizer: Tokenizer, data: PPODataConfig | BestOfNDataConfig | SampleDataConfig, key: str
+                 ) -> tuple[list[list[int]], TruncationStats]:
     """Tokenized PPO prompts (a prompt column or messages), none longer than data.max_prompt_length."""
     rows, stats = prompt_rows(source, split=split, tokenizer=tokenizer, data=data, key=key)
     return [ids for _, ids in rows], stats
 
 
-def prompt_rows(source: str, *, split: str, tokenizer: Tokenizer, data: Any, key: str
+def prompt_rows(source: str, *, split: str, tokenizer: Tokenizer, data: PPODataConfig | BestOfNDataConfig | SampleDataConfig, key: str
                 ) -> tuple[list[tuple[Prompt, list[int]]], TruncationStats]:
     """`ppo_examples` with each prompt's rendered text beside its ids (what `rlhf sft` tokenizes back to the same ids)."""
     rows = records(source, split=split, toy=data.toy, toy_kind="prompts", key=key)
@@ -101,7 +116,7 @@ class DPOReading:
     unpaired: bool
 
     @classmethod
-    def of(cls, cfg: Any) -> DPOReading:
+    def of(cls, cfg: DPOConfig) -> DPOReading:
         data = cfg.data
         return cls(data.max_length, data.long_prompts, data.toy_format, data.toy, unpaired=cfg.dpo.loss == "kto")
 
@@ -130,12 +145,14 @@ STAGE_EXAMPLES: dict[str, Callable[..., tuple[list, TruncationStats]]] = {
 the CLI's pre-launch check alike)."""
 
 
-def stage_reading(stage: str, cfg: Any) -> Any:
+def stage_reading(stage: str, cfg: StageConfig) -> DataConfig | DPOReading:
     """What a stage's reader takes as `data`: its data section (dpo: with the loss's layout)."""
-    return DPOReading.of(cfg) if stage == "dpo" else cfg.data
+    from rlhf.config import DPOConfig
+
+    return DPOReading.of(cfg) if isinstance(cfg, DPOConfig) else cfg.data  # isinstance: the same case as stage == "dpo"
 
 
-def stage_datasets(stage: str, cfg: Any, tokenizer: Tokenizer, *, world_size: int
+def stage_datasets(stage: str, cfg: TrainedConfig, tokenizer: Tokenizer, *, world_size: int
                    ) -> tuple[list, TruncationStats, list, TruncationStats | None]:
     """A training stage's (train examples, their stats, held-out examples capped at eval.max_rows,
     their stats); stops when the training set cannot fill one global batch."""
@@ -148,8 +165,11 @@ def stage_datasets(stage: str, cfg: Any, tokenizer: Tokenizer, *, world_size: in
         if cfg.eval.max_rows:
             eval_set = eval_set[: cfg.eval.max_rows]
     # PPO draws rollout.batch_size / rollout.samples_per_prompt prompts per rank per step; the other stages a micro-batch.
-    batch_key = "rollout.batch_size" if stage == "ppo" else "engine.micro_batch_size"
-    per_rank = cfg.rollout.batch_size // cfg.rollout.samples_per_prompt if stage == "ppo" else cfg.engine.micro_batch_size
+    from rlhf.config import PPOConfig
+
+    ppo = isinstance(cfg, PPOConfig)  # the same case as stage == "ppo"
+    batch_key = "rollout.batch_size" if ppo else "engine.micro_batch_size"
+    per_rank = cfg.rollout.batch_size // cfg.rollout.samples_per_prompt if isinstance(cfg, PPOConfig) else cfg.engine.micro_batch_size
     global_batch = per_rank * world_size
     if len(train_set) < global_batch:
         raise UserError(
@@ -159,7 +179,7 @@ def stage_datasets(stage: str, cfg: Any, tokenizer: Tokenizer, *, world_size: in
     return train_set, train_stats, eval_set, eval_stats
 
 
-def ptx_data_config(data: Any) -> Any:
+def ptx_data_config(data: PPODataConfig) -> SFTDataConfig:
     """How PPO reads data.ptx (a PPODataConfig): SFT-format data cut at data.ptx_max_length (a long prompt is dropped)."""
     from rlhf.config import SFTDataConfig
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from rlhf.errors import UserError
 from rlhf.rollouts.rewards import ORACLE, PYTHON_PREFIX, checked_scores, load_function, oracle_rewards, parse_source
@@ -66,7 +67,7 @@ def rank(scores: list[float], tolerance: float = 0.0) -> tuple[list[int], list[i
     return order, ranks
 
 
-def function_scores(spec: LabelerSpec) -> Any:
+def function_scores(spec: LabelerSpec) -> Callable[[list[str], list[str]], list[float]]:
     """A `(prompts, responses) -> scores` callable for an oracle or python: labeler, its output checked."""
     if spec.kind == "oracle":
         return oracle_rewards

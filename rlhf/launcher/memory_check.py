@@ -17,10 +17,13 @@ import os
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from rlhf.errors import UserError, first_line
 from rlhf.launcher.memory_estimates import MiB, human, parse_memory
+
+if TYPE_CHECKING:
+    from rlhf.config import StageConfig
 
 PLAN_MEMORY_ENV = "RLHF_PLAN_MEMORY"
 _OFF = ("0", "off", "no", "false")
@@ -69,7 +72,7 @@ def plan_memory(per_node: int, env: Mapping[str, str] = os.environ) -> tuple[int
     return memory, f"{memory // MiB}MiB"
 
 
-def check_plan(stage: str, cfg: Any, *, ranks: int, per_node: int, plan_args: list[str],
+def check_plan(stage: str, cfg: StageConfig, *, ranks: int, per_node: int, plan_args: list[str],
                env: Mapping[str, str] = os.environ) -> PlanCheck:
     """`rlhf plan`'s verdict on `stage` with the resolved `cfg` over `ranks` ranks (`per_node` of them on this
     machine's devices); `plan_args` are the -c file and overrides, repeated in the `rlhf plan` command it suggests."""
@@ -100,7 +103,7 @@ def check_plan(stage: str, cfg: Any, *, ranks: int, per_node: int, plan_args: li
     return PlanCheck(f"{estimate}: may not fit; {advice} (`{command}` for details)", estimate)
 
 
-def warn_before_launch(stage: str, cfg: Any, *, per_node: int, launcher: str, hostfile: Path | None, plan_args: list[str],
+def warn_before_launch(stage: str, cfg: StageConfig, *, per_node: int, launcher: str, hostfile: Path | None, plan_args: list[str],
                        verbose: bool) -> None:
     """Run `check_plan` for a launch about to start: its warning in yellow on stderr, what it did under -v."""
     from rich.markup import escape

@@ -30,7 +30,17 @@ from rlhf.launcher.memory_shapes import TRAINED_STAGES
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from rlhf.config import BestOfNConfig, EngineConfig, ModelConfig, PPOConfig, RMConfig
+    from rlhf.config import (
+        BestOfNConfig,
+        DPODataConfig,
+        EngineConfig,
+        ModelConfig,
+        PPOConfig,
+        RMConfig,
+        RMDataConfig,
+        SFTDataConfig,
+        StageConfig,
+    )
 
 # ----------------------------------------------------------------------------------------------
 # A stage's plan
@@ -125,7 +135,7 @@ def packed_shape(sequences: int, *, max_length: int, capacity: int) -> tuple[int
     return min(sequences, 2 * -(-sequences * max_length // capacity) - 1), capacity
 
 
-def _forward_shape(data: Any, sequences: int) -> tuple[int, int]:
+def _forward_shape(data: SFTDataConfig | RMDataConfig | DPODataConfig, sequences: int) -> tuple[int, int]:
     """(batch, seq) of a trained forward over `sequences` rows: padded to data.max_length, or packed (data.packing)."""
     if getattr(data, "packing", False):
         return packed_shape(sequences, max_length=data.max_length, capacity=data.packing_tokens or data.max_length)
@@ -142,27 +152,32 @@ SCORE_LOGITS_CAP = 256 * MiB
 """rollout.score_batch_size=0 keeps one model's response logits under this (rlhf.config.RolloutConfig)."""
 
 
-def plan_stage(stage: str, cfg: Any, shapes: dict[str, ModelShape], *, ranks: int, memory: int) -> Plan:
+def plan_stage(stage: str, cfg: StageConfig, shapes: dict[str, ModelShape], *, ranks: int, memory: int) -> Plan:
     """Per-rank memory of `stage` run with `cfg` on `ranks` ranks, from the models' `shapes` (model_shapes)."""
-    engine = cfg.engine
+    from rlhf.config import BestOfNConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig
+
+    # isinstance picks the same cases as `stage` (cfg is STAGE_CONFIGS[stage]) and lets mypy see each one's sections.
     rows: list[ModelRow] = []
-    if stage == "sft":
+    if isinstance(cfg, SFTConfig):
+        engine = cfg.engine
         batch, seq = _forward_shape(cfg.data, engine.micro_batch_size)
         rows.append(_trained_row("policy", shapes["policy"], engine, cfg.model, ranks, seq=seq, batch=batch, vocab_logits=True))
-    elif stage == "rm":
+    elif isinstance(cfg, RMConfig):
+        engine = cfg.engine
         batch, seq = _forward_shape(cfg.data, engine.micro_batch_size * responses_per_prompt(cfg))
         rows.append(_trained_row("reward model", shapes["reward model"], engine, cfg.model, ranks, seq=seq, batch=batch,
                                  vocab_logits=False))
-    elif stage == "dpo":
+    elif isinstance(cfg, DPOConfig):
+        engine = cfg.engine
         per_row = 1 if cfg.dpo.loss == "kto" else 2
         batch, seq = _forward_shape(cfg.data, engine.micro_batch_size * per_row)
         rows.append(_trained_row("policy", shapes["policy"], engine, cfg.model, ranks, seq=seq, batch=batch, vocab_logits=True))
         if "reference" in shapes:
             rows.append(_frozen_row("reference", shapes["reference"], engine, ranks, offload=cfg.reference.offload, model_cfg=cfg.model,
                                     seq=seq, batch=batch, vocab_logits=True))
-    elif stage == "ppo":
+    elif isinstance(cfg, PPOConfig):
         rows += _ppo_rows(cfg, shapes, ranks)
-    elif stage == "bon":
+    elif isinstance(cfg, BestOfNConfig):
         rows += _bon_rows(cfg, shapes, ranks)
     else:
         raise UserError(f"rlhf plan estimates {', '.join(TRAINED_STAGES)}, not {stage!r}")
@@ -212,14 +227,16 @@ def _bon_rows(cfg: BestOfNConfig, shapes: dict[str, ModelShape], ranks: int) -> 
 # The smallest change that fits
 
 
-def _trained_sections(stage: str, cfg: Any) -> list[str]:
+def _trained_sections(stage: str, cfg: StageConfig) -> list[str]:
     sections = ["model"] if stage in ("sft", "rm", "dpo", "ppo") else []
-    if stage == "ppo" and cfg.ppo.estimator == "gae":
+    from rlhf.config import PPOConfig
+
+    if isinstance(cfg, PPOConfig) and cfg.ppo.estimator == "gae":  # the same case as stage == "ppo"
         sections.append("critic")
     return sections
 
 
-def _apply(cfg: Any, changes: dict[str, Any]) -> Any:
+def _apply(cfg: StageConfig, changes: dict[str, Any]) -> StageConfig:
     """`cfg` with dotted `changes` set (engine.* and <section>.gradient_checkpointing only)."""
     for key, value in changes.items():
         section, name = key.split(".")
@@ -227,7 +244,7 @@ def _apply(cfg: Any, changes: dict[str, Any]) -> Any:
     return cfg
 
 
-def candidate_changes(stage: str, cfg: Any) -> list[dict[str, Any]]:
+def candidate_changes(stage: str, cfg: StageConfig) -> list[dict[str, Any]]:
     """Changes to try, smallest first: a lower micro-batch (grad_accum raised to keep the global batch), gradient
     checkpointing, a higher ZeRO stage, optimizer offload, parameter offload; then the same cumulatively."""
     engine = cfg.engine
@@ -263,7 +280,7 @@ def candidate_changes(stage: str, cfg: Any) -> list[dict[str, Any]]:
     return steps
 
 
-def smallest_fit(stage: str, cfg: Any, shapes: dict[str, ModelShape], *, ranks: int, memory: int) -> tuple[str, Plan] | None:
+def smallest_fit(stage: str, cfg: StageConfig, shapes: dict[str, ModelShape], *, ranks: int, memory: int) -> tuple[str, Plan] | None:
     """The first of `candidate_changes` whose plan fits, as override text, with that plan; None if none does."""
     for changes in candidate_changes(stage, cfg):
         try:

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rlhf.errors import UserError, first_line
 from rlhf.launcher.memory_estimates import ModelShape
@@ -19,7 +19,7 @@ from rlhf.launcher.memory_estimates import ModelShape
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from rlhf.config import LoraConfig, ModelConfig
+    from rlhf.config import BestOfNConfig, LoraConfig, ModelConfig, PPOConfig, StageConfig
     from rlhf.store.registry import Registry
 
 TRAINED_STAGES = ("sft", "rm", "dpo", "ppo", "bon")
@@ -120,7 +120,7 @@ def model_shape(name_or_path: str, model_cfg: ModelConfig, registry: Registry, *
     return shape_of_config(config, head=head, lora=lora, source=name_or_path)
 
 
-def model_shapes(stage: str, cfg: Any, registry: Registry, *, local_files_only: bool = False) -> dict[str, ModelShape]:
+def model_shapes(stage: str, cfg: StageConfig, registry: Registry, *, local_files_only: bool = False) -> dict[str, ModelShape]:
     """Every model `stage` holds, by role, read from configs (no weights load; hub names from the local cache only
     with `local_files_only`)."""
     def shape(name: str, model_cfg: ModelConfig, key: str, head: str = "lm", lora: LoraConfig | None = None,
@@ -128,35 +128,39 @@ def model_shapes(stage: str, cfg: Any, registry: Registry, *, local_files_only: 
         return model_shape(name, model_cfg, registry, key=key, head=head, lora=lora, trust_remote_code=trust,
                            local_files_only=local_files_only)
 
-    model = cfg.model
-    if stage == "sft":
+    from rlhf.config import REFERENCE_FREE_LOSSES, BestOfNConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig
+
+    # isinstance picks the same cases as `stage` (cfg is STAGE_CONFIGS[stage]) and lets mypy see each one's sections.
+    if isinstance(cfg, SFTConfig):
+        model = cfg.model
         return {"policy": shape(model.name_or_path, model, "model.name_or_path", lora=model.lora, trust=model.trust_remote_code)}
-    if stage == "rm":
+    if isinstance(cfg, RMConfig):
+        model = cfg.model
         return {"reward model": shape(model.name_or_path, model, "model.name_or_path", "scalar", model.lora, model.trust_remote_code)}
-    if stage in ("dpo", "ppo"):
+    if isinstance(cfg, (DPOConfig, PPOConfig)):
+        model = cfg.model
         actor = shape(model.name_or_path, model, "model.name_or_path", lora=model.lora, trust=model.trust_remote_code)
-        shapes = {"policy" if stage == "dpo" else "actor": actor}
-        if stage == "ppo" and cfg.ppo.estimator == "gae":
+        shapes = {"policy" if isinstance(cfg, DPOConfig) else "actor": actor}
+        if isinstance(cfg, PPOConfig) and cfg.ppo.estimator == "gae":
             shapes["critic"] = shape(cfg.critic.name_or_path, cfg.critic, "critic.name_or_path", "scalar", cfg.critic.lora,
                                      cfg.critic.trust_remote_code)
-        from rlhf.config import REFERENCE_FREE_LOSSES
-
-        needs_reference = stage == "ppo" or cfg.dpo.loss not in REFERENCE_FREE_LOSSES or cfg.eval.kl
+        needs_reference = isinstance(cfg, PPOConfig) or cfg.dpo.loss not in REFERENCE_FREE_LOSSES or cfg.eval.kl
         if needs_reference and cfg.reference.name_or_path is not None:
             shapes["reference"] = shape(cfg.reference.name_or_path, model, "reference.name_or_path", trust=cfg.reference.trust_remote_code)
         elif needs_reference and not model.lora.enabled:  # with LoRA the reference is the actor with its adapters off
             shapes["reference"] = dataclasses.replace(actor, lora_params=0)
-        if stage == "ppo":
+        if isinstance(cfg, PPOConfig):
             shapes.update(_reward_shapes(cfg, model, shape))
         return shapes
-    if stage == "bon":
+    if isinstance(cfg, BestOfNConfig):
+        model = cfg.model
         shapes = {"policy": shape(model.name_or_path, model, "model.name_or_path", trust=model.trust_remote_code)}
         shapes.update(_reward_shapes(cfg, model, shape))
         return shapes
     raise UserError(f"rlhf plan estimates {', '.join(TRAINED_STAGES)}, not {stage!r}")
 
 
-def _reward_shapes(cfg: Any, model: ModelConfig, shape: Callable[..., ModelShape]) -> dict[str, ModelShape]:
+def _reward_shapes(cfg: PPOConfig | BestOfNConfig, model: ModelConfig, shape: Callable[..., ModelShape]) -> dict[str, ModelShape]:
     from rlhf.rollouts.rewards import learned_source, parse_sources
 
     learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))

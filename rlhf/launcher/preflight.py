@@ -13,12 +13,16 @@ process should import only what the checks need (torch, transformers, datasets; 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeAlias
 
 from rlhf.protocols import Tokenizer
 
 if TYPE_CHECKING:
-    from rlhf.config import BestOfNConfig, DPOConfig, LabelConfig, PPOConfig, RMConfig, SampleConfig, SFTConfig
+    from rlhf.config import BestOfNConfig, DataConfig, DPOConfig, LabelConfig, PPOConfig, RMConfig, SampleConfig, SFTConfig, StageConfig
+    from rlhf.data.load import DPOReading
+
+ModelAndData: TypeAlias = "SFTConfig | RMConfig | PPOConfig | DPOConfig | BestOfNConfig | SampleConfig"
+"""The stages whose checks load a model and read data.train (rlhf label reads rlhf sample's rows instead)."""
 
 
 class DataCheck(NamedTuple):
@@ -30,7 +34,7 @@ class DataCheck(NamedTuple):
     """The stage whose example format the data has."""
 
 
-def check_inputs(stage: str, cfg: Any) -> None:
+def check_inputs(stage: str, cfg: StageConfig) -> None:
     """Run `stage`'s checks on its resolved config; a UserError names the first bad input."""
     PREFLIGHT[stage](cfg)
 
@@ -62,7 +66,7 @@ def check_ppo(cfg: PPOConfig) -> None:
     _check_data(cfg, local, tokenizer)
 
 
-def _check_reward_functions(cfg: Any) -> None:
+def _check_reward_functions(cfg: PPOConfig | BestOfNConfig) -> None:
     """Each python: reward source imports and is callable here, in the environment the ranks inherit."""
     from rlhf.rollouts.rewards import load_function, parse_source, parse_sources
 
@@ -138,24 +142,24 @@ PREFLIGHT: dict[str, Callable[[Any], None]] = {"sft": check_sft, "rm": check_rm,
                                                "bon": check_bon, "sample": check_sample, "label": check_label}
 
 
-def _check_stage(stage: str, cfg: Any) -> None:
+def _check_stage(stage: str, cfg: SFTConfig | RMConfig) -> None:
     local = _local_data(stage, cfg)
     _, _, tokenizer = _model_and_tokenizer(cfg, need_tokenizer=bool(local))
     _check_data(cfg, local, tokenizer)
 
 
-def _local_data(stage: str, cfg: Any, extra: tuple[DataCheck, ...] = ()) -> list[DataCheck]:
+def _local_data(stage: str, cfg: ModelAndData, extra: tuple[DataCheck, ...] = ()) -> list[DataCheck]:
     """The stage's data that is here to read (files, the embedded default), not on a hub."""
     from rlhf.data.sources import FILE_SUFFIXES
     from rlhf.toy import TOY
 
-    evaluation = getattr(cfg.data, "eval", None) or ""  # rlhf sample reads training prompts only
-    named = [DataCheck("data.train", "train", cfg.data.train, stage), DataCheck("data.eval", "eval", evaluation, stage), *extra]
+    evaluation = getattr(cfg.data, "eval", None) or ""  # rlhf sample reads training prompts only; bon may read eval only
+    named = [DataCheck("data.train", "train", cfg.data.train or "", stage), DataCheck("data.eval", "eval", evaluation, stage), *extra]
     return [c for c in named
             if c.source and (c.source == TOY or c.source.endswith(FILE_SUFFIXES) or Path(c.source).expanduser().exists())]
 
 
-def _model_and_tokenizer(cfg: Any, *, need_tokenizer: bool):
+def _model_and_tokenizer(cfg: ModelAndData, *, need_tokenizer: bool):
     """Precision and the model reference checked; (model source, registry, tokenizer), the tokenizer
     loaded when data will be tokenized or the model is a registry entry (its tokenizer is the parent's)."""
     import torch
@@ -165,6 +169,7 @@ def _model_and_tokenizer(cfg: Any, *, need_tokenizer: bool):
     from rlhf.store.registry import Registry
 
     check_precision(cfg.engine, cuda_available=torch.cuda.is_available())
+    assert cfg.run.registry is not None  # resolve_config sets it
     registry = Registry(cfg.run.registry)
     source = resolve_model(cfg.model.name_or_path, registry)
     check_causal_lm(source)
@@ -174,7 +179,7 @@ def _model_and_tokenizer(cfg: Any, *, need_tokenizer: bool):
     return source, registry, tokenizer
 
 
-def _check_data(cfg: Any, local: list[DataCheck], tokenizer: Tokenizer) -> None:
+def _check_data(cfg: ModelAndData, local: list[DataCheck], tokenizer: Tokenizer) -> None:
     """Load and tokenize the local data the way the stage will."""
     from rlhf.data.load import STAGE_EXAMPLES
 
@@ -183,9 +188,11 @@ def _check_data(cfg: Any, local: list[DataCheck], tokenizer: Tokenizer) -> None:
                                      data=_data_section_for(check.reader, cfg), key=check.key)
 
 
-def _data_section_for(reader: str, cfg: Any) -> Any:
+def _data_section_for(reader: str, cfg: ModelAndData) -> DataConfig | DPOReading:
     """The data settings of a reader: PPO's ptx data is read the way the ppo stage reads it, DPO's
     data in the layout of its loss."""
+    from rlhf.config import PPOConfig
     from rlhf.data.load import ptx_data_config, stage_reading
 
-    return ptx_data_config(cfg.data) if reader == "sft" and not hasattr(cfg.data, "max_length") else stage_reading(reader, cfg)
+    # reader "sft" comes from rlhf sft (its own data) or from rlhf ppo (data.ptx)
+    return ptx_data_config(cfg.data) if reader == "sft" and isinstance(cfg, PPOConfig) else stage_reading(reader, cfg)

@@ -126,7 +126,7 @@ class Candidates:
     """(P, N) whether each response ended by itself."""
 
 
-def main(run: Run) -> None:
+def main(run: Run[BestOfNConfig]) -> None:
     cfg: BestOfNConfig = run.config
     started = time.time()
 

@@ -89,7 +89,7 @@ class DPOContext:
     keeper: RunKeeper
 
 
-def main(run: Run) -> None:
+def main(run: Run[DPOConfig]) -> None:
     cfg: DPOConfig = run.config
 
     # 1. Ranks and seeds.

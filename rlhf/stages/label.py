@@ -20,13 +20,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from rlhf.config import LabelConfig, to_dict
 from rlhf.errors import UserError
-from rlhf.feedback.labelers import function_scores, parse_labeler, rank, read_samples
+from rlhf.feedback.labelers import LabelerSpec, function_scores, parse_labeler, rank, read_samples
 from rlhf.store.entry import DATASET_FILES, Entry, now_iso
 from rlhf.store.fileio import atomic_write_text
 from rlhf.store.runs import Run, stage_entrypoint
@@ -45,16 +45,16 @@ class LabelContext:
     cfg: LabelConfig
     samples: Path
     """data.samples: the rows `rlhf sample` wrote."""
-    spec: Any
+    spec: LabelerSpec
     """The labeler `by` names (rlhf.feedback.labelers.parse_labeler)."""
-    score: Callable[[str, list[str]], Any]
+    score: Callable[[str, list[str]], list[float]]
     """(prompt, its responses) -> one score per response, from the labeler."""
     dist: Dist
     keeper: ShardKeeper
     """Metrics, progress and stops: shard by shard."""
 
 
-def main(run: Run) -> None:
+def main(run: Run[LabelConfig]) -> None:
     cfg: LabelConfig = run.config
     started = time.time()
     dist = init_distributed()
@@ -74,7 +74,7 @@ def main(run: Run) -> None:
     keeper.close()
 
 
-def scorer(cfg: LabelConfig, spec: Any, run: Run) -> Callable[[str, list[str]], Any]:
+def scorer(cfg: LabelConfig, spec: LabelerSpec, run: Run) -> Callable[[str, list[str]], list[float]]:
     """The labeler's scores of one prompt's responses: a judge model's (loaded here) or a function's."""
     if spec.kind != "judge":
         return _function_scorer(spec)
@@ -97,7 +97,7 @@ def label_shard(ctx: LabelContext, index: int, shard: list) -> list[dict]:
     return ordered
 
 
-def _function_scorer(spec: Any) -> Any:
+def _function_scorer(spec: LabelerSpec) -> Callable[[str, list[str]], list[float]]:
     call = function_scores(spec)
     return lambda prompt, texts: call([prompt] * len(texts), texts)
 
@@ -138,7 +138,7 @@ def _oracle_scores(prompt: str, texts: list[str]) -> list[float] | None:
         return None  # not the embedded default's task
 
 
-def judge_parents(spec: Any, run: Run) -> tuple[str, ...]:
+def judge_parents(spec: LabelerSpec, run: Run) -> tuple[str, ...]:
     if spec.kind != "judge":
         return ()
     from rlhf.models.sources import resolve_model

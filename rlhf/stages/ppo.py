@@ -50,7 +50,7 @@ NEGATIVE_KL_STEPS = 3  # consecutive steps of negative mean KL before warning of
 HEADLINE = ("score", "kl", "beta", "eval/score", "eval/kl", "eval/oracle_score")
 
 
-def main(run: Run) -> None:
+def main(run: Run[PPOConfig]) -> None:
     cfg: PPOConfig = run.config
 
     # 1. Ranks and seeds (each rank samples from its own stream).

@@ -82,7 +82,7 @@ class RMContext:
     keeper: RunKeeper
 
 
-def main(run: Run) -> None:
+def main(run: Run[RMConfig]) -> None:
     cfg: RMConfig = run.config
 
     # 1. Ranks and seeds.

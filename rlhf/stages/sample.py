@@ -67,7 +67,7 @@ class SampleContext:
     """Metrics, progress and stops: shard by shard."""
 
 
-def main(run: Run) -> None:
+def main(run: Run[SampleConfig]) -> None:
     cfg: SampleConfig = run.config
     started = time.time()
     dist = init_distributed()

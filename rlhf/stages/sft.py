@@ -73,7 +73,7 @@ class SFTContext:
     keeper: RunKeeper
 
 
-def main(run: Run) -> None:
+def main(run: Run[SFTConfig]) -> None:
     cfg: SFTConfig = run.config
 
     # 1. Ranks and seeds: each rank samples from its own stream (the toy model's initial weights

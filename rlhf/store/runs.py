@@ -1,12 +1,9 @@
-"""Run folders: where a stage run keeps its resolved config, metrics, checkpoints and final model.
-
-The CLI prepares the folder before launching (so config mistakes surface before any rank starts);
-a stage program started directly with `--config` prepares its own. Layout of `<registry>/runs/<id>/`:
-`config.yaml` (resolved), `start_record.json` (what the run started with, sealed by its owner: see
-rlhf.store.start_record), `launch.json` (ranks, launcher, hostfile: what `--resume` reuses), `lock.json`
-(while a process runs it), `ranks/` (each rank's pid and exit status, for naming a rank that died),
-`started.json` (the stage got past loading: from then on the run is resumable, before it a failed
-start is cleaned away), `metrics.jsonl`, `checkpoints/` (resumable), `final/`
+"""Run folders: where a stage run keeps its resolved config, metrics, checkpoints and final model. The CLI prepares the folder before
+launching (so config mistakes surface before any rank starts); a stage program started directly with `--config` prepares its own.
+Layout of `<registry>/runs/<id>/`: `config.yaml` (resolved), `start_record.json` (what the run started with, sealed by its owner:
+see rlhf.store.start_record), `launch.json` (ranks, launcher, hostfile: what `--resume` reuses), `lock.json` (while a process runs
+it), `ranks/` (each rank's pid and exit status, for naming a rank that died), `started.json` (the stage got past loading: from
+then on the run is resumable, before it a failed start is cleaned away), `metrics.jsonl`, `checkpoints/` (resumable), `final/`
 (save_pretrained), `wandb/` when enabled.
 """
 
@@ -23,9 +20,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
-from rlhf.config import STAGE_CONFIGS, leaf_keys, load_config, save_config, to_dict
+from rlhf.config import STAGE_CONFIGS, StageConfig, leaf_keys, load_config, save_config, to_dict
 from rlhf.errors import EXIT_STOPPED, EXIT_USER_ERROR, StoppedBySignal, UserError
 from rlhf.store.entry import DATASET_FILES, Entry, is_reference
 from rlhf.store.fileio import atomic_write_text
@@ -34,6 +31,12 @@ from rlhf.store.start_record import START_FILE, check_same_config, record_proble
 from rlhf.store.trust import resume_command
 from rlhf.toy import TOY
 from rlhf.training.tracking import print_error
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Section = TypeVar("Section", bound="DataclassInstance")
+Config = TypeVar("Config", bound=StageConfig, covariant=True)
 
 CONFIG_FILE = "config.yaml"
 LAUNCH_FILE = "launch.json"
@@ -44,11 +47,11 @@ _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 @dataclass(frozen=True)
-class Run:
+class Run(Generic[Config]):
     stage: str
     run_id: str
     run_dir: Path
-    config: Any
+    config: Config  # STAGE_CONFIGS[stage]: a stage program's main takes Run[its config class]
     registry: Registry
 
     @property
@@ -66,7 +69,7 @@ class Run:
         return self.registry.publish(entry)
 
 
-def resolve_config(stage: str, config_file: str | Path | None, overrides: list[str] | tuple[str, ...]) -> Any:
+def resolve_config(stage: str, config_file: str | Path | None, overrides: list[str] | tuple[str, ...]) -> StageConfig:
     """Load and validate a stage config, with the registry root made absolute."""
     cfg = load_config(STAGE_CONFIGS[stage], config_file, overrides)
     root = Path(cfg.run.registry or default_root()).expanduser().resolve()
@@ -79,7 +82,7 @@ def resolve_config(stage: str, config_file: str | Path | None, overrides: list[s
 REGISTRY_ONLY = ("samples", "include")
 
 
-def _dataset_references(data: Any, registry: Registry) -> Any:
+def _dataset_references(data: Section, registry: Registry) -> Section:
     """`data` with each registry reference to a dataset entry (`prefs:latest`, `samples:<id>`) replaced by its file:
     the saved config then names the exact rows the run read, whatever `latest` means by the time it resumes."""
     changes = {}
@@ -95,7 +98,7 @@ MODEL_AND_DATA_SECTIONS = ("model", "data", "critic", "reference", "reward")
 """Config sections whose strings may name local files or folders."""
 
 
-def _absolute_paths(section: Any) -> Any:
+def _absolute_paths(section: Section) -> Section:
     """`section` with every string field that names an existing local file or folder made absolute."""
     changes = {}
     for f in dataclasses.fields(section):
@@ -112,9 +115,10 @@ def check_run_id(run_id: str, stage: str) -> None:
         raise UserError(f"--run {run_id!r} is not a run id (a plain name such as {stage}-20261123-120000-1a2b3c4d)")
 
 
-def create_run(stage: str, cfg: Any, run_id: str | None = None) -> Run:
+def create_run(stage: str, cfg: StageConfig, run_id: str | None = None) -> Run[StageConfig]:
     """A new run folder holding the resolved config; `run_id` is given when `rlhf submit` chose it
     at submission, so the batch job's log already sits in the folder."""
+    assert cfg.run.registry is not None  # resolve_config sets it
     registry = Registry(cfg.run.registry)
     if run_id is None:
         run_id = registry.new_run_id(stage)
@@ -135,7 +139,7 @@ def create_run(stage: str, cfg: Any, run_id: str | None = None) -> Run:
     return Run(stage, run_id, run_dir, cfg, registry)
 
 
-def model_source_digests(cfg: Any, registry: Registry) -> dict[str, str]:
+def model_source_digests(cfg: StageConfig, registry: Registry) -> dict[str, str]:
     """Each model source of `cfg` pinned by content (see rlhf.store.start_record.source_digests)."""
 
     def resolve_entry(text: str) -> tuple[str, str] | None:

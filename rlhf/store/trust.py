@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import STAGE_CONFIGS, load_config, to_dict
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    from rlhf.config import StageConfig
 
 PYTHON_REWARD = "python:"
 
@@ -28,7 +31,7 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def code_running_settings(cfg: Any) -> dict[str, Any]:
+def code_running_settings(cfg: StageConfig) -> dict[str, Any]:
     """{dotted key: value} of the settings in `cfg` that let code from outside rlhf run."""
     flat = _flat(to_dict(cfg))
     found: dict[str, Any] = {key: value for key, value in flat.items() if key.endswith("trust_remote_code") and value is True}
@@ -55,13 +58,13 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}={text}"
 
 
-def resume_command(stage: str, run_id: str, cfg: Any) -> str:
+def resume_command(stage: str, run_id: str, cfg: StageConfig) -> str:
     """The command that resumes the run, with the code-running settings of `cfg` repeated to confirm them."""
     repeat = [shlex.quote(as_override(key, value)) for key, value in code_running_settings(cfg).items()]
     return " ".join(["rlhf", stage, "--resume", "--run", run_id, *repeat])
 
 
-def check_resume_overrides(stage: str, config_file: Path, cfg: Any, overrides: list[str]) -> None:
+def check_resume_overrides(stage: str, config_file: Path, cfg: StageConfig, overrides: list[str]) -> None:
     """A resume's overrides may only repeat the run's values, and must repeat each code-running one."""
     if overrides:
         again = _flat(to_dict(load_config(STAGE_CONFIGS[stage], config_file, overrides)))

@@ -31,7 +31,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from rlhf.config import ModelConfig, to_dict
+from rlhf.config import ModelConfig, TrainedConfig, to_dict
 from rlhf.errors import StoppedBySignal, UserError
 from rlhf.models.loading import ScalarModel
 from rlhf.models.saving import save_final
@@ -64,7 +64,7 @@ class RunKeeper:
     of one stage run. `engines` is one DeepSpeed engine or a {name: engine} dict (PPO's actor and
     critic), checkpointed together."""
 
-    def __init__(self, run: Run, engines: Engines, dist: Dist, *, headline: tuple[str, ...] | None = None) -> None:
+    def __init__(self, run: Run[TrainedConfig], engines: Engines, dist: Dist, *, headline: tuple[str, ...] | None = None) -> None:
         self.run, self.engines, self.dist, self.headline = run, engines, dist, headline
         self.cfg = run.config
         self.started = time.time()

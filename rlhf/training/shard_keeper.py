@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import to_dict
+from rlhf.config import StageConfig, to_dict
 from rlhf.errors import StoppedBySignal
 from rlhf.store.runs import Run, mark_started
 from rlhf.training.engine import Dist
@@ -32,7 +32,7 @@ class ShardKeeper:
     """Resume, metrics and progress, and stop signals of one run writing `shards` shards. The
     progress counts `total_steps` (default: the shards); `stop_note` ends the stop message."""
 
-    def __init__(self, run: Run, dist: Dist, *, shards: int, headline: tuple[str, ...], total_steps: int | None = None,
+    def __init__(self, run: Run[StageConfig], dist: Dist, *, shards: int, headline: tuple[str, ...], total_steps: int | None = None,
                  stop_note: str = "") -> None:
         self.run, self.dist, self.shards, self.headline, self.stop_note = run, dist, shards, headline, stop_note
         self.total_steps = shards if total_steps is None else total_steps
