@@ -1,4 +1,5 @@
-"""Generation and scoring for PPO: sampled responses, then one batched forward pass of each model.
+"""Generation and the forwards PPO scores with: sampled responses, each model's log-probs, values and scores
+(the rollout's scoring loop is `rlhf.rollouts.scoring`).
 
 A rollout batch is laid out as [left-padded prompts | right-padded responses]: P prompt columns,
 R response columns. Logits and values at column P - 1 + t belong to response token t (the state
@@ -395,53 +396,3 @@ class ScoredRollout:
     """Each reward component's (B,) score as it came (`rlhf.rollouts.rewards.RewardScores.parts`), once the stage combined them."""
     ensemble_std: torch.Tensor | None = None
     """(B,) float64 the std across the ensemble's normalized scores (None without an ensemble)."""
-
-
-@torch.no_grad()
-def score_rollout(
-    seqs: Sequences, *, actor: PolicyModel, reference: PolicyModel | None, critic: ScoringModel | None,
-    reward: ScoringModel | None, temperature: float,
-    chunk: int,
-    reference_is_actor_without_adapters: bool = False,
-    sampled: SampledLogprobs | None = None,
-    ensemble: RewardEnsemble | None = None,
-) -> ScoredRollout:
-    """One forward pass of each model over the rollout, `chunk` rows at a time: the actor's
-    log-probs (PPO's old policy) and entropies, the reference's log-probs (the KL penalty), the
-    critic's values (when given) and the reward model's scores (when given; else scores is None).
-
-    With `reference_is_actor_without_adapters` (LoRA on the actor) `reference` is ignored and the
-    reference log-probs come from the actor with its adapters switched off: no second copy. With
-    `sampled` (generation's own log-probs of this rollout) the actor's forward is skipped. With
-    `ensemble` (beside `reward`) the scores are its combination and ensemble_std its spread.
-    """
-    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref_logprobs": [], "values": [], "scores": [],
-                                            "ensemble_std": []}
-    # Chunks of similar response lengths: each is trimmed to its own longest response.
-    order = torch.argsort(seqs.response_lengths, stable=True)
-    for start in range(0, seqs.input_ids.shape[0], chunk):
-        rows = order[start : start + chunk]
-        part = seqs.rows(rows)
-        if sampled is None:
-            logp, entropy = policy_logprobs(actor, part, temperature=temperature, with_entropy=True)
-        else:
-            logp, entropy = sampled.logprobs[rows], sampled.entropy[rows]
-        assert entropy is not None  # with_entropy=True
-        parts["logprobs"].append(logp)
-        parts["entropy"].append(entropy)
-        parts["ref_logprobs"].append(reference_logprobs(None if reference_is_actor_without_adapters else reference, actor, part,
-                                                        temperature=temperature))
-        if critic is not None:
-            parts["values"].append(token_values(critic, part))
-        if reward is not None:
-            scores = sequence_scores(reward, part)
-            if ensemble is not None:
-                scores, spread = ensemble.combine(scores, part)
-                parts["ensemble_std"].append(spread)
-            parts["scores"].append(scores)
-    restore = torch.argsort(order)  # rows back in the rollout's order
-    joined = {k: torch.cat(v)[restore] if v else None for k, v in parts.items()}
-    logprobs, ref_logprobs, entropy = joined["logprobs"], joined["ref_logprobs"], joined["entropy"]
-    assert logprobs is not None and ref_logprobs is not None and entropy is not None  # one chunk at least
-    return ScoredRollout(seqs=seqs, logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, values=joined["values"],
-                         scores=joined["scores"], ensemble_std=joined["ensemble_std"])

@@ -18,11 +18,8 @@ import torch
 
 from rlhf.algos.ppo import entropy_from_logits, logprobs_from_logits
 from rlhf.data.packing import check_packing_supported, pack_sequences, packed_forward_inputs
-from rlhf.protocols import AdapterLM, PolicyModel, ScoringModel, inner_model
+from rlhf.protocols import PolicyModel, ScoringModel, inner_model
 from rlhf.rollouts.generation import (
-    RewardEnsemble,
-    SampledLogprobs,
-    ScoredRollout,
     Sequences,
     _accepts_logits_to_keep,
     policy_logprobs,
@@ -138,43 +135,3 @@ def check_rollout_packing(models: PPOModels) -> None:
     for scorer in (models.critic, models.reward):
         if scorer is not None:
             check_packing_supported(_inner(scorer).hf_model.config)
-
-
-@torch.no_grad()
-def score_rollout_packed(seqs: Sequences, *, actor: PolicyModel, reference: PolicyModel | None, critic: ScoringModel | None,
-                         reward: ScoringModel | None, temperature: float,
-                         chunk: int, pad_id: int, capacity: int, reference_is_actor_without_adapters: bool = False,
-                         sampled: SampledLogprobs | None = None, ensemble: RewardEnsemble | None = None) -> ScoredRollout:
-    """`rlhf.rollouts.generation.score_rollout` with each `chunk` of rows packed once for the actor, the reference,
-    the critic and the reward model (an ensemble's other members score the unpacked rows)."""
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "entropy", "ref_logprobs", "values", "scores", "ensemble_std")}
-    for start in range(0, seqs.input_ids.shape[0], chunk):
-        rows = torch.arange(start, min(start + chunk, seqs.input_ids.shape[0]), device=seqs.input_ids.device)
-        part = seqs.rows(rows)
-        packed = pack_rollout(part, pad_id=pad_id, capacity=capacity)
-        if sampled is None:
-            logp, entropy = packed_logprobs(actor, packed, temperature=temperature, with_entropy=True)
-        else:
-            logp, entropy = sampled.logprobs[rows], sampled.entropy[rows]
-        assert entropy is not None  # with_entropy=True
-        parts["logprobs"].append(logp)
-        parts["entropy"].append(entropy)
-        if reference_is_actor_without_adapters:
-            with cast(AdapterLM, inner_model(actor)).disable_adapter():
-                parts["ref_logprobs"].append(packed_logprobs(actor, packed, temperature=temperature)[0])
-        else:
-            assert reference is not None  # a separate reference unless the actor's adapters are switched off
-            parts["ref_logprobs"].append(packed_logprobs(reference, packed, temperature=temperature)[0])
-        if critic is not None:
-            parts["values"].append(packed_values(critic, packed))
-        if reward is not None:
-            scores = packed_scores(reward, packed)
-            if ensemble is not None:
-                scores, spread = ensemble.combine(scores, part)
-                parts["ensemble_std"].append(spread)
-            parts["scores"].append(scores)
-    joined = {k: torch.cat(v) if v else None for k, v in parts.items()}
-    logprobs, ref_logprobs, entropy = joined["logprobs"], joined["ref_logprobs"], joined["entropy"]
-    assert logprobs is not None and ref_logprobs is not None and entropy is not None  # one chunk at least
-    return ScoredRollout(seqs=seqs, logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, values=joined["values"],
-                         scores=joined["scores"], ensemble_std=joined["ensemble_std"])

@@ -22,10 +22,10 @@ from rlhf.config import GROUP_ESTIMATORS, PPOConfig, checks_mismatch, kl_estimat
 from rlhf.errors import UserError
 from rlhf.protocols import ScoringModel
 from rlhf.rollouts.dynamic_sampling import Drawn, choice_of, dynamic_metrics, join_chosen
-from rlhf.rollouts.generation import SampledLogprobs, ScoredRollout, Sequences, sample_rollout_with_logprobs, score_rollout
+from rlhf.rollouts.generation import SampledLogprobs, ScoredRollout, Sequences, sample_rollout_with_logprobs
 from rlhf.rollouts.multiturn import Episodes, any_rank, sample_episodes
-from rlhf.rollouts.packed import score_rollout_packed
 from rlhf.rollouts.rewards import rollout_texts
+from rlhf.rollouts.scoring import Packing, score_rollout
 from rlhf.stages.ppo_context import Data, PPOContext, PPOState, packing_capacity, stop_if_nonfinite
 from rlhf.store.trust import resume_command
 from rlhf.training.engine import Dist
@@ -127,11 +127,11 @@ def score(ctx: PPOContext, seqs: Sequences, *, critic: ScoringModel | None, samp
     that fails on any rank stops every rank with its one line."""
     models, data, cfg = ctx.models, ctx.data, ctx.cfg
     capacity = packing_capacity(cfg)
-    kwargs = {} if capacity is None else {"pad_id": ctx.sampling.pad_id, "capacity": capacity}  # packed: the same outputs
-    scored = (score_rollout if capacity is None else score_rollout_packed)(
+    packing = None if capacity is None else Packing(ctx.sampling.pad_id, capacity)  # packed: the same outputs
+    scored = score_rollout(
         seqs, actor=models.actor, reference=models.reference, critic=critic, reward=models.reward, temperature=cfg.rollout.temperature,
         chunk=score_batch_size(cfg, models.actor.module.config.vocab_size), reference_is_actor_without_adapters=models.reference is None,
-        sampled=sampled, ensemble=models.ensemble, **kwargs)
+        sampled=sampled, ensemble=models.ensemble, packing=packing)
     prompts, responses = texts_of(seqs, episodes, data) if data.reward.needs_text else ([], [])
     failure, reward = None, None
     try:

@@ -17,7 +17,7 @@ from rlhf.config import PPOConfig, load_config
 from rlhf.errors import UserError
 from rlhf.models.loading import ScalarModel
 from rlhf.models.stage_models import PPOModels
-from rlhf.rollouts.generation import policy_logprobs, score_rollout, sequence_scores, token_values
+from rlhf.rollouts.generation import policy_logprobs, sequence_scores, token_values
 from rlhf.rollouts.multiturn import Segment, assemble
 from rlhf.rollouts.packed import (
     check_rollout_packing,
@@ -25,8 +25,8 @@ from rlhf.rollouts.packed import (
     packed_logprobs,
     packed_scores,
     packed_values,
-    score_rollout_packed,
 )
+from rlhf.rollouts.scoring import Packing, score_rollout
 from rlhf.stages.ppo_context import PPOContext, packing_capacity
 from rlhf.stages.ppo_rollout import Rollout
 from rlhf.stages.ppo_update import actor_loss_on
@@ -137,7 +137,7 @@ def test_packed_scoring_equals_the_padded_scoring(arch):
     seqs = random_rollout(len(tokenizer), n=9, seed=2, pad_id=tokenizer.pad_token_id)
     kwargs = dict(actor=actor, reference=reference, critic=critic, reward=reward, temperature=TEMPERATURE, chunk=4)
     plain = score_rollout(seqs, **kwargs)
-    packed = score_rollout_packed(seqs, pad_id=tokenizer.pad_token_id, capacity=60, **kwargs)
+    packed = score_rollout(seqs, packing=Packing(tokenizer.pad_token_id, 60), **kwargs)
     for key in ("logprobs", "entropy", "ref_logprobs", "values", "scores"):
         assert torch.allclose(getattr(packed, key), getattr(plain, key), atol=1e-5, rtol=0), key
     assert torch.allclose(packed_scores(reward, pack_rollout(seqs, pad_id=0, capacity=400)), sequence_scores(reward, seqs), atol=1e-5)
@@ -170,7 +170,7 @@ def test_the_packed_reference_without_adapters_is_the_unpacked_one():
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     seqs = random_rollout(len(tokenizer), n=6, seed=4, pad_id=tokenizer.pad_token_id)
     kwargs = dict(actor=actor, reference=None, critic=None, reward=None, temperature=1.0, chunk=6, reference_is_actor_without_adapters=True)
-    plain, packed = score_rollout(seqs, **kwargs), score_rollout_packed(seqs, pad_id=0, capacity=48, **kwargs)
+    plain, packed = score_rollout(seqs, **kwargs), score_rollout(seqs, packing=Packing(0, 48), **kwargs)
     assert torch.allclose(packed.ref_logprobs, plain.ref_logprobs, atol=1e-5, rtol=0)
     assert (packed.ref_logprobs - packed.logprobs).abs().max() > 1e-4  # the adapters were off for the reference only
 

@@ -17,10 +17,10 @@ from rlhf.rollouts.generation import (
     policy_logprobs,
     sample_rollout,
     sample_rollout_with_logprobs,
-    score_rollout,
     sequence_scores,
     token_values,
 )
+from rlhf.rollouts.scoring import score_rollout
 from rlhf.toy import ToyModelConfig, build_model, build_tokenizer
 from tests.sequences import build_sequences
 
