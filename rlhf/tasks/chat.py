@@ -87,26 +87,46 @@ def rejected_kind(reply: str) -> str:
     return "sentence" if reply.startswith(SENTENCE) else "near miss"
 
 
-def split_rows(qs: list[Question], *, seed: int) -> dict[str, list[dict]]:
+def _worse_replies(q: Question, rng: random.Random, count: int) -> list[str]:
+    """`count` distinct wrong replies to `q` (at most 7 exist: six near misses and the sentence); the
+    first is drawn exactly as a single one is, so count=1 writes the same rows as before."""
+    if not 1 <= count <= 7:
+        raise ValueError(f"pairs per question must be in [1, 7], got {count}")
+    replies: list[str] = []
+    while len(replies) < count:
+        reply = _worse_reply(q, rng)
+        if reply not in replies:
+            replies.append(reply)
+    return replies
+
+
+def split_rows(qs: list[Question], *, seed: int, pairs_per_question: int = 1) -> dict[str, list[dict]]:
     rng = random.Random(seed)
     return {
         "demonstrations": [{"messages": [_user(q.text), _assistant(q.answer)]} for q in qs],
         "comparisons": [
-            {"chosen": [_user(q.text), _assistant(q.answer)], "rejected": [_user(q.text), _assistant(_worse_reply(q, rng))]}
+            {"chosen": [_user(q.text), _assistant(q.answer)], "rejected": [_user(q.text), _assistant(worse)]}
             for q in qs
+            for worse in _worse_replies(q, rng, pairs_per_question)
         ],
         "prompts": [{"messages": [_user(q.text)], "answer": q.answer} for q in qs],
     }
 
 
-def write_task(folder: Path, *, train_size: int = 512, eval_size: int = 128, seed: int = 0) -> dict[str, Path]:
-    """Write `<kind>-<split>.jsonl` for each kind and split into `folder`; returns {name: path}."""
+def write_task(
+    folder: Path, *, train_size: int = 512, eval_size: int = 128, seed: int = 0, pairs_per_question: int = 1
+) -> dict[str, Path]:
+    """Write `<kind>-<split>.jsonl` for each kind and split into `folder`; returns {name: path}.
+
+    pairs_per_question: comparisons per training question, each against a different wrong reply
+    (more near misses for the reward model to learn checking from); held-out keeps one each."""
     train = questions(train_size, seed=seed)
     held_out = questions(eval_size, seed=seed + 1, exclude=frozenset(k for k, _ in train))
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for split, qs in (("train", train), ("eval", held_out)):
-        for kind, rows in split_rows([q for _, q in qs], seed=seed).items():
+        pairs = pairs_per_question if split == "train" else 1
+        for kind, rows in split_rows([q for _, q in qs], seed=seed, pairs_per_question=pairs).items():
             path = folder / f"{kind}-{split}.jsonl"
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
             written[f"{kind}-{split}"] = path

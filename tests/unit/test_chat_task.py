@@ -70,6 +70,20 @@ def test_the_same_seed_writes_the_same_files(task, tmp_path):
     assert all(again[name].read_bytes() == path.read_bytes() for name, path in task.items())
 
 
+def test_more_pairs_per_question_pair_each_training_question_with_distinct_wrong_replies(tmp_path):
+    more = write_task(tmp_path, train_size=200, eval_size=40, seed=3, pairs_per_question=3)
+    by_question: dict[str, list[str]] = {}
+    for row in rows(more["comparisons-train"]):
+        assert row["chosen"][1]["content"] == solve(row["chosen"][0]["content"])
+        by_question.setdefault(row["chosen"][0]["content"], []).append(row["rejected"][1]["content"])
+    assert len(by_question) == 200 and all(len(set(replies)) == len(replies) == 3 for replies in by_question.values())
+    assert len(rows(more["comparisons-eval"])) == 40  # the held-out measure keeps one pair a question
+    one = write_task(tmp_path / "one", train_size=200, eval_size=40, seed=3)
+    assert more["prompts-train"].read_bytes() == one["prompts-train"].read_bytes()
+    with pytest.raises(ValueError, match="pairs per question"):
+        write_task(tmp_path / "bad", train_size=4, eval_size=2, pairs_per_question=8)
+
+
 def test_exact_answer_rate():
     replies = ["2 + 10 = 12", " 3 + 4 = 7\n", "The answer is 3.", "2 * 2 = 5"]
     assert exact_answer_rate(replies, ["2 + 10 = 12", "3 + 4 = 7", "1 + 2 = 3", "2 * 2 = 4"]) == 0.5

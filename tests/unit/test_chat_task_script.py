@@ -1,0 +1,32 @@
+"""scripts/chat_task.py's paired gain: the mean per-question difference and its standard error,
+checked against a straightforward float64 computation (numpy, sample variance)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "chat_task.py"
+spec = importlib.util.spec_from_file_location("chat_task", SCRIPT)
+chat_task = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(chat_task)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paired_gain_matches_a_float64_reference(seed):
+    rng = np.random.default_rng(seed)
+    before = rng.integers(0, 5, size=300) / 4  # shares of 4 sampled replies per question
+    after = np.clip(before + rng.integers(-1, 3, size=300) / 4, 0, 1)
+    got = chat_task.paired_gain(before.tolist(), after.tolist())
+    diffs = after.astype(np.float64) - before
+    se = diffs.std(ddof=1) / np.sqrt(diffs.size)
+    assert got["gain"] == pytest.approx(diffs.mean(), abs=1e-12) and got["se"] == pytest.approx(se, rel=1e-12)
+    assert got["before"] == pytest.approx(before.mean()) and got["after"] == pytest.approx(after.mean())
+    assert got["z"] == pytest.approx(diffs.mean() / se, rel=1e-12)
+
+
+def test_paired_gain_needs_the_same_questions():
+    with pytest.raises(ValueError):
+        chat_task.paired_gain([1.0, 0.0], [1.0])
+    assert chat_task.paired_gain([0.5, 0.5], [0.5, 0.5])["z"] == 0.0
