@@ -169,14 +169,32 @@ def rates(model_path: str, task: Path, cache: Path | None = None) -> dict[str, l
     return found
 
 
-def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: int, reward: str = "rm", seed: int | None = None) -> dict:
+def ppo_settings(task: Path, *, steps: int, common: list[str], reward: str = "rm", seed: int | None = None,
+                 recipe: tuple[str, ...] = ()) -> list[str]:
+    """`rlhf ppo`'s settings on the task: its own, then `common`, the recipe's, the reward and the seed."""
+    extra = ([GRADER] if reward == "grader" else []) + ([f"train.seed={seed}"] if seed is not None else [])
+    return [a.format(task=task, steps=steps) for a in STAGE_ARGS["ppo"]] + common + [*recipe] + extra
+
+
+def rlvr_recipe(key: str) -> tuple[str, ...]:
+    """`rlhf compare`'s settings of RL method `key`, less its evaluation settings (the task keeps its own)."""
+    from rlhf.cli.compare import RL_EVAL, chosen_methods
+
+    (method,) = chosen_methods(key, quick=False)
+    if method.stage != "ppo":
+        sys.exit(f"chat_task.py rlvr: {key} is not an RL recipe of rlhf ppo")
+    return tuple(s for s in method.args if s not in RL_EVAL)
+
+
+def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: int, reward: str = "rm", seed: int | None = None,
+              recipe: tuple[str, ...] = ()) -> dict:
     """`rlhf ppo` on `home`'s sft:latest and rm:latest, rewarded by the RM or the grader (train.seed
-    `seed`, else the default); the stage's wall time, held-out evaluations, greedy and sampled
-    exact-answer rates, and their gains over the SFT policy with paired standard errors."""
+    `seed`, else the default; `recipe`: settings over the task's own); the stage's wall time, held-out
+    evaluations, greedy and sampled exact-answer rates, and their gains over the SFT policy with paired
+    standard errors."""
     from rlhf.store.registry import Registry
 
-    extra = ([GRADER] if reward == "grader" else []) + ([f"train.seed={seed}"] if seed is not None else [])
-    settings = [a.format(task=task, steps=steps) for a in STAGE_ARGS["ppo"]] + common + extra
+    settings = ppo_settings(task, steps=steps, common=common, reward=reward, seed=seed, recipe=recipe)
     seconds = round(run_stage("ppo", settings, ranks=ranks, home=home), 1)
     figures = last_eval(home, "ppo")
     sft = Registry(home).resolve("sft:latest")
@@ -185,6 +203,17 @@ def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: i
     return {"seconds": seconds, **figures, "exact_answer_rate": sum(after["greedy"]) / len(after["greedy"]),
             "sampled_exact_answer_rate": sum(after["sampled"]) / len(after["sampled"]),
             "gain_over_sft": {kind: paired_gain(before[kind], after[kind]) for kind in before}}
+
+
+def rlvr(out: Path, *, methods: str, steps: int, seed: int | None) -> dict:
+    """`rlhf compare`'s RL recipes (PPO, GRPO, DAPO, GSPO, ...) on the registry a `run` left in OUT, each
+    rewarded by the task's grader (RLVR) with the task's settings: one `ppo_stage` figure each."""
+    figures: dict = {"steps": steps, "seed": seed, "methods": {}}
+    for key in methods.split(","):
+        figures["methods"][key] = ppo_stage(out / "task", out / "home", ranks=1, common=["engine.precision=fp32"], steps=steps,
+                                            reward="grader", seed=seed, recipe=rlvr_recipe(key))
+        (out / "figures-rlvr.json").write_text(json.dumps(figures, indent=1))
+    return figures
 
 
 LABELER = "python:rlhf.tasks.chat:exact_reward"
@@ -265,9 +294,9 @@ def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, i
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    found = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = found.add_subparsers(dest="command", required=True)
     w = commands.add_parser("write")
     w.add_argument("folder", type=Path)
     w.add_argument("--train-size", type=int, default=512)
@@ -291,46 +320,54 @@ def main() -> None:
     r.add_argument("--pairs-per-question", type=int, default=1)
     for stage, steps in (("sft", 24), ("rm", 48), ("ppo", 24)):
         r.add_argument(f"--{stage}-steps", type=int, default=steps)
-    p = commands.add_parser("ppo")
-    p.add_argument("out", type=Path)
-    p.add_argument("--reward", choices=("rm", "grader"), required=True)
-    p.add_argument("-n", "--ranks", type=int, default=1)
-    p.add_argument("--ppo-steps", type=int, default=24)
-    p.add_argument("--seed", type=int, default=None, help="train.seed of the PPO run")
+    for name in ("ppo", "rlvr"):
+        p = commands.add_parser(name)
+        p.add_argument("out", type=Path)
+        p.add_argument("--ppo-steps", type=int, default=24)
+        p.add_argument("--seed", type=int, default=None, help="train.seed of the PPO runs")
+    commands.choices["ppo"].add_argument("--reward", choices=("rm", "grader"), required=True)
+    commands.choices["ppo"].add_argument("-n", "--ranks", type=int, default=1)
+    commands.choices["rlvr"].add_argument("--methods", default="ppo,grpo,dapo,gspo", help="rlhf compare's RL keys, comma-separated")
     o = commands.add_parser("rounds")
     o.add_argument("out", type=Path)
     o.add_argument("--rounds", type=int, default=2)
     for stage, steps in (("sft", 24), ("rm", 48), ("ppo", 12)):
         o.add_argument(f"--{stage}-steps", type=int, default=steps)
-    args = parser.parse_args()
+    return found
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.command in ("rounds", "rlvr", "ppo"):
+        os.environ["RLHF_HOME"] = str(args.out / "home")
     if args.command == "rounds":
         figures = rounds_pipeline(args.out, rounds=args.rounds, steps={"sft": args.sft_steps, "rm": args.rm_steps, "ppo": args.ppo_steps})
-        print(json.dumps(figures, indent=1))
-        return
-    if args.command == "ppo":
-        os.environ["RLHF_HOME"] = str(args.out / "home")
+    elif args.command == "rlvr":
+        figures = rlvr(args.out, methods=args.methods, steps=args.ppo_steps, seed=args.seed)
+    elif args.command == "ppo":
         figures = ppo_stage(args.out / "task", args.out / "home", ranks=args.ranks, common=["engine.precision=fp32"],
                             steps=args.ppo_steps, reward=args.reward, seed=args.seed)
         suffix = "" if args.seed is None else f"-seed{args.seed}"
         (args.out / f"figures-ppo-{args.reward}{suffix}.json").write_text(json.dumps(figures, indent=1))
-        print(json.dumps(figures, indent=1))
-        return
-    if args.command == "run":
+    elif args.command == "run":
         common = [f"engine.precision={args.precision}", f"engine.zero_stage={args.zero_stage}"]
         steps = {"sft": args.sft_steps, "rm": args.rm_steps, "ppo": args.ppo_steps}
         figures = run_pipeline(args.out, ranks=args.ranks, common=common, steps=steps, eval_size=args.eval_size,
                                pairs=args.pairs_per_question)
-        print(json.dumps({k: v for k, v in figures.items() if k not in ("sft", "rm", "ppo")}, indent=1))
         print("rm held-out:", figures["rm"]["first_eval"], "->", figures["rm"]["last_eval"])
+        figures = {k: v for k, v in figures.items() if k not in ("sft", "rm", "ppo")}
     elif args.command == "write":
         for name, path in write_task(args.folder, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
-                                           pairs_per_question=args.pairs_per_question).items():
+                                     pairs_per_question=args.pairs_per_question).items():
             print(f"{name}: {path}")
+        return
     elif args.command == "rank":
-        print(json.dumps({k: round(v, 3) for k, v in rank(args.rm, args.folder).items()}))
+        figures = {k: round(v, 3) for k, v in rank(args.rm, args.folder).items()}
     else:
         rate = score(args.model, args.folder, args.max_new_tokens, samples=args.samples)
         print(f"exact-answer rate ({f'{args.samples} sampled per question' if args.samples else 'greedy'}): {rate:.3f}")
+        return
+    print(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

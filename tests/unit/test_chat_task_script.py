@@ -30,3 +30,25 @@ def test_paired_gain_needs_the_same_questions():
     with pytest.raises(ValueError):
         chat_task.paired_gain([1.0, 0.0], [1.0])
     assert chat_task.paired_gain([0.5, 0.5], [0.5, 0.5])["z"] == 0.0
+
+
+@pytest.mark.parametrize("key", ["ppo", "grpo", "rloo", "reinforce_pp", "dapo", "gspo"])
+def test_rlvr_recipes_load_as_the_chat_tasks_ppo_config_with_the_grader_as_the_reward(key, tmp_path):
+    from rlhf.cli.compare import chosen_methods
+    from rlhf.config import PPOConfig, load_config
+
+    settings = chat_task.ppo_settings(tmp_path, steps=24, common=["engine.precision=fp32"], reward="grader", seed=7,
+                                      recipe=chat_task.rlvr_recipe(key))
+    cfg = load_config(PPOConfig, None, settings)
+    assert cfg.reward.name_or_path == ["python:rlhf.tasks.chat:exact_reward"] and cfg.train.seed == 7
+    assert cfg.train.max_steps == 24 and cfg.data.train == f"{tmp_path}/prompts-train.jsonl"
+    assert cfg.eval.max_rows == 32  # the task's evaluation, not compare's 400 rows
+    (method,) = chosen_methods(key, quick=False)
+    expected = dict(s.split("=", 1) for s in method.args if s.startswith("ppo.estimator="))
+    assert cfg.ppo.estimator == expected.get("ppo.estimator", "gae")
+    assert cfg.ppo.beta == (0.0 if key == "dapo" else 0.05)  # DAPO drops the KL penalty, the others keep the task's
+
+
+def test_rlvr_refuses_a_method_that_is_not_rl():
+    with pytest.raises(SystemExit, match="not an RL recipe"):
+        chat_task.rlvr_recipe("dpo")
