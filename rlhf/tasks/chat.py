@@ -12,6 +12,10 @@ forms users bring (`messages`), and grades replies:
 - comparisons: the exact reply against one with a near-miss result or the result in a sentence
   (for `rlhf rm`);
 - prompts: the question alone, with the exact reply as `answer` (for `rlhf ppo`);
+- tool demonstrations (`demonstrations-tool-*`): the same questions worked with rlhf/tools'
+  calculator, two rows each since `rlhf sft` learns a chat's last turn: the question answered by the
+  call (`<tool name="calculator">23+5</tool>`), and the whole episode ending in the exact reply
+  after the tool's result (for `rlhf sft`, then `rlhf ppo rollout.env=python:rlhf.tasks.envs:ToolEnv`);
 - `exact_answer_rate(responses, answers)`: the share of replies that are the answer and nothing else;
 - `exact_reward(prompts, responses)`: the grader as a PPO reward source
   (`reward.name_or_path=[python:rlhf.tasks.chat:exact_reward]`), 1 for the exact reply, else 0.
@@ -26,6 +30,8 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from rlhf.tools.registry import call_tool, parse_tool_call, render_observation
 
 OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
 SYMBOLS = {"plus": "+", "minus": "-", "times": "*"}
@@ -73,6 +79,22 @@ def _assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
+def tool_call(q: Question) -> str:
+    """The calculator call that works `q` out: its equation's left side without spaces."""
+    return f'<tool name="calculator">{q.answer.split(" = ")[0].replace(" ", "")}</tool>'
+
+
+def tool_demonstrations(q: Question) -> list[dict]:
+    """Two SFT rows: the question answered by the calculator call, and the episode the rollout
+    builds after it (the call, the tool's observation as ToolEnv renders it, the exact reply)."""
+    call = tool_call(q)
+    parsed = parse_tool_call(call)
+    assert parsed is not None
+    observation = {"role": "tool", "content": render_observation(call_tool(*parsed))}
+    return [{"messages": [_user(q.text), _assistant(call)]},
+            {"messages": [_user(q.text), _assistant(call), observation, _assistant(q.answer)]}]
+
+
 def _worse_reply(q: Question, rng: random.Random) -> str:
     """A reply a grader marks wrong: mostly the equation with a near-miss result (what the reward
     model must learn to check), else the right result in a sentence."""
@@ -104,6 +126,7 @@ def split_rows(qs: list[Question], *, seed: int, pairs_per_question: int = 1) ->
     rng = random.Random(seed)
     return {
         "demonstrations": [{"messages": [_user(q.text), _assistant(q.answer)]} for q in qs],
+        "demonstrations-tool": [row for q in qs for row in tool_demonstrations(q)],
         "comparisons": [
             {"chosen": [_user(q.text), _assistant(q.answer)], "rejected": [_user(q.text), _assistant(worse)]}
             for q in qs

@@ -112,3 +112,30 @@ def test_exact_reward_grades_every_held_out_prompt_as_the_grader_does(task):
 def test_exact_reward_refuses_a_prompt_without_a_question():
     with pytest.raises(ValueError, match="prompt 1 holds no question"):
         exact_reward([rendered("What is 12 plus 3? Reply with the equation, like 2 + 2 = 4."), rendered("Hello")], ["", ""])
+
+
+def test_tool_demonstrations_are_the_episodes_tool_env_plays_out(task):
+    """Each question's two rows: the calculator call alone, and the episode after it. The environment
+    answers the call with the row's observation, and the template renders the episode row as the
+    rollout lays it out (prompt, call, observation as the Renderer appends it, reply)."""
+    from rlhf.data.templates import DEFAULT_CHAT_TEMPLATE, render_chat
+    from rlhf.rollouts.multiturn import Renderer
+    from rlhf.tasks.envs import ToolEnv
+    from rlhf.toy import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    demos = rows(task["demonstrations-tool-train"])
+    assert len(demos) == 2 * 200
+    for call_row, episode in zip(demos[::2], demos[1::2]):
+        user, call, observation, reply = episode["messages"]
+        assert call_row["messages"] == [user, call] and reply["content"] == solve(user["content"])
+        assert [m["role"] for m in episode["messages"]] == ["user", "assistant", "tool", "assistant"]
+        answered, result, done = ToolEnv().step(call["content"])
+        assert answered == [observation] and result == 0.0 and not done
+        assert observation["content"] == f"<result>\n{reply['content'].split(' = ')[1]}\n</result>"
+        assert ToolEnv().step(reply["content"])[2]  # the reply calls nothing: the episode ends
+        prompt = render_chat(tokenizer, [user], add_generation_prompt=True)
+        rollout = prompt + call["content"] + Renderer(tokenizer)._chat_observation([observation], closed=False) + reply["content"]
+        assert render_chat(tokenizer, episode["messages"], add_generation_prompt=False).startswith(rollout)
+        assert render_chat(tokenizer, call_row["messages"], add_generation_prompt=False).startswith(prompt + call["content"])

