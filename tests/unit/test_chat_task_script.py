@@ -63,6 +63,8 @@ def test_the_calculator_demonstrations_rl_runs_tool_env_episodes_with_the_grader
     assert cfg.rollout.max_new_tokens == chat_task.TOOL_NEW_TOKENS and cfg.ppo.estimator == "grpo"
     assert cfg.reward.name_or_path == ["python:rlhf.tasks.chat:exact_reward"] and cfg.train.seed == 3
     assert cfg.model.name_or_path == "sft:latest"  # the tool SFT of its own registry
+    with pytest.raises(SystemExit, match="must be critic-free"):
+        chat_task.tool_settings(tmp_path, "ppo", steps=24, recipe=chat_task.rlvr_recipe("ppo"))
 
 
 def test_the_calculator_demonstrations_sft_learns_the_tool_rows(tmp_path):
