@@ -78,3 +78,25 @@ def test_the_calculator_demonstrations_sft_learns_the_tool_rows(tmp_path):
     cfg = load_config(SFTConfig, None, chat_task.tool_settings(tmp_path, "sft", steps=48))
     assert cfg.data.train == f"{tmp_path}/demonstrations-tool-train.jsonl" and cfg.data.max_length == 160
     assert cfg.model.name_or_path == str(installed_smollm2()) and cfg.train.max_steps == 48 and cfg.model.lora.enabled
+
+
+def test_the_full_fine_tuning_reward_model_trains_every_weight(tmp_path):
+    from rlhf.config import RMConfig, load_config
+
+    lora = load_config(RMConfig, None, chat_task.stage_settings("rm", tmp_path, 48))
+    full = load_config(RMConfig, None, chat_task.stage_settings("rm", tmp_path, 192, rm_full=True))
+    assert lora.model.lora.enabled and lora.optim.lr == 1e-3 and lora.train.max_steps == 48
+    assert not full.model.lora.enabled and full.optim.lr == 3e-5 and full.train.max_steps == 192
+    assert full.eval.reward_stats_rows == 256 and full.data.train == f"{tmp_path}/comparisons-train.jsonl"
+    assert chat_task.stage_settings("sft", tmp_path, 24, rm_full=True) == chat_task.stage_settings("sft", tmp_path, 24)
+
+
+@pytest.mark.parametrize("key", ["ppo", "dapo"])
+def test_ppo_against_the_reward_model_takes_an_rl_recipe(key, tmp_path):
+    from rlhf.config import PPOConfig, load_config
+
+    args = chat_task.parser().parse_args(["ppo", str(tmp_path), "--reward", "rm", "--method", key, "--seed", "5"])
+    cfg = load_config(PPOConfig, None, chat_task.ppo_settings(tmp_path, steps=args.ppo_steps, common=[], reward=args.reward,
+                                                              seed=args.seed, recipe=chat_task.rlvr_recipe(args.method)))
+    assert cfg.reward.name_or_path == ["rm:latest"] and cfg.train.seed == 5
+    assert (cfg.ppo.estimator, cfg.ppo.dynamic_sampling) == (("grpo", True) if key == "dapo" else ("gae", False))
