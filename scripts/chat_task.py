@@ -8,6 +8,7 @@
     python scripts/chat_task.py ppo OUT --reward {rm,grader} [--method ppo] [-n RANKS] [--ppo-steps 24] [--seed S]
     python scripts/chat_task.py rlvr OUT [--methods ppo,grpo,dapo,gspo] [--ppo-steps 24] [--seed S]
     python scripts/chat_task.py tool OUT [--sft-steps 48] [--rl-steps 24] [--method grpo] [--seed S]
+    python scripts/chat_task.py onpolicy-rm OUT [--policies sft:latest,...] [--rm-steps 192]
     python scripts/chat_task.py rounds OUT [--rounds 2] [--rm-steps 48] [--ppo-steps 12]
 
 `write` puts demonstrations-, comparisons- and prompts-{train,eval}.jsonl (chat `messages` form)
@@ -36,6 +37,9 @@ the task's tool demonstrations (the question answered by a calculator call, then
 after the tool's result), then `rlhf ppo` with a critic-free recipe, the grader as the reward and
 `rollout.env=python:rlhf.tasks.envs:ToolEnv` episodes; scores both with the tool (greedy and sampled
 episodes, graded on their last turn) against the `run`'s SFT policy without it (OUT/figures-tool.json).
+`onpolicy-rm` samples 4 replies per training prompt from each policy (`rlhf sample`), puts each distinct
+wrong one against the exact reply, and trains a reward model (all weights) on the written comparisons and
+those (OUT/figures-onpolicy-rm.json).
 `rounds` runs `rlhf pipeline --rounds N --label-by python:rlhf.tasks.chat:exact_reward` (the grader
 labels each round's own samples, K=4 per training prompt) with `run`'s stage settings, then scores
 the SFT and every round's PPO policy and reward model; writes OUT/figures-rounds.json.
@@ -52,7 +56,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.tasks.chat import exact_answer_rate, write_task
+from rlhf.tasks.chat import answer_of, exact_answer_rate, write_task
 
 # The README's settings: sized for 2 CPU cores (a LoRA step of 8 short chats takes a few seconds).
 STAGE_ARGS = {
@@ -371,6 +375,61 @@ def rounds_pipeline(out: Path, *, rounds: int, steps: dict[str, int]) -> dict:
     return figures
 
 
+def on_policy_pairs(prompts: list[dict], sample_sets: list[list[dict]]) -> list[dict]:
+    """Comparisons from policies' own samples (each set `rlhf sample`'s rows, in the prompts' order): each
+    distinct reply the grader marks wrong, against the exact reply. What PPO against a reward model finds first are
+    the wrong replies the model scores high; these pairs teach it those (InstructGPT's on-policy comparisons,
+    labeled here by the task's answer key instead of a person)."""
+    pairs, seen = [], set()
+    for samples in sample_sets:
+        if len(prompts) != len(samples):
+            raise ValueError(f"{len(samples)} sampled rows for {len(prompts)} prompts")
+        pairs += _new_wrong_replies(prompts, samples, seen)
+    return pairs
+
+
+def _new_wrong_replies(prompts: list[dict], samples: list[dict], seen: set[tuple[str, str]]) -> list[dict]:
+    """`on_policy_pairs` of one sample set, skipping the (answer, reply) pairs in `seen` and adding its own."""
+    pairs = []
+    for prompt, row in zip(prompts, samples):
+        if answer_of(row["prompt"]) != prompt["answer"]:
+            raise ValueError(f"sampled rows out of the prompts' order: {row['prompt']!r} is not {prompt['answer']!r}'s question")
+        for reply in (r["text"].strip() for r in row["responses"]):
+            if reply != prompt["answer"] and (prompt["answer"], reply) not in seen:
+                seen.add((prompt["answer"], reply))
+                pairs.append({"chosen": [*prompt["messages"], {"role": "assistant", "content": prompt["answer"]}],
+                              "rejected": [*prompt["messages"], {"role": "assistant", "content": reply}]})
+    return pairs
+
+
+def on_policy_rm(out: Path, *, policies: list[str], steps: int) -> dict:
+    """A reward model (all weights, from sft:latest) on the written comparisons plus `on_policy_pairs` of each
+    policy's samples (`rlhf sample`, K=4 per training prompt), on the registry a `run` left in OUT; its held-out
+    accuracy by kind. OUT/task/comparisons-onpolicy-train.jsonl keeps the pairs."""
+    from rlhf.store.registry import Registry
+
+    task, home = out / "task", out / "home"
+    prompts = [json.loads(line) for line in (task / "prompts-train.jsonl").read_text().splitlines()]
+    sample_sets: list[list[dict]] = []
+    figures: dict = {"policies": {}}
+    for policy in policies:
+        run_stage("sample", [a.format(task=task) for a in SAMPLE_ARGS] + [f"model.name_or_path={policy}", "engine.precision=fp32"],
+                  ranks=1, home=home)
+        entry = Registry(home).resolve("samples:latest")
+        sample_sets.append([json.loads(line) for line in (Path(entry.path) / "samples.jsonl").read_text().splitlines()])
+        figures["policies"][policy] = {"samples": entry.id, "pairs": len(on_policy_pairs(prompts, sample_sets[-1:]))}
+    added = on_policy_pairs(prompts, sample_sets)
+    figures["added_pairs"] = len(added)
+    data = task / "comparisons-onpolicy-train.jsonl"
+    data.write_text((task / "comparisons-train.jsonl").read_text() + "".join(json.dumps(p) + "\n" for p in added))
+    settings = stage_settings("rm", task, steps, rm_full=True) + ["engine.precision=fp32", f"data.train={data}"]
+    figures["rm_seconds"] = round(run_stage("rm", settings, ranks=1, home=home), 1)
+    figures["rm"] = last_eval(home, "rm")
+    figures["rm_accuracy_by_kind"] = rank(figures["rm"]["path"], task)
+    (out / "figures-onpolicy-rm.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
 def run_pipeline(out: Path, *, ranks: int, common: list[str], steps: dict[str, int], eval_size: int = 128, pairs: int = 1,
                  rm_full: bool = False) -> dict:
     from rlhf.models.gguf import installed_smollm2
@@ -447,6 +506,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rl-steps", type=int, default=24)
     t.add_argument("--method", default="grpo", help="rlhf compare's critic-free RL key: grpo, rloo, reinforce_pp, gspo")
     t.add_argument("--seed", type=int, default=None, help="train.seed of the RL run")
+    n = commands.add_parser("onpolicy-rm")
+    n.add_argument("out", type=Path)
+    n.add_argument("--policies", default="sft:latest", help="comma-separated models to sample (registry references or folders)")
+    n.add_argument("--rm-steps", type=int, default=192)
     o = commands.add_parser("rounds")
     o.add_argument("out", type=Path)
     o.add_argument("--rounds", type=int, default=2)
@@ -457,10 +520,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    if args.command in ("rounds", "rlvr", "ppo", "tool"):
+    if args.command in ("rounds", "rlvr", "ppo", "tool", "onpolicy-rm"):
         os.environ["RLHF_HOME"] = str(args.out / "home")
     if args.command == "rounds":
         figures = rounds_pipeline(args.out, rounds=args.rounds, steps={"sft": args.sft_steps, "rm": args.rm_steps, "ppo": args.ppo_steps})
+    elif args.command == "onpolicy-rm":
+        figures = on_policy_rm(args.out, policies=args.policies.split(","), steps=args.rm_steps)
     elif args.command == "tool":
         figures = tool_demo(args.out, sft_steps=args.sft_steps, rl_steps=args.rl_steps, method=args.method, seed=args.seed)
     elif args.command == "rlvr":

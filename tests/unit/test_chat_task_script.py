@@ -2,6 +2,7 @@
 checked against a straightforward float64 computation (numpy, sample variance)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,27 @@ def test_ppo_against_the_reward_model_takes_an_rl_recipe(key, tmp_path):
                                                               seed=args.seed, recipe=chat_task.rlvr_recipe(args.method)))
     assert cfg.reward.name_or_path == ["rm:latest"] and cfg.train.seed == 5
     assert (cfg.ppo.estimator, cfg.ppo.dynamic_sampling) == (("grpo", True) if key == "dapo" else ("gae", False))
+
+
+def test_on_policy_pairs_put_each_distinct_wrong_sample_against_the_exact_reply(tmp_path):
+    from rlhf.tasks.chat import write_task
+
+    write_task(tmp_path, train_size=3, eval_size=1)
+    prompts = [json.loads(line) for line in (tmp_path / "prompts-train.jsonl").read_text().splitlines()]
+    answers = [p["answer"] for p in prompts]
+    wrong = [a[:-1] + str((int(a[-1]) + 1) % 10) for a in answers]  # the last digit of the result off by one
+    rendered = [f"<|im_start|>user\n{p['messages'][0]['content']}<|im_end|>\n" for p in prompts]
+
+    def sampled(replies):
+        return [{"prompt": r, "responses": [{"text": t} for t in texts]} for r, texts in zip(rendered, replies)]
+
+    first = sampled([[answers[0], wrong[0], wrong[0] + " "], [answers[1]] * 3, [wrong[2], "The answer is 7."]])
+    second = sampled([[wrong[0], "0"], [answers[1]], [wrong[2]]])
+    pairs = chat_task.on_policy_pairs(prompts, [first, second])
+    got = [(p["chosen"][-1]["content"], p["rejected"][-1]["content"]) for p in pairs]
+    assert got == [(answers[0], wrong[0]), (answers[2], wrong[2]), (answers[2], "The answer is 7."), (answers[0], "0")]
+    assert all(p["chosen"][:-1] == p["rejected"][:-1] == prompts[answers.index(p["chosen"][-1]["content"])]["messages"] for p in pairs)
+    with pytest.raises(ValueError, match="out of the prompts' order"):
+        chat_task.on_policy_pairs(prompts, [first[::-1]])
+    with pytest.raises(ValueError, match="2 sampled rows for 3 prompts"):
+        chat_task.on_policy_pairs(prompts, [first[:2]])
