@@ -41,12 +41,14 @@ def launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], conf
     leaves nothing behind; a start that fails inside the stage (before it loaded its models and
     data) is cleaned away too, so no run looks resumable that never trained.
     """
+    from rlhf.config import PPOConfig
     from rlhf.launcher.command import LaunchSpec, build_command
     from rlhf.launcher.memory_check import warn_before_launch
     from rlhf.launcher.preflight import check_inputs
+    from rlhf.launcher.reward_hacking import unanchored_policy_warning
     from rlhf.store.registry import Registry
     from rlhf.store.runs import LaunchRecord, check_run_id, create_run, resolve_config, save_launch
-    from rlhf.training.tracking import quiet_libraries
+    from rlhf.training.tracking import print_warning, quiet_libraries
 
     cfg = resolve_config(stage, config, overrides)
     quiet_libraries(verbose=launch.verbose)  # the checks load tokenizers and data
@@ -65,6 +67,8 @@ def launch_stage(*, stage: str, launch: LaunchChoice, overrides: list[str], conf
     # Not on --resume: a resumed run keeps its config, so the advice could not be taken there.
     warn_before_launch(stage, cfg, per_node=record.num_gpus, launcher=record.launcher, hostfile=launch.hostfile,
                        plan_args=[*(["-c", str(config)] if config else []), *overrides], verbose=launch.verbose)
+    if isinstance(cfg, PPOConfig) and (hacking := unanchored_policy_warning(cfg)):
+        print_warning(hacking)
     if dry_run:
         import yaml
 
