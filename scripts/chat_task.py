@@ -231,8 +231,10 @@ def rates(model_path: str, task: Path, cache: Path | None = None, *, tool: bool 
 
 def ppo_settings(task: Path, *, steps: int, common: list[str], reward: str = "rm", seed: int | None = None,
                  recipe: tuple[str, ...] = ()) -> list[str]:
-    """`rlhf ppo`'s settings on the task: its own, then `common`, the recipe's, the reward and the seed."""
-    extra = ([GRADER] if reward == "grader" else []) + ([f"train.seed={seed}"] if seed is not None else [])
+    """`rlhf ppo`'s settings on the task: its own, then `common`, the recipe's, the reward and the seed. Against the
+    reward model the grader is the gold score of its evaluations (the overoptimization picture, eval/gold_score)."""
+    gold = [GRADER] if reward == "grader" else [f"eval.gold={LABELER}"]
+    extra = gold + ([f"train.seed={seed}"] if seed is not None else [])
     return stage_settings("ppo", task, steps) + common + [*recipe] + extra
 
 

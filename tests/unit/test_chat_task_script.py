@@ -43,7 +43,7 @@ def test_rlvr_recipes_load_as_the_chat_tasks_ppo_config_with_the_grader_as_the_r
     cfg = load_config(PPOConfig, None, settings)
     assert cfg.reward.name_or_path == ["python:rlhf.tasks.chat:exact_reward"] and cfg.train.seed == 7
     assert cfg.train.max_steps == 24 and cfg.data.train == f"{tmp_path}/prompts-train.jsonl"
-    assert cfg.eval.max_rows == 32  # the task's evaluation, not compare's 400 rows
+    assert cfg.eval.max_rows == 32 and cfg.eval.gold is None  # the task's evaluation, not compare's 400 rows; no gold twice
     (method,) = chosen_methods(key, quick=False)
     expected = dict(s.split("=", 1) for s in method.args if s.startswith("ppo.estimator="))
     assert cfg.ppo.estimator == expected.get("ppo.estimator", "gae")
@@ -100,6 +100,7 @@ def test_ppo_against_the_reward_model_takes_an_rl_recipe(key, tmp_path):
     cfg = load_config(PPOConfig, None, chat_task.ppo_settings(tmp_path, steps=args.ppo_steps, common=[], reward=args.reward,
                                                               seed=args.seed, recipe=chat_task.rlvr_recipe(args.method)))
     assert cfg.reward.name_or_path == ["rm:latest"] and cfg.train.seed == 5
+    assert cfg.eval.gold == "python:rlhf.tasks.chat:exact_reward"  # the grader judges what the reward model rewards
     assert (cfg.ppo.estimator, cfg.ppo.dynamic_sampling) == (("grpo", True) if key == "dapo" else ("gae", False))
 
 
