@@ -248,6 +248,15 @@ def rlvr_recipe(key: str) -> tuple[str, ...]:
     return tuple(s for s in method.args if s not in RL_EVAL)
 
 
+def reward_model_settings(rm: str, *, beta: float | None = None, ensemble: list[str] | None = None, penalty: float = 1.0) -> list[str]:
+    """Settings over a recipe's for PPO against reward model `rm` (also the critic's start): `beta` the KL coefficient
+    (None: the recipe's), `ensemble` more reward models combined with `rm` as mean - penalty x std."""
+    found = [f"reward.name_or_path=[{rm}]", f"critic.name_or_path={rm}"] + ([f"ppo.beta={beta}"] if beta is not None else [])
+    if ensemble:
+        found += [f"reward_ensemble.name_or_path=[{','.join(ensemble)}]", f"reward_ensemble.penalty={penalty}"]
+    return found
+
+
 def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: int, reward: str = "rm", seed: int | None = None,
               recipe: tuple[str, ...] = ()) -> dict:
     """`rlhf ppo` on `home`'s sft:latest and rm:latest, rewarded by the RM or the grader (train.seed
@@ -502,6 +511,11 @@ def parser() -> argparse.ArgumentParser:
     commands.choices["ppo"].add_argument("--reward", choices=("rm", "grader"), required=True)
     commands.choices["ppo"].add_argument("-n", "--ranks", type=int, default=1)
     commands.choices["ppo"].add_argument("--method", default="ppo", help="rlhf compare's RL key whose recipe runs (ppo: the task's own)")
+    commands.choices["ppo"].add_argument("--rm", default="rm:latest", help="with --reward rm: the reward model (and the critic's start)")
+    commands.choices["ppo"].add_argument("--beta", type=float, default=None, help="ppo.beta over the recipe's (the task's PPO: 0.05)")
+    commands.choices["ppo"].add_argument("--ensemble", default="", help="with --reward rm: more reward models, comma-separated, "
+                                         "combined with --rm as mean - penalty x std (two members, penalty 1: their minimum)")
+    commands.choices["ppo"].add_argument("--penalty", type=float, default=1.0, help="k of the ensemble's mean - k x std")
     commands.choices["rlvr"].add_argument("--methods", default="ppo,grpo,dapo,gspo", help="rlhf compare's RL keys, comma-separated")
     t = commands.add_parser("tool")
     t.add_argument("out", type=Path)
@@ -521,6 +535,23 @@ def parser() -> argparse.ArgumentParser:
     return found
 
 
+def ppo_recipe(args: argparse.Namespace) -> tuple[str, ...]:
+    """`chat_task.py ppo`'s settings over the task's: the method's recipe, then the reward model's and the KL coefficient."""
+    if args.reward == "grader" and (args.rm != "rm:latest" or args.ensemble):
+        sys.exit("chat_task.py ppo: --rm and --ensemble choose reward models; they need --reward rm")
+    if args.reward == "grader":
+        return rlvr_recipe(args.method) + ((f"ppo.beta={args.beta}",) if args.beta is not None else ())
+    ensemble = [ref for ref in args.ensemble.split(",") if ref]
+    return rlvr_recipe(args.method) + tuple(reward_model_settings(args.rm, beta=args.beta, ensemble=ensemble, penalty=args.penalty))
+
+
+def ppo_suffix(args: argparse.Namespace) -> str:
+    """The figures file's name past figures-ppo-REWARD: the choices that differ from the task's PPO."""
+    parts = ((f"-{args.method}", args.method != "ppo"), (f"-beta{args.beta}", args.beta is not None),
+             ("-ensemble", bool(args.ensemble)), (f"-seed{args.seed}", args.seed is not None))
+    return "".join(part for part, chosen in parts if chosen)
+
+
 def main() -> None:
     args = parser().parse_args()
     if args.command in ("rounds", "rlvr", "ppo", "tool", "onpolicy-rm"):
@@ -535,9 +566,8 @@ def main() -> None:
         figures = rlvr(args.out, methods=args.methods, steps=args.ppo_steps, seed=args.seed)
     elif args.command == "ppo":
         figures = ppo_stage(args.out / "task", args.out / "home", ranks=args.ranks, common=["engine.precision=fp32"],
-                            steps=args.ppo_steps, reward=args.reward, seed=args.seed, recipe=rlvr_recipe(args.method))
-        suffix = ("" if args.method == "ppo" else f"-{args.method}") + ("" if args.seed is None else f"-seed{args.seed}")
-        (args.out / f"figures-ppo-{args.reward}{suffix}.json").write_text(json.dumps(figures, indent=1))
+                            steps=args.ppo_steps, reward=args.reward, seed=args.seed, recipe=ppo_recipe(args))
+        (args.out / f"figures-ppo-{args.reward}{ppo_suffix(args)}.json").write_text(json.dumps(figures, indent=1))
     elif args.command == "run":
         common = [f"engine.precision={args.precision}", f"engine.zero_stage={args.zero_stage}"]
         steps = {"sft": args.sft_steps, "rm": args.rm_steps, "ppo": args.ppo_steps}

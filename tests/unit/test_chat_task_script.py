@@ -98,10 +98,33 @@ def test_ppo_against_the_reward_model_takes_an_rl_recipe(key, tmp_path):
 
     args = chat_task.parser().parse_args(["ppo", str(tmp_path), "--reward", "rm", "--method", key, "--seed", "5"])
     cfg = load_config(PPOConfig, None, chat_task.ppo_settings(tmp_path, steps=args.ppo_steps, common=[], reward=args.reward,
-                                                              seed=args.seed, recipe=chat_task.rlvr_recipe(args.method)))
-    assert cfg.reward.name_or_path == ["rm:latest"] and cfg.train.seed == 5
+                                                              seed=args.seed, recipe=chat_task.ppo_recipe(args)))
+    assert cfg.reward.name_or_path == ["rm:latest"] and cfg.critic.name_or_path == "rm:latest" and cfg.train.seed == 5
     assert cfg.eval.gold == "python:rlhf.tasks.chat:exact_reward"  # the grader judges what the reward model rewards
     assert (cfg.ppo.estimator, cfg.ppo.dynamic_sampling) == (("grpo", True) if key == "dapo" else ("gae", False))
+    assert cfg.ppo.beta == (0.0 if key == "dapo" else 0.05) and not cfg.reward_ensemble.name_or_path
+
+
+@pytest.mark.parametrize("key", ["ppo", "dapo", "rloo"])
+def test_ppo_takes_the_reward_model_an_ensemble_and_a_kl_coefficient_over_the_recipe(key, tmp_path):
+    from rlhf.config import PPOConfig, load_config
+
+    args = chat_task.parser().parse_args(["ppo", str(tmp_path), "--reward", "rm", "--method", key, "--rm", "rm:a", "--beta", "0.2",
+                                          "--ensemble", "rm:b,rm:c", "--penalty", "0.5"])
+    def loaded(args):
+        return load_config(PPOConfig, None, chat_task.ppo_settings(tmp_path, steps=24, common=[], reward=args.reward,
+                                                                  recipe=chat_task.ppo_recipe(args)))
+
+    cfg = loaded(args)
+    assert cfg.reward.name_or_path == ["rm:a"] and cfg.critic.name_or_path == "rm:a"
+    assert cfg.ppo.beta == 0.2  # over DAPO's 0 and the task's 0.05
+    assert cfg.reward_ensemble.name_or_path == ["rm:b", "rm:c"] and cfg.reward_ensemble.penalty == 0.5
+    assert chat_task.ppo_suffix(args) == f"-{key}-beta0.2-ensemble".replace("-ppo", "")
+    grader = chat_task.parser().parse_args(["ppo", str(tmp_path), "--reward", "grader", "--beta", "0.1"])
+    cfg = loaded(grader)
+    assert cfg.reward.name_or_path == ["python:rlhf.tasks.chat:exact_reward"] and cfg.ppo.beta == 0.1
+    with pytest.raises(SystemExit, match="need --reward rm"):
+        chat_task.ppo_recipe(chat_task.parser().parse_args(["ppo", str(tmp_path), "--reward", "grader", "--ensemble", "rm:b"]))
 
 
 def test_on_policy_pairs_put_each_distinct_wrong_sample_against_the_exact_reply(tmp_path):
