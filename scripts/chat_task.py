@@ -248,10 +248,10 @@ def rlvr_recipe(key: str) -> tuple[str, ...]:
     return tuple(s for s in method.args if s not in RL_EVAL)
 
 
-def reward_model_settings(rm: str, *, beta: float | None = None, ensemble: list[str] | None = None, penalty: float = 1.0) -> list[str]:
-    """Settings over a recipe's for PPO against reward model `rm` (also the critic's start): `beta` the KL coefficient
-    (None: the recipe's), `ensemble` more reward models combined with `rm` as mean - penalty x std."""
-    found = [f"reward.name_or_path=[{rm}]", f"critic.name_or_path={rm}"] + ([f"ppo.beta={beta}"] if beta is not None else [])
+def reward_model_settings(rm: str, *, ensemble: list[str] | None = None, penalty: float = 1.0) -> list[str]:
+    """Settings over a recipe's for PPO against reward model `rm` (also the critic's start); `ensemble`: more reward
+    models combined with `rm` as mean - penalty x std."""
+    found = [f"reward.name_or_path=[{rm}]", f"critic.name_or_path={rm}"]
     if ensemble:
         found += [f"reward_ensemble.name_or_path=[{','.join(ensemble)}]", f"reward_ensemble.penalty={penalty}"]
     return found
@@ -259,7 +259,7 @@ def reward_model_settings(rm: str, *, beta: float | None = None, ensemble: list[
 
 def ppo_stage(task: Path, home: Path, *, ranks: int, common: list[str], steps: int, reward: str = "rm", seed: int | None = None,
               recipe: tuple[str, ...] = ()) -> dict:
-    """`rlhf ppo` on `home`'s sft:latest and rm:latest, rewarded by the RM or the grader (train.seed
+    """`rlhf ppo` on `home`'s sft:latest and rm:latest (or the recipe's reward model), rewarded by the RM or the grader (train.seed
     `seed`, else the default; `recipe`: settings over the task's own); the stage's wall time, held-out
     evaluations, greedy and sampled exact-answer rates, and their gains over the SFT policy with paired
     standard errors."""
@@ -539,10 +539,9 @@ def ppo_recipe(args: argparse.Namespace) -> tuple[str, ...]:
     """`chat_task.py ppo`'s settings over the task's: the method's recipe, then the reward model's and the KL coefficient."""
     if args.reward == "grader" and (args.rm != "rm:latest" or args.ensemble):
         sys.exit("chat_task.py ppo: --rm and --ensemble choose reward models; they need --reward rm")
-    if args.reward == "grader":
-        return rlvr_recipe(args.method) + ((f"ppo.beta={args.beta}",) if args.beta is not None else ())
     ensemble = [ref for ref in args.ensemble.split(",") if ref]
-    return rlvr_recipe(args.method) + tuple(reward_model_settings(args.rm, beta=args.beta, ensemble=ensemble, penalty=args.penalty))
+    rm = reward_model_settings(args.rm, ensemble=ensemble, penalty=args.penalty) if args.reward == "rm" else []
+    return rlvr_recipe(args.method) + tuple(rm) + ((f"ppo.beta={args.beta}",) if args.beta is not None else ())
 
 
 def ppo_suffix(args: argparse.Namespace) -> str:
