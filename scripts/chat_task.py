@@ -575,8 +575,13 @@ def main() -> None:
         print("rm held-out:", figures["rm"]["first_eval"], "->", figures["rm"]["last_eval"])
         figures = {k: v for k, v in figures.items() if k not in ("sft", "rm", "ppo")}
     elif args.command == "write":
-        for name, path in write_task(args.folder, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
-                                     pairs_per_question=args.pairs_per_question).items():
+        try:
+            written = write_task(args.folder, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+                                 pairs_per_question=args.pairs_per_question)
+        except ValueError as error:  # nothing is written before the sizes are checked
+            print(f"chat_task.py write: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        for name, path in written.items():
             print(f"{name}: {path}")
         return
     elif args.command == "rank":

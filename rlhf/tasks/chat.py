@@ -36,6 +36,9 @@ from rlhf.tools.registry import call_tool, render_observation
 OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
 SYMBOLS = {"plus": "+", "minus": "-", "times": "*"}
 SENTENCE = "The answer is "
+# Each operation's operand ranges, (a's, b's) inclusive, as `questions` draws them.
+OPERANDS = {"plus": ((10, 99), (1, 9)), "minus": ((10, 99), (1, 9)), "times": ((2, 9), (2, 19))}
+QUESTION_COUNT = sum((high_a - low_a + 1) * (high_b - low_b + 1) for (low_a, high_a), (low_b, high_b) in OPERANDS.values())
 PHRASINGS = (
     "What is {a} {op} {b}? Reply with the equation, like 2 + 2 = 4.",
     "Compute {a} {op} {b}. Answer with just the equation, as in 3 * 5 = 15.",
@@ -55,12 +58,16 @@ def questions(n: int, *, seed: int, exclude: frozenset[tuple[str, int, int]] = f
     or minus a one-digit one, one digit times a number up to 19. Sized so a 135M chat model gets
     some right after SFT and a reward model from it can tell right from wrong: with two-digit
     operands on both sides SmolLM2-135M stays near 0.12 and PPO has no signal to follow."""
+    if n > QUESTION_COUNT - len(exclude):
+        raise ValueError(f"the task has {QUESTION_COUNT} distinct questions, so {n} cannot be drawn beside {len(exclude)} "
+                         f"held apart; ask for at most {QUESTION_COUNT - len(exclude)}")
     rng = random.Random(seed)
     seen = set(exclude)
     out: list[tuple[tuple[str, int, int], Question]] = []
     while len(out) < n:
         op = rng.choice(sorted(OPERATIONS))
-        a, b = (rng.randint(2, 9), rng.randint(2, 19)) if op == "times" else (rng.randint(10, 99), rng.randint(1, 9))
+        (low_a, high_a), (low_b, high_b) = OPERANDS[op]
+        a, b = rng.randint(low_a, high_a), rng.randint(low_b, high_b)
         key = (op, a, b)
         if key in seen:
             continue
@@ -107,11 +114,15 @@ def rejected_kind(reply: str) -> str:
     return "sentence" if reply.startswith(SENTENCE) else "near miss"
 
 
+def _check_pairs_per_question(count: int) -> None:
+    if not 1 <= count <= 7:
+        raise ValueError(f"pairs per question must be in [1, 7] (a question has 7 wrong replies), got {count}")
+
+
 def _worse_replies(q: Question, rng: random.Random, count: int) -> list[str]:
     """`count` distinct wrong replies to `q` (at most 7 exist: six near misses and the sentence); the
     first is drawn exactly as a single one is, so count=1 writes the same rows as before."""
-    if not 1 <= count <= 7:
-        raise ValueError(f"pairs per question must be in [1, 7], got {count}")
+    _check_pairs_per_question(count)
     replies: list[str] = []
     while len(replies) < count:
         reply = _worse_reply(q, rng)
@@ -141,6 +152,7 @@ def write_task(
 
     pairs_per_question: comparisons per training question, each against a different wrong reply
     (more near misses for the reward model to learn checking from); held-out keeps one each."""
+    _check_pairs_per_question(pairs_per_question)  # every size is checked before the folder is made
     train = questions(train_size, seed=seed)
     held_out = questions(eval_size, seed=seed + 1, exclude=frozenset(k for k, _ in train))
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import operator
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from rlhf.tasks.chat import exact_answer_rate, exact_reward, write_task
+from rlhf.tasks.chat import QUESTION_COUNT, exact_answer_rate, exact_reward, questions, write_task
 
 WORKED = {"plus": ("+", operator.add), "minus": ("-", operator.sub), "times": ("*", operator.mul)}
 
@@ -82,6 +85,26 @@ def test_more_pairs_per_question_pair_each_training_question_with_distinct_wrong
     assert more["prompts-train"].read_bytes() == one["prompts-train"].read_bytes()
     with pytest.raises(ValueError, match="pairs per question"):
         write_task(tmp_path / "bad", train_size=4, eval_size=2, pairs_per_question=8)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_every_distinct_question_can_be_drawn_and_no_more():
+    every = questions(QUESTION_COUNT, seed=5)
+    assert len({key for key, _ in every}) == QUESTION_COUNT == 1764
+    assert all(q.answer == solve(q.text) for _, q in every)
+    held_apart = frozenset(key for key, _ in every[:1000])
+    assert len(questions(QUESTION_COUNT - 1000, seed=6, exclude=held_apart)) == 764
+    with pytest.raises(ValueError, match="at most 764"):  # drawing past the end never ends
+        questions(765, seed=6, exclude=held_apart)
+
+
+def test_the_script_refuses_more_questions_than_the_task_has_and_writes_nothing(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "scripts" / "chat_task.py"
+    done = subprocess.run([sys.executable, str(script), "write", str(tmp_path / "task"), "--train-size", "4096"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not (tmp_path / "task").exists()
+    assert done.stderr.strip().splitlines() == ["chat_task.py write: the task has 1764 distinct questions, so 4096 cannot be "
+                                                "drawn beside 0 held apart; ask for at most 1764"]
 
 
 def test_exact_answer_rate():
