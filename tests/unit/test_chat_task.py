@@ -94,7 +94,7 @@ def test_every_distinct_question_can_be_drawn_and_no_more():
     assert all(q.answer == solve(q.text) for _, q in every)
     held_apart = frozenset(key for key, _ in every[:1000])
     assert len(questions(QUESTION_COUNT - 1000, seed=6, exclude=held_apart)) == 764
-    with pytest.raises(ValueError, match="at most 764"):  # drawing past the end never ends
+    with pytest.raises(ValueError, match="at most 764"):  # unchecked, the draw would never end
         questions(765, seed=6, exclude=held_apart)
 
 
