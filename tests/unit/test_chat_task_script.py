@@ -149,3 +149,24 @@ def test_on_policy_pairs_put_each_distinct_wrong_sample_against_the_exact_reply(
         chat_task.on_policy_pairs(prompts, [first[::-1]])
     with pytest.raises(ValueError, match="2 sampled rows for 3 prompts"):
         chat_task.on_policy_pairs(prompts, [first[:2]])
+
+
+def test_reply_logprobs_match_a_float64_sum_per_chat(tmp_path):
+    """Batched and right-padded, each chat's log-probability of its tokens past the prompt equals the sum over
+    those tokens of log softmax(logits) taken one chat at a time in float64."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    rng = np.random.default_rng(0)
+    chats = [rng.integers(1, 50, size=int(rng.integers(4, 20))).tolist() for _ in range(7)]
+    prompts = [c[: int(rng.integers(1, len(c) - 1))] for c in chats]
+    got = chat_task.reply_logprobs(model, prompts, chats, batch=3)  # three batches, padding in each
+    for prompt, chat, value in zip(prompts, chats, got):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([chat])).logits[0].double()
+        logps = torch.log_softmax(logits, dim=-1)
+        expected = sum(logps[t - 1, chat[t]].item() for t in range(len(prompt), len(chat)))
+        assert value == pytest.approx(expected, abs=1e-4)
