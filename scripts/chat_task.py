@@ -208,6 +208,8 @@ def reply_logprobs(model, prompts: list[list[int]], chats: list[list[int]], *, b
     what closes it), right-padded batches of `batch` chats."""
     import torch
 
+    from rlhf.algos.ppo import logprobs_from_logits
+
     sums: list[float] = []
     for start in range(0, len(chats), batch):
         rows = chats[start : start + batch]
@@ -215,8 +217,8 @@ def reply_logprobs(model, prompts: list[list[int]], chats: list[list[int]], *, b
         ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         with torch.no_grad():
-            logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
-        token_logps = logps.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): token t+1 given those before it
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        token_logps = logprobs_from_logits(logits, ids[:, 1:])  # (B, T-1): token t+1 given those before it
         for i, (prompt, row) in enumerate(zip(prompts[start : start + batch], rows)):
             sums.append(token_logps[i, len(prompt) - 1 : len(row) - 1].sum().item())
     return sums

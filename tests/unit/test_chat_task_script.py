@@ -151,7 +151,7 @@ def test_on_policy_pairs_put_each_distinct_wrong_sample_against_the_exact_reply(
         chat_task.on_policy_pairs(prompts, [first[:2]])
 
 
-def test_reply_logprobs_match_a_float64_sum_per_chat(tmp_path):
+def test_reply_logprobs_match_a_float64_sum_per_chat():
     """Batched and right-padded, each chat's log-probability of its tokens past the prompt equals the sum over
     those tokens of log softmax(logits) taken one chat at a time in float64."""
     import torch
