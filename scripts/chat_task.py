@@ -224,9 +224,10 @@ def reply_logprobs(model, prompts: list[list[int]], chats: list[list[int]], *, b
     return sums
 
 
-def likelihood_rank(model_path: str, folder: Path) -> dict[str, float]:
+def likelihood_rank(model_path: str, folder: Path, reference: str | None = None) -> dict[str, float]:
     """How well a causal LM's own log-likelihood of each reply ranks the held-out pairs (the exact reply first),
-    overall and by kind of rejected reply: what the model a reward model starts from already knows."""
+    overall and by kind of rejected reply: what the model a reward model starts from already knows. With
+    `reference` (a model folder): by the log-ratio to it instead, a DPO policy's implicit reward."""
     from rlhf.tasks.chat import rejected_kind
 
     model, tokenizer = _loaded(model_path)
@@ -237,6 +238,8 @@ def likelihood_rank(model_path: str, folder: Path) -> dict[str, float]:
     if any(f[: len(p)] != p for p, f in zip(prompts, full)):
         sys.exit("chat_task.py rank --likelihood: the chat template renders a prompt differently inside the whole chat")
     sums = reply_logprobs(model, prompts, full)
+    if reference is not None:
+        sums = [s - r for s, r in zip(sums, reply_logprobs(_loaded(reference)[0], prompts, full))]
     right = [sums[2 * i] > sums[2 * i + 1] for i in range(len(rows))]
     return accuracy_by_kind(right, [rejected_kind(row["rejected"][-1]["content"]) for row in rows])
 
@@ -539,6 +542,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("rm")
     k.add_argument("folder", type=Path)
     k.add_argument("--likelihood", action="store_true", help="RM is a causal LM: rank each pair by its log-likelihood of the replies")
+    k.add_argument("--reference", default=None, help="with --likelihood: rank by the log-ratio to this model folder (a DPO "
+                   "policy's implicit reward against its reference)")
     r = commands.add_parser("run")
     r.add_argument("out", type=Path)
     r.add_argument("-n", "--ranks", type=int, default=1)
@@ -631,7 +636,9 @@ def main() -> None:
             print(f"{name}: {path}")
         return
     elif args.command == "rank":
-        ranked = likelihood_rank(args.rm, args.folder) if args.likelihood else rank(args.rm, args.folder)
+        if args.reference and not args.likelihood:
+            sys.exit("chat_task.py rank: --reference ranks by a log-ratio; it needs --likelihood")
+        ranked = likelihood_rank(args.rm, args.folder, args.reference) if args.likelihood else rank(args.rm, args.folder)
         figures = {k: round(v, 3) for k, v in ranked.items()}
     else:
         rate = score(args.model, args.folder, args.max_new_tokens, samples=args.samples)

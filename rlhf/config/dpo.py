@@ -101,6 +101,9 @@ class DPOEvalConfig:
     temperature: float = 1.0
     """Sampling temperature of those answers; their log-probs are taken at the same temperature (greedy answers are
     graded by the oracle too)."""
+    reward_stats_rows: int = 2000
+    """dpo.loss=dpo: training rows whose chosen and rejected implicit rewards give the mean/std PPO normalizes them with
+    when it scores with this policy's implicit reward (reward.name_or_path=[dpo:latest]); 0 = all."""
     kl: bool = True
     """Measure the KL to the reference on sampled held-out answers. For simpo and orpo this loads a frozen reference for
     the measurement alone (with LoRA none: the model without its adapters); false loads none."""
@@ -131,7 +134,7 @@ class DPOConfig:
         _check_max_length(self.data.max_length)
         _check_packing_tokens(self.data)
         _at_least(1, {"eval.max_new_tokens": self.eval.max_new_tokens})
-        _at_least(0, {"eval.max_prompts": self.eval.max_prompts})
+        _at_least(0, {"eval.max_prompts": self.eval.max_prompts, "eval.reward_stats_rows": self.eval.reward_stats_rows})
         if self.eval.kl and self.eval.temperature <= 0:
             raise UserError(f"eval.kl samples answers and scores them at eval.temperature, which must be positive "
                             f"(got {self.eval.temperature}); raise it or set eval.kl=false")

@@ -25,7 +25,7 @@ from rlhf.launcher.memory_estimates import (
     logits_bytes,
     trained_states,
 )
-from rlhf.launcher.memory_shapes import TRAINED_STAGES
+from rlhf.launcher.memory_shapes import IMPLICIT_ROLES, TRAINED_STAGES
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -205,7 +205,7 @@ def _ppo_rows(cfg: PPOConfig, shapes: dict[str, ModelShape], ranks: int) -> list
                                 seq=seq, batch=score_rows, vocab_logits=True))
     for role in (r for r in shapes if r.startswith("reward")):  # the reward model and reward_ensemble's ("reward 2", ...)
         rows.append(_frozen_row(role, shapes[role], engine, ranks, offload=cfg.reward.offload, model_cfg=cfg.model,
-                                seq=seq, batch=score_rows, vocab_logits=False))
+                                seq=seq, batch=score_rows, vocab_logits=role in IMPLICIT_ROLES))
     return rows
 
 
@@ -219,7 +219,7 @@ def _bon_rows(cfg: BestOfNConfig, shapes: dict[str, ModelShape], ranks: int) -> 
     for role, shape in shapes.items():
         if role != "policy":
             rows.append(_frozen_row(role, shape, engine, ranks, offload=False, model_cfg=cfg.model, seq=seq, batch=batch,
-                                    vocab_logits=False))
+                                    vocab_logits=role in IMPLICIT_ROLES))
     return rows
 
 

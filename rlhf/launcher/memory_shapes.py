@@ -150,22 +150,45 @@ def model_shapes(stage: str, cfg: StageConfig, registry: Registry, *, local_file
         elif needs_reference and not model.lora.enabled:  # with LoRA the reference is the actor with its adapters off
             shapes["reference"] = dataclasses.replace(actor, lora_params=0)
         if isinstance(cfg, PPOConfig):
-            shapes.update(_reward_shapes(cfg, model, shape))
+            shapes.update(_reward_shapes(cfg, model, shape, registry))
         return shapes
     if isinstance(cfg, BestOfNConfig):
         model = cfg.model
         shapes = {"policy": shape(model.name_or_path, model, "model.name_or_path", trust=model.trust_remote_code)}
-        shapes.update(_reward_shapes(cfg, model, shape))
+        shapes.update(_reward_shapes(cfg, model, shape, registry))
         return shapes
     raise UserError(f"rlhf plan estimates {', '.join(TRAINED_STAGES)}, not {stage!r}")
 
 
-def _reward_shapes(cfg: PPOConfig | BestOfNConfig, model: ModelConfig, shape: Callable[..., ModelShape]) -> dict[str, ModelShape]:
+IMPLICIT_ROLES = ("reward (implicit)", "reward reference")
+"""The two models of a DPO policy's implicit reward (rlhf/rollouts/implicit_reward.py): each scores with its LM head."""
+
+
+def _implicit_reference(name_or_path: str, registry: Registry) -> str | None:
+    """The reference of the implicit reward `name_or_path` defines, when it is a folder or registry entry with an
+    implicit_reward.json; else None (a scalar-head reward model, or a name whose folder is not here)."""
+    from rlhf.models.gguf import is_gguf
+    from rlhf.models.sources import resolve_model
+    from rlhf.rollouts.implicit_reward import implicit_reward_spec
+    from rlhf.toy import TOY
+
+    if is_gguf(name_or_path) or name_or_path == TOY:
+        return None
+    spec = implicit_reward_spec(resolve_model(name_or_path, registry, key="reward.name_or_path"))
+    return None if spec is None else spec.reference
+
+
+def _reward_shapes(cfg: PPOConfig | BestOfNConfig, model: ModelConfig, shape: Callable[..., ModelShape],
+                   registry: Registry) -> dict[str, ModelShape]:
     from rlhf.rollouts.rewards import learned_source, parse_sources
 
     learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))
     if learned is None:
         return {}
+    reference = _implicit_reference(learned.text, registry)
+    if reference is not None:  # a DPO policy and its reference, both with their LM heads
+        return {IMPLICIT_ROLES[0]: shape(learned.text, model, "reward.name_or_path", "lm", None, cfg.reward.trust_remote_code),
+                IMPLICIT_ROLES[1]: shape(reference, model, "reward.name_or_path's reference", "lm", None, cfg.reward.trust_remote_code)}
     shapes = {"reward": shape(learned.text, model, "reward.name_or_path", "scalar", None, cfg.reward.trust_remote_code)}
     for i, name in enumerate(cfg.reward_ensemble.name_or_path):  # PPO's and best-of-N's members, frozen like the reward model
         shapes[f"reward {i + 2}"] = shape(name, model, f"reward_ensemble.name_or_path[{i}]", "scalar", None, cfg.reward.trust_remote_code)

@@ -91,7 +91,7 @@ def check_dpo(cfg: DPOConfig) -> None:
 
 
 def check_bon(cfg: BestOfNConfig) -> None:
-    from rlhf.models.sources import ensemble_sources, reward_model_source, reward_stats
+    from rlhf.models.sources import ensemble_sources, implicit_sources, reward_model_source, reward_stats
     from rlhf.rollouts.rewards import parse_sources
 
     local = _local_data("ppo", cfg)  # prompts, read as the ppo stage reads them
@@ -101,6 +101,7 @@ def check_bon(cfg: BestOfNConfig) -> None:
     if reward is not None and (len(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)) > 1 or cfg.reward_ensemble.name_or_path):
         reward_stats(reward)
     ensemble_sources(cfg, registry, tokenizer)
+    implicit_sources(cfg, reward, registry, tokenizer)  # a DPO policy's reference, resolved and checked
     _check_reward_functions(cfg)
     _check_data(cfg, local, tokenizer)
 

@@ -181,7 +181,8 @@ def check_scalar_model(source: ModelSource, *, key: str) -> None:
         )
     archs = architectures(source)
     if archs and not any(a.endswith(SCALAR_SUFFIX) for a in archs):
-        raise UserError(f"{key}: {what} is a {archs[0]}, not a reward model; use an rm entry (rm:latest) or a reward model folder")
+        also = " or a dpo entry trained with dpo.loss=dpo (its implicit reward)" if key == "reward.name_or_path" else ""
+        raise UserError(f"{key}: {what} is a {archs[0]}, not a reward model; use an rm entry (rm:latest){also} or a reward model folder")
 
 
 def reward_stats(source: ModelSource, *, key: str = "reward.name_or_path") -> dict[str, float]:
@@ -210,6 +211,8 @@ class PPOSources:
     critic: ModelSource | None
     reward: ModelSource | None
     ensemble: tuple[ModelSource, ...] = ()
+    implicit: ImplicitSources | None = None
+    """With a DPO policy as the reward model: its implicit reward's reference and beta."""
 
     @property
     def parents(self) -> tuple[str, ...]:
@@ -229,20 +232,57 @@ def ppo_sources(cfg: PPOConfig, registry: Registry, actor: ModelSource, tokenize
     critic = None if cfg.ppo.estimator != "gae" else scalar_source(
         cfg.critic.name_or_path, key="critic.name_or_path", registry=registry, tokenizer=tokenizer,
         trust_remote_code=cfg.critic.trust_remote_code)
-    return PPOSources(reference=reference_source(cfg, registry, actor, tokenizer), critic=critic,
-                      reward=reward_model_source(cfg, registry, tokenizer), ensemble=ensemble_sources(cfg, registry, tokenizer))
+    reward = reward_model_source(cfg, registry, tokenizer)
+    return PPOSources(reference=reference_source(cfg, registry, actor, tokenizer), critic=critic, reward=reward,
+                      ensemble=ensemble_sources(cfg, registry, tokenizer), implicit=implicit_sources(cfg, reward, registry, tokenizer))
 
 
 def reward_model_source(cfg: PPOConfig | BestOfNConfig, registry: Registry, tokenizer: Tokenizer) -> ModelSource | None:
     """The reward model among a config's reward sources (`reward.name_or_path`), checked to be a
-    reward model that reads `tokenizer`'s ids; None when no source is learned."""
+    reward model that reads `tokenizer`'s ids (a scalar head, or a causal LM whose implicit_reward.json
+    defines an implicit reward); None when no source is learned."""
+    from rlhf.rollouts.implicit_reward import implicit_reward_spec
     from rlhf.rollouts.rewards import learned_source, parse_sources
 
     learned = learned_source(parse_sources(cfg.reward.name_or_path, cfg.reward.weights))
     if learned is None:
         return None
-    return scalar_source(learned.text, key="reward.name_or_path", registry=registry, tokenizer=tokenizer,
-                         trust_remote_code=cfg.reward.trust_remote_code)
+    key = "reward.name_or_path"
+    source = resolve_model(learned.text, registry, key=key)
+    if implicit_reward_spec(source, key=key) is None:
+        check_scalar_model(source, key=key)
+    else:
+        check_causal_lm(source, key=key)
+    check_same_tokenizer(tokenizer, source, key=key, trust_remote_code=cfg.reward.trust_remote_code)
+    return source
+
+
+@dataclass(frozen=True)
+class ImplicitSources:
+    """An implicit reward's reference model and beta (rlhf/rollouts/implicit_reward.py), its policy being the reward model."""
+
+    reference: ModelSource
+    beta: float
+
+
+def implicit_sources(cfg: PPOConfig | BestOfNConfig, reward: ModelSource | None, registry: Registry,
+                     tokenizer: Tokenizer) -> ImplicitSources | None:
+    """When the reward model is a DPO policy (implicit_reward.json beside its weights): its reference, resolved and
+    checked to be a causal LM reading `tokenizer`'s ids, and beta; else None. reward_ensemble combines scalar heads
+    only, so it is refused beside an implicit reward."""
+    from rlhf.rollouts.implicit_reward import IMPLICIT_REWARD_FILE, implicit_reward_spec
+
+    spec = None if reward is None else implicit_reward_spec(reward)
+    if spec is None:
+        return None
+    if cfg.reward_ensemble.name_or_path:
+        raise UserError(f"reward_ensemble.name_or_path adds scalar-head reward models, but reward.name_or_path's model is a DPO "
+                        f"policy scored by its implicit reward ({IMPLICIT_REWARD_FILE}); drop reward_ensemble or use an rm entry")
+    key = f"reward.name_or_path's reference ({IMPLICIT_REWARD_FILE}: {spec.reference})"
+    reference = resolve_model(spec.reference, registry, key=key)
+    check_causal_lm(reference, key=key)
+    check_same_tokenizer(tokenizer, reference, key=key, trust_remote_code=cfg.reward.trust_remote_code)
+    return ImplicitSources(reference, spec.beta)
 
 
 def ensemble_sources(cfg: PPOConfig | BestOfNConfig, registry: Registry, tokenizer: Tokenizer) -> tuple[ModelSource, ...]:

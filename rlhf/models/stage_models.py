@@ -11,9 +11,10 @@ import torch
 
 from rlhf.config import BestOfNConfig, DPOConfig, LoraConfig, ModelConfig, PPOConfig
 from rlhf.models.loading import ScalarModel, disable_dropout, load_causal_lm, load_scalar_model, zero_scalar_head
-from rlhf.models.sources import ModelSource, PPOSources, reward_stats
+from rlhf.models.sources import ImplicitSources, ModelSource, PPOSources, reward_stats
 from rlhf.protocols import CausalLM, PolicyModel, ScoringModel, Tokenizer, TrainEngine
 from rlhf.rollouts.generation import RewardEnsemble
+from rlhf.rollouts.implicit_reward import ImplicitReward
 from rlhf.training.engine import (
     PRECISION_DTYPES,
     Dist,
@@ -36,7 +37,7 @@ class PPOModels:
     actor: TrainEngine[CausalLM]
     critic: TrainEngine[ScalarModel] | None
     reference: PolicyModel | None
-    reward: ScoringModel | None
+    reward: ScoringModel | ImplicitReward | None
     ensemble: RewardEnsemble | None = None
     """reward_ensemble's reward models, frozen like reward (None without an ensemble)."""
 
@@ -64,15 +65,35 @@ def build_reference(cfg: PPOConfig | DPOConfig, source: ModelSource, tokenizer: 
     return build_frozen(reference, engine=engine, offload=cfg.reference.offload, dist=dist)
 
 
-def build_reward(cfg: PPOConfig | BestOfNConfig, source: ModelSource, tokenizer: Tokenizer, *, seed: int, dist: Dist) -> ScoringModel:
+def build_reward(cfg: PPOConfig | BestOfNConfig, source: ModelSource, tokenizer: Tokenizer, *, seed: int, dist: Dist,
+                 implicit: ImplicitSources | None = None) -> ScoringModel | ImplicitReward:
     """The frozen reward model of a config with `model`, `reward` and `engine` sections (PPO's, best-of-N's),
-    dropout off: ZeRO-3 partitioned under ZeRO-3 or reward.offload, else a plain copy."""
+    dropout off: ZeRO-3 partitioned under ZeRO-3 or reward.offload, else a plain copy. With `implicit` (a DPO
+    policy as the reward model) the policy and its reference as two frozen causal LMs, and its beta."""
+    if implicit is not None:
+        policy, reference = (_frozen_policy(cfg, s, tokenizer, seed=seed, dist=dist) for s in (source, implicit.reference))
+        return ImplicitReward(policy, reference, implicit.beta)
+    return build_scalar_reward(cfg, source, tokenizer, seed=seed, dist=dist)
+
+
+def build_scalar_reward(cfg: PPOConfig | BestOfNConfig, source: ModelSource, tokenizer: Tokenizer, *, seed: int,
+                        dist: Dist) -> ScoringModel:
+    """A frozen reward model with a scalar head (`build_reward`'s usual case; every reward_ensemble member)."""
     engine = cfg.engine
     reward = load_scalar_model(source, frozen_model_config(cfg, "reward"), tokenizer, seed=seed,
                                dtype=PRECISION_DTYPES[engine.precision], trained_head=True, key="reward.name_or_path",
                                partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)))
     disable_dropout(reward)
     return build_frozen(reward, engine=engine, offload=cfg.reward.offload, dist=dist)
+
+
+def _frozen_policy(cfg: PPOConfig | BestOfNConfig, source: ModelSource, tokenizer: Tokenizer, *, seed: int, dist: Dist) -> PolicyModel:
+    """A causal LM of an implicit reward, frozen as the reward model is (reward.offload, its trust_remote_code)."""
+    engine = cfg.engine
+    model = load_causal_lm(source, frozen_model_config(cfg, "reward"), tokenizer, seed=seed, dtype=PRECISION_DTYPES[engine.precision],
+                           partitioning=zero3_partitioning(frozen_zero3_config(engine, cfg.reward.offload)), key="reward.name_or_path")
+    disable_dropout(model)
+    return build_frozen(model, engine=engine, offload=cfg.reward.offload, dist=dist)
 
 
 def build_ensemble(cfg: PPOConfig | BestOfNConfig, main: ModelSource, members: tuple[ModelSource, ...], tokenizer: Tokenizer, *, seed: int,
@@ -82,7 +103,7 @@ def build_ensemble(cfg: PPOConfig | BestOfNConfig, main: ModelSource, members: t
     if not members:
         return None
     stats = torch.tensor([[s["mean"], s["std"]] for s in map(reward_stats, (main, *members))], dtype=torch.float64)
-    models = tuple(build_reward(cfg, m, tokenizer, seed=seed, dist=dist) for m in members)
+    models = tuple(build_scalar_reward(cfg, m, tokenizer, seed=seed, dist=dist) for m in members)
     return RewardEnsemble(models, stats, cfg.reward_ensemble.penalty)
 
 
@@ -104,7 +125,8 @@ def build_ppo_models(
                                  partitioning=zero3_partitioning(deepspeed_config(engine, cfg.optim) if zero3 else None))
     critic_model = None if sources.critic is None else load_critic(cfg, sources.critic, tokenizer, dtype=dtype)
     reference = None if sources.reference is None else build_reference(cfg, sources.reference, tokenizer, dist=dist)
-    reward = None if sources.reward is None else build_reward(cfg, sources.reward, tokenizer, seed=seed, dist=dist)
+    reward = None if sources.reward is None else build_reward(cfg, sources.reward, tokenizer, seed=seed, dist=dist,
+                                                               implicit=sources.implicit)
     for model in (actor_model, critic_model):
         if model is not None:
             disable_dropout(model)

@@ -25,6 +25,7 @@ from rlhf.rollouts.generation import (
     policy_logprobs,
     token_values,
 )
+from rlhf.rollouts.implicit_reward import ImplicitReward
 
 if TYPE_CHECKING:
     from rlhf.models.loading import ScalarModel
@@ -132,6 +133,10 @@ def check_rollout_packing(models: PPOModels) -> None:
     for policy in (models.actor, models.reference):
         if policy is not None:
             check_packing_supported(inner_model(policy).config)
-    for scorer in (models.critic, models.reward):
+    implicit = models.reward if isinstance(models.reward, ImplicitReward) else None
+    for policy in (implicit.policy, implicit.reference) if implicit is not None else ():
+        check_packing_supported(inner_model(policy).config)
+    scorers = [models.critic] if implicit is not None or isinstance(models.reward, ImplicitReward) else [models.critic, models.reward]
+    for scorer in scorers:
         if scorer is not None:
             check_packing_supported(_inner(scorer).hf_model.config)

@@ -13,9 +13,9 @@ from rlhf.rollouts.generation import (
     SampledLogprobs,
     ScoredRollout,
     Sequences,
-    sequence_scores,
 )
-from rlhf.rollouts.packed import pack_rollout, packed_scores, rollout_logprobs, rollout_values
+from rlhf.rollouts.implicit_reward import ImplicitReward, learned_scores
+from rlhf.rollouts.packed import pack_rollout, rollout_logprobs, rollout_values
 
 
 class Packing(NamedTuple):
@@ -28,7 +28,7 @@ class Packing(NamedTuple):
 @torch.no_grad()
 def score_rollout(
     seqs: Sequences, *, actor: PolicyModel, reference: PolicyModel | None, critic: ScoringModel | None,
-    reward: ScoringModel | None, temperature: float,
+    reward: ScoringModel | ImplicitReward | None, temperature: float,
     chunk: int,
     reference_is_actor_without_adapters: bool = False,
     sampled: SampledLogprobs | None = None,
@@ -68,7 +68,7 @@ def score_rollout(
         if critic is not None:
             parts["values"].append(rollout_values(critic, part, packed))
         if reward is not None:
-            scores = sequence_scores(reward, part) if packed is None else packed_scores(reward, packed)
+            scores = learned_scores(reward, part, packed)
             if ensemble is not None:
                 scores, spread = ensemble.combine(scores, part)
                 parts["ensemble_std"].append(spread)

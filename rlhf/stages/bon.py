@@ -33,17 +33,20 @@ from rlhf.data.formats import Prompt
 from rlhf.data.load import prompt_rows
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.sources import (
+    ImplicitSources,
     ModelSource,
     base_model_identity,
     causal_lm_and_tokenizer,
     ensemble_sources,
+    implicit_sources,
     reward_model_source,
     reward_stats,
 )
 from rlhf.models.stage_models import build_ensemble, build_reward
 from rlhf.models.tokenizer import tokenizer_fingerprint
 from rlhf.protocols import PolicyModel, ScoringModel, Tokenizer, inner_model
-from rlhf.rollouts.generation import RewardEnsemble, Sampling, Sequences, sample_rollout, sequence_scores
+from rlhf.rollouts.generation import RewardEnsemble, Sampling, Sequences, sample_rollout
+from rlhf.rollouts.implicit_reward import ImplicitReward, learned_scores
 from rlhf.rollouts.rewards import Reward, describe, parse_sources, rollout_texts
 from rlhf.store.entry import DATASET_FILES, Entry, now_iso
 from rlhf.store.fileio import atomic_write_text
@@ -71,8 +74,8 @@ DATASET = DATASET_FILES["bon"]
 @dataclass
 class Models:
     policy: PolicyModel
-    reward_model: ScoringModel | None
-    """None when no source of the reward is a reward model."""
+    reward_model: ScoringModel | ImplicitReward | None
+    """None when no source of the reward is a reward model; an ImplicitReward for a DPO policy."""
     reward: Reward
     ensemble: RewardEnsemble | None = None
     """reward_ensemble's reward models, scored beside reward_model."""
@@ -81,7 +84,7 @@ class Models:
         """(B,) the reward model's scores, or with an ensemble mean - penalty x std of the members' normalized scores."""
         if self.reward_model is None:
             return None
-        first = sequence_scores(self.reward_model, seqs)
+        first = learned_scores(self.reward_model, seqs)
         return first if self.ensemble is None else self.ensemble.combine(first, seqs)[0]
 
 
@@ -91,6 +94,8 @@ class Data:
     """The policy's."""
     reward_source: ModelSource | None
     """The reward model's, when a source of the reward is one."""
+    implicit: ImplicitSources | None
+    """With a DPO policy as the reward model: its implicit reward's reference and beta."""
     members: tuple[ModelSource, ...]
     """reward_ensemble's reward models."""
     tokenizer: Tokenizer
@@ -169,9 +174,10 @@ def load_data(cfg: BestOfNConfig, run: Run) -> Data:
     source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
     reward_source = reward_model_source(cfg, run.registry, tokenizer)
     members = ensemble_sources(cfg, run.registry, tokenizer)
+    implicit = implicit_sources(cfg, reward_source, run.registry, tokenizer)
     train_rows, eval_rows = load_prompts(cfg, tokenizer)
     shards = [train_rows[i : i + cfg.sampling.shard_prompts] for i in range(0, len(train_rows), cfg.sampling.shard_prompts)]
-    return Data(source, reward_source, members, tokenizer, train_rows, eval_rows, shards)
+    return Data(source, reward_source, implicit, members, tokenizer, train_rows, eval_rows, shards)
 
 
 def load_prompts(cfg: BestOfNConfig, tokenizer: Tokenizer) -> tuple[list, list]:
@@ -195,7 +201,8 @@ def build_models(cfg: BestOfNConfig, data: Data, dist: Dist) -> Models:
                            partitioning=zero3_partitioning(frozen_zero3_config(engine, False)))
     disable_dropout(model)
     policy = build_frozen(model, engine=engine, offload=False, dist=dist)
-    reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, seed=cfg.sampling.seed, dist=dist)
+    reward_model = None if reward_source is None else build_reward(cfg, reward_source, tokenizer, seed=cfg.sampling.seed, dist=dist,
+                                                                   implicit=data.implicit)
     if not members:
         return Models(policy, reward_model, combined_reward(cfg, reward_source))
     assert reward_source is not None  # ensemble members come with a reward model

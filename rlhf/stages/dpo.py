@@ -16,7 +16,8 @@ held-out KL to the start, the way `rlhf.stages.ppo` measures it.
 
 1. Ranks and seeds.  2. Tokenizer and data.  3. The policy engine and the reference.  4. The
 reference's log-probs, once (dpo.precompute_reference).  5. Resume, or measure the starting policy.
-6. Train.  7. Final evaluation, the save_pretrained folder, the registry entry.
+6. Train.  7. Final evaluation, the save_pretrained folder (with dpo.loss=dpo what makes it a reward model too:
+rlhf/stages/dpo_reward.py), the registry entry.
 
 Run it with `rlhf dpo` (any number of ranks), or alone: `python -m rlhf.stages.dpo --config FILE`.
 """
@@ -39,6 +40,7 @@ from rlhf.models.stage_models import build_reference
 from rlhf.protocols import CausalLM, Tokenizer, TrainEngine, inner_model
 from rlhf.rollouts.generation import Sampling, policy_logprobs, reference_logprobs, sample_rollout
 from rlhf.stages.dpo_batches import SUMS, Reference, add_stats, batch_loss, make_batch, precompute_reference, summarize
+from rlhf.stages.dpo_reward import reward_files
 from rlhf.store.runs import Run, stage_entrypoint
 from rlhf.toy import TOY, ToyTask
 from rlhf.training.engine import (
@@ -134,7 +136,7 @@ def main(run: Run[DPOConfig]) -> None:
     final_eval = evaluate(ctx)
     keeper.log(state.step, final_eval)
     reference_parents = data.reference_source.parents if data.reference_source is not None else ()
-    keeper.publish_model(engine, source=data.source, model_cfg=cfg.model, tokenizer=data.tokenizer,
+    keeper.publish_model(engine, source=data.source, model_cfg=cfg.model, tokenizer=data.tokenizer, extra_files=reward_files(ctx),
                          parents=tuple(dict.fromkeys(data.source.parents + reference_parents)), metrics={
         **keeper.summary(state, final_eval),
         **{f"train_{k}": v for k, v in metrics.items() if k in ("loss", "accuracy", "margin")},

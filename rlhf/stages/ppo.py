@@ -33,6 +33,7 @@ from rlhf.algos.reasoning import truncated_is_weights
 from rlhf.config import GROUP_ESTIMATORS, PPOConfig, clip_bounds, kl_estimator_of, loss_aggregation_of
 from rlhf.models.stage_models import build_ppo_models
 from rlhf.rollouts.generation import ScoredRollout
+from rlhf.rollouts.implicit_reward import ImplicitReward
 from rlhf.rollouts.multiturn import episode_metrics
 from rlhf.rollouts.packed import check_rollout_packing
 from rlhf.rollouts.rewards import describe as describe_reward
@@ -145,6 +146,8 @@ def reward_model_note(ctx: PPOContext) -> str:
     cfg, models = ctx.cfg, ctx.models
     if models.reward is None:
         return " (no reward model loaded)"
+    if isinstance(models.reward, ImplicitReward):
+        return f" (a DPO policy's implicit reward: {models.reward.beta:g} x its log-ratio to its reference, summed over the response)"
     members = len(cfg.reward_ensemble.name_or_path)
     return f" (its reward model with {members} more: mean - {cfg.reward_ensemble.penalty:g} x std)" if members else ""
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from rlhf.store.registry import Registry
 from tests.integration.conftest import (
     DPO_QUICK,
     ONE_PROCESS,
+    PPO_QUICK,
     QUICK,
     assert_ok,
     entries,
@@ -77,6 +79,12 @@ def test_dpo_from_the_sft_entry_learns_the_preferences_and_moves_from_the_start(
     assert metrics["loss"] < metrics["initial_loss"] == pytest.approx(math.log(2), abs=1e-4), metrics
     # The oracle grades held-out answers before and after (the figures the README reports).
     assert {"oracle_score", "oracle_greedy", "initial_oracle_score", "initial_oracle_greedy"} <= set(metrics)
+    # What makes it a reward model too (rlhf/stages/dpo_reward.py): its implicit reward's beta and reference (the
+    # SFT entry by id, not a tag that moves), and the statistics PPO normalizes that reward with.
+    folder = Path(dpo["path"])
+    assert json.loads((folder / "implicit_reward.json").read_text())["reference"] == f"sft:{sft['id']}"
+    stats = json.loads((folder / "reward_stats.json").read_text())
+    assert math.isfinite(stats["mean"]) and 0 < stats["std"] < 10 and "2000 training rows" in stats["measured_on"], stats
     report = rlhf("report", "dpo:latest", home=home)
     assert_ok(report)
     text = (Path(dpo["run_dir"]) / "report" / "report.md").read_text()
@@ -96,6 +104,7 @@ def test_each_loss_trains_from_the_sft_entry(home, loss, extra, said):
     dpo, _ = dpo_and_sft(home)
     assert dpo["metrics"]["objective"] == loss
     assert said in result.stdout.replace("\n", " "), result.stdout
+    assert not (Path(dpo["path"]) / "implicit_reward.json").exists()  # the implicit reward is DPO's loss's alone
     rows = step_rows(dpo)
     assert rows and all(all(k in row for k in STEP_METRICS) for row in rows), rows[:1]
     # Held out, from the SFT entry: the loss falls. Not for ORPO, whose loss adds the SFT loss of the
@@ -161,6 +170,34 @@ def test_zero3_kto_with_a_partitioned_reference(home, ranks):
     model = AutoModelForCausalLM.from_pretrained(dpo["path"]).eval()
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 20, 21]])).logits).all()
+
+
+def test_ppo_and_best_of_n_score_with_the_dpo_policys_implicit_reward(home):
+    """A dpo entry as the reward model (reward.name_or_path=[dpo:latest]): RLOO trains against it with no critic, and
+    best-of-N ranks with it; its held-out score of PPO's samples is finite and the memory plan counts its two models."""
+    assert_ok(rlhf("dpo", *ONE_PROCESS, "-c", DPO_QUICK, "train.max_steps=20", "train.eval_every=0", "eval.max_prompts=32",
+                   home=home))
+    ppo = rlhf("ppo", *ONE_PROCESS, "-c", PPO_QUICK, "reward.name_or_path=[dpo:latest]", "ppo.estimator=rloo",
+               "rollout.samples_per_prompt=4", home=home)
+    assert_ok(ppo)
+    assert "a DPO policy's implicit reward: 0.1 x its log-ratio to its reference" in ppo.stdout.replace("\n", " "), ppo.stdout
+    [entry] = [e for e in entries(home) if e["stage"] == "ppo"]
+    scores = [row["rm_score"] for row in metric_rows(entry) if "rm_score" in row]
+    assert len(scores) == 4 and all(math.isfinite(s) for s in scores), scores
+    assert math.isfinite(entry["metrics"]["score"]) and entry["metrics"]["reward_oracle_agreement"] > 0, entry["metrics"]
+    bon = rlhf("bon", *ONE_PROCESS, "reward.name_or_path=[dpo:latest,oracle]", "sampling.n=4", "data.max_prompts=32",
+               "sampling.shard_prompts=32", "eval.max_rows=16", home=home)
+    assert_ok(bon)
+    plan = rlhf_here("plan", "ppo", "-c", PPO_QUICK, "reward.name_or_path=[dpo:latest]", "ppo.estimator=rloo", home=home)
+    assert plan.code == 0 and "reward (implicit)" in plan.stdout and "reward reference" in plan.stdout, plan.output
+
+
+def test_an_implicit_reward_beside_an_ensemble_is_refused(home):
+    assert_ok(rlhf("dpo", *ONE_PROCESS, "-c", DPO_QUICK, "train.max_steps=2", "train.eval_every=0", "eval.max_prompts=8",
+                   "eval.max_rows=8", "eval.reward_stats_rows=8", home=home))
+    publish(home, "rm", head="scalar")
+    assert_user_error(rlhf_here("ppo", "reward.name_or_path=[dpo:latest]", "reward_ensemble.name_or_path=[rm:latest]",
+                                "ppo.estimator=rloo", home=home), "reward_ensemble.name_or_path", "implicit reward")
 
 
 def test_pipeline_runs_sft_then_dpo(tmp_path):
