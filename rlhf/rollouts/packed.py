@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 import torch
 
 from rlhf.algos.ppo import entropy_from_logits, logprobs_from_logits
-from rlhf.data.packing import check_packing_supported, pack_sequences, packed_forward_inputs
+from rlhf.data.packing import pack_sequences, packed_forward_inputs
 from rlhf.protocols import PolicyModel, ScoringModel, inner_model
 from rlhf.rollouts.generation import (
     Sequences,
@@ -25,11 +25,9 @@ from rlhf.rollouts.generation import (
     policy_logprobs,
     token_values,
 )
-from rlhf.rollouts.implicit_reward import ImplicitReward
 
 if TYPE_CHECKING:
     from rlhf.models.loading import ScalarModel
-    from rlhf.models.stage_models import PPOModels
 
 
 class PackedRollout(NamedTuple):
@@ -71,7 +69,7 @@ def _unpacked(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor
     return values.new_zeros(response_mask.shape).masked_scatter(response_mask, values)
 
 
-def _inner(model: ScoringModel) -> ScalarModel:
+def inner_scalar(model: ScoringModel) -> ScalarModel:
     """The ScalarModel inside a DeepSpeed engine, or `model` itself."""
     return cast("ScalarModel", getattr(model, "module", model))
 
@@ -100,7 +98,7 @@ def packed_logprobs(model: PolicyModel, packed: PackedRollout, *, temperature: f
 
 def _scalar_scores(model: ScoringModel, packed: PackedRollout) -> torch.Tensor:
     """(R' * P') a ScalarModel's (or its engine's) score at every packed token."""
-    input_ids, inputs = packed_forward_inputs(_inner(model).hf_model.config, packed.input_ids, packed.position_ids,
+    input_ids, inputs = packed_forward_inputs(inner_scalar(model).hf_model.config, packed.input_ids, packed.position_ids,
                                               dtype=next(model.parameters()).dtype)
     return model(input_ids, inputs.get("attention_mask"), position_ids=inputs["position_ids"]).flatten()
 
@@ -126,17 +124,3 @@ def rollout_logprobs(model: PolicyModel, seqs: Sequences, packed: PackedRollout 
 def rollout_values(critic: ScoringModel, seqs: Sequences, packed: PackedRollout | None) -> torch.Tensor:
     """`token_values`, from the packed rows when `packed` is given."""
     return token_values(critic, seqs) if packed is None else packed_values(critic, packed)
-
-
-def check_rollout_packing(models: PPOModels) -> None:
-    """Refuse data.packing, in one line, unless every model PPO packs (actor, reference, critic, reward model) is checked."""
-    for policy in (models.actor, models.reference):
-        if policy is not None:
-            check_packing_supported(inner_model(policy).config)
-    implicit = models.reward if isinstance(models.reward, ImplicitReward) else None
-    for policy in (implicit.policy, implicit.reference) if implicit is not None else ():
-        check_packing_supported(inner_model(policy).config)
-    scorers = [models.critic] if implicit is not None or isinstance(models.reward, ImplicitReward) else [models.critic, models.reward]
-    for scorer in scorers:
-        if scorer is not None:
-            check_packing_supported(_inner(scorer).hf_model.config)

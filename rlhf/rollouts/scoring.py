@@ -3,10 +3,11 @@ the rollout, in chunks of rows, padded or (data.packing) packed; both give the s
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 
+from rlhf.data.packing import check_packing_supported
 from rlhf.protocols import AdapterLM, PolicyModel, ScoringModel, inner_model
 from rlhf.rollouts.generation import (
     RewardEnsemble,
@@ -15,8 +16,10 @@ from rlhf.rollouts.generation import (
     Sequences,
 )
 from rlhf.rollouts.implicit_reward import ImplicitReward, learned_scores
-from rlhf.rollouts.packed import pack_rollout, rollout_logprobs, rollout_values
+from rlhf.rollouts.packed import inner_scalar, pack_rollout, rollout_logprobs, rollout_values
 
+if TYPE_CHECKING:
+    from rlhf.models.stage_models import PPOModels
 
 class Packing(NamedTuple):
     """Pack each chunk's rows into rows of at most `capacity` tokens, padded with `pad_id`."""
@@ -79,3 +82,16 @@ def score_rollout(
     assert logprobs is not None and ref_logprobs is not None and entropy is not None  # one chunk at least
     return ScoredRollout(seqs=seqs, logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, values=joined["values"],
                          scores=joined["scores"], ensemble_std=joined["ensemble_std"])
+
+
+def check_rollout_packing(models: PPOModels) -> None:
+    """Refuse data.packing, in one line, unless every model PPO packs (actor, reference, critic, and the reward model, or
+    an implicit reward's policy and reference) is checked."""
+    reward = models.reward
+    implicit = (reward.policy, reward.reference) if isinstance(reward, ImplicitReward) else ()
+    for policy in (models.actor, models.reference, *implicit):
+        if policy is not None:
+            check_packing_supported(inner_model(policy).config)
+    for scorer in (models.critic, None if isinstance(reward, ImplicitReward) else reward):
+        if scorer is not None:
+            check_packing_supported(inner_scalar(scorer).hf_model.config)

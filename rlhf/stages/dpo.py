@@ -136,7 +136,9 @@ def main(run: Run[DPOConfig]) -> None:
     final_eval = evaluate(ctx)
     keeper.log(state.step, final_eval)
     reference_parents = data.reference_source.parents if data.reference_source is not None else ()
-    keeper.publish_model(engine, source=data.source, model_cfg=cfg.model, tokenizer=data.tokenizer, extra_files=reward_files(ctx),
+    extra_files = reward_files(engine, ctx.reference, cfg, dist, reference_source=data.reference_source or data.source,
+                               train_set=data.train_set, tokenizer=data.tokenizer)
+    keeper.publish_model(engine, source=data.source, model_cfg=cfg.model, tokenizer=data.tokenizer, extra_files=extra_files,
                          parents=tuple(dict.fromkeys(data.source.parents + reference_parents)), metrics={
         **keeper.summary(state, final_eval),
         **{f"train_{k}": v for k, v in metrics.items() if k in ("loss", "accuracy", "margin")},

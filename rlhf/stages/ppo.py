@@ -35,9 +35,9 @@ from rlhf.models.stage_models import build_ppo_models
 from rlhf.rollouts.generation import ScoredRollout
 from rlhf.rollouts.implicit_reward import ImplicitReward
 from rlhf.rollouts.multiturn import episode_metrics
-from rlhf.rollouts.packed import check_rollout_packing
 from rlhf.rollouts.rewards import describe as describe_reward
 from rlhf.rollouts.rewards import parse_source
+from rlhf.rollouts.scoring import check_rollout_packing
 from rlhf.stages.ppo_context import PPOContext, PPOState, load_data, minibatches_per_epoch, sampling_of, total_updates
 from rlhf.stages.ppo_eval import evaluate
 from rlhf.stages.ppo_rollout import Rollout, advantages_of, draw_rollout, sampler_mismatch, stop_if_mismatched

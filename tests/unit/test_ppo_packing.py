@@ -20,13 +20,12 @@ from rlhf.models.stage_models import PPOModels
 from rlhf.rollouts.generation import policy_logprobs, sequence_scores, token_values
 from rlhf.rollouts.multiturn import Segment, assemble
 from rlhf.rollouts.packed import (
-    check_rollout_packing,
     pack_rollout,
     packed_logprobs,
     packed_scores,
     packed_values,
 )
-from rlhf.rollouts.scoring import Packing, score_rollout
+from rlhf.rollouts.scoring import Packing, check_rollout_packing, score_rollout
 from rlhf.stages.ppo_context import PPOContext, packing_capacity
 from rlhf.stages.ppo_rollout import Rollout
 from rlhf.stages.ppo_update import actor_loss_on
