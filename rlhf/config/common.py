@@ -139,9 +139,10 @@ class FrozenModelConfig:
 class RewardConfig:
     name_or_path: list[str] = field(default_factory=lambda: ["rm:latest"])
     """The reward's sources, one or several (summed with `weights`): a reward model (registry reference, folder or hub
-    name; one at most; a dpo entry of dpo.loss=dpo scores by its implicit reward), `python:package.module:function` (imported from the installed environment or PYTHONPATH,
-    called with the prompts and responses as text, returning one float per response), or `oracle` (the embedded
-    default's ground truth, 0 to 1; data.train and data.eval must be toy). On the command line: a,b or '[a, b]'."""
+    name; one at most; a dpo entry of dpo.loss=dpo scores by its implicit reward), `python:package.module:function`
+    (imported from the installed environment or PYTHONPATH, called with the prompts and responses as text, returning one
+    float per response), or `oracle` (the embedded default's ground truth, 0 to 1; data.train and data.eval must be
+    toy). On the command line: a,b or '[a, b]'."""
     weights: list[float] | None = None
     """One weight per source of name_or_path, in its order; null = 1 each. The reward model's score is normalized
     (ppo.normalize_score) before weighting, a function's is used as it is; then ppo.score_clip and ppo.no_eos_score."""

@@ -100,8 +100,8 @@ def check_bon(cfg: BestOfNConfig) -> None:
     # Combined with other sources or an ensemble, the reward model's scores are normalized with its stored statistics.
     if reward is not None and (len(parse_sources(cfg.reward.name_or_path, cfg.reward.weights)) > 1 or cfg.reward_ensemble.name_or_path):
         reward_stats(reward)
-    ensemble_sources(cfg, registry, tokenizer)
     implicit_sources(cfg, reward, registry, tokenizer)  # a DPO policy's reference, resolved and checked
+    ensemble_sources(cfg, registry, tokenizer)
     _check_reward_functions(cfg)
     _check_data(cfg, local, tokenizer)
 

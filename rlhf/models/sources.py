@@ -233,8 +233,9 @@ def ppo_sources(cfg: PPOConfig, registry: Registry, actor: ModelSource, tokenize
         cfg.critic.name_or_path, key="critic.name_or_path", registry=registry, tokenizer=tokenizer,
         trust_remote_code=cfg.critic.trust_remote_code)
     reward = reward_model_source(cfg, registry, tokenizer)
+    implicit = implicit_sources(cfg, reward, registry, tokenizer)  # before the ensemble: it refuses one beside it
     return PPOSources(reference=reference_source(cfg, registry, actor, tokenizer), critic=critic, reward=reward,
-                      ensemble=ensemble_sources(cfg, registry, tokenizer), implicit=implicit_sources(cfg, reward, registry, tokenizer))
+                      ensemble=ensemble_sources(cfg, registry, tokenizer), implicit=implicit)
 
 
 def reward_model_source(cfg: PPOConfig | BestOfNConfig, registry: Registry, tokenizer: Tokenizer) -> ModelSource | None:

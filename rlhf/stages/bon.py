@@ -173,8 +173,8 @@ def main(run: Run[BestOfNConfig]) -> None:
 def load_data(cfg: BestOfNConfig, run: Run) -> Data:
     source, tokenizer = causal_lm_and_tokenizer(cfg.model, run.registry)
     reward_source = reward_model_source(cfg, run.registry, tokenizer)
-    members = ensemble_sources(cfg, run.registry, tokenizer)
     implicit = implicit_sources(cfg, reward_source, run.registry, tokenizer)
+    members = ensemble_sources(cfg, run.registry, tokenizer)
     train_rows, eval_rows = load_prompts(cfg, tokenizer)
     shards = [train_rows[i : i + cfg.sampling.shard_prompts] for i in range(0, len(train_rows), cfg.sampling.shard_prompts)]
     return Data(source, reward_source, implicit, members, tokenizer, train_rows, eval_rows, shards)

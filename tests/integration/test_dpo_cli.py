@@ -188,16 +188,18 @@ def test_ppo_and_best_of_n_score_with_the_dpo_policys_implicit_reward(home):
     bon = rlhf("bon", *ONE_PROCESS, "reward.name_or_path=[dpo:latest,oracle]", "sampling.n=4", "data.max_prompts=32",
                "sampling.shard_prompts=32", "eval.max_rows=16", home=home)
     assert_ok(bon)
-    plan = rlhf_here("plan", "ppo", "-c", PPO_QUICK, "reward.name_or_path=[dpo:latest]", "ppo.estimator=rloo", home=home)
+    plan = rlhf_here("plan", "ppo", "-c", PPO_QUICK, "reward.name_or_path=[dpo:latest]", "ppo.estimator=rloo",
+                     "rollout.samples_per_prompt=4", home=home)
     assert plan.code == 0 and "reward (implicit)" in plan.stdout and "reward reference" in plan.stdout, plan.output
 
 
 def test_an_implicit_reward_beside_an_ensemble_is_refused(home):
     assert_ok(rlhf("dpo", *ONE_PROCESS, "-c", DPO_QUICK, "train.max_steps=2", "train.eval_every=0", "eval.max_prompts=8",
-                   "eval.max_rows=8", "eval.reward_stats_rows=8", home=home))
+                   "eval.max_rows=8", "eval.reward_stats_rows=8", "optim.warmup_steps=0", home=home))
     publish(home, "rm", head="scalar")
     assert_user_error(rlhf_here("ppo", "reward.name_or_path=[dpo:latest]", "reward_ensemble.name_or_path=[rm:latest]",
-                                "ppo.estimator=rloo", home=home), "reward_ensemble.name_or_path", "implicit reward")
+                                "ppo.estimator=rloo", "rollout.samples_per_prompt=4", home=home),
+                      "reward_ensemble.name_or_path", "implicit reward")
 
 
 def test_pipeline_runs_sft_then_dpo(tmp_path):
